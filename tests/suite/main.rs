@@ -1,0 +1,6 @@
+//! OmniRelay's integration suite: one test binary, one module per area.
+//!
+//! Every test provisions what it needs through the harness in `src/`
+//! (throwaway PostgreSQL and Redis); none skips when a server is missing.
+
+mod harness;
