@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod shard;
 
 pub use error::ErrorCode;
 pub use ids::{PeerId, Principal, ShardId};
