@@ -15,6 +15,7 @@
 //! ```
 
 pub mod error;
+pub mod health;
 pub mod ids;
 pub mod shard;
 
