@@ -14,6 +14,7 @@
 //! assert_eq!(ErrorCode::Aborted.http_status(), http::StatusCode::CONFLICT);
 //! ```
 
+pub mod chooser;
 pub mod error;
 pub mod health;
 pub mod ids;
