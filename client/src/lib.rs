@@ -18,6 +18,7 @@ pub mod chooser;
 pub mod error;
 pub mod health;
 pub mod ids;
+pub mod middleware;
 pub mod shard;
 
 pub use error::ErrorCode;
