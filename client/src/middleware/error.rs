@@ -89,7 +89,7 @@ pub enum CredentialError {
 }
 
 /// A call the middleware refused. Every variant maps to one [`ErrorCode`];
-/// [`RejectionLayer`](super::RejectionLayer) renders it for the caller's
+/// [`ErrorResponseLayer`](super::ErrorResponseLayer) renders it for the caller's
 /// transport, so gRPC and HTTP/JSON callers see the same outcome.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MiddlewareError {
