@@ -57,7 +57,6 @@ where
         });
         match classified {
             Ok((route, key)) => {
-                span.record("otel.name", format!("{RESOURCE_LEASE_SERVICE}/{}", route.procedure.grpc_method()));
                 span.record("rpc.service", RESOURCE_LEASE_SERVICE);
                 span.record("rpc.procedure", route.procedure.grpc_method());
                 span.record("resourcelease.operation", route.procedure.as_str());

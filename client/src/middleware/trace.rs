@@ -14,8 +14,8 @@ use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 
-use super::Transport;
 use super::connection::ConnectionInfo;
+use super::{RESOURCE_LEASE_SERVICE, RpcRoute, Transport};
 use crate::ErrorCode;
 
 /// Reads W3C trace context (`traceparent`, `tracestate`) from request headers.
@@ -90,6 +90,11 @@ where
         );
         if let Some(peer) = peer {
             span.record("rpc.peer", tracing::field::display(peer));
+        }
+        // The OpenTelemetry span takes its name when first entered, so the
+        // name is settled here from the path rather than by the route layer.
+        if let Ok(route) = RpcRoute::from_path(transport, request.uri().path()) {
+            span.record("otel.name", format!("{RESOURCE_LEASE_SERVICE}/{}", route.procedure.grpc_method()));
         }
         let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         if parent.span().span_context().is_valid() {
