@@ -1,0 +1,38 @@
+//! Limits and timeouts of the middleware stack, each with the reason for its
+//! value.
+
+use std::time::Duration;
+
+/// Largest request body for every procedure but `Restore`. An item body may be
+/// 1 MiB; base64 in JSON adds a third, and attributes and the envelope need
+/// some room, so 2 MiB fits the largest valid enqueue on both transports.
+pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
+
+/// Largest `Restore` request: a drain snapshot carries every pending item of a
+/// queue (tens of thousands of small items, or a few hundred large ones).
+pub const MAX_RESTORE_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// Deadline applied when a call names none. Long enough for a lease long-poll
+/// of the usual 20 s plus replication, short enough that a forgotten call does
+/// not hold a connection slot for long.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Longest deadline a caller may ask for; longer requests are clamped. Five
+/// minutes covers a drain that waits for in-flight leases, and bounds how long
+/// any one call can pin resources.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Leeway for JWT `exp` and `nbf`, absorbing clock skew between the issuer and
+/// this node. 30 s is well above NTP-synchronized skew and far below any
+/// sensible token lifetime.
+pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// Longest bearer token read from `authorization`. Real tokens are under
+/// 2 KiB; the bound stops a caller from making us parse megabytes before the
+/// signature check fails.
+pub const MAX_BEARER_TOKEN_LEN: usize = 8 * 1024;
+
+/// Longest principal accepted from any source (SAN URI, JWT `sub`, proxy
+/// header). SPIFFE IDs are capped at 2048 bytes; 512 is plenty for ours and
+/// keeps events and logs compact.
+pub const MAX_PRINCIPAL_LEN: usize = 512;

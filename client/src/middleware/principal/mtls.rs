@@ -1,0 +1,35 @@
+//! Identity from a client certificate: its SAN URI, never its CN.
+
+use x509_parser::extensions::GeneralName;
+
+use crate::middleware::connection::ClientCertChain;
+use crate::middleware::error::CredentialError;
+
+/// Reads the principal of a verified client certificate: its single URI
+/// subject alternative name (a SPIFFE ID such as
+/// `spiffe://omnirelay.example/worker/7`). The subject CN is never used: it
+/// is free text that CAs fill inconsistently, while the SAN URI is the
+/// identity the CA vouched for.
+pub(crate) fn san_uri(chain: &ClientCertChain) -> Result<String, CredentialError> {
+    let leaf = chain.leaf().ok_or(CredentialError::ClientCertificateRequired)?;
+    let (_, certificate) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| CredentialError::ClientCertificateUnparsable)?;
+    let san = certificate.subject_alternative_name().map_err(|_| CredentialError::ClientCertificateUnparsable)?;
+    let mut uris = san
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| if let GeneralName::URI(uri) = name { Some(*uri) } else { None });
+    let uri = uris.next().ok_or(CredentialError::NoSanUri)?;
+    if uris.next().is_some() {
+        return Err(CredentialError::SeveralSanUris);
+    }
+    Ok(uri.to_string())
+}
+
+/// SHA-256 of the leaf certificate's DER, lowercase hex: the same thumbprint a
+/// TLS-terminating proxy sends in `x-mtls-thumbprint`.
+pub(crate) fn thumbprint(chain: &ClientCertChain) -> Option<String> {
+    let leaf = chain.leaf()?;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
+    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
