@@ -15,8 +15,12 @@
 mod error;
 mod event;
 mod item;
+#[cfg(test)]
+mod proptests;
 mod state;
 mod sweeper;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -956,6 +960,13 @@ impl Queue {
     /// The earliest lease expiry, for sweepers that sleep until it.
     pub async fn next_expiry(&self) -> Option<Timestamp> {
         self.inspect(QueueState::next_expiry).await
+    }
+
+    /// Whether a batch is in doubt (sent, not acknowledged) and will be
+    /// settled by the next command.
+    #[cfg(test)]
+    pub(crate) async fn in_doubt(&self) -> bool {
+        self.shared.core.lock().await.in_doubt
     }
 
     // ----- the commit path -----
