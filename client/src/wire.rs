@@ -388,8 +388,9 @@ fn requeue_reason_from_pb(field: &str, reason: &str) -> Result<RequeueReason, Wi
     }
 }
 
-/// An event at `sequence` as its log entry (envelope fields the log assigns,
-/// epoch and hashes, left empty).
+/// An event at `sequence` as its log entry. Envelope fields the log assigns
+/// (epoch, hashes) and `metadata` (tags a replicator adds, such as
+/// `shard.id`) are left empty; they are not part of the queue's state.
 pub fn event(sequence: Sequence, event: &Event) -> rpb::ReplicationEvent {
     let kind = match &event.kind {
         EventKind::Enqueued(new) => PbEvent::Enqueued(rpb::Enqueued {
@@ -461,13 +462,13 @@ pub fn event(sequence: Sequence, event: &Event) -> rpb::ReplicationEvent {
         principal: event.origin.principal.to_string(),
         peer_id: event.origin.peer.to_string(),
         recorded_at: Some(timestamp(event.recorded_at)),
-        metadata: event.metadata.clone(),
         event: Some(kind),
         ..Default::default()
     }
 }
 
-/// A log entry as a domain event with its sequence.
+/// A log entry as a domain event with its sequence (`metadata` is dropped:
+/// it is not part of the queue's state).
 pub fn event_from_pb(entry: rpb::ReplicationEvent) -> Result<SequencedEvent, WireError> {
     let id = |field: &str, text: &str| item_id_from_pb(field, text);
     let time = |field: &str, t: Option<&prost_types::Timestamp>| timestamp_from_pb(field, t);
@@ -556,7 +557,6 @@ pub fn event_from_pb(entry: rpb::ReplicationEvent) -> Result<SequencedEvent, Wir
                 peer: PeerId::new(entry.peer_id),
             }),
             recorded_at: time("recorded_at", entry.recorded_at.as_ref())?,
-            metadata: entry.metadata,
             kind,
         },
     })

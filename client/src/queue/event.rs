@@ -32,9 +32,6 @@ pub struct Event {
     pub origin: Arc<Origin>,
     /// Time recorded by the producing queue; replay uses it, never a clock.
     pub recorded_at: Timestamp,
-    /// Free-form tags added on the way to the log (for example `shard.id`
-    /// by a sharding replicator). Not part of the queue state.
-    pub metadata: BTreeMap<String, String>,
     /// What happened.
     pub kind: EventKind,
 }

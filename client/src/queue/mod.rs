@@ -452,7 +452,12 @@ impl Core {
     }
 
     fn origin(&mut self, shard: &ShardId, caller: &Caller) -> Arc<Origin> {
-        if self.origin.principal != caller.principal || self.origin.peer != caller.peer {
+        // Pointer comparison first: a caller reused across calls shares the
+        // cached origin's strings.
+        let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
+        if !same(self.origin.principal.as_str(), caller.principal.as_str())
+            || !same(self.origin.peer.as_str(), caller.peer.as_str())
+        {
             self.origin = Arc::new(Origin {
                 shard: shard.clone(),
                 principal: caller.principal.clone(),
@@ -463,7 +468,7 @@ impl Core {
     }
 
     fn push(&mut self, origin: &Arc<Origin>, at: Timestamp, kind: EventKind) {
-        self.batch.events.push(Event { origin: Arc::clone(origin), recorded_at: at, metadata: BTreeMap::new(), kind });
+        self.batch.events.push(Event { origin: Arc::clone(origin), recorded_at: at, kind });
     }
 }
 
@@ -553,10 +558,11 @@ impl Queue {
             return Err(QueueError::invalid("owner", "is required and must not be blank"));
         }
         let shared = &*self.shared;
-        let started = tokio::time::Instant::now();
         let wait = request.wait.min(defaults::LEASE_WAIT_MAX);
-        let deadline = started + wait;
-        let waiting = (!wait.is_zero()).then(|| Waiting::new(&shared.waiting));
+        // A call that does not wait skips the clock reads of the wait metric.
+        let started = (!wait.is_zero()).then(tokio::time::Instant::now);
+        let deadline = started.map(|started| started + wait);
+        let waiting = started.map(|_| Waiting::new(&shared.waiting));
         loop {
             // Created before looking at the state: a change applied after we
             // looked wakes this future even though it is polled later.
@@ -573,15 +579,15 @@ impl Queue {
                 if let Some(item_id) = core.state.next_eligible(now) {
                     let granted = self.grant(&mut core, caller, &request, item_id, now).await?;
                     drop(core);
-                    shared.metrics.lease_wait.record(started.elapsed().as_secs_f64());
+                    shared.metrics.lease_wait.record(started.map_or(0.0, |started| started.elapsed().as_secs_f64()));
                     return Ok(Some(granted));
                 }
                 core.state.next_not_before().map(|at| at.saturating_duration_since(now))
             };
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            let Some(deadline) = deadline.filter(|deadline| now < *deadline) else {
                 return Ok(None);
-            }
+            };
             let until = sleep_for.map_or(deadline, |d| (now + d).min(deadline));
             tokio::select! {
                 () = changed => {}

@@ -63,14 +63,22 @@ impl Hasher for IdHasher {
 pub(crate) type IdMap<V> = HashMap<ItemId, V, BuildHasherDefault<IdHasher>>;
 
 /// The resource an item is about, compared by `(resource_type, resource_id)`.
-/// Holds the payload's `Arc` so keys cost no string copies.
+/// Holds the payload's `Arc` so keys cost no string copies, and the hash of
+/// the two strings, computed once per item with a keyed SipHash (resource
+/// ids come from callers, so the hash must resist flooding) instead of at
+/// every index lookup.
 #[derive(Clone)]
-pub(crate) struct ResourceKey(Arc<Payload>);
+pub(crate) struct ResourceKey {
+    payload: Arc<Payload>,
+    hash: u64,
+}
 
 impl PartialEq for ResourceKey {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-            || (self.0.resource_id == other.0.resource_id && self.0.resource_type == other.0.resource_type)
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.payload, &other.payload)
+                || (self.payload.resource_id == other.payload.resource_id
+                    && self.payload.resource_type == other.payload.resource_type))
     }
 }
 
@@ -78,10 +86,32 @@ impl Eq for ResourceKey {}
 
 impl Hash for ResourceKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.resource_type.hash(state);
-        self.0.resource_id.hash(state);
+        state.write_u64(self.hash);
     }
 }
+
+/// Passes a precomputed hash through (see [`ResourceKey`]).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `ResourceKey`; fold anything else.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type ResourceMap<V> = HashMap<ResourceKey, V, BuildHasherDefault<PrehashedHasher>>;
 
 /// Lease order among ready items: highest priority first, then the item that
 /// entered the queue first.
@@ -106,6 +136,8 @@ pub(crate) enum Slot {
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub(crate) item: WorkItem,
+    /// Keyed hash of the item's resource (see [`ResourceKey`]).
+    resource_hash: u64,
     /// Position in queue order: assigned when the item entered this queue
     /// (enqueue, restore, redrive), from a counter that is part of the state.
     pub(crate) order: u64,
@@ -118,7 +150,7 @@ impl Entry {
     }
 
     fn resource(&self) -> ResourceKey {
-        ResourceKey(Arc::clone(&self.item.payload))
+        ResourceKey { payload: Arc::clone(&self.item.payload), hash: self.resource_hash }
     }
 }
 
@@ -142,8 +174,8 @@ pub(crate) struct Completion {
 struct Index {
     ready: BTreeSet<ReadyKey>,
     delayed: BTreeSet<(Timestamp, u64, ItemId)>,
-    blocked: HashMap<ResourceKey, BTreeSet<ReadyKey>>,
-    leased: HashMap<ResourceKey, ItemId>,
+    blocked: ResourceMap<BTreeSet<ReadyKey>>,
+    leased: ResourceMap<ItemId>,
     expiry: BTreeSet<(Timestamp, FencingToken, ItemId)>,
 }
 
@@ -165,6 +197,8 @@ pub struct QueueState {
     pub(crate) next_order: u64,
     pub(crate) next_dead_order: u64,
     index: Index,
+    /// Keys of the resource hashes; random per state, never encoded.
+    resource_hasher: std::collections::hash_map::RandomState,
 }
 
 impl std::fmt::Debug for QueueState {
@@ -207,6 +241,7 @@ impl QueueState {
             next_order: 0,
             next_dead_order: 0,
             index: Index::default(),
+            resource_hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
@@ -521,6 +556,14 @@ impl QueueState {
         Ok(())
     }
 
+    fn resource_hash(&self, payload: &Payload) -> u64 {
+        use std::hash::BuildHasher;
+        let mut hasher = self.resource_hasher.build_hasher();
+        payload.resource_type.hash(&mut hasher);
+        payload.resource_id.hash(&mut hasher);
+        hasher.finish()
+    }
+
     /// Whether `item_id` is in the queue or the dead-letter list.
     pub(crate) fn contains(&self, item_id: ItemId) -> bool {
         self.items.contains_key(&item_id) || self.dead.contains_key(&item_id)
@@ -559,7 +602,8 @@ impl QueueState {
         let order = self.next_order;
         self.next_order += 1;
         let item_id = item.id;
-        let mut entry = Entry { item, order, slot: Slot::Limbo };
+        let resource_hash = self.resource_hash(&item.payload);
+        let mut entry = Entry { item, resource_hash, order, slot: Slot::Limbo };
         self.index.insert_pending(&mut entry, at);
         self.items.insert(item_id, entry);
         self.pending += 1;
@@ -672,7 +716,8 @@ impl QueueState {
                 state.requests.insert(item.payload.request_id.clone(), item.id);
             }
             let item_id = item.id;
-            let mut entry = Entry { item, order, slot: Slot::Limbo };
+            let resource_hash = state.resource_hash(&item.payload);
+            let mut entry = Entry { item, resource_hash, order, slot: Slot::Limbo };
             if let Some(lease) = &entry.item.lease {
                 state.index.leased.insert(entry.resource(), item_id);
                 state.index.expiry.insert((lease.expires_at, lease.fencing_token, item_id));

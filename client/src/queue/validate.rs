@@ -8,16 +8,30 @@ use crate::defaults;
 use crate::queue::error::{QueueError, Result};
 use crate::queue::item::Payload;
 
-fn required(field: &str, value: &str, max: usize) -> Result<()> {
+/// A field path, formatted only when an error needs it: validation of a
+/// good payload must not allocate (it runs on every enqueue).
+#[derive(Clone, Copy)]
+struct Field<'a> {
+    prefix: &'a str,
+    name: &'a str,
+}
+
+impl Field<'_> {
+    fn path(self) -> String {
+        if self.prefix.is_empty() { self.name.to_string() } else { format!("{}.{}", self.prefix, self.name) }
+    }
+}
+
+fn required(field: Field<'_>, value: &str, max: usize) -> Result<()> {
     if value.trim().is_empty() {
-        return Err(QueueError::invalid(field, "is required and must not be blank"));
+        return Err(QueueError::invalid(field.path(), "is required and must not be blank"));
     }
     bounded(field, value, max)
 }
 
-fn bounded(field: &str, value: &str, max: usize) -> Result<()> {
+fn bounded(field: Field<'_>, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        return Err(QueueError::invalid(field, format!("is {} bytes long; the limit is {max}", value.len())));
+        return Err(QueueError::invalid(field.path(), format!("is {} bytes long; the limit is {max}", value.len())));
     }
     Ok(())
 }
@@ -25,32 +39,34 @@ fn bounded(field: &str, value: &str, max: usize) -> Result<()> {
 /// Checks a producer's payload; `prefix` is the path to it (`payload`,
 /// `snapshot.items[3].payload`).
 pub(crate) fn payload(prefix: &str, payload: &Payload) -> Result<()> {
-    let field = |name: &str| format!("{prefix}.{name}");
-    required(&field("resource_type"), &payload.resource_type, defaults::RESOURCE_TYPE_MAX_BYTES)?;
-    required(&field("resource_id"), &payload.resource_id, defaults::RESOURCE_ID_MAX_BYTES)?;
-    bounded(&field("partition_key"), &payload.partition_key, defaults::PARTITION_KEY_MAX_BYTES)?;
-    bounded(&field("request_id"), &payload.request_id, defaults::REQUEST_ID_MAX_BYTES)?;
+    let field = |name| Field { prefix, name };
+    required(field("resource_type"), &payload.resource_type, defaults::RESOURCE_TYPE_MAX_BYTES)?;
+    required(field("resource_id"), &payload.resource_id, defaults::RESOURCE_ID_MAX_BYTES)?;
+    bounded(field("partition_key"), &payload.partition_key, defaults::PARTITION_KEY_MAX_BYTES)?;
+    bounded(field("request_id"), &payload.request_id, defaults::REQUEST_ID_MAX_BYTES)?;
     if payload.body.len() > defaults::BODY_MAX_BYTES {
         return Err(QueueError::invalid(
-            field("body"),
+            field("body").path(),
             format!("is {} bytes long; the limit is {}", payload.body.len(), defaults::BODY_MAX_BYTES),
         ));
     }
     if payload.attributes.len() > defaults::ATTRIBUTES_MAX_COUNT {
         return Err(QueueError::invalid(
-            field("attributes"),
+            field("attributes").path(),
             format!("has {} entries; the limit is {}", payload.attributes.len(), defaults::ATTRIBUTES_MAX_COUNT),
         ));
     }
     for (key, value) in &payload.attributes {
-        required(&field("attributes (key)"), key, defaults::ATTRIBUTE_KEY_MAX_BYTES)?;
-        bounded(&format!("{prefix}.attributes[{key}]"), value, defaults::ATTRIBUTE_VALUE_MAX_BYTES)?;
+        required(field("attributes (key)"), key, defaults::ATTRIBUTE_KEY_MAX_BYTES)?;
+        if value.len() > defaults::ATTRIBUTE_VALUE_MAX_BYTES {
+            bounded(Field { prefix, name: &format!("attributes[{key}]") }, value, defaults::ATTRIBUTE_VALUE_MAX_BYTES)?;
+        }
     }
     Ok(())
 }
 
 /// Checks a delay against its limit.
-pub(crate) fn delay(field: &str, delay: Duration, max: Duration) -> Result<()> {
+pub(crate) fn delay(field: &'static str, delay: Duration, max: Duration) -> Result<()> {
     if delay > max {
         return Err(QueueError::invalid(field, format!("is {delay:?}; the limit is {max:?}")));
     }
@@ -59,7 +75,7 @@ pub(crate) fn delay(field: &str, delay: Duration, max: Duration) -> Result<()> {
 
 /// Checks a worker's error text.
 pub(crate) fn error_text(error: &str) -> Result<()> {
-    bounded("error", error, defaults::ERROR_MAX_BYTES)
+    bounded(Field { prefix: "", name: "error" }, error, defaults::ERROR_MAX_BYTES)
 }
 
 /// Checks heartbeat progress details.
@@ -71,8 +87,14 @@ pub(crate) fn progress(progress: &BTreeMap<String, String>) -> Result<()> {
         ));
     }
     for (key, value) in progress {
-        required("progress (key)", key, defaults::PROGRESS_ENTRY_MAX_BYTES)?;
-        bounded(&format!("progress[{key}]"), value, defaults::PROGRESS_ENTRY_MAX_BYTES)?;
+        required(Field { prefix: "", name: "progress (key)" }, key, defaults::PROGRESS_ENTRY_MAX_BYTES)?;
+        if value.len() > defaults::PROGRESS_ENTRY_MAX_BYTES {
+            bounded(
+                Field { prefix: "", name: &format!("progress[{key}]") },
+                value,
+                defaults::PROGRESS_ENTRY_MAX_BYTES,
+            )?;
+        }
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The in-memory replicator: a per-shard log in process memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use super::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
@@ -32,18 +32,30 @@ pub struct InMemoryReplicator {
 
 #[derive(Debug, Default)]
 struct State {
-    shards: HashMap<ShardId, ShardLog>,
+    /// Few shards per replicator: a scan that compares pointers first beats
+    /// hashing the name on every publish.
+    shards: Vec<ShardLog>,
     faults: VecDeque<PublishFault>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ShardLog {
+    shard: ShardId,
     head: Sequence,
     events: VecDeque<SequencedEvent>,
-    /// The last batch of each producer: retries only ever repeat the newest
-    /// batch, because a producer sends its next batch only after this one was
-    /// answered.
-    producers: HashMap<ProducerId, (u64, Appended)>,
+    /// The last batch of each recent producer, newest first: retries only
+    /// ever repeat a producer's newest batch, because a producer sends its
+    /// next batch only after this one was answered.
+    producers: VecDeque<(ProducerId, u64, Appended)>,
+}
+
+/// Producers remembered per shard for retry detection: one owner at a time
+/// writes a shard, so a handful covers every incarnation still retrying.
+const PRODUCERS_REMEMBERED: usize = 16;
+
+/// Equal ids, checking the shared pointer before the text.
+fn same(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 impl InMemoryReplicator {
@@ -71,14 +83,14 @@ impl InMemoryReplicator {
     /// The retained events of `shard` after `after`, oldest first.
     pub fn read(&self, shard: &ShardId, after: Sequence) -> Vec<SequencedEvent> {
         let state = self.lock();
-        let Some(log) = state.shards.get(shard) else { return Vec::new() };
+        let Some(log) = state.log(shard) else { return Vec::new() };
         let skip = log.events.partition_point(|e| e.sequence <= after);
         log.events.iter().skip(skip).cloned().collect()
     }
 
     /// The sequence of `shard`'s newest event (zero for an empty log).
     pub fn head(&self, shard: &ShardId) -> Sequence {
-        self.lock().shards.get(shard).map_or(Sequence::ZERO, |log| log.head)
+        self.lock().log(shard).map_or(Sequence::ZERO, |log| log.head)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -94,39 +106,19 @@ impl InMemoryReplicator {
         if fault == Some(PublishFault::BeforeWrite) {
             return Err(ReplicationError::Unavailable("injected failure before write".into()));
         }
-        if !state.shards.contains_key(&batch.shard) {
-            state.shards.insert(batch.shard.clone(), ShardLog::default());
-        }
-        let log = state.shards.get_mut(&batch.shard).expect("the shard's log was inserted above");
-        let appended = match log.producers.get(&batch.producer) {
-            Some(&(seq, appended)) if seq == batch.producer_seq => Appended { deduplicated: true, ..appended },
-            Some(&(seq, _)) if seq > batch.producer_seq => {
-                return Err(ReplicationError::Rejected(format!(
-                    "producer {} sent batch {} after batch {seq}",
-                    batch.producer, batch.producer_seq
-                )));
-            }
-            _ => {
-                let first = log.head.after(1);
-                for (offset, event) in batch.events.iter().enumerate() {
-                    log.events.push_back(SequencedEvent { sequence: first.after(offset as u64), event: event.clone() });
-                }
-                log.head = log.head.after(batch.events.len() as u64);
-                if let Some(retention) = self.retention {
-                    while log.events.len() > retention {
-                        log.events.pop_front();
-                    }
-                }
-                let appended = Appended { first, count: batch.events.len() as u64, deduplicated: false };
-                match log.producers.get_mut(&batch.producer) {
-                    Some(last) => *last = (batch.producer_seq, appended),
-                    None => {
-                        log.producers.insert(batch.producer.clone(), (batch.producer_seq, appended));
-                    }
-                }
-                appended
+        let index = match state.shards.iter().position(|log| same(log.shard.as_str(), batch.shard.as_str())) {
+            Some(index) => index,
+            None => {
+                state.shards.push(ShardLog {
+                    shard: batch.shard.clone(),
+                    head: Sequence::ZERO,
+                    events: VecDeque::new(),
+                    producers: VecDeque::new(),
+                });
+                state.shards.len() - 1
             }
         };
+        let appended = state.shards[index].append(batch, self.retention)?;
         if fault == Some(PublishFault::AfterWrite) {
             return Err(ReplicationError::Unavailable("injected failure after write".into()));
         }
@@ -134,9 +126,114 @@ impl InMemoryReplicator {
     }
 }
 
+impl State {
+    fn log(&self, shard: &ShardId) -> Option<&ShardLog> {
+        self.shards.iter().find(|log| same(log.shard.as_str(), shard.as_str()))
+    }
+}
+
+impl ShardLog {
+    fn append(&mut self, batch: &Batch, retention: Option<usize>) -> Result<Appended, ReplicationError> {
+        let last = self.producers.iter().position(|(producer, _, _)| same(producer.as_str(), batch.producer.as_str()));
+        if let Some(index) = last {
+            let (_, seq, appended) = &self.producers[index];
+            if *seq == batch.producer_seq {
+                return Ok(Appended { deduplicated: true, ..*appended });
+            }
+            if *seq > batch.producer_seq {
+                return Err(ReplicationError::Rejected(format!(
+                    "producer {} sent batch {} after batch {seq}",
+                    batch.producer, batch.producer_seq
+                )));
+            }
+        }
+        let first = self.head.after(1);
+        let count = batch.events.len() as u64;
+        for (offset, event) in batch.events.iter().enumerate() {
+            self.events.push_back(SequencedEvent { sequence: first.after(offset as u64), event: event.clone() });
+        }
+        self.head = self.head.after(count);
+        if let Some(retention) = retention {
+            while self.events.len() > retention {
+                self.events.pop_front();
+            }
+        }
+        let appended = Appended { first, count, deduplicated: false };
+        match last {
+            Some(0) => {
+                let newest = &mut self.producers[0];
+                newest.1 = batch.producer_seq;
+                newest.2 = appended;
+            }
+            Some(index) => {
+                self.producers.remove(index);
+                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
+            }
+            None => {
+                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
+                self.producers.truncate(PRODUCERS_REMEMBERED);
+            }
+        }
+        Ok(appended)
+    }
+}
+
 impl Replicator for InMemoryReplicator {
     fn publish<'a>(&'a self, batch: &'a Batch) -> PublishFuture<'a> {
-        let result = self.append(batch);
-        Box::pin(std::future::ready(result))
+        PublishFuture::ready(self.append(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::ids::{PeerId, Principal};
+    use crate::queue::{Event, EventKind, Origin};
+
+    fn batch(producer: &str, producer_seq: u64, events: usize) -> Batch {
+        let origin =
+            Arc::new(Origin { shard: ShardId::from("s"), principal: Principal::from("p"), peer: PeerId::from("n") });
+        let event = Event { origin, recorded_at: Timestamp::EPOCH, kind: EventKind::Resumed };
+        Batch {
+            shard: ShardId::from("s"),
+            producer: ProducerId::from(producer),
+            producer_seq,
+            events: vec![event; events],
+        }
+    }
+
+    #[tokio::test]
+    async fn sequences_are_gapless_per_shard_and_retries_are_recognised() {
+        let replicator = InMemoryReplicator::new();
+        let first = replicator.publish(&batch("a", 1, 2)).await.expect("publish");
+        assert_eq!((first.first, first.count, first.deduplicated), (Sequence::new(1), 2, false));
+        let retry = replicator.publish(&batch("a", 1, 2)).await.expect("retry");
+        assert_eq!((retry.first, retry.deduplicated), (Sequence::new(1), true));
+        let next = replicator.publish(&batch("b", 1, 1)).await.expect("other producer");
+        assert_eq!(next.first, Sequence::new(3));
+        assert_eq!(replicator.head(&ShardId::from("s")), Sequence::new(3));
+        assert!(matches!(replicator.publish(&batch("b", 0, 1)).await, Err(ReplicationError::Rejected(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_write_is_recognised_on_retry() {
+        let replicator = InMemoryReplicator::new();
+        replicator.inject([PublishFault::AfterWrite]);
+        assert!(replicator.publish(&batch("a", 1, 1)).await.is_err());
+        assert_eq!(replicator.publish(&batch("a", 1, 1)).await.map(|a| a.deduplicated), Ok(true));
+        assert_eq!(replicator.events(&ShardId::from("s")).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_newest_events() {
+        let replicator = InMemoryReplicator::with_retention(2);
+        for seq in 1..=3 {
+            replicator.publish(&batch("a", seq, 1)).await.expect("publish");
+        }
+        let kept: Vec<u64> = replicator.events(&ShardId::from("s")).iter().map(|e| e.sequence.get()).collect();
+        assert_eq!(kept, vec![2, 3]);
     }
 }

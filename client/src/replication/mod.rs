@@ -22,8 +22,47 @@ pub use memory::{InMemoryReplicator, PublishFault};
 use crate::ids::{ProducerId, Sequence, ShardId};
 use crate::queue::Event;
 
-/// The future returned by [`Replicator::publish`].
-pub type PublishFuture<'a> = Pin<Box<dyn Future<Output = Result<Appended, ReplicationError>> + Send + 'a>>;
+/// The future returned by [`Replicator::publish`]: either an answer that is
+/// already known (synchronous replicators such as the in-memory one, with no
+/// allocation) or a boxed future (network and disk replicators).
+#[must_use = "a publish does nothing unless awaited"]
+pub struct PublishFuture<'a>(PublishState<'a>);
+
+enum PublishState<'a> {
+    Ready(Option<Result<Appended, ReplicationError>>),
+    Pending(Pin<Box<dyn Future<Output = Result<Appended, ReplicationError>> + Send + 'a>>),
+}
+
+impl<'a> PublishFuture<'a> {
+    /// A publish whose answer is already known.
+    pub fn ready(result: Result<Appended, ReplicationError>) -> Self {
+        Self(PublishState::Ready(Some(result)))
+    }
+
+    /// A publish that completes when `future` does.
+    pub fn new(future: impl Future<Output = Result<Appended, ReplicationError>> + Send + 'a) -> Self {
+        Self(PublishState::Pending(Box::pin(future)))
+    }
+}
+
+impl Future for PublishFuture<'_> {
+    type Output = Result<Appended, ReplicationError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            PublishState::Ready(result) => {
+                std::task::Poll::Ready(result.take().expect("a publish future should not be polled after it completed"))
+            }
+            PublishState::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for PublishFuture<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishFuture").finish_non_exhaustive()
+    }
+}
 
 /// One atomic append: events of one shard, all accepted or none.
 #[derive(Debug, Clone, PartialEq, Eq)]
