@@ -64,9 +64,8 @@ pub(crate) type IdMap<V> = HashMap<ItemId, V, BuildHasherDefault<IdHasher>>;
 
 /// The resource an item is about, compared by `(resource_type, resource_id)`.
 /// Holds the payload's `Arc` so keys cost no string copies, and the hash of
-/// the two strings, computed once per item with a keyed SipHash (resource
-/// ids come from callers, so the hash must resist flooding) instead of at
-/// every index lookup.
+/// the two strings, computed once per item (not at every index lookup) with
+/// a hash keyed randomly per queue, since resource ids come from callers.
 #[derive(Clone)]
 pub(crate) struct ResourceKey {
     payload: Arc<Payload>,
@@ -198,7 +197,7 @@ pub struct QueueState {
     pub(crate) next_dead_order: u64,
     index: Index,
     /// Keys of the resource hashes; random per state, never encoded.
-    resource_hasher: std::collections::hash_map::RandomState,
+    resource_hasher: foldhash::quality::RandomState,
 }
 
 impl std::fmt::Debug for QueueState {
@@ -241,7 +240,7 @@ impl QueueState {
             next_order: 0,
             next_dead_order: 0,
             index: Index::default(),
-            resource_hasher: std::collections::hash_map::RandomState::new(),
+            resource_hasher: foldhash::quality::RandomState::default(),
         }
     }
 

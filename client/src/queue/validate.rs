@@ -23,7 +23,9 @@ impl Field<'_> {
 }
 
 fn required(field: Field<'_>, value: &str, max: usize) -> Result<()> {
-    if value.trim().is_empty() {
+    // `chars().all` stops at the first non-blank character; `trim()` would
+    // scan from both ends.
+    if value.chars().all(char::is_whitespace) {
         return Err(QueueError::invalid(field.path(), "is required and must not be blank"));
     }
     bounded(field, value, max)
