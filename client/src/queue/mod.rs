@@ -144,6 +144,45 @@ impl Caller {
     }
 }
 
+/// Learns who holds, renews and gives up leases, in log order; the peer
+/// health tracker implements it so expiries and failures count against the
+/// owning peer.
+///
+/// Called while the shard is locked, right after the event was applied:
+/// implementations must return at once. Every method defaults to doing
+/// nothing.
+pub trait LeaseObserver: Send + Sync + 'static {
+    /// `owner` was granted a lease.
+    fn lease_granted(&self, owner: &PeerId) {
+        let _ = owner;
+    }
+
+    /// `owner` heartbeated a lease.
+    fn heartbeat(&self, owner: &PeerId) {
+        let _ = owner;
+    }
+
+    /// `owner` completed a lease `turnaround` after it was granted.
+    fn lease_completed(&self, owner: &PeerId, turnaround: Duration) {
+        let _ = (owner, turnaround);
+    }
+
+    /// `owner` reported a failure.
+    fn lease_failed(&self, owner: &PeerId) {
+        let _ = owner;
+    }
+
+    /// `owner`'s lease lapsed without a heartbeat.
+    fn lease_expired(&self, owner: &PeerId) {
+        let _ = owner;
+    }
+
+    /// A drain handed `owner`'s lease back (not the peer's fault).
+    fn lease_released(&self, owner: &PeerId) {
+        let _ = owner;
+    }
+}
+
 /// The principal recorded for events the queue causes by itself (expiry).
 pub const SYSTEM_PRINCIPAL: &str = "omnirelay:queue";
 
@@ -298,10 +337,17 @@ pub struct QueueBuilder {
     replicator: Arc<dyn Replicator>,
     clock: Arc<dyn Clock>,
     listeners: Vec<Arc<dyn BackpressureListener>>,
+    observers: Vec<Arc<dyn LeaseObserver>>,
     state: Option<QueueState>,
 }
 
 impl QueueBuilder {
+    /// Tells `observer` about every lease grant, heartbeat and ending.
+    pub fn observer(mut self, observer: Arc<dyn LeaseObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
     /// Reads time from `clock` instead of [`TokioClock`].
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -352,6 +398,7 @@ impl QueueBuilder {
                 replicator: self.replicator,
                 clock: self.clock,
                 listeners: self.listeners,
+                observers: self.observers,
                 metrics,
                 system,
                 core: Mutex::new(core),
@@ -400,6 +447,7 @@ struct Shared {
     replicator: Arc<dyn Replicator>,
     clock: Arc<dyn Clock>,
     listeners: Vec<Arc<dyn BackpressureListener>>,
+    observers: Vec<Arc<dyn LeaseObserver>>,
     metrics: QueueMetrics,
     /// Origin of events the queue causes itself.
     system: Arc<Origin>,
@@ -500,7 +548,14 @@ impl Drop for Waiting<'_> {
 impl Queue {
     /// Starts building a queue publishing to `replicator`.
     pub fn builder(config: QueueConfig, replicator: Arc<dyn Replicator>) -> QueueBuilder {
-        QueueBuilder { config, replicator, clock: Arc::new(TokioClock::new()), listeners: Vec::new(), state: None }
+        QueueBuilder {
+            config,
+            replicator,
+            clock: Arc::new(TokioClock::new()),
+            listeners: Vec::new(),
+            observers: Vec::new(),
+            state: None,
+        }
     }
 
     /// The queue's configuration.
@@ -1079,11 +1134,32 @@ impl Queue {
                 }
                 _ => {}
             }
+            // The lease an event ends or renews, looked up before it is
+            // applied; only when someone observes leases.
+            let ended = if shared.observers.is_empty() {
+                None
+            } else {
+                let item_id = match &event.kind {
+                    EventKind::Heartbeat { item_id, .. }
+                    | EventKind::Completed { item_id, .. }
+                    | EventKind::Failed { item_id, .. }
+                    | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
+                    _ => None,
+                };
+                item_id
+                    .and_then(|id| state.item(id))
+                    .and_then(|item| item.lease.as_ref())
+                    .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)))
+            };
+            let observed = (!shared.observers.is_empty()).then(|| event.kind.clone());
             if let Err(error) = state.apply(sequence, event) {
                 // The events were planned against this very state, so this is
                 // a bug; the log is the truth and a replay repairs the state.
                 tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
                 debug_assert!(false, "an accepted event did not apply: {error}");
+            }
+            if let Some(kind) = observed {
+                notify_observers(&shared.observers, &kind, ended);
             }
             sequence = sequence.after(1);
         }
@@ -1094,6 +1170,20 @@ impl Queue {
             shared.changed.notify_waiters();
         }
         Ok(appended.first)
+    }
+}
+
+fn notify_observers(observers: &[Arc<dyn LeaseObserver>], kind: &EventKind, ended: Option<(PeerId, Duration)>) {
+    for observer in observers {
+        match (kind, &ended) {
+            (EventKind::Leased { owner, .. }, _) => observer.lease_granted(owner),
+            (EventKind::Expired { owner, .. }, _) => observer.lease_expired(owner),
+            (EventKind::Heartbeat { .. }, Some((owner, _))) => observer.heartbeat(owner),
+            (EventKind::Completed { .. }, Some((owner, turnaround))) => observer.lease_completed(owner, *turnaround),
+            (EventKind::Failed { .. }, Some((owner, _))) => observer.lease_failed(owner),
+            (EventKind::Requeued { .. }, Some((owner, _))) => observer.lease_released(owner),
+            _ => {}
+        }
     }
 }
 

@@ -584,3 +584,148 @@ fn configurations_that_contradict_themselves_are_rejected_by_field() {
     config.high_watermark = config.capacity + 1;
     assert!(config.validate().expect_err("should be refused").to_string().contains("config.high_watermark"));
 }
+
+mod observed {
+    //! Metrics and lease observers see what the queue does.
+
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    use super::*;
+
+    /// Keeps the last value of every metric, keyed `name{shard}`.
+    #[derive(Default)]
+    struct Values(Mutex<BTreeMap<String, Arc<Value>>>);
+
+    #[derive(Default)]
+    struct Value(AtomicU64);
+
+    impl metrics::CounterFn for Value {
+        fn increment(&self, value: u64) {
+            self.0.fetch_add(value, Ordering::SeqCst);
+        }
+        fn absolute(&self, value: u64) {
+            self.0.store(value, Ordering::SeqCst);
+        }
+    }
+
+    impl metrics::GaugeFn for Value {
+        fn increment(&self, _: f64) {}
+        fn decrement(&self, _: f64) {}
+        fn set(&self, value: f64) {
+            self.0.store(value as u64, Ordering::SeqCst);
+        }
+    }
+
+    impl metrics::HistogramFn for Value {
+        fn record(&self, _: f64) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Values {
+        fn value(&self, key: &Key) -> Arc<Value> {
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            Arc::clone(self.0.lock().expect("test lock").entry(name).or_default())
+        }
+
+        fn get(&self, name: &str) -> u64 {
+            self.0.lock().expect("test lock").get(name).map_or(u64::MAX, |v| v.0.load(Ordering::SeqCst))
+        }
+    }
+
+    struct TestRecorder(Arc<Values>);
+
+    impl Recorder for TestRecorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.0.value(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.0.value(key))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(self.0.value(key))
+        }
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl LeaseObserver for Seen {
+        fn lease_granted(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("granted {owner}"));
+        }
+        fn heartbeat(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("heartbeat {owner}"));
+        }
+        fn lease_completed(&self, owner: &PeerId, turnaround: Duration) {
+            self.0.lock().expect("test lock").push(format!("completed {owner} {}s", turnaround.as_secs()));
+        }
+        fn lease_failed(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("failed {owner}"));
+        }
+        fn lease_expired(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("expired {owner}"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_and_observers_follow_the_lease_lifecycle() {
+        let values = Arc::new(Values::default());
+        let recorder = TestRecorder(Arc::clone(&values));
+        let seen = Arc::new(Seen::default());
+        let f = metrics::with_local_recorder(&recorder, || {
+            fixture_with(
+                |config| {
+                    config.max_attempts = 2;
+                    config.lease_duration = Duration::from_secs(5);
+                    config.capacity = 10;
+                    config.high_watermark = 2;
+                    config.low_watermark = 1;
+                },
+                |builder| builder.observer(seen.clone()),
+            )
+        });
+        f.enqueue("a").await;
+        f.enqueue("b").await;
+        let a = f.lease().await.expect("a");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        f.queue.heartbeat(&f.worker, &a.handle, None, BTreeMap::new()).await.expect("heartbeat");
+        f.queue.complete(&f.worker, &a.handle).await.expect("complete");
+        let b = f.lease().await.expect("b");
+        f.queue.fail(&f.worker, &b.handle, requeue_now("boom")).await.expect("fail");
+        let _b_again = f.lease().await.expect("b again");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        f.queue.expire_due().await.expect("expire");
+
+        let metric = |name: &str| values.get(&format!("{name}{{shard=resourcelease.test}}"));
+        assert_eq!(metric(crate::metrics::PENDING), 0);
+        assert_eq!(metric(crate::metrics::ACTIVE), 0);
+        assert_eq!(metric(crate::metrics::DEAD_LETTERS), 1);
+        assert_eq!(metric(crate::metrics::EXPIRED), 1);
+        assert_eq!(metric(crate::metrics::DEAD_LETTERED), 1);
+        assert_eq!(metric(crate::metrics::BACKPRESSURE_TRANSITIONS), 2, "on at 2 pending, off at 1");
+        assert_eq!(metric(crate::metrics::LEASE_WAIT), 3, "one wait sample per granted lease");
+
+        let seen = seen.0.lock().expect("test lock").clone();
+        assert_eq!(
+            seen,
+            vec![
+                "granted worker-1",
+                "heartbeat worker-1",
+                "completed worker-1 3s",
+                "granted worker-1",
+                "failed worker-1",
+                "granted worker-1",
+                "expired worker-1",
+            ]
+        );
+    }
+}
