@@ -1,11 +1,21 @@
 //! The OmniRelay client: lease queues embedded in a service, streaming every
 //! mutation to the replication hub.
 //!
-//! The queue, dispatcher, middleware, peer health and replicators land here;
-//! see `docs/ARCHITECTURE.md` for how they fit together. Shared today:
+//! See `docs/ARCHITECTURE.md` for how the parts fit together:
 //!
+//! - [`queue`]: the lease queue. A [`Queue`] is a deterministic state
+//!   machine: commands (enqueue, lease, heartbeat, complete, fail, drain,
+//!   restore, dead letters) become [`queue::Event`]s, which are applied only
+//!   after the queue's [`Replicator`] accepted them. Replaying the events
+//!   ([`QueueState::replay`]) rebuilds the exact state.
+//! - [`replication`]: the [`Replicator`] trait and the [`InMemoryReplicator`].
+//! - [`backpressure`]: watermark signals, listeners, diagnostics and a
+//!   backpressure-aware tower concurrency limit.
+//! - [`clock`]: injected time ([`TokioClock`] by default, [`ManualClock`] for
+//!   tests).
+//! - [`wire`]: the one conversion between domain and protobuf types.
 //! - [`ErrorCode`]: the closed set of failures, mapped once to gRPC and HTTP.
-//! - [`ShardId`], [`PeerId`], [`Principal`]: identities used everywhere.
+//! - [`ShardId`], [`PeerId`], [`Principal`] and the queue's ids.
 //! - [`health`]: the [`PeerLeaseHealthTracker`] shared by the dispatcher and
 //!   the choosers (healthy, probation, suspect, ejected; snapshots, gauges).
 //! - [`chooser`]: round robin, fewest pending and power of two choices over
@@ -16,21 +26,61 @@
 //! - [`shard`]: namespaces, the payload-to-shard router and `rpc-shard-key`.
 //!
 //! ```
-//! use omnirelay_client::ErrorCode;
+//! use std::sync::Arc;
+//! use omnirelay_client::queue::{Caller, EnqueueRequest, FailRequest, LeaseRequest, Payload, Queue, QueueConfig};
+//! use omnirelay_client::{ErrorCode, InMemoryReplicator, QueueState};
 //!
-//! assert_eq!(ErrorCode::Aborted.grpc(), tonic::Code::Aborted);
-//! assert_eq!(ErrorCode::Aborted.http_status(), http::StatusCode::CONFLICT);
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let replicator = Arc::new(InMemoryReplicator::new());
+//! let config = QueueConfig::new("resourcelease.users", "node-a");
+//! let queue = Queue::builder(config, replicator.clone()).build()?;
+//! let producer = Caller::new("spiffe://example/producer", "node-a");
+//! let worker = Caller::new("spiffe://example/worker", "worker-1");
+//!
+//! // Enqueue, lease, fail once, lease again, complete.
+//! let payload = Payload::new("user", "42", "rebuild profile").with_request_id("req-1");
+//! let item = queue.enqueue(&producer, EnqueueRequest::new(payload.clone())).await?;
+//! assert!(queue.enqueue(&producer, EnqueueRequest::new(payload)).await?.deduplicated);
+//!
+//! let first = queue.lease(&worker, LeaseRequest::new("worker-1")).await?.expect("pending");
+//! assert_eq!(first.handle.item_id, item.item_id);
+//! let retry_now = FailRequest { error: "timeout".into(), requeue_delay: Some(Default::default()), ..Default::default() };
+//! queue.fail(&worker, &first.handle, retry_now).await?;
+//!
+//! let second = queue.lease(&worker, LeaseRequest::new("worker-1")).await?.expect("requeued");
+//! assert!(second.handle.fencing_token > first.handle.fencing_token);
+//! // The first lease's token is stale now: rejected, nothing changes.
+//! let stale = queue.complete(&worker, &first.handle).await.unwrap_err();
+//! assert_eq!(stale.code(), ErrorCode::Aborted);
+//! queue.complete(&worker, &second.handle).await?;
+//!
+//! // The log rebuilds the same state, byte for byte.
+//! let replayed = QueueState::replay(queue.shard().clone(), &replicator.events(queue.shard()))?;
+//! assert_eq!(replayed.encode(), queue.encode_state().await);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
 //! ```
 
+pub mod backpressure;
 pub mod chooser;
+pub mod clock;
+pub mod defaults;
 pub mod error;
 pub mod health;
 pub mod ids;
+pub mod metrics;
 pub mod middleware;
+pub mod queue;
+pub mod replication;
 pub mod shard;
+pub mod wire;
 
+pub use backpressure::{BackpressureListener, BackpressureSignal};
 pub use chooser::PeerChooser;
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
 pub use error::ErrorCode;
 pub use health::PeerLeaseHealthTracker;
-pub use ids::{PeerId, Principal, ShardId};
+pub use ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, ProducerId, Sequence, ShardId};
 pub use omnirelay_proto as proto;
+pub use queue::{Queue, QueueConfig, QueueError, QueueState};
+pub use replication::{InMemoryReplicator, Replicator};

@@ -1,0 +1,731 @@
+//! Behaviour of the queue's procedures, with paused tokio time where time
+//! matters.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::backpressure::BackpressureDiagnostics;
+use crate::error::ErrorCode;
+use crate::replication::{InMemoryReplicator, PublishFault};
+
+struct Fixture {
+    queue: Queue,
+    replicator: Arc<InMemoryReplicator>,
+    producer: Caller,
+    worker: Caller,
+}
+
+fn fixture(configure: impl FnOnce(&mut QueueConfig)) -> Fixture {
+    fixture_with(configure, |builder| builder)
+}
+
+fn fixture_with(configure: impl FnOnce(&mut QueueConfig), build: impl FnOnce(QueueBuilder) -> QueueBuilder) -> Fixture {
+    let mut config = QueueConfig::new("resourcelease.test", "node-a");
+    configure(&mut config);
+    let replicator = Arc::new(InMemoryReplicator::new());
+    let queue = build(Queue::builder(config, replicator.clone())).build().expect("valid config");
+    Fixture {
+        queue,
+        replicator,
+        producer: Caller::new("spiffe://test/producer", "node-a"),
+        worker: Caller::new("spiffe://test/worker", "worker-1"),
+    }
+}
+
+impl Fixture {
+    async fn enqueue(&self, resource_id: &str) -> ItemId {
+        self.enqueue_request(EnqueueRequest::new(Payload::new("user", resource_id, "body"))).await
+    }
+
+    async fn enqueue_request(&self, request: EnqueueRequest) -> ItemId {
+        self.queue.enqueue(&self.producer, request).await.expect("enqueue").item_id
+    }
+
+    async fn lease(&self) -> Option<LeasedItem> {
+        self.queue.lease(&self.worker, LeaseRequest::new("worker-1")).await.expect("lease")
+    }
+
+    async fn assert_replay_matches(&self) {
+        let events = self.replicator.events(self.queue.shard());
+        let replayed = QueueState::replay(self.queue.shard().clone(), &events).expect("replay");
+        replayed.check_invariants().expect("replayed invariants");
+        assert_eq!(replayed.encode(), self.queue.encode_state().await, "replay must rebuild the live state");
+        self.queue.inspect(|state| state.check_invariants()).await.expect("live invariants");
+    }
+}
+
+fn requeue_now(error: &str) -> FailRequest {
+    FailRequest { error: error.into(), action: FailAction::Requeue, requeue_delay: Some(Duration::ZERO) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_then_lease_then_complete_empties_the_queue() {
+    let f = fixture(|_| {});
+    let id = f.enqueue("42").await;
+    let leased = f.lease().await.expect("an item");
+    assert_eq!(leased.handle.item_id, id);
+    assert_eq!(leased.handle.attempt, 1);
+    assert_eq!(leased.handle.owner, PeerId::from("worker-1"));
+    assert_eq!(f.queue.complete(&f.worker, &leased.handle).await, Ok(false));
+    let stats = f.queue.stats().await;
+    assert_eq!((stats.pending, stats.active), (0, 0));
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_request_id_returns_the_same_item_and_writes_nothing() {
+    let f = fixture(|_| {});
+    let payload = Payload::new("user", "42", "body").with_request_id("req-1");
+    let first = f.queue.enqueue(&f.producer, EnqueueRequest::new(payload.clone())).await.expect("enqueue");
+    let head = f.replicator.head(f.queue.shard());
+    let again = f.queue.enqueue(&f.producer, EnqueueRequest::new(payload.clone())).await.expect("dedupe");
+    assert_eq!((again.item_id, again.deduplicated), (first.item_id, true));
+    assert_eq!(f.replicator.head(f.queue.shard()), head, "a deduplicated enqueue writes no event");
+
+    // Still deduplicated after the item completed (within the retention window).
+    let leased = f.lease().await.expect("an item");
+    f.queue.complete(&f.worker, &leased.handle).await.expect("complete");
+    let after = f.queue.enqueue(&f.producer, EnqueueRequest::new(payload)).await.expect("dedupe");
+    assert_eq!((after.item_id, after.deduplicated), (first.item_id, true));
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_input_names_the_field_and_changes_nothing() {
+    let f = fixture(|_| {});
+    let before = f.queue.encode_state().await;
+    let error = f
+        .queue
+        .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", " ", "x")))
+        .await
+        .expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    assert!(error.to_string().contains("payload.resource_id"), "{error}");
+    let error = f.queue.lease(&f.worker, LeaseRequest::new("")).await.expect_err("should be refused");
+    assert!(error.to_string().contains("owner"), "{error}");
+    assert_eq!(f.queue.encode_state().await, before);
+    assert_eq!(f.replicator.head(f.queue.shard()), Sequence::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn higher_priority_leases_first_then_oldest() {
+    let f = fixture(|_| {});
+    let low = f.enqueue("1").await;
+    let high =
+        f.enqueue_request(EnqueueRequest { priority: 5, ..EnqueueRequest::new(Payload::new("user", "2", "")) }).await;
+    let low2 = f.enqueue("3").await;
+    let order: Vec<ItemId> = [f.lease().await, f.lease().await, f.lease().await]
+        .into_iter()
+        .map(|leased| leased.expect("an item").handle.item_id)
+        .collect();
+    assert_eq!(order, vec![high, low, low2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_resource_is_never_leased_twice_at_once() {
+    let f = fixture(|_| {});
+    let first = f.enqueue("same").await;
+    let second = f.enqueue("same").await;
+    let other = f.enqueue("other").await;
+    let a = f.lease().await.expect("first");
+    assert_eq!(a.handle.item_id, first);
+    let b = f.lease().await.expect("other resource");
+    assert_eq!(b.handle.item_id, other, "the second item of a leased resource is skipped");
+    assert!(f.lease().await.is_none(), "nothing else is eligible while `same` is leased");
+    f.queue.complete(&f.worker, &a.handle).await.expect("complete");
+    assert_eq!(f.lease().await.expect("unblocked").handle.item_id, second);
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn delayed_items_wait_for_not_before() {
+    let f = fixture(|_| {});
+    let request =
+        EnqueueRequest { delay: Duration::from_secs(10), ..EnqueueRequest::new(Payload::new("user", "1", "")) };
+    let id = f.enqueue_request(request).await;
+    assert!(f.lease().await.is_none());
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(f.lease().await.expect("due now").handle.item_id, id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_wakes_when_an_item_arrives() {
+    let f = fixture(|_| {});
+    let queue = f.queue.clone();
+    let worker = f.worker.clone();
+    let waiter =
+        tokio::spawn(
+            async move { queue.lease(&worker, LeaseRequest::new("worker-1").wait(Duration::from_secs(30))).await },
+        );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let id = f.enqueue("1").await;
+    let leased = waiter.await.expect("join").expect("lease").expect("woken by the enqueue");
+    assert_eq!(leased.handle.item_id, id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_wakes_when_a_delay_passes_and_gives_up_at_its_deadline() {
+    let f = fixture(|_| {});
+    let started = tokio::time::Instant::now();
+    assert!(
+        f.queue.lease(&f.worker, LeaseRequest::new("w").wait(Duration::from_secs(3))).await.expect("lease").is_none()
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(3), "an empty long poll returns at its deadline");
+
+    let request =
+        EnqueueRequest { delay: Duration::from_secs(7), ..EnqueueRequest::new(Payload::new("user", "1", "")) };
+    let id = f.enqueue_request(request).await;
+    let started = tokio::time::Instant::now();
+    let leased = f.queue.lease(&f.worker, LeaseRequest::new("w").wait(Duration::from_secs(30))).await.expect("lease");
+    assert_eq!(leased.expect("due during the wait").handle.item_id, id);
+    assert_eq!(started.elapsed(), Duration::from_secs(7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_expired_and_foreign_handles_get_distinct_errors_and_change_nothing() {
+    let f = fixture(|config| config.lease_duration = Duration::from_secs(10));
+    f.enqueue("1").await;
+    let first = f.lease().await.expect("lease");
+
+    let mut foreign = first.handle.clone();
+    foreign.owner = PeerId::from("intruder");
+    let before = f.queue.encode_state().await;
+    let error = f.queue.complete(&f.worker, &foreign).await.expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::PermissionDenied);
+    assert_eq!(f.queue.encode_state().await, before);
+
+    // Expired but not yet swept: FAILED_PRECONDITION.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let error =
+        f.queue.heartbeat(&f.worker, &first.handle, None, BTreeMap::new()).await.expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::FailedPrecondition, "{error}");
+    assert_eq!(f.queue.encode_state().await, before, "a rejected heartbeat changes nothing");
+
+    // Swept: still FAILED_PRECONDITION for that token.
+    assert_eq!(f.queue.expire_due().await, Ok(1));
+    let error = f.queue.complete(&f.worker, &first.handle).await.expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::FailedPrecondition, "{error}");
+
+    // Leased again: the old token is stale (ABORTED).
+    let second = f.lease().await.expect("requeued");
+    assert!(second.handle.fencing_token > first.handle.fencing_token);
+    assert_eq!(second.handle.attempt, 2);
+    let before = f.queue.encode_state().await;
+    for error in [
+        f.queue.complete(&f.worker, &first.handle).await.expect_err("should be refused"),
+        f.queue.fail(&f.worker, &first.handle, requeue_now("late")).await.expect_err("should be refused"),
+        f.queue.heartbeat(&f.worker, &first.handle, None, BTreeMap::new()).await.expect_err("should be refused"),
+    ] {
+        assert_eq!(error.code(), ErrorCode::Aborted, "{error}");
+    }
+    assert_eq!(f.queue.encode_state().await, before, "stale tokens change nothing");
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn complete_is_idempotent_for_the_same_token() {
+    let f = fixture(|_| {});
+    f.enqueue("1").await;
+    let leased = f.lease().await.expect("lease");
+    assert_eq!(f.queue.complete(&f.worker, &leased.handle).await, Ok(false));
+    let head = f.replicator.head(f.queue.shard());
+    assert_eq!(f.queue.complete(&f.worker, &leased.handle).await, Ok(true));
+    assert_eq!(f.replicator.head(f.queue.shard()), head, "a repeated complete writes nothing");
+    let error =
+        f.queue.heartbeat(&f.worker, &leased.handle, None, BTreeMap::new()).await.expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::Aborted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_extends_the_lease_past_its_original_expiry() {
+    let f = fixture(|config| config.lease_duration = Duration::from_secs(10));
+    f.enqueue("1").await;
+    let leased = f.lease().await.expect("lease");
+    tokio::time::advance(Duration::from_secs(8)).await;
+    let progress = BTreeMap::from([("step".to_string(), "3/5".to_string())]);
+    let expires_at = f.queue.heartbeat(&f.worker, &leased.handle, Some(Duration::from_secs(10)), progress).await;
+    assert!(expires_at.expect("heartbeat") > leased.handle.expires_at);
+    tokio::time::advance(Duration::from_secs(8)).await;
+    assert_eq!(f.queue.expire_due().await, Ok(0), "the heartbeat kept the lease alive");
+    assert_eq!(f.queue.complete(&f.worker, &leased.handle).await, Ok(false));
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sweeper_expires_lapsed_leases_and_requeues_with_the_next_attempt() {
+    let f = fixture(|config| config.lease_duration = Duration::from_secs(5));
+    let sweeper = Sweeper::spawn(f.queue.clone(), Duration::from_secs(1));
+    let id = f.enqueue("1").await;
+    let first = f.lease().await.expect("lease");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let stats = f.queue.stats().await;
+    assert_eq!((stats.pending, stats.active), (1, 0), "the sweeper requeued the item");
+    let item = f.queue.inspect(|state| state.item(id).cloned()).await.expect("item");
+    assert_eq!(item.history.len(), 1);
+    assert_eq!(item.history[0].outcome, AttemptOutcome::Expired);
+    assert_eq!(item.history[0].fencing_token, first.handle.fencing_token);
+    assert_eq!(f.lease().await.expect("requeued").handle.attempt, 2);
+    sweeper.shutdown().await;
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_back_off_exponentially() {
+    let f = fixture(|config| {
+        config.backoff_base = Duration::from_secs(4);
+        config.backoff_max = Duration::from_secs(60);
+        config.max_attempts = 10;
+    });
+    f.enqueue("1").await;
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let leased = f.lease().await.expect("eligible");
+        let failed = FailRequest { error: "boom".into(), ..FailRequest::default() };
+        let FailOutcome::Requeued { not_before } = f.queue.fail(&f.worker, &leased.handle, failed).await.expect("fail")
+        else {
+            panic!("expected a requeue");
+        };
+        let now = f
+            .queue
+            .inspect(|state| state.item(leased.handle.item_id).map(|i| i.history.last().map(|r| r.ended_at)))
+            .await
+            .flatten()
+            .expect("history");
+        let delay = not_before.saturating_duration_since(now);
+        delays.push(delay);
+        assert!(f.lease().await.is_none(), "not eligible during backoff");
+        tokio::time::advance(delay).await;
+    }
+    // Base 4 s doubling, each with up to 25% jitter below the nominal delay.
+    for (delay, nominal) in delays.iter().zip([4u64, 8, 16]) {
+        let nominal = Duration::from_secs(nominal);
+        assert!(*delay <= nominal && *delay >= nominal * 3 / 4, "{delay:?} vs {nominal:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn items_dead_letter_after_max_attempts_with_their_whole_history() {
+    let f = fixture(|config| config.max_attempts = 2);
+    let id = f.enqueue("1").await;
+    let first = f.lease().await.expect("attempt 1");
+    assert!(matches!(
+        f.queue.fail(&f.worker, &first.handle, requeue_now("e1")).await,
+        Ok(FailOutcome::Requeued { .. })
+    ));
+    let second = f.lease().await.expect("attempt 2");
+    let outcome = f.queue.fail(&f.worker, &second.handle, requeue_now("e2")).await.expect("fail");
+    assert_eq!(outcome, FailOutcome::DeadLettered { reason: DeadLetterReason::MaxAttempts });
+    let letter = f.queue.dead_letter(id).await.expect("dead letter");
+    let errors: Vec<_> = letter.item.history.iter().map(|r| (r.attempt, r.error.as_str(), r.fencing_token)).collect();
+    assert_eq!(errors, vec![(1, "e1", first.handle.fencing_token), (2, "e2", second.handle.fencing_token)]);
+    assert_eq!(letter.item.last_error, "e2");
+    assert_eq!(f.queue.stats().await.dead_letters, 1);
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_can_be_listed_inspected_redriven_and_purged() {
+    let f = fixture(|_| {});
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(f.enqueue(&n.to_string()).await);
+        let leased = f.lease().await.expect("lease");
+        let request = FailRequest { error: "poison".into(), action: FailAction::DeadLetter, requeue_delay: None };
+        f.queue.fail(&f.worker, &leased.handle, request).await.expect("dead-letter");
+    }
+    let first_page = f.queue.dead_letters(2, None).await.expect("page");
+    assert_eq!(first_page.dead_letters.iter().map(|d| d.item.id).collect::<Vec<_>>(), ids[..2]);
+    assert_eq!(first_page.dead_letters[0].reason, DeadLetterReason::Requested);
+    let token = first_page.next_page_token.expect("more pages");
+    let rest = f.queue.dead_letters(10, Some(&token)).await.expect("page");
+    assert_eq!(rest.dead_letters.iter().map(|d| d.item.id).collect::<Vec<_>>(), ids[2..]);
+    assert_eq!(rest.next_page_token, None);
+    assert_eq!(
+        f.queue.dead_letters(10, Some("bogus")).await.expect_err("should be refused").code(),
+        ErrorCode::InvalidArgument
+    );
+
+    assert_eq!(f.queue.redrive(&f.producer, ids[0]).await, Ok(ids[0]));
+    let redriven = f.lease().await.expect("redriven item is pending");
+    assert_eq!((redriven.handle.item_id, redriven.handle.attempt), (ids[0], 1), "attempts reset");
+    assert_eq!(redriven.item.history.len(), 1, "history kept");
+    assert_eq!(f.queue.redrive(&f.producer, ids[0]).await.expect_err("should be refused").code(), ErrorCode::NotFound);
+
+    assert_eq!(f.queue.purge_dead_letters(&f.producer, Purge::Items(vec![ids[1], ids[1]])).await, Ok(1));
+    assert_eq!(
+        f.queue.purge_dead_letters(&f.producer, Purge::Items(vec![])).await.expect_err("should be refused").code(),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(f.queue.purge_dead_letters(&f.producer, Purge::All).await, Ok(3));
+    assert_eq!(f.queue.stats().await.dead_letters, 0);
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backpressure_rejects_above_the_high_watermark_until_the_low_watermark() {
+    let diagnostics = Arc::new(BackpressureDiagnostics::new());
+    let f = fixture_with(
+        |config| {
+            config.capacity = 10;
+            config.high_watermark = 4;
+            config.low_watermark = 2;
+        },
+        |builder| builder.listener(diagnostics.clone()),
+    );
+    for n in 0..4 {
+        f.enqueue(&n.to_string()).await;
+    }
+    assert!(diagnostics.latest().expect("a transition").active);
+    let error = f
+        .queue
+        .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "x", "")))
+        .await
+        .expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::ResourceExhausted);
+    let signal = error.backpressure().expect("signal in the error");
+    assert_eq!((signal.active, signal.pending, signal.high, signal.low), (true, 4, 4, 2));
+
+    // Hysteresis: at 3 pending it is still on; at 2 it turns off.
+    let a = f.lease().await.expect("lease");
+    assert!(f.queue.enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "x", ""))).await.is_err());
+    let _b = f.lease().await.expect("lease");
+    assert!(!diagnostics.latest().expect("transition").active);
+    f.enqueue("x").await;
+    assert_eq!(diagnostics.recent().len(), 2);
+    f.queue.complete(&f.worker, &a.handle).await.expect("complete");
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn capacity_counts_leased_items_and_fails_fast() {
+    let f = fixture(|config| {
+        config.capacity = 2;
+        config.high_watermark = 2;
+        config.low_watermark = 1;
+    });
+    f.enqueue("1").await;
+    let _leased = f.lease().await.expect("lease");
+    f.enqueue("2").await;
+    let error = f
+        .queue
+        .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "3", "")))
+        .await
+        .expect_err("should be refused");
+    assert!(matches!(error, QueueError::AtCapacity { capacity: 2, .. }), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn hand_back_drain_returns_every_item_and_stops_leasing_until_resumed() {
+    let f = fixture(|_| {});
+    let a = f.enqueue("a").await;
+    let b = f.enqueue("b").await;
+    let leased = f.lease().await.expect("lease");
+    let snapshot = f.queue.drain(&f.producer, DrainMode::HandBack, None).await.expect("drain");
+    assert_eq!(snapshot.items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![a, b]);
+    assert!(snapshot.in_flight.is_empty());
+    let handed_back = &snapshot.items[0];
+    assert_eq!((handed_back.attempt, handed_back.last_fencing_token), (1, leased.handle.fencing_token));
+    assert_eq!(handed_back.history[0].outcome, AttemptOutcome::HandedBack);
+    assert_eq!(
+        f.queue.lease(&f.worker, LeaseRequest::new("w")).await.expect_err("should be refused").code(),
+        ErrorCode::FailedPrecondition
+    );
+    assert_eq!(
+        f.queue.complete(&f.worker, &leased.handle).await.expect_err("should be refused").code(),
+        ErrorCode::Aborted
+    );
+    assert_eq!(f.queue.stats().await.pending, 2, "a drain is non-destructive");
+    assert_eq!(f.queue.resume(&f.producer).await, Ok(true));
+    assert_eq!(f.queue.resume(&f.producer).await, Ok(false));
+    assert!(f.lease().await.is_some());
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_drain_waits_for_in_flight_leases_then_reports_stragglers() {
+    let f = fixture(|_| {});
+    f.enqueue("a").await;
+    f.enqueue("b").await;
+    let a = f.lease().await.expect("a");
+    let b = f.lease().await.expect("b");
+    let queue = f.queue.clone();
+    let worker = f.worker.clone();
+    let finisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        queue.complete(&worker, &a.handle).await
+    });
+    let started = tokio::time::Instant::now();
+    let snapshot = f.queue.drain(&f.producer, DrainMode::Wait, Some(Duration::from_secs(5))).await.expect("drain");
+    assert_eq!(finisher.await.expect("join"), Ok(false));
+    assert_eq!(started.elapsed(), Duration::from_secs(5), "b never finished, so the drain waited its whole timeout");
+    assert!(snapshot.items.is_empty());
+    assert_eq!(snapshot.in_flight.iter().map(|i| i.id).collect::<Vec<_>>(), vec![b.handle.item_id]);
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn restore_keeps_ids_attempts_and_errors_and_skips_present_items() {
+    let source = fixture(|_| {});
+    let kept = source.enqueue("a").await;
+    let leased = source.lease().await.expect("lease");
+    source.queue.fail(&source.worker, &leased.handle, requeue_now("flaky")).await.expect("fail");
+    source.enqueue("b").await;
+    let snapshot = source.queue.drain(&source.producer, DrainMode::HandBack, None).await.expect("drain");
+
+    let target = fixture(|config| config.shard = ShardId::from("resourcelease.other"));
+    let restored = target.queue.restore(&target.producer, &snapshot).await.expect("restore");
+    assert_eq!(restored, Restored { restored: 2, skipped: 0 });
+    let item = target.queue.inspect(|state| state.item(kept).cloned()).await.expect("same id");
+    assert_eq!((item.attempt, item.last_error.as_str()), (1, "flaky"));
+    assert_eq!(item.last_fencing_token, leased.handle.fencing_token);
+    assert_eq!(target.queue.restore(&target.producer, &snapshot).await, Ok(Restored { restored: 0, skipped: 2 }));
+    let again = target.lease().await.expect("restored items lease");
+    assert_eq!((again.handle.item_id, again.handle.attempt), (kept, 2));
+    target.assert_replay_matches().await;
+
+    let mut bad = snapshot.clone();
+    Arc::make_mut(&mut bad.items[1].payload).resource_type.clear();
+    let error = target.queue.restore(&target.producer, &bad).await.expect_err("should be refused");
+    assert!(error.to_string().contains("snapshot.items[1].payload.resource_type"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_publish_changes_nothing_and_its_retry_is_not_duplicated() {
+    let f = fixture(|_| {});
+    f.enqueue("1").await;
+    let before = f.queue.encode_state().await;
+
+    // Refused before the write, on every try: nothing applied, nothing logged.
+    f.replicator.inject([PublishFault::BeforeWrite; defaults::PUBLISH_ATTEMPTS as usize]);
+    let error = f
+        .queue
+        .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "2", "")))
+        .await
+        .expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::Unavailable);
+    assert_eq!(f.queue.encode_state().await, before, "a failed publish changes nothing");
+
+    // Written but not acknowledged: the batch is in doubt, so the next command
+    // first re-sends it; the replicator recognises it and nothing is doubled.
+    f.replicator.inject([PublishFault::AfterWrite; defaults::PUBLISH_ATTEMPTS as usize]);
+    let error = f
+        .queue
+        .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "3", "")))
+        .await
+        .expect_err("should be refused");
+    assert_eq!(error.code(), ErrorCode::Unavailable);
+    let head = f.replicator.head(f.queue.shard());
+    assert_eq!(f.queue.stats().await.pending, 1, "an unacknowledged batch is not applied");
+    f.enqueue("4").await;
+    assert_eq!(f.queue.stats().await.pending, 3, "the in-doubt enqueue was settled before the next command");
+    assert_eq!(f.replicator.head(f.queue.shard()), head.after(1), "the retry wrote nothing twice");
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_publish_failure_is_retried_inside_the_command() {
+    let f = fixture(|_| {});
+    f.replicator.inject([PublishFault::AfterWrite]);
+    f.enqueue("1").await;
+    assert_eq!(f.replicator.events(f.queue.shard()).len(), 1);
+    f.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_plus_the_tail_rebuilds_the_live_state() {
+    let f = fixture(|config| config.lease_duration = Duration::from_secs(5));
+    for n in 0..4 {
+        f.enqueue(&n.to_string()).await;
+    }
+    let leased = f.lease().await.expect("lease");
+    let snapshot = f.queue.encode_state().await;
+    let at = f.queue.stats().await.last_sequence;
+    f.queue.fail(&f.worker, &leased.handle, requeue_now("x")).await.expect("fail");
+    let _held = f.lease().await.expect("lease");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    f.queue.expire_due().await.expect("expire");
+    f.enqueue("late").await;
+
+    let mut rebuilt = QueueState::decode(&snapshot).expect("decode");
+    assert_eq!(rebuilt.encode(), snapshot, "decode then encode is the identity");
+    rebuilt.apply_all(&f.replicator.read(f.queue.shard(), at)).expect("tail");
+    rebuilt.check_invariants().expect("invariants");
+    assert_eq!(rebuilt.encode(), f.queue.encode_state().await);
+
+    // A queue restarted from the rebuilt state carries on where the old left.
+    let restarted =
+        Queue::builder(f.queue.config().clone(), f.replicator.clone()).state(rebuilt).build().expect("build");
+    assert_eq!(restarted.stats().await.pending, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_round_trip_through_the_wire_format() {
+    let f = fixture(|config| config.max_attempts = 1);
+    f.enqueue("1").await;
+    let leased = f.lease().await.expect("lease");
+    f.queue.heartbeat(&f.worker, &leased.handle, None, BTreeMap::from([("k".into(), "v".into())])).await.expect("hb");
+    f.queue.fail(&f.worker, &leased.handle, requeue_now("e")).await.expect("fail");
+    let events = f.replicator.events(f.queue.shard());
+    for sequenced in &events {
+        let decoded =
+            crate::wire::event_from_pb(crate::wire::event(sequenced.sequence, &sequenced.event)).expect("decode");
+        assert_eq!(&decoded, sequenced);
+    }
+}
+
+#[test]
+fn configurations_that_contradict_themselves_are_rejected_by_field() {
+    let mut config = QueueConfig::new("q", "n");
+    config.low_watermark = config.high_watermark;
+    assert!(config.validate().expect_err("should be refused").to_string().contains("config.low_watermark"));
+    let mut config = QueueConfig::new("q", "n");
+    config.high_watermark = config.capacity + 1;
+    assert!(config.validate().expect_err("should be refused").to_string().contains("config.high_watermark"));
+}
+
+mod observed {
+    //! Metrics and lease observers see what the queue does.
+
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    use super::*;
+
+    /// Keeps the last value of every metric, keyed `name{shard}`.
+    #[derive(Default)]
+    struct Values(Mutex<BTreeMap<String, Arc<Value>>>);
+
+    #[derive(Default)]
+    struct Value(AtomicU64);
+
+    impl metrics::CounterFn for Value {
+        fn increment(&self, value: u64) {
+            self.0.fetch_add(value, Ordering::SeqCst);
+        }
+        fn absolute(&self, value: u64) {
+            self.0.store(value, Ordering::SeqCst);
+        }
+    }
+
+    impl metrics::GaugeFn for Value {
+        fn increment(&self, _: f64) {}
+        fn decrement(&self, _: f64) {}
+        fn set(&self, value: f64) {
+            self.0.store(value as u64, Ordering::SeqCst);
+        }
+    }
+
+    impl metrics::HistogramFn for Value {
+        fn record(&self, _: f64) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Values {
+        fn value(&self, key: &Key) -> Arc<Value> {
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            Arc::clone(self.0.lock().expect("test lock").entry(name).or_default())
+        }
+
+        fn get(&self, name: &str) -> u64 {
+            self.0.lock().expect("test lock").get(name).map_or(u64::MAX, |v| v.0.load(Ordering::SeqCst))
+        }
+    }
+
+    struct TestRecorder(Arc<Values>);
+
+    impl Recorder for TestRecorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.0.value(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.0.value(key))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(self.0.value(key))
+        }
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl LeaseObserver for Seen {
+        fn lease_granted(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("granted {owner}"));
+        }
+        fn heartbeat(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("heartbeat {owner}"));
+        }
+        fn lease_completed(&self, owner: &PeerId, turnaround: Duration) {
+            self.0.lock().expect("test lock").push(format!("completed {owner} {}s", turnaround.as_secs()));
+        }
+        fn lease_failed(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("failed {owner}"));
+        }
+        fn lease_expired(&self, owner: &PeerId) {
+            self.0.lock().expect("test lock").push(format!("expired {owner}"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_and_observers_follow_the_lease_lifecycle() {
+        let values = Arc::new(Values::default());
+        let recorder = TestRecorder(Arc::clone(&values));
+        let seen = Arc::new(Seen::default());
+        let f = metrics::with_local_recorder(&recorder, || {
+            fixture_with(
+                |config| {
+                    config.max_attempts = 2;
+                    config.lease_duration = Duration::from_secs(5);
+                    config.capacity = 10;
+                    config.high_watermark = 2;
+                    config.low_watermark = 1;
+                },
+                |builder| builder.observer(seen.clone()),
+            )
+        });
+        f.enqueue("a").await;
+        f.enqueue("b").await;
+        let a = f.lease().await.expect("a");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        f.queue.heartbeat(&f.worker, &a.handle, None, BTreeMap::new()).await.expect("heartbeat");
+        f.queue.complete(&f.worker, &a.handle).await.expect("complete");
+        let b = f.lease().await.expect("b");
+        f.queue.fail(&f.worker, &b.handle, requeue_now("boom")).await.expect("fail");
+        let _b_again = f.lease().await.expect("b again");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        f.queue.expire_due().await.expect("expire");
+
+        let metric = |name: &str| values.get(&format!("{name}{{shard=resourcelease.test}}"));
+        assert_eq!(metric(crate::metrics::PENDING), 0);
+        assert_eq!(metric(crate::metrics::ACTIVE), 0);
+        assert_eq!(metric(crate::metrics::DEAD_LETTERS), 1);
+        assert_eq!(metric(crate::metrics::EXPIRED), 1);
+        assert_eq!(metric(crate::metrics::DEAD_LETTERED), 1);
+        assert_eq!(metric(crate::metrics::BACKPRESSURE_TRANSITIONS), 2, "on at 2 pending, off at 1");
+        assert_eq!(metric(crate::metrics::LEASE_WAIT), 3, "one wait sample per granted lease");
+
+        let seen = seen.0.lock().expect("test lock").clone();
+        assert_eq!(
+            seen,
+            vec![
+                "granted worker-1",
+                "heartbeat worker-1",
+                "completed worker-1 3s",
+                "granted worker-1",
+                "failed worker-1",
+                "granted worker-1",
+                "expired worker-1",
+            ]
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The in-memory replicator: a per-shard log in process memory.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use super::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
+use crate::ids::{ProducerId, Sequence, ShardId};
+use crate::queue::SequencedEvent;
+
+/// A failure to inject into the next publishes of an [`InMemoryReplicator`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFault {
+    /// Refuse the batch without writing it (a connection that failed early).
+    BeforeWrite,
+    /// Write the batch, then report failure (an acknowledgement lost on the
+    /// way back): the retry must be recognised, not written twice.
+    AfterWrite,
+}
+
+/// A replicator that keeps each shard's log in memory.
+///
+/// It assigns sequences like the hub (gapless from 1, atomically per batch),
+/// deduplicates retried batches by `(producer, producer_seq)`, and keeps the
+/// events for replay (all of them, or the newest `retention`). Failures can be
+/// injected with [`InMemoryReplicator::inject`]. Nothing survives the
+/// process; use it for tests, development and benchmarks.
+#[derive(Debug, Default)]
+pub struct InMemoryReplicator {
+    retention: Option<usize>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Few shards per replicator: a scan that compares pointers first beats
+    /// hashing the name on every publish.
+    shards: Vec<ShardLog>,
+    faults: VecDeque<PublishFault>,
+}
+
+#[derive(Debug)]
+struct ShardLog {
+    shard: ShardId,
+    head: Sequence,
+    events: VecDeque<SequencedEvent>,
+    /// The last batch of each recent producer, newest first: retries only
+    /// ever repeat a producer's newest batch, because a producer sends its
+    /// next batch only after this one was answered.
+    producers: VecDeque<(ProducerId, u64, Appended)>,
+}
+
+/// Producers remembered per shard for retry detection: one owner at a time
+/// writes a shard, so a handful covers every incarnation still retrying.
+const PRODUCERS_REMEMBERED: usize = 16;
+
+/// Equal ids, checking the shared pointer before the text.
+fn same(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
+impl InMemoryReplicator {
+    /// A replicator that keeps every event.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A replicator that keeps only the newest `events` events per shard
+    /// (benchmarks run millions of cycles); sequences stay gapless.
+    pub fn with_retention(events: usize) -> Self {
+        Self { retention: Some(events), state: Mutex::default() }
+    }
+
+    /// Makes the next publishes fail, one fault per publish, in order.
+    pub fn inject(&self, faults: impl IntoIterator<Item = PublishFault>) {
+        self.lock().faults.extend(faults);
+    }
+
+    /// The retained events of `shard`, oldest first.
+    pub fn events(&self, shard: &ShardId) -> Vec<SequencedEvent> {
+        self.read(shard, Sequence::ZERO)
+    }
+
+    /// The retained events of `shard` after `after`, oldest first.
+    pub fn read(&self, shard: &ShardId, after: Sequence) -> Vec<SequencedEvent> {
+        let state = self.lock();
+        let Some(log) = state.log(shard) else { return Vec::new() };
+        let skip = log.events.partition_point(|e| e.sequence <= after);
+        log.events.iter().skip(skip).cloned().collect()
+    }
+
+    /// The sequence of `shard`'s newest event (zero for an empty log).
+    pub fn head(&self, shard: &ShardId) -> Sequence {
+        self.lock().log(shard).map_or(Sequence::ZERO, |log| log.head)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the log consistent (every
+        // mutation below is a single push or counter bump), so poisoning is
+        // not a reason to stop serving.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn append(&self, batch: &Batch) -> Result<Appended, ReplicationError> {
+        let mut state = self.lock();
+        let fault = state.faults.pop_front();
+        if fault == Some(PublishFault::BeforeWrite) {
+            return Err(ReplicationError::Unavailable("injected failure before write".into()));
+        }
+        let index = match state.shards.iter().position(|log| same(log.shard.as_str(), batch.shard.as_str())) {
+            Some(index) => index,
+            None => {
+                state.shards.push(ShardLog {
+                    shard: batch.shard.clone(),
+                    head: Sequence::ZERO,
+                    events: VecDeque::new(),
+                    producers: VecDeque::new(),
+                });
+                state.shards.len() - 1
+            }
+        };
+        let appended = state.shards[index].append(batch, self.retention)?;
+        if fault == Some(PublishFault::AfterWrite) {
+            return Err(ReplicationError::Unavailable("injected failure after write".into()));
+        }
+        Ok(appended)
+    }
+}
+
+impl State {
+    fn log(&self, shard: &ShardId) -> Option<&ShardLog> {
+        self.shards.iter().find(|log| same(log.shard.as_str(), shard.as_str()))
+    }
+}
+
+impl ShardLog {
+    fn append(&mut self, batch: &Batch, retention: Option<usize>) -> Result<Appended, ReplicationError> {
+        let last = self.producers.iter().position(|(producer, _, _)| same(producer.as_str(), batch.producer.as_str()));
+        if let Some(index) = last {
+            let (_, seq, appended) = &self.producers[index];
+            if *seq == batch.producer_seq {
+                return Ok(Appended { deduplicated: true, ..*appended });
+            }
+            if *seq > batch.producer_seq {
+                return Err(ReplicationError::Rejected(format!(
+                    "producer {} sent batch {} after batch {seq}",
+                    batch.producer, batch.producer_seq
+                )));
+            }
+        }
+        let first = self.head.after(1);
+        let count = batch.events.len() as u64;
+        for (offset, event) in batch.events.iter().enumerate() {
+            self.events.push_back(SequencedEvent { sequence: first.after(offset as u64), event: event.clone() });
+        }
+        self.head = self.head.after(count);
+        if let Some(retention) = retention {
+            while self.events.len() > retention {
+                self.events.pop_front();
+            }
+        }
+        let appended = Appended { first, count, deduplicated: false };
+        match last {
+            Some(0) => {
+                let newest = &mut self.producers[0];
+                newest.1 = batch.producer_seq;
+                newest.2 = appended;
+            }
+            Some(index) => {
+                self.producers.remove(index);
+                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
+            }
+            None => {
+                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
+                self.producers.truncate(PRODUCERS_REMEMBERED);
+            }
+        }
+        Ok(appended)
+    }
+}
+
+impl Replicator for InMemoryReplicator {
+    fn publish<'a>(&'a self, batch: &'a Batch) -> PublishFuture<'a> {
+        PublishFuture::ready(self.append(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::ids::{PeerId, Principal};
+    use crate::queue::{Event, EventKind, Origin};
+
+    fn batch(producer: &str, producer_seq: u64, events: usize) -> Batch {
+        let origin =
+            Arc::new(Origin { shard: ShardId::from("s"), principal: Principal::from("p"), peer: PeerId::from("n") });
+        let event = Event { origin, recorded_at: Timestamp::EPOCH, kind: EventKind::Resumed };
+        Batch {
+            shard: ShardId::from("s"),
+            producer: ProducerId::from(producer),
+            producer_seq,
+            events: vec![event; events],
+        }
+    }
+
+    #[tokio::test]
+    async fn sequences_are_gapless_per_shard_and_retries_are_recognised() {
+        let replicator = InMemoryReplicator::new();
+        let first = replicator.publish(&batch("a", 1, 2)).await.expect("publish");
+        assert_eq!((first.first, first.count, first.deduplicated), (Sequence::new(1), 2, false));
+        let retry = replicator.publish(&batch("a", 1, 2)).await.expect("retry");
+        assert_eq!((retry.first, retry.deduplicated), (Sequence::new(1), true));
+        let next = replicator.publish(&batch("b", 1, 1)).await.expect("other producer");
+        assert_eq!(next.first, Sequence::new(3));
+        assert_eq!(replicator.head(&ShardId::from("s")), Sequence::new(3));
+        assert!(matches!(replicator.publish(&batch("b", 0, 1)).await, Err(ReplicationError::Rejected(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_write_is_recognised_on_retry() {
+        let replicator = InMemoryReplicator::new();
+        replicator.inject([PublishFault::AfterWrite]);
+        assert!(replicator.publish(&batch("a", 1, 1)).await.is_err());
+        assert_eq!(replicator.publish(&batch("a", 1, 1)).await.map(|a| a.deduplicated), Ok(true));
+        assert_eq!(replicator.events(&ShardId::from("s")).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_newest_events() {
+        let replicator = InMemoryReplicator::with_retention(2);
+        for seq in 1..=3 {
+            replicator.publish(&batch("a", seq, 1)).await.expect("publish");
+        }
+        let kept: Vec<u64> = replicator.events(&ShardId::from("s")).iter().map(|e| e.sequence.get()).collect();
+        assert_eq!(kept, vec![2, 3]);
+    }
+}
