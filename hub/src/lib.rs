@@ -2,3 +2,6 @@
 //! shard's ordered, fenced, hash-chained event log.
 
 pub use omnirelay_proto as proto;
+
+pub mod config;
+pub mod defaults;
