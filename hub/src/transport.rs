@@ -13,6 +13,7 @@
 //! extensions, where [`principal`] finds it.
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::defaults;
 use crate::principal::{Principal, PrincipalError};
@@ -50,10 +52,21 @@ pub fn http_principal<B>(request: &http::Request<B>) -> Option<&Principal> {
 }
 
 /// One accepted connection, plain or TLS.
-#[derive(Debug)]
+///
+/// Reads and writes fail once the acceptor's `cut` token is cancelled: that
+/// is how shutdown ends connections still open after the grace period
+/// (hyper runs each connection in a task of its own, which dropping the
+/// server does not stop).
 pub struct Connection {
     io: Io,
     info: ConnectionInfo,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("io", &self.io).field("info", &self.info).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -63,9 +76,23 @@ enum Io {
 }
 
 impl Connection {
+    fn new(io: Io, info: ConnectionInfo, cut: &CancellationToken) -> Self {
+        Self { io, info, cut: Box::pin(cut.clone().cancelled_owned()) }
+    }
+
     /// What is known about the other end.
     pub fn info(&self) -> &ConnectionInfo {
         &self.info
+    }
+
+    /// An error once the connection was cut; registers for the wake-up
+    /// otherwise, so a connection blocked on a read notices the cut.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.cut
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut: the hub is shutting down"))
     }
 }
 
@@ -79,6 +106,9 @@ impl tonic::transport::server::Connected for Connection {
 
 impl AsyncRead for Connection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(err) = self.poll_cut(cx) {
+            return Poll::Ready(Err(err));
+        }
         match &mut self.io {
             Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
@@ -88,6 +118,9 @@ impl AsyncRead for Connection {
 
 impl AsyncWrite for Connection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.poll_cut(cx) {
+            return Poll::Ready(Err(err));
+        }
         match &mut self.io {
             Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
             Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
@@ -113,6 +146,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.poll_cut(cx) {
+            return Poll::Ready(Err(err));
+        }
         match &mut self.io {
             Io::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
             Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
@@ -152,14 +188,16 @@ impl HandshakeError {
 }
 
 /// The connections arriving on `listener`, through TLS when `tls` is set.
+/// Cancelling `cut` makes every connection's reads and writes fail.
 ///
 /// The stream never ends and never yields an error: accept errors are
 /// logged and retried after a pause, failed handshakes logged and counted.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    cut: CancellationToken,
 ) -> impl Stream<Item = Result<Connection, Infallible>> + Send + 'static {
-    let acceptor = Acceptor { listener, tls, handshakes: JoinSet::new() };
+    let acceptor = Acceptor { listener, tls, cut, handshakes: JoinSet::new() };
     futures_util::stream::unfold(acceptor, |mut acceptor| async move {
         let connection = acceptor.next().await;
         Some((Ok(connection), acceptor))
@@ -169,6 +207,7 @@ pub fn incoming(
 struct Acceptor {
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    cut: CancellationToken,
     /// Handshakes in flight; aborted when the acceptor is dropped.
     handshakes: JoinSet<(SocketAddr, Result<Connection, HandshakeError>)>,
 }
@@ -197,11 +236,12 @@ impl Acceptor {
                         match &self.tls {
                             None => {
                                 let info = ConnectionInfo { remote_addr: remote, principal: None };
-                                return Connection { io: Io::Plain(stream), info };
+                                return Connection::new(Io::Plain(stream), info, &self.cut);
                             }
                             Some(tls) => {
-                                let tls = tls.clone();
-                                self.handshakes.spawn(async move { (remote, handshake(&tls, stream, remote).await) });
+                                let (tls, cut) = (tls.clone(), self.cut.clone());
+                                self.handshakes
+                                    .spawn(async move { (remote, handshake(&tls, stream, remote, &cut).await) });
                             }
                         }
                     }
@@ -215,7 +255,12 @@ impl Acceptor {
     }
 }
 
-async fn handshake(tls: &ServerTls, stream: TcpStream, remote: SocketAddr) -> Result<Connection, HandshakeError> {
+async fn handshake(
+    tls: &ServerTls,
+    stream: TcpStream,
+    remote: SocketAddr,
+    cut: &CancellationToken,
+) -> Result<Connection, HandshakeError> {
     let stream = tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
         .await
         .map_err(|_| HandshakeError::Timeout)?
@@ -231,7 +276,7 @@ async fn handshake(tls: &ServerTls, stream: TcpStream, remote: SocketAddr) -> Re
     } else {
         None
     };
-    Ok(Connection { io: Io::Tls(Box::new(stream)), info: ConnectionInfo { remote_addr: remote, principal } })
+    Ok(Connection::new(Io::Tls(Box::new(stream)), ConnectionInfo { remote_addr: remote, principal }, cut))
 }
 
 /// Displays an error with its sources, `a: b: c`.

@@ -1,0 +1,9 @@
+//! Operations: TLS and mutual TLS, TLS to PostgreSQL, health and readiness,
+//! the admin endpoints, graceful shutdown, and the embedded SQLite store.
+
+mod database_tls;
+mod http;
+mod pki;
+mod readiness;
+mod shutdown;
+mod tls;
