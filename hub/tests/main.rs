@@ -1,0 +1,6 @@
+//! The hub's integration tests, against real PostgreSQL from the harness
+//! (`omnirelay-tests`): one binary, one module per area.
+
+mod support;
+
+mod contract;
