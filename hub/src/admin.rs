@@ -97,7 +97,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 mod tests {
     use super::*;
     use crate::health::{NotReady, Probe, ProbeFuture};
-    use crate::telemetry::names;
+    use crate::telemetry;
     use axum::body::Body;
     use http_body_util::BodyExt as _;
     use std::sync::Mutex;
@@ -166,14 +166,14 @@ mod tests {
         let (status, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         for name in [
-            names::APPEND_BATCHES,
-            names::APPEND_EVENTS,
-            names::APPEND_LATENCY,
-            names::DB_LATENCY,
-            names::SUBSCRIBERS,
-            names::DB_ERRORS,
-            names::READY,
-            names::TLS_HANDSHAKE_FAILURES,
+            telemetry::APPEND_BATCHES,
+            telemetry::APPEND_EVENTS,
+            telemetry::APPEND_LATENCY,
+            telemetry::DB_LATENCY,
+            telemetry::SUBSCRIBERS,
+            telemetry::DB_ERRORS,
+            telemetry::READY,
+            telemetry::TLS_HANDSHAKE_FAILURES,
         ] {
             assert!(body.contains(&format!("# TYPE {name} ")), "{name} missing from:\n{body}");
         }

@@ -158,7 +158,7 @@ pub struct StoreArgs {
         long,
         env = "OMNIRELAY_HUB_DATABASE_POOL_SIZE",
         value_name = "N",
-        default_value_t = defaults::DATABASE_POOL_SIZE,
+        default_value_t = defaults::POOL_SIZE,
         value_parser = parse_pool_size
     )]
     pub database_pool_size: usize,
@@ -270,10 +270,10 @@ impl fmt::Display for HumanDuration {
 
 fn parse_pool_size(s: &str) -> std::result::Result<usize, String> {
     let n: usize = s.parse().map_err(|_| format!("expected a whole number, got {s:?}"))?;
-    if (1..=defaults::DATABASE_POOL_SIZE_MAX).contains(&n) {
+    if (1..=defaults::POOL_SIZE_MAX).contains(&n) {
         Ok(n)
     } else {
-        Err(format!("must be between 1 and {}", defaults::DATABASE_POOL_SIZE_MAX))
+        Err(format!("must be between 1 and {}", defaults::POOL_SIZE_MAX))
     }
 }
 
@@ -449,7 +449,7 @@ impl PostgresConfig {
     /// A configuration for `url` with the defaults: no TLS settings beyond
     /// `prefer`, the default pool size. For tests and tools.
     pub fn new(url: &str) -> Result<Self> {
-        Ok(Self { url: DatabaseUrl::parse(url)?, tls: DatabaseTls::Prefer, pool_size: defaults::DATABASE_POOL_SIZE })
+        Ok(Self { url: DatabaseUrl::parse(url)?, tls: DatabaseTls::Prefer, pool_size: defaults::POOL_SIZE })
     }
 }
 
@@ -633,7 +633,7 @@ mod tests {
         let config = config(&["--database-url", "postgres://hub:secret@db:5432/hub"]).expect("valid");
         let StoreConfig::Postgres(pg) = config.store else { panic!("expected PostgreSQL") };
         assert_eq!(pg.tls, DatabaseTls::Prefer);
-        assert_eq!(pg.pool_size, defaults::DATABASE_POOL_SIZE);
+        assert_eq!(pg.pool_size, defaults::POOL_SIZE);
         assert_eq!(pg.url.expose(), "postgres://hub:secret@db:5432/hub");
     }
 

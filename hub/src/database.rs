@@ -29,7 +29,7 @@ use tokio_postgres::config::SslMode;
 
 use crate::config::{DatabaseTls, PostgresConfig};
 use crate::defaults;
-use crate::telemetry::names;
+use crate::telemetry;
 
 /// Errors building the pool (not connecting: that happens on first use).
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,7 @@ pub enum DatabaseError {
 /// Builds the pool for `config`; connections open on first use.
 pub async fn connect_pool(config: &PostgresConfig) -> Result<Pool, DatabaseError> {
     let mut pg = config.url.to_pg_config();
-    pg.connect_timeout(defaults::DATABASE_CONNECT_TIMEOUT);
+    pg.connect_timeout(defaults::POOL_TIMEOUT);
     pg.ssl_mode(match config.tls {
         DatabaseTls::Disable => SslMode::Disable,
         DatabaseTls::Prefer => SslMode::Prefer,
@@ -81,9 +81,9 @@ pub async fn connect_pool(config: &PostgresConfig) -> Result<Pool, DatabaseError
         .max_size(config.pool_size)
         .runtime(Runtime::Tokio1)
         .timeouts(Timeouts {
-            wait: Some(defaults::DATABASE_POOL_WAIT),
-            create: Some(defaults::DATABASE_CONNECT_TIMEOUT),
-            recycle: Some(defaults::DATABASE_CONNECT_TIMEOUT),
+            wait: Some(defaults::POOL_TIMEOUT),
+            create: Some(defaults::POOL_TIMEOUT),
+            recycle: Some(defaults::POOL_TIMEOUT),
         })
         .build()
         .map_err(DatabaseError::Pool)
@@ -92,10 +92,10 @@ pub async fn connect_pool(config: &PostgresConfig) -> Result<Pool, DatabaseError
 /// Records the pool's size, idle connections and waiters as gauges.
 pub fn record_pool_gauges(pool: &Pool) {
     let status = pool.status();
-    metrics::gauge!(names::DB_POOL_CONNECTIONS).set(status.size as f64);
-    metrics::gauge!(names::DB_POOL_AVAILABLE).set(status.available as f64);
-    metrics::gauge!(names::DB_POOL_WAITING).set(status.waiting as f64);
-    metrics::gauge!(names::DB_POOL_MAX).set(status.max_size as f64);
+    metrics::gauge!(telemetry::DB_POOL_CONNECTIONS).set(status.size as f64);
+    metrics::gauge!(telemetry::DB_POOL_AVAILABLE).set(status.available as f64);
+    metrics::gauge!(telemetry::DB_POOL_WAITING).set(status.waiting as f64);
+    metrics::gauge!(telemetry::DB_POOL_MAX).set(status.max_size as f64);
 }
 
 async fn client_config(tls: &DatabaseTls) -> Result<rustls::ClientConfig, DatabaseError> {

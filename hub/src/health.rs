@@ -21,7 +21,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::defaults;
-use crate::telemetry::names;
+use crate::telemetry;
 
 /// The gRPC service names whose status the hub reports: the overall server
 /// (the empty name, per the health-checking protocol) and the Hub service.
@@ -148,7 +148,7 @@ impl Health {
         for service in REPORTED_SERVICES {
             self.reporter.set_service_status(service, status).await;
         }
-        metrics::gauge!(names::READY).set(if ready { 1.0 } else { 0.0 });
+        metrics::gauge!(telemetry::READY).set(if ready { 1.0 } else { 0.0 });
     }
 }
 

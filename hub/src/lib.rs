@@ -1,15 +1,39 @@
 //! The OmniRelay replication hub: a stateless gRPC service that owns every
 //! shard's ordered, fenced, hash-chained event log.
-
-pub use omnirelay_proto as proto;
+//!
+//! Overview:
+//!
+//! - [`store::LogStore`] is the storage boundary; [`store::postgres::PgStore`]
+//!   implements it on PostgreSQL (group commit, epoch fence in SQL, dedupe by
+//!   producer sequence, hash chain, LISTEN/NOTIFY).
+//! - [`ids`] and [`event`] are the domain: shard, producer, subscriber and
+//!   owner ids, sequences and epochs, events and their chain hash.
+//! - [`schema`] applies the migrations in `migrations/` and checks a
+//!   database's schema version at start-up.
+//!
+//! ```
+//! use omnirelay_hub::event::{ChainHash, NewEvent, chain, verify};
+//! use omnirelay_hub::ids::{Epoch, Sequence, ShardId};
+//!
+//! let shard = ShardId::parse("resourcelease.users").expect("a valid shard id");
+//! let new = vec![NewEvent { recorded_at: std::time::SystemTime::UNIX_EPOCH, body: "enqueued".into() }];
+//! let events = chain(ChainHash::ZERO, Sequence(1), Epoch(1), &new);
+//! assert!(verify(&shard, Sequence(1), &ChainHash::ZERO, &events).is_ok());
+//! ```
 
 pub mod admin;
 pub mod config;
 pub mod database;
 pub mod defaults;
+pub mod event;
 pub mod health;
+pub mod ids;
 pub mod principal;
+pub mod schema;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+
+pub use omnirelay_proto as proto;

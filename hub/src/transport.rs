@@ -28,7 +28,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::defaults;
 use crate::principal::{Principal, PrincipalError};
-use crate::telemetry::names;
+use crate::telemetry;
 use crate::tls::ServerTls;
 
 /// What the hub knows about the other end of a connection.
@@ -220,7 +220,7 @@ impl Acceptor {
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => match done {
                     Ok((_, Ok(connection))) => return connection,
                     Ok((remote, Err(err))) => {
-                        metrics::counter!(names::TLS_HANDSHAKE_FAILURES, names::LABEL_REASON => err.reason())
+                        metrics::counter!(telemetry::TLS_HANDSHAKE_FAILURES, telemetry::LABEL_REASON => err.reason())
                             .increment(1);
                         tracing::warn!(remote = %remote, error = %DisplayChain(&err), "refused a TLS connection");
                     }

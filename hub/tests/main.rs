@@ -1,4 +1,7 @@
-//! The hub's integration tests: one binary, one module per area. Tests that
-//! need PostgreSQL get it from the harness (`omnirelay-tests`); none skips.
+//! The hub's integration tests, against real PostgreSQL from the harness
+//! (`omnirelay-tests`): one binary, one module per area.
 
+mod support;
+
+mod contract;
 mod operations;

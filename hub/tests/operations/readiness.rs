@@ -10,7 +10,7 @@ use omnirelay_hub::config::{DatabaseTls, DatabaseUrl, PostgresConfig};
 use omnirelay_hub::database::{PoolProbe, connect_pool};
 use omnirelay_hub::health::Health;
 use omnirelay_hub::shutdown::{GrpcServing, serve_grpc};
-use omnirelay_hub::telemetry::{self, names};
+use omnirelay_hub::telemetry;
 use omnirelay_tests::{EVENTUALLY_TIMEOUT, PgCluster, PgOptions, eventually};
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::HealthCheckRequest;
@@ -154,21 +154,23 @@ async fn metrics_endpoint_exposes_the_catalog_and_the_pool() {
     let (status, body) = http::get(replica.admin, "/metrics").await.expect("/metrics should answer");
     assert_eq!(status, 200);
     for name in [
-        names::APPEND_BATCHES,
-        names::APPEND_EVENTS,
-        names::APPEND_LATENCY,
-        names::GROUP_COMMIT_BATCHES,
-        names::SUBSCRIBERS,
-        names::SUBSCRIBE_EVENTS,
-        names::SUBSCRIBE_CATCHUP_READS,
-        names::DB_LATENCY,
-        names::DB_ERRORS,
-        names::DB_POOL_CONNECTIONS,
-        names::DB_POOL_AVAILABLE,
-        names::DB_POOL_WAITING,
-        names::DB_POOL_MAX,
-        names::READY,
-        names::TLS_HANDSHAKE_FAILURES,
+        telemetry::APPEND_BATCHES,
+        telemetry::APPEND_EVENTS,
+        telemetry::APPEND_LATENCY,
+        telemetry::GROUP_BATCHES,
+        telemetry::GROUP_EVENTS,
+        telemetry::GROUP_SECONDS,
+        telemetry::DB_READS,
+        telemetry::EVENTS_DELIVERED,
+        telemetry::SUBSCRIBERS,
+        telemetry::DB_LATENCY,
+        telemetry::DB_ERRORS,
+        telemetry::DB_POOL_CONNECTIONS,
+        telemetry::DB_POOL_AVAILABLE,
+        telemetry::DB_POOL_WAITING,
+        telemetry::DB_POOL_MAX,
+        telemetry::READY,
+        telemetry::TLS_HANDSHAKE_FAILURES,
     ] {
         assert!(body.contains(&format!("# TYPE {name} ")), "{name} missing from /metrics:\n{body}");
     }

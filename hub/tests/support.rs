@@ -1,0 +1,26 @@
+//! Shared setup: migrated databases and stores.
+
+use omnirelay_hub::store::postgres::{PgStore, PgStoreConfig};
+use omnirelay_tests::TestDb;
+
+/// A fresh database with the hub schema, copied from a template migrated
+/// once per server (keyed by the migrations' fingerprint).
+pub(crate) async fn migrated_db() -> TestDb {
+    let key = format!("hub_{}", omnirelay_hub::schema::fingerprint());
+    TestDb::from_template(&key, |url| async move {
+        omnirelay_hub::store::postgres::migrate(&url).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A store on `db`.
+pub(crate) async fn store(db: &TestDb) -> PgStore {
+    PgStore::open(PgStoreConfig::new(db.url())).await.expect("the store should open on a migrated database")
+}
+
+/// A fresh store and the database it lives in.
+pub(crate) async fn fresh_store() -> (PgStore, TestDb) {
+    let db = migrated_db().await;
+    (store(&db).await, db)
+}
