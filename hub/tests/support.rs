@@ -24,3 +24,12 @@ pub(crate) async fn fresh_store() -> (PgStore, TestDb) {
     let db = migrated_db().await;
     (store(&db).await, db)
 }
+
+/// A fresh embedded SQLite store and the directory its file lives in.
+pub(crate) async fn fresh_sqlite_store() -> (omnirelay_hub::store::sqlite::SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = omnirelay_hub::store::sqlite::SqliteStore::open(dir.path().join("hub.db"))
+        .await
+        .expect("the SQLite store should open in an empty directory");
+    (store, dir)
+}

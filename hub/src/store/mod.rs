@@ -29,6 +29,7 @@ use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence
 #[cfg(feature = "contract-tests")]
 pub mod contract;
 pub mod postgres;
+pub mod sqlite;
 
 /// A store operation in flight.
 pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;

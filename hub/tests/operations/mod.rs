@@ -6,4 +6,5 @@ mod http;
 mod pki;
 mod readiness;
 mod shutdown;
+mod sqlite;
 mod tls;
