@@ -26,10 +26,14 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{DatabaseTls, PostgresConfig};
 use crate::defaults;
-use crate::telemetry;
+use crate::health::{NotReady, Probe, ProbeFuture};
+use crate::schema::{self, SchemaError};
+use crate::store::postgres::PgStore;
+use crate::telemetry::{self, DbOperation};
 
 /// Errors building the pool (not connecting: that happens on first use).
 #[derive(Debug, thiserror::Error)]
@@ -59,20 +63,33 @@ pub enum DatabaseError {
     Pool(#[source] deadpool_postgres::BuildError),
 }
 
-/// Builds the pool for `config`; connections open on first use.
-pub async fn connect_pool(config: &PostgresConfig) -> Result<Pool, DatabaseError> {
-    let mut pg = config.url.to_pg_config();
-    pg.connect_timeout(defaults::POOL_TIMEOUT);
-    pg.ssl_mode(match config.tls {
+/// The TLS connector for `tls`, to pass to `tokio_postgres::Config::connect`
+/// or a pool manager together with a config prepared by [`apply_tls_mode`].
+pub async fn tls_connector(tls: &DatabaseTls) -> Result<MakeRustlsConnect, DatabaseError> {
+    Ok(MakeRustlsConnect::new(client_config(tls).await?))
+}
+
+/// Sets the connection's `sslmode` for `tls` (`verify-full` needs TLS; the
+/// connector does the verifying).
+pub fn apply_tls_mode(config: &mut tokio_postgres::Config, tls: &DatabaseTls) {
+    config.ssl_mode(match tls {
         DatabaseTls::Disable => SslMode::Disable,
         DatabaseTls::Prefer => SslMode::Prefer,
         DatabaseTls::Require | DatabaseTls::VerifyFull { .. } => SslMode::Require,
     });
+}
+
+/// Builds a pool for `config` (outside a store: tools and tests);
+/// connections open on first use.
+pub async fn connect_pool(config: &PostgresConfig) -> Result<Pool, DatabaseError> {
+    let mut pg = config.url.to_pg_config();
+    pg.connect_timeout(defaults::POOL_TIMEOUT);
+    apply_tls_mode(&mut pg, &config.tls);
     if pg.get_application_name().is_none() {
         // Shows the hub's sessions in pg_stat_activity.
         pg.application_name("omnirelay-hub");
     }
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(&config.tls).await?);
+    let tls = tls_connector(&config.tls).await?;
     // Fast recycling: a connection the server closed (restart, failover) is
     // detected by its closed socket; a verifying query on every checkout
     // would add a round trip to every append.
@@ -168,7 +185,9 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// Readiness of a PostgreSQL-backed hub: a pooled connection answers a query.
+/// Readiness of a bare pool: a pooled connection answers a query. (A hub's
+/// store is probed through [`PgStore`]'s own [`Probe`], which also checks the
+/// schema version.)
 #[derive(Debug, Clone)]
 pub struct PoolProbe {
     pool: Pool,
@@ -181,26 +200,43 @@ impl PoolProbe {
     }
 }
 
-impl crate::health::Probe for PoolProbe {
-    fn check(&self) -> crate::health::ProbeFuture<'_> {
-        Box::pin(async move {
-            let started = std::time::Instant::now();
-            let result = async {
-                let client = self.pool.get().await.map_err(|err| err.to_string())?;
-                client.simple_query("SELECT 1").await.map_err(|err| err.to_string())?;
-                Ok::<(), String>(())
-            }
-            .await;
-            crate::telemetry::record_db_operation(
-                crate::telemetry::DbOperation::Probe,
-                started.elapsed(),
-                result.is_ok(),
-            );
-            result.map_err(crate::health::NotReady::Unreachable)
-        })
+impl Probe for PoolProbe {
+    fn check(&self) -> ProbeFuture<'_> {
+        Box::pin(probe(&self.pool, false))
     }
 
     fn record_gauges(&self) {
         record_pool_gauges(&self.pool);
     }
+}
+
+/// The PostgreSQL store is ready when a pooled connection answers and the
+/// database carries the schema this build needs.
+impl Probe for PgStore {
+    fn check(&self) -> ProbeFuture<'_> {
+        Box::pin(probe(self.pool(), true))
+    }
+
+    fn record_gauges(&self) {
+        record_pool_gauges(self.pool());
+    }
+}
+
+async fn probe(pool: &Pool, check_schema: bool) -> Result<(), NotReady> {
+    let started = std::time::Instant::now();
+    let result = async {
+        let client = pool.get().await.map_err(|err| NotReady::Unreachable(err.to_string()))?;
+        if check_schema {
+            schema::check(&client).await.map_err(|err| match err {
+                SchemaError::Database { source, .. } => NotReady::Unreachable(source.to_string()),
+                other => NotReady::Schema(other.to_string()),
+            })?;
+        } else {
+            client.simple_query("SELECT 1").await.map_err(|err| NotReady::Unreachable(err.to_string()))?;
+        }
+        Ok(())
+    }
+    .await;
+    telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
+    result
 }

@@ -112,3 +112,43 @@ async fn an_unusable_ca_file_names_the_flag() {
     assert!(matches!(err, DatabaseError::Ca { .. }), "{err:?}");
     assert_eq!(err.to_string(), format!("--database-ca-file {}: no PEM certificate found", empty.display()));
 }
+
+#[tokio::test]
+async fn the_postgres_store_uses_verified_tls_for_every_connection() {
+    use omnirelay_hub::store::LogStore;
+    use omnirelay_hub::store::postgres::{PgStore, PgStoreConfig};
+    use omnirelay_tests::{EVENTUALLY_TIMEOUT, eventually};
+
+    let pki = Pki::new("pg test ca");
+    let cluster = cluster_with_tls(&pki.server()).await;
+    let url = cluster.url("postgres");
+    omnirelay_hub::store::postgres::migrate(&url).await.expect("migrate over TLS");
+    let ca_file = pki.write("pg-ca.pem", &pki.ca_pem());
+    let config = PgStoreConfig { tls: DatabaseTls::VerifyFull { ca_file }, ..PgStoreConfig::new(url.clone()) };
+    let store = PgStore::open(config).await.expect("the store opens over verified TLS");
+
+    let shard = omnirelay_hub::ids::ShardId::parse("tls.shard").expect("valid");
+    let owner = omnirelay_hub::ids::OwnerId::parse("node").expect("valid");
+    let grant = store.acquire_shard(shard, owner, std::time::Duration::from_secs(60)).await.expect("acquire");
+    assert!(grant.granted);
+
+    // The pool and the LISTEN connection are both the hub's; all encrypted.
+    let (observer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("observer");
+    let driver = tokio::spawn(connection);
+    let sessions = eventually("the hub's pool and listener connections", EVENTUALLY_TIMEOUT, || async {
+        let row = observer
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'omnirelay-hub'",
+                &[],
+            )
+            .await
+            .map_err(|err| err.to_string())?;
+        let (all, encrypted): (i64, i64) = (row.get(0), row.get(1));
+        if all >= 2 { Ok((all, encrypted)) } else { Err(format!("{all} hub sessions so far")) }
+    })
+    .await;
+    assert_eq!(sessions.0, sessions.1, "every hub session uses TLS: {sessions:?}");
+    store.close().await.expect("close");
+    driver.abort();
+}

@@ -16,6 +16,7 @@ use crate::store::LogChange;
 /// notifications sent while disconnected are lost.
 pub(crate) async fn run(
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     changes: broadcast::Sender<LogChange>,
     cancel: CancellationToken,
 ) {
@@ -23,7 +24,7 @@ pub(crate) async fn run(
     loop {
         let connected = tokio::select! {
             () = cancel.cancelled() => return,
-            connected = config.connect(tokio_postgres::NoTls) => connected,
+            connected = config.connect(tls.clone()) => connected,
         };
         match connected {
             Ok((client, connection)) => {

@@ -31,11 +31,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::types::FromSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::committer::{Committer, Pending};
 use self::failure::{pool_error, store_error};
+use crate::config::{DatabaseTls, PostgresConfig};
+use crate::database;
 use crate::defaults;
 use crate::event::{self, ChainHash, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
@@ -70,6 +73,9 @@ const SQL_RETENTION_TRIM: &str = include_str!("sql/retention_trim.sql");
 pub struct PgStoreConfig {
     /// Connection URL, e.g. `postgres://hub@db:5432/omnirelay`.
     pub url: String,
+    /// TLS to the server (see [`crate::database`]); every connection of the
+    /// store, pooled or listening, uses it.
+    pub tls: DatabaseTls,
     /// Pooled connections (see [`defaults::POOL_SIZE`]).
     pub pool_size: usize,
     /// Group committers (see [`defaults::COMMITTERS`]).
@@ -77,9 +83,25 @@ pub struct PgStoreConfig {
 }
 
 impl PgStoreConfig {
-    /// A configuration with the default sizes.
+    /// A configuration with the default sizes and TLS when the server
+    /// offers it (`prefer`, libpq's default).
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), pool_size: defaults::POOL_SIZE, committers: defaults::COMMITTERS }
+        Self {
+            url: url.into(),
+            tls: DatabaseTls::Prefer,
+            pool_size: defaults::POOL_SIZE,
+            committers: defaults::COMMITTERS,
+        }
+    }
+
+    /// The store configuration for the hub's validated PostgreSQL settings.
+    pub fn from_config(config: &PostgresConfig) -> Self {
+        Self {
+            url: config.url.expose().to_string(),
+            tls: config.tls.clone(),
+            pool_size: config.pool_size,
+            committers: defaults::COMMITTERS,
+        }
     }
 }
 
@@ -122,11 +144,11 @@ fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     Ok(config)
 }
 
-/// Builds a connection pool. TLS to PostgreSQL plugs in here (one place).
-fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
+/// Builds a connection pool, with TLS as configured.
+fn pool(config: tokio_postgres::Config, tls: MakeRustlsConnect, size: usize) -> Result<Pool, StoreError> {
     let manager = Manager::from_config(
         config,
-        tokio_postgres::NoTls,
+        tls,
         // Fast: a broken connection is detected by the next statement, which
         // fails as unavailable; a per-checkout test query would cost a round
         // trip on every append group.
@@ -142,11 +164,29 @@ fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, StoreError>
         .map_err(|err| StoreError::Internal { what: "build the connection pool", source: Box::new(err) })
 }
 
-/// Connects one client outside the pool (for `migrate` and checks).
+/// Prepares the connection settings and the TLS connector for `tls`.
+async fn tls_setup(
+    mut config: tokio_postgres::Config,
+    tls: &DatabaseTls,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
+    database::apply_tls_mode(&mut config, tls);
+    let connector = database::tls_connector(tls)
+        .await
+        .map_err(|err| StoreError::Internal { what: "configure TLS to PostgreSQL", source: Box::new(err) })?;
+    Ok((config, connector))
+}
+
+/// Connects one client outside the pool (for `migrate` and checks), with
+/// TLS when the server offers it.
 pub async fn connect_client(url: &str) -> Result<tokio_postgres::Client, StoreError> {
-    let config = connection_config(url)?;
+    connect_client_with(url, &DatabaseTls::Prefer).await
+}
+
+/// Connects one client outside the pool with the given TLS mode.
+pub async fn connect_client_with(url: &str, tls: &DatabaseTls) -> Result<tokio_postgres::Client, StoreError> {
+    let (config, connector) = tls_setup(connection_config(url)?, tls).await?;
     let (client, connection) =
-        config.connect(tokio_postgres::NoTls).await.map_err(|err| store_error("connect to PostgreSQL", err))?;
+        config.connect(connector).await.map_err(|err| store_error("connect to PostgreSQL", err))?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "database connection closed");
@@ -166,8 +206,8 @@ impl PgStore {
     /// `omnirelay-hub migrate`), and starts the committers and the
     /// notification listener.
     pub async fn open(config: PgStoreConfig) -> Result<PgStore, StoreError> {
-        let connection = connection_config(&config.url)?;
-        let pool = pool(connection.clone(), config.pool_size)?;
+        let (connection, connector) = tls_setup(connection_config(&config.url)?, &config.tls).await?;
+        let pool = pool(connection.clone(), connector.clone(), config.pool_size)?;
         {
             let client = pool.get().await.map_err(pool_error)?;
             schema::check(&client).await?;
@@ -184,7 +224,7 @@ impl PgStore {
             tasks.spawn(committer.run(receiver, cancel.clone()));
             committers.push(queue);
         }
-        tasks.spawn(listener::run(connection, changes.clone(), cancel.clone()));
+        tasks.spawn(listener::run(connection, connector, changes.clone(), cancel.clone()));
         tasks.close();
         Ok(PgStore { inner: Arc::new(Inner { pool, committers, pending_events, changes, cancel, tasks }) })
     }
