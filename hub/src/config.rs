@@ -48,6 +48,17 @@ pub enum ConfigError {
     /// `verify-full` without a CA to verify against.
     #[error("--database-tls verify-full needs --database-ca-file (the CA that signed the server certificate)")]
     DatabaseCaRequired,
+    /// The pool cannot hold the committers and still serve reads.
+    #[error(
+        "--database-pool-size {pool_size} leaves no connection beside the {committers} committers \
+         (--committers); give the pool more connections than committers"
+    )]
+    PoolTooSmall {
+        /// The pool size given.
+        pool_size: usize,
+        /// The committers given.
+        committers: usize,
+    },
     /// A CA file with a mode that does not verify certificates.
     #[error("--database-ca-file is only used with --database-tls verify-full (got {mode})")]
     DatabaseCaUnused {
@@ -116,6 +127,28 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub tls: TlsArgs,
 
+    /// How often this replica trims events below the retention floor (the
+    /// older of a shard's newest snapshot and its oldest live checkpoint);
+    /// `off` leaves retention to other replicas.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_RETENTION_INTERVAL",
+        value_name = "DURATION|off",
+        default_value_t = Interval(Some(defaults::RETENTION_INTERVAL))
+    )]
+    pub retention_interval: Interval,
+
+    /// Age after which a subscriber's checkpoint stops holding events back
+    /// from retention (the subscriber is presumed gone; when it returns it
+    /// gets the snapshot and then the tail).
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_CHECKPOINT_MAX_AGE",
+        value_name = "DURATION",
+        default_value_t = HumanDuration(defaults::CHECKPOINT_MAX_AGE)
+    )]
+    pub checkpoint_max_age: HumanDuration,
+
     /// How often the store is probed to keep the gRPC health status current.
     #[arg(
         long,
@@ -162,6 +195,17 @@ pub struct StoreArgs {
         value_parser = parse_pool_size
     )]
     pub database_pool_size: usize,
+
+    /// Group committers (each with its own pooled connection) writing
+    /// appends to PostgreSQL; must be fewer than the pool's connections.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_COMMITTERS",
+        value_name = "N",
+        default_value_t = defaults::COMMITTERS,
+        value_parser = parse_committers
+    )]
+    pub committers: usize,
 
     /// File of the embedded SQLite store, used when no database URL is given.
     #[arg(long, env = "OMNIRELAY_HUB_SQLITE_PATH", value_name = "PATH", conflicts_with = "database_url")]
@@ -234,7 +278,7 @@ impl fmt::Display for DatabaseTlsMode {
     }
 }
 
-/// A duration written with a unit: `250ms`, `20s`, `5m`, `1h`.
+/// A duration written with a unit: `250ms`, `20s`, `5m`, `1h`, `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -245,14 +289,16 @@ impl FromStr for HumanDuration {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
-        let number: u64 =
-            number.parse().map_err(|_| format!("expected a number with a unit (ms, s, m, h), e.g. 20s; got {s:?}"))?;
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("expected a number with a unit (ms, s, m, h, d), e.g. 20s; got {s:?}"))?;
         let duration = match unit {
             "ms" => Duration::from_millis(number),
             "s" => Duration::from_secs(number),
             "m" => Duration::from_secs(number.saturating_mul(60)),
             "h" => Duration::from_secs(number.saturating_mul(3600)),
-            _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+            "d" => Duration::from_secs(number.saturating_mul(86_400)),
+            _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m, h or d")),
         };
         if duration.is_zero() {
             return Err("must be greater than zero".into());
@@ -262,9 +308,49 @@ impl FromStr for HumanDuration {
 }
 
 impl fmt::Display for HumanDuration {
+    /// Writes the largest unit that divides the duration exactly.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let millis = self.0.as_millis();
-        if millis.is_multiple_of(1000) { write!(f, "{}s", millis / 1000) } else { write!(f, "{millis}ms") }
+        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+            if millis >= size && millis.is_multiple_of(size) {
+                return write!(f, "{}{unit}", millis / size);
+            }
+        }
+        write!(f, "{millis}ms")
+    }
+}
+
+/// `off`, or a [`HumanDuration`]: for periodic work that can be disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Option<Duration>);
+
+impl FromStr for Interval {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("off") {
+            Ok(Interval(None))
+        } else {
+            s.parse::<HumanDuration>().map(|d| Interval(Some(d.0))).map_err(|err| format!("{err}, or off"))
+        }
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(duration) => HumanDuration(duration).fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+fn parse_committers(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("expected a whole number, got {s:?}"))?;
+    if (1..=defaults::COMMITTERS_MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be between 1 and {}", defaults::COMMITTERS_MAX))
     }
 }
 
@@ -416,6 +502,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// TLS of the gRPC service; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
+    /// How often retention runs on this replica; `None` disables it here.
+    pub retention_interval: Option<Duration>,
+    /// Age after which a checkpoint stops holding back retention.
+    pub checkpoint_max_age: Duration,
     /// How often the store is probed for the gRPC health status.
     pub health_interval: Duration,
     /// How long shutdown waits for open calls and streams.
@@ -443,13 +533,20 @@ pub struct PostgresConfig {
     pub tls: DatabaseTls,
     /// Connections in the pool.
     pub pool_size: usize,
+    /// Group committers (each holds a pooled connection while committing).
+    pub committers: usize,
 }
 
 impl PostgresConfig {
     /// A configuration for `url` with the defaults: no TLS settings beyond
     /// `prefer`, the default pool size. For tests and tools.
     pub fn new(url: &str) -> Result<Self> {
-        Ok(Self { url: DatabaseUrl::parse(url)?, tls: DatabaseTls::Prefer, pool_size: defaults::POOL_SIZE })
+        Ok(Self {
+            url: DatabaseUrl::parse(url)?,
+            tls: DatabaseTls::Prefer,
+            pool_size: defaults::POOL_SIZE,
+            committers: defaults::COMMITTERS,
+        })
     }
 }
 
@@ -500,6 +597,8 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             store: self.store.validate()?,
             tls: self.tls.validate()?,
+            retention_interval: self.retention_interval.0,
+            checkpoint_max_age: self.checkpoint_max_age.0,
             health_interval: self.health_interval.0,
             shutdown_grace: self.shutdown_grace.0,
         })
@@ -522,7 +621,17 @@ impl StoreArgs {
             (DatabaseTlsMode::Prefer, None) => DatabaseTls::Prefer,
             (DatabaseTlsMode::Require, None) => DatabaseTls::Require,
         };
-        Ok(StoreConfig::Postgres(PostgresConfig { url, tls, pool_size: self.database_pool_size }))
+        // Committers hold a connection each while committing; the rest of
+        // the pool serves reads, leases and checkpoints.
+        if self.database_pool_size <= self.committers {
+            return Err(ConfigError::PoolTooSmall { pool_size: self.database_pool_size, committers: self.committers });
+        }
+        Ok(StoreConfig::Postgres(PostgresConfig {
+            url,
+            tls,
+            pool_size: self.database_pool_size,
+            committers: self.committers,
+        }))
     }
 }
 
@@ -544,9 +653,11 @@ impl TlsArgs {
 impl Config {
     /// Logs the effective configuration at INFO, secrets redacted.
     pub fn log_effective(&self) {
-        let (store, database_tls, pool_size) = match &self.store {
-            StoreConfig::Postgres(pg) => (format!("postgres {}", pg.url), pg.tls.mode().to_string(), pg.pool_size),
-            StoreConfig::Sqlite { path } => (format!("sqlite {}", path.display()), "n/a".into(), 0),
+        let (store, database_tls, pool_size, committers) = match &self.store {
+            StoreConfig::Postgres(pg) => {
+                (format!("postgres {}", pg.url), pg.tls.mode().to_string(), pg.pool_size, pg.committers)
+            }
+            StoreConfig::Sqlite { path } => (format!("sqlite {}", path.display()), "n/a".into(), 0, 0),
         };
         tracing::info!(
             listen = %self.listen,
@@ -554,6 +665,9 @@ impl Config {
             store = %store,
             database_tls = %database_tls,
             database_pool_size = pool_size,
+            committers = committers,
+            retention_interval = %Interval(self.retention_interval),
+            checkpoint_max_age = %HumanDuration(self.checkpoint_max_age),
             tls = %self.tls_summary(),
             health_interval = %HumanDuration(self.health_interval),
             shutdown_grace = %HumanDuration(self.shutdown_grace),
@@ -588,10 +702,13 @@ impl fmt::Display for Config {
                     writeln!(f, "database-ca-file = {}", ca_file.display())?;
                 }
                 writeln!(f, "database-pool-size = {}", pg.pool_size)?;
+                writeln!(f, "committers = {}", pg.committers)?;
             }
             StoreConfig::Sqlite { path } => writeln!(f, "sqlite-path = {}", path.display())?,
         }
         writeln!(f, "tls = {}", self.tls_summary())?;
+        writeln!(f, "retention-interval = {}", Interval(self.retention_interval))?;
+        writeln!(f, "checkpoint-max-age = {}", HumanDuration(self.checkpoint_max_age))?;
         writeln!(f, "health-interval = {}", HumanDuration(self.health_interval))?;
         writeln!(f, "shutdown-grace = {}", HumanDuration(self.shutdown_grace))
     }
@@ -672,13 +789,41 @@ mod tests {
 
     #[test]
     fn human_durations_round_trip() {
-        for text in ["250ms", "20s", "1500ms"] {
+        for text in ["250ms", "20s", "1500ms", "5m", "7d", "90s"] {
             let parsed: HumanDuration = text.parse().expect("should parse");
             assert_eq!(parsed.to_string(), text);
         }
         assert_eq!("5m".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(300)));
         assert_eq!("1h".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(3600)));
         assert!("5 minutes".parse::<HumanDuration>().is_err());
+        assert_eq!(HumanDuration(Duration::from_secs(3600)).to_string(), "1h");
+    }
+
+    #[test]
+    fn retention_can_be_turned_off_here() {
+        assert_eq!(config(&[]).expect("valid").retention_interval, Some(defaults::RETENTION_INTERVAL));
+        assert_eq!(config(&["--retention-interval", "off"]).expect("valid").retention_interval, None);
+        assert_eq!(
+            config(&["--retention-interval", "30s"]).expect("valid").retention_interval,
+            Some(Duration::from_secs(30))
+        );
+        let message = parse(&["--retention-interval", "sometimes"]).expect_err("should fail").to_string();
+        assert!(message.contains("--retention-interval") && message.contains("or off"), "{message}");
+        assert_eq!(
+            config(&["--checkpoint-max-age", "2d"]).expect("valid").checkpoint_max_age,
+            Duration::from_secs(172_800)
+        );
+    }
+
+    #[test]
+    fn the_pool_must_hold_more_than_the_committers() {
+        let err = config(&["--database-url", "postgres://db/hub", "--database-pool-size", "2", "--committers", "2"])
+            .expect_err("no connection left for reads");
+        assert_eq!(err, ConfigError::PoolTooSmall { pool_size: 2, committers: 2 });
+        let message = err.to_string();
+        assert!(message.contains("--database-pool-size") && message.contains("--committers"), "{message}");
+        let message = parse(&["--committers", "0"]).expect_err("at least one").to_string();
+        assert!(message.contains("--committers"), "{message}");
     }
 
     #[test]

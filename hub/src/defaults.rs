@@ -158,6 +158,11 @@ pub const SQLITE_PATH: &str = "omnirelay-hub.db";
 /// this per replica only add lock contention in PostgreSQL.
 pub const POOL_SIZE_MAX: usize = 512;
 
+/// Upper bound accepted for `--committers`: each holds a connection and
+/// commits in parallel with the others; beyond a few, they only contend for
+/// the same WAL.
+pub const COMMITTERS_MAX: usize = 64;
+
 /// How long the server waits for a client's TLS handshake to finish. Slow
 /// or silent clients (or port scanners) must not hold an accept slot.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

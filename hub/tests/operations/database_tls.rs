@@ -24,7 +24,7 @@ async fn cluster_without_tls() -> PgCluster {
 
 fn config(cluster: &PgCluster, tls: DatabaseTls) -> PostgresConfig {
     let url = DatabaseUrl::parse(&cluster.url("postgres")).expect("harness URLs are valid");
-    PostgresConfig { url, tls, pool_size: 2 }
+    PostgresConfig { url, tls, pool_size: 2, committers: 1 }
 }
 
 /// Connects through the hub's pool and asks the server whether this session
@@ -105,10 +105,14 @@ async fn an_unusable_ca_file_names_the_flag() {
     let pki = Pki::new("pg test ca");
     let url = DatabaseUrl::parse("postgres://127.0.0.1:1/postgres").expect("valid URL");
     let empty = pki.write("empty.pem", "");
-    let err =
-        connect_pool(&PostgresConfig { url, tls: DatabaseTls::VerifyFull { ca_file: empty.clone() }, pool_size: 1 })
-            .await
-            .expect_err("an empty CA file should fail");
+    let err = connect_pool(&PostgresConfig {
+        url,
+        tls: DatabaseTls::VerifyFull { ca_file: empty.clone() },
+        pool_size: 2,
+        committers: 1,
+    })
+    .await
+    .expect_err("an empty CA file should fail");
     assert!(matches!(err, DatabaseError::Ca { .. }), "{err:?}");
     assert_eq!(err.to_string(), format!("--database-ca-file {}: no PEM certificate found", empty.display()));
 }

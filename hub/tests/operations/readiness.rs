@@ -42,7 +42,9 @@ impl Drop for Replica {
 
 async fn replica(database_url: &str) -> Replica {
     let url = DatabaseUrl::parse(database_url).expect("harness URLs are valid");
-    let pool = connect_pool(&PostgresConfig { url, tls: DatabaseTls::Disable, pool_size: 4 }).await.expect("pool");
+    let pool = connect_pool(&PostgresConfig { url, tls: DatabaseTls::Disable, pool_size: 4, committers: 1 })
+        .await
+        .expect("pool");
     let health = Arc::new(Health::new(Arc::new(PoolProbe::new(pool))).await);
     let stop = CancellationToken::new();
     let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");

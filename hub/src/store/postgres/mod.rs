@@ -100,7 +100,7 @@ impl PgStoreConfig {
             url: config.url.expose().to_string(),
             tls: config.tls.clone(),
             pool_size: config.pool_size,
-            committers: defaults::COMMITTERS,
+            committers: config.committers,
         }
     }
 }
