@@ -137,3 +137,16 @@ pub const NOTIFY_CHANNEL: &str = "omnirelay_log";
 /// Advisory-lock key serialising `omnirelay-hub migrate` runs (ASCII
 /// "omnirly" as a number, unlikely to collide with other users' keys).
 pub const MIGRATION_LOCK_KEY: i64 = 0x006f_6d6e_6972_6c79;
+
+/// Events one live-tail read fetches: a commit rarely adds more, and a tail
+/// that fell behind catches up in few queries.
+pub const TAIL_READ_BATCH: usize = 5_000;
+
+/// Pause before a live-tail reader retries after the store failed it; short,
+/// because subscribers wait on it, and the store's own timeouts already
+/// bound how often a dead database is asked.
+pub const TAIL_RETRY: Duration = Duration::from_millis(200);
+
+/// Largest events frame sent to a subscriber, under the 4 MiB that gRPC
+/// clients accept by default, so subscribers need no special settings.
+pub const MAX_FRAME_BYTES: usize = 3 * 1024 * 1024;

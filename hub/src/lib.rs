@@ -21,11 +21,21 @@
 //! assert!(verify(&shard, Sequence(1), &ChainHash::ZERO, &events).is_ok());
 //! ```
 
+pub mod config;
 pub mod defaults;
+pub mod error;
 pub mod event;
 pub mod ids;
 pub mod schema;
+mod server;
+pub mod service;
 pub mod store;
+mod subscribe;
+pub mod tail;
 pub mod telemetry;
+pub mod verify;
+pub mod wire;
 
+pub use config::Config;
 pub use omnirelay_proto as proto;
+pub use server::{Hub, run};

@@ -3,4 +3,8 @@
 
 mod support;
 
+mod append;
 mod contract;
+mod integrity;
+mod schema;
+mod subscribe;
