@@ -59,6 +59,14 @@ pub enum ConfigError {
         /// The committers given.
         committers: usize,
     },
+    /// A PostgreSQL-only command without a database.
+    #[error(
+        "{command} needs --database-url (or OMNIRELAY_HUB_DATABASE_URL); the embedded SQLite store migrates itself at start"
+    )]
+    DatabaseRequired {
+        /// The subcommand.
+        command: &'static str,
+    },
     /// A CA file with a mode that does not verify certificates.
     #[error("--database-ca-file is only used with --database-tls verify-full (got {mode})")]
     DatabaseCaUnused {
@@ -96,14 +104,35 @@ pub enum Command {
     /// Validates the configuration and prints it with secrets redacted,
     /// without serving.
     Config(ServeArgs),
+    /// Applies the PostgreSQL schema migrations (under an advisory lock, so
+    /// concurrent runs are safe) and exits.
+    Migrate(StoreArgs),
+    /// Walks shards' hash chains and reports the first corrupt sequence of
+    /// each; exits with status 1 when one is found.
+    Verify(VerifyArgs),
+}
+
+/// Flags of `verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// The store to verify.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Verify only this shard.
+    #[arg(long, value_name = "SHARD_ID", conflicts_with = "prefix")]
+    pub shard: Option<String>,
+    /// Verify every shard whose id starts with this (all when empty).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub prefix: String,
 }
 
 impl Cli {
-    /// The serving flags, from the subcommand or the top level.
+    /// The serving flags, from the subcommand or the top level (for `migrate`
+    /// and `verify`, the top-level ones, which they do not use).
     pub fn serve_args(&self) -> &ServeArgs {
         match &self.command {
             Some(Command::Serve(args) | Command::Config(args)) => args,
-            None => &self.serve,
+            _ => &self.serve,
         }
     }
 }
@@ -635,6 +664,16 @@ impl StoreArgs {
     }
 }
 
+impl StoreArgs {
+    /// Checks the store flags of a command that needs PostgreSQL.
+    pub fn validate_postgres(&self, command: &'static str) -> Result<PostgresConfig> {
+        match self.validate()? {
+            StoreConfig::Postgres(config) => Ok(config),
+            StoreConfig::Sqlite { .. } => Err(ConfigError::DatabaseRequired { command }),
+        }
+    }
+}
+
 impl TlsArgs {
     /// Checks the TLS flags.
     pub fn validate(&self) -> Result<Option<TlsFiles>> {
@@ -651,21 +690,53 @@ impl TlsArgs {
 }
 
 impl Config {
+    /// A configuration for embedding the hub or testing it: `store`, both
+    /// servers on ephemeral loopback ports (`127.0.0.1:0`), no TLS, and every
+    /// other setting at its default.
+    pub fn for_store(store: StoreConfig) -> Self {
+        let ephemeral = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            listen: ephemeral,
+            admin_listen: ephemeral,
+            store,
+            tls: None,
+            retention_interval: Some(defaults::RETENTION_INTERVAL),
+            checkpoint_max_age: defaults::CHECKPOINT_MAX_AGE,
+            health_interval: defaults::HEALTH_INTERVAL,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+        }
+    }
+
+    /// [`Config::for_store`] on PostgreSQL at `url` (TLS `prefer`, default
+    /// pool).
+    pub fn for_postgres(url: &str) -> Result<Self> {
+        Ok(Self::for_store(StoreConfig::Postgres(PostgresConfig::new(url)?)))
+    }
+
+    /// [`Config::for_store`] on an embedded SQLite file.
+    pub fn for_sqlite(path: impl Into<PathBuf>) -> Self {
+        Self::for_store(StoreConfig::Sqlite { path: path.into() })
+    }
+
     /// Logs the effective configuration at INFO, secrets redacted.
     pub fn log_effective(&self) {
+        let not_used = || "n/a".to_string();
         let (store, database_tls, pool_size, committers) = match &self.store {
-            StoreConfig::Postgres(pg) => {
-                (format!("postgres {}", pg.url), pg.tls.mode().to_string(), pg.pool_size, pg.committers)
-            }
-            StoreConfig::Sqlite { path } => (format!("sqlite {}", path.display()), "n/a".into(), 0, 0),
+            StoreConfig::Postgres(pg) => (
+                format!("postgres {}", pg.url),
+                pg.tls.mode().to_string(),
+                pg.pool_size.to_string(),
+                pg.committers.to_string(),
+            ),
+            StoreConfig::Sqlite { path } => (format!("sqlite {}", path.display()), not_used(), not_used(), not_used()),
         };
         tracing::info!(
             listen = %self.listen,
             admin_listen = %self.admin_listen,
             store = %store,
             database_tls = %database_tls,
-            database_pool_size = pool_size,
-            committers = committers,
+            database_pool_size = %pool_size,
+            committers = %committers,
             retention_interval = %Interval(self.retention_interval),
             checkpoint_max_age = %HumanDuration(self.checkpoint_max_age),
             tls = %self.tls_summary(),
@@ -921,6 +992,28 @@ mod tests {
     }
 
     #[test]
+    fn migrate_needs_a_database_and_takes_its_tls_flags() {
+        let cli =
+            parse(&["migrate", "--database-url", "postgres://db/hub", "--database-tls", "require"]).expect("parse");
+        let Some(Command::Migrate(store)) = cli.command else { panic!("expected migrate") };
+        assert_eq!(store.validate_postgres("migrate").expect("valid").tls, DatabaseTls::Require);
+        let Some(Command::Migrate(store)) = parse(&["migrate"]).expect("parse").command else { panic!("migrate") };
+        let err = store.validate_postgres("migrate").expect_err("no database");
+        assert_eq!(err, ConfigError::DatabaseRequired { command: "migrate" });
+        assert!(err.to_string().starts_with("migrate needs --database-url"), "{err}");
+    }
+
+    #[test]
+    fn verify_selects_a_shard_or_a_prefix_of_either_store() {
+        let cli = parse(&["verify", "--shard", "resourcelease.users"]).expect("parse");
+        let Some(Command::Verify(args)) = cli.command else { panic!("expected verify") };
+        assert_eq!(args.shard.as_deref(), Some("resourcelease.users"));
+        assert!(matches!(args.store.validate(), Ok(StoreConfig::Sqlite { .. })));
+        let message = parse(&["verify", "--shard", "a", "--prefix", "b"]).expect_err("one or the other").to_string();
+        assert!(message.contains("--shard") && message.contains("--prefix"), "{message}");
+    }
+
+    #[test]
     fn log_flags_are_accepted_by_every_subcommand() {
         let cli = parse(&["config", "--log-format", "json", "--log", "debug"]).expect("should parse");
         assert_eq!(cli.log.log_format, LogFormat::Json);
@@ -928,11 +1021,15 @@ mod tests {
     }
 
     #[test]
-    fn every_flag_has_its_environment_variable() {
+    fn every_setting_has_its_environment_variable() {
         use clap::CommandFactory;
         let command = Cli::command();
-        for arg in command.get_arguments() {
-            if ["help", "version"].contains(&arg.get_id().as_str()) {
+        let arguments =
+            command.get_arguments().chain(command.get_subcommands().flat_map(|subcommand| subcommand.get_arguments()));
+        for arg in arguments {
+            // --shard and --prefix pick what one `verify` run looks at; they
+            // are not settings of the hub.
+            if ["help", "version", "shard", "prefix"].contains(&arg.get_id().as_str()) {
                 continue;
             }
             let long = arg.get_long().expect("every flag should have a long name");

@@ -193,3 +193,15 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Default tracing filter: lifecycle at INFO, nothing per request.
 pub const LOG_FILTER: &str = "info";
+/// Events one live-tail read fetches: a commit rarely adds more, and a tail
+/// that fell behind catches up in few queries.
+pub const TAIL_READ_BATCH: usize = 5_000;
+
+/// Pause before a live-tail reader retries after the store failed it; short,
+/// because subscribers wait on it, and the store's own timeouts already
+/// bound how often a dead database is asked.
+pub const TAIL_RETRY: Duration = Duration::from_millis(200);
+
+/// Largest events frame sent to a subscriber, under the 4 MiB that gRPC
+/// clients accept by default, so subscribers need no special settings.
+pub const MAX_FRAME_BYTES: usize = 3 * 1024 * 1024;

@@ -15,7 +15,6 @@
 //! 5. returns, so the caller closes the store (pool) and the admin server.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +85,7 @@ pub async fn serve_grpc(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let GrpcServing { listener, tls, health, draining, grace } = serving;
-    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let local = listener.local_addr().map_or_else(|err| format!("unknown ({err})"), |addr| addr.to_string());
     let stop_accepting = CancellationToken::new();
     let cut = CancellationToken::new();
     let routes = routes.add_service(health.grpc_service());
@@ -115,7 +114,7 @@ pub async fn serve_grpc(
         }
         () = shutdown => {}
     }
-    tracing::info!(listen = ?local, grace = ?grace, "shutting down: not serving, draining streams");
+    tracing::info!(listen = %local, grace = ?grace, "shutting down: not serving, draining streams");
     health.set_shutting_down().await;
     draining.cancel();
     stop_accepting.cancel();

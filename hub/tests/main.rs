@@ -3,5 +3,9 @@
 
 mod support;
 
+mod append;
 mod contract;
+mod integrity;
 mod operations;
+mod schema;
+mod subscribe;

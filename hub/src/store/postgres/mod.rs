@@ -201,6 +201,13 @@ pub async fn migrate(url: &str) -> Result<schema::MigrationReport, StoreError> {
     Ok(schema::migrate(&mut client).await?)
 }
 
+/// Applies the migrations to the database `config` names, with its TLS
+/// settings (what `omnirelay-hub migrate` runs).
+pub async fn migrate_with(config: &PgStoreConfig) -> Result<schema::MigrationReport, StoreError> {
+    let mut client = connect_client_with(&config.url, &config.tls).await?;
+    Ok(schema::migrate(&mut client).await?)
+}
+
 impl PgStore {
     /// Connects, checks the schema version (refusing a database that needs
     /// `omnirelay-hub migrate`), and starts the committers and the
