@@ -185,36 +185,11 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// Readiness of a bare pool: a pooled connection answers a query. (A hub's
-/// store is probed through [`PgStore`]'s own [`Probe`], which also checks the
-/// schema version.)
-#[derive(Debug, Clone)]
-pub struct PoolProbe {
-    pool: Pool,
-}
-
-impl PoolProbe {
-    /// A probe of `pool`.
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
-    }
-}
-
-impl Probe for PoolProbe {
-    fn check(&self) -> ProbeFuture<'_> {
-        Box::pin(probe(&self.pool, false))
-    }
-
-    fn record_gauges(&self) {
-        record_pool_gauges(&self.pool);
-    }
-}
-
 /// The PostgreSQL store is ready when a pooled connection answers and the
 /// database carries the schema this build needs.
 impl Probe for PgStore {
     fn check(&self) -> ProbeFuture<'_> {
-        Box::pin(probe(self.pool(), true))
+        Box::pin(probe(self.pool()))
     }
 
     fn record_gauges(&self) {
@@ -222,18 +197,14 @@ impl Probe for PgStore {
     }
 }
 
-async fn probe(pool: &Pool, check_schema: bool) -> Result<(), NotReady> {
+async fn probe(pool: &Pool) -> Result<(), NotReady> {
     let started = std::time::Instant::now();
     let result = async {
         let client = pool.get().await.map_err(|err| NotReady::Unreachable(err.to_string()))?;
-        if check_schema {
-            schema::check(&client).await.map_err(|err| match err {
-                SchemaError::Database { source, .. } => NotReady::Unreachable(source.to_string()),
-                other => NotReady::Schema(other.to_string()),
-            })?;
-        } else {
-            client.simple_query("SELECT 1").await.map_err(|err| NotReady::Unreachable(err.to_string()))?;
-        }
+        schema::check(&client).await.map_err(|err| match err {
+            SchemaError::Database { source, .. } => NotReady::Unreachable(source.to_string()),
+            other => NotReady::Schema(other.to_string()),
+        })?;
         Ok(())
     }
     .await;

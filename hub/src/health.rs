@@ -8,6 +8,13 @@
 //! (`grpc.health.v1.Health`, for the overall server `""` and for
 //! `omnirelay.hub.v1.Hub`) and the gauge, so the three never disagree for
 //! long. Once shutdown starts the status is NOT_SERVING for good.
+//!
+//! The gRPC health service is implemented here (on tonic-health's generated
+//! types) rather than taken from tonic-health's reporter, for one reason:
+//! shutdown. A `Watch` stream never ends by itself, so a load balancer
+//! watching a replica would hold the graceful drain open until the grace
+//! period ran out. Here every `Watch` stream delivers NOT_SERVING and then
+//! ends when shutdown begins, while `Check` keeps answering NOT_SERVING.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,10 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::Stream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::HealthServer;
-use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::{Health as GrpcHealth, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::defaults;
 use crate::telemetry;
@@ -58,33 +67,40 @@ pub enum NotReady {
     ShuttingDown,
 }
 
+/// What the gRPC health service reports (the same for every reported
+/// service name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reported {
+    serving: bool,
+    shutting_down: bool,
+}
+
 /// The replica's readiness, shared by the gRPC health service, the admin
 /// server and the shutdown sequence.
 pub struct Health {
-    reporter: HealthReporter,
+    reported: watch::Sender<Reported>,
     probe: Arc<dyn Probe>,
     shutting_down: AtomicBool,
 }
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Health").field("shutting_down", &self.shutting_down).finish_non_exhaustive()
+        f.debug_struct("Health").field("reported", &*self.reported.borrow()).finish_non_exhaustive()
     }
 }
 
 impl Health {
     /// Starts NOT_SERVING until the first successful probe.
     pub async fn new(probe: Arc<dyn Probe>) -> Self {
-        let health = Self { reporter: HealthReporter::new(), probe, shutting_down: AtomicBool::new(false) };
-        // The reporter starts the overall status at SERVING; nothing is
-        // known yet, so say so.
-        health.publish(false).await;
+        let (reported, _) = watch::channel(Reported { serving: false, shutting_down: false });
+        let health = Self { reported, probe, shutting_down: AtomicBool::new(false) };
+        health.publish(false);
         health
     }
 
     /// The `grpc.health.v1.Health` service to add to the gRPC server.
     pub fn grpc_service(&self) -> HealthServer<HealthService> {
-        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
+        HealthServer::new(HealthService { reported: self.reported.subscribe() })
     }
 
     /// The probe this readiness is judged by.
@@ -103,16 +119,15 @@ impl Health {
                 Err(_) => Err(NotReady::Timeout(defaults::READINESS_TIMEOUT)),
             }
         };
-        // Shutdown may have begun while the probe ran; it must win.
-        let ready = result.is_ok() && !self.is_shutting_down();
-        self.publish(ready).await;
+        self.publish(result.is_ok());
         result
     }
 
-    /// Marks the replica as shutting down: NOT_SERVING from now on.
+    /// Marks the replica as shutting down: NOT_SERVING from now on, and
+    /// every health `Watch` stream ends after telling its watcher so.
     pub async fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        self.publish(false).await;
+        self.publish(false);
     }
 
     /// Whether shutdown has begun.
@@ -143,21 +158,76 @@ impl Health {
         }
     }
 
-    async fn publish(&self, ready: bool) {
-        let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-        for service in REPORTED_SERVICES {
-            self.reporter.set_service_status(service, status).await;
+    fn publish(&self, ready: bool) {
+        // Shutdown may have begun while a probe ran; it must win.
+        let shutting_down = self.is_shutting_down();
+        let now = Reported { serving: ready && !shutting_down, shutting_down };
+        // Watchers hear about changes only, as the protocol asks.
+        self.reported.send_if_modified(|reported| std::mem::replace(reported, now) != now);
+        metrics::gauge!(telemetry::READY).set(if now.serving { 1.0 } else { 0.0 });
+    }
+}
+
+/// The `grpc.health.v1.Health` service of a replica (see the module
+/// documentation for why it is not tonic-health's).
+#[derive(Debug, Clone)]
+pub struct HealthService {
+    reported: watch::Receiver<Reported>,
+}
+
+impl HealthService {
+    fn status(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
+        if !REPORTED_SERVICES.contains(&service) {
+            return Err(tonic::Status::not_found(format!("service {service:?} is not reported by this server")));
         }
-        metrics::gauge!(telemetry::READY).set(if ready { 1.0 } else { 0.0 });
+        Ok(wire_status(*self.reported.borrow()))
+    }
+}
+
+fn wire_status(reported: Reported) -> ServingStatus {
+    if reported.serving { ServingStatus::Serving } else { ServingStatus::NotServing }
+}
+
+/// A health `Watch` stream.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcHealth for HealthService {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let status = self.status(&request.get_ref().service)?;
+        Ok(tonic::Response::new(HealthCheckResponse { status: status as i32 }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<WatchStream>, tonic::Status> {
+        self.status(&request.get_ref().service)?;
+        // The current status first, then every change; after the status
+        // that announces shutdown, the stream ends.
+        let stream = futures_util::stream::unfold(Some((self.reported.clone(), true)), |state| async move {
+            let (mut reported, first) = state?;
+            if !first && reported.changed().await.is_err() {
+                return None;
+            }
+            let now = *reported.borrow_and_update();
+            let next = (!now.shutting_down).then_some((reported, false));
+            Some((Ok(HealthCheckResponse { status: wire_status(now) as i32 }), next))
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt as _;
     use std::sync::Mutex;
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_server::Health as _;
 
     /// A probe whose answer the test sets.
     struct Scripted(Mutex<Result<(), NotReady>>);
@@ -179,16 +249,12 @@ mod tests {
     }
 
     async fn status(health: &Health, service: &str) -> ServingStatus {
-        let service_impl = HealthService::from_health_reporter(health.reporter.clone());
-        let response = service_impl
-            .check(tonic::Request::new(HealthCheckRequest { service: service.into() }))
-            .await
-            .expect("reported services are registered");
-        match response.into_inner().status {
-            1 => ServingStatus::Serving,
-            2 => ServingStatus::NotServing,
-            other => panic!("unexpected status {other}"),
-        }
+        let service_impl = HealthService { reported: health.reported.subscribe() };
+        let response =
+            GrpcHealth::check(&service_impl, tonic::Request::new(HealthCheckRequest { service: service.into() }))
+                .await
+                .expect("reported services are registered");
+        ServingStatus::try_from(response.into_inner().status).expect("a known status")
     }
 
     #[tokio::test]
@@ -225,6 +291,39 @@ mod tests {
         assert_eq!(status(&health, REPORTED_SERVICES[1]).await, ServingStatus::NotServing);
         assert_eq!(health.check().await, Err(NotReady::ShuttingDown));
         assert_eq!(status(&health, "").await, ServingStatus::NotServing);
+    }
+
+    #[tokio::test]
+    async fn watch_streams_deliver_not_serving_then_end_at_shutdown() {
+        let health = Health::new(Arc::new(Scripted(Mutex::new(Ok(()))))).await;
+        let service = HealthService { reported: health.reported.subscribe() };
+        let mut watch = GrpcHealth::watch(&service, tonic::Request::new(HealthCheckRequest { service: String::new() }))
+            .await
+            .expect("watch")
+            .into_inner();
+        async fn next(watch: &mut WatchStream) -> Option<i32> {
+            watch.next().await.map(|item| item.expect("no error").status)
+        }
+        assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing as i32), "the current status first");
+        health.check().await.expect("ready");
+        health.check().await.expect("still ready: no repeated message");
+        assert_eq!(next(&mut watch).await, Some(ServingStatus::Serving as i32));
+        health.set_shutting_down().await;
+        assert_eq!(next(&mut watch).await, Some(ServingStatus::NotServing as i32));
+        assert_eq!(next(&mut watch).await, None, "the stream ends so the drain need not wait for it");
+        // Check still answers during the drain.
+        assert_eq!(status(&health, "").await, ServingStatus::NotServing);
+    }
+
+    #[tokio::test]
+    async fn unknown_services_are_not_found() {
+        let health = Health::new(Arc::new(Scripted(Mutex::new(Ok(()))))).await;
+        let service = HealthService { reported: health.reported.subscribe() };
+        let err =
+            GrpcHealth::check(&service, tonic::Request::new(HealthCheckRequest { service: "other.Service".into() }))
+                .await
+                .expect_err("only the hub's services are reported");
+        assert_eq!(err.code(), tonic::Code::NotFound);
     }
 
     #[tokio::test(start_paused = true)]

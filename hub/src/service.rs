@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, Stream, StreamExt};
@@ -12,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::defaults;
 use crate::error::{self, HubError};
@@ -20,7 +22,7 @@ use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
 use crate::store::LogStore;
 use crate::subscribe::{FrameStream, Subscriptions};
-use crate::telemetry::{HubCounters, ReadPurpose};
+use crate::telemetry::{self, HubCounters, ReadPurpose};
 use crate::wire;
 
 /// The Hub service of one replica.
@@ -55,7 +57,11 @@ impl pb::hub_server::Hub for HubService {
     async fn append(&self, request: Request<Streaming<pb::AppendRequest>>) -> Result<Response<AppendStream>, Status> {
         let inbound = request.into_inner();
         let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
-        self.tasks.spawn(serve_appends(self.store.clone(), inbound, out, self.cancel.clone()));
+        // The stream's task keeps the request's span (method, principal), so
+        // its logs say who was appending.
+        self.tasks.spawn(
+            serve_appends(self.store.clone(), inbound, out, self.cancel.clone()).instrument(tracing::Span::current()),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
@@ -238,8 +244,12 @@ async fn serve_appends(
                     let shard_id = request.shard_id.clone();
                     match wire::append_batch(request) {
                         Ok(batch) => {
+                            let received = Instant::now();
                             let pending = store.append(batch);
-                            in_flight.push(pending.map(move |result| (batch_id, shard_id, result)));
+                            in_flight.push(pending.map(move |result| {
+                                metrics::histogram!(telemetry::APPEND_LATENCY).record(received.elapsed().as_secs_f64());
+                                (batch_id, shard_id, result)
+                            }));
                         }
                         Err(invalid) => {
                             let response = pb::AppendResponse {
