@@ -18,6 +18,7 @@ use crate::health::{Health, Probe};
 use crate::proto::hub::v1::hub_server::HubServer;
 use crate::service::HubService;
 use crate::shutdown::{self, GrpcServing};
+use crate::store::metered::Metered;
 use crate::store::postgres::{PgStore, PgStoreConfig};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{LogStore, RetentionPolicy};
@@ -72,6 +73,8 @@ impl Hub {
     /// `probe` judges. TLS files in `config` are not loaded here; use
     /// [`Hub::open`] for that.
     pub fn with_store(store: Arc<dyn LogStore>, probe: Arc<dyn Probe>, config: Config) -> Hub {
+        // Every store operation the hub makes is timed, whatever the store.
+        let store: Arc<dyn LogStore> = Arc::new(Metered::new(store));
         let counters = Arc::new(HubCounters::default());
         let tail = Tail::start(store.clone(), counters.clone());
         Hub {

@@ -32,8 +32,8 @@ use crate::event::{self, ChainHash, CorruptEvent, LogEvent};
 use crate::ids::{Sequence, ShardId};
 use crate::proto::hub::v1 as pb;
 use crate::store::{LogStore, StoreError};
-use crate::tail::{Tail, TailChunk};
-use crate::telemetry::{self, HubCounters, ReadPurpose};
+use crate::tail::{Feed, Tail, TailChunk};
+use crate::telemetry::{self, HubCounters, ReadPurpose, SubscriberLag};
 use crate::wire::{self, Selection, Start};
 
 /// The subscription side of a hub replica.
@@ -144,7 +144,18 @@ impl Subscriptions {
                 }
                 Some(joined) = followers.join_next() => match joined {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => return Err(err),
+                    Ok(Err(err)) => {
+                        // What the follower delivered before failing (the
+                        // valid events before a corrupt one) is already
+                        // queued; forward it before the error, or the race
+                        // between the two branches would drop it.
+                        while let Ok(frame) = frames.try_recv() {
+                            if out.send(Ok(frame)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        return Err(err);
+                    }
                     Err(panicked) => {
                         return Err(StoreError::Internal { what: "follow a shard", source: Box::new(panicked) }.into());
                     }
@@ -208,6 +219,8 @@ impl Subscriptions {
             store: self.store.clone(),
             counters: self.counters.clone(),
             frames: frames.clone(),
+            feed: self.tail.feed(&shard),
+            lag: SubscriberLag::new(&selection.subscriber, &shard),
             shard,
             live,
             position: Position { cursor, hash: None },
@@ -229,6 +242,10 @@ struct Follower {
     store: Arc<dyn LogStore>,
     counters: Arc<HubCounters>,
     frames: mpsc::Sender<pb::SubscribeResponse>,
+    /// The shard's live tail, for its head.
+    feed: Arc<Feed>,
+    /// This subscriber's lag on this shard.
+    lag: SubscriberLag,
     shard: ShardId,
     live: broadcast::Receiver<TailChunk>,
     position: Position,
@@ -370,7 +387,11 @@ impl Follower {
             position.cursor = event.sequence;
             position.hash = Some(event.hash);
         }
-        Ok(self.send_events(batch).await)
+        let sent = self.send_events(batch).await;
+        if sent {
+            self.lag.set(self.feed.head().max(position.cursor), position.cursor);
+        }
+        Ok(sent)
     }
 
     async fn send_events(&self, events: Vec<crate::proto::replication::v1::ReplicationEvent>) -> bool {

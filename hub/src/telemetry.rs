@@ -292,6 +292,32 @@ impl HubCounters {
     }
 }
 
+/// The lag gauge of one subscriber on one shard ([`SUBSCRIBER_LAG_EVENTS`]),
+/// reset to zero when the follower it belongs to goes away (the subscriber
+/// disconnected from this replica, which no longer knows its lag).
+pub(crate) struct SubscriberLag(metrics::Gauge);
+
+impl SubscriberLag {
+    pub(crate) fn new(subscriber: &crate::ids::SubscriberId, shard: &crate::ids::ShardId) -> Self {
+        Self(metrics::gauge!(
+            SUBSCRIBER_LAG_EVENTS,
+            LABEL_SUBSCRIBER => subscriber.to_string(),
+            LABEL_SHARD => shard.to_string()
+        ))
+    }
+
+    /// Records the events between the shard's head and the last delivered.
+    pub(crate) fn set(&self, head: crate::ids::Sequence, delivered: crate::ids::Sequence) {
+        self.0.set(head.0.saturating_sub(delivered.0) as f64);
+    }
+}
+
+impl Drop for SubscriberLag {
+    fn drop(&mut self) {
+        self.0.set(0.0);
+    }
+}
+
 /// Records one group commit.
 pub(crate) fn group_committed(batches: usize, events: usize, took: Duration) {
     metrics::histogram!(GROUP_BATCHES).record(batches as f64);

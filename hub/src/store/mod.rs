@@ -28,6 +28,7 @@ use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence
 
 #[cfg(feature = "contract-tests")]
 pub mod contract;
+pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 

@@ -182,6 +182,25 @@ async fn the_embedded_store_serves_and_records_metrics() {
     assert!(metrics.contains("omnirelay_hub_append_batches_total{outcome=\"appended\"} 1"), "{metrics}");
     assert!(metrics.contains("omnirelay_hub_db_latency_seconds_count{operation=\"append\"} 1"), "{metrics}");
     assert!(metrics.contains("omnirelay_hub_append_latency_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("omnirelay_hub_db_latency_seconds_count{operation=\"shard_lease\"} 1"), "{metrics}");
+    // A subscriber that caught up has no lag.
+    let mut subscription = client
+        .subscribe(pb::SubscribeRequest {
+            subscriber_id: "sink".into(),
+            shard_ids: vec!["embedded.shard".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    subscription.message().await.expect("a frame").expect("open");
+    let metrics = eventually("the subscriber's lag series", EVENTUALLY_TIMEOUT, || async {
+        let (_, metrics) = http::get(replica.admin, "/metrics").await?;
+        let series = "omnirelay_hub_subscriber_lag_events{subscriber=\"sink\",shard=\"embedded.shard\"} 0";
+        if metrics.contains(series) { Ok(metrics) } else { Err(metrics) }
+    })
+    .await;
+    assert!(metrics.contains("omnirelay_hub_subscribers 1"), "{metrics}");
     replica.stop().await;
 }
 

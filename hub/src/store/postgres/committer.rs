@@ -107,6 +107,8 @@ impl Committer {
         let outcome = self.commit_with_retries(&batches).await;
         let event_count: usize = batches.iter().map(|b| b.events.len()).sum();
         telemetry::group_committed(group.len(), event_count, started.elapsed());
+        let failed = matches!(outcome, Err(StoreError::Unavailable { .. } | StoreError::Internal { .. }));
+        telemetry::record_db_operation(telemetry::DbOperation::Append, started.elapsed(), !failed);
         match outcome {
             Ok(decisions) => self.answer(group, decisions),
             Err(err) if group.len() > 1 && !matches!(err, StoreError::Unavailable { .. }) => {

@@ -172,29 +172,22 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `op` on the store thread, timed as `operation`.
+    /// Runs `op` on the store thread. (The hub times operations around the
+    /// store, see [`crate::store::metered`].)
     fn run<T: Send + 'static>(
         &self,
-        operation: DbOperation,
         op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFuture<'static, T> {
         let (reply, answer) = oneshot::channel();
         let sent = self.send(Command::Run(Box::new(move |connection| {
-            let started = Instant::now();
-            let result = op(connection);
-            telemetry::record_db_operation(operation, started.elapsed(), !is_outage(&result));
             // The caller may have gone away; nothing to undo.
-            let _ = reply.send(result);
+            let _ = reply.send(op(connection));
         })));
         Box::pin(async move {
             sent?;
             answer.await.unwrap_or(Err(StoreError::Closed))
         })
     }
-}
-
-fn is_outage<T>(result: &Result<T, StoreError>) -> bool {
-    matches!(result, Err(StoreError::Unavailable { .. } | StoreError::Internal { .. } | StoreError::Closed))
 }
 
 /// Opens the file, takes the exclusive lock and migrates.
@@ -611,7 +604,7 @@ impl LogStore for SqliteStore {
     }
 
     fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
-        self.run(DbOperation::ShardLease, move |db| {
+        self.run(move |db| {
             let what = "acquire a shard";
             let sql = |e| sql_error(what, e);
             let now = micros(SystemTime::now());
@@ -652,7 +645,7 @@ impl LogStore for SqliteStore {
     }
 
     fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
-        self.run(DbOperation::ShardLease, move |db| {
+        self.run(move |db| {
             let what = "renew a shard";
             let expires = micros(SystemTime::now()).saturating_add(duration_micros(ttl)?);
             let renewed = db
@@ -673,7 +666,7 @@ impl LogStore for SqliteStore {
     }
 
     fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
-        self.run(DbOperation::ShardLease, move |db| {
+        self.run(move |db| {
             let released = db
                 .prepare_cached(
                     "UPDATE shards SET owner = NULL, lease_expires_at = NULL WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3",
@@ -686,11 +679,11 @@ impl LogStore for SqliteStore {
     }
 
     fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>> {
-        self.run(DbOperation::ShardLease, move |db| read_state(db, &shard))
+        self.run(move |db| read_state(db, &shard))
     }
 
     fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>> {
-        self.run(DbOperation::ShardLease, move |db| {
+        self.run(move |db| {
             let what = "list shards";
             // substr compares bytes, like PostgreSQL's starts_with; LIKE would
             // treat '%' and '_' in ids as wildcards.
@@ -713,7 +706,7 @@ impl LogStore for SqliteStore {
         to: Option<Sequence>,
         limit: usize,
     ) -> StoreFuture<'_, EventPage> {
-        self.run(DbOperation::ReadRange, move |db| {
+        self.run(move |db| {
             let what = "read events";
             let sql = |e| sql_error(what, e);
             if from.0 == 0 {
@@ -778,7 +771,7 @@ impl LogStore for SqliteStore {
     }
 
     fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {
-        self.run(DbOperation::ReadRange, move |db| {
+        self.run(move |db| {
             let what = "find a sequence by time";
             let found: Option<i64> = db
                 .prepare_cached(
@@ -799,7 +792,7 @@ impl LogStore for SqliteStore {
         shard: ShardId,
         sequence: Sequence,
     ) -> StoreFuture<'_, CheckpointCommit> {
-        self.run(DbOperation::Checkpoint, move |db| {
+        self.run(move |db| {
             let what = "commit a checkpoint";
             let sql = |e| sql_error(what, e);
             let sequence_value = to_db("sequence", sequence.0)?;
@@ -842,7 +835,7 @@ impl LogStore for SqliteStore {
     }
 
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {
-        self.run(DbOperation::Checkpoint, move |db| {
+        self.run(move |db| {
             let what = "read checkpoints";
             let sql = |e| sql_error(what, e);
             let mut statement = db
@@ -871,7 +864,7 @@ impl LogStore for SqliteStore {
     }
 
     fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {
-        self.run(DbOperation::Snapshot, move |db| {
+        self.run(move |db| {
             let what = "store a snapshot";
             let sql = |e| sql_error(what, e);
             let sequence_value = to_db("sequence", sequence.0)?;
@@ -928,7 +921,7 @@ impl LogStore for SqliteStore {
     }
 
     fn snapshot(&self, shard: ShardId, at_or_below: Option<Sequence>) -> StoreFuture<'_, Option<Snapshot>> {
-        self.run(DbOperation::Snapshot, move |db| {
+        self.run(move |db| {
             let what = "read a snapshot";
             let below = match at_or_below {
                 Some(sequence) => to_db("at_or_below", sequence.0)?,
@@ -965,7 +958,7 @@ impl LogStore for SqliteStore {
     }
 
     fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
-        self.run(DbOperation::Retention, move |db| {
+        self.run(move |db| {
             let what = "apply retention";
             let sql = |e| sql_error(what, e);
             let oldest_counted = micros(SystemTime::now()).saturating_sub(duration_micros(policy.checkpoint_max_age)?);
@@ -1045,13 +1038,16 @@ impl LogStore for SqliteStore {
 
 impl crate::health::Probe for SqliteStore {
     fn check(&self) -> crate::health::ProbeFuture<'_> {
-        let answer = self.run(DbOperation::Probe, |db| {
+        let started = Instant::now();
+        let answer = self.run(|db| {
             db.query_row("SELECT count(*) FROM shards", [], |row| row.get::<_, i64>(0))
                 .map_err(|e| sql_error("probe the embedded store", e))
         });
-        Box::pin(
-            async move { answer.await.map(drop).map_err(|err| crate::health::NotReady::Unreachable(err.to_string())) },
-        )
+        Box::pin(async move {
+            let result = answer.await.map(drop);
+            telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
+            result.map_err(|err| crate::health::NotReady::Unreachable(err.to_string()))
+        })
     }
 }
 
