@@ -5,6 +5,8 @@ mod support;
 
 mod append;
 mod contract;
+mod ha;
 mod integrity;
+mod restart;
 mod schema;
 mod subscribe;
