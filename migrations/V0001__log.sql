@@ -77,3 +77,13 @@ CREATE TABLE snapshots (
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (shard_no, sequence)
 );
+
+-- Aborts the calling transaction when an append's epoch fence refused a head
+-- update it was asked to make (advance_heads.sql): the whole group then
+-- rolls back, and nothing of a fenced batch can be committed.
+CREATE FUNCTION omnirelay_fence_refused(moved bigint, expected bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'epoch fence refused % of % shard head updates', expected - moved, expected;
+END
+$$;

@@ -5,7 +5,9 @@ mod support;
 
 mod append;
 mod contract;
+mod ha;
 mod integrity;
 mod operations;
+mod restart;
 mod schema;
 mod subscribe;

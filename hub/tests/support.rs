@@ -210,3 +210,50 @@ pub(crate) fn rejection(result: pb::append_response::Result) -> pb::AppendError 
         pb::append_response::Result::Ack(ack) => panic!("expected a rejection, got {ack:?}"),
     }
 }
+
+/// A hub replica running as a real `omnirelay-hub` process, killed on drop.
+pub(crate) struct HubProcess {
+    pub(crate) address: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl HubProcess {
+    /// Starts `omnirelay-hub serve` on a free loopback port and waits until
+    /// it accepts gRPC calls.
+    pub(crate) async fn start(url: &str) -> HubProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("find a free port")
+            .port();
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_omnirelay-hub"))
+            .args(["serve", "--listen", &address.to_string(), "--admin-listen", "127.0.0.1:0", "--database-url", url])
+            .env("OMNIRELAY_HUB_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start omnirelay-hub");
+        let process = HubProcess { address, child };
+        omnirelay_tests::eventually("the hub process serves", Duration::from_secs(30), || async {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("http://{address}")).map_err(|e| e.to_string())?;
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            HubClient::new(channel)
+                .get_checkpoints(pb::GetCheckpointsRequest::default())
+                .await
+                .map(drop)
+                .map_err(|status| status.to_string())
+        })
+        .await;
+        process
+    }
+
+    /// Kills the process at once (SIGKILL), the way a crash would.
+    pub(crate) async fn kill(&mut self) {
+        self.child.kill().await.expect("kill the hub process");
+    }
+
+    /// A client of this replica.
+    pub(crate) async fn client(&self) -> HubClient<Channel> {
+        client(self.address).await
+    }
+}

@@ -147,12 +147,30 @@ impl Committer {
         }
     }
 
-    /// Runs one append transaction for `batches`.
+    /// Runs one append transaction for `batches`, ending it (or dropping the
+    /// connection) on failure so no connection returns to the pool inside a
+    /// transaction.
     async fn transaction(&self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, GroupError> {
-        let db = |what: &'static str| move |err| GroupError::Db(what, err);
-        let mut client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
-        let txn = client.transaction().await.map_err(db("begin the append transaction"))?;
+        let client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
+        let outcome = self.statements(&client, batches).await;
+        if outcome.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+            // Broken connection: keep it out of the pool.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        outcome
+    }
 
+    /// The append transaction, in two round trips once its statements are
+    /// prepared: BEGIN, lock and lookup pipelined; then the writes, the
+    /// fenced head update and COMMIT pipelined. A failing statement aborts
+    /// the transaction, which turns the pipelined COMMIT into a rollback,
+    /// and its error is what the pipeline returns.
+    async fn statements(
+        &self,
+        client: &deadpool_postgres::Client,
+        batches: &[&AppendBatch],
+    ) -> Result<Vec<Decision>, GroupError> {
+        let db = |what: &'static str| move |err| GroupError::Db(what, err);
         let mut shard_ids: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
         shard_ids.sort_unstable();
         shard_ids.dedup();
@@ -164,14 +182,22 @@ impl Committer {
             .map_err(GroupError::Store)?;
         let batch_shards: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
 
-        let lock = txn.prepare_cached(SQL_LOCK_SHARDS).await.map_err(db("prepare the shard lock"))?;
-        let records = txn.prepare_cached(SQL_PRODUCER_BATCHES).await.map_err(db("prepare the producer lookup"))?;
-        // Pipelined: the lookup runs after the locks are granted (the server
-        // executes a session's statements in order), on a fresh snapshot.
+        let lock = client.prepare_cached(SQL_LOCK_SHARDS).await.map_err(db("prepare the shard lock"))?;
+        let records = client.prepare_cached(SQL_PRODUCER_BATCHES).await.map_err(db("prepare the producer lookup"))?;
+        let insert_events = client.prepare_cached(SQL_INSERT_EVENTS).await.map_err(db("prepare the event insert"))?;
+        let insert_records =
+            client.prepare_cached(SQL_INSERT_PRODUCER_BATCHES).await.map_err(db("prepare the record insert"))?;
+        let advance = client.prepare_cached(SQL_ADVANCE_HEADS).await.map_err(db("prepare the head update"))?;
+        // Pipelined: the server runs a session's statements in order, so the
+        // lookup runs after the locks are granted, on a fresh snapshot.
         let lock_params: [&(dyn ToSql + Sync); 1] = [&shard_ids];
         let record_params: [&(dyn ToSql + Sync); 3] = [&batch_shards, &producer_ids, &producer_seqs];
-        let (locked, known) = tokio::try_join!(txn.query(&lock, &lock_params), txn.query(&records, &record_params))
-            .map_err(db("lock shards and look up producer records"))?;
+        let (_, locked, known) = tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock, &lock_params),
+            client.query(&records, &record_params)
+        )
+        .map_err(db("lock shards and look up producer records"))?;
 
         let mut shards = HashMap::new();
         for row in &locked {
@@ -228,7 +254,7 @@ impl Committer {
 
         if !decisions.iter().any(|d| matches!(d, Decision::Write { .. })) {
             // Nothing to write: end the transaction without a WAL flush.
-            txn.rollback().await.map_err(db("end the append transaction"))?;
+            client.batch_execute("ROLLBACK").await.map_err(db("end the append transaction"))?;
             return Ok(decisions);
         }
 
@@ -260,10 +286,6 @@ impl Committer {
             head_hashes.push(&hash.as_bytes()[..]);
         }
 
-        let insert_events = txn.prepare_cached(SQL_INSERT_EVENTS).await.map_err(db("prepare the event insert"))?;
-        let insert_records =
-            txn.prepare_cached(SQL_INSERT_PRODUCER_BATCHES).await.map_err(db("prepare the record insert"))?;
-        let advance = txn.prepare_cached(SQL_ADVANCE_HEADS).await.map_err(db("prepare the head update"))?;
         let event_params: [&(dyn ToSql + Sync); 6] =
             [&rows.shard_no, &rows.sequence, &rows.epoch, &rows.recorded_at, &rows.body, &rows.hash];
         let record_params: [&(dyn ToSql + Sync); 6] = [
@@ -274,29 +296,16 @@ impl Committer {
             &records.last,
             &records.last_hash,
         ];
-        let head_params: [&(dyn ToSql + Sync); 5] =
-            [&head_shards, &head_epochs, &head_sequences, &head_hashes, &defaults::NOTIFY_CHANNEL];
-        let (_, _, advanced) = tokio::try_join!(
-            txn.execute(&insert_events, &event_params),
-            txn.execute(&insert_records, &record_params),
-            txn.query_one(&advance, &head_params),
+        let expected_heads = heads.len() as i64;
+        let head_params: [&(dyn ToSql + Sync); 6] =
+            [&head_shards, &head_epochs, &head_sequences, &head_hashes, &defaults::NOTIFY_CHANNEL, &expected_heads];
+        tokio::try_join!(
+            client.execute(&insert_events, &event_params),
+            client.execute(&insert_records, &record_params),
+            client.query_one(&advance, &head_params),
+            client.batch_execute("COMMIT"),
         )
-        .map_err(db("write the append group"))?;
-        let moved: i64 = col(&advanced, "count").map_err(GroupError::Store)?;
-        if moved != heads.len() as i64 {
-            // Cannot happen while the rows stay locked; if it does, the
-            // fence wins and nothing of the group is written.
-            return Err(GroupError::Store(StoreError::Internal {
-                what: "advance shard heads",
-                source: format!(
-                    "the epoch fence refused {} of {} shard heads",
-                    heads.len() as i64 - moved,
-                    heads.len()
-                )
-                .into(),
-            }));
-        }
-        txn.commit().await.map_err(db("commit the append group"))?;
+        .map_err(db("write and commit the append group"))?;
         Ok(decisions)
     }
 

@@ -1,8 +1,9 @@
 -- Moves each written shard's head, guarded by the epoch every accepted batch
 -- carried, and announces the new heads to other replicas (NOTIFY is
 -- delivered at commit, never for a rolled-back transaction). Returns how many
--- shards moved; fewer than asked means the epoch fence refused a write and
--- the transaction must roll back.
+-- shards moved; if the epoch fence refused any of the $6 updates, raises
+-- instead, which aborts the transaction (and the COMMIT pipelined after this
+-- statement becomes a rollback).
 --
 -- Concurrency contract: runs in the append transaction under the shards' row
 -- locks (lock_shards.sql). The `epoch = u.epoch AND owner IS NOT NULL` guard
@@ -16,6 +17,10 @@ WITH advanced AS (
       AND s.owner IS NOT NULL
       AND s.head_sequence < u.head
     RETURNING s.shard_id, s.head_sequence
+),
+notified AS (
+    SELECT count(pg_notify($5, shard_id || ' ' || head_sequence)) AS moved
+    FROM advanced
 )
-SELECT count(pg_notify($5, shard_id || ' ' || head_sequence))
-FROM advanced
+SELECT CASE WHEN moved = $6::bigint THEN moved ELSE omnirelay_fence_refused(moved, $6::bigint) END AS moved
+FROM notified
