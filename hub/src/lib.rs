@@ -10,6 +10,31 @@
 //!   owner ids, sequences and epochs, events and their chain hash.
 //! - [`schema`] applies the migrations in `migrations/` and checks a
 //!   database's schema version at start-up.
+//! - [`store::sqlite::SqliteStore`] is the embedded default store (one
+//!   replica, one file), held to the same contract as PostgreSQL.
+//! - [`Hub`] and [`run`] put a replica together; [`Config`] (built from the
+//!   flags in [`config`]) says which store, which ports, which TLS.
+//! - Operations: [`tls`] and [`transport`] accept TLS and mutual-TLS
+//!   connections and attach the caller's [`principal`]; [`health`] and
+//!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
+//!   `/metrics`; [`telemetry`] holds the metric catalog; [`shutdown`] owns the
+//!   graceful stop; [`database`] connects to PostgreSQL over TLS.
+//!
+//! Running a replica on the embedded store until Ctrl-C:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let config = omnirelay_hub::Config::for_sqlite("omnirelay-hub.db");
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! omnirelay_hub::run(config, listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The hash chain every store keeps:
 //!
 //! ```
 //! use omnirelay_hub::event::{ChainHash, NewEvent, chain, verify};

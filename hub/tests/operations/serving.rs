@@ -314,3 +314,18 @@ async fn shutdown_reports_not_serving_ends_subscriptions_and_releases_the_store(
     let reopened = omnirelay_hub::store::sqlite::SqliteStore::open(&path).await.expect("the file is free");
     omnirelay_hub::store::LogStore::close(&reopened).await.expect("close");
 }
+
+#[tokio::test]
+async fn readiness_names_the_migration_to_run_when_the_schema_falls_behind() {
+    use omnirelay_hub::health::{NotReady, Probe};
+    let (store, db) = support::fresh_store().await;
+    store.check().await.expect("a migrated database is ready");
+    // As if the database had been restored from a backup older than the
+    // schema this build needs.
+    db.client().await.batch_execute("DELETE FROM refinery_schema_history").await.expect("rewind the history");
+    match store.check().await {
+        Err(NotReady::Schema(message)) => assert!(message.contains("run `omnirelay-hub migrate`"), "{message}"),
+        other => panic!("expected a schema refusal, got {other:?}"),
+    }
+    omnirelay_hub::store::LogStore::close(&store).await.expect("close");
+}
