@@ -31,7 +31,7 @@ mod server;
 pub mod service;
 pub mod store;
 mod subscribe;
-pub mod tail;
+mod tail;
 pub mod telemetry;
 pub mod verify;
 pub mod wire;

@@ -144,7 +144,16 @@ impl Subscriptions {
                 }
                 Some(joined) = followers.join_next() => match joined {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => return Err(err),
+                    Ok(Err(err)) => {
+                        // Deliver what the follower queued before it failed
+                        // (the valid events before a corrupt one), then fail.
+                        while let Ok(frame) = frames.try_recv() {
+                            if out.send(Ok(frame)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        return Err(err);
+                    }
                     Err(panicked) => {
                         return Err(StoreError::Internal { what: "follow a shard", source: Box::new(panicked) }.into());
                     }
