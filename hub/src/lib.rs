@@ -61,7 +61,7 @@ pub mod service;
 pub mod shutdown;
 pub mod store;
 mod subscribe;
-pub mod tail;
+mod tail;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

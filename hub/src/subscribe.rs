@@ -145,10 +145,8 @@ impl Subscriptions {
                 Some(joined) = followers.join_next() => match joined {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => {
-                        // What the follower delivered before failing (the
-                        // valid events before a corrupt one) is already
-                        // queued; forward it before the error, or the race
-                        // between the two branches would drop it.
+                        // Deliver what the follower queued before it failed
+                        // (the valid events before a corrupt one), then fail.
                         while let Ok(frame) = frames.try_recv() {
                             if out.send(Ok(frame)).await.is_err() {
                                 return Ok(());

@@ -25,7 +25,7 @@ use crate::telemetry::{HubCounters, ReadPurpose};
 
 /// What a feed publishes.
 #[derive(Debug, Clone)]
-pub enum TailChunk {
+pub(crate) enum TailChunk {
     /// Consecutive, verified events.
     Events(Arc<[LogEvent]>),
     /// The feed met a corrupt event and will not publish it.
@@ -34,7 +34,7 @@ pub enum TailChunk {
 
 /// The live tails of one replica.
 #[derive(Clone)]
-pub struct Tail {
+pub(crate) struct Tail {
     inner: Arc<Inner>,
 }
 
@@ -48,7 +48,7 @@ struct Inner {
 }
 
 /// One shard's live tail.
-pub struct Feed {
+pub(crate) struct Feed {
     shard: ShardId,
     chunks: broadcast::Sender<TailChunk>,
     head: watch::Sender<Sequence>,
@@ -67,7 +67,7 @@ struct FeedState {
 impl Tail {
     /// Starts the tail: a dispatcher task that routes the store's changes to
     /// feeds. Feeds start on first use.
-    pub fn start(store: Arc<dyn LogStore>, counters: Arc<HubCounters>) -> Tail {
+    pub(crate) fn start(store: Arc<dyn LogStore>, counters: Arc<HubCounters>) -> Tail {
         let (discovered, _) = broadcast::channel(defaults::CHANGES_BUFFER);
         let inner = Arc::new(Inner {
             store,
@@ -83,7 +83,7 @@ impl Tail {
     }
 
     /// The feed of `shard`, started on first use.
-    pub fn feed(&self, shard: &ShardId) -> Arc<Feed> {
+    pub(crate) fn feed(&self, shard: &ShardId) -> Arc<Feed> {
         let mut feeds = self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(feed) = feeds.get(shard) {
             return feed.clone();
@@ -103,13 +103,13 @@ impl Tail {
 
     /// Shards announced by commits (for pattern subscriptions); a receiver
     /// that lags should rescan the store.
-    pub fn discoveries(&self) -> broadcast::Receiver<ShardId> {
+    pub(crate) fn discoveries(&self) -> broadcast::Receiver<ShardId> {
         self.inner.discovered.subscribe()
     }
 
     /// Stops the dispatcher and every feed; subscribers see their feeds
     /// close.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         self.inner.cancel.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
@@ -119,12 +119,12 @@ impl Tail {
 
 impl Feed {
     /// Receives the chunks published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<TailChunk> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<TailChunk> {
         self.chunks.subscribe()
     }
 
     /// The highest head this replica has heard of.
-    pub fn head(&self) -> Sequence {
+    pub(crate) fn head(&self) -> Sequence {
         *self.head.borrow()
     }
 

@@ -329,3 +329,20 @@ async fn one_bad_batch_does_not_fail_the_batches_grouped_with_it() {
     assert_eq!(state.lease.head.0, 4);
     store.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn large_groups_are_copied_and_read_back_verified() {
+    let (store, _db) = support::fresh_store().await;
+    let shard = ShardId::parse("resourcelease.large").expect("valid");
+    let owner = OwnerId::parse("node").expect("valid");
+    let epoch = store.acquire_shard(shard.clone(), owner, LONG).await.expect("acquire").lease.epoch;
+    let size = omnirelay_hub::defaults::COPY_MIN_EVENTS + 100;
+    let first = store.append(store_batch(&shard, "p", 1, epoch, size)).await.expect("a COPY-sized batch");
+    let second = store.append(store_batch(&shard, "p", 2, epoch, 3)).await.expect("a small batch after it");
+    assert_eq!((first.first.0, first.last.0, second.first.0), (1, size as u64, size as u64 + 1));
+    let page = store.read_range(shard.clone(), omnirelay_hub::ids::Sequence(1), None, 10_000).await.expect("read back");
+    assert_eq!(page.events.len(), size + 3);
+    omnirelay_hub::event::verify(&shard, page.from, &page.anchor, &page.events).expect("the copied rows verify");
+    assert_eq!(page.events[size - 1].body, Bytes::from(format!("p-1-{}", size - 1)));
+    store.close().await.expect("close");
+}

@@ -17,11 +17,15 @@ use std::time::{Instant, SystemTime};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
 use super::failure::{Failure, classify, pool_error};
-use super::{SQL_ADVANCE_HEADS, SQL_INSERT_EVENTS, SQL_INSERT_PRODUCER_BATCHES, SQL_LOCK_SHARDS, SQL_PRODUCER_BATCHES};
+use super::{
+    SQL_ADVANCE_HEADS, SQL_COPY_EVENTS, SQL_INSERT_EVENTS, SQL_INSERT_PRODUCER_BATCHES, SQL_LOCK_SHARDS,
+    SQL_PRODUCER_BATCHES,
+};
 use super::{col, from_db, to_db};
 use crate::defaults;
 use crate::event::{self, ChainHash, LogEvent};
@@ -299,13 +303,23 @@ impl Committer {
         let expected_heads = heads.len() as i64;
         let head_params: [&(dyn ToSql + Sync); 6] =
             [&head_shards, &head_epochs, &head_sequences, &head_hashes, &defaults::NOTIFY_CHANNEL, &expected_heads];
-        tokio::try_join!(
-            client.execute(&insert_events, &event_params),
-            client.execute(&insert_records, &record_params),
-            client.query_one(&advance, &head_params),
-            client.batch_execute("COMMIT"),
-        )
-        .map_err(db("write and commit the append group"))?;
+        if rows.shard_no.len() >= defaults::COPY_MIN_EVENTS {
+            copy_events(client, &rows).await?;
+            tokio::try_join!(
+                client.execute(&insert_records, &record_params),
+                client.query_one(&advance, &head_params),
+                client.batch_execute("COMMIT"),
+            )
+            .map_err(db("write and commit the append group"))?;
+        } else {
+            tokio::try_join!(
+                client.execute(&insert_events, &event_params),
+                client.execute(&insert_records, &record_params),
+                client.query_one(&advance, &head_params),
+                client.batch_execute("COMMIT"),
+            )
+            .map_err(db("write and commit the append group"))?;
+        }
         Ok(decisions)
     }
 
@@ -369,6 +383,22 @@ impl Committer {
             let _ = pending.reply.send(result);
         }
     }
+}
+
+/// Writes a group's events with binary COPY (see copy_events.sql).
+async fn copy_events(client: &deadpool_postgres::Client, rows: &EventRows<'_>) -> Result<(), GroupError> {
+    let db = |what: &'static str| move |err| GroupError::Db(what, err);
+    let sink = client.copy_in(SQL_COPY_EVENTS).await.map_err(db("start copying events"))?;
+    let types = [Type::INT4, Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::BYTEA, Type::BYTEA];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    let mut writer = std::pin::pin!(writer);
+    for i in 0..rows.shard_no.len() {
+        let row: [&(dyn ToSql + Sync); 6] =
+            [&rows.shard_no[i], &rows.sequence[i], &rows.epoch[i], &rows.recorded_at[i], &rows.body[i], &rows.hash[i]];
+        writer.as_mut().write(&row).await.map_err(db("copy events"))?;
+    }
+    writer.finish().await.map_err(db("finish copying events"))?;
+    Ok(())
 }
 
 /// Decides a batch that is neither a known nor an in-group retry.

@@ -51,6 +51,7 @@ use crate::store::{
 const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
 const SQL_PRODUCER_BATCHES: &str = include_str!("sql/producer_batches.sql");
 const SQL_INSERT_EVENTS: &str = include_str!("sql/insert_events.sql");
+const SQL_COPY_EVENTS: &str = include_str!("sql/copy_events.sql");
 const SQL_INSERT_PRODUCER_BATCHES: &str = include_str!("sql/insert_producer_batches.sql");
 const SQL_ADVANCE_HEADS: &str = include_str!("sql/advance_heads.sql");
 const SQL_ACQUIRE_SHARD: &str = include_str!("sql/acquire_shard.sql");
