@@ -56,7 +56,7 @@ pub(crate) struct Feed {
     wake: Notify,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct FeedState {
     /// Highest head announced.
     target: Sequence,
@@ -312,6 +312,14 @@ fn next_step(feed: &Feed, published: Sequence) -> Step {
     while state.direct.front().is_some_and(|events| events[events.len() - 1].sequence <= published) {
         state.direct.pop_front();
     }
+    if let Some(front) = state.direct.front()
+        && front[0].sequence <= published
+    {
+        // Partly published already (a bounded store read got into it first):
+        // keep the rest.
+        let rest: Arc<[LogEvent]> = front.iter().filter(|e| e.sequence > published).cloned().collect();
+        state.direct[0] = rest;
+    }
     let direct_end = state.direct.back().map(|events| events[events.len() - 1].sequence);
     let target = state.target.max(direct_end.unwrap_or_default());
     if target <= published {
@@ -337,4 +345,72 @@ fn next_step(feed: &Feed, published: Sequence) -> Step {
         _ => target,
     };
     Step::Read(published.next(), to)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::event::{NewEvent, chain};
+    use crate::ids::Epoch;
+
+    fn feed() -> Feed {
+        let (chunks, _) = broadcast::channel(8);
+        Feed {
+            shard: ShardId::parse("resourcelease.t").expect("valid"),
+            chunks,
+            head: watch::Sender::new(Sequence::ZERO),
+            state: Mutex::new(FeedState::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn events(first: u64, n: usize) -> Arc<[LogEvent]> {
+        let new: Vec<NewEvent> =
+            (0..n).map(|i| NewEvent { recorded_at: SystemTime::UNIX_EPOCH, body: format!("{i}").into() }).collect();
+        Arc::from(chain(ChainHash::ZERO, Sequence(first), Epoch(1), &new))
+    }
+
+    fn describe(step: Step) -> String {
+        match step {
+            Step::Idle => "idle".into(),
+            Step::Publish(events) => format!("publish {}..={}", events[0].sequence, events[events.len() - 1].sequence),
+            Step::Read(from, to) => format!("read {from}..={to}"),
+            Step::Skip(to, hash) => format!("skip to {to} ({})", if hash.is_some() { "hash" } else { "no hash" }),
+        }
+    }
+
+    #[test]
+    fn local_commits_publish_without_reading_and_gaps_are_read() {
+        let feed = feed();
+        let _listener = feed.subscribe();
+        feed.offer(Sequence(3), Some(events(1, 3)));
+        assert_eq!(describe(next_step(&feed, Sequence::ZERO)), "publish 1..=3");
+        // Another replica committed 4..=6; this one 7..=8.
+        feed.offer(Sequence(6), None);
+        feed.offer(Sequence(8), Some(events(7, 2)));
+        assert_eq!(describe(next_step(&feed, Sequence(3))), "read 4..=6");
+        assert_eq!(describe(next_step(&feed, Sequence(6))), "publish 7..=8");
+        assert_eq!(describe(next_step(&feed, Sequence(8))), "idle");
+    }
+
+    #[test]
+    fn a_partly_published_local_commit_publishes_only_the_rest() {
+        let feed = feed();
+        let _listener = feed.subscribe();
+        feed.offer(Sequence(10), Some(events(1, 10)));
+        assert_eq!(describe(next_step(&feed, Sequence(4))), "publish 5..=10");
+    }
+
+    #[test]
+    fn without_listeners_the_feed_moves_without_reading() {
+        let feed = feed();
+        feed.offer(Sequence(5), None);
+        assert_eq!(describe(next_step(&feed, Sequence::ZERO)), "skip to 5 (no hash)");
+        feed.offer(Sequence(12), None);
+        feed.offer(Sequence(14), Some(events(13, 2)));
+        assert_eq!(describe(next_step(&feed, Sequence(5))), "skip to 14 (hash)");
+        assert_eq!(feed.head(), Sequence(14));
+    }
 }
