@@ -10,6 +10,10 @@
 //!   without events) measured in the same run.
 //! - `queue-cycles`: runs exactly `cycles` cycles on one thread and nothing
 //!   else, for `valgrind --tool=callgrind` (see `bench/callgrind-queue.sh`).
+//! - `hub [options]`: the hub against raw PostgreSQL on the same database
+//!   (see `hub.rs` and bench/README.md).
+
+mod hub;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,16 +31,30 @@ const BODY_BYTES: usize = 200;
 const RETAINED_EVENTS: usize = 4096;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let scenario = args.next().unwrap_or_default();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = all.iter();
+    let scenario = args.next().cloned().unwrap_or_default();
     let cycles = args.next().and_then(|n| n.parse::<u64>().ok());
     match scenario.as_str() {
         "queue" => queue(cycles.unwrap_or(1_000_000)),
         "queue-cycles" => queue_cycles(cycles.unwrap_or(100_000)),
+        "hub" => hub_scenario(&all[1..]),
         _ => {
-            eprintln!("usage: omnirelay-bench <queue|queue-cycles> [cycles]; see bench/README.md");
+            eprintln!("usage: omnirelay-bench <queue|queue-cycles|hub> [options]; see bench/README.md");
+            eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);
         }
+    }
+}
+
+fn hub_scenario(args: &[String]) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the benchmark runtime should start");
+    if let Err(err) = runtime.block_on(hub::run(args)) {
+        eprintln!("benchmark failed: {err:#}");
+        std::process::exit(1);
     }
 }
 

@@ -1,4 +1,73 @@
 //! The OmniRelay replication hub: a stateless gRPC service that owns every
 //! shard's ordered, fenced, hash-chained event log.
+//!
+//! Overview:
+//!
+//! - [`store::LogStore`] is the storage boundary; [`store::postgres::PgStore`]
+//!   implements it on PostgreSQL (group commit, epoch fence in SQL, dedupe by
+//!   producer sequence, hash chain, LISTEN/NOTIFY).
+//! - [`ids`] and [`event`] are the domain: shard, producer, subscriber and
+//!   owner ids, sequences and epochs, events and their chain hash.
+//! - [`schema`] applies the migrations in `migrations/` and checks a
+//!   database's schema version at start-up.
+//! - [`store::sqlite::SqliteStore`] is the embedded default store (one
+//!   replica, one file), held to the same contract as PostgreSQL.
+//! - [`Hub`] and [`run`] put a replica together; [`Config`] (built from the
+//!   flags in [`config`]) says which store, which ports, which TLS.
+//! - Operations: [`tls`] and [`transport`] accept TLS and mutual-TLS
+//!   connections and attach the caller's [`principal`]; [`health`] and
+//!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
+//!   `/metrics`; [`telemetry`] holds the metric catalog; [`shutdown`] owns the
+//!   graceful stop; [`database`] connects to PostgreSQL over TLS.
+//!
+//! Running a replica on the embedded store until Ctrl-C:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let config = omnirelay_hub::Config::for_sqlite("omnirelay-hub.db");
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! omnirelay_hub::run(config, listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The hash chain every store keeps:
+//!
+//! ```
+//! use omnirelay_hub::event::{ChainHash, NewEvent, chain, verify};
+//! use omnirelay_hub::ids::{Epoch, Sequence, ShardId};
+//!
+//! let shard = ShardId::parse("resourcelease.users").expect("a valid shard id");
+//! let new = vec![NewEvent { recorded_at: std::time::SystemTime::UNIX_EPOCH, body: "enqueued".into() }];
+//! let events = chain(ChainHash::ZERO, Sequence(1), Epoch(1), &new);
+//! assert!(verify(&shard, Sequence(1), &ChainHash::ZERO, &events).is_ok());
+//! ```
 
+pub mod admin;
+pub mod config;
+pub mod database;
+pub mod defaults;
+pub mod error;
+pub mod event;
+pub mod health;
+pub mod ids;
+pub mod principal;
+pub mod schema;
+mod server;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+mod subscribe;
+mod tail;
+pub mod telemetry;
+pub mod tls;
+pub mod transport;
+pub mod verify;
+pub mod wire;
+
+pub use config::Config;
 pub use omnirelay_proto as proto;
+pub use server::{Hub, run};

@@ -3,7 +3,8 @@
 //!
 //! - [`PgCluster`] runs a private PostgreSQL cluster (initdb and `pg_ctl` on a
 //!   free loopback port, in a temporary directory removed at the end) that a
-//!   test can stop, crash and start again.
+//!   test can stop, crash and start again, optionally with TLS on
+//!   ([`PgCluster::start_with_tls`]).
 //! - [`TestDb`] gives each test a fresh database, on a shared per-process
 //!   cluster, or on the server named by `OMNIRELAY_TEST_DATABASE_URL`.
 //! - [`TestRedis`] runs a private `redis-server`, or namespaces keys on the
@@ -29,7 +30,7 @@ mod redis;
 
 pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_binaries, find_redis_server};
 pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually};
-pub use postgres::{DATABASE_URL_ENV, PgCluster, PgOptions, TestDb};
+pub use postgres::{DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, TestDb};
 pub use redis::{REDIS_URL_ENV, TestRedis};
 
 /// Errors of the harness itself (not of the code under test).

@@ -61,6 +61,16 @@ impl Default for PgOptions {
     }
 }
 
+/// The server certificate and key of a [`PgCluster`] started with
+/// [`PgCluster::start_with_tls`], in PEM.
+#[derive(Debug, Clone)]
+pub struct PgServerTls {
+    /// The server certificate chain (leaf first).
+    pub cert_pem: String,
+    /// The certificate's private key.
+    pub key_pem: String,
+}
+
 /// The OS user the server programs run as.
 #[derive(Debug, Clone, Copy)]
 struct RunAs {
@@ -80,6 +90,17 @@ pub struct PgCluster {
 impl PgCluster {
     /// Creates and starts a cluster.
     pub fn start(options: PgOptions) -> Result<Self> {
+        Self::start_inner(options, None)
+    }
+
+    /// Creates and starts a cluster that also accepts TLS connections
+    /// (`ssl = on`) with the given server certificate and key. Plain
+    /// connections are still accepted, so tests can compare both.
+    pub fn start_with_tls(options: PgOptions, tls: &PgServerTls) -> Result<Self> {
+        Self::start_inner(options, Some(tls))
+    }
+
+    fn start_inner(options: PgOptions, tls: Option<&PgServerTls>) -> Result<Self> {
         let bins = find_postgres_binaries()?;
         let run_as = run_as()?;
         reap_orphans(&bins, run_as);
@@ -96,6 +117,9 @@ impl PgCluster {
             run(pg_command(Path::new("cp"), run_as).arg("-a").arg(&template).arg(&data), "copy template cluster")?;
             let port = free_port()?;
             write_config(&data, dir.path(), port, &options)?;
+            if let Some(tls) = tls {
+                write_tls(&data, tls, run_as)?;
+            }
             let cluster = Self { dir, port, bins: bins.clone(), run_as };
             match cluster.start_again() {
                 Ok(()) => return Ok(cluster),
@@ -486,6 +510,26 @@ fn write_config(data: &Path, socket_dir: &Path, port: u16, options: &PgOptions) 
         .append(true)
         .open(data.join("postgresql.conf"))
         .and_then(|mut file| file.write_all(config.as_bytes()))
+        .map_err(|source| io("write postgresql.conf", source))
+}
+
+/// Writes the server certificate and key into the data directory (owned by
+/// the server's user; PostgreSQL refuses a key others can read) and turns
+/// TLS on.
+fn write_tls(data: &Path, tls: &PgServerTls, run_as: Option<RunAs>) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    for (name, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+        let path = data.join(name);
+        std::fs::write(&path, pem).map_err(|source| io(&format!("write {name}"), source))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| io(&format!("restrict {name}"), source))?;
+        chown_to(&path, run_as)?;
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .and_then(|mut file| file.write_all(b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"))
         .map_err(|source| io("write postgresql.conf", source))
 }
 

@@ -1,0 +1,1041 @@
+//! The hub's configuration: command-line flags and `OMNIRELAY_HUB_*`
+//! environment variables, one vocabulary, validated into a [`Config`].
+//!
+//! Every flag has exactly one environment variable, declared next to it, named
+//! `OMNIRELAY_HUB_` plus the flag in upper snake case (`--database-url` is
+//! `OMNIRELAY_HUB_DATABASE_URL`). A flag given on the command line wins over
+//! its variable. Parsing ([`Cli`], clap) checks each value on its own;
+//! [`ServeArgs::validate`] checks how values combine and returns a
+//! [`ConfigError`] that names the flags involved.
+//!
+//! Secrets never reach logs: [`DatabaseUrl`] prints with its password
+//! replaced by `***`, and clap is told not to show the variable's value in
+//! `--help`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::defaults;
+
+/// Errors in a combination of settings; each names the flags involved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--tls-cert` was given without `--tls-key`, or the reverse.
+    #[error("{given} needs {missing} as well (the server certificate and its private key go together)")]
+    TlsHalfConfigured {
+        /// The flag that was given.
+        given: &'static str,
+        /// The flag that is missing.
+        missing: &'static str,
+    },
+    /// `--tls-client-ca` without server TLS.
+    #[error("--tls-client-ca requires --tls-cert and --tls-key: mutual TLS needs server TLS")]
+    ClientCaWithoutTls,
+    /// The database URL does not parse. The reason never contains the URL.
+    #[error("--database-url is not a valid PostgreSQL connection string: {reason}")]
+    DatabaseUrl {
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The URL carries `sslmode`, which `--database-tls` owns.
+    #[error("--database-url must not set sslmode; use --database-tls (disable, prefer, require, verify-full)")]
+    SslModeInUrl,
+    /// `verify-full` without a CA to verify against.
+    #[error("--database-tls verify-full needs --database-ca-file (the CA that signed the server certificate)")]
+    DatabaseCaRequired,
+    /// The pool cannot hold the committers and still serve reads.
+    #[error(
+        "--database-pool-size {pool_size} leaves no connection beside the {committers} committers \
+         (--committers); give the pool more connections than committers"
+    )]
+    PoolTooSmall {
+        /// The pool size given.
+        pool_size: usize,
+        /// The committers given.
+        committers: usize,
+    },
+    /// A PostgreSQL-only command without a database.
+    #[error(
+        "{command} needs --database-url (or OMNIRELAY_HUB_DATABASE_URL); the embedded SQLite store migrates itself at start"
+    )]
+    DatabaseRequired {
+        /// The subcommand.
+        command: &'static str,
+    },
+    /// A CA file with a mode that does not verify certificates.
+    #[error("--database-ca-file is only used with --database-tls verify-full (got {mode})")]
+    DatabaseCaUnused {
+        /// The mode that was given.
+        mode: DatabaseTlsMode,
+    },
+}
+
+/// Result type of configuration handling.
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// The `omnirelay-hub` command line.
+///
+/// Without a subcommand the hub serves, so `omnirelay-hub --listen ...` and
+/// `omnirelay-hub serve --listen ...` are the same.
+#[derive(Debug, Parser)]
+#[command(name = "omnirelay-hub", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; serving when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serving flags when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Logging flags, accepted by every subcommand.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Subcommands of `omnirelay-hub`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serves the hub (the default).
+    Serve(ServeArgs),
+    /// Validates the configuration and prints it with secrets redacted,
+    /// without serving.
+    Config(ServeArgs),
+    /// Applies the PostgreSQL schema migrations (under an advisory lock, so
+    /// concurrent runs are safe) and exits.
+    Migrate(StoreArgs),
+    /// Walks shards' hash chains and reports the first corrupt sequence of
+    /// each; exits with status 1 when one is found.
+    Verify(VerifyArgs),
+}
+
+/// Flags of `verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// The store to verify.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Verify only this shard.
+    #[arg(long, value_name = "SHARD_ID", conflicts_with = "prefix")]
+    pub shard: Option<String>,
+    /// Verify every shard whose id starts with this (all when empty).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub prefix: String,
+}
+
+impl Cli {
+    /// The serving flags, from the subcommand or the top level (for `migrate`
+    /// and `verify`, the top-level ones, which they do not use).
+    pub fn serve_args(&self) -> &ServeArgs {
+        match &self.command {
+            Some(Command::Serve(args) | Command::Config(args)) => args,
+            _ => &self.serve,
+        }
+    }
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC service listens on.
+    #[arg(long, env = "OMNIRELAY_HUB_LISTEN", value_name = "ADDR", default_value = defaults::LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Address of the HTTP admin server: /healthz, /readyz and /metrics.
+    #[arg(long, env = "OMNIRELAY_HUB_ADMIN_LISTEN", value_name = "ADDR", default_value = defaults::ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
+
+    /// Where the log is stored.
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// TLS for the gRPC service.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// How often this replica trims events below the retention floor (the
+    /// older of a shard's newest snapshot and its oldest live checkpoint);
+    /// `off` leaves retention to other replicas.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_RETENTION_INTERVAL",
+        value_name = "DURATION|off",
+        default_value_t = Interval(Some(defaults::RETENTION_INTERVAL))
+    )]
+    pub retention_interval: Interval,
+
+    /// Age after which a subscriber's checkpoint stops holding events back
+    /// from retention (the subscriber is presumed gone; when it returns it
+    /// gets the snapshot and then the tail).
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_CHECKPOINT_MAX_AGE",
+        value_name = "DURATION",
+        default_value_t = HumanDuration(defaults::CHECKPOINT_MAX_AGE)
+    )]
+    pub checkpoint_max_age: HumanDuration,
+
+    /// How often the store is probed to keep the gRPC health status current.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_HEALTH_INTERVAL",
+        value_name = "DURATION",
+        default_value_t = HumanDuration(defaults::HEALTH_INTERVAL)
+    )]
+    pub health_interval: HumanDuration,
+
+    /// How long shutdown waits for open calls and streams to finish.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_SHUTDOWN_GRACE",
+        value_name = "DURATION",
+        default_value_t = HumanDuration(defaults::SHUTDOWN_GRACE)
+    )]
+    pub shutdown_grace: HumanDuration,
+}
+
+/// Flags choosing and reaching the store.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// PostgreSQL connection string (URL or key=value form). Without it the
+    /// hub keeps its log in an embedded SQLite file (one replica only).
+    #[arg(long, env = "OMNIRELAY_HUB_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// TLS to PostgreSQL: disable, prefer (TLS when the server offers it,
+    /// unverified), require (TLS, unverified), verify-full (TLS, certificate
+    /// and host name verified against --database-ca-file).
+    #[arg(long, env = "OMNIRELAY_HUB_DATABASE_TLS", value_enum, default_value_t = DatabaseTlsMode::Prefer)]
+    pub database_tls: DatabaseTlsMode,
+
+    /// PEM file of the CA that signed PostgreSQL's certificate (verify-full).
+    #[arg(long, env = "OMNIRELAY_HUB_DATABASE_CA_FILE", value_name = "PATH")]
+    pub database_ca_file: Option<PathBuf>,
+
+    /// Connections in the PostgreSQL pool.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_DATABASE_POOL_SIZE",
+        value_name = "N",
+        default_value_t = defaults::POOL_SIZE,
+        value_parser = parse_pool_size
+    )]
+    pub database_pool_size: usize,
+
+    /// Group committers (each with its own pooled connection) writing
+    /// appends to PostgreSQL; must be fewer than the pool's connections.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_COMMITTERS",
+        value_name = "N",
+        default_value_t = defaults::COMMITTERS,
+        value_parser = parse_committers
+    )]
+    pub committers: usize,
+
+    /// File of the embedded SQLite store, used when no database URL is given.
+    #[arg(long, env = "OMNIRELAY_HUB_SQLITE_PATH", value_name = "PATH", conflicts_with = "database_url")]
+    pub sqlite_path: Option<PathBuf>,
+}
+
+/// Flags of the gRPC service's TLS.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// PEM file with the server certificate chain; enables TLS.
+    #[arg(long, env = "OMNIRELAY_HUB_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the server certificate's private key.
+    #[arg(long, env = "OMNIRELAY_HUB_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM file with the CA(s) client certificates must chain to; enables
+    /// mutual TLS, and every client must then present a certificate.
+    #[arg(long, env = "OMNIRELAY_HUB_TLS_CLIENT_CA", value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// Logging flags.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or
+    /// `info,omnirelay_hub=debug`.
+    #[arg(long, env = "OMNIRELAY_HUB_LOG", value_name = "FILTER", default_value = defaults::LOG_FILTER, global = true)]
+    pub log: String,
+
+    /// Log line format.
+    #[arg(long, env = "OMNIRELAY_HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// TLS to PostgreSQL, named like libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DatabaseTlsMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, else plain; the certificate is not
+    /// verified (libpq's default).
+    Prefer,
+    /// TLS or fail; the certificate is not verified (protects against
+    /// passive eavesdropping only).
+    Require,
+    /// TLS or fail; the certificate must chain to the configured CA and name
+    /// the host connected to.
+    VerifyFull,
+}
+
+impl fmt::Display for DatabaseTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DatabaseTlsMode::Disable => "disable",
+            DatabaseTlsMode::Prefer => "prefer",
+            DatabaseTlsMode::Require => "require",
+            DatabaseTlsMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// A duration written with a unit: `250ms`, `20s`, `5m`, `1h`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("expected a number with a unit (ms, s, m, h, d), e.g. 20s; got {s:?}"))?;
+        let duration = match unit {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number.saturating_mul(60)),
+            "h" => Duration::from_secs(number.saturating_mul(3600)),
+            "d" => Duration::from_secs(number.saturating_mul(86_400)),
+            _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m, h or d")),
+        };
+        if duration.is_zero() {
+            return Err("must be greater than zero".into());
+        }
+        Ok(HumanDuration(duration))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    /// Writes the largest unit that divides the duration exactly.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let millis = self.0.as_millis();
+        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+            if millis >= size && millis.is_multiple_of(size) {
+                return write!(f, "{}{unit}", millis / size);
+            }
+        }
+        write!(f, "{millis}ms")
+    }
+}
+
+/// `off`, or a [`HumanDuration`]: for periodic work that can be disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Option<Duration>);
+
+impl FromStr for Interval {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("off") {
+            Ok(Interval(None))
+        } else {
+            s.parse::<HumanDuration>().map(|d| Interval(Some(d.0))).map_err(|err| format!("{err}, or off"))
+        }
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(duration) => HumanDuration(duration).fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+fn parse_committers(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("expected a whole number, got {s:?}"))?;
+    if (1..=defaults::COMMITTERS_MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be between 1 and {}", defaults::COMMITTERS_MAX))
+    }
+}
+
+fn parse_pool_size(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("expected a whole number, got {s:?}"))?;
+    if (1..=defaults::POOL_SIZE_MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be between 1 and {}", defaults::POOL_SIZE_MAX))
+    }
+}
+
+/// A PostgreSQL connection string whose `Display` and `Debug` hide the
+/// password, so it can be logged; [`DatabaseUrl::expose`] gives the real one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Parses and checks a connection string (URL or key=value form).
+    pub fn parse(raw: &str) -> Result<Self> {
+        // tokio-postgres' parse errors describe the problem, never echo the
+        // input, so they are safe to show.
+        tokio_postgres::Config::from_str(raw).map_err(|err| ConfigError::DatabaseUrl { reason: err.to_string() })?;
+        if has_sslmode(raw) {
+            return Err(ConfigError::SslModeInUrl);
+        }
+        Ok(Self(raw.to_string()))
+    }
+
+    /// The connection string with the password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The parsed tokio-postgres configuration.
+    pub fn to_pg_config(&self) -> tokio_postgres::Config {
+        tokio_postgres::Config::from_str(&self.0).expect("the URL was checked when the DatabaseUrl was built")
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_connection_string(&self.0))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+const REDACTED: &str = "***";
+
+/// Replaces the password of a PostgreSQL connection string (URL userinfo,
+/// `password=` query parameter, or `password=` key) with `***`.
+pub fn redact_connection_string(raw: &str) -> String {
+    if let Some(scheme_end) = raw.find("://") {
+        let (scheme, rest) = raw.split_at(scheme_end + 3);
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let authority = match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let masked = if userinfo.contains(':') { format!("{user}:{REDACTED}") } else { user.to_string() };
+                format!("{masked}{}", &authority[at..])
+            }
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}={REDACTED}"),
+                        _ => pair.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", query.join("&"))
+            }
+            None => tail.to_string(),
+        };
+        format!("{scheme}{authority}{tail}")
+    } else {
+        redact_key_value(raw)
+    }
+}
+
+/// Key=value form: values may be single-quoted with backslash escapes.
+fn redact_key_value(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let trimmed = rest.trim_start();
+        out.push_str(&rest[..rest.len() - trimmed.len()]);
+        rest = trimmed;
+        let Some(eq) = rest.find('=') else {
+            out.push_str(rest);
+            break;
+        };
+        let key = rest[..eq].trim();
+        out.push_str(&rest[..=eq]);
+        rest = rest[eq + 1..].trim_start();
+        let value_len = key_value_len(rest);
+        if key.eq_ignore_ascii_case("password") {
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(&rest[..value_len]);
+        }
+        rest = &rest[value_len..];
+    }
+    out
+}
+
+/// Length of the value at the start of `s` (quoted or up to whitespace).
+fn key_value_len(s: &str) -> usize {
+    let mut chars = s.char_indices();
+    match chars.next() {
+        Some((_, '\'')) => {
+            let mut escaped = false;
+            for (i, c) in chars {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '\'' => return i + 1,
+                    _ => {}
+                }
+            }
+            s.len()
+        }
+        _ => s.find(char::is_whitespace).unwrap_or(s.len()),
+    }
+}
+
+fn has_sslmode(raw: &str) -> bool {
+    raw.to_ascii_lowercase().contains("sslmode")
+}
+
+/// The validated configuration of a serving hub.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address the gRPC service listens on (the binary binds it; `run` takes
+    /// the bound listener).
+    pub listen: SocketAddr,
+    /// Address of the HTTP admin server.
+    pub admin_listen: SocketAddr,
+    /// The store and how to reach it.
+    pub store: StoreConfig,
+    /// TLS of the gRPC service; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+    /// How often retention runs on this replica; `None` disables it here.
+    pub retention_interval: Option<Duration>,
+    /// Age after which a checkpoint stops holding back retention.
+    pub checkpoint_max_age: Duration,
+    /// How often the store is probed for the gRPC health status.
+    pub health_interval: Duration,
+    /// How long shutdown waits for open calls and streams.
+    pub shutdown_grace: Duration,
+}
+
+/// Which store keeps the log.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// PostgreSQL, shared by any number of replicas.
+    Postgres(PostgresConfig),
+    /// An embedded SQLite file, one replica only.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The connection string (password redacted when printed).
+    pub url: DatabaseUrl,
+    /// TLS to the server.
+    pub tls: DatabaseTls,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Group committers (each holds a pooled connection while committing).
+    pub committers: usize,
+}
+
+impl PostgresConfig {
+    /// A configuration for `url` with the defaults: no TLS settings beyond
+    /// `prefer`, the default pool size. For tests and tools.
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(Self {
+            url: DatabaseUrl::parse(url)?,
+            tls: DatabaseTls::Prefer,
+            pool_size: defaults::POOL_SIZE,
+            committers: defaults::COMMITTERS,
+        })
+    }
+}
+
+/// TLS to PostgreSQL, validated: `VerifyFull` carries its CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTls {
+    /// Plain TCP.
+    Disable,
+    /// TLS when offered, unverified.
+    Prefer,
+    /// TLS always, unverified.
+    Require,
+    /// TLS always, verified against the CA in this PEM file.
+    VerifyFull {
+        /// PEM file of the CA.
+        ca_file: PathBuf,
+    },
+}
+
+impl DatabaseTls {
+    /// The mode's name as the flag spells it.
+    pub fn mode(&self) -> DatabaseTlsMode {
+        match self {
+            DatabaseTls::Disable => DatabaseTlsMode::Disable,
+            DatabaseTls::Prefer => DatabaseTlsMode::Prefer,
+            DatabaseTls::Require => DatabaseTlsMode::Require,
+            DatabaseTls::VerifyFull { .. } => DatabaseTlsMode::VerifyFull,
+        }
+    }
+}
+
+/// PEM files of the gRPC service's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// The certificate's private key.
+    pub key: PathBuf,
+    /// CA(s) for client certificates; `Some` turns on mutual TLS.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Checks how the flags combine and builds the [`Config`].
+    pub fn validate(&self) -> Result<Config> {
+        Ok(Config {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            store: self.store.validate()?,
+            tls: self.tls.validate()?,
+            retention_interval: self.retention_interval.0,
+            checkpoint_max_age: self.checkpoint_max_age.0,
+            health_interval: self.health_interval.0,
+            shutdown_grace: self.shutdown_grace.0,
+        })
+    }
+}
+
+impl StoreArgs {
+    /// Checks the store flags.
+    pub fn validate(&self) -> Result<StoreConfig> {
+        let Some(raw) = &self.database_url else {
+            let path = self.sqlite_path.clone().unwrap_or_else(|| PathBuf::from(defaults::SQLITE_PATH));
+            return Ok(StoreConfig::Sqlite { path });
+        };
+        let url = DatabaseUrl::parse(raw)?;
+        let tls = match (self.database_tls, &self.database_ca_file) {
+            (DatabaseTlsMode::VerifyFull, Some(ca_file)) => DatabaseTls::VerifyFull { ca_file: ca_file.clone() },
+            (DatabaseTlsMode::VerifyFull, None) => return Err(ConfigError::DatabaseCaRequired),
+            (mode, Some(_)) => return Err(ConfigError::DatabaseCaUnused { mode }),
+            (DatabaseTlsMode::Disable, None) => DatabaseTls::Disable,
+            (DatabaseTlsMode::Prefer, None) => DatabaseTls::Prefer,
+            (DatabaseTlsMode::Require, None) => DatabaseTls::Require,
+        };
+        // Committers hold a connection each while committing; the rest of
+        // the pool serves reads, leases and checkpoints.
+        if self.database_pool_size <= self.committers {
+            return Err(ConfigError::PoolTooSmall { pool_size: self.database_pool_size, committers: self.committers });
+        }
+        Ok(StoreConfig::Postgres(PostgresConfig {
+            url,
+            tls,
+            pool_size: self.database_pool_size,
+            committers: self.committers,
+        }))
+    }
+}
+
+impl StoreArgs {
+    /// Checks the store flags of a command that needs PostgreSQL.
+    pub fn validate_postgres(&self, command: &'static str) -> Result<PostgresConfig> {
+        match self.validate()? {
+            StoreConfig::Postgres(config) => Ok(config),
+            StoreConfig::Sqlite { .. } => Err(ConfigError::DatabaseRequired { command }),
+        }
+    }
+}
+
+impl TlsArgs {
+    /// Checks the TLS flags.
+    pub fn validate(&self) -> Result<Option<TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                Ok(Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() }))
+            }
+            (Some(_), None) => Err(ConfigError::TlsHalfConfigured { given: "--tls-cert", missing: "--tls-key" }),
+            (None, Some(_)) => Err(ConfigError::TlsHalfConfigured { given: "--tls-key", missing: "--tls-cert" }),
+            (None, None) if self.tls_client_ca.is_some() => Err(ConfigError::ClientCaWithoutTls),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for embedding the hub or testing it: `store`, both
+    /// servers on ephemeral loopback ports (`127.0.0.1:0`), no TLS, and every
+    /// other setting at its default.
+    pub fn for_store(store: StoreConfig) -> Self {
+        let ephemeral = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            listen: ephemeral,
+            admin_listen: ephemeral,
+            store,
+            tls: None,
+            retention_interval: Some(defaults::RETENTION_INTERVAL),
+            checkpoint_max_age: defaults::CHECKPOINT_MAX_AGE,
+            health_interval: defaults::HEALTH_INTERVAL,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+        }
+    }
+
+    /// [`Config::for_store`] on PostgreSQL at `url` (TLS `prefer`, default
+    /// pool).
+    pub fn for_postgres(url: &str) -> Result<Self> {
+        Ok(Self::for_store(StoreConfig::Postgres(PostgresConfig::new(url)?)))
+    }
+
+    /// [`Config::for_store`] on an embedded SQLite file.
+    pub fn for_sqlite(path: impl Into<PathBuf>) -> Self {
+        Self::for_store(StoreConfig::Sqlite { path: path.into() })
+    }
+
+    /// Logs the effective configuration at INFO, secrets redacted.
+    pub fn log_effective(&self) {
+        let not_used = || "n/a".to_string();
+        let (store, database_tls, pool_size, committers) = match &self.store {
+            StoreConfig::Postgres(pg) => (
+                format!("postgres {}", pg.url),
+                pg.tls.mode().to_string(),
+                pg.pool_size.to_string(),
+                pg.committers.to_string(),
+            ),
+            StoreConfig::Sqlite { path } => (format!("sqlite {}", path.display()), not_used(), not_used(), not_used()),
+        };
+        tracing::info!(
+            listen = %self.listen,
+            admin_listen = %self.admin_listen,
+            store = %store,
+            database_tls = %database_tls,
+            database_pool_size = %pool_size,
+            committers = %committers,
+            retention_interval = %Interval(self.retention_interval),
+            checkpoint_max_age = %HumanDuration(self.checkpoint_max_age),
+            tls = %self.tls_summary(),
+            health_interval = %HumanDuration(self.health_interval),
+            shutdown_grace = %HumanDuration(self.shutdown_grace),
+            "effective configuration"
+        );
+    }
+
+    fn tls_summary(&self) -> String {
+        match &self.tls {
+            None => "off".into(),
+            Some(TlsFiles { cert, key, client_ca: None }) => {
+                format!("server cert {} key {}", cert.display(), key.display())
+            }
+            Some(TlsFiles { cert, key, client_ca: Some(ca) }) => {
+                format!("mutual: server cert {} key {} client ca {}", cert.display(), key.display(), ca.display())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Config {
+    /// One `name = value` line per setting, named like the flags, secrets
+    /// redacted (what `omnirelay-hub config` prints).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "listen = {}", self.listen)?;
+        writeln!(f, "admin-listen = {}", self.admin_listen)?;
+        match &self.store {
+            StoreConfig::Postgres(pg) => {
+                writeln!(f, "database-url = {}", pg.url)?;
+                writeln!(f, "database-tls = {}", pg.tls.mode())?;
+                if let DatabaseTls::VerifyFull { ca_file } = &pg.tls {
+                    writeln!(f, "database-ca-file = {}", ca_file.display())?;
+                }
+                writeln!(f, "database-pool-size = {}", pg.pool_size)?;
+                writeln!(f, "committers = {}", pg.committers)?;
+            }
+            StoreConfig::Sqlite { path } => writeln!(f, "sqlite-path = {}", path.display())?,
+        }
+        writeln!(f, "tls = {}", self.tls_summary())?;
+        writeln!(f, "retention-interval = {}", Interval(self.retention_interval))?;
+        writeln!(f, "checkpoint-max-age = {}", HumanDuration(self.checkpoint_max_age))?;
+        writeln!(f, "health-interval = {}", HumanDuration(self.health_interval))?;
+        writeln!(f, "shutdown-grace = {}", HumanDuration(self.shutdown_grace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("omnirelay-hub").chain(args.iter().copied()))
+    }
+
+    fn config(args: &[&str]) -> Result<Config> {
+        parse(args).expect("arguments should parse").serve_args().validate()
+    }
+
+    #[test]
+    fn defaults_select_sqlite_on_loopback() {
+        let config = config(&[]).expect("defaults should be valid");
+        assert_eq!(config.listen.to_string(), defaults::LISTEN);
+        assert_eq!(config.admin_listen.to_string(), defaults::ADMIN_LISTEN);
+        assert!(
+            matches!(config.store, StoreConfig::Sqlite { ref path } if path == &PathBuf::from(defaults::SQLITE_PATH))
+        );
+        assert_eq!(config.tls, None);
+        assert_eq!(config.shutdown_grace, defaults::SHUTDOWN_GRACE);
+    }
+
+    #[test]
+    fn serve_subcommand_takes_the_same_flags() {
+        let cli = parse(&["serve", "--listen", "0.0.0.0:9000"]).expect("should parse");
+        assert!(matches!(cli.command, Some(Command::Serve(_))));
+        assert_eq!(cli.serve_args().listen.to_string(), "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn database_url_selects_postgres_with_prefer() {
+        let config = config(&["--database-url", "postgres://hub:secret@db:5432/hub"]).expect("valid");
+        let StoreConfig::Postgres(pg) = config.store else { panic!("expected PostgreSQL") };
+        assert_eq!(pg.tls, DatabaseTls::Prefer);
+        assert_eq!(pg.pool_size, defaults::POOL_SIZE);
+        assert_eq!(pg.url.expose(), "postgres://hub:secret@db:5432/hub");
+    }
+
+    #[test]
+    fn sqlite_path_conflicts_with_database_url() {
+        let err = parse(&["--database-url", "postgres://db/hub", "--sqlite-path", "x.db"])
+            .expect_err("both stores at once should be refused");
+        let message = err.to_string();
+        assert!(message.contains("--sqlite-path") && message.contains("--database-url"), "{message}");
+    }
+
+    #[test]
+    fn bad_listen_address_names_the_flag() {
+        let message = parse(&["--listen", "not-an-address"]).expect_err("should fail").to_string();
+        assert!(message.contains("--listen"), "{message}");
+    }
+
+    #[test]
+    fn pool_size_out_of_range_names_the_flag() {
+        for bad in ["0", "100000", "many"] {
+            let message = parse(&["--database-pool-size", bad]).expect_err("should fail").to_string();
+            assert!(message.contains("--database-pool-size"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_name_the_flag() {
+        let message = parse(&["--shutdown-grace", "30"]).expect_err("should fail").to_string();
+        assert!(message.contains("--shutdown-grace") && message.contains("unit"), "{message}");
+        let message = parse(&["--health-interval", "0s"]).expect_err("should fail").to_string();
+        assert!(message.contains("--health-interval") && message.contains("greater than zero"), "{message}");
+        let config = config(&["--shutdown-grace", "1500ms", "--health-interval", "2m"]).expect("valid");
+        assert_eq!(config.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(config.health_interval, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn human_durations_round_trip() {
+        for text in ["250ms", "20s", "1500ms", "5m", "7d", "90s"] {
+            let parsed: HumanDuration = text.parse().expect("should parse");
+            assert_eq!(parsed.to_string(), text);
+        }
+        assert_eq!("5m".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(300)));
+        assert_eq!("1h".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(3600)));
+        assert!("5 minutes".parse::<HumanDuration>().is_err());
+        assert_eq!(HumanDuration(Duration::from_secs(3600)).to_string(), "1h");
+    }
+
+    #[test]
+    fn retention_can_be_turned_off_here() {
+        assert_eq!(config(&[]).expect("valid").retention_interval, Some(defaults::RETENTION_INTERVAL));
+        assert_eq!(config(&["--retention-interval", "off"]).expect("valid").retention_interval, None);
+        assert_eq!(
+            config(&["--retention-interval", "30s"]).expect("valid").retention_interval,
+            Some(Duration::from_secs(30))
+        );
+        let message = parse(&["--retention-interval", "sometimes"]).expect_err("should fail").to_string();
+        assert!(message.contains("--retention-interval") && message.contains("or off"), "{message}");
+        assert_eq!(
+            config(&["--checkpoint-max-age", "2d"]).expect("valid").checkpoint_max_age,
+            Duration::from_secs(172_800)
+        );
+    }
+
+    #[test]
+    fn the_pool_must_hold_more_than_the_committers() {
+        let err = config(&["--database-url", "postgres://db/hub", "--database-pool-size", "2", "--committers", "2"])
+            .expect_err("no connection left for reads");
+        assert_eq!(err, ConfigError::PoolTooSmall { pool_size: 2, committers: 2 });
+        let message = err.to_string();
+        assert!(message.contains("--database-pool-size") && message.contains("--committers"), "{message}");
+        let message = parse(&["--committers", "0"]).expect_err("at least one").to_string();
+        assert!(message.contains("--committers"), "{message}");
+    }
+
+    #[test]
+    fn tls_cert_without_key_names_both_flags() {
+        let err = config(&["--tls-cert", "c.pem"]).expect_err("half TLS should fail");
+        assert_eq!(err, ConfigError::TlsHalfConfigured { given: "--tls-cert", missing: "--tls-key" });
+        assert!(err.to_string().contains("--tls-key"));
+        let err = config(&["--tls-key", "k.pem"]).expect_err("half TLS should fail");
+        assert!(err.to_string().starts_with("--tls-key needs --tls-cert"), "{err}");
+    }
+
+    #[test]
+    fn client_ca_needs_server_tls() {
+        assert_eq!(config(&["--tls-client-ca", "ca.pem"]).expect_err("should fail"), ConfigError::ClientCaWithoutTls);
+        let config =
+            config(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]).expect("valid mTLS");
+        assert_eq!(config.tls.and_then(|t| t.client_ca), Some(PathBuf::from("ca.pem")));
+    }
+
+    #[test]
+    fn verify_full_requires_a_ca_file() {
+        let err = config(&["--database-url", "postgres://db/hub", "--database-tls", "verify-full"])
+            .expect_err("verify-full without CA should fail");
+        assert_eq!(err, ConfigError::DatabaseCaRequired);
+        assert!(err.to_string().contains("--database-ca-file"));
+        let config = config(&[
+            "--database-url",
+            "postgres://db/hub",
+            "--database-tls",
+            "verify-full",
+            "--database-ca-file",
+            "/etc/pg/ca.pem",
+        ])
+        .expect("valid");
+        let StoreConfig::Postgres(pg) = config.store else { panic!("expected PostgreSQL") };
+        assert_eq!(pg.tls, DatabaseTls::VerifyFull { ca_file: "/etc/pg/ca.pem".into() });
+    }
+
+    #[test]
+    fn ca_file_without_verify_full_is_refused() {
+        let err = config(&["--database-url", "postgres://db/hub", "--database-ca-file", "ca.pem"])
+            .expect_err("an unused CA should be refused");
+        assert_eq!(err, ConfigError::DatabaseCaUnused { mode: DatabaseTlsMode::Prefer });
+        assert!(err.to_string().contains("got prefer"), "{err}");
+    }
+
+    #[test]
+    fn sslmode_in_url_points_to_the_flag() {
+        let err = config(&["--database-url", "postgres://db/hub?sslmode=require"]).expect_err("should fail");
+        assert_eq!(err, ConfigError::SslModeInUrl);
+        assert!(err.to_string().contains("--database-tls"));
+    }
+
+    #[test]
+    fn unparsable_database_url_does_not_echo_the_password() {
+        let err = config(&["--database-url", "postgres://hub:hunter2@db:notaport/hub"]).expect_err("should fail");
+        let message = err.to_string();
+        assert!(message.starts_with("--database-url"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn url_passwords_are_redacted() {
+        let cases = [
+            ("postgres://hub:hunter2@db:5432/hub", "postgres://hub:***@db:5432/hub"),
+            ("postgresql://hub@db/hub", "postgresql://hub@db/hub"),
+            ("postgres://hub:p%40ss@h1,h2/hub?application_name=x", "postgres://hub:***@h1,h2/hub?application_name=x"),
+            ("postgres://db/hub?user=hub&password=hunter2", "postgres://db/hub?user=hub&password=***"),
+            ("postgres://db", "postgres://db"),
+        ];
+        for (raw, redacted) in cases {
+            assert_eq!(redact_connection_string(raw), redacted, "{raw}");
+        }
+    }
+
+    #[test]
+    fn key_value_passwords_are_redacted() {
+        let cases = [
+            ("host=db user=hub password=hunter2 dbname=hub", "host=db user=hub password=*** dbname=hub"),
+            ("host=db password='two words\\' quoted' dbname=hub", "host=db password=*** dbname=hub"),
+            ("host=db password = spaced dbname=hub", "host=db password =*** dbname=hub"),
+        ];
+        for (raw, redacted) in cases {
+            assert_eq!(redact_connection_string(raw), redacted, "{raw}");
+        }
+    }
+
+    #[test]
+    fn printed_config_hides_the_password() {
+        let config = config(&["--database-url", "postgres://hub:hunter2@db/hub"]).expect("valid");
+        let printed = config.to_string();
+        let debugged = format!("{config:?}");
+        assert!(printed.contains("database-url = postgres://hub:***@db/hub"), "{printed}");
+        assert!(!printed.contains("hunter2") && !debugged.contains("hunter2"), "{printed}\n{debugged}");
+    }
+
+    #[test]
+    fn migrate_needs_a_database_and_takes_its_tls_flags() {
+        let cli =
+            parse(&["migrate", "--database-url", "postgres://db/hub", "--database-tls", "require"]).expect("parse");
+        let Some(Command::Migrate(store)) = cli.command else { panic!("expected migrate") };
+        assert_eq!(store.validate_postgres("migrate").expect("valid").tls, DatabaseTls::Require);
+        let Some(Command::Migrate(store)) = parse(&["migrate"]).expect("parse").command else { panic!("migrate") };
+        let err = store.validate_postgres("migrate").expect_err("no database");
+        assert_eq!(err, ConfigError::DatabaseRequired { command: "migrate" });
+        assert!(err.to_string().starts_with("migrate needs --database-url"), "{err}");
+    }
+
+    #[test]
+    fn verify_selects_a_shard_or_a_prefix_of_either_store() {
+        let cli = parse(&["verify", "--shard", "resourcelease.users"]).expect("parse");
+        let Some(Command::Verify(args)) = cli.command else { panic!("expected verify") };
+        assert_eq!(args.shard.as_deref(), Some("resourcelease.users"));
+        assert!(matches!(args.store.validate(), Ok(StoreConfig::Sqlite { .. })));
+        let message = parse(&["verify", "--shard", "a", "--prefix", "b"]).expect_err("one or the other").to_string();
+        assert!(message.contains("--shard") && message.contains("--prefix"), "{message}");
+    }
+
+    #[test]
+    fn log_flags_are_accepted_by_every_subcommand() {
+        let cli = parse(&["config", "--log-format", "json", "--log", "debug"]).expect("should parse");
+        assert_eq!(cli.log.log_format, LogFormat::Json);
+        assert_eq!(cli.log.log, "debug");
+    }
+
+    #[test]
+    fn every_setting_has_its_environment_variable() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let arguments =
+            command.get_arguments().chain(command.get_subcommands().flat_map(|subcommand| subcommand.get_arguments()));
+        for arg in arguments {
+            // --shard and --prefix pick what one `verify` run looks at; they
+            // are not settings of the hub.
+            if ["help", "version", "shard", "prefix"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            let long = arg.get_long().expect("every flag should have a long name");
+            let expected = format!("OMNIRELAY_HUB_{}", long.to_uppercase().replace('-', "_"));
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            assert_eq!(env, expected, "--{long}");
+        }
+    }
+}

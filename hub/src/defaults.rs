@@ -1,0 +1,212 @@
+//! Every limit, size and timeout of the hub, with the reason for its value.
+
+use std::time::Duration;
+
+/// Longest shard, producer, subscriber or owner id. Ids travel in every
+/// notification payload and metric label; 200 bytes fits any sensible
+/// namespace with room to spare and keeps payloads far below PostgreSQL's
+/// 8,000-byte NOTIFY limit.
+pub const MAX_NAME_BYTES: usize = 200;
+
+/// Most events in one append batch. Batches are the unit of idempotency and
+/// of the acknowledgement; 10,000 keeps one batch's decode and hashing well
+/// under a millisecond per thousand and bounds what one request can pin.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+/// Largest encoded event. Events are queue mutations, usually a few hundred
+/// bytes; an item body belongs in object storage past this size.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Largest snapshot. A queue snapshot of a few hundred thousand items fits;
+/// it travels in one gRPC message, so it also sets the message limit below.
+pub const MAX_SNAPSHOT_BYTES: usize = 32 * 1024 * 1024;
+
+/// Largest gRPC message the hub encodes or decodes: a full snapshot plus its
+/// frame, or a maximal batch. Clients must raise their own limit to match.
+pub const MAX_MESSAGE_BYTES: usize = MAX_SNAPSHOT_BYTES + 1024 * 1024;
+
+/// Most events one group commit writes. Large enough that 64 producers'
+/// batches share a transaction (the point of group commit), small enough
+/// that one transaction's insert stays in the tens of milliseconds, which
+/// bounds the latency a batch waits behind the group before it.
+pub const MAX_GROUP_EVENTS: usize = 20_000;
+
+/// Most batches in one group commit (each batch costs a producer record).
+pub const MAX_GROUP_BATCHES: usize = 2_000;
+
+/// Group committers per replica, each with its own connection; shards are
+/// spread over them by hash so one shard's batches keep their order. Two,
+/// because two COPY connections already saturate a two-core database server
+/// and more only add lock and WAL contention.
+pub const COMMITTERS: usize = 2;
+
+/// Most events queued for commit on one replica before appends are refused
+/// with "overloaded": about a second of the target throughput, so a stalled
+/// database shows up as fast errors rather than unbounded memory.
+pub const MAX_PENDING_EVENTS: usize = 200_000;
+
+/// Connections in the pool: the committers, the live-tail readers, catch-up
+/// reads of subscribers, leases and checkpoints. Sixteen keeps a replica's
+/// footprint small enough to run a dozen replicas under PostgreSQL's default
+/// 100 connections.
+pub const POOL_SIZE: usize = 16;
+
+/// Longest wait for a pooled connection, and for a new connection, before a
+/// request fails as unavailable. A healthy pool answers in microseconds; two
+/// seconds means the database is down, and the caller should hear so fast.
+pub const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Attempts for a transaction that failed with a serialization failure or a
+/// deadlock. Both are transient by definition (PostgreSQL chose a victim);
+/// three attempts clear them in practice, and a bound keeps a pathological
+/// case from retrying forever.
+pub const TRANSACTION_ATTEMPTS: u32 = 3;
+
+/// Lease length when the caller gives none: long enough to survive a few
+/// missed renewals at a renew-every-third-of-the-TTL cadence, short enough
+/// that a dead owner's shard is taken over within seconds.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Shortest lease: below this, renewals would be a meaningful share of the
+/// database's load and clock jitter between a renewer and PostgreSQL would
+/// expire leases by accident.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(200);
+
+/// Longest lease: a dead owner blocks its shard until the lease lapses.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
+
+/// Events a `ReadRange` returns when the request names no limit.
+pub const READ_RANGE_LIMIT: usize = 1_000;
+
+/// Most events one `ReadRange` may return (about a 10 MB response at
+/// typical sizes).
+pub const MAX_READ_RANGE_LIMIT: usize = 10_000;
+
+/// Events per catch-up read of a subscription. Large, so a subscriber far
+/// behind costs few queries; bounded, so one read's memory stays small.
+pub const CATCH_UP_BATCH: usize = 2_000;
+
+/// Chunks of live events each shard's tail buffers for its subscribers. A
+/// subscriber further behind than this falls back to catch-up reads instead
+/// of slowing anyone down.
+pub const TAIL_BUFFER_CHUNKS: usize = 1_024;
+
+/// Frames buffered per subscription between the shard readers and the gRPC
+/// stream; when the client reads slowly this fills and the readers fall
+/// back to catch-up.
+pub const SUBSCRIBER_BUFFER_FRAMES: usize = 64;
+
+/// Idle time after which a subscription gets a progress frame when the
+/// request names none: often enough to detect a dead stream within a few
+/// seconds, rare enough to cost nothing.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Shortest progress interval a subscriber may ask for.
+pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often a pattern subscription looks for shards created since it
+/// started, besides the notifications that normally announce them.
+pub const PATTERN_RESCAN: Duration = Duration::from_secs(5);
+
+/// Changes buffered for the live tail; a tail that falls further behind
+/// resynchronises from the database.
+pub const CHANGES_BUFFER: usize = 4_096;
+
+/// Pause before reconnecting the notification listener after it lost its
+/// connection, doubled up to [`LISTEN_RETRY_MAX`].
+pub const LISTEN_RETRY: Duration = Duration::from_millis(100);
+
+/// Longest pause between notification listener reconnects.
+pub const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Batches one append stream may have awaiting acknowledgement: enough to
+/// keep a producer's pipe full across a group commit, few enough that one
+/// stream cannot flood the committers.
+pub const APPEND_STREAM_IN_FLIGHT: usize = 128;
+
+/// How often a serving replica applies retention to every shard.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Age after which a checkpoint no longer holds back retention (its
+/// subscriber is presumed gone and will get snapshot plus tail).
+pub const CHECKPOINT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// PostgreSQL notification channel on which commits announce new heads.
+pub const NOTIFY_CHANNEL: &str = "omnirelay_log";
+
+/// Advisory-lock key serialising `omnirelay-hub migrate` runs (ASCII
+/// "omnirly" as a number, unlikely to collide with other users' keys).
+pub const MIGRATION_LOCK_KEY: i64 = 0x006f_6d6e_6972_6c79;
+
+// Operations: listeners, TLS, health, shutdown, the embedded store.
+
+/// Address the gRPC service listens on when `--listen` is not given.
+/// Loopback, so a hub started on a laptop is not reachable from the network
+/// by accident; deployments (the Helm chart) set `0.0.0.0:7400`.
+pub const LISTEN: &str = "127.0.0.1:7400";
+
+/// Address of the HTTP admin server (`/healthz`, `/readyz`, `/metrics`). The
+/// port next to the gRPC one, on loopback for the same reason.
+pub const ADMIN_LISTEN: &str = "127.0.0.1:7401";
+
+/// File of the embedded SQLite store used when no database URL is given:
+/// in the working directory, so `cargo run -p omnirelay-hub` works anywhere
+/// and the file is easy to find (and to delete).
+pub const SQLITE_PATH: &str = "omnirelay-hub.db";
+
+/// Upper bound accepted for `--database-pool-size`: more connections than
+/// this per replica only add lock contention in PostgreSQL.
+pub const POOL_SIZE_MAX: usize = 512;
+
+/// Upper bound accepted for `--committers`: each holds a connection and
+/// commits in parallel with the others; beyond a few, they only contend for
+/// the same WAL.
+pub const COMMITTERS_MAX: usize = 64;
+
+/// How long the server waits for a client's TLS handshake to finish. Slow
+/// or silent clients (or port scanners) must not hold an accept slot.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes in flight at once; beyond this, new connections wait in
+/// the kernel's accept queue. Bounds the memory a connection flood can take.
+pub const TLS_HANDSHAKES_IN_FLIGHT: usize = 256;
+
+/// Pause after a failed `accept` (for example EMFILE, too many open files)
+/// before trying again, so the loop does not spin a core while the process
+/// is out of descriptors.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How often the health monitor probes the store to keep the gRPC health
+/// status current. Kubernetes probes every 10 s by default; probing twice as
+/// often flips NOT_SERVING before the next probe sees a stale answer.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Bound of one readiness probe (a query and the schema-version check): a
+/// database that takes longer is not ready for appends either.
+pub const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long shutdown waits for in-flight calls and open streams after the
+/// hub stopped accepting connections. Kubernetes' default
+/// `terminationGracePeriodSeconds` is 30 s; 20 s leaves time to close the
+/// pool and flush logs before SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Default tracing filter: lifecycle at INFO, nothing per request.
+pub const LOG_FILTER: &str = "info";
+/// Events one live-tail read fetches: a commit rarely adds more, and a tail
+/// that fell behind catches up in few queries.
+pub const TAIL_READ_BATCH: usize = 5_000;
+
+/// Pause before a live-tail reader retries after the store failed it; short,
+/// because subscribers wait on it, and the store's own timeouts already
+/// bound how often a dead database is asked.
+pub const TAIL_RETRY: Duration = Duration::from_millis(200);
+
+/// Largest events frame sent to a subscriber, under the 4 MiB that gRPC
+/// clients accept by default, so subscribers need no special settings.
+pub const MAX_FRAME_BYTES: usize = 3 * 1024 * 1024;
+
+/// Events from which a group commit writes its events with binary COPY
+/// instead of one array INSERT. COPY costs one more round trip but less
+/// server work per row, which pays off from a few hundred rows.
+pub const COPY_MIN_EVENTS: usize = 500;

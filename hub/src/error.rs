@@ -1,0 +1,131 @@
+//! The hub's service-boundary error, and the one place that maps errors to
+//! `tonic::Status` and to per-batch append errors.
+
+use crate::event::CorruptEvent;
+use crate::ids::InvalidInput;
+use crate::proto::hub::v1 as pb;
+use crate::store::StoreError;
+
+/// Failures of a hub request.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The request is malformed; nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// The store refused or failed the operation.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The hub is shutting down.
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+}
+
+/// Result type of hub requests.
+pub type Result<T, E = HubError> = std::result::Result<T, E>;
+
+impl From<CorruptEvent> for HubError {
+    fn from(err: CorruptEvent) -> Self {
+        HubError::Store(StoreError::Corrupt(err))
+    }
+}
+
+impl From<HubError> for tonic::Status {
+    fn from(err: HubError) -> Self {
+        use tonic::Status;
+        match err {
+            HubError::Invalid(input) => Status::invalid_argument(input.to_string()),
+            HubError::ShuttingDown => Status::unavailable(err.to_string()),
+            HubError::Store(store) => match store {
+                StoreError::Invalid(input) => Status::invalid_argument(input.to_string()),
+                StoreError::StaleEpoch { .. } => Status::aborted(store.to_string()),
+                StoreError::UnknownShard { .. } => Status::not_found(store.to_string()),
+                StoreError::NoLease { .. } | StoreError::OutOfOrder { .. } | StoreError::Trimmed { .. } => {
+                    Status::failed_precondition(store.to_string())
+                }
+                StoreError::Overloaded { .. } => Status::resource_exhausted(store.to_string()),
+                // The text names what failed, never the driver's message.
+                StoreError::Unavailable { what, .. } => {
+                    Status::unavailable(format!("the log store is unavailable ({what}); retry"))
+                }
+                StoreError::Closed => Status::unavailable(store.to_string()),
+                StoreError::Corrupt(corrupt) => {
+                    tracing::error!(shard = %corrupt.shard, sequence = %corrupt.sequence, reason = %corrupt.reason, "refusing to serve a corrupt event");
+                    Status::internal(format!("{corrupt}; run `omnirelay-hub verify`"))
+                }
+                StoreError::Schema(_) | StoreError::Internal { .. } => {
+                    tracing::error!(error = %format_args!("{:#}", anyhow::Error::new(store)), "request failed");
+                    Status::internal("internal hub error; see the hub's log")
+                }
+            },
+        }
+    }
+}
+
+/// The per-batch error answered on an append stream (the stream stays open).
+pub fn append_error(err: &StoreError) -> pb::AppendError {
+    use pb::AppendErrorCode as Code;
+    let (code, current_epoch, expected_producer_seq) = match err {
+        StoreError::StaleEpoch { current, .. } => (Code::StaleEpoch, current.0, 0),
+        StoreError::NoLease { .. } | StoreError::UnknownShard { .. } => (Code::NoLease, 0, 0),
+        StoreError::OutOfOrder { expected, .. } => (Code::OutOfOrder, 0, expected.0),
+        StoreError::Invalid(_) | StoreError::Trimmed { .. } => (Code::Invalid, 0, 0),
+        StoreError::Unavailable { .. } | StoreError::Overloaded { .. } | StoreError::Closed => {
+            (Code::Unavailable, 0, 0)
+        }
+        StoreError::Corrupt(_) | StoreError::Schema(_) | StoreError::Internal { .. } => (Code::Internal, 0, 0),
+    };
+    let message = match err {
+        StoreError::Unavailable { what, .. } => format!("the log store is unavailable ({what}); retry"),
+        StoreError::Internal { .. } | StoreError::Schema(_) => {
+            tracing::error!(error = %err, "append failed");
+            "internal hub error; see the hub's log".to_string()
+        }
+        other => other.to_string(),
+    };
+    pb::AppendError { code: code as i32, message, current_epoch, expected_producer_seq }
+}
+
+/// The per-batch error for a request that failed validation.
+pub fn invalid_batch(err: &InvalidInput) -> pb::AppendError {
+    pb::AppendError {
+        code: pb::AppendErrorCode::Invalid as i32,
+        message: err.to_string(),
+        current_epoch: 0,
+        expected_producer_seq: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Epoch, ShardId};
+
+    fn shard() -> ShardId {
+        ShardId::parse("resourcelease.users").expect("valid")
+    }
+
+    #[test]
+    fn stale_epochs_abort_and_name_the_current_epoch() {
+        let err = StoreError::StaleEpoch { shard: shard(), given: Epoch(1), current: Epoch(3) };
+        let answer = append_error(&err);
+        assert_eq!((answer.code, answer.current_epoch), (pb::AppendErrorCode::StaleEpoch as i32, 3));
+        let status = tonic::Status::from(HubError::Store(err));
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(status.message().contains("current epoch is 3"), "{}", status.message());
+    }
+
+    #[test]
+    fn outages_are_unavailable_without_driver_text() {
+        let err = StoreError::Unavailable { what: "read events", source: "password=secret SELECT ...".into() };
+        let status = tonic::Status::from(HubError::Store(err));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(!status.message().contains("SELECT") && !status.message().contains("secret"));
+    }
+
+    #[test]
+    fn invalid_input_names_the_field() {
+        let status = tonic::Status::from(HubError::Invalid(InvalidInput::new("shard_id", "must not be empty")));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("shard_id:"));
+    }
+}

@@ -1,0 +1,148 @@
+//! `omnirelay-hub`: the replication hub binary. Parses flags and
+//! `OMNIRELAY_HUB_*` variables into a validated [`omnirelay_hub::Config`] and
+//! calls the library; nothing else happens here.
+//!
+//! Subcommands: `serve` (the default), `config` (print the effective
+//! configuration, secrets redacted), `migrate` (apply the PostgreSQL schema
+//! under an advisory lock), `verify` (walk shards' hash chains and report the
+//! first corrupt sequence; exit status 1 when one is found).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use omnirelay_hub::config::{Cli, Command, ConfigError, ServeArgs, StoreConfig, VerifyArgs};
+use omnirelay_hub::store::LogStore;
+use omnirelay_hub::store::postgres::{self, PgStore, PgStoreConfig};
+use omnirelay_hub::store::sqlite::SqliteStore;
+use omnirelay_hub::{shutdown, telemetry, verify};
+
+/// Exit status of a configuration error, like clap's for a bad flag.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    // One TLS backend for the whole process, installed before anything
+    // builds a TLS configuration (if another provider were compiled in,
+    // rustls would otherwise refuse to pick one).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    if let Err(err) = telemetry::init_tracing(&cli.log) {
+        #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
+        {
+            eprintln!("error: {err:#}");
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "failed to start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(code) => code,
+        Err(err) if err.downcast_ref::<ConfigError>().is_some() => {
+            tracing::error!("invalid configuration: {err:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(err) => {
+            tracing::error!("failed to {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        None => serve(&cli.serve).await,
+        Some(Command::Serve(args)) => serve(&args).await,
+        Some(Command::Config(args)) => {
+            let config = args.validate()?;
+            print_stdout(&config.to_string());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Migrate(args)) => {
+            let config = PgStoreConfig::from_config(&args.validate_postgres("migrate")?);
+            let report = postgres::migrate_with(&config).await.context("migrate the database")?;
+            tracing::info!(version = report.version, applied = ?report.applied, "schema is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Verify(args)) => verify(&args).await,
+    }
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = args.validate()?;
+    config.log_effective();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {} (--listen)", config.listen))?;
+    omnirelay_hub::run(config, listener, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let store: Box<dyn LogStore> = match args.store.validate()? {
+        StoreConfig::Postgres(config) => {
+            Box::new(PgStore::open(PgStoreConfig::from_config(&config)).await.context("open the PostgreSQL log store")?)
+        }
+        StoreConfig::Sqlite { path } => {
+            Box::new(SqliteStore::open(path).await.context("open the embedded SQLite log store")?)
+        }
+    };
+    let reports = match &args.shard {
+        Some(shard) => {
+            let shard = omnirelay_hub::ids::ShardId::parse(shard.clone()).context("read --shard")?;
+            vec![verify::verify_shard(store.as_ref(), shard).await.context("verify the shard")?]
+        }
+        None => verify::verify_all(store.as_ref(), &args.prefix).await.context("verify shards")?,
+    };
+    let corrupt = print_reports(&reports);
+    store.close().await.context("close the log store")?;
+    Ok(if corrupt { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Prints one line per shard; returns whether any shard is corrupt.
+fn print_reports(reports: &[verify::ShardReport]) -> bool {
+    let mut corrupt = false;
+    let mut out = String::new();
+    for report in reports {
+        match &report.corrupt {
+            None => out.push_str(&format!(
+                "ok       {} events={} low={} head={}\n",
+                report.shard, report.checked, report.low, report.head
+            )),
+            Some(bad) => {
+                corrupt = true;
+                out.push_str(&format!(
+                    "CORRUPT  {} first corrupt sequence {}: {}\n",
+                    report.shard, bad.sequence, bad.reason
+                ));
+            }
+        }
+    }
+    if reports.is_empty() {
+        out.push_str("no shards to verify\n");
+    }
+    print_stdout(&out);
+    corrupt
+}
+
+/// The command's output (reports, the printed configuration), as opposed to
+/// logs, which go to standard error.
+#[allow(clippy::print_stdout)]
+fn print_stdout(text: &str) {
+    print!("{text}");
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    match shutdown::signal().await {
+        Ok(signal) => tracing::info!(signal, "shutdown requested"),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM or SIGINT; stop the hub with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

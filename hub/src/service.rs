@@ -1,0 +1,284 @@
+//! The `omnirelay.hub.v1.Hub` gRPC service: request handling on top of the
+//! store, the live tail and subscriptions. Conversions live in
+//! [`crate::wire`], error mapping in [`crate::error`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use crate::defaults;
+use crate::error::{self, HubError};
+use crate::event;
+use crate::ids::{Epoch, InvalidInput, Sequence};
+use crate::proto::hub::v1 as pb;
+use crate::store::LogStore;
+use crate::subscribe::{FrameStream, Subscriptions};
+use crate::telemetry::{self, HubCounters, ReadPurpose};
+use crate::wire;
+
+/// The Hub service of one replica.
+#[derive(Clone)]
+pub struct HubService {
+    store: Arc<dyn LogStore>,
+    counters: Arc<HubCounters>,
+    subscriptions: Subscriptions,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl HubService {
+    pub(crate) fn new(
+        store: Arc<dyn LogStore>,
+        counters: Arc<HubCounters>,
+        subscriptions: Subscriptions,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self { store, counters, subscriptions, cancel, tasks }
+    }
+}
+
+type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::AppendResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::hub_server::Hub for HubService {
+    type AppendStream = AppendStream;
+    type SubscribeStream = FrameStream;
+
+    async fn append(&self, request: Request<Streaming<pb::AppendRequest>>) -> Result<Response<AppendStream>, Status> {
+        let inbound = request.into_inner();
+        let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
+        // The stream's task keeps the request's span (method, principal), so
+        // its logs say who was appending.
+        self.tasks.spawn(
+            serve_appends(self.store.clone(), inbound, out, self.cancel.clone()).instrument(tracing::Span::current()),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+    }
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<FrameStream>, Status> {
+        let selection = wire::selection(request.into_inner()).map_err(HubError::from)?;
+        Ok(Response::new(self.subscriptions.start(selection).await?))
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::CommitCheckpointRequest>,
+    ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let request = request.into_inner();
+        let subscriber = wire::subscriber(request.subscriber_id).map_err(HubError::from)?;
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let commit = self
+            .store
+            .commit_checkpoint(subscriber, shard, Sequence(request.sequence))
+            .await
+            .map_err(HubError::from)?;
+        Ok(Response::new(pb::CommitCheckpointResponse {
+            checkpoint: Some(wire::checkpoint(&commit.checkpoint)),
+            moved: commit.moved,
+        }))
+    }
+
+    async fn get_checkpoints(
+        &self,
+        request: Request<pb::GetCheckpointsRequest>,
+    ) -> Result<Response<pb::GetCheckpointsResponse>, Status> {
+        let request = request.into_inner();
+        let subscriber = if request.subscriber_id.is_empty() {
+            None
+        } else {
+            Some(wire::subscriber(request.subscriber_id).map_err(HubError::from)?)
+        };
+        let shards = request
+            .shard_ids
+            .into_iter()
+            .map(|id| wire::shard("shard_ids", id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(HubError::from)?;
+        let checkpoints = self.store.checkpoints(subscriber, shards).await.map_err(HubError::from)?;
+        Ok(Response::new(pb::GetCheckpointsResponse {
+            checkpoints: checkpoints.iter().map(wire::checkpoint).collect(),
+        }))
+    }
+
+    async fn acquire_shard(
+        &self,
+        request: Request<pb::AcquireShardRequest>,
+    ) -> Result<Response<pb::AcquireShardResponse>, Status> {
+        let request = request.into_inner();
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let owner = wire::owner(request.owner).map_err(HubError::from)?;
+        let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
+        let grant = self.store.acquire_shard(shard, owner, ttl).await.map_err(HubError::from)?;
+        if grant.granted {
+            tracing::info!(shard = %grant.lease.shard, epoch = %grant.lease.epoch, "granted a shard lease");
+        }
+        Ok(Response::new(pb::AcquireShardResponse { granted: grant.granted, lease: Some(wire::lease(&grant.lease)) }))
+    }
+
+    async fn renew_shard(
+        &self,
+        request: Request<pb::RenewShardRequest>,
+    ) -> Result<Response<pb::RenewShardResponse>, Status> {
+        let request = request.into_inner();
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let owner = wire::owner(request.owner).map_err(HubError::from)?;
+        let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
+        let lease = self.store.renew_shard(shard, owner, Epoch(request.epoch), ttl).await.map_err(HubError::from)?;
+        Ok(Response::new(pb::RenewShardResponse { lease: Some(wire::lease(&lease)) }))
+    }
+
+    async fn release_shard(
+        &self,
+        request: Request<pb::ReleaseShardRequest>,
+    ) -> Result<Response<pb::ReleaseShardResponse>, Status> {
+        let request = request.into_inner();
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let owner = wire::owner(request.owner).map_err(HubError::from)?;
+        let released = self.store.release_shard(shard, owner, Epoch(request.epoch)).await.map_err(HubError::from)?;
+        Ok(Response::new(pb::ReleaseShardResponse { released }))
+    }
+
+    async fn read_range(
+        &self,
+        request: Request<pb::ReadRangeRequest>,
+    ) -> Result<Response<pb::ReadRangeResponse>, Status> {
+        let request = request.into_inner();
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        if request.from_sequence == 0 {
+            return Err(HubError::from(InvalidInput::new("from_sequence", "sequences start at 1")).into());
+        }
+        if request.to_sequence != 0 && request.to_sequence < request.from_sequence {
+            return Err(HubError::from(InvalidInput::new(
+                "to_sequence",
+                format!("{} is below from_sequence {}", request.to_sequence, request.from_sequence),
+            ))
+            .into());
+        }
+        let limit = match request.limit as usize {
+            0 => defaults::READ_RANGE_LIMIT,
+            limit => limit.min(defaults::MAX_READ_RANGE_LIMIT),
+        };
+        let to = (request.to_sequence != 0).then_some(Sequence(request.to_sequence));
+        self.counters.read(ReadPurpose::Range);
+        let page = self
+            .store
+            .read_range(shard.clone(), Sequence(request.from_sequence), to, limit)
+            .await
+            .map_err(HubError::from)?;
+        event::verify(&shard, page.from, &page.anchor, &page.events).map_err(HubError::from)?;
+        let events = page
+            .events
+            .iter()
+            .map(|e| wire::event(&shard, e))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(HubError::from)?;
+        Ok(Response::new(pb::ReadRangeResponse { events, head_sequence: page.head.0, low_sequence: page.low.0 }))
+    }
+
+    async fn put_snapshot(
+        &self,
+        request: Request<pb::PutSnapshotRequest>,
+    ) -> Result<Response<pb::PutSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        if request.data.len() > defaults::MAX_SNAPSHOT_BYTES {
+            return Err(HubError::from(InvalidInput::new(
+                "data",
+                format!("{} bytes; the limit is {}", request.data.len(), defaults::MAX_SNAPSHOT_BYTES),
+            ))
+            .into());
+        }
+        let snapshot = self
+            .store
+            .put_snapshot(shard, Sequence(request.sequence), Epoch(request.epoch), request.data)
+            .await
+            .map_err(HubError::from)?;
+        Ok(Response::new(pb::PutSnapshotResponse { snapshot: Some(wire::snapshot(&snapshot, false)) }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let below = (request.at_or_below != 0).then_some(Sequence(request.at_or_below));
+        let snapshot = self.store.snapshot(shard, below).await.map_err(HubError::from)?;
+        Ok(Response::new(pb::GetSnapshotResponse { snapshot: snapshot.map(|s| wire::snapshot(&s, true)) }))
+    }
+}
+
+/// Serves one append stream: reads batches in order (so a producer's batches
+/// are queued in the order sent), keeps up to
+/// [`defaults::APPEND_STREAM_IN_FLIGHT`] awaiting their commit, and answers
+/// each as soon as it is durable or rejected. A rejected batch is answered
+/// and the stream stays open.
+async fn serve_appends(
+    store: Arc<dyn LogStore>,
+    mut inbound: Streaming<pb::AppendRequest>,
+    out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
+    cancel: CancellationToken,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut reading = true;
+    loop {
+        let can_read = reading && in_flight.len() < defaults::APPEND_STREAM_IN_FLIGHT;
+        tokio::select! {
+            () = cancel.cancelled(), if reading => {
+                // Shutting down: accept nothing more, answer what is queued.
+                reading = false;
+            }
+            message = inbound.message(), if can_read => match message {
+                Ok(Some(request)) => {
+                    let batch_id = request.batch_id;
+                    let shard_id = request.shard_id.clone();
+                    match wire::append_batch(request) {
+                        Ok(batch) => {
+                            let received = Instant::now();
+                            let pending = store.append(batch);
+                            in_flight.push(pending.map(move |result| {
+                                metrics::histogram!(telemetry::APPEND_LATENCY).record(received.elapsed().as_secs_f64());
+                                (batch_id, shard_id, result)
+                            }));
+                        }
+                        Err(invalid) => {
+                            let response = pb::AppendResponse {
+                                batch_id,
+                                shard_id,
+                                result: Some(pb::append_response::Result::Error(error::invalid_batch(&invalid))),
+                            };
+                            if out.send(Ok(response)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => reading = false,
+                Err(status) => {
+                    tracing::debug!(error = %status, "append stream broke; its queued batches still commit");
+                    return;
+                }
+            },
+            Some((batch_id, shard_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let result = match result {
+                    Ok(ack) => pb::append_response::Result::Ack(wire::append_ack(&ack)),
+                    Err(err) => pb::append_response::Result::Error(error::append_error(&err)),
+                };
+                if out.send(Ok(pb::AppendResponse { batch_id, shard_id, result: Some(result) })).await.is_err() {
+                    return;
+                }
+            }
+            else => return,
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The storage boundary of the hub: the [`LogStore`] trait, the values it
+//! takes and returns, and its error type.
+//!
+//! A log store keeps, per shard: the ordered, hash-chained event log; the
+//! shard lease (owner, epoch, expiry); producers' batch records (so retries
+//! are recognised); subscribers' checkpoints; snapshots; and the retention
+//! low-water mark. The store is the only source of truth: nothing the hub
+//! decides (epochs, heads, dedupe) is cached in memory across requests.
+//!
+//! Implementations: [`postgres::PgStore`] (the production store, any number of
+//! hub replicas on one database) and the embedded SQLite store (one replica).
+//! Both pass the same contract suite, `store::contract` (feature
+//! `contract-tests`), which pins every behaviour documented here.
+//!
+//! The trait returns boxed futures so the hub can hold an
+//! `Arc<dyn LogStore>` chosen at start-up; the allocation is negligible next
+//! to a database round trip.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tokio::sync::broadcast;
+
+use crate::event::{ChainHash, CorruptEvent, LogEvent, NewEvent};
+use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+
+#[cfg(feature = "contract-tests")]
+pub mod contract;
+pub mod metered;
+pub mod postgres;
+pub mod sqlite;
+
+/// A store operation in flight.
+pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// Result type of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A boxed error source (driver, pool, I/O).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One producer batch for one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendBatch {
+    /// Shard to append to.
+    pub shard: ShardId,
+    /// Producer sending the batch.
+    pub producer: ProducerId,
+    /// The producer's batch counter on this shard.
+    pub producer_seq: ProducerSeq,
+    /// Lease epoch the producer holds; must be the shard's current epoch.
+    pub epoch: Epoch,
+    /// Events in order; at least one.
+    pub events: Vec<NewEvent>,
+}
+
+/// Sequences assigned to an accepted batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendAck {
+    /// Sequence of the batch's first event.
+    pub first: Sequence,
+    /// Sequence of the batch's last event.
+    pub last: Sequence,
+    /// True when the batch had been written before (a retry); nothing was
+    /// written this time.
+    pub duplicate: bool,
+    /// Chain hash of the batch's last event.
+    pub last_hash: ChainHash,
+}
+
+/// A shard's lease as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardLease {
+    /// Shard.
+    pub shard: ShardId,
+    /// Current holder; `None` when free (never granted or released).
+    pub owner: Option<OwnerId>,
+    /// Epoch of the latest grant (0 if never granted).
+    pub epoch: Epoch,
+    /// Last sequence of the shard's log.
+    pub head: Sequence,
+    /// When the lease lapses, by the store's clock; `None` when free.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Outcome of an acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// True when the caller now holds the lease, under a new epoch.
+    pub granted: bool,
+    /// The lease after the call: the caller's when granted, else the holder's.
+    pub lease: ShardLease,
+}
+
+/// Everything the store knows about a shard apart from its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardState {
+    /// Lease and head.
+    pub lease: ShardLease,
+    /// Chain hash of the head event ([`ChainHash::ZERO`] when empty).
+    pub head_hash: ChainHash,
+    /// Lowest sequence still stored; events below were trimmed. Equals
+    /// `head + 1` when every event was trimmed, 1 when none ever was.
+    pub low: Sequence,
+    /// Chain hash of the event just below `low` (the last trimmed one), so
+    /// the first stored event can still be verified.
+    pub low_prev_hash: ChainHash,
+}
+
+/// Consecutive events read from a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPage {
+    /// Shard.
+    pub shard: ShardId,
+    /// The requested first sequence; `events` start there unless empty.
+    pub from: Sequence,
+    /// Stored hash of the event before `from` (the chain anchor).
+    pub anchor: ChainHash,
+    /// Events as stored, linked (`prev_hash` is the stored hash of the row
+    /// before), not yet verified; see [`crate::event::verify`].
+    pub events: Vec<LogEvent>,
+    /// Head of the shard when read.
+    pub head: Sequence,
+    /// Lowest stored sequence when read.
+    pub low: Sequence,
+}
+
+/// A subscriber's position on one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Subscriber.
+    pub subscriber: SubscriberId,
+    /// Shard.
+    pub shard: ShardId,
+    /// Last sequence the subscriber fully processed.
+    pub sequence: Sequence,
+    /// When it last moved, by the store's clock.
+    pub updated_at: SystemTime,
+}
+
+/// Outcome of a checkpoint commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointCommit {
+    /// The stored checkpoint after the commit.
+    pub checkpoint: Checkpoint,
+    /// False when it was already at or past the requested sequence.
+    pub moved: bool,
+}
+
+/// A queue snapshot tied to a position of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Shard.
+    pub shard: ShardId,
+    /// The snapshot reflects every event up to and including this one.
+    pub sequence: Sequence,
+    /// Opaque snapshot bytes.
+    pub data: Bytes,
+    /// Chain hash of the event at `sequence`.
+    pub hash: ChainHash,
+    /// When it was stored, by the store's clock.
+    pub created_at: SystemTime,
+}
+
+/// What retention may trim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Checkpoints updated within this age hold events back; older ones
+    /// belong to subscribers presumed gone, which get the snapshot and then
+    /// the tail when they return.
+    pub checkpoint_max_age: Duration,
+}
+
+/// What retention did on one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Events deleted by this run.
+    pub deleted: u64,
+    /// Lowest stored sequence afterwards.
+    pub low: Sequence,
+}
+
+/// A change to the logs, announced to the hub's live tail.
+#[derive(Debug, Clone)]
+pub enum LogChange {
+    /// A shard's head moved. `events`, when present, are the newly committed
+    /// events ending at `head` (verified by construction: this process
+    /// chained them), so the tail need not read them back.
+    Appended {
+        /// Shard.
+        shard: ShardId,
+        /// New head.
+        head: Sequence,
+        /// The events up to `head`, when this process appended them.
+        events: Option<Arc<[LogEvent]>>,
+    },
+    /// Changes may have been missed (a notification connection was lost):
+    /// listeners must re-read the heads they care about.
+    Resync,
+}
+
+/// Failures of a store operation; each variant is a case callers handle
+/// differently.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The batch or request carried an epoch that is not the shard's current
+    /// one: another owner took over (or the caller never held this epoch).
+    #[error("shard {shard}: epoch {given} is stale; the current epoch is {current}")]
+    StaleEpoch {
+        /// Shard.
+        shard: ShardId,
+        /// Epoch the caller sent.
+        given: Epoch,
+        /// The shard's current epoch.
+        current: Epoch,
+    },
+    /// The shard has no lease holder (never acquired, or released).
+    #[error("shard {shard} has no lease holder; acquire the shard first")]
+    NoLease {
+        /// Shard.
+        shard: ShardId,
+    },
+    /// The shard does not exist (no lease was ever acquired on it).
+    #[error("shard {shard} does not exist")]
+    UnknownShard {
+        /// Shard.
+        shard: ShardId,
+    },
+    /// The batch's producer sequence skips ahead: an earlier batch of this
+    /// producer was not written, so this one must wait for it.
+    #[error("shard {shard}: producer {producer} sent producer_seq {given}; the next expected is {expected}")]
+    OutOfOrder {
+        /// Shard.
+        shard: ShardId,
+        /// Producer.
+        producer: ProducerId,
+        /// Producer sequence received.
+        given: ProducerSeq,
+        /// Producer sequence the store expects next.
+        expected: ProducerSeq,
+    },
+    /// The requested events were trimmed by retention.
+    #[error("shard {shard}: events below {low} were trimmed; start from the newest snapshot")]
+    Trimmed {
+        /// Shard.
+        shard: ShardId,
+        /// Lowest stored sequence.
+        low: Sequence,
+    },
+    /// A stored event failed verification.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptEvent),
+    /// The request is invalid; the error names the field. Nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// Too many appends are waiting; retry later.
+    #[error("too many appends are waiting ({pending} events); retry later")]
+    Overloaded {
+        /// Events waiting when the batch was refused.
+        pending: usize,
+    },
+    /// The store could not be reached; nothing was written unless a retry
+    /// says otherwise (retries are idempotent).
+    #[error("the log store is unavailable: {what}")]
+    Unavailable {
+        /// What was attempted.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// The database does not carry the schema this build needs (at start-up).
+    #[error(transparent)]
+    Schema(Box<crate::schema::SchemaError>),
+    /// The store is shutting down and accepts no more work.
+    #[error("the log store is shutting down")]
+    Closed,
+    /// An unexpected failure (a bug, or a schema that does not match).
+    #[error("internal store failure: {what}")]
+    Internal {
+        /// What was attempted.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The hub's durable state. See the module documentation.
+///
+/// Every method's future is `Send` and may be awaited from any task. Methods
+/// validate what only the store can judge (epochs, heads, existence); the
+/// wire layer has already validated shapes (non-empty batches, id syntax).
+pub trait LogStore: Send + Sync + 'static {
+    /// Appends one batch and resolves once it is durable.
+    ///
+    /// - Sequences are gapless per shard, starting at 1, assigned atomically
+    ///   with the write; the first event follows the shard's head.
+    /// - The batch's epoch is compared with the shard's current epoch in the
+    ///   same atomic step: a mismatch fails with [`StoreError::StaleEpoch`]
+    ///   naming the current epoch; a shard with no holder fails with
+    ///   [`StoreError::NoLease`]. Nothing of a failed batch is written.
+    /// - Producer sequences are consecutive per `(shard, producer)`: a
+    ///   producer's first batch may carry any number, each later one the
+    ///   previous plus one. A batch at or below the last one is a retry: it
+    ///   resolves to the original acknowledgement with `duplicate = true` and
+    ///   writes nothing (no time window; the record of a producer's latest
+    ///   batch is never trimmed). A batch that skips ahead fails with
+    ///   [`StoreError::OutOfOrder`].
+    /// - Ordering: the batch is queued when `append` is called, not when the
+    ///   future is first polled, so batches appended by one caller one after
+    ///   the other are committed in that order even when their futures are
+    ///   awaited together.
+    fn append(&self, batch: AppendBatch) -> StoreFuture<'static, AppendAck>;
+
+    /// Grants the shard's lease to `owner` for `ttl` when it is free, expired
+    /// (by the store's clock) or already held by `owner`; every grant bumps
+    /// the epoch. Creates the shard on first use.
+    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant>;
+
+    /// Extends the lease held by `owner` at `epoch` to `ttl` from now. Fails
+    /// with [`StoreError::StaleEpoch`] when the epoch moved on and with
+    /// [`StoreError::NoLease`] when the lease was released or is held by
+    /// someone else. A lease that lapsed but was not taken over can still be
+    /// renewed: the epoch, not the expiry, fences writers.
+    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease>;
+
+    /// Frees the lease held by `owner` at `epoch`; false (and no change)
+    /// when the caller did not hold it.
+    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool>;
+
+    /// Reads one shard's state; `None` when the shard does not exist.
+    fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>>;
+
+    /// Lists every shard whose id starts with `prefix` (all when empty), in
+    /// id order.
+    fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>>;
+
+    /// Reads up to `limit` consecutive events from `from` (at least 1) to
+    /// `to` inclusive (the head when `None`), as stored. An empty page means
+    /// nothing is stored in that range yet. Fails with
+    /// [`StoreError::Trimmed`] when `from` is below the lowest stored
+    /// sequence and [`StoreError::UnknownShard`] for a shard that does not
+    /// exist.
+    fn read_range(
+        &self,
+        shard: ShardId,
+        from: Sequence,
+        to: Option<Sequence>,
+        limit: usize,
+    ) -> StoreFuture<'_, EventPage>;
+
+    /// Returns the first stored sequence whose event was recorded at or after
+    /// `since`, if any.
+    fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>>;
+
+    /// Moves a subscriber's checkpoint forward to `sequence`; never backwards
+    /// (the answer says whether it moved). Fails with
+    /// [`StoreError::Invalid`] when `sequence` is past the shard's head.
+    fn commit_checkpoint(
+        &self,
+        subscriber: SubscriberId,
+        shard: ShardId,
+        sequence: Sequence,
+    ) -> StoreFuture<'_, CheckpointCommit>;
+
+    /// Reads checkpoints: of one subscriber or all (`None`), on the listed
+    /// shards or all (empty), ordered by subscriber then shard.
+    fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>>;
+
+    /// Stores a snapshot taken at `sequence` by the owner at `epoch` (stale
+    /// epochs are rejected like appends). `sequence` must be stored or be the
+    /// last trimmed one (at least `low - 1`), at least 1 and at most the
+    /// head; the snapshot records that event's hash. Storing the same
+    /// sequence again replaces the data.
+    fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot>;
+
+    /// Returns the newest snapshot at or below `at_or_below` (the newest of
+    /// all when `None`).
+    fn snapshot(&self, shard: ShardId, at_or_below: Option<Sequence>) -> StoreFuture<'_, Option<Snapshot>>;
+
+    /// Trims a shard's events up to the older of its newest snapshot and the
+    /// oldest checkpoint that `policy` counts as required, atomically with
+    /// moving the shard's low-water mark. Nothing is trimmed without a
+    /// snapshot; snapshots older than the new low-water mark are deleted
+    /// with the events.
+    fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome>;
+
+    /// Subscribes to changes: every commit's new heads (with the events when
+    /// this process appended them) and resync signals. A receiver that lags
+    /// must treat the lag as [`LogChange::Resync`].
+    fn changes(&self) -> broadcast::Receiver<LogChange>;
+
+    /// Stops accepting appends, finishes those already queued, and stops
+    /// background tasks.
+    fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Rejects an empty batch; shared by stores so they fail alike.
+pub fn check_batch(batch: &AppendBatch) -> Result<()> {
+    if batch.events.is_empty() {
+        return Err(InvalidInput::new("events", "a batch needs at least one event").into());
+    }
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! Group commit: one task per committer connection drains the batches queued
+//! since its last transaction and writes them all in one transaction, so many
+//! producers share one WAL flush.
+//!
+//! Per batch the decision (write, duplicate, reject) is made inside the
+//! transaction, on shard rows locked `FOR UPDATE`, before anything is
+//! written: a stale or out-of-order batch is simply left out, so it never
+//! fails the batches grouped with it. The head update re-checks every epoch
+//! in SQL (the fence), and a group whose transaction fails for any other
+//! reason than an outage is retried one batch per transaction, so one bad
+//! batch cannot take its neighbours down with it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime};
+
+use deadpool_postgres::Pool;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_util::sync::CancellationToken;
+
+use super::failure::{Failure, classify, pool_error};
+use super::{
+    SQL_ADVANCE_HEADS, SQL_COPY_EVENTS, SQL_INSERT_EVENTS, SQL_INSERT_PRODUCER_BATCHES, SQL_LOCK_SHARDS,
+    SQL_PRODUCER_BATCHES,
+};
+use super::{col, from_db, to_db};
+use crate::defaults;
+use crate::event::{self, ChainHash, LogEvent};
+use crate::ids::{Epoch, InvalidInput, ProducerId, ProducerSeq, Sequence, ShardId};
+use crate::store::{AppendAck, AppendBatch, LogChange, StoreError};
+use crate::telemetry;
+
+/// A batch waiting for its group commit.
+pub(crate) struct Pending {
+    pub(crate) batch: AppendBatch,
+    pub(crate) reply: oneshot::Sender<Result<AppendAck, StoreError>>,
+}
+
+/// One committer: its queue and what it shares with the store.
+pub(crate) struct Committer {
+    pub(crate) pool: Pool,
+    pub(crate) changes: broadcast::Sender<LogChange>,
+    pub(crate) pending_events: Arc<AtomicUsize>,
+}
+
+/// What a transaction decided for one batch of the group.
+enum Decision {
+    /// Written by this transaction.
+    Write { shard_no: i32, epoch: Epoch, events: Vec<LogEvent> },
+    /// Written before; answered with the original acknowledgement.
+    Duplicate(AppendAck),
+    /// Same batch as the earlier group member at this index.
+    SameAs(usize),
+    /// Not written.
+    Reject(StoreError),
+}
+
+/// A shard row as locked by the transaction, updated as batches are planned.
+struct LockedShard {
+    shard_no: i32,
+    epoch: Epoch,
+    held: bool,
+    head: Sequence,
+    head_hash: ChainHash,
+}
+
+/// Why a group transaction failed.
+enum GroupError {
+    /// The driver failed; classified by SQLSTATE.
+    Db(&'static str, tokio_postgres::Error),
+    /// Anything else (pool, decoding, the fence refusing a planned write).
+    Store(StoreError),
+}
+
+impl Committer {
+    /// Runs until cancelled, then commits what is still queued and returns.
+    pub(crate) async fn run(self, mut queue: mpsc::UnboundedReceiver<Pending>, cancel: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                next = queue.recv() => next,
+                () = cancel.cancelled() => {
+                    // Refuse new batches; the ones already queued still commit.
+                    queue.close();
+                    queue.recv().await
+                }
+            };
+            let Some(first) = first else { return };
+            let mut events = first.batch.events.len();
+            let mut group = vec![first];
+            while group.len() < defaults::MAX_GROUP_BATCHES && events < defaults::MAX_GROUP_EVENTS {
+                match queue.try_recv() {
+                    Ok(next) => {
+                        events += next.batch.events.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(group).await;
+        }
+    }
+
+    /// Commits a group and answers every batch in it.
+    async fn commit(&self, group: Vec<Pending>) {
+        let started = Instant::now();
+        let batches: Vec<&AppendBatch> = group.iter().map(|p| &p.batch).collect();
+        let outcome = self.commit_with_retries(&batches).await;
+        let event_count: usize = batches.iter().map(|b| b.events.len()).sum();
+        telemetry::group_committed(group.len(), event_count, started.elapsed());
+        let failed = matches!(outcome, Err(StoreError::Unavailable { .. } | StoreError::Internal { .. }));
+        telemetry::record_db_operation(telemetry::DbOperation::Append, started.elapsed(), !failed);
+        match outcome {
+            Ok(decisions) => self.answer(group, decisions),
+            Err(err) if group.len() > 1 && !matches!(err, StoreError::Unavailable { .. }) => {
+                tracing::warn!(batches = group.len(), error = %err, "group commit failed; committing its batches one by one");
+                for pending in group {
+                    let outcome = self.commit_with_retries(&[&pending.batch]).await;
+                    match outcome {
+                        Ok(decisions) => self.answer(vec![pending], decisions),
+                        Err(err) => self.fail(vec![pending], &err),
+                    }
+                }
+            }
+            Err(err) => self.fail(group, &err),
+        }
+    }
+
+    async fn commit_with_retries(&self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.transaction(batches).await {
+                Ok(decisions) => return Ok(decisions),
+                Err(GroupError::Db(what, err)) => match classify(&err) {
+                    // PostgreSQL picked this transaction as a conflict victim;
+                    // nothing was written, and a rerun normally succeeds.
+                    Failure::Retry if attempt < defaults::TRANSACTION_ATTEMPTS => {
+                        tracing::debug!(attempt, error = %err, "append transaction conflicted; retrying");
+                        attempt += 1;
+                    }
+                    Failure::Retry | Failure::Unavailable => {
+                        return Err(StoreError::Unavailable { what, source: Box::new(err) });
+                    }
+                    Failure::Fatal => return Err(StoreError::Internal { what, source: Box::new(err) }),
+                },
+                Err(GroupError::Store(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// Runs one append transaction for `batches`, ending it (or dropping the
+    /// connection) on failure so no connection returns to the pool inside a
+    /// transaction.
+    async fn transaction(&self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, GroupError> {
+        let client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
+        let outcome = self.statements(&client, batches).await;
+        if outcome.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+            // Broken connection: keep it out of the pool.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        outcome
+    }
+
+    /// The append transaction, in two round trips once its statements are
+    /// prepared: BEGIN, lock and lookup pipelined; then the writes, the
+    /// fenced head update and COMMIT pipelined. A failing statement aborts
+    /// the transaction, which turns the pipelined COMMIT into a rollback,
+    /// and its error is what the pipeline returns.
+    async fn statements(
+        &self,
+        client: &deadpool_postgres::Client,
+        batches: &[&AppendBatch],
+    ) -> Result<Vec<Decision>, GroupError> {
+        let db = |what: &'static str| move |err| GroupError::Db(what, err);
+        let mut shard_ids: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let producer_ids: Vec<&str> = batches.iter().map(|b| b.producer.as_str()).collect();
+        let producer_seqs = batches
+            .iter()
+            .map(|b| to_db("producer_seq", b.producer_seq.0))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(GroupError::Store)?;
+        let batch_shards: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
+
+        let lock = client.prepare_cached(SQL_LOCK_SHARDS).await.map_err(db("prepare the shard lock"))?;
+        let records = client.prepare_cached(SQL_PRODUCER_BATCHES).await.map_err(db("prepare the producer lookup"))?;
+        let insert_events = client.prepare_cached(SQL_INSERT_EVENTS).await.map_err(db("prepare the event insert"))?;
+        let insert_records =
+            client.prepare_cached(SQL_INSERT_PRODUCER_BATCHES).await.map_err(db("prepare the record insert"))?;
+        let advance = client.prepare_cached(SQL_ADVANCE_HEADS).await.map_err(db("prepare the head update"))?;
+        // Pipelined: the server runs a session's statements in order, so the
+        // lookup runs after the locks are granted, on a fresh snapshot.
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&shard_ids];
+        let record_params: [&(dyn ToSql + Sync); 3] = [&batch_shards, &producer_ids, &producer_seqs];
+        let (_, locked, known) = tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock, &lock_params),
+            client.query(&records, &record_params)
+        )
+        .map_err(db("lock shards and look up producer records"))?;
+
+        let mut shards = HashMap::new();
+        for row in &locked {
+            let id: String = col(row, "shard_id").map_err(GroupError::Store)?;
+            shards.insert(
+                id,
+                LockedShard {
+                    shard_no: col(row, "shard_no").map_err(GroupError::Store)?,
+                    epoch: Epoch(from_db(col(row, "epoch").map_err(GroupError::Store)?).map_err(GroupError::Store)?),
+                    held: col::<Option<String>>(row, "owner").map_err(GroupError::Store)?.is_some(),
+                    head: Sequence(
+                        from_db(col(row, "head_sequence").map_err(GroupError::Store)?).map_err(GroupError::Store)?,
+                    ),
+                    head_hash: hash_col(row, "head_hash").map_err(GroupError::Store)?,
+                },
+            );
+        }
+        let mut records_by_batch = HashMap::new();
+        for row in &known {
+            let ord: i64 = col(row, "ord").map_err(GroupError::Store)?;
+            records_by_batch.insert(ord as usize - 1, row);
+        }
+
+        let mut decisions = Vec::with_capacity(batches.len());
+        let mut latest: HashMap<(&ShardId, &ProducerId), ProducerSeq> = HashMap::new();
+        let mut planned: HashMap<(&ShardId, &ProducerId, ProducerSeq), usize> = HashMap::new();
+        for (index, batch) in batches.iter().enumerate() {
+            let record = records_by_batch.get(&index);
+            let key = (&batch.shard, &batch.producer);
+            if let Some(row) = record {
+                let stored_latest: Option<i64> = col(row, "latest_seq").map_err(GroupError::Store)?;
+                if let Some(seq) = stored_latest {
+                    let seq = ProducerSeq(from_db(seq).map_err(GroupError::Store)?);
+                    latest.entry(key).or_insert(seq);
+                }
+            }
+            let decision = match record_ack(record.copied()).map_err(GroupError::Store)? {
+                Some(ack) => match check_count(batch, &ack) {
+                    Ok(()) => Decision::Duplicate(ack),
+                    Err(err) => Decision::Reject(err),
+                },
+                None => match planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)) {
+                    Some(&earlier) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
+                    Some(&earlier) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
+                    None => plan(batch, shards.get_mut(batch.shard.as_str()), latest.get(&key).copied()),
+                },
+            };
+            if let Decision::Write { .. } = decision {
+                latest.insert(key, batch.producer_seq);
+                planned.insert((&batch.shard, &batch.producer, batch.producer_seq), index);
+            }
+            decisions.push(decision);
+        }
+
+        if !decisions.iter().any(|d| matches!(d, Decision::Write { .. })) {
+            // Nothing to write: end the transaction without a WAL flush.
+            client.batch_execute("ROLLBACK").await.map_err(db("end the append transaction"))?;
+            return Ok(decisions);
+        }
+
+        let mut rows = EventRows::default();
+        let mut records = RecordRows::default();
+        let mut heads: HashMap<i32, (Epoch, Sequence, &ChainHash)> = HashMap::new();
+        for (batch, decision) in batches.iter().zip(&decisions) {
+            let Decision::Write { shard_no, epoch, events } = decision else { continue };
+            for event in events {
+                rows.push(*shard_no, event).map_err(GroupError::Store)?;
+            }
+            let (first, last) = (&events[0], &events[events.len() - 1]);
+            records.shard_no.push(*shard_no);
+            records.producer_id.push(batch.producer.as_str());
+            records.producer_seq.push(to_db("producer_seq", batch.producer_seq.0).map_err(GroupError::Store)?);
+            records.first.push(to_db("sequence", first.sequence.0).map_err(GroupError::Store)?);
+            records.last.push(to_db("sequence", last.sequence.0).map_err(GroupError::Store)?);
+            records.last_hash.push(last.hash.as_bytes());
+            heads.insert(*shard_no, (*epoch, last.sequence, &last.hash));
+        }
+        let mut head_shards = Vec::new();
+        let mut head_epochs = Vec::new();
+        let mut head_sequences = Vec::new();
+        let mut head_hashes = Vec::new();
+        for (shard_no, (epoch, head, hash)) in &heads {
+            head_shards.push(*shard_no);
+            head_epochs.push(to_db("epoch", epoch.0).map_err(GroupError::Store)?);
+            head_sequences.push(to_db("sequence", head.0).map_err(GroupError::Store)?);
+            head_hashes.push(&hash.as_bytes()[..]);
+        }
+
+        let event_params: [&(dyn ToSql + Sync); 6] =
+            [&rows.shard_no, &rows.sequence, &rows.epoch, &rows.recorded_at, &rows.body, &rows.hash];
+        let record_params: [&(dyn ToSql + Sync); 6] = [
+            &records.shard_no,
+            &records.producer_id,
+            &records.producer_seq,
+            &records.first,
+            &records.last,
+            &records.last_hash,
+        ];
+        let expected_heads = heads.len() as i64;
+        let head_params: [&(dyn ToSql + Sync); 6] =
+            [&head_shards, &head_epochs, &head_sequences, &head_hashes, &defaults::NOTIFY_CHANNEL, &expected_heads];
+        if rows.shard_no.len() >= defaults::COPY_MIN_EVENTS {
+            copy_events(client, &rows).await?;
+            tokio::try_join!(
+                client.execute(&insert_records, &record_params),
+                client.query_one(&advance, &head_params),
+                client.batch_execute("COMMIT"),
+            )
+            .map_err(db("write and commit the append group"))?;
+        } else {
+            tokio::try_join!(
+                client.execute(&insert_events, &event_params),
+                client.execute(&insert_records, &record_params),
+                client.query_one(&advance, &head_params),
+                client.batch_execute("COMMIT"),
+            )
+            .map_err(db("write and commit the append group"))?;
+        }
+        Ok(decisions)
+    }
+
+    /// Answers a committed group and announces its events to the live tail.
+    fn answer(&self, group: Vec<Pending>, decisions: Vec<Decision>) {
+        let mut acks: Vec<Option<AppendAck>> = Vec::with_capacity(group.len());
+        let mut appended: Vec<(ShardId, Vec<LogEvent>)> = Vec::new();
+        for decision in &decisions {
+            let ack = match decision {
+                Decision::Write { events, .. } => {
+                    let (first, last) = (&events[0], &events[events.len() - 1]);
+                    Some(AppendAck {
+                        first: first.sequence,
+                        last: last.sequence,
+                        duplicate: false,
+                        last_hash: last.hash,
+                    })
+                }
+                Decision::Duplicate(ack) => Some(*ack),
+                Decision::SameAs(earlier) => acks[*earlier].map(|ack| AppendAck { duplicate: true, ..ack }),
+                Decision::Reject(_) => None,
+            };
+            acks.push(ack);
+        }
+        for ((pending, decision), ack) in group.into_iter().zip(decisions).zip(acks) {
+            self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
+            let result = match (decision, ack) {
+                (Decision::Reject(err), _) => Err(err),
+                (Decision::Write { events, .. }, Some(ack)) => {
+                    match appended.iter_mut().find(|(shard, _)| *shard == pending.batch.shard) {
+                        Some((_, run)) => run.extend(events),
+                        None => appended.push((pending.batch.shard.clone(), events)),
+                    }
+                    Ok(ack)
+                }
+                (_, Some(ack)) => Ok(ack),
+                (_, None) => Err(StoreError::Internal {
+                    what: "answer a duplicate batch",
+                    source: "its original was rejected in the same group".into(),
+                }),
+            };
+            telemetry::batch_answered(&result, pending.batch.events.len());
+            // The caller may have gone away; its batch is committed regardless.
+            let _ = pending.reply.send(result);
+        }
+        for (shard, events) in appended {
+            let head = events[events.len() - 1].sequence;
+            // No receivers just means no live subscribers on this replica.
+            let _ = self.changes.send(LogChange::Appended { shard, head, events: Some(Arc::from(events)) });
+        }
+    }
+
+    fn fail(&self, group: Vec<Pending>, err: &StoreError) {
+        if !matches!(err, StoreError::Unavailable { .. }) {
+            tracing::error!(batches = group.len(), error = %err, "append failed unexpectedly");
+        }
+        for pending in group {
+            self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
+            let result = Err(copy_error(err));
+            telemetry::batch_answered(&result, pending.batch.events.len());
+            let _ = pending.reply.send(result);
+        }
+    }
+}
+
+/// Writes a group's events with binary COPY (see copy_events.sql).
+async fn copy_events(client: &deadpool_postgres::Client, rows: &EventRows<'_>) -> Result<(), GroupError> {
+    let db = |what: &'static str| move |err| GroupError::Db(what, err);
+    let sink = client.copy_in(SQL_COPY_EVENTS).await.map_err(db("start copying events"))?;
+    let types = [Type::INT4, Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::BYTEA, Type::BYTEA];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    let mut writer = std::pin::pin!(writer);
+    for i in 0..rows.shard_no.len() {
+        let row: [&(dyn ToSql + Sync); 6] =
+            [&rows.shard_no[i], &rows.sequence[i], &rows.epoch[i], &rows.recorded_at[i], &rows.body[i], &rows.hash[i]];
+        writer.as_mut().write(&row).await.map_err(db("copy events"))?;
+    }
+    writer.finish().await.map_err(db("finish copying events"))?;
+    Ok(())
+}
+
+/// Decides a batch that is neither a known nor an in-group retry.
+fn plan(batch: &AppendBatch, shard: Option<&mut LockedShard>, latest: Option<ProducerSeq>) -> Decision {
+    let Some(shard) = shard else { return Decision::Reject(StoreError::NoLease { shard: batch.shard.clone() }) };
+    if !shard.held {
+        return Decision::Reject(StoreError::NoLease { shard: batch.shard.clone() });
+    }
+    if shard.epoch != batch.epoch {
+        return Decision::Reject(StoreError::StaleEpoch {
+            shard: batch.shard.clone(),
+            given: batch.epoch,
+            current: shard.epoch,
+        });
+    }
+    if let Some(latest) = latest {
+        if batch.producer_seq <= latest {
+            return Decision::Reject(
+                InvalidInput::new(
+                    "producer_seq",
+                    format!(
+                        "{} was already used by producer {} on shard {} and its record was trimmed \
+                         (the producer's latest is {latest}); nothing was written",
+                        batch.producer_seq, batch.producer, batch.shard
+                    ),
+                )
+                .into(),
+            );
+        }
+        if batch.producer_seq.0 != latest.0 + 1 {
+            return Decision::Reject(StoreError::OutOfOrder {
+                shard: batch.shard.clone(),
+                producer: batch.producer.clone(),
+                given: batch.producer_seq,
+                expected: ProducerSeq(latest.0 + 1),
+            });
+        }
+    }
+    let events = event::chain(shard.head_hash, shard.head.next(), batch.epoch, &batch.events);
+    let last = &events[events.len() - 1];
+    shard.head = last.sequence;
+    shard.head_hash = last.hash;
+    Decision::Write { shard_no: shard.shard_no, epoch: batch.epoch, events }
+}
+
+/// The acknowledgement recorded for a batch, if the lookup found one.
+fn record_ack(row: Option<&tokio_postgres::Row>) -> Result<Option<AppendAck>, StoreError> {
+    let Some(row) = row else { return Ok(None) };
+    let Some(first) = col::<Option<i64>>(row, "first_sequence")? else { return Ok(None) };
+    let last: i64 = col(row, "last_sequence")?;
+    Ok(Some(AppendAck {
+        first: Sequence(from_db(first)?),
+        last: Sequence(from_db(last)?),
+        duplicate: true,
+        last_hash: hash_col(row, "last_hash")?,
+    }))
+}
+
+fn check_count(batch: &AppendBatch, ack: &AppendAck) -> Result<(), StoreError> {
+    let written = (ack.last.0 - ack.first.0 + 1) as usize;
+    if written == batch.events.len() { Ok(()) } else { Err(count_mismatch(batch, written)) }
+}
+
+fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError {
+    InvalidInput::new(
+        "producer_seq",
+        format!(
+            "{} of producer {} was already written with {written} events, but this retry has {}; \
+             a retry must resend the same batch",
+            batch.producer_seq,
+            batch.producer,
+            batch.events.len()
+        ),
+    )
+    .into()
+}
+
+fn hash_col(row: &tokio_postgres::Row, name: &'static str) -> Result<ChainHash, StoreError> {
+    let bytes: Vec<u8> = col(row, name)?;
+    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
+        what: "read a chain hash",
+        source: format!("column {name} holds {} bytes, not 32", bytes.len()).into(),
+    })
+}
+
+/// Copies an error for every batch of a failed group (sources are not
+/// clonable, so the copy keeps their text).
+fn copy_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
+        StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Internal { what: "append", source: other.to_string().into() },
+    }
+}
+
+/// Column arrays of the events a group writes.
+#[derive(Default)]
+struct EventRows<'a> {
+    shard_no: Vec<i32>,
+    sequence: Vec<i64>,
+    epoch: Vec<i64>,
+    recorded_at: Vec<SystemTime>,
+    body: Vec<&'a [u8]>,
+    hash: Vec<&'a [u8]>,
+}
+
+impl<'a> EventRows<'a> {
+    fn push(&mut self, shard_no: i32, event: &'a LogEvent) -> Result<(), StoreError> {
+        self.shard_no.push(shard_no);
+        self.sequence.push(to_db("sequence", event.sequence.0)?);
+        self.epoch.push(to_db("epoch", event.epoch.0)?);
+        self.recorded_at.push(event.recorded_at);
+        self.body.push(&event.body);
+        self.hash.push(event.hash.as_bytes());
+        Ok(())
+    }
+}
+
+/// Column arrays of the producer records a group writes.
+#[derive(Default)]
+struct RecordRows<'a> {
+    shard_no: Vec<i32>,
+    producer_id: Vec<&'a str>,
+    producer_seq: Vec<i64>,
+    first: Vec<i64>,
+    last: Vec<i64>,
+    last_hash: Vec<&'a [u8]>,
+}

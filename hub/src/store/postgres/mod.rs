@@ -1,0 +1,693 @@
+//! The PostgreSQL log store: the production store, shared by any number of
+//! hub replicas.
+//!
+//! **What is stored**: per shard a row in `shards` (lease, epoch, head and
+//! its hash, low-water mark), its events in `events`, producer batch records
+//! in `producer_batches`, subscriber positions in `checkpoints` and queue
+//! snapshots in `snapshots` (see `migrations/`).
+//!
+//! **Source of truth**: the database, alone. Nothing is cached between
+//! requests; every epoch check, sequence assignment and dedupe runs inside a
+//! transaction on locked rows, so replicas never need to agree on anything
+//! but the database.
+//!
+//! **Latency-sensitive paths**: appends, through the group committers
+//! (the `committer` module): one transaction per group of concurrent batches, four
+//! round trips (begin; lock + lookup pipelined; writes pipelined; commit) and
+//! one WAL flush regardless of how many producers share it. Reads for the
+//! live tail happen once per replica per commit (see the hub's `tail`
+//! module); leases and checkpoints are single statements.
+
+mod committer;
+mod failure;
+mod listener;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_postgres::Row;
+use tokio_postgres::types::FromSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::committer::{Committer, Pending};
+use self::failure::{pool_error, store_error};
+use crate::config::{DatabaseTls, PostgresConfig};
+use crate::database;
+use crate::defaults;
+use crate::event::{self, ChainHash, StoredRow};
+use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::schema::{self, SchemaError};
+use crate::store::{
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
+    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, check_batch,
+};
+
+const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
+const SQL_PRODUCER_BATCHES: &str = include_str!("sql/producer_batches.sql");
+const SQL_INSERT_EVENTS: &str = include_str!("sql/insert_events.sql");
+const SQL_COPY_EVENTS: &str = include_str!("sql/copy_events.sql");
+const SQL_INSERT_PRODUCER_BATCHES: &str = include_str!("sql/insert_producer_batches.sql");
+const SQL_ADVANCE_HEADS: &str = include_str!("sql/advance_heads.sql");
+const SQL_ACQUIRE_SHARD: &str = include_str!("sql/acquire_shard.sql");
+const SQL_RENEW_SHARD: &str = include_str!("sql/renew_shard.sql");
+const SQL_RELEASE_SHARD: &str = include_str!("sql/release_shard.sql");
+const SQL_SHARD_STATE: &str = include_str!("sql/shard_state.sql");
+const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
+const SQL_READ_RANGE: &str = include_str!("sql/read_range.sql");
+const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
+const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
+const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
+const SQL_LOCK_SHARD_FOR_SNAPSHOT: &str = include_str!("sql/lock_shard_for_snapshot.sql");
+const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
+const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
+const SQL_RETENTION_PLAN: &str = include_str!("sql/retention_plan.sql");
+const SQL_RETENTION_TRIM: &str = include_str!("sql/retention_trim.sql");
+
+/// How to reach the database and how much of it to use.
+#[derive(Debug, Clone)]
+pub struct PgStoreConfig {
+    /// Connection URL, e.g. `postgres://hub@db:5432/omnirelay`.
+    pub url: String,
+    /// TLS to the server (see [`crate::database`]); every connection of the
+    /// store, pooled or listening, uses it.
+    pub tls: DatabaseTls,
+    /// Pooled connections (see [`defaults::POOL_SIZE`]).
+    pub pool_size: usize,
+    /// Group committers (see [`defaults::COMMITTERS`]).
+    pub committers: usize,
+}
+
+impl PgStoreConfig {
+    /// A configuration with the default sizes and TLS when the server
+    /// offers it (`prefer`, libpq's default).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            tls: DatabaseTls::Prefer,
+            pool_size: defaults::POOL_SIZE,
+            committers: defaults::COMMITTERS,
+        }
+    }
+
+    /// The store configuration for the hub's validated PostgreSQL settings.
+    pub fn from_config(config: &PostgresConfig) -> Self {
+        Self {
+            url: config.url.expose().to_string(),
+            tls: config.tls.clone(),
+            pool_size: config.pool_size,
+            committers: config.committers,
+        }
+    }
+}
+
+/// The PostgreSQL [`LogStore`]. Cheap to clone; clones share the pool,
+/// committers and listener.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    committers: Vec<mpsc::UnboundedSender<Pending>>,
+    pending_events: Arc<AtomicUsize>,
+    changes: broadcast::Sender<LogChange>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("pool", &self.inner.pool.status()).finish_non_exhaustive()
+    }
+}
+
+/// The parsed connection settings shared by the pool and the listener.
+fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|err| InvalidInput::new("database_url", format!("is not a valid PostgreSQL URL: {err}")))?;
+    if config.get_application_name().is_none() {
+        config.application_name("omnirelay-hub");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(defaults::POOL_TIMEOUT);
+    }
+    // Detects a silently dead server (a cut network) on idle pooled
+    // connections and on the listener.
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    Ok(config)
+}
+
+/// Builds a connection pool, with TLS as configured.
+fn pool(config: tokio_postgres::Config, tls: MakeRustlsConnect, size: usize) -> Result<Pool, StoreError> {
+    let manager = Manager::from_config(
+        config,
+        tls,
+        // Fast: a broken connection is detected by the next statement, which
+        // fails as unavailable; a per-checkout test query would cost a round
+        // trip on every append group.
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(defaults::POOL_TIMEOUT))
+        .create_timeout(Some(defaults::POOL_TIMEOUT))
+        .recycle_timeout(Some(defaults::POOL_TIMEOUT))
+        .build()
+        .map_err(|err| StoreError::Internal { what: "build the connection pool", source: Box::new(err) })
+}
+
+/// Prepares the connection settings and the TLS connector for `tls`.
+async fn tls_setup(
+    mut config: tokio_postgres::Config,
+    tls: &DatabaseTls,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
+    database::apply_tls_mode(&mut config, tls);
+    let connector = database::tls_connector(tls)
+        .await
+        .map_err(|err| StoreError::Internal { what: "configure TLS to PostgreSQL", source: Box::new(err) })?;
+    Ok((config, connector))
+}
+
+/// Connects one client outside the pool (for `migrate` and checks), with
+/// TLS when the server offers it.
+pub async fn connect_client(url: &str) -> Result<tokio_postgres::Client, StoreError> {
+    connect_client_with(url, &DatabaseTls::Prefer).await
+}
+
+/// Connects one client outside the pool with the given TLS mode.
+pub async fn connect_client_with(url: &str, tls: &DatabaseTls) -> Result<tokio_postgres::Client, StoreError> {
+    let (config, connector) = tls_setup(connection_config(url)?, tls).await?;
+    let (client, connection) =
+        config.connect(connector).await.map_err(|err| store_error("connect to PostgreSQL", err))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies the migrations to the database at `url` (see [`schema::migrate`]).
+pub async fn migrate(url: &str) -> Result<schema::MigrationReport, StoreError> {
+    let mut client = connect_client(url).await?;
+    Ok(schema::migrate(&mut client).await?)
+}
+
+/// Applies the migrations to the database `config` names, with its TLS
+/// settings (what `omnirelay-hub migrate` runs).
+pub async fn migrate_with(config: &PgStoreConfig) -> Result<schema::MigrationReport, StoreError> {
+    let mut client = connect_client_with(&config.url, &config.tls).await?;
+    Ok(schema::migrate(&mut client).await?)
+}
+
+impl PgStore {
+    /// Connects, checks the schema version (refusing a database that needs
+    /// `omnirelay-hub migrate`), and starts the committers and the
+    /// notification listener.
+    pub async fn open(config: PgStoreConfig) -> Result<PgStore, StoreError> {
+        let (connection, connector) = tls_setup(connection_config(&config.url)?, &config.tls).await?;
+        let pool = pool(connection.clone(), connector.clone(), config.pool_size)?;
+        {
+            let client = pool.get().await.map_err(pool_error)?;
+            schema::check(&client).await?;
+        }
+        let (changes, _) = broadcast::channel(defaults::CHANGES_BUFFER);
+        let pending_events = Arc::new(AtomicUsize::new(0));
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let mut committers = Vec::new();
+        for _ in 0..config.committers.max(1) {
+            let (queue, receiver) = mpsc::unbounded_channel();
+            let committer =
+                Committer { pool: pool.clone(), changes: changes.clone(), pending_events: pending_events.clone() };
+            tasks.spawn(committer.run(receiver, cancel.clone()));
+            committers.push(queue);
+        }
+        tasks.spawn(listener::run(connection, connector, changes.clone(), cancel.clone()));
+        tasks.close();
+        Ok(PgStore { inner: Arc::new(Inner { pool, committers, pending_events, changes, cancel, tasks }) })
+    }
+
+    /// The connection pool (for statistics).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_error)
+    }
+
+    async fn query(
+        &self,
+        what: &'static str,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(|err| store_error(what, err))?;
+        client.query(&statement, params).await.map_err(|err| store_error(what, err))
+    }
+
+    async fn query_opt(
+        &self,
+        what: &'static str,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(what, sql, params).await?.into_iter().next())
+    }
+
+    async fn state(&self, shard: &ShardId) -> Result<Option<ShardState>, StoreError> {
+        self.query_opt("read a shard", SQL_SHARD_STATE, &[&shard.as_str()]).await?.as_ref().map(shard_state).transpose()
+    }
+
+    /// Why a renew or release found no lease to act on.
+    async fn lease_failure(&self, shard: ShardId, epoch: Epoch) -> StoreError {
+        match self.state(&shard).await {
+            Ok(None) => StoreError::UnknownShard { shard },
+            Ok(Some(state)) if state.lease.epoch != epoch => {
+                StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch }
+            }
+            Ok(Some(_)) => StoreError::NoLease { shard },
+            Err(err) => err,
+        }
+    }
+}
+
+impl LogStore for PgStore {
+    fn append(&self, batch: AppendBatch) -> StoreFuture<'static, AppendAck> {
+        let queued = (|| {
+            check_batch(&batch)?;
+            let events = batch.events.len();
+            let pending = self.inner.pending_events.fetch_add(events, Ordering::Relaxed);
+            if pending + events > defaults::MAX_PENDING_EVENTS && pending > 0 {
+                self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
+                return Err(StoreError::Overloaded { pending });
+            }
+            // One committer per shard, so a shard's batches commit in the
+            // order they were appended.
+            let index = committer_index(&batch.shard, self.inner.committers.len());
+            let (reply, answer) = oneshot::channel();
+            if self.inner.committers[index].send(Pending { batch, reply }).is_err() {
+                self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
+                return Err(StoreError::Closed);
+            }
+            Ok(answer)
+        })();
+        Box::pin(async move {
+            // A dropped reply means the committer stopped before answering.
+            queued?.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+
+    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
+        Box::pin(async move {
+            let ttl = millis(ttl)?;
+            let granted =
+                self.query_opt("acquire a shard", SQL_ACQUIRE_SHARD, &[&shard.as_str(), &owner.as_str(), &ttl]).await?;
+            match granted {
+                Some(row) => Ok(LeaseGrant { granted: true, lease: lease(&row)? }),
+                None => {
+                    let state = self.state(&shard).await?.ok_or_else(|| StoreError::Internal {
+                        what: "acquire a shard",
+                        source: "the shard vanished after its row was created".into(),
+                    })?;
+                    Ok(LeaseGrant { granted: false, lease: state.lease })
+                }
+            }
+        })
+    }
+
+    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
+        Box::pin(async move {
+            let ttl = millis(ttl)?;
+            let epoch_db = to_db("epoch", epoch.0)?;
+            let renewed = self
+                .query_opt("renew a shard", SQL_RENEW_SHARD, &[&shard.as_str(), &owner.as_str(), &epoch_db, &ttl])
+                .await?;
+            match renewed {
+                Some(row) => lease(&row),
+                None => Err(self.lease_failure(shard, epoch).await),
+            }
+        })
+    }
+
+    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let epoch = to_db("epoch", epoch.0)?;
+            let client = self.client().await?;
+            let statement =
+                client.prepare_cached(SQL_RELEASE_SHARD).await.map_err(|err| store_error("release a shard", err))?;
+            let released = client
+                .execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch])
+                .await
+                .map_err(|err| store_error("release a shard", err))?;
+            Ok(released == 1)
+        })
+    }
+
+    fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>> {
+        Box::pin(async move { self.state(&shard).await })
+    }
+
+    fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>> {
+        Box::pin(async move {
+            self.query("list shards", SQL_LIST_SHARDS, &[&prefix]).await?.iter().map(shard_state).collect()
+        })
+    }
+
+    fn read_range(
+        &self,
+        shard: ShardId,
+        from: Sequence,
+        to: Option<Sequence>,
+        limit: usize,
+    ) -> StoreFuture<'_, EventPage> {
+        Box::pin(async move {
+            if from.0 == 0 {
+                return Err(InvalidInput::new("from_sequence", "sequences start at 1").into());
+            }
+            let from_db_value = to_db("from_sequence", from.0)?;
+            let to_db_value = match to {
+                Some(to) => to_db("to_sequence", to.0)?,
+                None => i64::MAX,
+            };
+            let limit_db = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1);
+            let rows = self
+                .query("read events", SQL_READ_RANGE, &[&shard.as_str(), &from_db_value, &to_db_value, &limit_db])
+                .await?;
+            let Some(first) = rows.first() else { return Err(StoreError::UnknownShard { shard }) };
+            let head = Sequence(from_db(col(first, "head_sequence")?)?);
+            let low = Sequence(from_db(col(first, "low_sequence")?)?);
+            if from < low {
+                return Err(StoreError::Trimmed { shard, low });
+            }
+            let mut anchor = None;
+            let mut stored = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let Some(sequence) = col::<Option<i64>>(row, "sequence")? else { continue };
+                let sequence = Sequence(from_db(sequence)?);
+                let hash: Vec<u8> = col(row, "hash")?;
+                if sequence < from {
+                    anchor = Some(ChainHash::from_slice(&hash).unwrap_or(ChainHash::ZERO));
+                    continue;
+                }
+                if stored.len() == limit {
+                    break;
+                }
+                stored.push(StoredRow {
+                    sequence,
+                    epoch: Epoch(from_db(col(row, "epoch")?)?),
+                    recorded_at: col(row, "recorded_at")?,
+                    body: Bytes::from(col::<Vec<u8>>(row, "body")?),
+                    hash: Bytes::from(hash),
+                });
+            }
+            let anchor = match anchor {
+                Some(hash) => hash,
+                // The event before `from` is not stored: it was trimmed (the
+                // low-water anchor), or `from` is 1 (zero hash; the
+                // low-water anchor is zero then too). If it is missing for
+                // another reason the first event fails verification.
+                None if from == low => hash_value(col(first, "low_prev_hash")?, "low_prev_hash")?,
+                None => ChainHash::ZERO,
+            };
+            Ok(EventPage { shard, from, anchor, events: event::link(anchor, stored), head, low })
+        })
+    }
+
+    fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {
+        Box::pin(async move {
+            let row = self.query_opt("find a sequence by time", SQL_SEQUENCE_AT, &[&shard.as_str(), &since]).await?;
+            row.map(|row| Ok(Sequence(from_db(col(&row, "sequence")?)?))).transpose()
+        })
+    }
+
+    fn commit_checkpoint(
+        &self,
+        subscriber: SubscriberId,
+        shard: ShardId,
+        sequence: Sequence,
+    ) -> StoreFuture<'_, CheckpointCommit> {
+        Box::pin(async move {
+            let sequence_db = to_db("sequence", sequence.0)?;
+            let state = self.query_opt("read a shard", SQL_SHARD_STATE, &[&shard.as_str()]).await?;
+            let Some(state) = state else { return Err(StoreError::UnknownShard { shard }) };
+            let head = Sequence(from_db(col(&state, "head_sequence")?)?);
+            if sequence > head {
+                return Err(InvalidInput::new(
+                    "sequence",
+                    format!("{sequence} is past the head {head} of shard {shard}; commit only what was delivered"),
+                )
+                .into());
+            }
+            let client = self.client().await?;
+            let what = "commit a checkpoint";
+            let lookup = client.prepare_cached(SQL_SHARD_NO).await.map_err(|err| store_error(what, err))?;
+            let shard_no: i32 = client
+                .query_one(&lookup, &[&shard.as_str()])
+                .await
+                .map_err(|err| store_error(what, err))?
+                .try_get(0)
+                .map_err(|err| store_error(what, err))?;
+            let upsert = client.prepare_cached(SQL_COMMIT_CHECKPOINT).await.map_err(|err| store_error(what, err))?;
+            let moved = client
+                .query_opt(&upsert, &[&subscriber.as_str(), &shard_no, &sequence_db])
+                .await
+                .map_err(|err| store_error(what, err))?;
+            if let Some(row) = moved {
+                let checkpoint = Checkpoint {
+                    subscriber,
+                    shard,
+                    sequence: Sequence(from_db(col(&row, "sequence")?)?),
+                    updated_at: col(&row, "updated_at")?,
+                };
+                return Ok(CheckpointCommit { checkpoint, moved: true });
+            }
+            drop(client);
+            let current =
+                self.checkpoints(Some(subscriber), vec![shard]).await?.into_iter().next().ok_or_else(|| {
+                    StoreError::Internal { what, source: "a checkpoint that refused to move is missing".into() }
+                })?;
+            Ok(CheckpointCommit { checkpoint: current, moved: false })
+        })
+    }
+
+    fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {
+        Box::pin(async move {
+            let subscriber_name = subscriber.as_ref().map(SubscriberId::as_str);
+            let shard_names: Vec<&str> = shards.iter().map(ShardId::as_str).collect();
+            let rows = self.query("read checkpoints", SQL_READ_CHECKPOINTS, &[&subscriber_name, &shard_names]).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Checkpoint {
+                        subscriber: SubscriberId::parse(col::<String>(row, "subscriber_id")?).map_err(corrupt_id)?,
+                        shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
+                        sequence: Sequence(from_db(col(row, "sequence")?)?),
+                        updated_at: col(row, "updated_at")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {
+        Box::pin(async move {
+            let what = "store a snapshot";
+            let sequence_db = to_db("sequence", sequence.0)?;
+            let epoch_db = to_db("epoch", epoch.0)?;
+            let mut client = self.client().await?;
+            let txn = client.transaction().await.map_err(|err| store_error(what, err))?;
+            let lock = txn.prepare_cached(SQL_LOCK_SHARD_FOR_SNAPSHOT).await.map_err(|err| store_error(what, err))?;
+            let row =
+                txn.query_opt(&lock, &[&shard.as_str(), &sequence_db]).await.map_err(|err| store_error(what, err))?;
+            let Some(row) = row else { return Err(StoreError::UnknownShard { shard }) };
+            let current = Epoch(from_db(col(&row, "epoch")?)?);
+            if col::<Option<String>>(&row, "owner")?.is_none() {
+                return Err(StoreError::NoLease { shard });
+            }
+            if current != epoch {
+                return Err(StoreError::StaleEpoch { shard, given: epoch, current });
+            }
+            let head = Sequence(from_db(col(&row, "head_sequence")?)?);
+            let low = Sequence(from_db(col(&row, "low_sequence")?)?);
+            if sequence.0 == 0 || sequence > head {
+                return Err(InvalidInput::new(
+                    "sequence",
+                    format!("{sequence} is outside the log of shard {shard} (1 through the head {head})"),
+                )
+                .into());
+            }
+            let hash = if sequence.next() == low {
+                hash_value(col(&row, "low_prev_hash")?, "low_prev_hash")?
+            } else if sequence < low {
+                return Err(StoreError::Trimmed { shard, low });
+            } else {
+                match col::<Option<Vec<u8>>>(&row, "event_hash")? {
+                    Some(hash) => hash_value(hash, "hash")?,
+                    None => {
+                        return Err(event::CorruptEvent {
+                            shard,
+                            sequence,
+                            reason: "missing from the stored log".into(),
+                        }
+                        .into());
+                    }
+                }
+            };
+            let shard_no: i32 = col(&row, "shard_no")?;
+            let upsert = txn.prepare_cached(SQL_UPSERT_SNAPSHOT).await.map_err(|err| store_error(what, err))?;
+            let stored = txn
+                .query_one(&upsert, &[&shard_no, &sequence_db, &epoch_db, &data.as_ref(), &hash.as_bytes().as_slice()])
+                .await
+                .map_err(|err| store_error(what, err))?;
+            let created_at = col(&stored, "created_at")?;
+            txn.commit().await.map_err(|err| store_error(what, err))?;
+            Ok(Snapshot { shard, sequence, data, hash, created_at })
+        })
+    }
+
+    fn snapshot(&self, shard: ShardId, at_or_below: Option<Sequence>) -> StoreFuture<'_, Option<Snapshot>> {
+        Box::pin(async move {
+            let below = match at_or_below {
+                Some(sequence) => to_db("at_or_below", sequence.0)?,
+                None => i64::MAX,
+            };
+            let row = self.query_opt("read a snapshot", SQL_READ_SNAPSHOT, &[&shard.as_str(), &below]).await?;
+            row.map(|row| {
+                Ok(Snapshot {
+                    shard,
+                    sequence: Sequence(from_db(col(&row, "sequence")?)?),
+                    data: Bytes::from(col::<Vec<u8>>(&row, "data")?),
+                    hash: hash_value(col(&row, "hash")?, "hash")?,
+                    created_at: col(&row, "created_at")?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
+        Box::pin(async move {
+            let what = "apply retention";
+            let max_age = millis(policy.checkpoint_max_age)?;
+            let mut client = self.client().await?;
+            let txn = client.transaction().await.map_err(|err| store_error(what, err))?;
+            let plan = txn.prepare_cached(SQL_RETENTION_PLAN).await.map_err(|err| store_error(what, err))?;
+            let row = txn.query_opt(&plan, &[&shard.as_str(), &max_age]).await.map_err(|err| store_error(what, err))?;
+            let Some(row) = row else { return Err(StoreError::UnknownShard { shard }) };
+            let low = Sequence(from_db(col(&row, "low_sequence")?)?);
+            let snapshot: Option<i64> = col(&row, "newest_snapshot")?;
+            let checkpoint: Option<i64> = col(&row, "oldest_checkpoint")?;
+            let Some(snapshot) = snapshot else { return Ok(RetentionOutcome { deleted: 0, low }) };
+            let through = match checkpoint {
+                Some(checkpoint) => snapshot.min(checkpoint),
+                None => snapshot,
+            };
+            if from_db(through)? < low.0 {
+                return Ok(RetentionOutcome { deleted: 0, low });
+            }
+            let shard_no: i32 = col(&row, "shard_no")?;
+            let trim = txn.prepare_cached(SQL_RETENTION_TRIM).await.map_err(|err| store_error(what, err))?;
+            let trimmed = txn.query_one(&trim, &[&shard_no, &through]).await.map_err(|err| store_error(what, err))?;
+            let deleted: i64 = col(&trimmed, "deleted")?;
+            txn.commit().await.map_err(|err| store_error(what, err))?;
+            Ok(RetentionOutcome { deleted: from_db(deleted)?, low: Sequence(from_db(through)? + 1) })
+        })
+    }
+
+    fn changes(&self) -> broadcast::Receiver<LogChange> {
+        self.inner.changes.subscribe()
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.cancel.cancel();
+            self.inner.tasks.wait().await;
+            self.inner.pool.close();
+            Ok(())
+        })
+    }
+}
+
+/// Looks a shard's number up by id.
+const SQL_SHARD_NO: &str = "SELECT shard_no FROM shards WHERE shard_id = $1";
+
+/// Spreads shards over committers by a stable hash of the id.
+fn committer_index(shard: &ShardId, committers: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    shard.hash(&mut hasher);
+    (hasher.finish() % committers.max(1) as u64) as usize
+}
+
+/// Reads a column, turning a type or NULL mismatch into an internal error
+/// instead of a panic.
+pub(crate) fn col<'a, T: FromSql<'a>>(row: &'a Row, name: &'static str) -> Result<T, StoreError> {
+    row.try_get(name).map_err(|err| StoreError::Internal { what: "decode a database row", source: Box::new(err) })
+}
+
+/// A counter as stored (bigint); values beyond `i64::MAX` cannot be stored.
+pub(crate) fn to_db(field: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| InvalidInput::new(field, format!("{value} is out of range")).into())
+}
+
+/// A stored counter; the schema's checks keep them non-negative.
+pub(crate) fn from_db(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Internal {
+        what: "decode a database row",
+        source: format!("negative counter {value}").into(),
+    })
+}
+
+fn millis(duration: Duration) -> Result<i64, StoreError> {
+    i64::try_from(duration.as_millis()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
+}
+
+fn hash_value(bytes: Vec<u8>, column: &'static str) -> Result<ChainHash, StoreError> {
+    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
+        what: "decode a chain hash",
+        source: format!("column {column} holds {} bytes, not 32", bytes.len()).into(),
+    })
+}
+
+fn corrupt_id(err: InvalidInput) -> StoreError {
+    StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
+}
+
+fn lease(row: &Row) -> Result<ShardLease, StoreError> {
+    Ok(ShardLease {
+        shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
+        owner: col::<Option<String>>(row, "owner")?.map(OwnerId::parse).transpose().map_err(corrupt_id)?,
+        epoch: Epoch(from_db(col(row, "epoch")?)?),
+        head: Sequence(from_db(col(row, "head_sequence")?)?),
+        expires_at: col(row, "lease_expires_at")?,
+    })
+}
+
+fn shard_state(row: &Row) -> Result<ShardState, StoreError> {
+    Ok(ShardState {
+        lease: lease(row)?,
+        head_hash: hash_value(col(row, "head_hash")?, "head_hash")?,
+        low: Sequence(from_db(col(row, "low_sequence")?)?),
+        low_prev_hash: hash_value(col(row, "low_prev_hash")?, "low_prev_hash")?,
+    })
+}
+
+impl From<SchemaError> for StoreError {
+    fn from(err: SchemaError) -> Self {
+        match err {
+            SchemaError::Database { what, source } => store_error(what, source),
+            other => StoreError::Schema(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,1117 @@
+//! The embedded SQLite log store: the default when no database URL is
+//! configured, so `cargo run -p omnirelay-hub` needs nothing installed.
+//!
+//! **What is stored**: the same as in PostgreSQL (see
+//! [`super::postgres`]): shards with their lease, head and low-water mark,
+//! hash-chained events, producer batch records, checkpoints and snapshots,
+//! in one database file (schema in `V0001__log.sql` beside this file,
+//! versioned with `PRAGMA user_version`, applied at open).
+//!
+//! **Source of truth**: the file, alone. It is durable before an append is
+//! acknowledged (WAL journal, `synchronous = FULL`).
+//!
+//! **One replica only**: the store opens the file in SQLite's exclusive
+//! locking mode and takes the write lock at once, holding it until it
+//! closes. A second store on the same file, in this process or another,
+//! fails to open with [`SqliteOpenError::Locked`]; several replicas need
+//! PostgreSQL.
+//!
+//! **Threading**: one dedicated thread owns the connection and runs every
+//! operation, in the order the calls were made; async callers send it work
+//! over a channel and await the answer, so no SQLite call ever runs on the
+//! async runtime. Appends queued behind each other are group-committed: the
+//! thread takes every append waiting in its queue (up to the group limits)
+//! into one transaction, each batch in a savepoint so one failing batch
+//! leaves the others intact, and one fsync serves them all.
+//!
+//! **Clock**: lease expiry and checkpoint ages are judged by this process's
+//! clock, the only clock a single-replica store has.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::defaults;
+use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
+use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::store::{
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
+    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, check_batch,
+};
+use crate::telemetry::{self, DbOperation};
+
+/// Schema migrations, in order; `PRAGMA user_version` counts those applied.
+/// Forward-only, like the PostgreSQL ones: never edit a landed entry.
+const MIGRATIONS: &[&str] = &[include_str!("V0001__log.sql")];
+
+/// Errors opening the store.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteOpenError {
+    /// Another store (in this process or another) holds the file.
+    #[error(
+        "the embedded SQLite store {} is in use by another omnirelay-hub; the embedded store serves one \
+         replica only (stop the other one, or give each its own --sqlite-path, or use PostgreSQL with \
+         --database-url to run several replicas)",
+        path.display()
+    )]
+    Locked {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The file could not be opened or prepared.
+    #[error("cannot open the embedded SQLite store {}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer build.
+    #[error(
+        "the embedded SQLite store {} has schema version {found}, newer than this build's {supported}; \
+         run a newer omnirelay-hub",
+        path.display()
+    )]
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// The file's version.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// The store's thread could not be started.
+    #[error("cannot start the SQLite store thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Work for the store thread.
+enum Command {
+    /// An append, group-committed with the appends queued right behind it.
+    Append(Pending),
+    /// Any other operation.
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+struct Pending {
+    batch: AppendBatch,
+    reply: oneshot::Sender<Result<AppendAck, StoreError>>,
+}
+
+/// The embedded SQLite [`LogStore`]. Cheap to clone; clones share the
+/// connection thread.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// `None` once closed: the thread finishes its queue and exits.
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    changes: broadcast::Sender<LogChange>,
+    pending_events: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `path`, takes its exclusive
+    /// lock, brings its schema up to date and starts its thread.
+    pub async fn open(path: impl Into<PathBuf>) -> Result<SqliteStore, SqliteOpenError> {
+        let path = path.into();
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_connection(&path))
+                .await
+                .map_err(|err| SqliteOpenError::Thread(std::io::Error::other(err)))??
+        };
+        let (commands, queue) = mpsc::channel();
+        let (changes, _) = broadcast::channel(defaults::CHANGES_BUFFER);
+        let pending_events = Arc::new(AtomicUsize::new(0));
+        let thread = std::thread::Builder::new()
+            .name("omnirelay-sqlite".into())
+            .spawn({
+                let (changes, pending_events) = (changes.clone(), pending_events.clone());
+                move || StoreThread { connection: opened, changes, pending_events }.run(queue)
+            })
+            .map_err(SqliteOpenError::Thread)?;
+        tracing::info!(path = %path.display(), "embedded SQLite store open (single replica)");
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                commands: Mutex::new(Some(commands)),
+                thread: Mutex::new(Some(thread)),
+                changes,
+                pending_events,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn send(&self, command: Command) -> Result<(), StoreError> {
+        let commands = self.inner.commands.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match commands.as_ref() {
+            Some(sender) => sender.send(command).map_err(|_| StoreError::Closed),
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    /// Runs `op` on the store thread. (The hub times operations around the
+    /// store, see [`crate::store::metered`].)
+    fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Command::Run(Box::new(move |connection| {
+            // The caller may have gone away; nothing to undo.
+            let _ = reply.send(op(connection));
+        })));
+        Box::pin(async move {
+            sent?;
+            answer.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+}
+
+/// Opens the file, takes the exclusive lock and migrates.
+fn open_connection(path: &Path) -> Result<Connection, SqliteOpenError> {
+    let open_error = |source: rusqlite::Error| {
+        if is_busy(&source) {
+            SqliteOpenError::Locked { path: path.to_path_buf() }
+        } else {
+            SqliteOpenError::Open { path: path.to_path_buf(), source }
+        }
+    };
+    let mut connection = Connection::open(path).map_err(open_error)?;
+    // Fail at once when another store holds the file, instead of waiting.
+    connection.busy_timeout(Duration::ZERO).map_err(open_error)?;
+    // Exclusive locking mode: the lock taken below is kept until the
+    // connection closes, which is what makes the store single-replica. It
+    // must be set before WAL mode so the WAL index lives in this process's
+    // memory rather than a shared-memory file others could use.
+    connection.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(open_error)?;
+    connection.pragma_update(None, "journal_mode", "WAL").map_err(open_error)?;
+    // An append is acknowledged only after its transaction is on disk.
+    connection.pragma_update(None, "synchronous", "FULL").map_err(open_error)?;
+    connection.pragma_update(None, "foreign_keys", "ON").map_err(open_error)?;
+    let txn = connection.transaction_with_behavior(TransactionBehavior::Exclusive).map_err(open_error)?;
+    let version: i64 = txn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(open_error)?;
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(SqliteOpenError::NewerSchema { path: path.to_path_buf(), found: version, supported });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        txn.execute_batch(migration).map_err(open_error)?;
+        tracing::info!(path = %path.display(), version = index + 1, "applied embedded store migration");
+    }
+    txn.pragma_update(None, "user_version", supported).map_err(open_error)?;
+    txn.commit().map_err(open_error)?;
+    Ok(connection)
+}
+
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(err.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// Maps a SQLite failure: a full disk, I/O errors and a busy file are
+/// outages the caller may retry; anything else is a bug or corruption.
+fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
+    let outage = matches!(
+        err.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+                | ErrorCode::OutOfMemory
+        )
+    );
+    if outage {
+        StoreError::Unavailable { what, source: Box::new(err) }
+    } else {
+        StoreError::Internal { what, source: Box::new(err) }
+    }
+}
+
+/// The thread owning the connection.
+struct StoreThread {
+    connection: Connection,
+    changes: broadcast::Sender<LogChange>,
+    pending_events: Arc<AtomicUsize>,
+}
+
+impl StoreThread {
+    fn run(mut self, queue: mpsc::Receiver<Command>) {
+        let mut next = None;
+        loop {
+            let command = match next.take() {
+                Some(command) => command,
+                // Ends once every sender is gone (the store closed) and the
+                // queue is drained: queued appends still commit.
+                None => match queue.recv() {
+                    Ok(command) => command,
+                    Err(_) => break,
+                },
+            };
+            match command {
+                Command::Run(op) => op(&mut self.connection),
+                Command::Append(first) => {
+                    let mut events = first.batch.events.len();
+                    let mut group = vec![first];
+                    while group.len() < defaults::MAX_GROUP_BATCHES && events < defaults::MAX_GROUP_EVENTS {
+                        match queue.try_recv() {
+                            Ok(Command::Append(pending)) => {
+                                events += pending.batch.events.len();
+                                group.push(pending);
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(group);
+                }
+            }
+        }
+        // Dropping the connection releases the file's lock.
+        if let Err((_, err)) = self.connection.close() {
+            tracing::warn!(error = %err, "closing the embedded SQLite store failed");
+        }
+    }
+
+    /// Commits a group of appends in one transaction and answers each.
+    fn commit(&mut self, group: Vec<Pending>) {
+        let started = Instant::now();
+        let event_count: usize = group.iter().map(|p| p.batch.events.len()).sum();
+        let outcome = commit_group(&mut self.connection, &group);
+        telemetry::record_db_operation(DbOperation::Append, started.elapsed(), outcome.is_ok());
+        telemetry::group_committed(group.len(), event_count, started.elapsed());
+        let results = match outcome {
+            Ok(results) => results,
+            Err(err) => {
+                tracing::error!(batches = group.len(), error = %err, "embedded store append failed");
+                group.iter().map(|_| Err(copy_error(&err))).collect()
+            }
+        };
+        let mut appended: Vec<(ShardId, Vec<LogEvent>)> = Vec::new();
+        for (pending, result) in group.into_iter().zip(results) {
+            self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
+            let answer = result.map(|outcome| match outcome {
+                BatchOutcome::Written { ack, events } => {
+                    match appended.iter_mut().find(|(shard, _)| *shard == pending.batch.shard) {
+                        Some((_, run)) => run.extend(events),
+                        None => appended.push((pending.batch.shard.clone(), events)),
+                    }
+                    ack
+                }
+                BatchOutcome::Duplicate(ack) => ack,
+            });
+            telemetry::batch_answered(&answer, pending.batch.events.len());
+            let _ = pending.reply.send(answer);
+        }
+        for (shard, events) in appended {
+            let head = events[events.len() - 1].sequence;
+            // No receivers just means nobody follows the live tail.
+            let _ = self.changes.send(LogChange::Appended { shard, head, events: Some(Arc::from(events)) });
+        }
+    }
+}
+
+/// What happened to one batch of a group.
+enum BatchOutcome {
+    Written { ack: AppendAck, events: Vec<LogEvent> },
+    Duplicate(AppendAck),
+}
+
+/// Runs a group's transaction; the outer error means nothing was committed.
+fn commit_group(
+    connection: &mut Connection,
+    group: &[Pending],
+) -> Result<Vec<Result<BatchOutcome, StoreError>>, StoreError> {
+    let what = "commit an append group";
+    let mut txn =
+        connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(what, e))?;
+    let mut results = Vec::with_capacity(group.len());
+    for pending in group {
+        let savepoint = txn.savepoint().map_err(|e| sql_error(what, e))?;
+        let result = apply_batch(&savepoint, &pending.batch);
+        match &result {
+            Ok(BatchOutcome::Written { .. }) => savepoint.commit().map_err(|e| sql_error(what, e))?,
+            // Rejected or failed batches roll back to the savepoint when it
+            // drops; the rest of the group is unaffected.
+            _ => drop(savepoint),
+        }
+        results.push(result);
+    }
+    if results.iter().any(|r| matches!(r, Ok(BatchOutcome::Written { .. }))) {
+        txn.commit().map_err(|e| sql_error(what, e))?;
+    } else {
+        // Nothing to write: no fsync.
+        txn.rollback().map_err(|e| sql_error(what, e))?;
+    }
+    Ok(results)
+}
+
+/// Decides and, when valid, writes one batch, in the order the PostgreSQL
+/// store decides: a known batch is a duplicate (whatever the epoch now),
+/// then the lease and epoch fence, then producer-sequence order.
+fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, StoreError> {
+    let what = "append a batch";
+    let sql = |e| sql_error(what, e);
+    let producer_seq = to_db("producer_seq", batch.producer_seq.0)?;
+    let shard = db
+        .prepare_cached("SELECT shard_no, epoch, owner, head_sequence, head_hash FROM shards WHERE shard_id = ?1")
+        .map_err(sql)?
+        .query_row(params![batch.shard.as_str()], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, Vec<u8>>(4)?,
+            ))
+        })
+        .optional()
+        .map_err(sql)?;
+    let Some((shard_no, epoch, owner, head, head_hash)) = shard else {
+        return Err(StoreError::NoLease { shard: batch.shard.clone() });
+    };
+
+    let known = db
+        .prepare_cached(
+            "SELECT first_sequence, last_sequence, last_hash FROM producer_batches \
+             WHERE shard_no = ?1 AND producer_id = ?2 AND producer_seq = ?3",
+        )
+        .map_err(sql)?
+        .query_row(params![shard_no, batch.producer.as_str(), producer_seq], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?))
+        })
+        .optional()
+        .map_err(sql)?;
+    if let Some((first, last, hash)) = known {
+        let ack = AppendAck {
+            first: Sequence(from_db(first)?),
+            last: Sequence(from_db(last)?),
+            duplicate: true,
+            last_hash: hash_value(hash, "last_hash")?,
+        };
+        let written = (ack.last.0 - ack.first.0 + 1) as usize;
+        if written != batch.events.len() {
+            return Err(count_mismatch(batch, written));
+        }
+        return Ok(BatchOutcome::Duplicate(ack));
+    }
+
+    if owner.is_none() {
+        return Err(StoreError::NoLease { shard: batch.shard.clone() });
+    }
+    let current = Epoch(from_db(epoch)?);
+    if current != batch.epoch {
+        return Err(StoreError::StaleEpoch { shard: batch.shard.clone(), given: batch.epoch, current });
+    }
+    let latest: Option<i64> = db
+        .prepare_cached("SELECT max(producer_seq) FROM producer_batches WHERE shard_no = ?1 AND producer_id = ?2")
+        .map_err(sql)?
+        .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
+        .map_err(sql)?;
+    if let Some(latest) = latest {
+        let latest = ProducerSeq(from_db(latest)?);
+        if batch.producer_seq <= latest {
+            return Err(InvalidInput::new(
+                "producer_seq",
+                format!(
+                    "{} was already used by producer {} on shard {} and its record was trimmed \
+                     (the producer's latest is {latest}); nothing was written",
+                    batch.producer_seq, batch.producer, batch.shard
+                ),
+            )
+            .into());
+        }
+        if batch.producer_seq.0 != latest.0 + 1 {
+            return Err(StoreError::OutOfOrder {
+                shard: batch.shard.clone(),
+                producer: batch.producer.clone(),
+                given: batch.producer_seq,
+                expected: ProducerSeq(latest.0 + 1),
+            });
+        }
+    }
+
+    let head = Sequence(from_db(head)?);
+    let events = event::chain(hash_value(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
+    let mut insert = db
+        .prepare_cached(
+            "INSERT INTO events (shard_no, sequence, epoch, recorded_at, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(sql)?;
+    for event in &events {
+        insert
+            .execute(params![
+                shard_no,
+                to_db("sequence", event.sequence.0)?,
+                epoch,
+                micros(event.recorded_at),
+                &event.body[..],
+                &event.hash.as_bytes()[..],
+            ])
+            .map_err(sql)?;
+    }
+    let (first, last) = (&events[0], &events[events.len() - 1]);
+    db.prepare_cached(
+        "INSERT INTO producer_batches (shard_no, producer_id, producer_seq, first_sequence, last_sequence, last_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .map_err(sql)?
+    .execute(params![
+        shard_no,
+        batch.producer.as_str(),
+        producer_seq,
+        to_db("sequence", first.sequence.0)?,
+        to_db("sequence", last.sequence.0)?,
+        &last.hash.as_bytes()[..],
+    ])
+    .map_err(sql)?;
+    // The fence again, in the statement that moves the head: with one
+    // connection nothing can have changed, but the write states its rule.
+    let moved = db
+        .prepare_cached("UPDATE shards SET head_sequence = ?2, head_hash = ?3 WHERE shard_no = ?1 AND epoch = ?4")
+        .map_err(sql)?
+        .execute(params![shard_no, to_db("sequence", last.sequence.0)?, &last.hash.as_bytes()[..], epoch])
+        .map_err(sql)?;
+    if moved != 1 {
+        return Err(StoreError::Internal { what, source: "the epoch fence refused the head update".into() });
+    }
+    let ack = AppendAck { first: first.sequence, last: last.sequence, duplicate: false, last_hash: last.hash };
+    Ok(BatchOutcome::Written { ack, events })
+}
+
+fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError {
+    InvalidInput::new(
+        "producer_seq",
+        format!(
+            "{} of producer {} was already written with {written} events, but this retry has {}; \
+             a retry must resend the same batch",
+            batch.producer_seq,
+            batch.producer,
+            batch.events.len()
+        ),
+    )
+    .into()
+}
+
+/// Copies an error for every batch of a failed group (sources are not
+/// clonable, so the copy keeps their text).
+fn copy_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
+        StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Internal { what: "append", source: other.to_string().into() },
+    }
+}
+
+const SELECT_SHARD: &str = "SELECT shard_id, owner, epoch, head_sequence, lease_expires_at, head_hash, \
+                            low_sequence, low_prev_hash FROM shards";
+
+/// A shard row as read by [`SELECT_SHARD`].
+fn shard_state(row: &rusqlite::Row<'_>) -> Result<ShardState, StoreError> {
+    let what = "decode a shard";
+    let get = |e| sql_error(what, e);
+    let lease = ShardLease {
+        shard: ShardId::parse(row.get::<_, String>(0).map_err(get)?).map_err(corrupt_id)?,
+        owner: row.get::<_, Option<String>>(1).map_err(get)?.map(OwnerId::parse).transpose().map_err(corrupt_id)?,
+        epoch: Epoch(from_db(row.get(2).map_err(get)?)?),
+        head: Sequence(from_db(row.get(3).map_err(get)?)?),
+        expires_at: row.get::<_, Option<i64>>(4).map_err(get)?.map(from_micros),
+    };
+    Ok(ShardState {
+        lease,
+        head_hash: hash_value(row.get(5).map_err(get)?, "head_hash")?,
+        low: Sequence(from_db(row.get(6).map_err(get)?)?),
+        low_prev_hash: hash_value(row.get(7).map_err(get)?, "low_prev_hash")?,
+    })
+}
+
+fn read_state(db: &Connection, shard: &ShardId) -> Result<Option<ShardState>, StoreError> {
+    let what = "read a shard";
+    let mut statement =
+        db.prepare_cached(&format!("{SELECT_SHARD} WHERE shard_id = ?1")).map_err(|e| sql_error(what, e))?;
+    let mut rows = statement.query(params![shard.as_str()]).map_err(|e| sql_error(what, e))?;
+    match rows.next().map_err(|e| sql_error(what, e))? {
+        Some(row) => Ok(Some(shard_state(row)?)),
+        None => Ok(None),
+    }
+}
+
+fn shard_no(db: &Connection, shard: &ShardId) -> Result<Option<i64>, StoreError> {
+    db.prepare_cached("SELECT shard_no FROM shards WHERE shard_id = ?1")
+        .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)).optional())
+        .map_err(|e| sql_error("look up a shard", e))
+}
+
+/// Why a renew or release found no lease to act on.
+fn lease_failure(db: &Connection, shard: ShardId, epoch: Epoch) -> StoreError {
+    match read_state(db, &shard) {
+        Ok(None) => StoreError::UnknownShard { shard },
+        Ok(Some(state)) if state.lease.epoch != epoch => {
+            StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch }
+        }
+        Ok(Some(_)) => StoreError::NoLease { shard },
+        Err(err) => err,
+    }
+}
+
+impl LogStore for SqliteStore {
+    fn append(&self, batch: AppendBatch) -> StoreFuture<'static, AppendAck> {
+        // Queued now, not when the future is first polled: appends commit in
+        // call order.
+        let queued = (|| {
+            check_batch(&batch)?;
+            let events = batch.events.len();
+            let pending = self.inner.pending_events.fetch_add(events, Ordering::Relaxed);
+            if pending + events > defaults::MAX_PENDING_EVENTS && pending > 0 {
+                self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
+                return Err(StoreError::Overloaded { pending });
+            }
+            let (reply, answer) = oneshot::channel();
+            if let Err(err) = self.send(Command::Append(Pending { batch, reply })) {
+                self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
+                return Err(err);
+            }
+            Ok(answer)
+        })();
+        Box::pin(async move { queued?.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
+        self.run(move |db| {
+            let what = "acquire a shard";
+            let sql = |e| sql_error(what, e);
+            let now = micros(SystemTime::now());
+            let expires = now.saturating_add(duration_micros(ttl)?);
+            let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+            let granted = match read_state(&txn, &shard)? {
+                None => {
+                    txn.prepare_cached(
+                        "INSERT INTO shards (shard_id, epoch, owner, lease_expires_at, head_hash, low_prev_hash, created_at) \
+                         VALUES (?1, 1, ?2, ?3, ?4, ?4, ?5)",
+                    )
+                    .map_err(sql)?
+                    .execute(params![shard.as_str(), owner.as_str(), expires, &ChainHash::ZERO.as_bytes()[..], now])
+                    .map_err(sql)?;
+                    true
+                }
+                Some(state) => {
+                    let free = match (&state.lease.owner, state.lease.expires_at) {
+                        (None, _) | (_, None) => true,
+                        (Some(holder), Some(expires_at)) => holder == &owner || micros(expires_at) <= now,
+                    };
+                    if free {
+                        txn.prepare_cached(
+                            "UPDATE shards SET epoch = epoch + 1, owner = ?2, lease_expires_at = ?3 WHERE shard_id = ?1",
+                        )
+                        .map_err(sql)?
+                        .execute(params![shard.as_str(), owner.as_str(), expires])
+                        .map_err(sql)?;
+                    }
+                    free
+                }
+            };
+            let state = read_state(&txn, &shard)?
+                .ok_or_else(|| StoreError::Internal { what, source: "the shard vanished after its row was written".into() })?;
+            txn.commit().map_err(sql)?;
+            Ok(LeaseGrant { granted, lease: state.lease })
+        })
+    }
+
+    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
+        self.run(move |db| {
+            let what = "renew a shard";
+            let expires = micros(SystemTime::now()).saturating_add(duration_micros(ttl)?);
+            let renewed = db
+                .prepare_cached(
+                    "UPDATE shards SET lease_expires_at = ?4 WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3",
+                )
+                .map_err(|e| sql_error(what, e))?
+                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, expires])
+                .map_err(|e| sql_error(what, e))?;
+            if renewed == 1 {
+                read_state(db, &shard)?
+                    .map(|state| state.lease)
+                    .ok_or_else(|| StoreError::Internal { what, source: "the renewed shard vanished".into() })
+            } else {
+                Err(lease_failure(db, shard, epoch))
+            }
+        })
+    }
+
+    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
+        self.run(move |db| {
+            let released = db
+                .prepare_cached(
+                    "UPDATE shards SET owner = NULL, lease_expires_at = NULL WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3",
+                )
+                .map_err(|e| sql_error("release a shard", e))?
+                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?])
+                .map_err(|e| sql_error("release a shard", e))?;
+            Ok(released == 1)
+        })
+    }
+
+    fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>> {
+        self.run(move |db| read_state(db, &shard))
+    }
+
+    fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>> {
+        self.run(move |db| {
+            let what = "list shards";
+            // substr compares bytes, like PostgreSQL's starts_with; LIKE would
+            // treat '%' and '_' in ids as wildcards.
+            let mut statement = db
+                .prepare_cached(&format!("{SELECT_SHARD} WHERE substr(shard_id, 1, length(?1)) = ?1 ORDER BY shard_id"))
+                .map_err(|e| sql_error(what, e))?;
+            let mut rows = statement.query(params![prefix]).map_err(|e| sql_error(what, e))?;
+            let mut shards = Vec::new();
+            while let Some(row) = rows.next().map_err(|e| sql_error(what, e))? {
+                shards.push(shard_state(row)?);
+            }
+            Ok(shards)
+        })
+    }
+
+    fn read_range(
+        &self,
+        shard: ShardId,
+        from: Sequence,
+        to: Option<Sequence>,
+        limit: usize,
+    ) -> StoreFuture<'_, EventPage> {
+        self.run(move |db| {
+            let what = "read events";
+            let sql = |e| sql_error(what, e);
+            if from.0 == 0 {
+                return Err(InvalidInput::new("from_sequence", "sequences start at 1").into());
+            }
+            let from_value = to_db("from_sequence", from.0)?;
+            let to_value = match to {
+                Some(to) => to_db("to_sequence", to.0)?,
+                None => i64::MAX,
+            };
+            // A read transaction: the shard row and the events come from one
+            // snapshot, as in PostgreSQL's single statement.
+            let txn = db.transaction_with_behavior(TransactionBehavior::Deferred).map_err(sql)?;
+            let Some(state) = read_state(&txn, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
+            if from < state.low {
+                return Err(StoreError::Trimmed { shard, low: state.low });
+            }
+            let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
+            let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1) + 1;
+            let mut statement = txn
+                .prepare_cached(
+                    "SELECT sequence, epoch, recorded_at, body, hash FROM events \
+                     WHERE shard_no = ?1 AND sequence >= ?2 - 1 AND sequence <= ?3 ORDER BY sequence LIMIT ?4",
+                )
+                .map_err(sql)?;
+            let mut rows = statement.query(params![number, from_value, to_value, fetch]).map_err(sql)?;
+            let mut anchor = None;
+            let mut stored = Vec::new();
+            while let Some(row) = rows.next().map_err(sql)? {
+                let sequence = Sequence(from_db(row.get(0).map_err(sql)?)?);
+                let hash: Vec<u8> = row.get(4).map_err(sql)?;
+                if sequence < from {
+                    anchor = Some(ChainHash::from_slice(&hash).unwrap_or(ChainHash::ZERO));
+                    continue;
+                }
+                if stored.len() == limit {
+                    break;
+                }
+                stored.push(StoredRow {
+                    sequence,
+                    epoch: Epoch(from_db(row.get(1).map_err(sql)?)?),
+                    recorded_at: from_micros(row.get(2).map_err(sql)?),
+                    body: Bytes::from(row.get::<_, Vec<u8>>(3).map_err(sql)?),
+                    hash: Bytes::from(hash),
+                });
+            }
+            let anchor = match anchor {
+                Some(hash) => hash,
+                // Not stored: trimmed (the low-water anchor) or before 1.
+                None if from == state.low => state.low_prev_hash,
+                None => ChainHash::ZERO,
+            };
+            Ok(EventPage {
+                shard,
+                from,
+                anchor,
+                events: event::link(anchor, stored),
+                head: state.lease.head,
+                low: state.low,
+            })
+        })
+    }
+
+    fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {
+        self.run(move |db| {
+            let what = "find a sequence by time";
+            let found: Option<i64> = db
+                .prepare_cached(
+                    "SELECT e.sequence FROM shards s JOIN events e ON e.shard_no = s.shard_no \
+                     WHERE s.shard_id = ?1 AND e.recorded_at >= ?2 ORDER BY e.sequence LIMIT 1",
+                )
+                .map_err(|e| sql_error(what, e))?
+                .query_row(params![shard.as_str(), micros(since)], |row| row.get(0))
+                .optional()
+                .map_err(|e| sql_error(what, e))?;
+            found.map(|sequence| Ok(Sequence(from_db(sequence)?))).transpose()
+        })
+    }
+
+    fn commit_checkpoint(
+        &self,
+        subscriber: SubscriberId,
+        shard: ShardId,
+        sequence: Sequence,
+    ) -> StoreFuture<'_, CheckpointCommit> {
+        self.run(move |db| {
+            let what = "commit a checkpoint";
+            let sql = |e| sql_error(what, e);
+            let sequence_value = to_db("sequence", sequence.0)?;
+            let Some(state) = read_state(db, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
+            let head = state.lease.head;
+            if sequence > head {
+                return Err(InvalidInput::new(
+                    "sequence",
+                    format!("{sequence} is past the head {head} of shard {shard}; commit only what was delivered"),
+                )
+                .into());
+            }
+            let number = shard_no(db, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
+            let moved = db
+                .prepare_cached(
+                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (subscriber_id, shard_no) DO UPDATE \
+                     SET sequence = excluded.sequence, updated_at = excluded.updated_at \
+                     WHERE checkpoints.sequence < excluded.sequence",
+                )
+                .map_err(sql)?
+                .execute(params![subscriber.as_str(), number, sequence_value, micros(SystemTime::now())])
+                .map_err(sql)?
+                == 1;
+            let (stored, updated_at): (i64, i64) = db
+                .prepare_cached(
+                    "SELECT sequence, updated_at FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
+                )
+                .map_err(sql)?
+                .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(sql)?;
+            let checkpoint = Checkpoint {
+                subscriber,
+                shard,
+                sequence: Sequence(from_db(stored)?),
+                updated_at: from_micros(updated_at),
+            };
+            Ok(CheckpointCommit { checkpoint, moved })
+        })
+    }
+
+    fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {
+        self.run(move |db| {
+            let what = "read checkpoints";
+            let sql = |e| sql_error(what, e);
+            let mut statement = db
+                .prepare_cached(
+                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at \
+                     FROM checkpoints c JOIN shards s ON s.shard_no = c.shard_no \
+                     WHERE (?1 IS NULL OR c.subscriber_id = ?1) ORDER BY c.subscriber_id, s.shard_id",
+                )
+                .map_err(sql)?;
+            let mut rows = statement.query(params![subscriber.as_ref().map(SubscriberId::as_str)]).map_err(sql)?;
+            let mut found = Vec::new();
+            while let Some(row) = rows.next().map_err(sql)? {
+                let shard = ShardId::parse(row.get::<_, String>(1).map_err(sql)?).map_err(corrupt_id)?;
+                if !shards.is_empty() && !shards.contains(&shard) {
+                    continue;
+                }
+                found.push(Checkpoint {
+                    subscriber: SubscriberId::parse(row.get::<_, String>(0).map_err(sql)?).map_err(corrupt_id)?,
+                    shard,
+                    sequence: Sequence(from_db(row.get(2).map_err(sql)?)?),
+                    updated_at: from_micros(row.get(3).map_err(sql)?),
+                });
+            }
+            Ok(found)
+        })
+    }
+
+    fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {
+        self.run(move |db| {
+            let what = "store a snapshot";
+            let sql = |e| sql_error(what, e);
+            let sequence_value = to_db("sequence", sequence.0)?;
+            let epoch_value = to_db("epoch", epoch.0)?;
+            let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+            let Some(state) = read_state(&txn, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
+            if state.lease.owner.is_none() {
+                return Err(StoreError::NoLease { shard });
+            }
+            if state.lease.epoch != epoch {
+                return Err(StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch });
+            }
+            let head = state.lease.head;
+            if sequence.0 == 0 || sequence > head {
+                return Err(InvalidInput::new(
+                    "sequence",
+                    format!("{sequence} is outside the log of shard {shard} (1 through the head {head})"),
+                )
+                .into());
+            }
+            let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
+            let hash = if sequence.next() == state.low {
+                state.low_prev_hash
+            } else if sequence < state.low {
+                return Err(StoreError::Trimmed { shard, low: state.low });
+            } else {
+                let stored: Option<Vec<u8>> = txn
+                    .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                    .map_err(sql)?
+                    .query_row(params![number, sequence_value], |row| row.get(0))
+                    .optional()
+                    .map_err(sql)?;
+                match stored {
+                    Some(hash) => hash_value(hash, "hash")?,
+                    None => {
+                        return Err(
+                            CorruptEvent { shard, sequence, reason: "missing from the stored log".into() }.into()
+                        );
+                    }
+                }
+            };
+            let created_at = SystemTime::now();
+            txn.prepare_cached(
+                "INSERT INTO snapshots (shard_no, sequence, epoch, data, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (shard_no, sequence) DO UPDATE \
+                 SET epoch = excluded.epoch, data = excluded.data, hash = excluded.hash, created_at = excluded.created_at",
+            )
+            .map_err(sql)?
+            .execute(params![number, sequence_value, epoch_value, &data[..], &hash.as_bytes()[..], micros(created_at)])
+            .map_err(sql)?;
+            txn.commit().map_err(sql)?;
+            Ok(Snapshot { shard, sequence, data, hash, created_at: from_micros(micros(created_at)) })
+        })
+    }
+
+    fn snapshot(&self, shard: ShardId, at_or_below: Option<Sequence>) -> StoreFuture<'_, Option<Snapshot>> {
+        self.run(move |db| {
+            let what = "read a snapshot";
+            let below = match at_or_below {
+                Some(sequence) => to_db("at_or_below", sequence.0)?,
+                None => i64::MAX,
+            };
+            let row = db
+                .prepare_cached(
+                    "SELECT sn.sequence, sn.data, sn.hash, sn.created_at FROM snapshots sn \
+                     JOIN shards s ON s.shard_no = sn.shard_no \
+                     WHERE s.shard_id = ?1 AND sn.sequence <= ?2 ORDER BY sn.sequence DESC LIMIT 1",
+                )
+                .map_err(|e| sql_error(what, e))?
+                .query_row(params![shard.as_str(), below], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                })
+                .optional()
+                .map_err(|e| sql_error(what, e))?;
+            row.map(|(sequence, data, hash, created_at)| {
+                Ok(Snapshot {
+                    shard,
+                    sequence: Sequence(from_db(sequence)?),
+                    data: Bytes::from(data),
+                    hash: hash_value(hash, "hash")?,
+                    created_at: from_micros(created_at),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
+        self.run(move |db| {
+            let what = "apply retention";
+            let sql = |e| sql_error(what, e);
+            let oldest_counted = micros(SystemTime::now()).saturating_sub(duration_micros(policy.checkpoint_max_age)?);
+            let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+            let Some(state) = read_state(&txn, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
+            let low = state.low;
+            let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
+            let (snapshot, checkpoint): (Option<i64>, Option<i64>) = txn
+                .prepare_cached(
+                    "SELECT (SELECT max(sequence) FROM snapshots WHERE shard_no = ?1), \
+                            (SELECT min(sequence) FROM checkpoints WHERE shard_no = ?1 AND updated_at >= ?2)",
+                )
+                .map_err(sql)?
+                .query_row(params![number, oldest_counted], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(sql)?;
+            let Some(snapshot) = snapshot else { return Ok(RetentionOutcome { deleted: 0, low }) };
+            let through = checkpoint.map_or(snapshot, |checkpoint| snapshot.min(checkpoint));
+            if from_db(through)? < low.0 {
+                return Ok(RetentionOutcome { deleted: 0, low });
+            }
+            // The anchor hash is read before event `through` is deleted.
+            txn.prepare_cached(
+                "UPDATE shards SET low_sequence = ?2 + 1, \
+                 low_prev_hash = (SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2) WHERE shard_no = ?1",
+            )
+            .map_err(sql)?
+            .execute(params![number, through])
+            .map_err(sql)?;
+            txn.prepare_cached("DELETE FROM snapshots WHERE shard_no = ?1 AND sequence < ?2")
+                .map_err(sql)?
+                .execute(params![number, through])
+                .map_err(sql)?;
+            // Each producer's latest record survives, so its retries are
+            // still recognised after the events are gone.
+            txn.prepare_cached(
+                "DELETE FROM producer_batches WHERE shard_no = ?1 AND last_sequence <= ?2 \
+                 AND producer_seq < (SELECT max(l.producer_seq) FROM producer_batches l \
+                                     WHERE l.shard_no = producer_batches.shard_no \
+                                       AND l.producer_id = producer_batches.producer_id)",
+            )
+            .map_err(sql)?
+            .execute(params![number, through])
+            .map_err(sql)?;
+            let deleted = txn
+                .prepare_cached("DELETE FROM events WHERE shard_no = ?1 AND sequence <= ?2")
+                .map_err(sql)?
+                .execute(params![number, through])
+                .map_err(sql)?;
+            txn.commit().map_err(sql)?;
+            Ok(RetentionOutcome { deleted: deleted as u64, low: Sequence(from_db(through)? + 1) })
+        })
+    }
+
+    fn changes(&self) -> broadcast::Receiver<LogChange> {
+        self.inner.changes.subscribe()
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // Dropping the sender lets the thread finish its queue and exit,
+            // closing the connection and releasing the file.
+            drop(self.inner.commands.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take());
+            let thread = self.inner.thread.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+            if let Some(thread) = thread {
+                let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+                if !matches!(joined, Ok(Ok(()))) {
+                    return Err(StoreError::Internal {
+                        what: "close the embedded store",
+                        source: "the store thread panicked".into(),
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl crate::health::Probe for SqliteStore {
+    fn check(&self) -> crate::health::ProbeFuture<'_> {
+        let started = Instant::now();
+        let answer = self.run(|db| {
+            db.query_row("SELECT count(*) FROM shards", [], |row| row.get::<_, i64>(0))
+                .map_err(|e| sql_error("probe the embedded store", e))
+        });
+        Box::pin(async move {
+            let result = answer.await.map(drop);
+            telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
+            result.map_err(|err| crate::health::NotReady::Unreachable(err.to_string()))
+        })
+    }
+}
+
+/// A counter as stored; values beyond `i64::MAX` cannot be stored.
+fn to_db(field: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| InvalidInput::new(field, format!("{value} is out of range")).into())
+}
+
+/// A stored counter; the schema's checks keep them non-negative.
+fn from_db(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Internal {
+        what: "decode a stored row",
+        source: format!("negative counter {value}").into(),
+    })
+}
+
+fn hash_value(bytes: Vec<u8>, column: &'static str) -> Result<ChainHash, StoreError> {
+    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
+        what: "decode a chain hash",
+        source: format!("column {column} holds {} bytes, not 32", bytes.len()).into(),
+    })
+}
+
+fn corrupt_id(err: InvalidInput) -> StoreError {
+    StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
+}
+
+/// Microseconds since the Unix epoch (negative before it), saturating.
+fn micros(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
+}
+
+fn from_micros(micros: i64) -> SystemTime {
+    if micros >= 0 {
+        UNIX_EPOCH + Duration::from_micros(micros as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
+    }
+}
+
+fn duration_micros(duration: Duration) -> Result<i64, StoreError> {
+    i64::try_from(duration.as_micros()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_through_microseconds() {
+        for time in
+            [UNIX_EPOCH, UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456), UNIX_EPOCH - Duration::from_secs(5)]
+        {
+            assert_eq!(from_micros(micros(time)), time);
+        }
+    }
+
+    #[test]
+    fn the_schema_has_one_migration_per_version() {
+        assert_eq!(MIGRATIONS.len(), 1);
+        let connection = Connection::open_in_memory().expect("in-memory database");
+        connection.execute_batch(MIGRATIONS[0]).expect("the schema should apply to an empty database");
+    }
+}

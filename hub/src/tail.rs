@@ -1,0 +1,416 @@
+//! The live tail: per replica, one feed per followed shard that publishes
+//! the shard's new events to every subscriber of the replica.
+//!
+//! A feed learns of new heads from the store's change stream: commits made
+//! by this replica arrive with their events (no read at all), commits of
+//! other replicas arrive as LISTEN/NOTIFY heads and are read from the store
+//! once, by the feed, whatever the number of subscribers. Subscribers receive
+//! the feed through a bounded broadcast channel: publishing never waits, and
+//! a subscriber that falls too far behind is told it lagged and catches up by
+//! reading on its own, so a slow subscriber slows neither appends nor its
+//! peers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::defaults;
+use crate::event::{self, ChainHash, CorruptEvent, LogEvent};
+use crate::ids::{Sequence, ShardId};
+use crate::store::{LogChange, LogStore, StoreError};
+use crate::telemetry::{HubCounters, ReadPurpose};
+
+/// What a feed publishes.
+#[derive(Debug, Clone)]
+pub(crate) enum TailChunk {
+    /// Consecutive, verified events.
+    Events(Arc<[LogEvent]>),
+    /// The feed met a corrupt event and will not publish it.
+    Corrupt(Arc<CorruptEvent>),
+}
+
+/// The live tails of one replica.
+#[derive(Clone)]
+pub(crate) struct Tail {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn LogStore>,
+    counters: Arc<HubCounters>,
+    feeds: Mutex<HashMap<ShardId, Arc<Feed>>>,
+    discovered: broadcast::Sender<ShardId>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// One shard's live tail.
+pub(crate) struct Feed {
+    shard: ShardId,
+    chunks: broadcast::Sender<TailChunk>,
+    head: watch::Sender<Sequence>,
+    state: Mutex<FeedState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    /// Highest head announced.
+    target: Sequence,
+    /// Events committed by this replica, not yet published.
+    direct: VecDeque<Arc<[LogEvent]>>,
+}
+
+impl Tail {
+    /// Starts the tail: a dispatcher task that routes the store's changes to
+    /// feeds. Feeds start on first use.
+    pub(crate) fn start(store: Arc<dyn LogStore>, counters: Arc<HubCounters>) -> Tail {
+        let (discovered, _) = broadcast::channel(defaults::CHANGES_BUFFER);
+        let inner = Arc::new(Inner {
+            store,
+            counters,
+            feeds: Mutex::new(HashMap::new()),
+            discovered,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let changes = inner.store.changes();
+        inner.tasks.spawn(dispatch(inner.clone(), changes));
+        Tail { inner }
+    }
+
+    /// The feed of `shard`, started on first use.
+    pub(crate) fn feed(&self, shard: &ShardId) -> Arc<Feed> {
+        let mut feeds = self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(feed) = feeds.get(shard) {
+            return feed.clone();
+        }
+        let (chunks, _) = broadcast::channel(defaults::TAIL_BUFFER_CHUNKS);
+        let feed = Arc::new(Feed {
+            shard: shard.clone(),
+            chunks,
+            head: watch::Sender::new(Sequence::ZERO),
+            state: Mutex::new(FeedState::default()),
+            wake: Notify::new(),
+        });
+        feeds.insert(shard.clone(), feed.clone());
+        self.inner.tasks.spawn(read(self.inner.clone(), feed.clone()));
+        feed
+    }
+
+    /// Shards announced by commits (for pattern subscriptions); a receiver
+    /// that lags should rescan the store.
+    pub(crate) fn discoveries(&self) -> broadcast::Receiver<ShardId> {
+        self.inner.discovered.subscribe()
+    }
+
+    /// Stops the dispatcher and every feed; subscribers see their feeds
+    /// close.
+    pub(crate) async fn close(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    }
+}
+
+impl Feed {
+    /// Receives the chunks published from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<TailChunk> {
+        self.chunks.subscribe()
+    }
+
+    /// The highest head this replica has heard of.
+    pub(crate) fn head(&self) -> Sequence {
+        *self.head.borrow()
+    }
+
+    fn offer(&self, head: Sequence, events: Option<Arc<[LogEvent]>>) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.target = state.target.max(head);
+            if let Some(events) = events.filter(|events| !events.is_empty()) {
+                state.direct.push_back(events);
+            }
+        }
+        self.head.send_if_modified(|known| {
+            let moved = head > *known;
+            *known = (*known).max(head);
+            moved
+        });
+        self.wake.notify_one();
+    }
+}
+
+/// Routes store changes to feeds.
+async fn dispatch(inner: Arc<Inner>, mut changes: broadcast::Receiver<LogChange>) {
+    loop {
+        let change = tokio::select! {
+            () = inner.cancel.cancelled() => return,
+            change = changes.recv() => change,
+        };
+        match change {
+            Ok(LogChange::Appended { shard, head, events }) => {
+                let _ = inner.discovered.send(shard.clone());
+                let feed = inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&shard).cloned();
+                if let Some(feed) = feed {
+                    feed.offer(head, events);
+                }
+            }
+            Ok(LogChange::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => resync(&inner).await,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Re-reads every shard's head after changes may have been missed.
+async fn resync(inner: &Inner) {
+    match inner.store.list_shards(String::new()).await {
+        Ok(shards) => {
+            for state in shards {
+                let shard = state.lease.shard;
+                let _ = inner.discovered.send(shard.clone());
+                let feed = inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&shard).cloned();
+                if let Some(feed) = feed {
+                    feed.offer(state.lease.head, None);
+                }
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "failed to resynchronise the live tail; relying on the next change"),
+    }
+}
+
+/// What a feed's reader does next.
+enum Step {
+    /// Nothing new.
+    Idle,
+    /// Publish events this replica committed.
+    Publish(Arc<[LogEvent]>),
+    /// Read events from the store, from..=to.
+    Read(Sequence, Sequence),
+    /// Nobody listens: move the position without reading.
+    Skip(Sequence, Option<ChainHash>),
+}
+
+/// A feed's reader: publishes every event once, in order.
+async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
+    // Nothing before the head at start is published: subscribers catch up
+    // to it by themselves.
+    let mut published = loop {
+        match inner.store.shard_state(feed.shard.clone()).await {
+            Ok(state) => break state.map_or(Sequence::ZERO, |s| s.lease.head),
+            Err(err) => {
+                tracing::warn!(shard = %feed.shard, error = %err, "failed to start a live tail; retrying");
+                tokio::select! {
+                    () = inner.cancel.cancelled() => return,
+                    () = tokio::time::sleep(defaults::TAIL_RETRY) => {}
+                }
+            }
+        }
+    };
+    let mut last_hash: Option<ChainHash> = None;
+    feed.head.send_if_modified(|known| {
+        let moved = published > *known;
+        *known = (*known).max(published);
+        moved
+    });
+    loop {
+        let step = next_step(&feed, published);
+        match step {
+            Step::Idle => {
+                tokio::select! {
+                    () = inner.cancel.cancelled() => return,
+                    () = feed.wake.notified() => {}
+                }
+            }
+            Step::Skip(to, hash) => {
+                published = to;
+                last_hash = hash;
+            }
+            Step::Publish(events) => {
+                let last = &events[events.len() - 1];
+                published = last.sequence;
+                last_hash = Some(last.hash);
+                let _ = feed.chunks.send(TailChunk::Events(events));
+            }
+            Step::Read(from, to) => {
+                inner.counters.read(ReadPurpose::Tail);
+                match inner.store.read_range(feed.shard.clone(), from, Some(to), defaults::TAIL_READ_BATCH).await {
+                    Ok(page) if page.events.is_empty() && page.head >= from => {
+                        // The store's head says the event exists, yet no row
+                        // came back: it was deleted behind the log's back.
+                        let corrupt = CorruptEvent {
+                            shard: feed.shard.clone(),
+                            sequence: from,
+                            reason: "missing from the stored log".into(),
+                        };
+                        tracing::error!(shard = %feed.shard, sequence = %from, "live tail met a missing event");
+                        published = to;
+                        last_hash = None;
+                        let _ = feed.chunks.send(TailChunk::Corrupt(Arc::new(corrupt)));
+                    }
+                    Ok(page) if page.events.is_empty() => {
+                        // Announced but not visible (yet): never skip; wait
+                        // for the next change or retry shortly.
+                        sleep_or_cancel(&inner).await;
+                    }
+                    Ok(page) => {
+                        let chained = match last_hash {
+                            Some(hash) if hash != page.anchor => Err(CorruptEvent {
+                                shard: feed.shard.clone(),
+                                sequence: from,
+                                reason: "it does not link to the event before it".into(),
+                            }),
+                            _ => event::verify(&feed.shard, from, &page.anchor, &page.events),
+                        };
+                        match chained {
+                            Ok(()) => {
+                                let last = &page.events[page.events.len() - 1];
+                                published = last.sequence;
+                                last_hash = Some(last.hash);
+                                let _ = feed.chunks.send(TailChunk::Events(Arc::from(page.events)));
+                            }
+                            Err(corrupt) => {
+                                tracing::error!(shard = %feed.shard, sequence = %corrupt.sequence, reason = %corrupt.reason, "live tail met a corrupt event");
+                                // Skip past it: subscribers that reach it stop
+                                // with an error; nothing corrupt is published.
+                                published = to;
+                                last_hash = None;
+                                let _ = feed.chunks.send(TailChunk::Corrupt(Arc::new(corrupt)));
+                            }
+                        }
+                    }
+                    Err(StoreError::Trimmed { low, .. }) => {
+                        // Retention outran the tail; subscribers catch up
+                        // through the snapshot themselves.
+                        published = low.prev();
+                        last_hash = None;
+                    }
+                    Err(err) => {
+                        tracing::warn!(shard = %feed.shard, error = %err, "live tail read failed; retrying");
+                        sleep_or_cancel(&inner).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_or_cancel(inner: &Inner) {
+    tokio::select! {
+        () = inner.cancel.cancelled() => {}
+        () = tokio::time::sleep(defaults::TAIL_RETRY) => {}
+    }
+}
+
+/// Decides the reader's next step from what was announced.
+fn next_step(feed: &Feed, published: Sequence) -> Step {
+    let mut state = feed.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    while state.direct.front().is_some_and(|events| events[events.len() - 1].sequence <= published) {
+        state.direct.pop_front();
+    }
+    if let Some(front) = state.direct.front()
+        && front[0].sequence <= published
+    {
+        // Partly published already (a bounded store read got into it first):
+        // keep the rest.
+        let rest: Arc<[LogEvent]> = front.iter().filter(|e| e.sequence > published).cloned().collect();
+        state.direct[0] = rest;
+    }
+    let direct_end = state.direct.back().map(|events| events[events.len() - 1].sequence);
+    let target = state.target.max(direct_end.unwrap_or_default());
+    if target <= published {
+        return Step::Idle;
+    }
+    if let Some(front) = state.direct.front()
+        && front[0].sequence == published.next()
+    {
+        return state.direct.pop_front().map_or(Step::Idle, Step::Publish);
+    }
+    if feed.chunks.receiver_count() == 0 {
+        // Nobody listens: remember the position, read nothing. A subscriber
+        // that arrives later catches up from the store by itself.
+        let hash = match state.direct.back() {
+            Some(events) if events[events.len() - 1].sequence == target => Some(events[events.len() - 1].hash),
+            _ => None,
+        };
+        state.direct.clear();
+        return Step::Skip(target, hash);
+    }
+    let to = match state.direct.front() {
+        Some(front) if front[0].sequence > published.next() => front[0].sequence.prev(),
+        _ => target,
+    };
+    Step::Read(published.next(), to)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::event::{NewEvent, chain};
+    use crate::ids::Epoch;
+
+    fn feed() -> Feed {
+        let (chunks, _) = broadcast::channel(8);
+        Feed {
+            shard: ShardId::parse("resourcelease.t").expect("valid"),
+            chunks,
+            head: watch::Sender::new(Sequence::ZERO),
+            state: Mutex::new(FeedState::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn events(first: u64, n: usize) -> Arc<[LogEvent]> {
+        let new: Vec<NewEvent> =
+            (0..n).map(|i| NewEvent { recorded_at: SystemTime::UNIX_EPOCH, body: format!("{i}").into() }).collect();
+        Arc::from(chain(ChainHash::ZERO, Sequence(first), Epoch(1), &new))
+    }
+
+    fn describe(step: Step) -> String {
+        match step {
+            Step::Idle => "idle".into(),
+            Step::Publish(events) => format!("publish {}..={}", events[0].sequence, events[events.len() - 1].sequence),
+            Step::Read(from, to) => format!("read {from}..={to}"),
+            Step::Skip(to, hash) => format!("skip to {to} ({})", if hash.is_some() { "hash" } else { "no hash" }),
+        }
+    }
+
+    #[test]
+    fn local_commits_publish_without_reading_and_gaps_are_read() {
+        let feed = feed();
+        let _listener = feed.subscribe();
+        feed.offer(Sequence(3), Some(events(1, 3)));
+        assert_eq!(describe(next_step(&feed, Sequence::ZERO)), "publish 1..=3");
+        // Another replica committed 4..=6; this one 7..=8.
+        feed.offer(Sequence(6), None);
+        feed.offer(Sequence(8), Some(events(7, 2)));
+        assert_eq!(describe(next_step(&feed, Sequence(3))), "read 4..=6");
+        assert_eq!(describe(next_step(&feed, Sequence(6))), "publish 7..=8");
+        assert_eq!(describe(next_step(&feed, Sequence(8))), "idle");
+    }
+
+    #[test]
+    fn a_partly_published_local_commit_publishes_only_the_rest() {
+        let feed = feed();
+        let _listener = feed.subscribe();
+        feed.offer(Sequence(10), Some(events(1, 10)));
+        assert_eq!(describe(next_step(&feed, Sequence(4))), "publish 5..=10");
+    }
+
+    #[test]
+    fn without_listeners_the_feed_moves_without_reading() {
+        let feed = feed();
+        feed.offer(Sequence(5), None);
+        assert_eq!(describe(next_step(&feed, Sequence::ZERO)), "skip to 5 (no hash)");
+        feed.offer(Sequence(12), None);
+        feed.offer(Sequence(14), Some(events(13, 2)));
+        assert_eq!(describe(next_step(&feed, Sequence(5))), "skip to 14 (hash)");
+        assert_eq!(feed.head(), Sequence(14));
+    }
+}

@@ -1,0 +1,373 @@
+//! Conversions between the wire contracts (`omnirelay.hub.v1`,
+//! `omnirelay.replication.v1`) and the hub's domain types: the one module
+//! that knows both. Every value from the network is validated here, and the
+//! error names the field.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::defaults;
+use crate::event::{CorruptEvent, LogEvent, NewEvent};
+use crate::ids::{
+    Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, ShardPattern, SubscriberId,
+};
+use crate::proto::hub::v1 as pb;
+use crate::proto::replication::v1 as rpb;
+use crate::store::{AppendAck, AppendBatch, Checkpoint, ShardLease, Snapshot};
+
+/// Latest `recorded_at` accepted: the end of year 9999, far inside what the
+/// store can represent, and no queue records events that far ahead.
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// Validates an append request into a batch: ids, sizes, and every event
+/// (which gets the batch's shard id and its log-assigned fields cleared, then
+/// is encoded canonically as the stored body).
+pub fn append_batch(request: pb::AppendRequest) -> Result<AppendBatch, InvalidInput> {
+    let shard = ShardId::parse(request.shard_id)?;
+    let producer = ProducerId::parse(request.producer_id)?;
+    if request.events.is_empty() {
+        return Err(InvalidInput::new("events", "a batch needs at least one event"));
+    }
+    if request.events.len() > defaults::MAX_BATCH_EVENTS {
+        return Err(InvalidInput::new(
+            "events",
+            format!("{} events in one batch; the limit is {}", request.events.len(), defaults::MAX_BATCH_EVENTS),
+        ));
+    }
+    let events = request
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(index, event)| new_event(&shard, index, event))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AppendBatch {
+        shard,
+        producer,
+        producer_seq: ProducerSeq(request.producer_seq),
+        epoch: Epoch(request.epoch),
+        events,
+    })
+}
+
+fn new_event(shard: &ShardId, index: usize, mut event: rpb::ReplicationEvent) -> Result<NewEvent, InvalidInput> {
+    if !event.shard_id.is_empty() && event.shard_id != shard.as_str() {
+        return Err(InvalidInput::new(
+            "events.shard_id",
+            format!("event {index} names shard {:?} but the batch is for {shard}", event.shard_id),
+        ));
+    }
+    if event.event.is_none() {
+        return Err(InvalidInput::new("events.event", format!("event {index} says nothing happened (no event set)")));
+    }
+    let recorded_at = match &event.recorded_at {
+        Some(at) => timestamp("events.recorded_at", at)?,
+        None => return Err(InvalidInput::new("events.recorded_at", format!("event {index} has no recorded_at"))),
+    };
+    event.shard_id = shard.as_str().to_string();
+    event.sequence = 0;
+    event.epoch = 0;
+    event.prev_hash = Bytes::new();
+    event.hash = Bytes::new();
+    let body = Bytes::from(event.encode_to_vec());
+    if body.len() > defaults::MAX_EVENT_BYTES {
+        return Err(InvalidInput::new(
+            "events",
+            format!("event {index} encodes to {} bytes; the limit is {}", body.len(), defaults::MAX_EVENT_BYTES),
+        ));
+    }
+    Ok(NewEvent { recorded_at, body })
+}
+
+/// The wire form of a stored event: its body with the log-assigned fields
+/// filled in. A body that does not decode is corrupt.
+pub fn event(shard: &ShardId, event: &LogEvent) -> Result<rpb::ReplicationEvent, CorruptEvent> {
+    let mut decoded = rpb::ReplicationEvent::decode(event.body.clone()).map_err(|err| CorruptEvent {
+        shard: shard.clone(),
+        sequence: event.sequence,
+        reason: format!("its body does not decode: {err}"),
+    })?;
+    decoded.sequence = event.sequence.0;
+    decoded.epoch = event.epoch.0;
+    decoded.prev_hash = Bytes::copy_from_slice(event.prev_hash.as_bytes());
+    decoded.hash = Bytes::copy_from_slice(event.hash.as_bytes());
+    Ok(decoded)
+}
+
+/// The wire form of an acknowledgement.
+pub fn append_ack(ack: &AppendAck) -> pb::AppendAck {
+    pb::AppendAck {
+        first_sequence: ack.first.0,
+        last_sequence: ack.last.0,
+        duplicate: ack.duplicate,
+        last_hash: Bytes::copy_from_slice(ack.last_hash.as_bytes()),
+    }
+}
+
+/// The wire form of a lease.
+pub fn lease(lease: &ShardLease) -> pb::ShardLease {
+    pb::ShardLease {
+        shard_id: lease.shard.to_string(),
+        owner: lease.owner.as_ref().map(ToString::to_string).unwrap_or_default(),
+        epoch: lease.epoch.0,
+        head_sequence: lease.head.0,
+        expires_at: lease.expires_at.map(to_timestamp),
+    }
+}
+
+/// The wire form of a checkpoint.
+pub fn checkpoint(checkpoint: &Checkpoint) -> pb::Checkpoint {
+    pb::Checkpoint {
+        subscriber_id: checkpoint.subscriber.to_string(),
+        shard_id: checkpoint.shard.to_string(),
+        sequence: checkpoint.sequence.0,
+        updated_at: Some(to_timestamp(checkpoint.updated_at)),
+    }
+}
+
+/// The wire form of a snapshot, with or without its data.
+pub fn snapshot(snapshot: &Snapshot, with_data: bool) -> pb::Snapshot {
+    pb::Snapshot {
+        shard_id: snapshot.shard.to_string(),
+        sequence: snapshot.sequence.0,
+        data: if with_data { snapshot.data.clone() } else { Bytes::new() },
+        created_at: Some(to_timestamp(snapshot.created_at)),
+        hash: Bytes::copy_from_slice(snapshot.hash.as_bytes()),
+    }
+}
+
+/// A shard id from `field`.
+pub fn shard(field: &'static str, value: String) -> Result<ShardId, InvalidInput> {
+    ShardId::parse(value).map_err(|err| InvalidInput { field, ..err })
+}
+
+/// An owner id from `owner`.
+pub fn owner(value: String) -> Result<OwnerId, InvalidInput> {
+    OwnerId::parse(value)
+}
+
+/// A subscriber id from `subscriber_id`.
+pub fn subscriber(value: String) -> Result<SubscriberId, InvalidInput> {
+    SubscriberId::parse(value)
+}
+
+/// A lease length from `ttl`: the default when unset, else within bounds.
+pub fn lease_ttl(ttl: Option<prost_types::Duration>) -> Result<Duration, InvalidInput> {
+    let Some(ttl) = ttl else { return Ok(defaults::LEASE_TTL) };
+    let ttl = duration("ttl", &ttl)?;
+    if ttl < defaults::MIN_LEASE_TTL || ttl > defaults::MAX_LEASE_TTL {
+        return Err(InvalidInput::new(
+            "ttl",
+            format!("{ttl:?} is outside {:?} through {:?}", defaults::MIN_LEASE_TTL, defaults::MAX_LEASE_TTL),
+        ));
+    }
+    Ok(ttl)
+}
+
+/// A progress interval: the default when unset, else at least the minimum.
+pub fn progress_interval(interval: Option<prost_types::Duration>) -> Result<Duration, InvalidInput> {
+    let Some(interval) = interval else { return Ok(defaults::PROGRESS_INTERVAL) };
+    let interval = duration("progress_interval", &interval)?;
+    if interval < defaults::MIN_PROGRESS_INTERVAL {
+        return Err(InvalidInput::new(
+            "progress_interval",
+            format!("{interval:?} is below the minimum {:?}", defaults::MIN_PROGRESS_INTERVAL),
+        ));
+    }
+    Ok(interval)
+}
+
+/// Where a subscription starts on each shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// After the subscriber's stored checkpoint (from the first event when none).
+    Checkpoint,
+    /// After this sequence.
+    After(Sequence),
+    /// From the first event recorded at or after this time.
+    Since(SystemTime),
+    /// Only events appended from now on.
+    Latest,
+}
+
+/// What a subscription follows, validated.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Subscriber identity.
+    pub subscriber: SubscriberId,
+    /// Explicit shards.
+    pub shards: Vec<ShardId>,
+    /// Pattern, if any.
+    pub pattern: Option<ShardPattern>,
+    /// Start position.
+    pub start: Start,
+    /// Idle interval between progress frames.
+    pub progress_interval: Duration,
+}
+
+/// Validates a subscribe request.
+pub fn selection(request: pb::SubscribeRequest) -> Result<Selection, InvalidInput> {
+    let subscriber = subscriber(request.subscriber_id)?;
+    let shards = request.shard_ids.into_iter().map(|id| shard("shard_ids", id)).collect::<Result<Vec<_>, _>>()?;
+    let pattern =
+        if request.shard_pattern.is_empty() { None } else { Some(ShardPattern::parse(&request.shard_pattern)?) };
+    if shards.is_empty() && pattern.is_none() {
+        return Err(InvalidInput::new("shard_ids", "name at least one shard, or a shard_pattern"));
+    }
+    let start = match request.start.and_then(|s| s.position) {
+        None | Some(pb::start_position::Position::FromCheckpoint(_)) => Start::Checkpoint,
+        Some(pb::start_position::Position::AfterSequence(sequence)) => Start::After(Sequence(sequence)),
+        Some(pb::start_position::Position::Since(at)) => Start::Since(timestamp("start.since", &at)?),
+        Some(pb::start_position::Position::Latest(_)) => Start::Latest,
+    };
+    Ok(Selection {
+        subscriber,
+        shards,
+        pattern,
+        start,
+        progress_interval: progress_interval(request.progress_interval)?,
+    })
+}
+
+/// A time from the wire, within the range the store represents.
+pub fn timestamp(field: &'static str, at: &prost_types::Timestamp) -> Result<SystemTime, InvalidInput> {
+    if !(0..=MAX_TIMESTAMP_SECONDS).contains(&at.seconds) || !(0..1_000_000_000).contains(&at.nanos) {
+        return Err(InvalidInput::new(
+            field,
+            format!("{}s {}ns is outside 1970-01-01 through 9999-12-31", at.seconds, at.nanos),
+        ));
+    }
+    Ok(UNIX_EPOCH + Duration::new(at.seconds as u64, at.nanos as u32))
+}
+
+/// A time for the wire.
+pub fn to_timestamp(at: SystemTime) -> prost_types::Timestamp {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(since) => prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 },
+        Err(before) => {
+            let before = before.duration();
+            let mut timestamp =
+                prost_types::Timestamp { seconds: -(before.as_secs() as i64), nanos: -(before.subsec_nanos() as i32) };
+            timestamp.normalize();
+            timestamp
+        }
+    }
+}
+
+fn duration(field: &'static str, value: &prost_types::Duration) -> Result<Duration, InvalidInput> {
+    Duration::try_from(*value)
+        .map_err(|_| InvalidInput::new(field, format!("{value:?} is not a valid positive duration")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ChainHash, chain};
+
+    fn completed(shard: &str) -> rpb::ReplicationEvent {
+        rpb::ReplicationEvent {
+            shard_id: shard.into(),
+            principal: "spiffe://omnirelay/worker".into(),
+            recorded_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 5 }),
+            metadata: [("b".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())].into(),
+            event: Some(rpb::replication_event::Event::Completed(rpb::Completed {
+                item_id: "i".into(),
+                fencing_token: 3,
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn request(events: Vec<rpb::ReplicationEvent>) -> pb::AppendRequest {
+        pb::AppendRequest {
+            batch_id: 1,
+            shard_id: "resourcelease.users".into(),
+            producer_id: "node-a".into(),
+            producer_seq: 4,
+            epoch: 2,
+            events,
+        }
+    }
+
+    #[test]
+    fn bodies_are_canonical_with_log_fields_cleared() {
+        let mut with_log_fields = completed("");
+        with_log_fields.sequence = 99;
+        with_log_fields.hash = Bytes::from_static(b"forged");
+        let a = append_batch(request(vec![completed("resourcelease.users")])).expect("valid");
+        let b = append_batch(request(vec![with_log_fields])).expect("valid");
+        assert_eq!(a.events, b.events, "log-assigned fields and an empty shard id do not change the body");
+        let decoded = rpb::ReplicationEvent::decode(a.events[0].body.clone()).expect("decodes");
+        assert_eq!(decoded.shard_id, "resourcelease.users");
+        assert_eq!((decoded.sequence, decoded.hash.len()), (0, 0));
+        assert_eq!(a.events[0].recorded_at, UNIX_EPOCH + Duration::new(1_700_000_000, 5));
+    }
+
+    #[test]
+    fn served_events_carry_the_log_fields_and_match_the_documented_hash() {
+        let batch = append_batch(request(vec![completed("")])).expect("valid");
+        let stored = chain(ChainHash::ZERO, Sequence(1), Epoch(2), &batch.events);
+        let served = event(&batch.shard, &stored[0]).expect("decodes");
+        assert_eq!((served.sequence, served.epoch), (1, 2));
+        assert_eq!(served.prev_hash.as_ref(), &[0u8; 32]);
+        // A client recomputes the hash from the served message alone.
+        let mut body = served.clone();
+        body.sequence = 0;
+        body.epoch = 0;
+        body.prev_hash = Bytes::new();
+        body.hash = Bytes::new();
+        let recomputed = ChainHash::compute(&ChainHash::ZERO, Sequence(1), Epoch(2), &body.encode_to_vec());
+        assert_eq!(served.hash.as_ref(), recomputed.as_bytes());
+    }
+
+    #[test]
+    fn bad_batches_name_the_field() {
+        let cases: Vec<(pb::AppendRequest, &str)> = vec![
+            (pb::AppendRequest { shard_id: String::new(), ..request(vec![completed("")]) }, "shard_id"),
+            (pb::AppendRequest { producer_id: "a b".into(), ..request(vec![completed("")]) }, "producer_id"),
+            (request(Vec::new()), "events"),
+            (request(vec![completed("resourcelease.other")]), "events.shard_id"),
+            (request(vec![rpb::ReplicationEvent { event: None, ..completed("") }]), "events.event"),
+            (request(vec![rpb::ReplicationEvent { recorded_at: None, ..completed("") }]), "events.recorded_at"),
+            (
+                request(vec![rpb::ReplicationEvent {
+                    recorded_at: Some(prost_types::Timestamp { seconds: -1, nanos: 0 }),
+                    ..completed("")
+                }]),
+                "events.recorded_at",
+            ),
+        ];
+        for (request, field) in cases {
+            let err = append_batch(request).expect_err("invalid batch");
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn subscriptions_need_a_selection_and_valid_start() {
+        let base = pb::SubscribeRequest { subscriber_id: "sink".into(), ..Default::default() };
+        assert_eq!(selection(base.clone()).expect_err("no shards").field, "shard_ids");
+        let ok = selection(pb::SubscribeRequest { shard_pattern: "resourcelease.*".into(), ..base.clone() })
+            .expect("pattern only");
+        assert_eq!(ok.start, Start::Checkpoint);
+        assert_eq!(ok.progress_interval, defaults::PROGRESS_INTERVAL);
+        let err = selection(pb::SubscribeRequest {
+            shard_ids: vec!["a".into()],
+            progress_interval: Some(prost_types::Duration { seconds: 0, nanos: 1 }),
+            ..base.clone()
+        })
+        .expect_err("too frequent");
+        assert_eq!(err.field, "progress_interval");
+        let err = selection(pb::SubscribeRequest { shard_ids: vec!["".into()], ..base }).expect_err("empty id");
+        assert_eq!(err.field, "shard_ids");
+    }
+
+    #[test]
+    fn lease_ttls_are_bounded() {
+        assert_eq!(lease_ttl(None).expect("default"), defaults::LEASE_TTL);
+        let err = lease_ttl(Some(prost_types::Duration { seconds: 0, nanos: 1_000 })).expect_err("too short");
+        assert_eq!(err.field, "ttl");
+        assert!(lease_ttl(Some(prost_types::Duration { seconds: -5, nanos: 0 })).is_err());
+    }
+}

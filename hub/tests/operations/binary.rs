@@ -1,0 +1,190 @@
+//! The `omnirelay-hub` binary as an operator runs it: configuration from
+//! flags and environment, the embedded store by default, one process per
+//! SQLite file, SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::http;
+
+/// Bound on waiting for the process (a hang guard, not a performance claim):
+/// a debug build starting on a loaded machine takes a second or two.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// The binary, with no `OMNIRELAY_HUB_*` variable inherited from the test
+/// runner's environment.
+fn hub_command(cwd: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_omnirelay-hub"));
+    command.current_dir(cwd).kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OMNIRELAY_HUB_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// A running `omnirelay-hub serve` and the addresses it reported.
+struct HubProcess {
+    child: Child,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    log: tokio::task::JoinHandle<String>,
+}
+
+impl HubProcess {
+    /// Starts the binary on ephemeral ports with JSON logs and waits for its
+    /// "hub serving" line.
+    async fn start(cwd: &Path, extra: &[&str]) -> HubProcess {
+        let mut child = hub_command(cwd)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary should start");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let mut seen = String::new();
+        let serving = tokio::time::timeout(HANG_GUARD, async {
+            while let Some(line) = lines.next_line().await.expect("read the hub's log") {
+                seen.push_str(&line);
+                seen.push('\n');
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if entry["fields"]["message"] == "hub serving" {
+                    let address = |key: &str| {
+                        entry["fields"][key].as_str().and_then(|a| a.parse().ok()).expect("a logged address")
+                    };
+                    return Some((address("grpc"), address("admin")));
+                }
+            }
+            None
+        })
+        .await
+        .expect("the hub should report serving within the guard");
+        let Some((grpc, admin)) = serving else { panic!("the hub exited before serving; its log:\n{seen}") };
+        // Keep draining the log so the hub never blocks on a full pipe.
+        let log = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            seen
+        });
+        HubProcess { child, grpc, admin, log }
+    }
+
+    /// Sends SIGTERM and returns the exit code and the whole log.
+    async fn terminate(mut self) -> (Option<i32>, String) {
+        let pid = self.child.id().expect("still running").to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().await.expect("run kill");
+        assert!(killed.success(), "kill -TERM {pid}");
+        let status =
+            tokio::time::timeout(HANG_GUARD, self.child.wait()).await.expect("exit after SIGTERM").expect("wait");
+        let log = tokio::time::timeout(HANG_GUARD, self.log).await.expect("log drained").expect("log task");
+        (status.code(), log)
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_the_embedded_store_by_default_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = HubProcess::start(dir.path(), &[]).await;
+    assert_eq!(http::get(hub.admin, "/readyz").await, Ok((200, "ready\n".into())));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", hub.grpc))
+        .expect("valid URI")
+        .connect()
+        .await
+        .expect("connect");
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: "omnirelay.hub.v1.Hub".into() })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    assert_eq!(status, 1, "SERVING");
+    assert!(
+        dir.path().join(omnirelay_hub::defaults::SQLITE_PATH).exists(),
+        "the default file in the working directory"
+    );
+
+    let (code, log) = hub.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("\"signal\":\"SIGTERM\"") && log.contains("hub stopped"), "{log}");
+    assert!(log.contains("\"store\":\"sqlite omnirelay-hub.db\""), "the effective configuration is logged: {log}");
+}
+
+#[tokio::test]
+async fn a_second_hub_process_on_the_same_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("shared.db");
+    let file = file.to_str().expect("UTF-8 path");
+    let first = HubProcess::start(dir.path(), &["--sqlite-path", file]).await;
+
+    let second = tokio::time::timeout(
+        HANG_GUARD,
+        hub_command(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--sqlite-path", file])
+            .output(),
+    )
+    .await
+    .expect("the second hub should give up at once")
+    .expect("run the second hub");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is in use by another omnirelay-hub") && stderr.contains("one replica"), "{stderr}");
+
+    // The first one was not disturbed.
+    assert_eq!(http::get(first.admin, "/readyz").await, Ok((200, "ready\n".into())));
+    let (code, log) = first.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test]
+async fn configuration_comes_from_the_environment_with_flags_winning_and_secrets_redacted() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let output = hub_command(dir.path())
+        .args(["config", "--admin-listen", "127.0.0.1:9101"])
+        .env("OMNIRELAY_HUB_DATABASE_URL", "postgres://hub:hunter2@db.internal:5432/omnirelay")
+        .env("OMNIRELAY_HUB_LISTEN", "0.0.0.0:9100")
+        .env("OMNIRELAY_HUB_ADMIN_LISTEN", "0.0.0.0:9999")
+        .env("OMNIRELAY_HUB_DATABASE_TLS", "require")
+        .env("OMNIRELAY_HUB_SHUTDOWN_GRACE", "25s")
+        .output()
+        .await
+        .expect("run omnirelay-hub config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    for line in [
+        "listen = 0.0.0.0:9100",
+        "admin-listen = 127.0.0.1:9101",
+        "database-url = postgres://hub:***@db.internal:5432/omnirelay",
+        "database-tls = require",
+        "shutdown-grace = 25s",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_the_hub_with_the_flag_named() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let from_env =
+        hub_command(dir.path()).env("OMNIRELAY_HUB_DATABASE_POOL_SIZE", "0").output().await.expect("run the hub");
+    let stderr = String::from_utf8_lossy(&from_env.stderr);
+    assert_eq!(from_env.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--database-pool-size"), "{stderr}");
+
+    let combination = hub_command(dir.path()).args(["--tls-cert", "server.pem"]).output().await.expect("run the hub");
+    let stderr = String::from_utf8_lossy(&combination.stderr);
+    assert_eq!(combination.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--tls-cert needs --tls-key"), "{stderr}");
+    assert!(!dir.path().join(omnirelay_hub::defaults::SQLITE_PATH).exists(), "nothing was created");
+}
