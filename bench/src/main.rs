@@ -48,10 +48,8 @@ fn main() {
 }
 
 fn hub_scenario(args: &[String]) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("the benchmark runtime should start");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("the benchmark runtime should start");
     if let Err(err) = runtime.block_on(hub::run(args)) {
         eprintln!("benchmark failed: {err:#}");
         std::process::exit(1);
