@@ -3,13 +3,37 @@
 //!
 //! Overview:
 //!
+//! - [`run`] serves one replica until a shutdown signal; [`Hub`] does the
+//!   same in steps (open, mount the [`service`] on your own router, serve,
+//!   close). [`Config`] is what a replica needs.
 //! - [`store::LogStore`] is the storage boundary; [`store::postgres::PgStore`]
-//!   implements it on PostgreSQL (group commit, epoch fence in SQL, dedupe by
-//!   producer sequence, hash chain, LISTEN/NOTIFY).
+//!   implements it on PostgreSQL (group commit, the epoch fence judged by
+//!   PostgreSQL, dedupe by producer sequence, the hash chain, LISTEN/NOTIFY).
+//!   `store::contract` (feature `contract-tests`) is the suite every store
+//!   passes.
 //! - [`ids`] and [`event`] are the domain: shard, producer, subscriber and
-//!   owner ids, sequences and epochs, events and their chain hash.
+//!   owner ids, sequences and epochs, events and their chain hash;
+//!   [`wire`] converts them to and from the protobuf contracts, and
+//!   [`error`] maps failures to gRPC statuses.
 //! - [`schema`] applies the migrations in `migrations/` and checks a
-//!   database's schema version at start-up.
+//!   database's schema at start-up; [`verify`] walks shards' hash chains.
+//!
+//! Serving a replica (the database must have been migrated with
+//! `omnirelay-hub migrate`):
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let config = omnirelay_hub::Config::new("postgres://hub@localhost:5432/omnirelay");
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! omnirelay_hub::run(config, listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The hash chain every reader checks:
 //!
 //! ```
 //! use omnirelay_hub::event::{ChainHash, NewEvent, chain, verify};
