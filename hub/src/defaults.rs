@@ -210,3 +210,8 @@ pub const MAX_FRAME_BYTES: usize = 3 * 1024 * 1024;
 /// instead of one array INSERT. COPY costs one more round trip but less
 /// server work per row, which pays off from a few hundred rows.
 pub const COPY_MIN_EVENTS: usize = 500;
+
+/// Longest wait for a new live-tail feed to read its shard's head before a
+/// subscription fails as unavailable: twice the pool timeout, so one slow
+/// connection attempt does not fail it.
+pub const FEED_START_TIMEOUT: Duration = Duration::from_secs(4);

@@ -3,17 +3,24 @@
 //!
 //! Overview:
 //!
+//! - [`run`] serves one replica until a shutdown signal; [`Hub`] does the
+//!   same in steps (open, mount the [`service`] on your own router, serve,
+//!   close). [`Config`] (built from the flags in [`config`]) says which
+//!   store, which ports, which TLS.
 //! - [`store::LogStore`] is the storage boundary; [`store::postgres::PgStore`]
-//!   implements it on PostgreSQL (group commit, epoch fence in SQL, dedupe by
-//!   producer sequence, hash chain, LISTEN/NOTIFY).
+//!   implements it on PostgreSQL (group commit, the epoch fence judged by
+//!   PostgreSQL, dedupe by producer sequence, the hash chain, LISTEN/NOTIFY).
+//!   `store::contract` (feature `contract-tests`) is the suite every store
+//!   passes.
 //! - [`ids`] and [`event`] are the domain: shard, producer, subscriber and
-//!   owner ids, sequences and epochs, events and their chain hash.
+//!   owner ids, sequences and epochs, events and their chain hash;
+//!   [`wire`] converts them to and from the protobuf contracts, and
+//!   [`error`] maps failures to gRPC statuses.
 //! - [`schema`] applies the migrations in `migrations/` and checks a
-//!   database's schema version at start-up.
+//!   database's schema version at start-up; [`verify`] walks shards' hash
+//!   chains.
 //! - [`store::sqlite::SqliteStore`] is the embedded default store (one
 //!   replica, one file), held to the same contract as PostgreSQL.
-//! - [`Hub`] and [`run`] put a replica together; [`Config`] (built from the
-//!   flags in [`config`]) says which store, which ports, which TLS.
 //! - Operations: [`tls`] and [`transport`] accept TLS and mutual-TLS
 //!   connections and attach the caller's [`principal`]; [`health`] and
 //!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
@@ -34,7 +41,7 @@
 //! # }
 //! ```
 //!
-//! The hash chain every store keeps:
+//! The hash chain every reader checks:
 //!
 //! ```
 //! use omnirelay_hub::event::{ChainHash, NewEvent, chain, verify};

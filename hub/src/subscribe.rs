@@ -134,7 +134,11 @@ impl Subscriptions {
                     idle.as_mut().reset(tokio::time::Instant::now() + interval);
                 }
                 () = &mut idle => {
-                    let heads = driver.followed.iter().map(|shard| (shard.to_string(), self.tail.feed(shard).head().0)).collect();
+                    let heads = driver
+                        .followed
+                        .iter()
+                        .filter_map(|shard| Some((shard.to_string(), self.tail.head(shard)?.0)))
+                        .collect();
                     let progress = pb::Progress { heads, at: Some(wire::to_timestamp(SystemTime::now())) };
                     let frame = pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Progress(progress)) };
                     if out.send(Ok(frame)).await.is_err() {
@@ -192,7 +196,7 @@ impl Subscriptions {
         known_head: Option<Sequence>,
         frames: &mpsc::Sender<pb::SubscribeResponse>,
     ) -> Result<Follower, HubError> {
-        let live = self.tail.feed(&shard).subscribe();
+        let live = self.tail.feed(&shard).await?.subscribe();
         let head = || async {
             match known_head {
                 Some(head) => Ok::<_, HubError>(head),
@@ -221,7 +225,7 @@ impl Subscriptions {
             lag: SubscriberLag::new(&selection.subscriber, &shard),
             shard,
             live,
-            position: Position { cursor, hash: None },
+            start: cursor,
         })
     }
 }
@@ -246,7 +250,8 @@ struct Follower {
     lag: SubscriberLag,
     shard: ShardId,
     live: broadcast::Receiver<TailChunk>,
-    position: Position,
+    /// Last sequence not to deliver (the resolved start position).
+    start: Sequence,
 }
 
 /// The position a follower has delivered through.
@@ -260,7 +265,9 @@ struct Position {
 
 impl Follower {
     async fn run(mut self) -> Result<(), HubError> {
-        let mut position = std::mem::replace(&mut self.position, Position { cursor: Sequence::ZERO, hash: None });
+        // The position moves as events are delivered; the methods below
+        // borrow the follower and the position separately.
+        let mut position = Position { cursor: self.start, hash: None };
         loop {
             if !self.catch_up(&mut position).await? {
                 return Ok(());

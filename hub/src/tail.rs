@@ -52,6 +52,8 @@ pub(crate) struct Feed {
     shard: ShardId,
     chunks: broadcast::Sender<TailChunk>,
     head: watch::Sender<Sequence>,
+    /// Set once the reader knows where to publish from.
+    ready: watch::Sender<bool>,
     state: Mutex<FeedState>,
     wake: Notify,
 }
@@ -82,23 +84,46 @@ impl Tail {
         Tail { inner }
     }
 
-    /// The feed of `shard`, started on first use.
-    pub(crate) fn feed(&self, shard: &ShardId) -> Arc<Feed> {
-        let mut feeds = self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(feed) = feeds.get(shard) {
-            return feed.clone();
+    /// The feed of `shard`, started on first use. Resolves once the feed
+    /// knows the shard's head: a subscriber that listens from then on and
+    /// catches up from the store by itself misses nothing, because the feed
+    /// publishes every event after that head (or after a later one it moved
+    /// to while nobody listened, which the subscriber's catch-up then covers).
+    pub(crate) async fn feed(&self, shard: &ShardId) -> Result<Arc<Feed>, StoreError> {
+        let feed = {
+            let mut feeds = self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match feeds.get(shard) {
+                Some(feed) => feed.clone(),
+                None => {
+                    let (chunks, _) = broadcast::channel(defaults::TAIL_BUFFER_CHUNKS);
+                    let feed = Arc::new(Feed {
+                        shard: shard.clone(),
+                        chunks,
+                        head: watch::Sender::new(Sequence::ZERO),
+                        ready: watch::Sender::new(false),
+                        state: Mutex::new(FeedState::default()),
+                        wake: Notify::new(),
+                    });
+                    feeds.insert(shard.clone(), feed.clone());
+                    self.inner.tasks.spawn(read(self.inner.clone(), feed.clone()));
+                    feed
+                }
+            }
+        };
+        let mut ready = feed.ready.subscribe();
+        match tokio::time::timeout(defaults::FEED_START_TIMEOUT, ready.wait_for(|ready| *ready)).await {
+            Ok(Ok(_)) => Ok(feed),
+            _ => Err(StoreError::Unavailable {
+                what: "start the live tail",
+                source: format!("the head of shard {shard} could not be read").into(),
+            }),
         }
-        let (chunks, _) = broadcast::channel(defaults::TAIL_BUFFER_CHUNKS);
-        let feed = Arc::new(Feed {
-            shard: shard.clone(),
-            chunks,
-            head: watch::Sender::new(Sequence::ZERO),
-            state: Mutex::new(FeedState::default()),
-            wake: Notify::new(),
-        });
-        feeds.insert(shard.clone(), feed.clone());
-        self.inner.tasks.spawn(read(self.inner.clone(), feed.clone()));
-        feed
+    }
+
+    /// The highest head this replica has heard of for `shard`, if it has a
+    /// feed.
+    pub(crate) fn head(&self, shard: &ShardId) -> Option<Sequence> {
+        self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(shard).map(|feed| feed.head())
     }
 
     /// Shards announced by commits (for pattern subscriptions); a receiver
@@ -217,6 +242,7 @@ async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
         *known = (*known).max(published);
         moved
     });
+    feed.ready.send_replace(true);
     loop {
         let step = next_step(&feed, published);
         match step {
@@ -361,6 +387,7 @@ mod tests {
             shard: ShardId::parse("resourcelease.t").expect("valid"),
             chunks,
             head: watch::Sender::new(Sequence::ZERO),
+            ready: watch::Sender::new(true),
             state: Mutex::new(FeedState::default()),
             wake: Notify::new(),
         }

@@ -32,7 +32,9 @@ async fn consume(
     every: usize,
 ) -> (Vec<u64>, Option<tonic::Status>) {
     let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
+        assert!(tokio::time::Instant::now() < deadline, "stalled after {seen:?}");
         let message = match tokio::time::timeout(Duration::from_secs(30), frames.message()).await {
             Ok(message) => message,
             Err(_) => panic!("no frame within 30 s after {seen:?}"),

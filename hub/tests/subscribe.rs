@@ -21,7 +21,10 @@ struct Subscription {
 
 impl Subscription {
     async fn open(client: &mut HubClient<Channel>, request: pb::SubscribeRequest) -> Subscription {
-        Subscription { frames: client.subscribe(request).await.expect("subscribe").into_inner() }
+        let subscribed = tokio::time::timeout(Duration::from_secs(30), client.subscribe(request))
+            .await
+            .expect("Subscribe should answer within 30 s");
+        Subscription { frames: subscribed.expect("subscribe").into_inner() }
     }
 
     async fn frame(&mut self) -> pb::subscribe_response::Frame {
@@ -34,10 +37,13 @@ impl Subscription {
             .expect("a frame")
     }
 
-    /// Collects events (skipping progress) until `n` arrived.
+    /// Collects events (skipping progress) until `n` arrived; fails after
+    /// 30 s even while progress frames keep coming.
     async fn events(&mut self, n: usize) -> Vec<rpb::ReplicationEvent> {
         let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while events.len() < n {
+            assert!(tokio::time::Instant::now() < deadline, "only {} of {n} events within 30 s", events.len());
             match self.frame().await {
                 pb::subscribe_response::Frame::Events(batch) => events.extend(batch.events),
                 pb::subscribe_response::Frame::Progress(_) => {}

@@ -82,7 +82,11 @@ impl TestHub {
             let _ = stop.send(());
         }
         if let Some(served) = self.served.take() {
-            served.await.expect("the hub task should not panic").expect("the hub should shut down cleanly");
+            tokio::time::timeout(Duration::from_secs(30), served)
+                .await
+                .expect("the hub should shut down within 30 s")
+                .expect("the hub task should not panic")
+                .expect("the hub should shut down cleanly");
         }
     }
 }

@@ -449,6 +449,8 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     assert_eq!(all_gone.low, Sequence(11), "a stale checkpoint does not hold events back");
     assert!(store.read_range(s.clone(), Sequence(11), None, 10).await.expect("empty").events.is_empty());
 
+    let err = store.append(batch(&s, "p", 5, epoch, events("e5", 1, 5))).await.expect_err("trimmed record");
+    assert!(matches!(&err, StoreError::Invalid(input) if input.field == "producer_seq"), "unexpected {err:?}");
     let retry = store.append(batch(&s, "p", 10, epoch, events("e10", 1, 10))).await.expect("retry of latest");
     assert!(retry.duplicate && retry.first == Sequence(10), "the latest record survives trimming: {retry:?}");
     let next = store.append(batch(&s, "p", 11, epoch, events("e11", 1, 11))).await.expect("append after trim");

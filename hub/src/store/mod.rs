@@ -306,9 +306,14 @@ pub trait LogStore: Send + Sync + 'static {
     ///   producer's first batch may carry any number, each later one the
     ///   previous plus one. A batch at or below the last one is a retry: it
     ///   resolves to the original acknowledgement with `duplicate = true` and
-    ///   writes nothing (no time window; the record of a producer's latest
-    ///   batch is never trimmed). A batch that skips ahead fails with
-    ///   [`StoreError::OutOfOrder`].
+    ///   writes nothing (no time window). A retry with another number of
+    ///   events than the original fails with [`StoreError::Invalid`] on
+    ///   `producer_seq`. Retention may drop the records of a producer's
+    ///   older batches (never its latest); a retry of such a batch fails with
+    ///   [`StoreError::Invalid`] and still writes nothing. A batch that skips
+    ///   ahead fails with [`StoreError::OutOfOrder`]. The epoch and lease are
+    ///   checked before the producer sequence, and a retry of a written batch
+    ///   is acknowledged even after the epoch moved on (it is committed).
     /// - Ordering: the batch is queued when `append` is called, not when the
     ///   future is first polled, so batches appended by one caller one after
     ///   the other are committed in that order even when their futures are

@@ -1,5 +1,11 @@
 //! PostgreSQL failures, classified once by SQLSTATE into what the store does
 //! about them.
+//!
+//! Only the append path retries ([`Failure::Retry`], a bounded number of
+//! times): it is the one transaction that locks several rows. Every other
+//! statement runs at READ COMMITTED (no serialization failures) and locks at
+//! most one shard row, so it cannot deadlock; its outages are reported as
+//! unavailable and left to the caller's retry.
 
 use tokio_postgres::error::SqlState;
 
