@@ -196,7 +196,8 @@ impl Subscriptions {
         known_head: Option<Sequence>,
         frames: &mpsc::Sender<pb::SubscribeResponse>,
     ) -> Result<Follower, HubError> {
-        let live = self.tail.feed(&shard).await?.subscribe();
+        let feed = self.tail.feed(&shard).await?;
+        let live = feed.subscribe();
         let head = || async {
             match known_head {
                 Some(head) => Ok::<_, HubError>(head),
@@ -221,7 +222,7 @@ impl Subscriptions {
             store: self.store.clone(),
             counters: self.counters.clone(),
             frames: frames.clone(),
-            feed: self.tail.feed(&shard),
+            feed,
             lag: SubscriberLag::new(&selection.subscriber, &shard),
             shard,
             live,
