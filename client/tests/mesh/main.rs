@@ -2,8 +2,11 @@
 //! real tonic server, OTLP export to a fake collector, and a real node on
 //! 127.0.0.1:0 (parity of the transports, peer eviction, TLS, diagnostics).
 
+mod node_diagnostics;
+mod node_eviction;
 mod node_parity;
 mod node_support;
+mod node_tls;
 mod otlp;
 #[path = "../../src/middleware/test_pki.rs"]
 mod test_pki;

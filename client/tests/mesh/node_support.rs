@@ -383,41 +383,81 @@ pub(crate) struct RawCall {
     pub(crate) http_body: Vec<u8>,
 }
 
+/// Client TLS settings: the CA that signs the node's certificate, and an
+/// optional client certificate (PEM) for mutual TLS.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientTls {
+    pub(crate) ca_pem: String,
+    pub(crate) identity: Option<(String, String)>,
+}
+
 /// Calls one node over either transport.
 pub(crate) struct Client {
     addr: SocketAddr,
-    scheme: &'static str,
+    tls: Option<ClientTls>,
     grpc: Option<tonic::client::Grpc<tonic::transport::Channel>>,
     http: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
 
+/// A connection that could not be made (refused, or a failed handshake).
+fn refused(err: impl std::fmt::Display) -> Outcome {
+    Outcome::Err { code: ErrorCode::Unavailable, message: format!("connection failed: {err}"), backpressure: None }
+}
+
 impl Client {
     pub(crate) fn new(addr: SocketAddr) -> Self {
-        Self { addr, scheme: "http", grpc: None, http: None }
+        Self { addr, tls: None, grpc: None, http: None }
     }
 
-    async fn grpc(&mut self) -> &mut tonic::client::Grpc<tonic::transport::Channel> {
+    /// A client that speaks TLS to the node (server name `localhost`).
+    pub(crate) fn with_tls(addr: SocketAddr, tls: ClientTls) -> Self {
+        Self { addr, tls: Some(tls), grpc: None, http: None }
+    }
+
+    async fn grpc(&mut self) -> Result<&mut tonic::client::Grpc<tonic::transport::Channel>, Outcome> {
         if self.grpc.is_none() {
-            let channel = tonic::transport::Channel::from_shared(format!("{}://{}", self.scheme, self.addr))
-                .expect("uri")
-                .connect()
-                .await
-                .expect("connect over gRPC");
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let mut endpoint =
+                tonic::transport::Channel::from_shared(format!("{scheme}://{}", self.addr)).expect("uri");
+            if let Some(tls) = &self.tls {
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+                    .domain_name("localhost");
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                endpoint = endpoint.tls_config(config).map_err(refused)?;
+            }
+            let channel = endpoint.connect().await.map_err(refused)?;
             self.grpc = Some(tonic::client::Grpc::new(channel));
         }
-        self.grpc.as_mut().expect("just connected")
+        Ok(self.grpc.as_mut().expect("just connected"))
     }
 
-    async fn http(&mut self) -> &mut hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    async fn http(&mut self) -> Result<&mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, Outcome> {
         let stale = self.http.as_ref().is_none_or(|sender| sender.is_closed());
         if stale {
-            let stream = tokio::net::TcpStream::connect(self.addr).await.expect("connect over HTTP");
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("HTTP/1.1 handshake");
-            tokio::spawn(connection);
+            let stream = tokio::net::TcpStream::connect(self.addr).await.map_err(refused)?;
+            let sender = match &self.tls {
+                None => {
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(refused)?;
+                    tokio::spawn(connection);
+                    sender
+                }
+                Some(tls) => {
+                    let connector = tokio_rustls::TlsConnector::from(Arc::new(rustls_client_config(tls)));
+                    let server = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+                    let stream = connector.connect(server, stream).await.map_err(refused)?;
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(refused)?;
+                    tokio::spawn(connection);
+                    sender
+                }
+            };
             self.http = Some(sender);
         }
-        self.http.as_mut().expect("just connected")
+        Ok(self.http.as_mut().expect("just connected"))
     }
 
     /// Sends a typed request over `wire`.
@@ -440,8 +480,13 @@ impl Client {
         M: Message + Send + Sync + 'static,
         R: Message + Default + JsonMessage + Send + Sync + 'static,
     {
-        let grpc = self.grpc().await;
-        grpc.ready().await.expect("channel ready");
+        let grpc = match self.grpc().await {
+            Ok(grpc) => grpc,
+            Err(outcome) => return outcome,
+        };
+        if let Err(err) = grpc.ready().await {
+            return refused(err);
+        }
         let mut request = tonic::Request::new(message);
         if let Some(token) = &auth.bearer {
             request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
@@ -453,6 +498,8 @@ impl Client {
         let codec = tonic_prost::ProstCodec::<M, R>::default();
         match grpc.unary(request, path, codec).await {
             Ok(response) => Outcome::Ok(response.into_inner().to_json()),
+            // A handshake refused mid-call surfaces as UNAVAILABLE, as a
+            // connection failure does.
             Err(status) => status_outcome(&status),
         }
     }
@@ -473,8 +520,14 @@ impl Client {
             .body(Full::new(Bytes::from(body)))
             .expect("request");
         auth.apply(&mut request);
-        let sender = self.http().await;
-        let response = sender.send_request(request).await.expect("HTTP response");
+        let sender = match self.http().await {
+            Ok(sender) => sender,
+            Err(outcome) => return outcome,
+        };
+        let response = match sender.send_request(request).await {
+            Ok(response) => response,
+            Err(err) => return refused(err),
+        };
         let status = response.status();
         let body = response.into_body().collect().await.expect("body").to_bytes();
         let value: Value = serde_json::from_slice(&body)
@@ -598,4 +651,51 @@ impl Ids {
         }
         out
     }
+}
+
+/// A GET over HTTP/1.1; answers the status and the body as text.
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (http::StatusCode, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(connection);
+    let request =
+        Request::get(path).header(http::header::HOST, addr.to_string()).body(Full::new(Bytes::new())).expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A GET answering JSON.
+pub(crate) async fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = get(addr, path).await;
+    assert_eq!(status, http::StatusCode::OK, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|err| panic!("{path} is not JSON ({err}): {body}"))
+}
+
+/// A rustls client configuration for `tls` (ALPN http/1.1).
+fn rustls_client_config(tls: &ClientTls) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client chain");
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("client key");
+            builder.with_client_auth_cert(chain, key).expect("client identity")
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
 }
