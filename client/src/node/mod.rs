@@ -421,8 +421,21 @@ impl Node {
         })
     }
 
-    /// Marks the node as stopping (`/readyz` answers 503, event streams
-    /// end) and stops every sweeper, waiting for them. Idempotent.
+    /// Marks the node as stopping: `/readyz` answers 503 (load balancers
+    /// stop sending calls) and event streams end. [`serve`](Self::serve)
+    /// does this when its shutdown future resolves; call it yourself when
+    /// serving the routers on listeners of your own. Idempotent.
+    pub fn mark_stopping(&self) {
+        self.inner.stopping.cancel();
+    }
+
+    /// Resolves once the node is marked as stopping.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.inner.stopping.clone().cancelled_owned()
+    }
+
+    /// Marks the node as stopping and stops every sweeper, waiting for them.
+    /// Idempotent.
     pub async fn shutdown(&self) {
         self.inner.stopping.cancel();
         let sweepers: Vec<Sweeper> = std::mem::take(&mut *self.sweepers.lock().unwrap_or_else(|e| e.into_inner()));
