@@ -10,6 +10,12 @@
 //!   without events) measured in the same run.
 //! - `queue-cycles`: runs exactly `cycles` cycles on one thread and nothing
 //!   else, for `valgrind --tool=callgrind` (see `bench/callgrind-queue.sh`).
+//! - `node [seconds]`: the same cycle through one mesh node over gRPC on
+//!   loopback at 1, 8 and 64 workers, against Redis Streams at
+//!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`) in the
+//!   same run (see `node.rs`).
+
+mod node;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,7 +26,7 @@ use omnirelay_client::queue::{Caller, EnqueueRequest, LeaseRequest, Payload, Que
 use omnirelay_client::{InMemoryReplicator, PeerId};
 
 /// Item body size the figures are quoted for.
-const BODY_BYTES: usize = 200;
+pub(crate) const BODY_BYTES: usize = 200;
 
 /// Events the in-memory replicator keeps per shard: enough to look like a
 /// log, bounded so millions of cycles do not measure memory growth.
@@ -33,8 +39,12 @@ fn main() {
     match scenario.as_str() {
         "queue" => queue(cycles.unwrap_or(1_000_000)),
         "queue-cycles" => queue_cycles(cycles.unwrap_or(100_000)),
+        "node" => {
+            let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+            node::run(cycles.unwrap_or(5), &url)
+        }
         _ => {
-            eprintln!("usage: omnirelay-bench <queue|queue-cycles> [cycles]; see bench/README.md");
+            eprintln!("usage: omnirelay-bench <queue|queue-cycles|node> [cycles|seconds]; see bench/README.md");
             std::process::exit(2);
         }
     }
