@@ -143,8 +143,8 @@ pub fn render_health(snapshot: &Value) -> String {
             peer["peer_id"].as_str().unwrap_or(""),
             peer["state"].as_str().unwrap_or(""),
             peer["weight"].as_f64().unwrap_or(0.0),
-            peer["active_leases"],
-            peer["last_heartbeat_age_ms"],
+            peer["active_leases"].as_u64().unwrap_or(0),
+            peer["last_heartbeat_age_ms"].as_u64().unwrap_or(0),
         ));
     }
     out
