@@ -7,6 +7,7 @@ mod node_eviction;
 mod node_parity;
 mod node_support;
 mod node_tls;
+mod node_waiting;
 mod otlp;
 #[path = "../../src/middleware/test_pki.rs"]
 mod test_pki;

@@ -45,6 +45,7 @@ pub(crate) struct Options {
     pub(crate) client_certs: ClientCertPolicy,
     pub(crate) trust_domain: Option<String>,
     pub(crate) limits: RequestLimits,
+    pub(crate) rate_limits: omnirelay_client::node::RateLimits,
     pub(crate) metrics: bool,
 }
 
@@ -67,6 +68,7 @@ impl Default for Options {
             client_certs: ClientCertPolicy::Optional,
             trust_domain: None,
             limits: RequestLimits::default(),
+            rate_limits: omnirelay_client::node::RateLimits::default(),
             metrics: false,
         }
     }
@@ -97,6 +99,7 @@ impl TestNode {
         config.queues = options.queues;
         config.health = options.health;
         config.sweep_interval = options.sweep_interval;
+        config.rate_limits = options.rate_limits;
         config.middleware = MiddlewareConfig {
             principal,
             authorization: AuthorizationTable::from_json(AUTHORIZATION).expect("valid table"),
