@@ -386,6 +386,9 @@ impl Node {
     }
 
     /// The RPC surface and the diagnostics on one router.
+    ///
+    /// Keep the `Node` alive while its routers serve: dropping it stops the
+    /// sweepers and marks the node as stopping.
     pub fn router(&self) -> Router {
         self.rpc_router().merge(self.control_router())
     }
