@@ -4,6 +4,7 @@
 
 mod node_diagnostics;
 mod node_eviction;
+mod node_lifecycle;
 mod node_parity;
 mod node_support;
 mod node_tls;
