@@ -12,8 +12,8 @@
 //!   else, for `valgrind --tool=callgrind` (see `bench/callgrind-queue.sh`).
 //! - `node [seconds]`: the same cycle through one mesh node over gRPC on
 //!   loopback at 1, 8 and 64 workers, against Redis Streams at
-//!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`) in the
-//!   same run (see `node.rs`).
+//!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`) and a
+//!   canned-answer tonic server in the same run (see `node.rs`).
 
 mod node;
 

@@ -1,8 +1,10 @@
 //! The `node` scenario: enqueue -> lease -> complete cycles through one mesh
 //! node over gRPC on loopback (in-memory replicator, the whole middleware
 //! stack), against the same cycle on Redis Streams (XADD, XREADGROUP,
-//! XACK) measured in the same run, at 1, 8 and 64 concurrent workers, with
-//! p50 and p99 cycle latency. See `bench/README.md`.
+//! XACK) and against tonic's own server answering canned responses (the
+//! ceiling of any gRPC node here), all measured in the same run, at 1, 8
+//! and 64 concurrent workers, with p50 and p99 cycle latency. See
+//! `bench/README.md`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +74,7 @@ pub(crate) fn run(seconds: u64, redis_url: &str) {
         })
         .expect("the node thread starts");
     let (addr, tid) = addr_rx.recv().expect("the node starts");
+    let (bare_addr, stop_bare, bare) = start_bare();
     let node_cpu = move || tid.as_deref().and_then(thread_cpu);
     clients().block_on(async {
         eprintln!("enqueue -> lease -> complete, {BODY_BYTES}-byte bodies, {seconds} s per row");
@@ -97,12 +100,79 @@ pub(crate) fn run(seconds: u64, redis_url: &str) {
                     ratio
                 );
             };
+            let bare = measure(workers, duration, |n| GrpcWorker::connect(bare_addr, n)).await;
             row("redis streams", &redis, 1.0, "");
             row("omnirelay node (gRPC)", &omnirelay, omnirelay.rate / redis.rate, per_cycle.as_deref().unwrap_or("?"));
+            row("bare tonic, canned answers", &bare, bare.rate / redis.rate, "");
         }
     });
     let _ = stop.send(());
     server.join().expect("the node thread ends");
+    let _ = stop_bare.send(());
+    bare.join().expect("the bare server thread ends");
+}
+
+/// The ceiling of any gRPC node here: tonic's own server on its own
+/// current-thread runtime, answering the three calls with canned responses
+/// (no middleware, no queue, no events).
+fn start_bare() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("bare".into())
+        .spawn(move || {
+            current_thread().block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+                addr_tx.send(listener.local_addr().expect("an address")).expect("the bench waits for the address");
+                let served = tonic::transport::Server::builder()
+                    .add_service(pb::resource_lease_server::ResourceLeaseServer::new(Bare))
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+                if let Err(err) = served {
+                    eprintln!("the bare server failed: {err}");
+                }
+            });
+        })
+        .expect("the bare server thread starts");
+    (addr_rx.recv().expect("the bare server starts"), stop, thread)
+}
+
+/// Answers every procedure with a canned response; `Lease` hands out an
+/// (empty) lease so the worker's loop moves on.
+struct Bare;
+
+macro_rules! canned {
+    ($($method:ident: $req:ident => $resp:ident),* $(,)?) => {
+        #[tonic::async_trait]
+        impl pb::resource_lease_server::ResourceLease for Bare {
+            async fn lease(&self, _: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseResponse>, tonic::Status> {
+                let item = pb::WorkItem { lease: Some(pb::OwnershipHandle::default()), ..Default::default() };
+                Ok(tonic::Response::new(pb::LeaseResponse { item: Some(item) }))
+            }
+            $(
+                async fn $method(&self, _: tonic::Request<pb::$req>) -> Result<tonic::Response<pb::$resp>, tonic::Status> {
+                    Ok(tonic::Response::new(pb::$resp::default()))
+                }
+            )*
+        }
+    };
+}
+
+canned! {
+    enqueue: EnqueueRequest => EnqueueResponse,
+    heartbeat: HeartbeatRequest => HeartbeatResponse,
+    complete: CompleteRequest => CompleteResponse,
+    fail: FailRequest => FailResponse,
+    drain: DrainRequest => DrainResponse,
+    resume: ResumeRequest => ResumeResponse,
+    restore: RestoreRequest => RestoreResponse,
+    list_dead_letters: ListDeadLettersRequest => ListDeadLettersResponse,
+    get_dead_letter: GetDeadLetterRequest => GetDeadLetterResponse,
+    redrive_dead_letter: RedriveDeadLetterRequest => RedriveDeadLetterResponse,
+    purge_dead_letters: PurgeDeadLettersRequest => PurgeDeadLettersResponse,
+    stats: StatsRequest => StatsResponse,
 }
 
 /// CPU time (user + system) of one thread of this process, from
