@@ -102,14 +102,8 @@ async fn backpressure_stream(State(node): State<Arc<NodeInner>>, Query(query): Q
     }
     if selected.is_empty() {
         let namespace = query.namespace.unwrap_or_default();
-        return (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": {
-                "code": "not_found",
-                "message": format!("namespace {namespace} is not hosted by this node"),
-            }})),
-        )
-            .into_response();
+        let message = format!("namespace {namespace} is not hosted by this node");
+        return crate::middleware::http_error_response(crate::ErrorCode::NotFound, &message, None).into_response();
     }
     Sse::new(transitions(selected, node.stopping.clone()))
         .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
