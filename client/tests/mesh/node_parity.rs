@@ -71,6 +71,8 @@ enum Step {
     Raw { name: &'static str, who: Who, call: RawCall, expect: Expect },
     /// Moves the node's clock.
     Advance(Duration),
+    /// Makes the node's next publishes fail before anything is written.
+    FailPublishes(usize),
 }
 
 /// Responses kept by name, in their JSON form.
@@ -586,6 +588,33 @@ fn table() -> Vec<Step> {
             |_| json!({"namespace": N}),
             E(PermissionDenied, "stats"),
         ),
+        // deadlines and an unavailable log
+        with_header(
+            call(
+                "stats with a spent deadline",
+                Who::Operator,
+                Stats,
+                |_| json!({"namespace": N}),
+                E(DeadlineExceeded, "deadline"),
+            ),
+            "x-omnirelay-timeout-ms",
+            "0",
+        ),
+        Step::FailPublishes(omnirelay_client::defaults::PUBLISH_ATTEMPTS as usize),
+        call(
+            "enqueue while the log does not answer",
+            Who::Producer,
+            Enqueue,
+            |_| json!({"namespace": N, "payload": payload("9", "r9")}),
+            E(Unavailable, "replication"),
+        ),
+        call(
+            "the retried enqueue finds the batch settled",
+            Who::Producer,
+            Enqueue,
+            |_| json!({"namespace": N, "payload": payload("9", "r9")}),
+            OK,
+        ),
         call("final stats", Who::Operator, Stats, |_| json!({"namespace": N}), OK),
         // bodies that cannot be typed
         Step::Raw {
@@ -644,6 +673,9 @@ async fn run(wire: Wire) -> (Vec<(&'static str, Outcome, Expect)>, TestNode) {
     for step in table() {
         match step {
             Step::Advance(by) => node.clock.advance(by),
+            Step::FailPublishes(count) => node
+                .replicator
+                .inject(std::iter::repeat_n(omnirelay_client::replication::PublishFault::BeforeWrite, count)),
             Step::Call { name, who, procedure, request, headers, expect, keep } => {
                 let value = request(&memory);
                 let mut auth = who.auth(&node);
@@ -725,6 +757,7 @@ async fn both_transports_answer_every_procedure_identically() {
         (json!(true), json!(U), json!(2))
     );
     assert_eq!(find("stats show the backpressure").value()["backpressure"]["active"], true);
+    assert_eq!(find("the retried enqueue finds the batch settled").value()["deduplicated"], true);
 
     for node in [&grpc_node, &http_node] {
         // Every event names its shard, the principal that caused it and
