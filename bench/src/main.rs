@@ -12,8 +12,13 @@
 //!   else, for `valgrind --tool=callgrind` (see `bench/callgrind-queue.sh`).
 //! - `hub [options]`: the hub against raw PostgreSQL on the same database
 //!   (see `hub.rs` and bench/README.md).
+//! - `node [seconds]`: the same cycle through one mesh node over gRPC on
+//!   loopback at 1, 8 and 64 workers, against Redis Streams at
+//!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`) and a
+//!   canned-answer tonic server in the same run (see `node.rs`).
 
 mod hub;
+mod node;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -24,7 +29,7 @@ use omnirelay_client::queue::{Caller, EnqueueRequest, LeaseRequest, Payload, Que
 use omnirelay_client::{InMemoryReplicator, PeerId};
 
 /// Item body size the figures are quoted for.
-const BODY_BYTES: usize = 200;
+pub(crate) const BODY_BYTES: usize = 200;
 
 /// Events the in-memory replicator keeps per shard: enough to look like a
 /// log, bounded so millions of cycles do not measure memory growth.
@@ -39,8 +44,12 @@ fn main() {
         "queue" => queue(cycles.unwrap_or(1_000_000)),
         "queue-cycles" => queue_cycles(cycles.unwrap_or(100_000)),
         "hub" => hub_scenario(&all[1..]),
+        "node" => {
+            let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+            node::run(cycles.unwrap_or(5), &url)
+        }
         _ => {
-            eprintln!("usage: omnirelay-bench <queue|queue-cycles|hub> [options]; see bench/README.md");
+            eprintln!("usage: omnirelay-bench <queue|queue-cycles|hub|node> [options]; see bench/README.md");
             eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);
         }

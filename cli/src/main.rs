@@ -1,9 +1,13 @@
-//! `omnirelay`: the operator CLI.
-//!
-//! Subcommands land with the capabilities they operate; `contracts` lists the
-//! gRPC procedures every OmniRelay component speaks.
+//! `omnirelay`: the operator CLI and the sidecar node. Parses arguments and
+//! calls into the `omnirelay_cli` library.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use omnirelay_cli::control::{self, Target};
+use omnirelay_cli::node::{self, FileConfig, NodeArgs, SidecarConfig};
+use serde_json::{Value, json};
 
 /// OmniRelay operator CLI.
 #[derive(Debug, Parser)]
@@ -16,7 +20,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     /// Human-readable text.
     Text,
@@ -28,31 +32,197 @@ enum Output {
 enum Command {
     /// Lists every gRPC procedure of the OmniRelay contracts.
     Contracts,
+    /// Runs a standalone mesh node (the sidecar).
+    Node(Box<NodeArgs>),
+    /// Peer health as a node sees it.
+    Leases {
+        #[command(subcommand)]
+        command: LeasesCommand,
+    },
+    /// Backpressure of a node's queues.
+    Backpressure {
+        #[command(subcommand)]
+        command: BackpressureCommand,
+    },
+    /// Replication state of a node's queues.
+    Replication(Target),
+    /// Drains a queue and writes its snapshot (JSON) to a file or stdout.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        /// Namespace to drain.
+        #[arg(long, default_value = "resourcelease")]
+        namespace: String,
+        /// Hand leases in flight back at once instead of waiting for them.
+        #[arg(long)]
+        hand_back: bool,
+        /// Longest wait for leases in flight, e.g. 30s.
+        #[arg(long, default_value = "30s")]
+        wait: String,
+        /// Where to write the snapshot (stdout when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Resumes a drained queue.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+        /// Namespace to resume.
+        #[arg(long, default_value = "resourcelease")]
+        namespace: String,
+    },
+    /// Restores a snapshot written by `drain` into a queue.
+    Restore {
+        #[command(flatten)]
+        target: Target,
+        /// Namespace to restore into.
+        #[arg(long, default_value = "resourcelease")]
+        namespace: String,
+        /// The snapshot file.
+        #[arg(long)]
+        snapshot: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeasesCommand {
+    /// Ranks peers: unhealthy first, then by leases held.
+    Health(Target),
+}
+
+#[derive(Debug, Subcommand)]
+enum BackpressureCommand {
+    /// The current signal of every namespace.
+    Show(Target),
+    /// Prints every transition as it happens, until interrupted.
+    Watch {
+        #[command(flatten)]
+        target: Target,
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+}
+
+#[allow(clippy::print_stdout)] // the CLI's output is its purpose
+fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
+    match output {
+        Output::Json => println!("{value}"),
+        Output::Text => print!("{}", text(value)),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Cheap insurance: one TLS provider for the whole process.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let output = cli.output;
     match cli.command {
         Command::Contracts => {
             let procedures = omnirelay_proto::procedures();
-            let rendered = match cli.output {
-                Output::Json => serde_json::to_string_pretty(
-                    &procedures
-                        .iter()
-                        .map(|(service, method)| serde_json::json!({ "service": service, "method": method }))
-                        .collect::<Vec<_>>(),
-                )?,
-                Output::Text => procedures
-                    .iter()
-                    .map(|(service, method)| format!("{service}/{method}"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            };
-            #[allow(clippy::print_stdout)] // the CLI's output is its purpose
-            {
-                println!("{rendered}");
+            let value: Value =
+                procedures.iter().map(|(service, method)| json!({ "service": service, "method": method })).collect();
+            print(output, &value, |_| {
+                procedures.iter().map(|(service, method)| format!("{service}/{method}\n")).collect()
+            });
+        }
+        Command::Node(args) => run_node(*args).await?,
+        Command::Leases { command: LeasesCommand::Health(target) } => {
+            let snapshot = target.get(omnirelay_client::node::LEASE_HEALTH_PATH).await?;
+            print(output, &snapshot, control::render_health);
+        }
+        Command::Backpressure { command: BackpressureCommand::Show(target) } => {
+            let value = target.get(omnirelay_client::node::BACKPRESSURE_PATH).await?;
+            print(output, &value, control::render_backpressure);
+        }
+        Command::Backpressure { command: BackpressureCommand::Watch { target, namespace } } => {
+            target
+                .watch(namespace.as_deref(), |event, data| {
+                    print(output, &json!({ "event": event, "data": data }), |_| match event {
+                        "backpressure" => format!(
+                            "{} {}: {} (pending {})\n",
+                            data["observed_at"].as_str().unwrap_or(""),
+                            data["namespace"].as_str().unwrap_or(""),
+                            if data["active"] == true { "BACKPRESSURE ON" } else { "backpressure off" },
+                            data["pending"]
+                        ),
+                        other => format!("{other}: {data}\n"),
+                    })
+                })
+                .await?;
+        }
+        Command::Replication(target) => {
+            let value = target.get(omnirelay_client::node::REPLICATION_PATH).await?;
+            print(output, &value, |value| serde_json::to_string_pretty(value).unwrap_or_default() + "\n");
+        }
+        Command::Drain { target, namespace, hand_back, wait, out } => {
+            let mode = if hand_back { "DRAIN_MODE_HAND_BACK" } else { "DRAIN_MODE_WAIT" };
+            let response = target.call(&namespace, "drain", &json!({ "mode": mode, "wait_timeout": wait })).await?;
+            let snapshot = &response["snapshot"];
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, serde_json::to_vec_pretty(snapshot)?)
+                        .with_context(|| format!("write {}", path.display()))?;
+                    let items = snapshot["items"].as_array().map_or(0, Vec::len);
+                    let summary = json!({ "namespace": namespace, "items": items, "file": path });
+                    print(output, &summary, |_| {
+                        format!("drained {items} items of {namespace} to {}\n", path.display())
+                    });
+                }
+                None => print(output, snapshot, |v| serde_json::to_string_pretty(v).unwrap_or_default() + "\n"),
             }
+        }
+        Command::Resume { target, namespace } => {
+            let response = target.call(&namespace, "resume", &json!({})).await?;
+            print(output, &response, |v| format!("resumed: {}\n", v["resumed"]));
+        }
+        Command::Restore { target, namespace, snapshot } => {
+            let text = std::fs::read(&snapshot).with_context(|| format!("read {}", snapshot.display()))?;
+            let snapshot: Value = serde_json::from_slice(&text).context("the snapshot file is not JSON")?;
+            let response = target.call(&namespace, "restore", &json!({ "snapshot": snapshot })).await?;
+            print(output, &response, |v| format!("restored {} items, skipped {}\n", v["restored"], v["skipped"]));
         }
     }
     Ok(())
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::read(path)?,
+        None => FileConfig::default(),
+    };
+    let config = SidecarConfig::merge(&args, file)?;
+    if args.print_config {
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{}", serde_json::to_string_pretty(&config)?);
+        }
+        return config.node_config().map(|_| ());
+    }
+    let otlp = omnirelay_cli::telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: bind {}", config.listen))?;
+    let control = match config.control_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("control_listen: bind {addr}"))?)
+        }
+        None => None,
+    };
+    let result = node::run(config, listener, control, async {
+        match omnirelay_cli::node::signal().await {
+            Ok(signal) => tracing::info!(signal, "received a stop signal"),
+            Err(err) => tracing::error!(error = %err, "failed to listen for stop signals; stopping"),
+        }
+    })
+    .await;
+    if let Some(guard) = otlp {
+        let _ = tokio::task::spawn_blocking(move || guard.shutdown()).await;
+    }
+    result
 }

@@ -74,6 +74,13 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Timestamp;
 }
 
+/// A shared clock is a clock, so one clock can drive every queue of a node.
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+}
+
 /// The wall clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;

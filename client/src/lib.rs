@@ -24,6 +24,10 @@
 //!   axum alike ([`middleware::MeshLayer`]: tracing, principal binding,
 //!   deadlines, size limits, authorization, a rate-limiter slot).
 //! - [`shard`]: namespaces, the payload-to-shard router and `rpc-shard-key`.
+//! - [`node`]: the mesh node: one queue per namespace served over gRPC and
+//!   HTTP/JSON behind the middleware, peer health wired to every queue,
+//!   per-namespace backpressure limits, diagnostics endpoints, and a
+//!   plain or mutual-TLS accept loop ([`node::Node`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -70,6 +74,7 @@ pub mod health;
 pub mod ids;
 pub mod metrics;
 pub mod middleware;
+pub mod node;
 pub mod queue;
 pub mod replication;
 pub mod shard;

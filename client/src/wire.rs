@@ -85,7 +85,9 @@ pub fn duration(duration: Duration) -> prost_types::Duration {
     }
 }
 
-fn item_id_from_pb(field: &str, text: &str) -> Result<ItemId, WireError> {
+/// An item id from its 32-digit hexadecimal form; `field` names it in the
+/// error.
+pub fn item_id_from_pb(field: &str, text: &str) -> Result<ItemId, WireError> {
     text.parse().map_err(|_| wire_error(field, "must be an item id (32 hexadecimal digits)"))
 }
 

@@ -471,6 +471,36 @@ impl PeerLeaseHealthTracker {
     }
 }
 
+/// The tracker hears about leases straight from the queues of a node: each
+/// queue built with `.observer(Arc::new(tracker.clone()))` reports its
+/// grants, heartbeats and endings in log order, so expiries and failures
+/// count against the owning peer without the node relaying anything.
+impl crate::queue::LeaseObserver for PeerLeaseHealthTracker {
+    fn lease_granted(&self, owner: &PeerId) {
+        self.record_lease_granted(owner);
+    }
+
+    fn heartbeat(&self, owner: &PeerId) {
+        self.record_heartbeat(owner);
+    }
+
+    fn lease_completed(&self, owner: &PeerId, turnaround: Duration) {
+        self.record_lease_completed(owner, turnaround);
+    }
+
+    fn lease_failed(&self, owner: &PeerId) {
+        self.record_lease_failed(owner);
+    }
+
+    fn lease_expired(&self, owner: &PeerId) {
+        self.record_lease_expired(owner);
+    }
+
+    fn lease_released(&self, owner: &PeerId) {
+        self.record_lease_released(owner);
+    }
+}
+
 impl PeerRecord {
     fn new(now: Instant) -> Self {
         Self {

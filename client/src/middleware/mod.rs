@@ -65,7 +65,7 @@ pub use principal::{
     TrustedProxies,
 };
 pub use procedure::{HTTP_PATH_PREFIX, Procedure, RESOURCE_LEASE_SERVICE, RpcRoute, Transport};
-pub use rejection::{ErrorResponse, ErrorResponseFuture, ErrorResponseLayer, error_response};
+pub use rejection::{ErrorResponse, ErrorResponseFuture, ErrorResponseLayer, error_response, http_error_response};
 pub use route::{Route, RouteLayer};
 pub use trace::{OtlpConfig, OtlpGuard, RpcTrace, RpcTraceFuture, RpcTraceLayer, TelemetryError, otlp_layer};
 

@@ -22,19 +22,33 @@ use crate::ErrorCode;
 pub fn error_response(transport: Transport, code: ErrorCode, message: &str) -> Response<Full<Bytes>> {
     match transport {
         Transport::Grpc => tonic::Status::new(code.grpc(), message).into_http::<Full<Bytes>>(),
-        Transport::Http => {
-            let body = serde_json::json!({ "error": { "code": code.as_str(), "message": message } });
-            let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-            *response.status_mut() = code.http_status();
-            response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            if code == ErrorCode::Unauthenticated {
-                response
-                    .headers_mut()
-                    .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"omnirelay\""));
-            }
-            response
-        }
+        Transport::Http => http_error_response(code, message, None),
     }
+}
+
+/// The HTTP/JSON error response: the status for `code` and the body
+/// `{"error": {"code": ..., "message": ..., "details": ...}}`, where
+/// `details` (left out when `None`) carries what a gRPC status carries in
+/// its details, such as the backpressure signal of RESOURCE_EXHAUSTED.
+pub fn http_error_response(
+    code: ErrorCode,
+    message: &str,
+    details: Option<serde_json::Value>,
+) -> Response<Full<Bytes>> {
+    let mut error = serde_json::json!({ "code": code.as_str(), "message": message });
+    if let Some(details) = details {
+        error["details"] = details;
+    }
+    let body = serde_json::json!({ "error": error });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = code.http_status();
+    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if code == ErrorCode::Unauthenticated {
+        response
+            .headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"omnirelay\""));
+    }
+    response
 }
 
 /// Classifies an error from further in: our refusals, a `tonic::Status`, and

@@ -1024,9 +1024,9 @@ impl Queue {
     }
 
     /// Whether a batch is in doubt (sent, not acknowledged) and will be
-    /// settled by the next command.
-    #[cfg(test)]
-    pub(crate) async fn in_doubt(&self) -> bool {
+    /// settled by the next command (shown by the node's replication
+    /// diagnostics).
+    pub async fn in_doubt(&self) -> bool {
         self.shared.core.lock().await.in_doubt
     }
 

@@ -1,6 +1,14 @@
 //! Mesh-node integration tests that need real sockets: mutual TLS through a
-//! real tonic server, and OTLP export to a fake collector.
+//! real tonic server, OTLP export to a fake collector, and a real node on
+//! 127.0.0.1:0 (parity of the transports, peer eviction, TLS, diagnostics).
 
+mod node_diagnostics;
+mod node_eviction;
+mod node_lifecycle;
+mod node_parity;
+mod node_support;
+mod node_tls;
+mod node_waiting;
 mod otlp;
 #[path = "../../src/middleware/test_pki.rs"]
 mod test_pki;

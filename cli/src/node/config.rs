@@ -1,0 +1,578 @@
+//! The sidecar's configuration: a TOML file, `OMNIRELAY_NODE_*` environment
+//! variables and flags, merged in that order (flags override the
+//! environment, which overrides the file), then validated into what
+//! [`super::run`] needs. `docs/mesh-node.md` lists every key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use omnirelay_client::QueueConfig;
+use omnirelay_client::health::HealthConfig;
+use omnirelay_client::middleware::{
+    AuthorizationConfig, AuthorizationTable, ClientCertPolicy, JwtVerifier, MiddlewareConfig, PrincipalConfig,
+    TrustedProxies,
+};
+use omnirelay_client::node::{NodeConfig, RateLimits};
+use serde::{Deserialize, Serialize};
+
+/// Where the sidecar listens when nothing says otherwise: loopback, so a
+/// node started by hand is not reachable from the network by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+
+/// The node id when neither the configuration nor `HOSTNAME` names one.
+pub const DEFAULT_NODE_ID: &str = "omnirelay-node";
+
+/// How a client certificate is treated (`client_certs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertPolicy {
+    /// Certificates are not looked at.
+    Disabled,
+    /// A certificate identifies the caller when present; otherwise a token
+    /// must.
+    Optional,
+    /// Every call needs a client certificate.
+    Required,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `omnirelay node`; each also reads an `OMNIRELAY_NODE_*`
+/// variable. Unset values fall back to the file, then to the defaults.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "OMNIRELAY_NODE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Prints the effective configuration as JSON and exits.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Address for gRPC and HTTP/JSON (and the diagnostics, unless
+    /// `--control-listen` is set) [default: 127.0.0.1:7420].
+    #[arg(long, env = "OMNIRELAY_NODE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Separate address for the diagnostics endpoints.
+    #[arg(long, env = "OMNIRELAY_NODE_CONTROL_LISTEN")]
+    pub control_listen: Option<SocketAddr>,
+    /// This node's peer id [default: $HOSTNAME, else omnirelay-node].
+    #[arg(long, env = "OMNIRELAY_NODE_ID")]
+    pub node_id: Option<String>,
+    /// A namespace to host (repeat, or comma-separate in the variable).
+    #[arg(long = "namespace", env = "OMNIRELAY_NODE_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Most items per queue (pending + leased).
+    #[arg(long, env = "OMNIRELAY_NODE_CAPACITY")]
+    pub capacity: Option<u64>,
+    /// Pending depth at which backpressure turns on.
+    #[arg(long, env = "OMNIRELAY_NODE_HIGH_WATERMARK")]
+    pub high_watermark: Option<u64>,
+    /// Pending depth at which backpressure turns off.
+    #[arg(long, env = "OMNIRELAY_NODE_LOW_WATERMARK")]
+    pub low_watermark: Option<u64>,
+    /// Leases per item before it is dead-lettered.
+    #[arg(long, env = "OMNIRELAY_NODE_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// Default lease duration, in milliseconds.
+    #[arg(long, env = "OMNIRELAY_NODE_LEASE_DURATION_MS")]
+    pub lease_duration_ms: Option<u64>,
+    /// Longest lease a worker may ask for, in milliseconds.
+    #[arg(long, env = "OMNIRELAY_NODE_MAX_LEASE_DURATION_MS")]
+    pub max_lease_duration_ms: Option<u64>,
+    /// Server certificate chain (PEM); enables TLS.
+    #[arg(long, env = "OMNIRELAY_NODE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "OMNIRELAY_NODE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that signs client certificates; enables mutual TLS.
+    #[arg(long, env = "OMNIRELAY_NODE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client certificate policy [default: optional].
+    #[arg(long, value_enum, env = "OMNIRELAY_NODE_CLIENT_CERTS")]
+    pub client_certs: Option<CertPolicy>,
+    /// Required prefix of client certificate SAN URIs (a SPIFFE trust domain).
+    #[arg(long, env = "OMNIRELAY_NODE_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Pinned JWT algorithm (ES256, RS256, EdDSA, ...).
+    #[arg(long, env = "OMNIRELAY_NODE_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<String>,
+    /// The token issuer's public key (PEM file).
+    #[arg(long, env = "OMNIRELAY_NODE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss` of tokens.
+    #[arg(long, env = "OMNIRELAY_NODE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of tokens.
+    #[arg(long, env = "OMNIRELAY_NODE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Claim holding the caller's roles [default: roles].
+    #[arg(long, env = "OMNIRELAY_NODE_JWT_ROLES_CLAIM")]
+    pub jwt_roles_claim: Option<String>,
+    /// A proxy (address or CIDR) trusted to send x-client-principal (repeat,
+    /// or comma-separate in the variable).
+    #[arg(long = "trusted-proxy", env = "OMNIRELAY_NODE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+    /// The authorization table as a JSON file (replaces the file's
+    /// `[authorization]`).
+    #[arg(long, env = "OMNIRELAY_NODE_AUTHORIZATION_FILE")]
+    pub authorization_file: Option<PathBuf>,
+    /// Concurrent calls per namespace [default: 1024].
+    #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_NORMAL")]
+    pub rate_limit_normal: Option<usize>,
+    /// Concurrent calls per namespace under backpressure [default: 64].
+    #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_BACKPRESSURE")]
+    pub rate_limit_backpressure: Option<usize>,
+    /// OTLP/gRPC collector for spans, e.g. http://otel-collector:4317.
+    #[arg(long, env = "OMNIRELAY_NODE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, value_enum, env = "OMNIRELAY_NODE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Queue options as the file writes them (`[queue]` for every namespace,
+/// `[[queues]]` per namespace); unset fields keep the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueOptions {
+    /// Namespace (only in `[[queues]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Most items held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    /// Backpressure on at this pending depth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_watermark: Option<u64>,
+    /// Backpressure off at this pending depth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_watermark: Option<u64>,
+    /// Leases per item before dead-lettering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Default lease duration, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_duration_ms: Option<u64>,
+    /// Longest lease, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lease_duration_ms: Option<u64>,
+    /// First backoff delay after a failure, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_base_ms: Option<u64>,
+    /// Longest backoff delay, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_max_ms: Option<u64>,
+}
+
+impl QueueOptions {
+    /// `self` with every field `over` sets replaced.
+    fn overridden_by(&self, over: &QueueOptions) -> QueueOptions {
+        QueueOptions {
+            namespace: over.namespace.clone().or_else(|| self.namespace.clone()),
+            capacity: over.capacity.or(self.capacity),
+            high_watermark: over.high_watermark.or(self.high_watermark),
+            low_watermark: over.low_watermark.or(self.low_watermark),
+            max_attempts: over.max_attempts.or(self.max_attempts),
+            lease_duration_ms: over.lease_duration_ms.or(self.lease_duration_ms),
+            max_lease_duration_ms: over.max_lease_duration_ms.or(self.max_lease_duration_ms),
+            backoff_base_ms: over.backoff_base_ms.or(self.backoff_base_ms),
+            backoff_max_ms: over.backoff_max_ms.or(self.backoff_max_ms),
+        }
+    }
+
+    fn apply(&self, config: &mut QueueConfig) {
+        if let Some(v) = self.capacity {
+            config.capacity = v;
+        }
+        if let Some(v) = self.high_watermark {
+            config.high_watermark = v;
+        }
+        if let Some(v) = self.low_watermark {
+            config.low_watermark = v;
+        }
+        if let Some(v) = self.max_attempts {
+            config.max_attempts = v;
+        }
+        if let Some(v) = self.lease_duration_ms {
+            config.lease_duration = Duration::from_millis(v);
+        }
+        if let Some(v) = self.max_lease_duration_ms {
+            config.max_lease_duration = Duration::from_millis(v);
+        }
+        if let Some(v) = self.backoff_base_ms {
+            config.backoff_base = Duration::from_millis(v);
+        }
+        if let Some(v) = self.backoff_max_ms {
+            config.backoff_max = Duration::from_millis(v);
+        }
+    }
+}
+
+/// TLS files (`[tls]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// Server certificate chain, PEM.
+    pub cert: Option<PathBuf>,
+    /// Server private key, PEM.
+    pub key: Option<PathBuf>,
+    /// Client CA bundle, PEM (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// JWT settings (`[jwt]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtFile {
+    /// Pinned algorithm.
+    pub algorithm: Option<String>,
+    /// Issuer public key, PEM file.
+    pub public_key: Option<PathBuf>,
+    /// Required issuer.
+    pub issuer: Option<String>,
+    /// Required audience.
+    pub audience: Option<String>,
+    /// Roles claim.
+    pub roles_claim: Option<String>,
+}
+
+/// The configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// RPC (and diagnostics) address.
+    pub listen: Option<SocketAddr>,
+    /// Diagnostics address.
+    pub control_listen: Option<SocketAddr>,
+    /// Peer id.
+    pub node_id: Option<String>,
+    /// Namespaces to host (besides those of `[[queues]]`).
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Options for every queue.
+    #[serde(default)]
+    pub queue: QueueOptions,
+    /// Per-namespace options (each also hosts its namespace).
+    #[serde(default)]
+    pub queues: Vec<QueueOptions>,
+    /// TLS files.
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// Client certificate policy.
+    pub client_certs: Option<CertPolicy>,
+    /// Required SAN URI prefix.
+    pub trust_domain: Option<String>,
+    /// JWT settings.
+    #[serde(default)]
+    pub jwt: JwtFile,
+    /// Trusted proxies.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// The authorization table, inline.
+    pub authorization: Option<AuthorizationConfig>,
+    /// The authorization table as a JSON file.
+    pub authorization_file: Option<PathBuf>,
+    /// Concurrent calls per namespace.
+    pub rate_limit_normal: Option<usize>,
+    /// Concurrent calls per namespace under backpressure.
+    pub rate_limit_backpressure: Option<usize>,
+    /// Sweeper interval, milliseconds.
+    pub sweep_interval_ms: Option<u64>,
+    /// Peer health thresholds (durations in milliseconds).
+    pub health: Option<HealthConfig>,
+    /// OTLP endpoint.
+    pub otlp_endpoint: Option<String>,
+    /// Log format.
+    pub log_format: Option<LogFormat>,
+}
+
+impl FileConfig {
+    /// Reads and parses a file; errors name the file and the key.
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read the config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parse the config file {}", path.display()))
+    }
+}
+
+/// The merged configuration, before files named in it are read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SidecarConfig {
+    /// RPC (and diagnostics, without `control_listen`) address.
+    pub listen: SocketAddr,
+    /// Separate diagnostics address.
+    pub control_listen: Option<SocketAddr>,
+    /// Peer id.
+    pub node_id: String,
+    /// One entry per hosted namespace, every option resolved.
+    pub queues: Vec<QueueOptions>,
+    /// TLS files.
+    pub tls: TlsFile,
+    /// Client certificate policy.
+    pub client_certs: CertPolicy,
+    /// Required SAN URI prefix.
+    pub trust_domain: Option<String>,
+    /// JWT settings.
+    pub jwt: JwtFile,
+    /// Trusted proxies.
+    pub trusted_proxies: Vec<String>,
+    /// The authorization table.
+    pub authorization: AuthorizationConfig,
+    /// Concurrent calls per namespace (normal, backpressure).
+    pub rate_limits: (usize, usize),
+    /// Sweeper interval, milliseconds.
+    pub sweep_interval_ms: u64,
+    /// Peer health thresholds.
+    pub health: HealthConfig,
+    /// OTLP endpoint.
+    pub otlp_endpoint: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl SidecarConfig {
+    /// Merges flags (and their variables, which clap already folded in:
+    /// a flag wins over its variable) over the file over the defaults.
+    pub fn merge(args: &NodeArgs, file: FileConfig) -> anyhow::Result<Self> {
+        let flags = QueueOptions {
+            namespace: None,
+            capacity: args.capacity,
+            high_watermark: args.high_watermark,
+            low_watermark: args.low_watermark,
+            max_attempts: args.max_attempts,
+            lease_duration_ms: args.lease_duration_ms,
+            max_lease_duration_ms: args.max_lease_duration_ms,
+            backoff_base_ms: None,
+            backoff_max_ms: None,
+        };
+        let mut names: Vec<String> = if args.namespaces.is_empty() {
+            let mut names = file.namespaces.clone();
+            names.extend(file.queues.iter().filter_map(|q| q.namespace.clone()));
+            names
+        } else {
+            args.namespaces.clone()
+        };
+        if names.is_empty() {
+            names.push(omnirelay_client::shard::DEFAULT_NAMESPACE.to_string());
+        }
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|name| seen.insert(name.clone()));
+        for (index, queue) in file.queues.iter().enumerate() {
+            if queue.namespace.is_none() {
+                bail!("queues[{index}].namespace: is required");
+            }
+        }
+        let queues = names
+            .into_iter()
+            .map(|name| {
+                let per_namespace = file.queues.iter().find(|q| q.namespace.as_deref() == Some(name.as_str()));
+                let mut options = file.queue.clone();
+                if let Some(per_namespace) = per_namespace {
+                    options = options.overridden_by(per_namespace);
+                }
+                options = options.overridden_by(&flags);
+                options.namespace = Some(name);
+                options
+            })
+            .collect();
+        let authorization = match args.authorization_file.as_ref().or(file.authorization_file.as_ref()) {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read the authorization file {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parse the authorization file {}", path.display()))?
+            }
+            None => file.authorization.clone().unwrap_or_default(),
+        };
+        Ok(Self {
+            listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default")),
+            control_listen: args.control_listen.or(file.control_listen),
+            node_id: args
+                .node_id
+                .clone()
+                .or(file.node_id)
+                .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()))
+                .unwrap_or_else(|| DEFAULT_NODE_ID.to_string()),
+            queues,
+            tls: TlsFile {
+                cert: args.tls_cert.clone().or(file.tls.cert),
+                key: args.tls_key.clone().or(file.tls.key),
+                client_ca: args.tls_client_ca.clone().or(file.tls.client_ca),
+            },
+            client_certs: args.client_certs.or(file.client_certs).unwrap_or(CertPolicy::Optional),
+            trust_domain: args.trust_domain.clone().or(file.trust_domain),
+            jwt: JwtFile {
+                algorithm: args.jwt_algorithm.clone().or(file.jwt.algorithm),
+                public_key: args.jwt_public_key.clone().or(file.jwt.public_key),
+                issuer: args.jwt_issuer.clone().or(file.jwt.issuer),
+                audience: args.jwt_audience.clone().or(file.jwt.audience),
+                roles_claim: args.jwt_roles_claim.clone().or(file.jwt.roles_claim),
+            },
+            trusted_proxies: if args.trusted_proxies.is_empty() {
+                file.trusted_proxies
+            } else {
+                args.trusted_proxies.clone()
+            },
+            authorization,
+            rate_limits: (
+                args.rate_limit_normal.or(file.rate_limit_normal).unwrap_or(RateLimits::default().normal),
+                args.rate_limit_backpressure
+                    .or(file.rate_limit_backpressure)
+                    .unwrap_or(RateLimits::default().backpressure),
+            ),
+            sweep_interval_ms: file.sweep_interval_ms.unwrap_or_else(|| {
+                u64::try_from(omnirelay_client::defaults::SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX)
+            }),
+            health: file.health.unwrap_or_default(),
+            otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+
+    /// Validates everything and reads the files it names (JWT key), giving
+    /// the node's configuration. Errors name the key at fault.
+    pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
+        let mut config = NodeConfig::new(self.node_id.as_str());
+        for options in &self.queues {
+            let namespace = options.namespace.clone().unwrap_or_default();
+            let mut queue = QueueConfig::new(namespace, self.node_id.as_str());
+            options.apply(&mut queue);
+            config.queues.push(queue);
+        }
+        let policy = match self.client_certs {
+            CertPolicy::Disabled => ClientCertPolicy::Disabled,
+            CertPolicy::Optional => ClientCertPolicy::Optional,
+            CertPolicy::Required => ClientCertPolicy::Required,
+        };
+        if policy == ClientCertPolicy::Required && self.tls.client_ca.is_none() && self.trusted_proxies.is_empty() {
+            bail!("client_certs: \"required\" needs tls.client_ca (or trusted proxies that vouch for certificates)");
+        }
+        let mut principal = PrincipalConfig::new().client_certs(policy);
+        if let Some(domain) = &self.trust_domain {
+            principal = principal.trust_domain(domain.clone());
+        }
+        principal = principal.trusted_proxies(TrustedProxies::parse(&self.trusted_proxies)?);
+        if let Some(verifier) = self.jwt_verifier()? {
+            principal = principal.jwt(verifier);
+        }
+        let authorization = AuthorizationTable::from_config(&self.authorization)
+            .map_err(|err| anyhow::anyhow!("authorization.{err}"))?;
+        config.middleware = MiddlewareConfig { principal, authorization, ..MiddlewareConfig::default() };
+        config.rate_limits = RateLimits { normal: self.rate_limits.0, backpressure: self.rate_limits.1 };
+        config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
+        config.health = self.health.clone();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn jwt_verifier(&self) -> anyhow::Result<Option<JwtVerifier>> {
+        let jwt = &self.jwt;
+        let any = jwt.algorithm.is_some() || jwt.public_key.is_some() || jwt.issuer.is_some() || jwt.audience.is_some();
+        if !any {
+            return Ok(None);
+        }
+        let algorithm: jsonwebtoken::Algorithm = jwt
+            .algorithm
+            .as_deref()
+            .context("jwt.algorithm: is required when tokens are accepted")?
+            .parse()
+            .map_err(|_| anyhow::anyhow!("jwt.algorithm: not a JWT algorithm name (ES256, RS256, EdDSA, ...)"))?;
+        let key_path = jwt.public_key.as_ref().context("jwt.public_key: is required when tokens are accepted")?;
+        let key = std::fs::read(key_path).with_context(|| format!("jwt.public_key: read {}", key_path.display()))?;
+        let issuer = jwt.issuer.clone().context("jwt.issuer: is required when tokens are accepted")?;
+        let audience = jwt.audience.clone().context("jwt.audience: is required when tokens are accepted")?;
+        let mut verifier = JwtVerifier::from_public_key_pem(algorithm, &key, issuer, audience)?;
+        if let Some(claim) = &jwt.roles_claim {
+            verifier = verifier.with_roles_claim(claim.clone());
+        }
+        Ok(Some(verifier))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).expect("valid TOML")
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_the_defaults() {
+        let file = file(
+            r#"
+            listen = "0.0.0.0:9000"
+            node_id = "from-file"
+            namespaces = ["resourcelease"]
+            [queue]
+            capacity = 500
+            high_watermark = 400
+            low_watermark = 100
+            max_attempts = 3
+            [[queues]]
+            namespace = "resourcelease.users"
+            capacity = 50
+            high_watermark = 40
+            low_watermark = 10
+            max_attempts = 4
+            "#,
+        );
+        let args = NodeArgs { node_id: Some("from-flag".into()), max_attempts: Some(9), ..NodeArgs::default() };
+        let config = SidecarConfig::merge(&args, file).expect("merges");
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().expect("addr"));
+        assert_eq!(config.node_id, "from-flag");
+        let names: Vec<_> = config.queues.iter().map(|q| q.namespace.clone().unwrap_or_default()).collect();
+        assert_eq!(names, ["resourcelease", "resourcelease.users"]);
+        assert_eq!(config.queues[0].capacity, Some(500));
+        assert_eq!(config.queues[1].capacity, Some(50), "per-namespace file options beat [queue]");
+        assert_eq!(config.queues[1].max_attempts, Some(9), "flags beat the file, per namespace too");
+        let node = config.node_config().expect("valid");
+        assert_eq!(node.queues[1].capacity, 50);
+        assert_eq!(node.queues[1].high_watermark, 40);
+        assert_eq!(node.queues[0].max_attempts, 9);
+        assert_eq!(node.queues[0].lease_duration, omnirelay_client::defaults::LEASE_DURATION);
+    }
+
+    #[test]
+    fn the_defaults_host_the_default_namespace_on_loopback_and_deny_everything() {
+        let config = SidecarConfig::merge(&NodeArgs::default(), FileConfig::default()).expect("merges");
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().expect("addr"));
+        assert_eq!(config.queues.len(), 1);
+        assert_eq!(config.queues[0].namespace.as_deref(), Some("resourcelease"));
+        assert!(config.authorization.rules.is_empty());
+        config.node_config().expect("valid");
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let cases = [
+            (r#"namespaces = ["users"]"#, "queues[0].shard"),
+            ("[queue]\nlow_watermark = 90000\nhigh_watermark = 80000", "queues[0]"),
+            (r#"trusted_proxies = ["not-an-ip"]"#, "trusted_proxies[0]"),
+            ("[jwt]\nissuer = \"x\"", "jwt.algorithm"),
+            (r#"client_certs = "required""#, "client_certs"),
+            (
+                "[[authorization.rules]]\nroles = [\"w\"]\nprocedures = [\"lease_all\"]\nshards = [\"*\"]",
+                "authorization.rules[0].procedures[0]",
+            ),
+        ];
+        for (text, key) in cases {
+            let config = SidecarConfig::merge(&NodeArgs::default(), file(text)).expect("merges");
+            let err = config.node_config().expect_err(text);
+            assert!(format!("{err:#}").starts_with(key), "{text}: {err:#}");
+        }
+        let unknown: Result<FileConfig, _> = toml::from_str("lissten = \"127.0.0.1:1\"");
+        assert!(unknown.expect_err("unknown key").to_string().contains("lissten"));
+    }
+}

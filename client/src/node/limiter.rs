@@ -1,0 +1,88 @@
+//! The node's rate-limiter slot: each namespace's calls draw on that
+//! namespace's [`BackpressureAwareRateLimiter`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::Request;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::backpressure::{BackpressureAwareRateLimit, BackpressureAwareRateLimiter};
+use crate::ids::ShardId;
+use crate::middleware::RpcRoute;
+
+/// Layer of [`NamespaceRateLimit`], for the middleware's rate-limiter slot.
+#[derive(Debug, Clone)]
+pub struct NamespaceRateLimitLayer {
+    limiters: Arc<HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>>,
+}
+
+impl NamespaceRateLimitLayer {
+    /// Limits each namespace's calls with its own limiter.
+    pub fn new(limiters: HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>) -> Self {
+        Self { limiters: Arc::new(limiters) }
+    }
+}
+
+impl<S> Layer<S> for NamespaceRateLimitLayer {
+    type Service = NamespaceRateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        NamespaceRateLimit { inner, limiters: Arc::clone(&self.limiters) }
+    }
+}
+
+/// Runs each call under the concurrency budget of its namespace's queue:
+/// the normal budget, or the smaller one while that queue is under
+/// backpressure. A queue under backpressure therefore slows only its own
+/// callers, never the node's other namespaces.
+///
+/// The permit is awaited inside the call (the namespace is known only
+/// there), so the wait is bounded by the call's deadline, which the
+/// deadline layer further out enforces. Calls for namespaces the node does
+/// not host pass straight through (the service answers NOT_FOUND).
+/// `poll_ready` is the inner service's readiness.
+#[derive(Debug, Clone)]
+pub struct NamespaceRateLimit<S> {
+    inner: S,
+    limiters: Arc<HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>>,
+}
+
+impl<S, B> Service<Request<B>> for NamespaceRateLimit<S>
+where
+    S: Service<Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let limiter = request
+            .extensions()
+            .get::<RpcRoute>()
+            .and_then(|route| route.namespace.as_ref())
+            .and_then(|namespace| self.limiters.get(namespace))
+            .cloned();
+        // The readied service takes the call; a clone stays for the next.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        match limiter {
+            None => {
+                let mut inner = inner;
+                inner.call(request).boxed()
+            }
+            Some(limiter) => BackpressureAwareRateLimit::new(inner, limiter).oneshot(request).boxed(),
+        }
+    }
+}

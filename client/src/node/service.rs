@@ -1,0 +1,448 @@
+//! The ResourceLease procedures, once for both transports: each takes the
+//! protobuf request and the call's context and answers the protobuf response
+//! or a [`NodeError`]. The gRPC service ([`LeaseService`] as tonic's
+//! `ResourceLease`) and the HTTP/JSON handler ([`http_call`]) only decode,
+//! call these and encode, so the two cannot drift apart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::HeaderValue;
+use omnirelay_proto::resourcelease::v1 as pb;
+
+use super::defaults::{LEASE_POLL_SLICE, MAX_OWNER_BYTES, REPLY_MARGIN};
+use super::error::{NodeError, Result};
+use super::{Hosted, NodeInner};
+use crate::ids::{PeerId, Principal, ShardId};
+use crate::middleware::{CallDeadline, Procedure, RpcRoute, Transport};
+use crate::queue::{self, Caller, EnqueueRequest, FailOutcome, LeaseRequest, Purge};
+use crate::shard::parse_namespace;
+use crate::wire;
+
+/// Who is calling and by when the call must answer, read from the request
+/// extensions the middleware filled in.
+#[derive(Debug, Clone)]
+pub(crate) struct CallContext {
+    /// Recorded in every event the call causes: the caller's principal, and
+    /// this node as the peer (the replication contract's `peer_id` is the
+    /// node hosting the queue).
+    caller: Caller,
+    deadline: Option<CallDeadline>,
+}
+
+impl CallContext {
+    fn from_extensions(extensions: &http::Extensions, node: &PeerId) -> Result<Self> {
+        let bound = extensions.get::<crate::middleware::Caller>().ok_or(NodeError::NoCaller)?;
+        Ok(Self {
+            caller: Caller { principal: bound.principal.clone(), peer: node.clone() },
+            deadline: extensions.get::<CallDeadline>().copied(),
+        })
+    }
+
+    fn principal(&self) -> &Principal {
+        &self.caller.principal
+    }
+
+    /// `wanted`, shortened so the call still answers before its deadline.
+    fn bounded(&self, wanted: Duration) -> Duration {
+        match self.deadline {
+            Some(deadline) => wanted.min(deadline.remaining().saturating_sub(REPLY_MARGIN)),
+            None => wanted,
+        }
+    }
+}
+
+/// The lease owner a worker's request names, bound to the caller: owners
+/// are `{principal}` or `{principal}#{worker}`. A request naming a bare
+/// worker id gets it qualified; one already qualified by the caller's
+/// principal keeps it. Different principals can therefore never hold, renew
+/// or end each other's leases, while one principal may run many workers
+/// that peer health tells apart.
+fn bind_owner(principal: &Principal, requested: &str) -> Result<PeerId> {
+    if requested.trim().is_empty() {
+        return Err(NodeError::invalid("owner", "is required and must not be blank"));
+    }
+    if requested.len() > MAX_OWNER_BYTES + principal.as_str().len() + 1 {
+        return Err(NodeError::invalid("owner", format!("is longer than {MAX_OWNER_BYTES} bytes")));
+    }
+    if belongs_to(principal, requested) {
+        return Ok(PeerId::from(requested));
+    }
+    if requested.len() > MAX_OWNER_BYTES {
+        return Err(NodeError::invalid("owner", format!("is longer than {MAX_OWNER_BYTES} bytes")));
+    }
+    if requested.chars().any(char::is_control) {
+        return Err(NodeError::invalid("owner", "must not contain control characters"));
+    }
+    Ok(PeerId::new(format!("{principal}#{requested}")))
+}
+
+/// True when `owner` is `principal` or `principal#...`.
+fn belongs_to(principal: &Principal, owner: &str) -> bool {
+    owner.strip_prefix(principal.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('#'))
+}
+
+/// Decodes a request's handle and checks that its owner belongs to the
+/// caller.
+fn owned_handle(cx: &CallContext, handle: Option<&pb::OwnershipHandle>) -> Result<queue::LeaseHandle> {
+    let handle = wire::handle_from_pb("handle", handle)?;
+    if !belongs_to(cx.principal(), handle.owner.as_str()) {
+        return Err(NodeError::OwnerNotBound { owner: handle.owner, principal: cx.principal().clone() });
+    }
+    Ok(handle)
+}
+
+impl NodeInner {
+    /// The queue of a request's namespace: malformed is INVALID_ARGUMENT
+    /// naming `namespace`, valid but not hosted here NOT_FOUND.
+    fn hosted(&self, namespace: &str) -> Result<&Hosted> {
+        let shard = parse_namespace("namespace", namespace)
+            .map_err(|err| NodeError::invalid("namespace", err.to_string().trim_start_matches("namespace: ")))?;
+        self.queues.get(&shard).ok_or(NodeError::UnknownNamespace(shard))
+    }
+
+    async fn enqueue(&self, cx: &CallContext, request: pb::EnqueueRequest) -> Result<pb::EnqueueResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let payload = request.payload.ok_or_else(|| NodeError::invalid("payload", "is required"))?;
+        let delay = wire::duration_from_pb("delay", request.delay.as_ref())?.unwrap_or_default();
+        let enqueue = EnqueueRequest { payload: wire::payload_from_pb(payload), priority: request.priority, delay };
+        let enqueued = hosted.queue.enqueue(&cx.caller, enqueue).await?;
+        Ok(pb::EnqueueResponse {
+            item_id: enqueued.item_id.to_string(),
+            deduplicated: enqueued.deduplicated,
+            sequence: enqueued.sequence.get(),
+        })
+    }
+
+    async fn lease(&self, cx: &CallContext, request: pb::LeaseRequest) -> Result<pb::LeaseResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let owner = bind_owner(cx.principal(), &request.owner)?;
+        let wait = wire::duration_from_pb("wait", request.wait.as_ref())?.unwrap_or_default();
+        let lease_duration = wire::duration_from_pb("lease_duration", request.lease_duration.as_ref())?;
+        let wait = cx.bounded(wait.min(crate::defaults::LEASE_WAIT_MAX));
+        // A worker waiting in a long-poll is alive: mark it now and between
+        // slices of the wait, so peer health never takes a patient worker
+        // for a silent one.
+        let slice = LEASE_POLL_SLICE.min(self.tracker.config().heartbeat_grace / 3).max(Duration::from_millis(1));
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            self.tracker.record_heartbeat(&owner);
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let lease = LeaseRequest { owner: owner.clone(), wait: left.min(slice), lease_duration };
+            if let Some(leased) = hosted.queue.lease(&cx.caller, lease).await? {
+                return Ok(pb::LeaseResponse { item: Some(wire::work_item(&leased.item)) });
+            }
+            if left <= slice {
+                return Ok(pb::LeaseResponse { item: None });
+            }
+        }
+    }
+
+    async fn heartbeat(&self, cx: &CallContext, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let handle = owned_handle(cx, request.handle.as_ref())?;
+        let extend_by = wire::duration_from_pb("extend_by", request.extend_by.as_ref())?;
+        let expires_at = hosted.queue.heartbeat(&cx.caller, &handle, extend_by, request.progress).await?;
+        Ok(pb::HeartbeatResponse { expires_at: Some(wire::timestamp(expires_at)) })
+    }
+
+    async fn complete(&self, cx: &CallContext, request: pb::CompleteRequest) -> Result<pb::CompleteResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let handle = owned_handle(cx, request.handle.as_ref())?;
+        let already_completed = hosted.queue.complete(&cx.caller, &handle).await?;
+        Ok(pb::CompleteResponse { already_completed })
+    }
+
+    async fn fail(&self, cx: &CallContext, request: pb::FailRequest) -> Result<pb::FailResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let handle = owned_handle(cx, request.handle.as_ref())?;
+        let fail = wire::fail_request_from_pb(&request)?;
+        Ok(match hosted.queue.fail(&cx.caller, &handle, fail).await? {
+            FailOutcome::Requeued { not_before } => pb::FailResponse {
+                outcome: pb::FailOutcome::Requeued as i32,
+                not_before: Some(wire::timestamp(not_before)),
+            },
+            FailOutcome::DeadLettered { .. } => {
+                pb::FailResponse { outcome: pb::FailOutcome::DeadLettered as i32, not_before: None }
+            }
+        })
+    }
+
+    async fn drain(&self, cx: &CallContext, request: pb::DrainRequest) -> Result<pb::DrainResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let mode = wire::drain_mode_from_pb("mode", request.mode)?;
+        let wait = wire::duration_from_pb("wait_timeout", request.wait_timeout.as_ref())?
+            .unwrap_or(crate::defaults::DRAIN_WAIT)
+            .min(crate::defaults::DRAIN_WAIT_MAX);
+        let snapshot = hosted.queue.drain(&cx.caller, mode, Some(cx.bounded(wait))).await?;
+        Ok(pb::DrainResponse { snapshot: Some(wire::drain_snapshot(&snapshot)) })
+    }
+
+    async fn resume(&self, cx: &CallContext, request: pb::ResumeRequest) -> Result<pb::ResumeResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        Ok(pb::ResumeResponse { resumed: hosted.queue.resume(&cx.caller).await? })
+    }
+
+    async fn restore(&self, cx: &CallContext, request: pb::RestoreRequest) -> Result<pb::RestoreResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let snapshot = wire::drain_snapshot_from_pb("snapshot", request.snapshot)?;
+        let restored = hosted.queue.restore(&cx.caller, &snapshot).await?;
+        Ok(pb::RestoreResponse { restored: restored.restored, skipped: restored.skipped })
+    }
+
+    async fn list_dead_letters(
+        &self,
+        _cx: &CallContext,
+        request: pb::ListDeadLettersRequest,
+    ) -> Result<pb::ListDeadLettersResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let page = hosted.queue.dead_letters(request.page_size, Some(&request.page_token)).await?;
+        Ok(pb::ListDeadLettersResponse {
+            dead_letters: page.dead_letters.iter().map(wire::dead_letter).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        })
+    }
+
+    async fn get_dead_letter(
+        &self,
+        _cx: &CallContext,
+        request: pb::GetDeadLetterRequest,
+    ) -> Result<pb::GetDeadLetterResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let item_id = wire::item_id_from_pb("item_id", &request.item_id)?;
+        let letter = hosted.queue.dead_letter(item_id).await?;
+        Ok(pb::GetDeadLetterResponse { dead_letter: Some(wire::dead_letter(&letter)) })
+    }
+
+    async fn redrive_dead_letter(
+        &self,
+        cx: &CallContext,
+        request: pb::RedriveDeadLetterRequest,
+    ) -> Result<pb::RedriveDeadLetterResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let item_id = wire::item_id_from_pb("item_id", &request.item_id)?;
+        let item_id = hosted.queue.redrive(&cx.caller, item_id).await?;
+        Ok(pb::RedriveDeadLetterResponse { item_id: item_id.to_string() })
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        cx: &CallContext,
+        request: pb::PurgeDeadLettersRequest,
+    ) -> Result<pb::PurgeDeadLettersResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let which = if request.all {
+            Purge::All
+        } else {
+            let ids = request
+                .item_ids
+                .iter()
+                .enumerate()
+                .map(|(index, id)| wire::item_id_from_pb(&format!("item_ids[{index}]"), id))
+                .collect::<Result<Vec<_>, _>>()?;
+            Purge::Items(ids)
+        };
+        Ok(pb::PurgeDeadLettersResponse { purged: hosted.queue.purge_dead_letters(&cx.caller, which).await? })
+    }
+
+    async fn stats(&self, _cx: &CallContext, request: pb::StatsRequest) -> Result<pb::StatsResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let stats = hosted.queue.stats().await;
+        Ok(pb::StatsResponse {
+            pending: stats.pending,
+            active: stats.active,
+            dead_letters: stats.dead_letters,
+            draining: stats.draining,
+            capacity: stats.capacity,
+            backpressure: Some(wire::signal(&stats.backpressure)),
+            last_sequence: stats.last_sequence.get(),
+        })
+    }
+}
+
+/// The node's ResourceLease service: tonic's generated server wraps it for
+/// gRPC, and the node's HTTP/JSON handler serves the same procedures. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct LeaseService {
+    pub(crate) node: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for LeaseService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseService").field("node", &self.node.node_id).finish_non_exhaustive()
+    }
+}
+
+/// A request message addressed to one namespace (field 1 of every
+/// ResourceLease request).
+trait Namespaced {
+    fn namespace_mut(&mut self) -> &mut String;
+}
+
+/// Declares every procedure once: the tonic method, the HTTP/JSON dispatch
+/// and the namespace accessor of its request.
+macro_rules! procedures {
+    ($($variant:ident => $method:ident($request:ident) -> $response:ident),* $(,)?) => {
+        $(impl Namespaced for pb::$request {
+            fn namespace_mut(&mut self) -> &mut String {
+                &mut self.namespace
+            }
+        })*
+
+        #[tonic::async_trait]
+        impl pb::resource_lease_server::ResourceLease for LeaseService {
+            $(
+                async fn $method(
+                    &self,
+                    request: tonic::Request<pb::$request>,
+                ) -> std::result::Result<tonic::Response<pb::$response>, tonic::Status> {
+                    let cx = CallContext::from_extensions(request.extensions(), &self.node.node_id)
+                        .map_err(|err| err.status())?;
+                    self.node.$method(&cx, request.into_inner()).await.map(tonic::Response::new).map_err(|err| err.status())
+                }
+            )*
+        }
+
+        impl NodeInner {
+            /// Decodes a JSON request for `procedure`, runs it and encodes
+            /// the JSON response.
+            async fn dispatch_json(
+                &self,
+                cx: &CallContext,
+                procedure: Procedure,
+                namespace: &ShardId,
+                body: &[u8],
+            ) -> Result<Vec<u8>> {
+                match procedure {
+                    $(Procedure::$variant => {
+                        let mut request: pb::$request = super::json::decode(body)?;
+                        check_namespace(request.namespace_mut(), namespace)?;
+                        let response = self.$method(cx, request).await?;
+                        Ok(super::json::encode(&response))
+                    })*
+                }
+            }
+        }
+    };
+}
+
+procedures! {
+    Enqueue => enqueue(EnqueueRequest) -> EnqueueResponse,
+    Lease => lease(LeaseRequest) -> LeaseResponse,
+    Heartbeat => heartbeat(HeartbeatRequest) -> HeartbeatResponse,
+    Complete => complete(CompleteRequest) -> CompleteResponse,
+    Fail => fail(FailRequest) -> FailResponse,
+    Drain => drain(DrainRequest) -> DrainResponse,
+    Resume => resume(ResumeRequest) -> ResumeResponse,
+    Restore => restore(RestoreRequest) -> RestoreResponse,
+    ListDeadLetters => list_dead_letters(ListDeadLettersRequest) -> ListDeadLettersResponse,
+    GetDeadLetter => get_dead_letter(GetDeadLetterRequest) -> GetDeadLetterResponse,
+    RedriveDeadLetter => redrive_dead_letter(RedriveDeadLetterRequest) -> RedriveDeadLetterResponse,
+    PurgeDeadLetters => purge_dead_letters(PurgeDeadLettersRequest) -> PurgeDeadLettersResponse,
+    Stats => stats(StatsRequest) -> StatsResponse,
+}
+
+/// The body of an HTTP/JSON call may leave `namespace` out (the path names
+/// it) or repeat the path's; naming another one is refused, since the
+/// authorization decision was taken on the path.
+fn check_namespace(body: &mut String, path: &ShardId) -> Result<()> {
+    if body.is_empty() {
+        *body = path.to_string();
+        return Ok(());
+    }
+    let named = parse_namespace("namespace", body).map_err(|err| {
+        NodeError::invalid("namespace", err.to_string().trim_start_matches("namespace: ").to_string())
+    })?;
+    if &named != path {
+        return Err(NodeError::invalid("namespace", format!("the body names {named} but the path addresses {path}")));
+    }
+    Ok(())
+}
+
+/// The HTTP/JSON handler of `POST /resourcelease/v1/{namespace}/{procedure}`:
+/// the route and caller come from the middleware, the body is the request
+/// message's JSON form, and the answer the response's (200) or the error
+/// body of [`NodeError::http_response`].
+pub(crate) async fn http_call(State(service): State<LeaseService>, request: Request) -> Response {
+    match serve_json(&service.node, request).await {
+        Ok(body) => {
+            let mut response = Response::new(Body::from(body));
+            response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(err) => err.http_response().into_response(),
+    }
+}
+
+async fn serve_json(node: &NodeInner, request: Request) -> Result<Vec<u8>> {
+    let (parts, body) = request.into_parts();
+    let cx = CallContext::from_extensions(&parts.extensions, &node.node_id)?;
+    let route = match parts.extensions.get::<RpcRoute>() {
+        Some(route) => route.clone(),
+        None => RpcRoute::from_path(Transport::Http, parts.uri.path())
+            .map_err(|err| NodeError::invalid("path", err.to_string()))?,
+    };
+    let namespace = route.namespace.clone().unwrap_or_else(|| ShardId::new(crate::shard::DEFAULT_NAMESPACE));
+    if let Some(content_type) = parts.headers.get(http::header::CONTENT_TYPE) {
+        let json = content_type
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(NodeError::invalid("content-type", "must be application/json"));
+        }
+    }
+    // The middleware already buffered the body within the procedure's limit;
+    // the bound here only matters when the router runs without it.
+    let limit = crate::middleware::RequestLimits::default().limit_for(route.procedure);
+    let body: Bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|err| NodeError::invalid("request body", format!("could not be read: {err}")))?;
+    node.dispatch_json(&cx, route.procedure, &namespace, &body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_bound_to_the_principal() {
+        let principal = Principal::from("spiffe://mesh/worker");
+        assert_eq!(bind_owner(&principal, "w-1").expect("valid").as_str(), "spiffe://mesh/worker#w-1");
+        assert_eq!(
+            bind_owner(&principal, "spiffe://mesh/worker#w-1").expect("valid").as_str(),
+            "spiffe://mesh/worker#w-1"
+        );
+        assert_eq!(bind_owner(&principal, "spiffe://mesh/worker").expect("valid").as_str(), "spiffe://mesh/worker");
+        // A prefix of another principal is not a qualification of this one.
+        assert_eq!(
+            bind_owner(&principal, "spiffe://mesh/workerX").expect("valid").as_str(),
+            "spiffe://mesh/worker#spiffe://mesh/workerX"
+        );
+        for bad in ["", "  ", &"x".repeat(MAX_OWNER_BYTES + 1), "a\nb"] {
+            let err = bind_owner(&principal, bad).expect_err(bad);
+            assert!(err.to_string().starts_with("invalid owner: "), "{err}");
+        }
+        assert!(belongs_to(&principal, "spiffe://mesh/worker#7"));
+        assert!(!belongs_to(&principal, "spiffe://mesh/worker7"));
+        assert!(!belongs_to(&principal, "spiffe://mesh/other#7"));
+    }
+
+    #[test]
+    fn a_body_may_repeat_or_omit_the_path_namespace_but_not_contradict_it() {
+        let path = ShardId::from("resourcelease.users");
+        let mut empty = String::new();
+        check_namespace(&mut empty, &path).expect("omitted");
+        assert_eq!(empty, "resourcelease.users");
+        check_namespace(&mut "resourcelease.users".to_string(), &path).expect("same");
+        let err = check_namespace(&mut "resourcelease.billing".to_string(), &path).expect_err("different");
+        assert_eq!(err.code(), crate::ErrorCode::InvalidArgument);
+        assert!(err.to_string().starts_with("invalid namespace: "), "{err}");
+    }
+}
