@@ -4,9 +4,9 @@
 //! A [`Queue`] validates each command against its [`QueueState`], turns it
 //! into [`Event`]s, hands them to its [`Replicator`], and applies them only
 //! once the replicator accepted them. Commands on one queue are linearized by
-//! an async mutex, so validate -> publish -> apply is atomic with respect to
-//! other commands; long-polling `lease` calls wait outside the lock and are
-//! woken when the state changes.
+//! an async gate held from validation to the last applied event, so validate
+//! -> publish -> apply is atomic with respect to other commands; long-polling
+//! `lease` calls wait outside the gate and are woken when the state changes.
 //!
 //! Time comes from an injected [`Clock`] and is recorded in each event, so a
 //! queue rebuilt from its log ([`QueueState::replay`], or a snapshot from
@@ -14,6 +14,7 @@
 
 mod error;
 mod event;
+mod gate;
 mod item;
 #[cfg(test)]
 mod proptests;
@@ -25,11 +26,11 @@ mod validate;
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::Notify;
 
 pub use error::{QueueError, Result};
 pub use event::{Event, EventKind, NewItem, Origin, RequeueReason, SequencedEvent};
@@ -40,6 +41,8 @@ pub use item::{
 pub(crate) use state::Completion;
 pub use state::{ApplyError, QueueState};
 pub use sweeper::Sweeper;
+
+use gate::{Gate, Permit};
 
 use crate::backpressure::{BackpressureListener, BackpressureSignal};
 use crate::clock::{Clock, Timestamp, TokioClock};
@@ -387,8 +390,7 @@ impl QueueBuilder {
             nonce,
             counter: 0,
             producer_seq: 0,
-            in_doubt: false,
-            batch: Batch { shard: self.config.shard.clone(), producer, producer_seq: 0, events: Vec::new() },
+            batch: Some(Batch { shard: self.config.shard.clone(), producer, producer_seq: 0, events: Vec::new() }),
             origin: Arc::clone(&system),
             last_now: Timestamp::EPOCH,
         };
@@ -401,7 +403,9 @@ impl QueueBuilder {
                 observers: self.observers,
                 metrics,
                 system,
-                core: Mutex::new(core),
+                gate: Gate::new(),
+                core: StdMutex::new(core),
+                in_doubt: AtomicBool::new(false),
                 changed: Notify::new(),
                 waiting: AtomicUsize::new(0),
             }),
@@ -451,13 +455,34 @@ struct Shared {
     metrics: QueueMetrics,
     /// Origin of events the queue causes itself.
     system: Arc<Origin>,
-    core: Mutex<Core>,
+    /// Held by one command at a time from validation to the last applied
+    /// event, across the publish: commands on the shard are linearized.
+    gate: Gate,
+    /// The state. Locked only by the holder of `gate`, for short synchronous
+    /// sections that never span an `.await`, so it is never contended.
+    core: StdMutex<Core>,
+    /// The core's batch was sent but not acknowledged: it must be re-sent
+    /// (same producer sequence) and applied before any new command. Changed
+    /// only by the gate holder; an atomic so that starting a command does
+    /// not need the state's lock.
+    in_doubt: AtomicBool,
     /// Woken after every applied batch while someone waits (long polls,
     /// waiting drains).
     changed: Notify,
     /// How many callers wait on `changed`; zero keeps the hot path free of
     /// notifications.
     waiting: AtomicUsize,
+}
+
+impl Shared {
+    /// Locks the state. Only the gate holder calls this, so it never waits.
+    /// A panic under this lock (a listener or observer that panicked) leaves
+    /// the state as the events applied so far made it, which is what the
+    /// tokio mutex this replaced gave too: poisoning is not a reason to stop.
+    #[inline]
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Everything behind the shard lock.
@@ -468,11 +493,9 @@ struct Core {
     nonce: u64,
     counter: u64,
     producer_seq: u64,
-    /// `batch` was sent but not acknowledged: it must be re-sent (same
-    /// producer sequence) and applied before any new command.
-    in_doubt: bool,
-    /// The batch being published; its buffer is reused.
-    batch: Batch,
+    /// The batch being built; its buffer is reused. `None` only while the
+    /// replicator has it (see [`InFlight`]).
+    batch: Option<Batch>,
     /// Origin of the last caller, reused while the caller does not change.
     origin: Arc<Origin>,
     /// Recorded times never go backwards, even if the clock does.
@@ -480,11 +503,13 @@ struct Core {
 }
 
 impl Core {
+    #[inline]
     fn next_id(&mut self) -> u128 {
         self.counter += 1;
         (u128::from(self.nonce) << 64) | u128::from(self.counter)
     }
 
+    #[inline]
     fn next_item_id(&mut self) -> ItemId {
         loop {
             let id = ItemId::from_u128(self.next_id());
@@ -494,11 +519,13 @@ impl Core {
         }
     }
 
+    #[inline]
     fn now(&mut self, clock: &dyn Clock) -> Timestamp {
         self.last_now = clock.now().max(self.last_now);
         self.last_now
     }
 
+    #[inline]
     fn origin(&mut self, shard: &ShardId, caller: &Caller) -> Arc<Origin> {
         // Pointer comparison first: a caller reused across calls shares the
         // cached origin's strings.
@@ -515,8 +542,65 @@ impl Core {
         Arc::clone(&self.origin)
     }
 
+    #[inline]
+    fn batch(&mut self) -> &mut Batch {
+        self.batch.as_mut().expect("the batch is in the core whenever the gate holder plans")
+    }
+
+    #[inline]
     fn push(&mut self, origin: &Arc<Origin>, at: Timestamp, kind: EventKind) {
-        self.batch.events.push(Event { origin: Arc::clone(origin), recorded_at: at, kind });
+        self.batch().events.push(Event { origin: Arc::clone(origin), recorded_at: at, kind });
+    }
+
+    fn has_events(&self) -> bool {
+        self.batch.as_ref().is_some_and(|batch| !batch.events.is_empty())
+    }
+}
+
+/// A command in progress. It holds the shard gate, so its validate ->
+/// publish -> apply cannot interleave with another command's; the state is
+/// locked only for the synchronous parts.
+struct Command<'a> {
+    shared: &'a Shared,
+    _permit: Permit<'a>,
+}
+
+/// What a lease does next: publish a grant, or wait (at most this long for
+/// a delayed item, `None`: until something changes).
+enum LeaseStep<'a> {
+    Grant(ItemId, InFlight<'a>),
+    Wait(Option<Duration>),
+}
+
+/// A batch taken out of the core while the replicator has it. If the command
+/// is dropped before the answer (its caller gave up mid-publish), the batch
+/// goes back into the core in doubt: maybe written, so the next command
+/// re-sends it with the same producer sequence and applies it, as after an
+/// ambiguous failure. The gate is still held while this runs, because the
+/// permit was taken before and is dropped after.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    batch: Option<Batch>,
+}
+
+impl InFlight<'_> {
+    #[inline]
+    fn batch(&self) -> &Batch {
+        self.batch.as_ref().expect("in flight until landed")
+    }
+
+    #[inline]
+    fn land(&mut self) -> Batch {
+        self.batch.take().expect("landed once")
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.shared.core().batch = Some(batch);
+            self.shared.in_doubt.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -574,33 +658,40 @@ impl Queue {
     pub async fn enqueue(&self, caller: &Caller, request: EnqueueRequest) -> Result<Enqueued> {
         validate::payload("payload", &request.payload)?;
         validate::delay("delay", request.delay, defaults::ENQUEUE_DELAY_MAX)?;
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if !request.payload.request_id.is_empty()
-            && let Some(item_id) = core.state.request(&request.payload.request_id)
-        {
-            return Ok(Enqueued { item_id, deduplicated: true, sequence: Sequence::ZERO });
-        }
-        let now = core.now(&*shared.clock);
-        let (pending, active) = (core.state.pending(), core.state.active());
-        if pending + active >= shared.config.capacity {
-            return Err(QueueError::AtCapacity { capacity: shared.config.capacity, signal: self.signal(&core, now) });
-        }
-        if core.state.backpressure().active || pending >= shared.config.high_watermark {
-            return Err(QueueError::Backpressure { signal: self.signal(&core, now) });
-        }
-        let item_id = core.next_item_id();
-        let origin = core.origin(&shared.config.shard, caller);
-        let new = NewItem {
-            id: item_id,
-            payload: Arc::new(request.payload),
-            priority: request.priority,
-            enqueued_at: now,
-            not_before: now.saturating_add(request.delay),
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let (item_id, flight) = {
+            let mut core = shared.core();
+            if !request.payload.request_id.is_empty()
+                && let Some(item_id) = core.state.request(&request.payload.request_id)
+            {
+                return Ok(Enqueued { item_id, deduplicated: true, sequence: Sequence::ZERO });
+            }
+            let now = core.now(&*shared.clock);
+            let (pending, active) = (core.state.pending(), core.state.active());
+            if pending + active >= shared.config.capacity {
+                return Err(QueueError::AtCapacity {
+                    capacity: shared.config.capacity,
+                    signal: shared.signal(&core, now),
+                });
+            }
+            if core.state.backpressure().active || pending >= shared.config.high_watermark {
+                return Err(QueueError::Backpressure { signal: shared.signal(&core, now) });
+            }
+            let item_id = core.next_item_id();
+            let origin = core.origin(&shared.config.shard, caller);
+            let new = NewItem {
+                id: item_id,
+                payload: Arc::new(request.payload),
+                priority: request.priority,
+                enqueued_at: now,
+                not_before: now.saturating_add(request.delay),
+            };
+            core.push(&origin, now, EventKind::Enqueued(new));
+            shared.push_backpressure(&mut core, &origin, now, pending + 1);
+            (item_id, command.seal(&mut core))
         };
-        core.push(&origin, now, EventKind::Enqueued(new));
-        self.push_backpressure(&mut core, &origin, now, pending + 1);
-        let first = self.commit(&mut core).await?;
+        let first = command.send(flight).await?;
         Ok(Enqueued { item_id, deduplicated: false, sequence: first })
     }
 
@@ -609,7 +700,7 @@ impl Queue {
     /// waiting up to `request.wait` for one. `Ok(None)` when none became
     /// eligible in time.
     pub async fn lease(&self, caller: &Caller, request: LeaseRequest) -> Result<Option<LeasedItem>> {
-        if request.owner.as_str().trim().is_empty() {
+        if request.owner.as_str().chars().all(char::is_whitespace) {
             return Err(QueueError::invalid("owner", "is required and must not be blank"));
         }
         let shared = &*self.shared;
@@ -620,29 +711,53 @@ impl Queue {
         let waiting = started.map(|_| Waiting::new(&shared.waiting));
         loop {
             // Created before looking at the state: a change applied after we
-            // looked wakes this future even though it is polled later.
-            let changed = shared.changed.notified();
+            // looked wakes this future even though it is polled later. A call
+            // that does not wait never needs it.
+            let changed = deadline.map(|_| shared.changed.notified());
             let sleep_for = {
-                let mut core = self.lock().await?;
-                let now = core.now(&*shared.clock);
-                if core.state.has_due_expiry(now) {
-                    self.expire_locked(&mut core, now).await?;
+                let command = self.begin().await?;
+                let step = {
+                    let mut core = shared.core();
+                    let now = core.now(&*shared.clock);
+                    if core.state.has_due_expiry(now) {
+                        // Lapsed leases first (one batch), so their items
+                        // and resources are free for this lease.
+                        command.plan_expiries(&mut core, now);
+                        Err((now, command.seal(&mut core)))
+                    } else {
+                        Ok(command.plan_lease(&mut core, caller, &request, now)?)
+                    }
+                };
+                let step = match step {
+                    Ok(step) => step,
+                    Err((now, expiries)) => {
+                        command.send(expiries).await?;
+                        command.plan_lease(&mut shared.core(), caller, &request, now)?
+                    }
+                };
+                match step {
+                    LeaseStep::Grant(item_id, flight) => {
+                        let (_, core) = command.send_locked(flight).await?;
+                        let item = core.state.item(item_id).expect("the lease was just applied").clone();
+                        drop(core);
+                        drop(command);
+                        let handle = item.handle().expect("the item was just leased");
+                        shared
+                            .metrics
+                            .lease_wait
+                            .record(started.map_or(0.0, |started| started.elapsed().as_secs_f64()));
+                        return Ok(Some(LeasedItem { handle, item }));
+                    }
+                    LeaseStep::Wait(sleep_for) => sleep_for,
                 }
-                if core.state.draining().is_some() {
-                    return Err(QueueError::Draining { shard: shared.config.shard.clone() });
-                }
-                if let Some(item_id) = core.state.next_eligible(now) {
-                    let granted = self.grant(&mut core, caller, &request, item_id, now).await?;
-                    drop(core);
-                    shared.metrics.lease_wait.record(started.map_or(0.0, |started| started.elapsed().as_secs_f64()));
-                    return Ok(Some(granted));
-                }
-                core.state.next_not_before().map(|at| at.saturating_duration_since(now))
             };
-            let now = tokio::time::Instant::now();
-            let Some(deadline) = deadline.filter(|deadline| now < *deadline) else {
+            let (Some(deadline), Some(changed)) = (deadline, changed) else {
                 return Ok(None);
             };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
             let until = sleep_for.map_or(deadline, |d| (now + d).min(deadline));
             tokio::select! {
                 () = changed => {}
@@ -650,29 +765,6 @@ impl Queue {
             }
             let _ = &waiting;
         }
-    }
-
-    async fn grant(
-        &self,
-        core: &mut Core,
-        caller: &Caller,
-        request: &LeaseRequest,
-        item_id: ItemId,
-        now: Timestamp,
-    ) -> Result<LeasedItem> {
-        let shared = &*self.shared;
-        let attempt = core.state.item(item_id).map_or(1, |item| item.attempt + 1);
-        let lease_id = LeaseId::from_u128(core.next_id());
-        let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind = EventKind::Leased { item_id, attempt, lease_id, owner: request.owner.clone(), expires_at };
-        core.push(&origin, now, kind);
-        let pending_after = core.state.pending() - 1;
-        self.push_backpressure(core, &origin, now, pending_after);
-        self.commit(core).await?;
-        let item = core.state.item(item_id).expect("the lease was just applied").clone();
-        let handle = item.handle().expect("the item was just leased");
-        Ok(LeasedItem { handle, item })
     }
 
     /// Extends a lease by `extend_by` from now (`None`: the default lease
@@ -685,35 +777,47 @@ impl Queue {
         progress: BTreeMap<String, String>,
     ) -> Result<Timestamp> {
         validate::progress(&progress)?;
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        let now = core.now(&*shared.clock);
-        check_handle(&core.state, handle, now)?;
-        let expires_at = now.saturating_add(shared.config.lease_duration(extend_by));
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind =
-            EventKind::Heartbeat { item_id: handle.item_id, fencing_token: handle.fencing_token, expires_at, progress };
-        core.push(&origin, now, kind);
-        self.commit(&mut core).await?;
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let (expires_at, flight) = {
+            let mut core = shared.core();
+            let now = core.now(&*shared.clock);
+            check_handle(&core.state, handle, now)?;
+            let expires_at = now.saturating_add(shared.config.lease_duration(extend_by));
+            let origin = core.origin(&shared.config.shard, caller);
+            let kind = EventKind::Heartbeat {
+                item_id: handle.item_id,
+                fencing_token: handle.fencing_token,
+                expires_at,
+                progress,
+            };
+            core.push(&origin, now, kind);
+            (expires_at, command.seal(&mut core))
+        };
+        command.send(flight).await?;
         Ok(expires_at)
     }
 
     /// Completes a leased item and removes it. Repeating it with the same
     /// handle answers `Ok(true)` ("already completed") and writes nothing.
     pub async fn complete(&self, caller: &Caller, handle: &LeaseHandle) -> Result<bool> {
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if core.state.item(handle.item_id).is_none()
-            && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
-        {
-            return Ok(true);
-        }
-        let now = core.now(&*shared.clock);
-        check_handle(&core.state, handle, now)?;
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
-        core.push(&origin, now, kind);
-        self.commit(&mut core).await?;
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let flight = {
+            let mut core = shared.core();
+            if core.state.item(handle.item_id).is_none()
+                && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
+            {
+                return Ok(true);
+            }
+            let now = core.now(&*shared.clock);
+            check_handle(&core.state, handle, now)?;
+            let origin = core.origin(&shared.config.shard, caller);
+            let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
+            core.push(&origin, now, kind);
+            command.seal(&mut core)
+        };
+        command.send(flight).await?;
         Ok(false)
     }
 
@@ -725,36 +829,40 @@ impl Queue {
         if let Some(delay) = request.requeue_delay {
             validate::delay("requeue_delay", delay, defaults::REQUEUE_DELAY_MAX)?;
         }
-        let shared = &*self.shared;
+        let command = self.begin().await?;
+        let shared = command.shared;
         let config = &shared.config;
-        let mut core = self.lock().await?;
-        let now = core.now(&*shared.clock);
-        let attempt = check_handle(&core.state, handle, now)?.attempt;
-        let origin = core.origin(&config.shard, caller);
-        let item_id = handle.item_id;
-        let failed = EventKind::Failed { item_id, fencing_token: handle.fencing_token, error: request.error };
-        core.push(&origin, now, failed);
-        let outcome = if request.action == FailAction::DeadLetter {
-            FailOutcome::DeadLettered { reason: DeadLetterReason::Requested }
-        } else if attempt >= config.max_attempts {
-            FailOutcome::DeadLettered { reason: DeadLetterReason::MaxAttempts }
-        } else {
-            let delay = request
-                .requeue_delay
-                .unwrap_or_else(|| state::backoff(item_id, attempt, config.backoff_base, config.backoff_max));
-            FailOutcome::Requeued { not_before: now.saturating_add(delay) }
+        let (outcome, flight) = {
+            let mut core = shared.core();
+            let now = core.now(&*shared.clock);
+            let attempt = check_handle(&core.state, handle, now)?.attempt;
+            let origin = core.origin(&config.shard, caller);
+            let item_id = handle.item_id;
+            let failed = EventKind::Failed { item_id, fencing_token: handle.fencing_token, error: request.error };
+            core.push(&origin, now, failed);
+            let outcome = if request.action == FailAction::DeadLetter {
+                FailOutcome::DeadLettered { reason: DeadLetterReason::Requested }
+            } else if attempt >= config.max_attempts {
+                FailOutcome::DeadLettered { reason: DeadLetterReason::MaxAttempts }
+            } else {
+                let delay = request
+                    .requeue_delay
+                    .unwrap_or_else(|| state::backoff(item_id, attempt, config.backoff_base, config.backoff_max));
+                FailOutcome::Requeued { not_before: now.saturating_add(delay) }
+            };
+            match outcome {
+                FailOutcome::Requeued { not_before } => {
+                    core.push(&origin, now, EventKind::Requeued { item_id, not_before, reason: RequeueReason::Failed });
+                    let pending_after = core.state.pending() + 1;
+                    shared.push_backpressure(&mut core, &origin, now, pending_after);
+                }
+                FailOutcome::DeadLettered { reason } => {
+                    core.push(&origin, now, EventKind::DeadLettered { item_id, reason });
+                }
+            }
+            (outcome, command.seal(&mut core))
         };
-        match outcome {
-            FailOutcome::Requeued { not_before } => {
-                core.push(&origin, now, EventKind::Requeued { item_id, not_before, reason: RequeueReason::Failed });
-                let pending_after = core.state.pending() + 1;
-                self.push_backpressure(&mut core, &origin, now, pending_after);
-            }
-            FailOutcome::DeadLettered { reason } => {
-                core.push(&origin, now, EventKind::DeadLettered { item_id, reason });
-            }
-        }
-        self.commit(&mut core).await?;
+        command.send(flight).await?;
         Ok(outcome)
     }
 
@@ -762,17 +870,380 @@ impl Queue {
     /// each gets an `Expired` event and is requeued, or dead-lettered if it
     /// was its last attempt. Returns how many leases expired.
     pub async fn expire_due(&self) -> Result<usize> {
-        let mut core = self.lock().await?;
-        let now = core.now(&*self.shared.clock);
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let now = shared.core().now(&*shared.clock);
         let mut expired = 0;
-        while core.state.has_due_expiry(now) {
-            expired += self.expire_locked(&mut core, now).await?;
+        loop {
+            let flight = {
+                let mut core = shared.core();
+                if !core.state.has_due_expiry(now) {
+                    return Ok(expired);
+                }
+                expired += command.plan_expiries(&mut core, now);
+                command.seal(&mut core)
+            };
+            command.send(flight).await?;
         }
-        Ok(expired)
     }
 
-    async fn expire_locked(&self, core: &mut Core, now: Timestamp) -> Result<usize> {
+    /// Stops granting leases and returns a snapshot of the pending items.
+    ///
+    /// With [`DrainMode::Wait`] the drain waits up to `wait` (clamped to
+    /// [`DRAIN_WAIT_MAX`](defaults::DRAIN_WAIT_MAX)) for leases in flight to
+    /// end; leases still running then are listed in `in_flight`. With
+    /// [`DrainMode::HandBack`] leases are handed back at once and their items
+    /// are pending (and in the snapshot). Non-destructive: the queue keeps
+    /// every item until [`resume`](Self::resume) or a purge elsewhere.
+    pub async fn drain(&self, caller: &Caller, mode: DrainMode, wait: Option<Duration>) -> Result<DrainSnapshot> {
         let shared = &*self.shared;
+        let waiting = Waiting::new(&shared.waiting);
+        {
+            let command = self.begin().await?;
+            let planned = {
+                let mut core = shared.core();
+                let now = core.now(&*shared.clock);
+                let origin = core.origin(&shared.config.shard, caller);
+                if core.state.draining() != Some(mode) {
+                    core.push(&origin, now, EventKind::DrainStarted { mode });
+                }
+                if mode == DrainMode::HandBack {
+                    let leased: Vec<ItemId> = core.state.leased_items().iter().map(|item| item.id).collect();
+                    for &item_id in &leased {
+                        core.push(
+                            &origin,
+                            now,
+                            EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::HandedBack },
+                        );
+                    }
+                    let pending_after = core.state.pending() + leased.len() as u64;
+                    shared.push_backpressure(&mut core, &origin, now, pending_after);
+                }
+                core.has_events().then(|| command.seal(&mut core))
+            };
+            if let Some(flight) = planned {
+                command.send(flight).await?;
+            }
+        }
+        if mode == DrainMode::Wait {
+            let deadline =
+                tokio::time::Instant::now() + wait.unwrap_or(defaults::DRAIN_WAIT).min(defaults::DRAIN_WAIT_MAX);
+            loop {
+                let changed = shared.changed.notified();
+                let active = {
+                    let _command = self.begin().await?;
+                    shared.core().state.active()
+                };
+                if active == 0 {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    break;
+                }
+            }
+        }
+        drop(waiting);
+        let command = self.begin().await?;
+        let (now, items, in_flight, flight) = {
+            let mut core = shared.core();
+            let now = core.now(&*shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            let items: Vec<WorkItem> = core.state.pending_items().into_iter().cloned().collect();
+            let in_flight: Vec<WorkItem> = core.state.leased_items().into_iter().cloned().collect();
+            let kind = EventKind::Drained {
+                pending: u32::try_from(items.len()).unwrap_or(u32::MAX),
+                in_flight: u32::try_from(in_flight.len()).unwrap_or(u32::MAX),
+            };
+            core.push(&origin, now, kind);
+            (now, items, in_flight, command.seal(&mut core))
+        };
+        let sequence = command.send(flight).await?;
+        Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
+    }
+
+    /// Grants leases again after a drain. `Ok(false)` if it was not draining.
+    pub async fn resume(&self, caller: &Caller) -> Result<bool> {
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let flight = {
+            let mut core = shared.core();
+            if core.state.draining().is_none() {
+                return Ok(false);
+            }
+            let now = core.now(&*shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::Resumed);
+            command.seal(&mut core)
+        };
+        command.send(flight).await?;
+        Ok(true)
+    }
+
+    /// Loads a drain snapshot's pending items, keeping ids, attempts, errors,
+    /// tokens and histories; items already present (same id, or same
+    /// `request_id` as a remembered item) are skipped. All or nothing: at
+    /// capacity nothing is restored.
+    pub async fn restore(&self, caller: &Caller, snapshot: &DrainSnapshot) -> Result<Restored> {
+        for (index, item) in snapshot.items.iter().enumerate() {
+            validate::payload(&format!("snapshot.items[{index}].payload"), &item.payload)?;
+        }
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let (restored, skipped, flight) = {
+            let mut core = shared.core();
+            let mut seen = std::collections::HashSet::new();
+            let mut requests = std::collections::HashSet::new();
+            let mut items = Vec::new();
+            for item in &snapshot.items {
+                let request_taken = !item.payload.request_id.is_empty()
+                    && (core.state.request(&item.payload.request_id).is_some()
+                        || !requests.insert(item.payload.request_id.as_str()));
+                if core.state.contains(item.id) || !seen.insert(item.id) || request_taken {
+                    continue;
+                }
+                let mut item = item.clone();
+                item.lease = None;
+                items.push(item);
+            }
+            let restored = items.len() as u64;
+            let skipped = u32::try_from(snapshot.items.len() as u64 - restored).unwrap_or(u32::MAX);
+            if items.is_empty() {
+                return Ok(Restored { restored: 0, skipped });
+            }
+            let now = core.now(&*shared.clock);
+            let (pending, active) = (core.state.pending(), core.state.active());
+            if pending + active + restored > shared.config.capacity {
+                return Err(QueueError::AtCapacity {
+                    capacity: shared.config.capacity,
+                    signal: shared.signal(&core, now),
+                });
+            }
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::Restored { items, skipped });
+            shared.push_backpressure(&mut core, &origin, now, pending + restored);
+            (restored, skipped, command.seal(&mut core))
+        };
+        command.send(flight).await?;
+        Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
+    }
+
+    /// Lists dead letters, oldest first, one page at a time.
+    pub async fn dead_letters(&self, page_size: u32, page_token: Option<&str>) -> Result<DeadLetterPage> {
+        let after = match page_token.filter(|token| !token.is_empty()) {
+            None => None,
+            Some(token) => Some(
+                token
+                    .parse::<u64>()
+                    .map_err(|_| QueueError::invalid("page_token", "is not a token this queue issued"))?,
+            ),
+        };
+        let size = match page_size {
+            0 => defaults::DEAD_LETTER_PAGE_SIZE,
+            n => n.min(defaults::DEAD_LETTER_PAGE_MAX),
+        } as usize;
+        let _permit = self.shared.gate.acquire().await;
+        let core = self.shared.core();
+        let mut page = core.state.dead_letters_page(after, size + 1);
+        let next_page_token = (page.len() > size).then(|| {
+            page.truncate(size);
+            page.last().map(|(order, _)| order.to_string()).unwrap_or_default()
+        });
+        Ok(DeadLetterPage {
+            dead_letters: page.into_iter().map(|(_, letter)| letter.clone()).collect(),
+            next_page_token,
+        })
+    }
+
+    /// One dead letter with its whole history.
+    pub async fn dead_letter(&self, item_id: ItemId) -> Result<DeadLetter> {
+        let _permit = self.shared.gate.acquire().await;
+        let core = self.shared.core();
+        core.state.dead_letter(item_id).cloned().ok_or(QueueError::NotFound { what: "dead letter", item_id })
+    }
+
+    /// Re-enqueues a dead letter as a pending item (same id and history,
+    /// attempt count reset), at the back of the queue.
+    pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let flight = {
+            let mut core = shared.core();
+            if core.state.dead_letter(item_id).is_none() {
+                return Err(QueueError::NotFound { what: "dead letter", item_id });
+            }
+            let now = core.now(&*shared.clock);
+            let (pending, active) = (core.state.pending(), core.state.active());
+            if pending + active >= shared.config.capacity {
+                return Err(QueueError::AtCapacity {
+                    capacity: shared.config.capacity,
+                    signal: shared.signal(&core, now),
+                });
+            }
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::Redriven { item_id, not_before: now });
+            shared.push_backpressure(&mut core, &origin, now, pending + 1);
+            command.seal(&mut core)
+        };
+        command.send(flight).await?;
+        Ok(item_id)
+    }
+
+    /// Deletes dead letters for good. Returns how many were deleted.
+    pub async fn purge_dead_letters(&self, caller: &Caller, which: Purge) -> Result<u32> {
+        if which == Purge::Items(Vec::new()) {
+            return Err(QueueError::invalid("item_ids", "must name at least one item unless purging all"));
+        }
+        let command = self.begin().await?;
+        let shared = command.shared;
+        let (purged, flight) = {
+            let mut core = shared.core();
+            let item_ids: Vec<ItemId> = match which {
+                Purge::All => {
+                    core.state.dead_letters_page(None, usize::MAX).into_iter().map(|(_, l)| l.item.id).collect()
+                }
+                Purge::Items(ids) => {
+                    let mut seen = std::collections::HashSet::new();
+                    ids.into_iter().filter(|id| core.state.dead_letter(*id).is_some() && seen.insert(*id)).collect()
+                }
+            };
+            if item_ids.is_empty() {
+                return Ok(0);
+            }
+            let purged = u32::try_from(item_ids.len()).unwrap_or(u32::MAX);
+            let now = core.now(&*shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
+            (purged, command.seal(&mut core))
+        };
+        command.send(flight).await?;
+        Ok(purged)
+    }
+
+    /// Depth, leases, dead letters and the backpressure state.
+    pub async fn stats(&self) -> QueueStats {
+        let shared = &*self.shared;
+        let _permit = shared.gate.acquire().await;
+        let mut core = shared.core();
+        let now = core.now(&*shared.clock);
+        QueueStats {
+            pending: core.state.pending(),
+            active: core.state.active(),
+            dead_letters: core.state.dead_letters(),
+            draining: core.state.draining().is_some(),
+            capacity: shared.config.capacity,
+            backpressure: shared.signal(&core, now),
+            last_sequence: core.state.last_sequence(),
+        }
+    }
+
+    /// Runs `f` on the current state (for inspection, snapshots and tests).
+    pub async fn inspect<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
+        let _permit = self.shared.gate.acquire().await;
+        f(&self.shared.core().state)
+    }
+
+    /// The current state in its canonical encoding: what a snapshot stores,
+    /// and what replaying the log must reproduce byte for byte.
+    pub async fn encode_state(&self) -> Vec<u8> {
+        self.inspect(QueueState::encode).await
+    }
+
+    /// The earliest lease expiry, for sweepers that sleep until it.
+    pub async fn next_expiry(&self) -> Option<Timestamp> {
+        self.inspect(QueueState::next_expiry).await
+    }
+
+    /// Whether a batch is in doubt (sent, not acknowledged) and will be
+    /// settled by the next command.
+    #[cfg(test)]
+    pub(crate) async fn in_doubt(&self) -> bool {
+        let _permit = self.shared.gate.acquire().await;
+        self.shared.in_doubt.load(Ordering::Acquire)
+    }
+
+    // ----- the commit path -----
+
+    /// Takes the shard gate and first settles a batch left in doubt by a
+    /// failed publish, so every command starts from a state that matches the
+    /// log.
+    async fn begin(&self) -> Result<Command<'_>> {
+        let shared = &*self.shared;
+        let command = Command { shared, _permit: shared.gate.acquire().await };
+        if shared.in_doubt.load(Ordering::Acquire) {
+            let flight = InFlight { shared, batch: shared.core().batch.take() };
+            // Boxed: a rare path, kept out of every command's future.
+            Box::pin(command.send(flight)).await?;
+        }
+        Ok(command)
+    }
+}
+
+impl Shared {
+    /// The live signal: the state's flag with the current depth and the
+    /// configured watermarks.
+    fn signal(&self, core: &Core, now: Timestamp) -> BackpressureSignal {
+        BackpressureSignal {
+            active: core.state.backpressure().active,
+            pending: core.state.pending(),
+            high: self.config.high_watermark,
+            low: self.config.low_watermark,
+            observed_at: now,
+            shard: self.config.shard.clone(),
+        }
+    }
+
+    /// Adds a `BackpressureChanged` event if `pending_after` crosses a
+    /// watermark (hysteresis: on at `high`, off at `low`).
+    fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
+        let config = &self.config;
+        let active = core.state.backpressure().active;
+        let flip = if active { pending_after <= config.low_watermark } else { pending_after >= config.high_watermark };
+        if flip {
+            let signal = BackpressureSignal {
+                active: !active,
+                pending: pending_after,
+                high: config.high_watermark,
+                low: config.low_watermark,
+                observed_at: now,
+                shard: config.shard.clone(),
+            };
+            core.push(origin, now, EventKind::BackpressureChanged { signal });
+        }
+    }
+}
+
+impl<'a> Command<'a> {
+    /// Plans the lease of the next eligible item at `now`, or says how long
+    /// until a delayed item becomes eligible.
+    fn plan_lease(
+        &self,
+        core: &mut Core,
+        caller: &Caller,
+        request: &LeaseRequest,
+        now: Timestamp,
+    ) -> Result<LeaseStep<'a>> {
+        let shared = self.shared;
+        if core.state.draining().is_some() {
+            return Err(QueueError::Draining { shard: shared.config.shard.clone() });
+        }
+        let Some(item_id) = core.state.next_eligible(now) else {
+            return Ok(LeaseStep::Wait(core.state.next_not_before().map(|at| at.saturating_duration_since(now))));
+        };
+        let attempt = core.state.item(item_id).map_or(1, |item| item.attempt + 1);
+        let lease_id = LeaseId::from_u128(core.next_id());
+        let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
+        let origin = core.origin(&shared.config.shard, caller);
+        let kind = EventKind::Leased { item_id, attempt, lease_id, owner: request.owner.clone(), expires_at };
+        core.push(&origin, now, kind);
+        let pending_after = core.state.pending() - 1;
+        shared.push_backpressure(core, &origin, now, pending_after);
+        Ok(LeaseStep::Grant(item_id, self.seal(core)))
+    }
+
+    /// Plans `Expired` events (and requeues or dead letters) for at most
+    /// [`SWEEP_BATCH_MAX`](defaults::SWEEP_BATCH_MAX) lapsed leases.
+    fn plan_expiries(&self, core: &mut Core, now: Timestamp) -> usize {
+        let shared = self.shared;
         let due = core.state.due_expiries(now, defaults::SWEEP_BATCH_MAX);
         let origin = Arc::clone(&shared.system);
         let mut requeued = 0;
@@ -793,335 +1264,76 @@ impl Queue {
             }
         }
         let pending_after = core.state.pending() + requeued;
-        self.push_backpressure(core, &origin, now, pending_after);
-        self.commit(core).await?;
-        Ok(due.len())
+        shared.push_backpressure(core, &origin, now, pending_after);
+        due.len()
     }
 
-    /// Stops granting leases and returns a snapshot of the pending items.
-    ///
-    /// With [`DrainMode::Wait`] the drain waits up to `wait` (clamped to
-    /// [`DRAIN_WAIT_MAX`](defaults::DRAIN_WAIT_MAX)) for leases in flight to
-    /// end; leases still running then are listed in `in_flight`. With
-    /// [`DrainMode::HandBack`] leases are handed back at once and their items
-    /// are pending (and in the snapshot). Non-destructive: the queue keeps
-    /// every item until [`resume`](Self::resume) or a purge elsewhere.
-    pub async fn drain(&self, caller: &Caller, mode: DrainMode, wait: Option<Duration>) -> Result<DrainSnapshot> {
-        let shared = &*self.shared;
-        let waiting = Waiting::new(&shared.waiting);
-        {
-            let mut core = self.lock().await?;
-            let now = core.now(&*shared.clock);
-            let origin = core.origin(&shared.config.shard, caller);
-            if core.state.draining() != Some(mode) {
-                core.push(&origin, now, EventKind::DrainStarted { mode });
-            }
-            if mode == DrainMode::HandBack {
-                let leased: Vec<ItemId> = core.state.leased_items().iter().map(|item| item.id).collect();
-                for &item_id in &leased {
-                    core.push(
-                        &origin,
-                        now,
-                        EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::HandedBack },
-                    );
-                }
-                let pending_after = core.state.pending() + leased.len() as u64;
-                self.push_backpressure(&mut core, &origin, now, pending_after);
-            }
-            if !core.batch.events.is_empty() {
-                self.commit(&mut core).await?;
-            }
-        }
-        if mode == DrainMode::Wait {
-            let deadline =
-                tokio::time::Instant::now() + wait.unwrap_or(defaults::DRAIN_WAIT).min(defaults::DRAIN_WAIT_MAX);
-            loop {
-                let changed = shared.changed.notified();
-                if self.lock().await?.state.active() == 0 {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    break;
-                }
-            }
-        }
-        drop(waiting);
-        let mut core = self.lock().await?;
-        let now = core.now(&*shared.clock);
-        let origin = core.origin(&shared.config.shard, caller);
-        let items: Vec<WorkItem> = core.state.pending_items().into_iter().cloned().collect();
-        let in_flight: Vec<WorkItem> = core.state.leased_items().into_iter().cloned().collect();
-        let kind = EventKind::Drained {
-            pending: u32::try_from(items.len()).unwrap_or(u32::MAX),
-            in_flight: u32::try_from(in_flight.len()).unwrap_or(u32::MAX),
-        };
-        core.push(&origin, now, kind);
-        let sequence = self.commit(&mut core).await?;
-        Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
-    }
-
-    /// Grants leases again after a drain. `Ok(false)` if it was not draining.
-    pub async fn resume(&self, caller: &Caller) -> Result<bool> {
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if core.state.draining().is_none() {
-            return Ok(false);
-        }
-        let now = core.now(&*shared.clock);
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::Resumed);
-        self.commit(&mut core).await?;
-        Ok(true)
-    }
-
-    /// Loads a drain snapshot's pending items, keeping ids, attempts, errors,
-    /// tokens and histories; items already present (same id, or same
-    /// `request_id` as a remembered item) are skipped. All or nothing: at
-    /// capacity nothing is restored.
-    pub async fn restore(&self, caller: &Caller, snapshot: &DrainSnapshot) -> Result<Restored> {
-        for (index, item) in snapshot.items.iter().enumerate() {
-            validate::payload(&format!("snapshot.items[{index}].payload"), &item.payload)?;
-        }
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        let mut seen = std::collections::HashSet::new();
-        let mut requests = std::collections::HashSet::new();
-        let mut items = Vec::new();
-        for item in &snapshot.items {
-            let request_taken = !item.payload.request_id.is_empty()
-                && (core.state.request(&item.payload.request_id).is_some()
-                    || !requests.insert(item.payload.request_id.as_str()));
-            if core.state.contains(item.id) || !seen.insert(item.id) || request_taken {
-                continue;
-            }
-            let mut item = item.clone();
-            item.lease = None;
-            items.push(item);
-        }
-        let restored = items.len() as u64;
-        let skipped = u32::try_from(snapshot.items.len() as u64 - restored).unwrap_or(u32::MAX);
-        if items.is_empty() {
-            return Ok(Restored { restored: 0, skipped });
-        }
-        let now = core.now(&*shared.clock);
-        let (pending, active) = (core.state.pending(), core.state.active());
-        if pending + active + restored > shared.config.capacity {
-            return Err(QueueError::AtCapacity { capacity: shared.config.capacity, signal: self.signal(&core, now) });
-        }
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::Restored { items, skipped });
-        self.push_backpressure(&mut core, &origin, now, pending + restored);
-        self.commit(&mut core).await?;
-        Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
-    }
-
-    /// Lists dead letters, oldest first, one page at a time.
-    pub async fn dead_letters(&self, page_size: u32, page_token: Option<&str>) -> Result<DeadLetterPage> {
-        let after = match page_token.filter(|token| !token.is_empty()) {
-            None => None,
-            Some(token) => Some(
-                token
-                    .parse::<u64>()
-                    .map_err(|_| QueueError::invalid("page_token", "is not a token this queue issued"))?,
-            ),
-        };
-        let size = match page_size {
-            0 => defaults::DEAD_LETTER_PAGE_SIZE,
-            n => n.min(defaults::DEAD_LETTER_PAGE_MAX),
-        } as usize;
-        let core = self.shared.core.lock().await;
-        let mut page = core.state.dead_letters_page(after, size + 1);
-        let next_page_token = (page.len() > size).then(|| {
-            page.truncate(size);
-            page.last().map(|(order, _)| order.to_string()).unwrap_or_default()
-        });
-        Ok(DeadLetterPage {
-            dead_letters: page.into_iter().map(|(_, letter)| letter.clone()).collect(),
-            next_page_token,
-        })
-    }
-
-    /// One dead letter with its whole history.
-    pub async fn dead_letter(&self, item_id: ItemId) -> Result<DeadLetter> {
-        let core = self.shared.core.lock().await;
-        core.state.dead_letter(item_id).cloned().ok_or(QueueError::NotFound { what: "dead letter", item_id })
-    }
-
-    /// Re-enqueues a dead letter as a pending item (same id and history,
-    /// attempt count reset), at the back of the queue.
-    pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if core.state.dead_letter(item_id).is_none() {
-            return Err(QueueError::NotFound { what: "dead letter", item_id });
-        }
-        let now = core.now(&*shared.clock);
-        let (pending, active) = (core.state.pending(), core.state.active());
-        if pending + active >= shared.config.capacity {
-            return Err(QueueError::AtCapacity { capacity: shared.config.capacity, signal: self.signal(&core, now) });
-        }
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::Redriven { item_id, not_before: now });
-        self.push_backpressure(&mut core, &origin, now, pending + 1);
-        self.commit(&mut core).await?;
-        Ok(item_id)
-    }
-
-    /// Deletes dead letters for good. Returns how many were deleted.
-    pub async fn purge_dead_letters(&self, caller: &Caller, which: Purge) -> Result<u32> {
-        if which == Purge::Items(Vec::new()) {
-            return Err(QueueError::invalid("item_ids", "must name at least one item unless purging all"));
-        }
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        let item_ids: Vec<ItemId> = match which {
-            Purge::All => core.state.dead_letters_page(None, usize::MAX).into_iter().map(|(_, l)| l.item.id).collect(),
-            Purge::Items(ids) => {
-                let mut seen = std::collections::HashSet::new();
-                ids.into_iter().filter(|id| core.state.dead_letter(*id).is_some() && seen.insert(*id)).collect()
-            }
-        };
-        if item_ids.is_empty() {
-            return Ok(0);
-        }
-        let purged = u32::try_from(item_ids.len()).unwrap_or(u32::MAX);
-        let now = core.now(&*shared.clock);
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
-        self.commit(&mut core).await?;
-        Ok(purged)
-    }
-
-    /// Depth, leases, dead letters and the backpressure state.
-    pub async fn stats(&self) -> QueueStats {
-        let mut core = self.shared.core.lock().await;
-        let now = core.now(&*self.shared.clock);
-        QueueStats {
-            pending: core.state.pending(),
-            active: core.state.active(),
-            dead_letters: core.state.dead_letters(),
-            draining: core.state.draining().is_some(),
-            capacity: self.shared.config.capacity,
-            backpressure: self.signal(&core, now),
-            last_sequence: core.state.last_sequence(),
-        }
-    }
-
-    /// Runs `f` on the current state (for inspection, snapshots and tests).
-    pub async fn inspect<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
-        f(&self.shared.core.lock().await.state)
-    }
-
-    /// The current state in its canonical encoding: what a snapshot stores,
-    /// and what replaying the log must reproduce byte for byte.
-    pub async fn encode_state(&self) -> Vec<u8> {
-        self.inspect(QueueState::encode).await
-    }
-
-    /// The earliest lease expiry, for sweepers that sleep until it.
-    pub async fn next_expiry(&self) -> Option<Timestamp> {
-        self.inspect(QueueState::next_expiry).await
-    }
-
-    /// Whether a batch is in doubt (sent, not acknowledged) and will be
-    /// settled by the next command.
-    #[cfg(test)]
-    pub(crate) async fn in_doubt(&self) -> bool {
-        self.shared.core.lock().await.in_doubt
-    }
-
-    // ----- the commit path -----
-
-    /// Locks the shard and first settles a batch left in doubt by a failed
-    /// publish, so every command starts from a state that matches the log.
-    async fn lock(&self) -> Result<MutexGuard<'_, Core>> {
-        let mut core = self.shared.core.lock().await;
-        if core.in_doubt {
-            self.publish_and_apply(&mut core).await?;
-        }
-        Ok(core)
-    }
-
-    /// The live signal: the state's flag with the current depth and the
-    /// configured watermarks.
-    fn signal(&self, core: &Core, now: Timestamp) -> BackpressureSignal {
-        BackpressureSignal {
-            active: core.state.backpressure().active,
-            pending: core.state.pending(),
-            high: self.shared.config.high_watermark,
-            low: self.shared.config.low_watermark,
-            observed_at: now,
-            shard: self.shared.config.shard.clone(),
-        }
-    }
-
-    /// Adds a `BackpressureChanged` event if `pending_after` crosses a
-    /// watermark (hysteresis: on at `high`, off at `low`).
-    fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
-        let config = &self.shared.config;
-        let active = core.state.backpressure().active;
-        let flip = if active { pending_after <= config.low_watermark } else { pending_after >= config.high_watermark };
-        if flip {
-            let signal = BackpressureSignal {
-                active: !active,
-                pending: pending_after,
-                high: config.high_watermark,
-                low: config.low_watermark,
-                observed_at: now,
-                shard: config.shard.clone(),
-            };
-            core.push(origin, now, EventKind::BackpressureChanged { signal });
-        }
-    }
-
-    /// Publishes the batch under construction and applies it. Returns the
-    /// sequence of its first event.
-    async fn commit(&self, core: &mut Core) -> Result<Sequence> {
+    /// Closes the batch under construction: gives it the next producer
+    /// sequence and takes it out of the core for [`send`](Self::send).
+    #[inline]
+    fn seal(&self, core: &mut Core) -> InFlight<'a> {
         core.producer_seq += 1;
-        core.batch.producer_seq = core.producer_seq;
-        self.publish_and_apply(core).await
+        let producer_seq = core.producer_seq;
+        core.batch().producer_seq = producer_seq;
+        InFlight { shared: self.shared, batch: core.batch.take() }
     }
 
-    async fn publish_and_apply(&self, core: &mut Core) -> Result<Sequence> {
-        let shared = &*self.shared;
+    /// Publishes a sealed batch and applies it. Returns the sequence of its
+    /// first event.
+    async fn send(&self, flight: InFlight<'a>) -> Result<Sequence> {
+        self.send_locked(flight).await.map(|(first, _)| first)
+    }
+
+    /// [`send`](Self::send), returning the state still locked for reading
+    /// what the batch did.
+    async fn send_locked(&self, mut flight: InFlight<'a>) -> Result<(Sequence, MutexGuard<'a, Core>)> {
+        let shared = self.shared;
         let mut attempt = 1;
         let appended = loop {
-            match shared.replicator.publish(&core.batch).await {
+            match shared.replicator.publish(flight.batch()).await {
                 Ok(appended) => break appended,
                 Err(error @ ReplicationError::Rejected(_)) => {
                     // Refused for good, so not written: drop the batch.
-                    core.batch.events.clear();
-                    core.in_doubt = false;
+                    let mut batch = flight.land();
+                    batch.events.clear();
+                    shared.core().batch = Some(batch);
+                    shared.in_doubt.store(false, Ordering::Release);
                     tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
                     return Err(QueueError::Replication(error));
                 }
                 Err(error) if attempt >= defaults::PUBLISH_ATTEMPTS => {
-                    // Maybe written, maybe not: keep it and settle it (same
-                    // producer sequence) before the next command.
-                    core.in_doubt = true;
+                    // Maybe written, maybe not: keep it (dropping the flight
+                    // puts it back in doubt) and settle it, same producer
+                    // sequence, before the next command.
+                    drop(flight);
                     tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
                     return Err(QueueError::Replication(error));
                 }
                 Err(_) => {
                     attempt += 1;
-                    tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY).await;
+                    // Boxed: a rare path, kept out of every command's future.
+                    Box::pin(tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY)).await;
                 }
             }
         };
-        core.in_doubt = false;
-        if appended.count != core.batch.events.len() as u64 {
+        let mut batch = flight.land();
+        let mut core = shared.core();
+        shared.in_doubt.store(false, Ordering::Release);
+        if appended.count != batch.events.len() as u64 {
             let error = ReplicationError::Rejected(format!(
                 "replicator acknowledged {} events of a batch of {}",
                 appended.count,
-                core.batch.events.len()
+                batch.events.len()
             ));
-            core.batch.events.clear();
+            batch.events.clear();
+            core.batch = Some(batch);
+            drop(core);
             tracing::error!(shard = %shared.config.shard, error = %error, "replicator broke its contract");
             return Err(QueueError::Replication(error));
         }
         let metrics = &shared.metrics;
         let mut sequence = appended.first;
-        let Core { state, batch, .. } = core;
+        let state = &mut core.state;
         for event in batch.events.drain(..) {
             match &event.kind {
                 EventKind::Expired { .. } => metrics.expired.increment(1),
@@ -1166,10 +1378,11 @@ impl Queue {
         metrics.pending.set(state.pending() as f64);
         metrics.active.set(state.active() as f64);
         metrics.dead_letters.set(state.dead_letters() as f64);
+        core.batch = Some(batch);
         if shared.waiting.load(Ordering::SeqCst) > 0 {
             shared.changed.notify_waiters();
         }
-        Ok(appended.first)
+        Ok((appended.first, core))
     }
 }
 

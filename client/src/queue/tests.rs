@@ -729,3 +729,60 @@ mod observed {
         );
     }
 }
+
+#[test]
+fn command_futures_can_move_between_threads() {
+    // The node serves commands from a multi-threaded runtime: every future
+    // must be `Send`, which holding the state's synchronous lock across an
+    // `.await` would break.
+    fn assert_send<T: Send>(_: T) {}
+    let f = fixture(|_| {});
+    let handle = LeaseHandle {
+        item_id: ItemId::from_u128(1),
+        attempt: 1,
+        lease_id: LeaseId::from_u128(1),
+        fencing_token: FencingToken::new(1),
+        owner: PeerId::from("worker-1"),
+        expires_at: Timestamp::EPOCH,
+    };
+    assert_send(f.queue.enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "1", ""))));
+    assert_send(f.queue.lease(&f.worker, LeaseRequest::new("worker-1")));
+    assert_send(f.queue.heartbeat(&f.worker, &handle, None, BTreeMap::new()));
+    assert_send(f.queue.complete(&f.worker, &handle));
+    assert_send(f.queue.fail(&f.worker, &handle, FailRequest::default()));
+    assert_send(f.queue.expire_due());
+    assert_send(f.queue.drain(&f.producer, DrainMode::HandBack, None));
+    assert_send(f.queue.stats());
+}
+
+/// Answers after a delay, as a network replicator would.
+struct SlowReplicator(Arc<InMemoryReplicator>);
+
+impl Replicator for SlowReplicator {
+    fn publish<'a>(&'a self, batch: &'a crate::replication::Batch) -> crate::replication::PublishFuture<'a> {
+        crate::replication::PublishFuture::new(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.0.publish(batch).await
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_abandoned_mid_publish_is_settled_once_by_the_next() {
+    let log = Arc::new(InMemoryReplicator::new());
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), Arc::new(SlowReplicator(log.clone())))
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let abandoned = queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "1", "")));
+    assert!(tokio::time::timeout(Duration::from_millis(10), abandoned).await.is_err(), "the caller gave up");
+    assert!(queue.in_doubt().await, "the abandoned batch may have been written");
+    assert_eq!(queue.stats().await.pending, 0, "and is not applied yet");
+
+    queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "2", ""))).await.expect("enqueue");
+    assert_eq!(queue.stats().await.pending, 2, "the abandoned enqueue was settled first");
+    let events = log.events(queue.shard());
+    assert_eq!(events.len(), 2, "each batch is in the log once");
+    let replayed = QueueState::replay(queue.shard().clone(), &events).expect("replay");
+    assert_eq!(replayed.encode(), queue.encode_state().await);
+}
