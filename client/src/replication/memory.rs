@@ -42,11 +42,48 @@ struct State {
 struct ShardLog {
     shard: ShardId,
     head: Sequence,
-    events: VecDeque<SequencedEvent>,
+    events: Ring,
     /// The last batch of each recent producer, newest first: retries only
     /// ever repeat a producer's newest batch, because a producer sends its
     /// next batch only after this one was answered.
     producers: VecDeque<(ProducerId, u64, Appended)>,
+}
+
+/// The retained events, oldest first: a `Vec` that grows without a
+/// retention limit, and is overwritten in place, oldest slot first, once it
+/// holds `retention` events (a benchmark publishes millions; no shifting, no
+/// reallocation).
+#[derive(Debug, Default)]
+struct Ring {
+    slots: Vec<SequencedEvent>,
+    /// Index of the oldest event once the ring is full; zero until then.
+    oldest: usize,
+}
+
+impl Ring {
+    #[inline]
+    fn push(&mut self, event: SequencedEvent, retention: Option<usize>) {
+        match retention {
+            Some(0) => {}
+            Some(retention) if self.slots.len() >= retention => {
+                self.slots[self.oldest] = event;
+                self.oldest += 1;
+                if self.oldest == self.slots.len() {
+                    self.oldest = 0;
+                }
+            }
+            _ => self.slots.push(event),
+        }
+    }
+
+    /// The events after `after`, oldest first (found by binary search: both
+    /// halves of the ring are in sequence order).
+    fn after(&self, after: Sequence) -> impl Iterator<Item = &SequencedEvent> {
+        let (newer, older) = self.slots.split_at(self.oldest);
+        let skip = older.partition_point(|e| e.sequence <= after);
+        let newer = if skip < older.len() { newer } else { &newer[newer.partition_point(|e| e.sequence <= after)..] };
+        older[skip..].iter().chain(newer)
+    }
 }
 
 /// Producers remembered per shard for retry detection: one owner at a time
@@ -84,8 +121,7 @@ impl InMemoryReplicator {
     pub fn read(&self, shard: &ShardId, after: Sequence) -> Vec<SequencedEvent> {
         let state = self.lock();
         let Some(log) = state.log(shard) else { return Vec::new() };
-        let skip = log.events.partition_point(|e| e.sequence <= after);
-        log.events.iter().skip(skip).cloned().collect()
+        log.events.after(after).cloned().collect()
     }
 
     /// The sequence of `shard`'s newest event (zero for an empty log).
@@ -112,7 +148,7 @@ impl InMemoryReplicator {
                 state.shards.push(ShardLog {
                     shard: batch.shard.clone(),
                     head: Sequence::ZERO,
-                    events: VecDeque::new(),
+                    events: Ring::default(),
                     producers: VecDeque::new(),
                 });
                 state.shards.len() - 1
@@ -149,15 +185,12 @@ impl ShardLog {
         }
         let first = self.head.after(1);
         let count = batch.events.len() as u64;
-        for (offset, event) in batch.events.iter().enumerate() {
-            self.events.push_back(SequencedEvent { sequence: first.after(offset as u64), event: event.clone() });
+        let mut sequence = first;
+        for event in &batch.events {
+            self.events.push(SequencedEvent { sequence, event: event.clone() }, retention);
+            sequence = sequence.after(1);
         }
         self.head = self.head.after(count);
-        if let Some(retention) = retention {
-            while self.events.len() > retention {
-                self.events.pop_front();
-            }
-        }
         let appended = Appended { first, count, deduplicated: false };
         match last {
             Some(0) => {
