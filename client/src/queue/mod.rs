@@ -1150,7 +1150,8 @@ impl Queue {
 
     /// The earliest lease expiry, for sweepers that sleep until it.
     pub async fn next_expiry(&self) -> Option<Timestamp> {
-        self.inspect(QueueState::next_expiry).await
+        let _permit = self.shared.gate.acquire().await;
+        self.shared.core().state.next_expiry()
     }
 
     /// Whether a batch is in doubt (sent, not acknowledged) and will be

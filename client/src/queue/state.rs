@@ -10,7 +10,7 @@
 //! leasing is O(log n) with no scans.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,13 +169,28 @@ pub(crate) struct Completion {
     pub(crate) request_id: String,
 }
 
+/// When a lease lapses: expiry, token, item. Tokens are unique per lease.
+type ExpiryKey = (Timestamp, FencingToken, ItemId);
+
+/// The indexes. `ready` and `expiry` are binary heaps with lazy deletion: an
+/// item that leaves the ready set, or a lease that ends or is extended,
+/// leaves its old entry behind unless it is on top, and readers skip entries
+/// that no longer match the item (see [`QueueState::ready_is_live`] and
+/// [`QueueState::expiry_is_live`]). A push is O(1) when keys arrive in order
+/// (queue order, expiries a fixed duration ahead), a pop O(log n), and
+/// nothing is searched on removal; stale entries are compacted away once
+/// they outnumber the live ones (see
+/// [`INDEX_STALE_SLACK`](defaults::INDEX_STALE_SLACK)).
 #[derive(Default, Clone)]
 struct Index {
-    ready: BTreeSet<ReadyKey>,
+    ready: BinaryHeap<Reverse<ReadyKey>>,
+    /// Items in slot `Ready` (the heap may also hold stale keys).
+    ready_live: usize,
     delayed: BTreeSet<(Timestamp, u64, ItemId)>,
     blocked: ResourceMap<BTreeSet<ReadyKey>>,
     leased: ResourceMap<ItemId>,
-    expiry: BTreeSet<(Timestamp, FencingToken, ItemId)>,
+    /// Live entries: one per leased item (`QueueState::active`).
+    expiry: BinaryHeap<Reverse<ExpiryKey>>,
 }
 
 /// The state of one queue (shard), rebuilt exactly by replaying its events.
@@ -373,14 +388,19 @@ impl QueueState {
             entry.slot = Slot::Limbo;
             self.index.insert_pending(entry, now);
         }
-        while let Some(&key) = self.index.ready.first() {
-            let Some(entry) = self.items.get_mut(&key.2) else {
-                self.index.ready.pop_first();
-                continue;
+        while let Some(&Reverse(key)) = self.index.ready.peek() {
+            let entry = match self.items.get_mut(&key.2) {
+                Some(entry) if entry.slot == Slot::Ready && entry.ready_key() == key => entry,
+                // Stale: the item left the ready set since.
+                _ => {
+                    self.index.ready.pop();
+                    continue;
+                }
             };
             let resource = entry.resource();
             if self.index.leased.contains_key(&resource) {
-                self.index.ready.pop_first();
+                self.index.ready.pop();
+                self.index.ready_live -= 1;
                 self.index.blocked.entry(resource).or_default().insert(key);
                 entry.slot = Slot::Blocked;
                 continue;
@@ -398,23 +418,53 @@ impl QueueState {
 
     /// Leases that lapsed at or before `now`, earliest first, at most `max`.
     pub(crate) fn due_expiries(&self, now: Timestamp, max: usize) -> Vec<(ItemId, FencingToken)> {
-        self.index
-            .expiry
-            .iter()
-            .take_while(|(expires_at, _, _)| *expires_at <= now)
-            .take(max)
-            .map(|&(_, token, item_id)| (item_id, token))
-            .collect()
+        // The heap's array is a tree whose parents are never later than
+        // their children: walk the part that is due, skip stale entries.
+        let heap = self.index.expiry.as_slice();
+        let mut due = Vec::new();
+        let mut pending = vec![0];
+        while let Some(at) = pending.pop() {
+            let Some(&Reverse(key)) = heap.get(at) else { continue };
+            if key.0 > now {
+                continue;
+            }
+            if self.expiry_is_live(&key) {
+                due.push(key);
+            }
+            pending.extend([2 * at + 1, 2 * at + 2]);
+        }
+        due.sort_unstable();
+        // A heartbeat at the same instant may leave a twin entry.
+        due.dedup();
+        due.into_iter().take(max).map(|(_, token, item_id)| (item_id, token)).collect()
     }
 
-    /// Whether some lease lapsed at or before `now` (O(1)).
-    pub(crate) fn has_due_expiry(&self, now: Timestamp) -> bool {
-        self.index.expiry.first().is_some_and(|(expires_at, _, _)| *expires_at <= now)
+    /// Whether some lease lapsed at or before `now`. Drops stale entries from
+    /// the top of the expiry heap on the way (index maintenance only).
+    pub(crate) fn has_due_expiry(&mut self, now: Timestamp) -> bool {
+        self.next_expiry().is_some_and(|expires_at| expires_at <= now)
     }
 
-    /// The earliest lease expiry.
-    pub(crate) fn next_expiry(&self) -> Option<Timestamp> {
-        self.index.expiry.first().map(|(expires_at, _, _)| *expires_at)
+    /// The earliest expiry of a live lease. Drops stale entries from the top
+    /// of the expiry heap on the way (index maintenance only).
+    pub(crate) fn next_expiry(&mut self) -> Option<Timestamp> {
+        while let Some(&Reverse(key)) = self.index.expiry.peek() {
+            if self.expiry_is_live(&key) {
+                return Some(key.0);
+            }
+            self.index.expiry.pop();
+        }
+        None
+    }
+
+    /// Whether an expiry entry is the current expiry of a live lease.
+    fn expiry_is_live(&self, &(expires_at, token, item_id): &ExpiryKey) -> bool {
+        is_live_expiry(&self.items, expires_at, token, item_id)
+    }
+
+    /// Whether a ready entry is an item in the ready set.
+    fn ready_is_live(&self, key: &ReadyKey) -> bool {
+        is_live_ready(&self.items, key)
     }
 
     // ----- apply -----
@@ -449,9 +499,9 @@ impl QueueState {
                 entry.item.lease = Some(Lease { lease_id, fencing_token, owner, leased_at: at, expires_at });
                 entry.slot = Slot::Leased;
                 self.index.leased.insert(resource, item_id);
-                self.index.expiry.insert((expires_at, fencing_token, item_id));
                 self.pending -= 1;
                 self.active += 1;
+                self.push_expiry((expires_at, fencing_token, item_id));
             }
             EventKind::Heartbeat { item_id, fencing_token, expires_at, progress: _ } => {
                 let lease = self
@@ -460,9 +510,10 @@ impl QueueState {
                     .and_then(|entry| entry.item.lease.as_mut())
                     .filter(|lease| lease.fencing_token == fencing_token)
                     .ok_or_else(|| fail(format!("item {item_id} has no lease {fencing_token}")))?;
-                self.index.expiry.remove(&(lease.expires_at, fencing_token, item_id));
+                let old = (lease.expires_at, fencing_token, item_id);
                 lease.expires_at = expires_at;
-                self.index.expiry.insert((expires_at, fencing_token, item_id));
+                self.index.drop_expiry_if_top(&old);
+                self.push_expiry((expires_at, fencing_token, item_id));
             }
             EventKind::Completed { item_id, fencing_token } => {
                 self.check_leased(item_id, fencing_token).map_err(fail)?;
@@ -502,6 +553,7 @@ impl QueueState {
                 self.pending += 1;
                 self.index.insert_pending(&mut entry, at);
                 self.items.insert(item_id, entry);
+                self.compact_ready();
             }
             EventKind::DeadLettered { item_id, reason } => {
                 match self.items.get(&item_id) {
@@ -606,6 +658,28 @@ impl QueueState {
         self.index.insert_pending(&mut entry, at);
         self.items.insert(item_id, entry);
         self.pending += 1;
+        self.compact_ready();
+    }
+
+    /// Adds a lease's expiry; compacts the heap first if stale entries
+    /// outnumber live ones.
+    fn push_expiry(&mut self, key: ExpiryKey) {
+        let live = self.active as usize;
+        if self.index.expiry.len() > 2 * live + defaults::INDEX_STALE_SLACK {
+            let items = &self.items;
+            self.index
+                .expiry
+                .retain(|Reverse((expires_at, token, item_id))| is_live_expiry(items, *expires_at, *token, *item_id));
+        }
+        self.index.expiry.push(Reverse(key));
+    }
+
+    /// Drops stale ready keys once they outnumber live ones.
+    fn compact_ready(&mut self) {
+        if self.index.ready.len() > 2 * self.index.ready_live + defaults::INDEX_STALE_SLACK {
+            let items = &self.items;
+            self.index.ready.retain(|Reverse(key)| is_live_ready(items, key));
+        }
     }
 
     fn check_leased(&self, item_id: ItemId, fencing_token: FencingToken) -> Result<(), String> {
@@ -620,7 +694,7 @@ impl QueueState {
     /// caller), records the attempt, and unblocks the resource's other items.
     fn end_lease(&mut self, entry: &mut Entry, outcome: AttemptOutcome, error: String, at: Timestamp) {
         let lease = entry.item.lease.take().expect("callers check that the item is leased");
-        self.index.expiry.remove(&(lease.expires_at, lease.fencing_token, entry.item.id));
+        self.index.drop_expiry_if_top(&(lease.expires_at, lease.fencing_token, entry.item.id));
         let resource = entry.resource();
         self.index.leased.remove(&resource);
         if outcome != AttemptOutcome::Completed {
@@ -637,7 +711,9 @@ impl QueueState {
         }
         entry.slot = Slot::Limbo;
         self.active -= 1;
-        if let Some(blocked) = self.index.blocked.remove(&resource) {
+        if !self.index.blocked.is_empty()
+            && let Some(blocked) = self.index.blocked.remove(&resource)
+        {
             for (_, _, blocked_id) in blocked {
                 if let Some(waiting) = self.items.get_mut(&blocked_id) {
                     waiting.slot = Slot::Limbo;
@@ -719,7 +795,7 @@ impl QueueState {
             let mut entry = Entry { item, resource_hash, order, slot: Slot::Limbo };
             if let Some(lease) = &entry.item.lease {
                 state.index.leased.insert(entry.resource(), item_id);
-                state.index.expiry.insert((lease.expires_at, lease.fencing_token, item_id));
+                state.index.expiry.push(Reverse((lease.expires_at, lease.fencing_token, item_id)));
                 entry.slot = Slot::Leased;
                 state.active += 1;
             } else {
@@ -742,6 +818,18 @@ impl QueueState {
         let mut pending = 0;
         let mut active = 0;
         let mut leased_resources = HashMap::new();
+        let ready: BTreeSet<ReadyKey> =
+            self.index.ready.iter().map(|Reverse(key)| *key).filter(|key| self.ready_is_live(key)).collect();
+        let expiries: BTreeSet<ExpiryKey> =
+            self.index.expiry.iter().map(|Reverse(key)| *key).filter(|key| self.expiry_is_live(key)).collect();
+        let ready_items = self.items.values().filter(|entry| entry.slot == Slot::Ready).count();
+        if ready.len() != ready_items || self.index.ready_live != ready_items {
+            return Err(format!(
+                "the ready index holds {} live items and counts {}; {ready_items} items are ready",
+                ready.len(),
+                self.index.ready_live
+            ));
+        }
         for (id, entry) in &self.items {
             if *id != entry.item.id {
                 return Err(format!("item {id} stored under another id"));
@@ -752,11 +840,11 @@ impl QueueState {
                     if leased_resources.insert(entry.resource(), *id).is_some() {
                         return Err(format!("two leases on the resource of item {id}"));
                     }
-                    if !self.index.expiry.contains(&(lease.expires_at, lease.fencing_token, *id)) {
+                    if !expiries.contains(&(lease.expires_at, lease.fencing_token, *id)) {
                         return Err(format!("lease of item {id} missing from the expiry index"));
                     }
                 }
-                (None, Slot::Ready) if self.index.ready.contains(&entry.ready_key()) => pending += 1,
+                (None, Slot::Ready) if ready.contains(&entry.ready_key()) => pending += 1,
                 (None, Slot::Delayed) if self.index.delayed.contains(&(entry.item.not_before, entry.order, *id)) => {
                     pending += 1
                 }
@@ -772,11 +860,10 @@ impl QueueState {
                 (lease, slot) => return Err(format!("item {id} has lease {lease:?} but slot {slot:?}")),
             }
         }
-        let indexed = self.index.ready.len()
-            + self.index.delayed.len()
-            + self.index.blocked.values().map(BTreeSet::len).sum::<usize>();
-        if indexed as u64 != pending || self.index.expiry.len() as u64 != active {
-            return Err(format!("indexes hold {indexed} pending and {} leases", self.index.expiry.len()));
+        let indexed =
+            ready.len() + self.index.delayed.len() + self.index.blocked.values().map(BTreeSet::len).sum::<usize>();
+        if indexed as u64 != pending || expiries.len() as u64 != active {
+            return Err(format!("indexes hold {indexed} pending and {} leases", expiries.len()));
         }
         if leased_resources.len() != self.index.leased.len()
             || leased_resources.iter().any(|(resource, id)| self.index.leased.get(resource) != Some(id))
@@ -817,6 +904,21 @@ impl QueueState {
     }
 }
 
+/// Whether `key` is the ready key of an item in the ready set.
+fn is_live_ready(items: &IdMap<Entry>, key: &ReadyKey) -> bool {
+    // The key is compared too: a redriven or restored item comes back with
+    // a new queue order, and its old key must not put it back in line.
+    items.get(&key.2).is_some_and(|entry| entry.slot == Slot::Ready && entry.ready_key() == *key)
+}
+
+/// Whether `(expires_at, token)` is the current expiry of `item_id`'s lease.
+fn is_live_expiry(items: &IdMap<Entry>, expires_at: Timestamp, token: FencingToken, item_id: ItemId) -> bool {
+    items
+        .get(&item_id)
+        .and_then(|entry| entry.item.lease.as_ref())
+        .is_some_and(|lease| lease.fencing_token == token && lease.expires_at == expires_at)
+}
+
 /// Error text recorded for an attempt whose lease lapsed.
 pub(crate) const EXPIRED_ERROR: &str = "lease expired";
 
@@ -836,15 +938,30 @@ impl Index {
             self.delayed.insert((entry.item.not_before, entry.order, entry.item.id));
             entry.slot = Slot::Delayed;
         } else {
-            self.ready.insert(entry.ready_key());
+            self.ready.push(Reverse(entry.ready_key()));
+            self.ready_live += 1;
             entry.slot = Slot::Ready;
+        }
+    }
+
+    /// Drops `key` from the expiry heap if it is on top; otherwise it stays,
+    /// stale, until it surfaces or the heap is compacted.
+    fn drop_expiry_if_top(&mut self, key: &ExpiryKey) {
+        if self.expiry.peek().is_some_and(|Reverse(top)| top == key) {
+            self.expiry.pop();
         }
     }
 
     fn remove_from_slot(&mut self, entry: &mut Entry) {
         match entry.slot {
             Slot::Ready => {
-                self.ready.remove(&entry.ready_key());
+                // Usually the top (leases take the first ready item); any
+                // other key stays, stale, until it surfaces or is compacted.
+                let key = entry.ready_key();
+                if self.ready.peek().is_some_and(|Reverse(top)| *top == key) {
+                    self.ready.pop();
+                }
+                self.ready_live -= 1;
             }
             Slot::Delayed => {
                 self.delayed.remove(&(entry.item.not_before, entry.order, entry.item.id));
