@@ -786,3 +786,58 @@ async fn a_command_abandoned_mid_publish_is_settled_once_by_the_next() {
     let replayed = QueueState::replay(queue.shard().clone(), &events).expect("replay");
     assert_eq!(replayed.encode(), queue.encode_state().await);
 }
+
+#[tokio::test(start_paused = true)]
+async fn stale_index_entries_are_skipped_and_compacted() {
+    // Enough leases ended out of order, and heartbeats, to leave more stale
+    // heap entries than the compaction slack; the queue must still lease in
+    // order, expire exactly the live leases, and replay to the same state.
+    let f = fixture(|config| config.lease_duration = Duration::from_secs(10));
+    let count = 3 * defaults::INDEX_STALE_SLACK;
+    for n in 0..count {
+        f.enqueue(&n.to_string()).await;
+    }
+    let mut leased = Vec::new();
+    while let Some(item) = f.lease().await {
+        leased.push(item);
+    }
+    assert_eq!(leased.len(), count, "every item leased, in queue order");
+    for pair in leased.windows(2) {
+        assert!(pair[0].handle.fencing_token < pair[1].handle.fencing_token);
+        let order = |item: &LeasedItem| item.item.payload.resource_id.parse::<usize>().expect("numeric id");
+        assert!(order(&pair[0]) < order(&pair[1]));
+    }
+    // Complete every other lease, newest first (never the heap's top), and
+    // heartbeat the rest twice (each leaves a stale expiry behind).
+    let mut kept = Vec::new();
+    for (n, item) in leased.into_iter().enumerate().rev() {
+        if n % 2 == 0 {
+            f.queue.complete(&f.worker, &item.handle).await.expect("complete");
+        } else {
+            kept.push(item);
+        }
+    }
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for item in &kept {
+            f.queue.heartbeat(&f.worker, &item.handle, None, BTreeMap::new()).await.expect("heartbeat");
+        }
+    }
+    f.queue.inspect(|state| state.check_invariants()).await.expect("invariants with stale entries");
+    // Fail some back into the ready set out of order, then lease them again.
+    for item in kept.iter().take(10) {
+        f.queue.fail(&f.worker, &item.handle, requeue_now("retry")).await.expect("fail");
+    }
+    let mut releases = 0;
+    while f.lease().await.is_some() {
+        releases += 1;
+    }
+    assert_eq!(releases, 10);
+    let live = f.queue.stats().await.active;
+    assert_eq!(f.queue.next_expiry().await.is_some(), live > 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(f.queue.expire_due().await.expect("expire") as u64, live, "exactly the live leases expire");
+    assert_eq!(f.queue.stats().await.active, 0);
+    assert_eq!(f.queue.next_expiry().await, None);
+    f.assert_replay_matches().await;
+}
