@@ -68,6 +68,12 @@ impl Gate {
         Acquire { gate: self, waiter: None }
     }
 
+    /// Takes the gate if it is free, without waiting.
+    #[inline]
+    pub(crate) fn try_permit(&self) -> Option<Permit<'_>> {
+        self.try_acquire().then(|| Permit { gate: self })
+    }
+
     #[inline]
     fn try_acquire(&self) -> bool {
         self.state.compare_exchange(FREE, HELD, Ordering::Acquire, Ordering::Relaxed).is_ok()
@@ -250,6 +256,16 @@ mod tests {
         }
         assert_eq!(*lock(&order), vec![0, 1, 2, 3, 99]);
         assert_eq!(gate.state.load(Ordering::Relaxed), FREE);
+    }
+
+    #[test]
+    fn try_permit_fails_without_touching_a_held_gate() {
+        let gate = Gate::new();
+        let held = gate.try_permit().expect("a free gate");
+        assert!(gate.try_permit().is_none());
+        assert_eq!(gate.state.load(Ordering::Relaxed), HELD, "still held by the first permit");
+        drop(held);
+        assert!(gate.try_permit().is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,9 @@ mod tests;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -49,7 +51,38 @@ use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::defaults;
 use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, ProducerId, Sequence, ShardId};
 use crate::metrics::QueueMetrics;
-use crate::replication::{Batch, ReplicationError, Replicator};
+use crate::replication::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
+
+/// Publishes a sealed batch ([`Command::seal`]) and settles it
+/// ([`Command::land`]), awaiting only when the replicator's answer is not
+/// known at once. Evaluates to `(first sequence, read(state))`, or returns
+/// the error from the enclosing function. A macro rather than an `async fn`
+/// so the common, synchronous case builds no nested future.
+macro_rules! send {
+    ($command:expr, $flight:expr) => {
+        send!($command, $flight, |_| ())
+    };
+    ($command:expr, $flight:expr, $read:expr) => {{
+        let flight = $flight;
+        let answer = match $command.publish(&flight) {
+            Publishing::Now(answer) => answer,
+            Publishing::Later(answer) => answer.await,
+        };
+        $command.land(flight, answer, $read)?
+    }};
+}
+
+/// Takes the shard gate: at once when it is free and nothing is in doubt,
+/// otherwise through [`Queue::begin`]. Returns the error from the enclosing
+/// function.
+macro_rules! begin {
+    ($queue:expr) => {
+        match $queue.try_begin() {
+            Some(command) => command,
+            None => $queue.begin().await?,
+        }
+    };
+}
 
 /// Settings of one queue. Every default is a named constant in
 /// [`crate::defaults`].
@@ -658,7 +691,7 @@ impl Queue {
     pub async fn enqueue(&self, caller: &Caller, request: EnqueueRequest) -> Result<Enqueued> {
         validate::payload("payload", &request.payload)?;
         validate::delay("delay", request.delay, defaults::ENQUEUE_DELAY_MAX)?;
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let (item_id, flight) = {
             let mut core = shared.core();
@@ -691,7 +724,7 @@ impl Queue {
             shared.push_backpressure(&mut core, &origin, now, pending + 1);
             (item_id, command.seal(&mut core))
         };
-        let first = command.send(flight).await?;
+        let (first, ()) = send!(command, flight);
         Ok(Enqueued { item_id, deduplicated: false, sequence: first })
     }
 
@@ -715,7 +748,7 @@ impl Queue {
             // that does not wait never needs it.
             let changed = deadline.map(|_| shared.changed.notified());
             let sleep_for = {
-                let command = self.begin().await?;
+                let command = begin!(self);
                 let step = {
                     let mut core = shared.core();
                     let now = core.now(&*shared.clock);
@@ -731,15 +764,15 @@ impl Queue {
                 let step = match step {
                     Ok(step) => step,
                     Err((now, expiries)) => {
-                        command.send(expiries).await?;
+                        send!(command, expiries);
                         command.plan_lease(&mut shared.core(), caller, &request, now)?
                     }
                 };
                 match step {
                     LeaseStep::Grant(item_id, flight) => {
-                        let (_, core) = command.send_locked(flight).await?;
-                        let item = core.state.item(item_id).expect("the lease was just applied").clone();
-                        drop(core);
+                        let (_, item) = send!(command, flight, |state| {
+                            state.item(item_id).expect("the lease was just applied").clone()
+                        });
                         drop(command);
                         let handle = item.handle().expect("the item was just leased");
                         shared
@@ -777,7 +810,7 @@ impl Queue {
         progress: BTreeMap<String, String>,
     ) -> Result<Timestamp> {
         validate::progress(&progress)?;
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let (expires_at, flight) = {
             let mut core = shared.core();
@@ -794,14 +827,14 @@ impl Queue {
             core.push(&origin, now, kind);
             (expires_at, command.seal(&mut core))
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(expires_at)
     }
 
     /// Completes a leased item and removes it. Repeating it with the same
     /// handle answers `Ok(true)` ("already completed") and writes nothing.
     pub async fn complete(&self, caller: &Caller, handle: &LeaseHandle) -> Result<bool> {
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let flight = {
             let mut core = shared.core();
@@ -817,7 +850,7 @@ impl Queue {
             core.push(&origin, now, kind);
             command.seal(&mut core)
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(false)
     }
 
@@ -829,7 +862,7 @@ impl Queue {
         if let Some(delay) = request.requeue_delay {
             validate::delay("requeue_delay", delay, defaults::REQUEUE_DELAY_MAX)?;
         }
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let config = &shared.config;
         let (outcome, flight) = {
@@ -862,7 +895,7 @@ impl Queue {
             }
             (outcome, command.seal(&mut core))
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(outcome)
     }
 
@@ -870,7 +903,7 @@ impl Queue {
     /// each gets an `Expired` event and is requeued, or dead-lettered if it
     /// was its last attempt. Returns how many leases expired.
     pub async fn expire_due(&self) -> Result<usize> {
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let now = shared.core().now(&*shared.clock);
         let mut expired = 0;
@@ -883,7 +916,7 @@ impl Queue {
                 expired += command.plan_expiries(&mut core, now);
                 command.seal(&mut core)
             };
-            command.send(flight).await?;
+            send!(command, flight);
         }
     }
 
@@ -899,7 +932,7 @@ impl Queue {
         let shared = &*self.shared;
         let waiting = Waiting::new(&shared.waiting);
         {
-            let command = self.begin().await?;
+            let command = begin!(self);
             let planned = {
                 let mut core = shared.core();
                 let now = core.now(&*shared.clock);
@@ -922,7 +955,7 @@ impl Queue {
                 core.has_events().then(|| command.seal(&mut core))
             };
             if let Some(flight) = planned {
-                command.send(flight).await?;
+                send!(command, flight);
             }
         }
         if mode == DrainMode::Wait {
@@ -931,7 +964,7 @@ impl Queue {
             loop {
                 let changed = shared.changed.notified();
                 let active = {
-                    let _command = self.begin().await?;
+                    let _command = begin!(self);
                     shared.core().state.active()
                 };
                 if active == 0 {
@@ -943,7 +976,7 @@ impl Queue {
             }
         }
         drop(waiting);
-        let command = self.begin().await?;
+        let command = begin!(self);
         let (now, items, in_flight, flight) = {
             let mut core = shared.core();
             let now = core.now(&*shared.clock);
@@ -957,13 +990,13 @@ impl Queue {
             core.push(&origin, now, kind);
             (now, items, in_flight, command.seal(&mut core))
         };
-        let sequence = command.send(flight).await?;
+        let (sequence, ()) = send!(command, flight);
         Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
     }
 
     /// Grants leases again after a drain. `Ok(false)` if it was not draining.
     pub async fn resume(&self, caller: &Caller) -> Result<bool> {
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let flight = {
             let mut core = shared.core();
@@ -975,7 +1008,7 @@ impl Queue {
             core.push(&origin, now, EventKind::Resumed);
             command.seal(&mut core)
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(true)
     }
 
@@ -987,7 +1020,7 @@ impl Queue {
         for (index, item) in snapshot.items.iter().enumerate() {
             validate::payload(&format!("snapshot.items[{index}].payload"), &item.payload)?;
         }
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let (restored, skipped, flight) = {
             let mut core = shared.core();
@@ -1023,7 +1056,7 @@ impl Queue {
             shared.push_backpressure(&mut core, &origin, now, pending + restored);
             (restored, skipped, command.seal(&mut core))
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
     }
 
@@ -1064,7 +1097,7 @@ impl Queue {
     /// Re-enqueues a dead letter as a pending item (same id and history,
     /// attempt count reset), at the back of the queue.
     pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let flight = {
             let mut core = shared.core();
@@ -1084,7 +1117,7 @@ impl Queue {
             shared.push_backpressure(&mut core, &origin, now, pending + 1);
             command.seal(&mut core)
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(item_id)
     }
 
@@ -1093,7 +1126,7 @@ impl Queue {
         if which == Purge::Items(Vec::new()) {
             return Err(QueueError::invalid("item_ids", "must name at least one item unless purging all"));
         }
-        let command = self.begin().await?;
+        let command = begin!(self);
         let shared = command.shared;
         let (purged, flight) = {
             let mut core = shared.core();
@@ -1115,7 +1148,7 @@ impl Queue {
             core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
             (purged, command.seal(&mut core))
         };
-        command.send(flight).await?;
+        send!(command, flight);
         Ok(purged)
     }
 
@@ -1164,16 +1197,27 @@ impl Queue {
 
     // ----- the commit path -----
 
+    /// Takes the shard gate at once if it is free and nothing is in doubt:
+    /// the common case, with no future to build or poll.
+    #[inline]
+    fn try_begin(&self) -> Option<Command<'_>> {
+        let shared = &*self.shared;
+        let permit = shared.gate.try_permit()?;
+        if shared.in_doubt.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(Command { shared, _permit: permit })
+    }
+
     /// Takes the shard gate and first settles a batch left in doubt by a
     /// failed publish, so every command starts from a state that matches the
-    /// log.
+    /// log. See [`try_begin`](Self::try_begin) for the fast path.
     async fn begin(&self) -> Result<Command<'_>> {
         let shared = &*self.shared;
         let command = Command { shared, _permit: shared.gate.acquire().await };
         if shared.in_doubt.load(Ordering::Acquire) {
             let flight = InFlight { shared, batch: shared.core().batch.take() };
-            // Boxed: a rare path, kept out of every command's future.
-            Box::pin(command.send(flight)).await?;
+            send!(command, flight);
         }
         Ok(command)
     }
@@ -1279,42 +1323,47 @@ impl<'a> Command<'a> {
         InFlight { shared: self.shared, batch: core.batch.take() }
     }
 
-    /// Publishes a sealed batch and applies it. Returns the sequence of its
-    /// first event.
-    async fn send(&self, flight: InFlight<'a>) -> Result<Sequence> {
-        self.send_locked(flight).await.map(|(first, _)| first)
+    /// Hands a sealed batch to the replicator. A synchronous replicator has
+    /// answered when this returns; otherwise (or to retry a transient
+    /// failure) the answer is a boxed future, kept out of every command's
+    /// own future because it is the rare path here.
+    #[inline]
+    fn publish<'f>(&self, flight: &'f InFlight<'a>) -> Publishing<'f> {
+        match self.shared.replicator.publish(flight.batch()).into_ready() {
+            Ok(Ok(appended)) => Publishing::Now(Ok(appended)),
+            first => Publishing::Later(Box::pin(publish_retrying(self.shared, flight.batch(), first))),
+        }
     }
 
-    /// [`send`](Self::send), returning the state still locked for reading
-    /// what the batch did.
-    async fn send_locked(&self, mut flight: InFlight<'a>) -> Result<(Sequence, MutexGuard<'a, Core>)> {
+    /// Settles a batch with the replicator's final answer: applies it when
+    /// accepted, and returns `read` of the state right after; drops it when
+    /// refused for good; keeps it in doubt (re-sent before the next command)
+    /// when it may have been written.
+    fn land<R>(
+        &self,
+        mut flight: InFlight<'a>,
+        answer: std::result::Result<Appended, ReplicationError>,
+        read: impl FnOnce(&QueueState) -> R,
+    ) -> Result<(Sequence, R)> {
         let shared = self.shared;
-        let mut attempt = 1;
-        let appended = loop {
-            match shared.replicator.publish(flight.batch()).await {
-                Ok(appended) => break appended,
-                Err(error @ ReplicationError::Rejected(_)) => {
-                    // Refused for good, so not written: drop the batch.
-                    let mut batch = flight.land();
-                    batch.events.clear();
-                    shared.core().batch = Some(batch);
-                    shared.in_doubt.store(false, Ordering::Release);
-                    tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
-                    return Err(QueueError::Replication(error));
-                }
-                Err(error) if attempt >= defaults::PUBLISH_ATTEMPTS => {
-                    // Maybe written, maybe not: keep it (dropping the flight
-                    // puts it back in doubt) and settle it, same producer
-                    // sequence, before the next command.
-                    drop(flight);
-                    tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
-                    return Err(QueueError::Replication(error));
-                }
-                Err(_) => {
-                    attempt += 1;
-                    // Boxed: a rare path, kept out of every command's future.
-                    Box::pin(tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY)).await;
-                }
+        let appended = match answer {
+            Ok(appended) => appended,
+            Err(error @ ReplicationError::Rejected(_)) => {
+                // Refused for good, so not written: drop the batch.
+                let mut batch = flight.land();
+                batch.events.clear();
+                shared.core().batch = Some(batch);
+                shared.in_doubt.store(false, Ordering::Release);
+                tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
+                return Err(QueueError::Replication(error));
+            }
+            Err(error) => {
+                // Maybe written, maybe not: keep it (dropping the flight puts
+                // it back in doubt) and settle it, same producer sequence,
+                // before the next command.
+                drop(flight);
+                tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
+                return Err(QueueError::Replication(error));
             }
         };
         let mut batch = flight.land();
@@ -1379,11 +1428,45 @@ impl<'a> Command<'a> {
         metrics.pending.set(state.pending() as f64);
         metrics.active.set(state.active() as f64);
         metrics.dead_letters.set(state.dead_letters() as f64);
+        let read = read(state);
         core.batch = Some(batch);
+        drop(core);
         if shared.waiting.load(Ordering::SeqCst) > 0 {
             shared.changed.notify_waiters();
         }
-        Ok((appended.first, core))
+        Ok((appended.first, read))
+    }
+}
+
+/// A replicator's answer to a batch: known at once, or still to come.
+enum Publishing<'f> {
+    Now(std::result::Result<Appended, ReplicationError>),
+    Later(Pin<Box<dyn Future<Output = std::result::Result<Appended, ReplicationError>> + Send + 'f>>),
+}
+
+/// Awaits the first answer, and retries a transient failure (same producer
+/// sequence, so a batch written despite the failure is not written twice)
+/// up to [`PUBLISH_ATTEMPTS`](defaults::PUBLISH_ATTEMPTS) times. A refusal
+/// for good ends it at once.
+async fn publish_retrying<'f>(
+    shared: &'f Shared,
+    batch: &'f Batch,
+    first: std::result::Result<std::result::Result<Appended, ReplicationError>, PublishFuture<'f>>,
+) -> std::result::Result<Appended, ReplicationError> {
+    let mut answer = match first {
+        Ok(answer) => answer,
+        Err(pending) => pending.await,
+    };
+    let mut attempt = 1;
+    loop {
+        match answer {
+            Err(ReplicationError::Unavailable(_)) if attempt < defaults::PUBLISH_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY).await;
+                answer = shared.replicator.publish(batch).await;
+            }
+            answer => return answer,
+        }
     }
 }
 

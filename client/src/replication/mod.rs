@@ -43,6 +43,16 @@ impl<'a> PublishFuture<'a> {
     pub fn new(future: impl Future<Output = Result<Appended, ReplicationError>> + Send + 'a) -> Self {
         Self(PublishState::Pending(Box::pin(future)))
     }
+
+    /// The answer if it is already known, or the future to await. Lets the
+    /// queue apply a synchronous replicator's answer without an `.await`.
+    #[inline]
+    pub(crate) fn into_ready(self) -> Result<Result<Appended, ReplicationError>, Self> {
+        match self.0 {
+            PublishState::Ready(Some(result)) => Ok(result),
+            state => Err(Self(state)),
+        }
+    }
 }
 
 impl Future for PublishFuture<'_> {
