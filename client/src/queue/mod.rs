@@ -54,21 +54,29 @@ use crate::metrics::QueueMetrics;
 use crate::replication::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
 
 /// Publishes a sealed batch ([`Command::seal`]) and settles it
-/// ([`Command::land`]), awaiting only when the replicator's answer is not
-/// known at once. Evaluates to `(first sequence, read(state))`, or returns
-/// the error from the enclosing function. A macro rather than an `async fn`
-/// so the common, synchronous case builds no nested future.
-macro_rules! send {
-    ($command:expr, $flight:expr) => {
-        send!($command, $flight, |_| ())
-    };
-    ($command:expr, $flight:expr, $read:expr) => {{
-        let flight = $flight;
-        let answer = match $command.publish(&flight) {
-            Publishing::Now(answer) => answer,
-            Publishing::Later(answer) => answer.await,
+/// ([`Command::land`]). `$held` is the state's lock, still held since the
+/// batch was planned: a replicator that answers at once is handled under it
+/// without building a future; otherwise it is released while the answer is
+/// awaited. Evaluates to `(first sequence, read(state))`, or returns the
+/// error from the enclosing function. A macro rather than an `async fn` so
+/// the common case builds no nested future.
+///
+/// `$held` must be a binding that was only ever moved, never borrowed:
+/// a guard that was borrowed stays in the future's state across the
+/// `.await`, and a `MutexGuard` there would make every command's future
+/// `!Send`. Commands therefore plan in a block with its own guard and move
+/// it out with the sealed batch.
+macro_rules! settle {
+    ($command:expr, $held:ident, $flight:ident, $read:expr) => {{
+        let (answer, mut core) = match $command.publish(&$flight) {
+            Publishing::Now(answer) => (answer, $held),
+            Publishing::Later(answer) => {
+                drop($held);
+                let answer = answer.await;
+                (answer, $command.shared.core())
+            }
         };
-        $command.land(flight, answer, $read)?
+        $command.land(&mut core, $flight, answer, $read)?
     }};
 }
 
@@ -82,6 +90,64 @@ macro_rules! begin {
             None => $queue.begin().await?,
         }
     };
+}
+
+/// One lease attempt under the gate: expires lapsed leases (one batch), then
+/// grants the next eligible item. Evaluates to the granted item, or to how
+/// long until a delayed item becomes eligible (`None`: until something
+/// changes); returns errors from the enclosing function.
+macro_rules! lease_attempt {
+    ($command:expr, $caller:expr, $request:expr, $started:expr) => {{
+        let command = $command;
+        let shared = command.shared;
+        let (now, expiries, held) = {
+            let mut core = shared.core();
+            let now = core.now(&*shared.clock);
+            // Lapsed leases first, so their items and resources are free for
+            // this lease.
+            let expiries = core.state.has_due_expiry(now).then(|| {
+                command.plan_expiries(&mut core, now);
+                command.seal(&mut core)
+            });
+            (now, expiries, core)
+        };
+        let held = match expiries {
+            Some(flight) => {
+                settle!(command, held, flight, |_| ());
+                shared.core()
+            }
+            None => held,
+        };
+        let (grant, held) = {
+            let mut core = held;
+            if core.state.draining().is_some() {
+                return Err(QueueError::Draining { shard: shared.config.shard.clone() });
+            }
+            match core.state.next_eligible(now) {
+                Some(item_id) => {
+                    command.plan_lease(&mut core, $caller, $request, item_id, now);
+                    (Ok((item_id, command.seal(&mut core))), core)
+                }
+                None => (Err(core.state.next_not_before().map(|at| at.saturating_duration_since(now))), core),
+            }
+        };
+        match grant {
+            Ok((item_id, flight)) => {
+                let (_, item) = settle!(command, held, flight, |state| {
+                    state.item(item_id).expect("the lease was just applied").clone()
+                });
+                drop(command);
+                let handle = item.handle().expect("the item was just leased");
+                let waited = $started.map_or(0.0, |started| started.elapsed().as_secs_f64());
+                shared.metrics.lease_wait.record(waited);
+                Ok(LeasedItem { handle, item })
+            }
+            Err(sleep_for) => {
+                drop(held);
+                Err(sleep_for)
+            }
+        }
+    }};
 }
 
 /// Settings of one queue. Every default is a named constant in
@@ -598,13 +664,6 @@ struct Command<'a> {
     _permit: Permit<'a>,
 }
 
-/// What a lease does next: publish a grant, or wait (at most this long for
-/// a delayed item, `None`: until something changes).
-enum LeaseStep<'a> {
-    Grant(ItemId, InFlight<'a>),
-    Wait(Option<Duration>),
-}
-
 /// A batch taken out of the core while the replicator has it. If the command
 /// is dropped before the answer (its caller gave up mid-publish), the batch
 /// goes back into the core in doubt: maybe written, so the next command
@@ -693,7 +752,7 @@ impl Queue {
         validate::delay("delay", request.delay, defaults::ENQUEUE_DELAY_MAX)?;
         let command = begin!(self);
         let shared = command.shared;
-        let (item_id, flight) = {
+        let (item_id, flight, held) = {
             let mut core = shared.core();
             if !request.payload.request_id.is_empty()
                 && let Some(item_id) = core.state.request(&request.payload.request_id)
@@ -722,9 +781,10 @@ impl Queue {
             };
             core.push(&origin, now, EventKind::Enqueued(new));
             shared.push_backpressure(&mut core, &origin, now, pending + 1);
-            (item_id, command.seal(&mut core))
+            let flight = command.seal(&mut core);
+            (item_id, flight, core)
         };
-        let (first, ()) = send!(command, flight);
+        let (first, ()) = settle!(command, held, flight, |_| ());
         Ok(Enqueued { item_id, deduplicated: false, sequence: first })
     }
 
@@ -733,59 +793,37 @@ impl Queue {
     /// waiting up to `request.wait` for one. `Ok(None)` when none became
     /// eligible in time.
     pub async fn lease(&self, caller: &Caller, request: LeaseRequest) -> Result<Option<LeasedItem>> {
-        if request.owner.as_str().chars().all(char::is_whitespace) {
+        if validate::is_blank(request.owner.as_str()) {
             return Err(QueueError::invalid("owner", "is required and must not be blank"));
         }
-        let shared = &*self.shared;
         let wait = request.wait.min(defaults::LEASE_WAIT_MAX);
-        // A call that does not wait skips the clock reads of the wait metric.
-        let started = (!wait.is_zero()).then(tokio::time::Instant::now);
-        let deadline = started.map(|started| started + wait);
-        let waiting = started.map(|_| Waiting::new(&shared.waiting));
+        if !wait.is_zero() {
+            return self.lease_waiting(caller, &request, wait).await;
+        }
+        // A call that does not wait: one attempt, nothing to arm, and no
+        // clock reads for the wait metric.
+        let command = begin!(self);
+        Ok(lease_attempt!(command, caller, &request, None::<tokio::time::Instant>).ok())
+    }
+
+    /// [`lease`](Self::lease) for a call that waits up to `wait`.
+    async fn lease_waiting(
+        &self,
+        caller: &Caller,
+        request: &LeaseRequest,
+        wait: Duration,
+    ) -> Result<Option<LeasedItem>> {
+        let shared = &*self.shared;
+        let started = tokio::time::Instant::now();
+        let deadline = started + wait;
+        let _waiting = Waiting::new(&shared.waiting);
         loop {
             // Created before looking at the state: a change applied after we
-            // looked wakes this future even though it is polled later. A call
-            // that does not wait never needs it.
-            let changed = deadline.map(|_| shared.changed.notified());
-            let sleep_for = {
-                let command = begin!(self);
-                let step = {
-                    let mut core = shared.core();
-                    let now = core.now(&*shared.clock);
-                    if core.state.has_due_expiry(now) {
-                        // Lapsed leases first (one batch), so their items
-                        // and resources are free for this lease.
-                        command.plan_expiries(&mut core, now);
-                        Err((now, command.seal(&mut core)))
-                    } else {
-                        Ok(command.plan_lease(&mut core, caller, &request, now)?)
-                    }
-                };
-                let step = match step {
-                    Ok(step) => step,
-                    Err((now, expiries)) => {
-                        send!(command, expiries);
-                        command.plan_lease(&mut shared.core(), caller, &request, now)?
-                    }
-                };
-                match step {
-                    LeaseStep::Grant(item_id, flight) => {
-                        let (_, item) = send!(command, flight, |state| {
-                            state.item(item_id).expect("the lease was just applied").clone()
-                        });
-                        drop(command);
-                        let handle = item.handle().expect("the item was just leased");
-                        shared
-                            .metrics
-                            .lease_wait
-                            .record(started.map_or(0.0, |started| started.elapsed().as_secs_f64()));
-                        return Ok(Some(LeasedItem { handle, item }));
-                    }
-                    LeaseStep::Wait(sleep_for) => sleep_for,
-                }
-            };
-            let (Some(deadline), Some(changed)) = (deadline, changed) else {
-                return Ok(None);
+            // looked wakes this future even though it is polled later.
+            let changed = shared.changed.notified();
+            let sleep_for = match self.lease_once(caller, request, started).await? {
+                Ok(leased) => return Ok(Some(leased)),
+                Err(sleep_for) => sleep_for,
             };
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -796,8 +834,19 @@ impl Queue {
                 () = changed => {}
                 () = tokio::time::sleep_until(until) => {}
             }
-            let _ = &waiting;
         }
+    }
+
+    /// One attempt of a waiting lease (a function of its own: the state's
+    /// lock must not live in the waiting loop's future).
+    async fn lease_once(
+        &self,
+        caller: &Caller,
+        request: &LeaseRequest,
+        started: tokio::time::Instant,
+    ) -> Result<std::result::Result<LeasedItem, Option<Duration>>> {
+        let command = begin!(self);
+        Ok(lease_attempt!(command, caller, request, Some(started)))
     }
 
     /// Extends a lease by `extend_by` from now (`None`: the default lease
@@ -812,7 +861,7 @@ impl Queue {
         validate::progress(&progress)?;
         let command = begin!(self);
         let shared = command.shared;
-        let (expires_at, flight) = {
+        let (expires_at, flight, held) = {
             let mut core = shared.core();
             let now = core.now(&*shared.clock);
             check_handle(&core.state, handle, now)?;
@@ -825,9 +874,10 @@ impl Queue {
                 progress,
             };
             core.push(&origin, now, kind);
-            (expires_at, command.seal(&mut core))
+            let flight = command.seal(&mut core);
+            (expires_at, flight, core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(expires_at)
     }
 
@@ -836,7 +886,7 @@ impl Queue {
     pub async fn complete(&self, caller: &Caller, handle: &LeaseHandle) -> Result<bool> {
         let command = begin!(self);
         let shared = command.shared;
-        let flight = {
+        let (flight, held) = {
             let mut core = shared.core();
             if core.state.item(handle.item_id).is_none()
                 && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
@@ -848,9 +898,9 @@ impl Queue {
             let origin = core.origin(&shared.config.shard, caller);
             let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
             core.push(&origin, now, kind);
-            command.seal(&mut core)
+            (command.seal(&mut core), core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(false)
     }
 
@@ -865,7 +915,7 @@ impl Queue {
         let command = begin!(self);
         let shared = command.shared;
         let config = &shared.config;
-        let (outcome, flight) = {
+        let (outcome, flight, held) = {
             let mut core = shared.core();
             let now = core.now(&*shared.clock);
             let attempt = check_handle(&core.state, handle, now)?.attempt;
@@ -893,9 +943,10 @@ impl Queue {
                     core.push(&origin, now, EventKind::DeadLettered { item_id, reason });
                 }
             }
-            (outcome, command.seal(&mut core))
+            let flight = command.seal(&mut core);
+            (outcome, flight, core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(outcome)
     }
 
@@ -904,19 +955,13 @@ impl Queue {
     /// was its last attempt. Returns how many leases expired.
     pub async fn expire_due(&self) -> Result<usize> {
         let command = begin!(self);
-        let shared = command.shared;
-        let now = shared.core().now(&*shared.clock);
+        let now = command.shared.core().now(&*command.shared.clock);
         let mut expired = 0;
         loop {
-            let flight = {
-                let mut core = shared.core();
-                if !core.state.has_due_expiry(now) {
-                    return Ok(expired);
-                }
-                expired += command.plan_expiries(&mut core, now);
-                command.seal(&mut core)
-            };
-            send!(command, flight);
+            match command.expire_batch(now).await? {
+                0 => return Ok(expired),
+                batch => expired += batch,
+            }
         }
     }
 
@@ -933,7 +978,7 @@ impl Queue {
         let waiting = Waiting::new(&shared.waiting);
         {
             let command = begin!(self);
-            let planned = {
+            let (flight, held) = {
                 let mut core = shared.core();
                 let now = core.now(&*shared.clock);
                 let origin = core.origin(&shared.config.shard, caller);
@@ -952,10 +997,10 @@ impl Queue {
                     let pending_after = core.state.pending() + leased.len() as u64;
                     shared.push_backpressure(&mut core, &origin, now, pending_after);
                 }
-                core.has_events().then(|| command.seal(&mut core))
+                (core.has_events().then(|| command.seal(&mut core)), core)
             };
-            if let Some(flight) = planned {
-                send!(command, flight);
+            if let Some(flight) = flight {
+                settle!(command, held, flight, |_| ());
             }
         }
         if mode == DrainMode::Wait {
@@ -977,7 +1022,7 @@ impl Queue {
         }
         drop(waiting);
         let command = begin!(self);
-        let (now, items, in_flight, flight) = {
+        let (now, items, in_flight, flight, held) = {
             let mut core = shared.core();
             let now = core.now(&*shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
@@ -988,9 +1033,10 @@ impl Queue {
                 in_flight: u32::try_from(in_flight.len()).unwrap_or(u32::MAX),
             };
             core.push(&origin, now, kind);
-            (now, items, in_flight, command.seal(&mut core))
+            let flight = command.seal(&mut core);
+            (now, items, in_flight, flight, core)
         };
-        let (sequence, ()) = send!(command, flight);
+        let (sequence, ()) = settle!(command, held, flight, |_| ());
         Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
     }
 
@@ -998,7 +1044,7 @@ impl Queue {
     pub async fn resume(&self, caller: &Caller) -> Result<bool> {
         let command = begin!(self);
         let shared = command.shared;
-        let flight = {
+        let (flight, held) = {
             let mut core = shared.core();
             if core.state.draining().is_none() {
                 return Ok(false);
@@ -1006,9 +1052,9 @@ impl Queue {
             let now = core.now(&*shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::Resumed);
-            command.seal(&mut core)
+            (command.seal(&mut core), core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(true)
     }
 
@@ -1022,7 +1068,7 @@ impl Queue {
         }
         let command = begin!(self);
         let shared = command.shared;
-        let (restored, skipped, flight) = {
+        let (restored, skipped, flight, held) = {
             let mut core = shared.core();
             let mut seen = std::collections::HashSet::new();
             let mut requests = std::collections::HashSet::new();
@@ -1054,9 +1100,10 @@ impl Queue {
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::Restored { items, skipped });
             shared.push_backpressure(&mut core, &origin, now, pending + restored);
-            (restored, skipped, command.seal(&mut core))
+            let flight = command.seal(&mut core);
+            (restored, skipped, flight, core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
     }
 
@@ -1099,7 +1146,7 @@ impl Queue {
     pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
         let command = begin!(self);
         let shared = command.shared;
-        let flight = {
+        let (flight, held) = {
             let mut core = shared.core();
             if core.state.dead_letter(item_id).is_none() {
                 return Err(QueueError::NotFound { what: "dead letter", item_id });
@@ -1115,9 +1162,9 @@ impl Queue {
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::Redriven { item_id, not_before: now });
             shared.push_backpressure(&mut core, &origin, now, pending + 1);
-            command.seal(&mut core)
+            (command.seal(&mut core), core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(item_id)
     }
 
@@ -1128,7 +1175,7 @@ impl Queue {
         }
         let command = begin!(self);
         let shared = command.shared;
-        let (purged, flight) = {
+        let (purged, flight, held) = {
             let mut core = shared.core();
             let item_ids: Vec<ItemId> = match which {
                 Purge::All => {
@@ -1146,9 +1193,10 @@ impl Queue {
             let now = core.now(&*shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
-            (purged, command.seal(&mut core))
+            let flight = command.seal(&mut core);
+            (purged, flight, core)
         };
-        send!(command, flight);
+        settle!(command, held, flight, |_| ());
         Ok(purged)
     }
 
@@ -1216,8 +1264,11 @@ impl Queue {
         let shared = &*self.shared;
         let command = Command { shared, _permit: shared.gate.acquire().await };
         if shared.in_doubt.load(Ordering::Acquire) {
-            let flight = InFlight { shared, batch: shared.core().batch.take() };
-            send!(command, flight);
+            let (flight, held) = {
+                let mut core = shared.core();
+                (InFlight { shared, batch: core.batch.take() }, core)
+            };
+            settle!(command, held, flight, |_| ());
         }
         Ok(command)
     }
@@ -1258,22 +1309,9 @@ impl Shared {
 }
 
 impl<'a> Command<'a> {
-    /// Plans the lease of the next eligible item at `now`, or says how long
-    /// until a delayed item becomes eligible.
-    fn plan_lease(
-        &self,
-        core: &mut Core,
-        caller: &Caller,
-        request: &LeaseRequest,
-        now: Timestamp,
-    ) -> Result<LeaseStep<'a>> {
+    /// Plans the lease of `item_id` (the next eligible item) at `now`.
+    fn plan_lease(&self, core: &mut Core, caller: &Caller, request: &LeaseRequest, item_id: ItemId, now: Timestamp) {
         let shared = self.shared;
-        if core.state.draining().is_some() {
-            return Err(QueueError::Draining { shard: shared.config.shard.clone() });
-        }
-        let Some(item_id) = core.state.next_eligible(now) else {
-            return Ok(LeaseStep::Wait(core.state.next_not_before().map(|at| at.saturating_duration_since(now))));
-        };
         let attempt = core.state.item(item_id).map_or(1, |item| item.attempt + 1);
         let lease_id = LeaseId::from_u128(core.next_id());
         let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
@@ -1282,7 +1320,21 @@ impl<'a> Command<'a> {
         core.push(&origin, now, kind);
         let pending_after = core.state.pending() - 1;
         shared.push_backpressure(core, &origin, now, pending_after);
-        Ok(LeaseStep::Grant(item_id, self.seal(core)))
+    }
+
+    /// Expires one batch of lapsed leases; zero when none was due. (A function
+    /// of its own: the state's lock must not live in a loop's future.)
+    async fn expire_batch(&self, now: Timestamp) -> Result<usize> {
+        let (expired, flight, held) = {
+            let mut core = self.shared.core();
+            if !core.state.has_due_expiry(now) {
+                return Ok(0);
+            }
+            let expired = self.plan_expiries(&mut core, now);
+            (expired, self.seal(&mut core), core)
+        };
+        settle!(self, held, flight, |_| ());
+        Ok(expired)
     }
 
     /// Plans `Expired` events (and requeues or dead letters) for at most
@@ -1341,33 +1393,32 @@ impl<'a> Command<'a> {
     /// when it may have been written.
     fn land<R>(
         &self,
+        core: &mut Core,
         mut flight: InFlight<'a>,
         answer: std::result::Result<Appended, ReplicationError>,
         read: impl FnOnce(&QueueState) -> R,
     ) -> Result<(Sequence, R)> {
         let shared = self.shared;
+        let mut batch = flight.land();
         let appended = match answer {
             Ok(appended) => appended,
             Err(error @ ReplicationError::Rejected(_)) => {
                 // Refused for good, so not written: drop the batch.
-                let mut batch = flight.land();
                 batch.events.clear();
-                shared.core().batch = Some(batch);
+                core.batch = Some(batch);
                 shared.in_doubt.store(false, Ordering::Release);
                 tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
                 return Err(QueueError::Replication(error));
             }
             Err(error) => {
-                // Maybe written, maybe not: keep it (dropping the flight puts
-                // it back in doubt) and settle it, same producer sequence,
-                // before the next command.
-                drop(flight);
+                // Maybe written, maybe not: keep it and settle it, same
+                // producer sequence, before the next command.
+                core.batch = Some(batch);
+                shared.in_doubt.store(true, Ordering::Release);
                 tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
                 return Err(QueueError::Replication(error));
             }
         };
-        let mut batch = flight.land();
-        let mut core = shared.core();
         shared.in_doubt.store(false, Ordering::Release);
         if appended.count != batch.events.len() as u64 {
             let error = ReplicationError::Rejected(format!(
@@ -1377,7 +1428,6 @@ impl<'a> Command<'a> {
             ));
             batch.events.clear();
             core.batch = Some(batch);
-            drop(core);
             tracing::error!(shard = %shared.config.shard, error = %error, "replicator broke its contract");
             return Err(QueueError::Replication(error));
         }
@@ -1430,7 +1480,6 @@ impl<'a> Command<'a> {
         metrics.dead_letters.set(state.dead_letters() as f64);
         let read = read(state);
         core.batch = Some(batch);
-        drop(core);
         if shared.waiting.load(Ordering::SeqCst) > 0 {
             shared.changed.notify_waiters();
         }
