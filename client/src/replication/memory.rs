@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use super::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
 use crate::ids::{ProducerId, Sequence, ShardId};
-use crate::queue::SequencedEvent;
+use crate::queue::{Event, SequencedEvent};
 
 /// A failure to inject into the next publishes of an [`InMemoryReplicator`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,10 +43,11 @@ struct ShardLog {
     shard: ShardId,
     head: Sequence,
     events: Ring,
-    /// The last batch of each recent producer, newest first: retries only
-    /// ever repeat a producer's newest batch, because a producer sends its
-    /// next batch only after this one was answered.
-    producers: VecDeque<(ProducerId, u64, Appended)>,
+    /// The last batch of each recent producer, the one that wrote last at
+    /// the end (it is checked first): retries only ever repeat a producer's
+    /// newest batch, because a producer sends its next batch only after this
+    /// one was answered.
+    producers: Vec<(ProducerId, u64, Appended)>,
 }
 
 /// The retained events, oldest first: a `Vec` that grows without a
@@ -61,18 +62,22 @@ struct Ring {
 }
 
 impl Ring {
+    /// Appends a copy of `event` at `sequence`, overwriting the oldest slot
+    /// in place once the ring holds `retention` events.
     #[inline]
-    fn push(&mut self, event: SequencedEvent, retention: Option<usize>) {
+    fn push(&mut self, sequence: Sequence, event: &Event, retention: Option<usize>) {
         match retention {
             Some(0) => {}
             Some(retention) if self.slots.len() >= retention => {
-                self.slots[self.oldest] = event;
+                let slot = &mut self.slots[self.oldest];
+                slot.sequence = sequence;
+                slot.event.clone_from(event);
                 self.oldest += 1;
                 if self.oldest == self.slots.len() {
                     self.oldest = 0;
                 }
             }
-            _ => self.slots.push(event),
+            _ => self.slots.push(SequencedEvent { sequence, event: event.clone() }),
         }
     }
 
@@ -138,7 +143,7 @@ impl InMemoryReplicator {
 
     fn append(&self, batch: &Batch) -> Result<Appended, ReplicationError> {
         let mut state = self.lock();
-        let fault = state.faults.pop_front();
+        let fault = if state.faults.is_empty() { None } else { state.faults.pop_front() };
         if fault == Some(PublishFault::BeforeWrite) {
             return Err(ReplicationError::Unavailable("injected failure before write".into()));
         }
@@ -149,7 +154,7 @@ impl InMemoryReplicator {
                     shard: batch.shard.clone(),
                     head: Sequence::ZERO,
                     events: Ring::default(),
-                    producers: VecDeque::new(),
+                    producers: Vec::new(),
                 });
                 state.shards.len() - 1
             }
@@ -170,7 +175,12 @@ impl State {
 
 impl ShardLog {
     fn append(&mut self, batch: &Batch, retention: Option<usize>) -> Result<Appended, ReplicationError> {
-        let last = self.producers.iter().position(|(producer, _, _)| same(producer.as_str(), batch.producer.as_str()));
+        let is_sender =
+            |(producer, _, _): &(ProducerId, u64, Appended)| same(producer.as_str(), batch.producer.as_str());
+        let last = match self.producers.last() {
+            Some(newest) if is_sender(newest) => Some(self.producers.len() - 1),
+            _ => self.producers.iter().rposition(is_sender),
+        };
         if let Some(index) = last {
             let (_, seq, appended) = &self.producers[index];
             if *seq == batch.producer_seq {
@@ -184,27 +194,29 @@ impl ShardLog {
             }
         }
         let first = self.head.after(1);
-        let count = batch.events.len() as u64;
         let mut sequence = first;
         for event in &batch.events {
-            self.events.push(SequencedEvent { sequence, event: event.clone() }, retention);
+            self.events.push(sequence, event, retention);
             sequence = sequence.after(1);
         }
+        let count = batch.events.len() as u64;
         self.head = self.head.after(count);
         let appended = Appended { first, count, deduplicated: false };
         match last {
-            Some(0) => {
-                let newest = &mut self.producers[0];
+            Some(index) if index + 1 == self.producers.len() => {
+                let newest = &mut self.producers[index];
                 newest.1 = batch.producer_seq;
                 newest.2 = appended;
             }
             Some(index) => {
                 self.producers.remove(index);
-                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
+                self.producers.push((batch.producer.clone(), batch.producer_seq, appended));
             }
             None => {
-                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
-                self.producers.truncate(PRODUCERS_REMEMBERED);
+                if self.producers.len() == PRODUCERS_REMEMBERED {
+                    self.producers.remove(0);
+                }
+                self.producers.push((batch.producer.clone(), batch.producer_seq, appended));
             }
         }
         Ok(appended)
