@@ -124,8 +124,8 @@ macro_rules! lease_attempt {
                 return Err(QueueError::Draining { shard: shared.config.shard.clone() });
             }
             match core.state.next_eligible(now) {
-                Some(item_id) => {
-                    command.plan_lease(&mut core, $caller, $request, item_id, now);
+                Some((item_id, attempt)) => {
+                    command.plan_lease(&mut core, $caller, $request, item_id, attempt + 1, now);
                     (Ok((item_id, command.seal(&mut core))), core)
                 }
                 None => (Err(core.state.next_not_before().map(|at| at.saturating_duration_since(now))), core),
@@ -489,7 +489,12 @@ impl QueueBuilder {
             nonce,
             counter: 0,
             producer_seq: 0,
-            batch: Some(Batch { shard: self.config.shard.clone(), producer, producer_seq: 0, events: Vec::new() }),
+            batch: Some(Box::new(Batch {
+                shard: self.config.shard.clone(),
+                producer,
+                producer_seq: 0,
+                events: Vec::new(),
+            })),
             origin: Arc::clone(&system),
             last_now: Timestamp::EPOCH,
         };
@@ -593,8 +598,9 @@ struct Core {
     counter: u64,
     producer_seq: u64,
     /// The batch being built; its buffer is reused. `None` only while the
-    /// replicator has it (see [`InFlight`]).
-    batch: Option<Batch>,
+    /// replicator has it (see [`InFlight`]). Boxed, so handing it back and
+    /// forth moves a pointer.
+    batch: Option<Box<Batch>>,
     /// Origin of the last caller, reused while the caller does not change.
     origin: Arc<Origin>,
     /// Recorded times never go backwards, even if the clock does.
@@ -672,7 +678,7 @@ struct Command<'a> {
 /// permit was taken before and is dropped after.
 struct InFlight<'a> {
     shared: &'a Shared,
-    batch: Option<Batch>,
+    batch: Option<Box<Batch>>,
 }
 
 impl InFlight<'_> {
@@ -682,7 +688,7 @@ impl InFlight<'_> {
     }
 
     #[inline]
-    fn land(&mut self) -> Batch {
+    fn land(&mut self) -> Box<Batch> {
         self.batch.take().expect("landed once")
     }
 }
@@ -888,13 +894,16 @@ impl Queue {
         let shared = command.shared;
         let (flight, held) = {
             let mut core = shared.core();
-            if core.state.item(handle.item_id).is_none()
-                && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
-            {
-                return Ok(true);
-            }
             let now = core.now(&*shared.clock);
-            check_handle(&core.state, handle, now)?;
+            if let Err(error) = check_handle(&core.state, handle, now) {
+                // Completing again with the handle that completed it.
+                if core.state.item(handle.item_id).is_none()
+                    && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
+                {
+                    return Ok(true);
+                }
+                return Err(error);
+            }
             let origin = core.origin(&shared.config.shard, caller);
             let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
             core.push(&origin, now, kind);
@@ -1309,10 +1318,18 @@ impl Shared {
 }
 
 impl<'a> Command<'a> {
-    /// Plans the lease of `item_id` (the next eligible item) at `now`.
-    fn plan_lease(&self, core: &mut Core, caller: &Caller, request: &LeaseRequest, item_id: ItemId, now: Timestamp) {
+    /// Plans the lease of `item_id` (the next eligible item) at `now`, as
+    /// its `attempt`.
+    fn plan_lease(
+        &self,
+        core: &mut Core,
+        caller: &Caller,
+        request: &LeaseRequest,
+        item_id: ItemId,
+        attempt: u32,
+        now: Timestamp,
+    ) {
         let shared = self.shared;
-        let attempt = core.state.item(item_id).map_or(1, |item| item.attempt + 1);
         let lease_id = LeaseId::from_u128(core.next_id());
         let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
         let origin = core.origin(&shared.config.shard, caller);

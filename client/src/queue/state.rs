@@ -375,9 +375,9 @@ impl QueueState {
 
     /// Finds the item the next lease at `now` should grant: promotes delayed
     /// items whose time has come and parks items whose resource is leased,
-    /// then returns the first ready item. Touches only indexes, so a publish
-    /// that fails afterwards leaves the state as it was.
-    pub(crate) fn next_eligible(&mut self, now: Timestamp) -> Option<ItemId> {
+    /// then returns the first ready item and its attempts so far. Touches only
+    /// indexes, so a publish that fails afterwards leaves the state as it was.
+    pub(crate) fn next_eligible(&mut self, now: Timestamp) -> Option<(ItemId, u32)> {
         while let Some(&(not_before, order, item_id)) = self.index.delayed.first() {
             if not_before > now {
                 break;
@@ -397,15 +397,14 @@ impl QueueState {
                     continue;
                 }
             };
-            let resource = entry.resource();
-            if self.index.leased.contains_key(&resource) {
+            if !self.index.leased.is_empty() && self.index.leased.contains_key(&entry.resource()) {
                 self.index.ready.pop();
                 self.index.ready_live -= 1;
-                self.index.blocked.entry(resource).or_default().insert(key);
+                self.index.blocked.entry(entry.resource()).or_default().insert(key);
                 entry.slot = Slot::Blocked;
                 continue;
             }
-            return Some(key.2);
+            return Some((key.2, entry.item.attempt));
         }
         None
     }
@@ -488,9 +487,17 @@ impl QueueState {
                 if entry.item.lease.is_some() || entry.slot == Slot::Limbo {
                     return Err(fail(format!("item {item_id} is not pending")));
                 }
-                let resource = entry.resource();
-                if self.index.leased.get(&resource).is_some_and(|holder| *holder != item_id) {
-                    return Err(fail(format!("the resource of item {item_id} is already leased")));
+                // One lookup checks and claims the resource; nothing after it
+                // can fail.
+                match self.index.leased.entry(entry.resource()) {
+                    std::collections::hash_map::Entry::Occupied(holder) => {
+                        if *holder.get() != item_id {
+                            return Err(fail(format!("the resource of item {item_id} is already leased")));
+                        }
+                    }
+                    std::collections::hash_map::Entry::Vacant(free) => {
+                        free.insert(item_id);
+                    }
                 }
                 self.index.remove_from_slot(entry);
                 let fencing_token = FencingToken::from(sequence);
@@ -498,7 +505,6 @@ impl QueueState {
                 entry.item.last_fencing_token = fencing_token;
                 entry.item.lease = Some(Lease { lease_id, fencing_token, owner, leased_at: at, expires_at });
                 entry.slot = Slot::Leased;
-                self.index.leased.insert(resource, item_id);
                 self.pending -= 1;
                 self.active += 1;
                 self.push_expiry((expires_at, fencing_token, item_id));
@@ -516,10 +522,18 @@ impl QueueState {
                 self.push_expiry((expires_at, fencing_token, item_id));
             }
             EventKind::Completed { item_id, fencing_token } => {
-                self.check_leased(item_id, fencing_token).map_err(fail)?;
-                let mut entry = self.items.remove(&item_id).expect("check_leased found the item");
+                // Removed first and put back if it does not fit: one lookup
+                // on the common path.
+                let mut entry = self.items.remove(&item_id).ok_or_else(|| fail(format!("no item {item_id}")))?;
+                if entry.item.lease.as_ref().is_none_or(|lease| lease.fencing_token != fencing_token) {
+                    self.items.insert(item_id, entry);
+                    return Err(fail(format!("item {item_id} has no lease {fencing_token}")));
+                }
                 self.end_lease(&mut entry, AttemptOutcome::Completed, String::new(), at);
-                let request_id = entry.item.payload.request_id.clone();
+                let request_id = match entry.item.payload.request_id.as_str() {
+                    "" => String::new(),
+                    request_id => request_id.to_owned(),
+                };
                 self.completed_tokens.insert(item_id, fencing_token);
                 self.completed.push_back(Completion { item_id, fencing_token, completed_at: at, request_id });
                 self.evict_completions(at);
@@ -616,8 +630,9 @@ impl QueueState {
     }
 
     /// Whether `item_id` is in the queue or the dead-letter list.
+    #[inline]
     pub(crate) fn contains(&self, item_id: ItemId) -> bool {
-        self.items.contains_key(&item_id) || self.dead.contains_key(&item_id)
+        self.items.contains_key(&item_id) || (!self.dead.is_empty() && self.dead.contains_key(&item_id))
     }
 
     fn apply_enqueued(&mut self, new: NewItem, at: Timestamp) -> Result<(), String> {
@@ -930,9 +945,8 @@ impl Index {
     /// for, judging delays against `at`.
     fn insert_pending(&mut self, entry: &mut Entry, at: Timestamp) {
         debug_assert_eq!(entry.slot, Slot::Limbo);
-        let resource = entry.resource();
-        if self.leased.contains_key(&resource) {
-            self.blocked.entry(resource).or_default().insert(entry.ready_key());
+        if !self.leased.is_empty() && self.leased.contains_key(&entry.resource()) {
+            self.blocked.entry(entry.resource()).or_default().insert(entry.ready_key());
             entry.slot = Slot::Blocked;
         } else if entry.item.not_before > at {
             self.delayed.insert((entry.item.not_before, entry.order, entry.item.id));
