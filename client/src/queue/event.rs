@@ -212,6 +212,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The stable snake-case name of the event type (metrics, logs).
+    #[inline]
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::Enqueued(_) => "enqueued",

@@ -93,11 +93,12 @@ macro_rules! begin {
 }
 
 /// One lease attempt under the gate: expires lapsed leases (one batch), then
-/// grants the next eligible item. Evaluates to the granted item, or to how
-/// long until a delayed item becomes eligible (`None`: until something
-/// changes); returns errors from the enclosing function.
+/// grants the next eligible item into `$slot`. Evaluates to `Ok(())` when it
+/// granted one, or to how long until a delayed item becomes eligible
+/// (`None`: until something changes); returns errors from the enclosing
+/// function.
 macro_rules! lease_attempt {
-    ($command:expr, $caller:expr, $request:expr, $started:expr) => {{
+    ($command:expr, $caller:expr, $request:expr, $started:expr, $slot:expr) => {{
         let command = $command;
         let shared = command.shared;
         let (now, expiries, held) = {
@@ -133,14 +134,21 @@ macro_rules! lease_attempt {
         };
         match grant {
             Ok((item_id, flight)) => {
-                let (_, item) = settle!(command, held, flight, |state| {
-                    state.item(item_id).expect("the lease was just applied").clone()
+                // Written straight into the caller's slot: a granted item is
+                // a large value, and every move through the layers between
+                // here and the caller would copy it.
+                let slot: &mut Option<LeasedItem> = $slot;
+                settle!(command, held, flight, |state| {
+                    let item = state.item(item_id).expect("the lease was just applied");
+                    *slot = Some(LeasedItem {
+                        handle: item.handle().expect("the item was just leased"),
+                        item: item.clone(),
+                    });
                 });
                 drop(command);
-                let handle = item.handle().expect("the item was just leased");
                 let waited = $started.map_or(0.0, |started| started.elapsed().as_secs_f64());
                 shared.metrics.lease_wait.record(waited);
-                Ok(LeasedItem { handle, item })
+                Ok(())
             }
             Err(sleep_for) => {
                 drop(held);
@@ -632,19 +640,18 @@ impl Core {
 
     #[inline]
     fn origin(&mut self, shard: &ShardId, caller: &Caller) -> Arc<Origin> {
-        // Pointer comparison first: a caller reused across calls shares the
-        // cached origin's strings.
-        let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
-        if !same(self.origin.principal.as_str(), caller.principal.as_str())
-            || !same(self.origin.peer.as_str(), caller.peer.as_str())
-        {
-            self.origin = Arc::new(Origin {
-                shard: shard.clone(),
-                principal: caller.principal.clone(),
-                peer: caller.peer.clone(),
-            });
+        // Compared by pointer first (string ids do): a caller reused across
+        // calls shares the cached origin's strings.
+        if self.origin.principal != caller.principal || self.origin.peer != caller.peer {
+            self.new_origin(shard, caller);
         }
         Arc::clone(&self.origin)
+    }
+
+    #[cold]
+    fn new_origin(&mut self, shard: &ShardId, caller: &Caller) {
+        self.origin =
+            Arc::new(Origin { shard: shard.clone(), principal: caller.principal.clone(), peer: caller.peer.clone() });
     }
 
     #[inline]
@@ -694,7 +701,17 @@ impl InFlight<'_> {
 }
 
 impl Drop for InFlight<'_> {
+    #[inline]
     fn drop(&mut self) {
+        if self.batch.is_some() {
+            self.abandon();
+        }
+    }
+}
+
+impl InFlight<'_> {
+    #[cold]
+    fn abandon(&mut self) {
         if let Some(batch) = self.batch.take() {
             self.shared.core().batch = Some(batch);
             self.shared.in_doubt.store(true, Ordering::Release);
@@ -809,7 +826,11 @@ impl Queue {
         // A call that does not wait: one attempt, nothing to arm, and no
         // clock reads for the wait metric.
         let command = begin!(self);
-        Ok(lease_attempt!(command, caller, &request, None::<tokio::time::Instant>).ok())
+        let mut leased = None;
+        match lease_attempt!(command, caller, &request, None::<tokio::time::Instant>, &mut leased) {
+            Ok(()) => Ok(leased),
+            Err(_) => Ok(None),
+        }
     }
 
     /// [`lease`](Self::lease) for a call that waits up to `wait`.
@@ -827,8 +848,9 @@ impl Queue {
             // Created before looking at the state: a change applied after we
             // looked wakes this future even though it is polled later.
             let changed = shared.changed.notified();
-            let sleep_for = match self.lease_once(caller, request, started).await? {
-                Ok(leased) => return Ok(Some(leased)),
+            let mut leased = None;
+            let sleep_for = match self.lease_once(caller, request, started, &mut leased).await? {
+                Ok(()) => return Ok(leased),
                 Err(sleep_for) => sleep_for,
             };
             let now = tokio::time::Instant::now();
@@ -850,9 +872,10 @@ impl Queue {
         caller: &Caller,
         request: &LeaseRequest,
         started: tokio::time::Instant,
-    ) -> Result<std::result::Result<LeasedItem, Option<Duration>>> {
+        leased: &mut Option<LeasedItem>,
+    ) -> Result<std::result::Result<(), Option<Duration>>> {
         let command = begin!(self);
-        Ok(lease_attempt!(command, caller, request, Some(started)))
+        Ok(lease_attempt!(command, caller, request, Some(started), leased))
     }
 
     /// Extends a lease by `extend_by` from now (`None`: the default lease
@@ -1299,6 +1322,7 @@ impl Shared {
 
     /// Adds a `BackpressureChanged` event if `pending_after` crosses a
     /// watermark (hysteresis: on at `high`, off at `low`).
+    #[inline]
     fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
         let config = &self.config;
         let active = core.state.backpressure().active;
@@ -1320,6 +1344,7 @@ impl Shared {
 impl<'a> Command<'a> {
     /// Plans the lease of `item_id` (the next eligible item) at `now`, as
     /// its `attempt`.
+    #[inline]
     fn plan_lease(
         &self,
         core: &mut Core,
@@ -1408,6 +1433,7 @@ impl<'a> Command<'a> {
     /// accepted, and returns `read` of the state right after; drops it when
     /// refused for good; keeps it in doubt (re-sent before the next command)
     /// when it may have been written.
+    #[inline]
     fn land<R>(
         &self,
         core: &mut Core,
@@ -1552,6 +1578,7 @@ fn notify_observers(observers: &[Arc<dyn LeaseObserver>], kind: &EventKind, ende
 
 /// Checks a handle against the item's current lease: a stale token, an
 /// expired lease and a wrong owner each get their own error.
+#[inline]
 fn check_handle<'a>(state: &'a QueueState, handle: &LeaseHandle, now: Timestamp) -> Result<&'a WorkItem> {
     let item_id = handle.item_id;
     let presented = handle.fencing_token;

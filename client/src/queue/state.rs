@@ -144,10 +144,12 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
+    #[inline]
     fn ready_key(&self) -> ReadyKey {
         (Reverse(self.item.priority), self.order, self.item.id)
     }
 
+    #[inline]
     fn resource(&self) -> ResourceKey {
         ResourceKey { payload: Arc::clone(&self.item.payload), hash: self.resource_hash }
     }
@@ -317,6 +319,7 @@ impl QueueState {
     }
 
     /// An item in the queue (pending or leased).
+    #[inline]
     pub fn item(&self, item_id: ItemId) -> Option<&WorkItem> {
         self.items.get(&item_id).map(|entry| &entry.item)
     }
@@ -377,6 +380,7 @@ impl QueueState {
     /// items whose time has come and parks items whose resource is leased,
     /// then returns the first ready item and its attempts so far. Touches only
     /// indexes, so a publish that fails afterwards leaves the state as it was.
+    #[inline]
     pub(crate) fn next_eligible(&mut self, now: Timestamp) -> Option<(ItemId, u32)> {
         while let Some(&(not_before, order, item_id)) = self.index.delayed.first() {
             if not_before > now {
@@ -440,12 +444,14 @@ impl QueueState {
 
     /// Whether some lease lapsed at or before `now`. Drops stale entries from
     /// the top of the expiry heap on the way (index maintenance only).
+    #[inline]
     pub(crate) fn has_due_expiry(&mut self, now: Timestamp) -> bool {
         self.next_expiry().is_some_and(|expires_at| expires_at <= now)
     }
 
     /// The earliest expiry of a live lease. Drops stale entries from the top
     /// of the expiry heap on the way (index maintenance only).
+    #[inline]
     pub(crate) fn next_expiry(&mut self) -> Option<Timestamp> {
         while let Some(&Reverse(key)) = self.index.expiry.peek() {
             if self.expiry_is_live(&key) {
@@ -457,6 +463,7 @@ impl QueueState {
     }
 
     /// Whether an expiry entry is the current expiry of a live lease.
+    #[inline]
     fn expiry_is_live(&self, &(expires_at, token, item_id): &ExpiryKey) -> bool {
         is_live_expiry(&self.items, expires_at, token, item_id)
     }
@@ -470,9 +477,12 @@ impl QueueState {
 
     /// Applies one event at `sequence`. An event that does not fit the state
     /// is refused with the state unchanged.
+    #[inline]
     pub fn apply(&mut self, sequence: Sequence, event: Event) -> Result<(), ApplyError> {
+        // The event type is named only when it does not fit (`kind` moves
+        // below, so its name is taken now, which is a copy of a pointer).
         let name = event.kind.name();
-        let fail = |reason: String| ApplyError { sequence, event: name, reason };
+        let fail = |reason: String| fail_apply(sequence, name, reason);
         if sequence <= self.last_sequence {
             return Err(fail(format!("not after the last applied sequence {}", self.last_sequence)));
         }
@@ -621,6 +631,7 @@ impl QueueState {
         Ok(())
     }
 
+    #[inline]
     fn resource_hash(&self, payload: &Payload) -> u64 {
         use std::hash::BuildHasher;
         let mut hasher = self.resource_hasher.build_hasher();
@@ -635,6 +646,7 @@ impl QueueState {
         self.items.contains_key(&item_id) || (!self.dead.is_empty() && self.dead.contains_key(&item_id))
     }
 
+    #[inline]
     fn apply_enqueued(&mut self, new: NewItem, at: Timestamp) -> Result<(), String> {
         if self.contains(new.id) {
             return Err(format!("item {} is already present", new.id));
@@ -664,6 +676,7 @@ impl QueueState {
     }
 
     /// Adds a pending item at the back of queue order.
+    #[inline]
     fn admit(&mut self, item: WorkItem, at: Timestamp) {
         let order = self.next_order;
         self.next_order += 1;
@@ -678,6 +691,7 @@ impl QueueState {
 
     /// Adds a lease's expiry; compacts the heap first if stale entries
     /// outnumber live ones.
+    #[inline]
     fn push_expiry(&mut self, key: ExpiryKey) {
         let live = self.active as usize;
         if self.index.expiry.len() > 2 * live + defaults::INDEX_STALE_SLACK {
@@ -690,6 +704,7 @@ impl QueueState {
     }
 
     /// Drops stale ready keys once they outnumber live ones.
+    #[inline]
     fn compact_ready(&mut self) {
         if self.index.ready.len() > 2 * self.index.ready_live + defaults::INDEX_STALE_SLACK {
             let items = &self.items;
@@ -707,6 +722,7 @@ impl QueueState {
 
     /// Ends the current lease of `entry` (removed from `items` by the
     /// caller), records the attempt, and unblocks the resource's other items.
+    #[inline]
     fn end_lease(&mut self, entry: &mut Entry, outcome: AttemptOutcome, error: String, at: Timestamp) {
         let lease = entry.item.lease.take().expect("callers check that the item is leased");
         self.index.drop_expiry_if_top(&(lease.expires_at, lease.fencing_token, entry.item.id));
@@ -746,6 +762,7 @@ impl QueueState {
 
     /// Drops completions older than the retention window or beyond the cap.
     /// Driven by event times, so replay evicts exactly the same ones.
+    #[inline]
     fn evict_completions(&mut self, now: Timestamp) {
         while let Some(oldest) = self.completed.front() {
             let too_many = self.completed.len() > defaults::COMPLETED_RETAINED_MAX;
@@ -919,6 +936,11 @@ impl QueueState {
     }
 }
 
+#[cold]
+fn fail_apply(sequence: Sequence, event: &'static str, reason: String) -> ApplyError {
+    ApplyError { sequence, event, reason }
+}
+
 /// Whether `key` is the ready key of an item in the ready set.
 fn is_live_ready(items: &IdMap<Entry>, key: &ReadyKey) -> bool {
     // The key is compared too: a redriven or restored item comes back with
@@ -927,6 +949,7 @@ fn is_live_ready(items: &IdMap<Entry>, key: &ReadyKey) -> bool {
 }
 
 /// Whether `(expires_at, token)` is the current expiry of `item_id`'s lease.
+#[inline]
 fn is_live_expiry(items: &IdMap<Entry>, expires_at: Timestamp, token: FencingToken, item_id: ItemId) -> bool {
     items
         .get(&item_id)
@@ -943,6 +966,7 @@ pub(crate) const HANDED_BACK_ERROR: &str = "handed back by drain";
 impl Index {
     /// Files a pending item (slot `Limbo`) under the index its state calls
     /// for, judging delays against `at`.
+    #[inline]
     fn insert_pending(&mut self, entry: &mut Entry, at: Timestamp) {
         debug_assert_eq!(entry.slot, Slot::Limbo);
         if !self.leased.is_empty() && self.leased.contains_key(&entry.resource()) {
@@ -960,12 +984,14 @@ impl Index {
 
     /// Drops `key` from the expiry heap if it is on top; otherwise it stays,
     /// stale, until it surfaces or the heap is compacted.
+    #[inline]
     fn drop_expiry_if_top(&mut self, key: &ExpiryKey) {
         if self.expiry.peek().is_some_and(|Reverse(top)| top == key) {
             self.expiry.pop();
         }
     }
 
+    #[inline]
     fn remove_from_slot(&mut self, entry: &mut Entry) {
         match entry.slot {
             Slot::Ready => {
