@@ -1475,48 +1475,17 @@ impl<'a> Command<'a> {
             return Err(QueueError::Replication(error));
         }
         let metrics = &shared.metrics;
-        let mut sequence = appended.first;
         let state = &mut core.state;
-        for event in batch.events.drain(..) {
-            match &event.kind {
-                EventKind::Expired { .. } => metrics.expired.increment(1),
-                EventKind::DeadLettered { .. } => metrics.dead_lettered.increment(1),
-                EventKind::BackpressureChanged { signal } => {
-                    metrics.backpressure_transitions.increment(1);
-                    for listener in &shared.listeners {
-                        listener.on_signal(signal);
-                    }
-                }
-                _ => {}
+        if batch.events.len() == 1 {
+            // Most commands write one event: no iterator to set up and drop.
+            let event = batch.events.pop().expect("one event");
+            apply_accepted(shared, state, appended.first, event);
+        } else {
+            let mut sequence = appended.first;
+            for event in batch.events.drain(..) {
+                apply_accepted(shared, state, sequence, event);
+                sequence = sequence.after(1);
             }
-            // The lease an event ends or renews, looked up before it is
-            // applied; only when someone observes leases.
-            let ended = if shared.observers.is_empty() {
-                None
-            } else {
-                let item_id = match &event.kind {
-                    EventKind::Heartbeat { item_id, .. }
-                    | EventKind::Completed { item_id, .. }
-                    | EventKind::Failed { item_id, .. }
-                    | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
-                    _ => None,
-                };
-                item_id
-                    .and_then(|id| state.item(id))
-                    .and_then(|item| item.lease.as_ref())
-                    .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)))
-            };
-            let observed = (!shared.observers.is_empty()).then(|| event.kind.clone());
-            if let Err(error) = state.apply(sequence, event) {
-                // The events were planned against this very state, so this is
-                // a bug; the log is the truth and a replay repairs the state.
-                tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
-                debug_assert!(false, "an accepted event did not apply: {error}");
-            }
-            if let Some(kind) = observed {
-                notify_observers(&shared.observers, &kind, ended);
-            }
-            sequence = sequence.after(1);
         }
         metrics.pending.set(state.pending() as f64);
         metrics.active.set(state.active() as f64);
@@ -1559,6 +1528,51 @@ async fn publish_retrying<'f>(
             }
             answer => return answer,
         }
+    }
+}
+
+/// Applies one event the replicator accepted at `sequence`, with its
+/// metrics, listeners and observers.
+#[inline]
+fn apply_accepted(shared: &Shared, state: &mut QueueState, sequence: Sequence, event: Event) {
+    let metrics = &shared.metrics;
+    match &event.kind {
+        EventKind::Expired { .. } => metrics.expired.increment(1),
+        EventKind::DeadLettered { .. } => metrics.dead_lettered.increment(1),
+        EventKind::BackpressureChanged { signal } => {
+            metrics.backpressure_transitions.increment(1);
+            for listener in &shared.listeners {
+                listener.on_signal(signal);
+            }
+        }
+        _ => {}
+    }
+    // The lease an event ends or renews, looked up before it is applied;
+    // only when someone observes leases.
+    let observed = if shared.observers.is_empty() {
+        None
+    } else {
+        let item_id = match &event.kind {
+            EventKind::Heartbeat { item_id, .. }
+            | EventKind::Completed { item_id, .. }
+            | EventKind::Failed { item_id, .. }
+            | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
+            _ => None,
+        };
+        let ended = item_id
+            .and_then(|id| state.item(id))
+            .and_then(|item| item.lease.as_ref())
+            .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)));
+        Some((event.kind.clone(), ended))
+    };
+    if let Err(error) = state.apply(sequence, event) {
+        // The events were planned against this very state, so this is a bug;
+        // the log is the truth and a replay repairs the state.
+        tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
+        debug_assert!(false, "an accepted event did not apply: {error}");
+    }
+    if let Some((kind, ended)) = observed {
+        notify_observers(&shared.observers, &kind, ended);
     }
 }
 
