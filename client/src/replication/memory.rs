@@ -95,11 +95,6 @@ impl Ring {
 /// writes a shard, so a handful covers every incarnation still retrying.
 const PRODUCERS_REMEMBERED: usize = 16;
 
-/// Equal ids, checking the shared pointer before the text.
-fn same(a: &str, b: &str) -> bool {
-    std::ptr::eq(a, b) || a == b
-}
-
 impl InMemoryReplicator {
     /// A replicator that keeps every event.
     pub fn new() -> Self {
@@ -141,25 +136,26 @@ impl InMemoryReplicator {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    #[inline]
     fn append(&self, batch: &Batch) -> Result<Appended, ReplicationError> {
         let mut state = self.lock();
-        let fault = if state.faults.is_empty() { None } else { state.faults.pop_front() };
+        if !state.faults.is_empty() {
+            return Self::append_with_fault(&mut state, batch, self.retention);
+        }
+        state.log_mut(&batch.shard).append(batch, self.retention)
+    }
+
+    #[cold]
+    fn append_with_fault(
+        state: &mut State,
+        batch: &Batch,
+        retention: Option<usize>,
+    ) -> Result<Appended, ReplicationError> {
+        let fault = state.faults.pop_front();
         if fault == Some(PublishFault::BeforeWrite) {
             return Err(ReplicationError::Unavailable("injected failure before write".into()));
         }
-        let index = match state.shards.iter().position(|log| same(log.shard.as_str(), batch.shard.as_str())) {
-            Some(index) => index,
-            None => {
-                state.shards.push(ShardLog {
-                    shard: batch.shard.clone(),
-                    head: Sequence::ZERO,
-                    events: Ring::default(),
-                    producers: Vec::new(),
-                });
-                state.shards.len() - 1
-            }
-        };
-        let appended = state.shards[index].append(batch, self.retention)?;
+        let appended = state.log_mut(&batch.shard).append(batch, retention)?;
         if fault == Some(PublishFault::AfterWrite) {
             return Err(ReplicationError::Unavailable("injected failure after write".into()));
         }
@@ -169,18 +165,71 @@ impl InMemoryReplicator {
 
 impl State {
     fn log(&self, shard: &ShardId) -> Option<&ShardLog> {
-        self.shards.iter().find(|log| same(log.shard.as_str(), shard.as_str()))
+        self.shards.iter().find(|log| log.shard == *shard)
+    }
+
+    /// The log of `shard`, created on its first batch.
+    #[inline]
+    fn log_mut(&mut self, shard: &ShardId) -> &mut ShardLog {
+        let index = match self.shards.iter().position(|log| log.shard == *shard) {
+            Some(index) => index,
+            None => self.add_log(shard),
+        };
+        &mut self.shards[index]
+    }
+
+    #[cold]
+    fn add_log(&mut self, shard: &ShardId) -> usize {
+        self.shards.push(ShardLog {
+            shard: shard.clone(),
+            head: Sequence::ZERO,
+            events: Ring::default(),
+            producers: Vec::new(),
+        });
+        self.shards.len() - 1
     }
 }
 
 impl ShardLog {
+    #[inline]
     fn append(&mut self, batch: &Batch, retention: Option<usize>) -> Result<Appended, ReplicationError> {
-        let is_sender =
-            |(producer, _, _): &(ProducerId, u64, Appended)| same(producer.as_str(), batch.producer.as_str());
-        let last = match self.producers.last() {
-            Some(newest) if is_sender(newest) => Some(self.producers.len() - 1),
-            _ => self.producers.iter().rposition(is_sender),
-        };
+        // The common case: the producer that wrote last sends its next batch.
+        let newest = self.producers.len().wrapping_sub(1);
+        match self.producers.last_mut() {
+            Some((producer, seq, appended)) if *producer == batch.producer && *seq < batch.producer_seq => {
+                let first = self.head.after(1);
+                let count = batch.events.len() as u64;
+                *seq = batch.producer_seq;
+                *appended = Appended { first, count, deduplicated: false };
+                let appended = *appended;
+                self.write(batch, retention);
+                Ok(appended)
+            }
+            _ => self.append_other(batch, retention, newest),
+        }
+    }
+
+    /// Appends the events after the head.
+    #[inline]
+    fn write(&mut self, batch: &Batch, retention: Option<usize>) {
+        let mut sequence = self.head;
+        for event in &batch.events {
+            sequence = sequence.after(1);
+            self.events.push(sequence, event, retention);
+        }
+        self.head = sequence;
+    }
+
+    /// A retry, an out-of-order batch, or a producer other than the last
+    /// writer.
+    #[cold]
+    fn append_other(
+        &mut self,
+        batch: &Batch,
+        retention: Option<usize>,
+        newest: usize,
+    ) -> Result<Appended, ReplicationError> {
+        let last = self.producers.iter().rposition(|(producer, _, _)| *producer == batch.producer);
         if let Some(index) = last {
             let (_, seq, appended) = &self.producers[index];
             if *seq == batch.producer_seq {
@@ -193,20 +242,12 @@ impl ShardLog {
                 )));
             }
         }
-        let first = self.head.after(1);
-        let mut sequence = first;
-        for event in &batch.events {
-            self.events.push(sequence, event, retention);
-            sequence = sequence.after(1);
-        }
-        let count = batch.events.len() as u64;
-        self.head = self.head.after(count);
-        let appended = Appended { first, count, deduplicated: false };
+        let appended = Appended { first: self.head.after(1), count: batch.events.len() as u64, deduplicated: false };
+        self.write(batch, retention);
         match last {
-            Some(index) if index + 1 == self.producers.len() => {
-                let newest = &mut self.producers[index];
-                newest.1 = batch.producer_seq;
-                newest.2 = appended;
+            Some(index) if index == newest => {
+                self.producers[index].1 = batch.producer_seq;
+                self.producers[index].2 = appended;
             }
             Some(index) => {
                 self.producers.remove(index);
