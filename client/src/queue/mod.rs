@@ -103,7 +103,7 @@ macro_rules! lease_attempt {
         let shared = command.shared;
         let (now, expiries, held) = {
             let mut core = shared.core();
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             // Lapsed leases first, so their items and resources are free for
             // this lease.
             let expiries = core.state.has_due_expiry(now).then(|| {
@@ -445,7 +445,7 @@ pub struct QueueStats {
 pub struct QueueBuilder {
     config: QueueConfig,
     replicator: Arc<dyn Replicator>,
-    clock: Arc<dyn Clock>,
+    clock: QueueClock,
     listeners: Vec<Arc<dyn BackpressureListener>>,
     observers: Vec<Arc<dyn LeaseObserver>>,
     state: Option<QueueState>,
@@ -460,7 +460,7 @@ impl QueueBuilder {
 
     /// Reads time from `clock` instead of [`TokioClock`].
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.clock = QueueClock::new(clock);
         self
     }
 
@@ -492,6 +492,11 @@ impl QueueBuilder {
             peer: self.config.node.clone(),
         });
         let metrics = QueueMetrics::new(&self.config.shard);
+        // The gauges start at the state's values; afterwards each applied
+        // batch updates them (the dead-letter gauge when its count changed).
+        metrics.pending.set(state.pending() as f64);
+        metrics.active.set(state.active() as f64);
+        metrics.dead_letters.set(state.dead_letters() as f64);
         let core = Core {
             state,
             nonce,
@@ -561,7 +566,7 @@ impl std::fmt::Debug for Queue {
 struct Shared {
     config: QueueConfig,
     replicator: Arc<dyn Replicator>,
-    clock: Arc<dyn Clock>,
+    clock: QueueClock,
     listeners: Vec<Arc<dyn BackpressureListener>>,
     observers: Vec<Arc<dyn LeaseObserver>>,
     metrics: QueueMetrics,
@@ -633,7 +638,7 @@ impl Core {
     }
 
     #[inline]
-    fn now(&mut self, clock: &dyn Clock) -> Timestamp {
+    fn now(&mut self, clock: &QueueClock) -> Timestamp {
         self.last_now = clock.now().max(self.last_now);
         self.last_now
     }
@@ -666,6 +671,31 @@ impl Core {
 
     fn has_events(&self) -> bool {
         self.batch.as_ref().is_some_and(|batch| !batch.events.is_empty())
+    }
+}
+
+/// The queue's clock: the default [`TokioClock`] is called directly (every
+/// command reads the clock once, and a call through `dyn Clock` cannot be
+/// inlined); any other clock through its trait object.
+enum QueueClock {
+    Tokio(TokioClock),
+    Other(Arc<dyn Clock>),
+}
+
+impl QueueClock {
+    fn new(clock: impl Clock) -> Self {
+        match (&clock as &dyn std::any::Any).downcast_ref::<TokioClock>() {
+            Some(tokio) => QueueClock::Tokio(tokio.clone()),
+            None => QueueClock::Other(Arc::new(clock)),
+        }
+    }
+
+    #[inline]
+    fn now(&self) -> Timestamp {
+        match self {
+            QueueClock::Tokio(clock) => clock.now(),
+            QueueClock::Other(clock) => clock.now(),
+        }
     }
 }
 
@@ -750,7 +780,7 @@ impl Queue {
         QueueBuilder {
             config,
             replicator,
-            clock: Arc::new(TokioClock::new()),
+            clock: QueueClock::Tokio(TokioClock::new()),
             listeners: Vec::new(),
             observers: Vec::new(),
             state: None,
@@ -782,7 +812,7 @@ impl Queue {
             {
                 return Ok(Enqueued { item_id, deduplicated: true, sequence: Sequence::ZERO });
             }
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let (pending, active) = (core.state.pending(), core.state.active());
             if pending + active >= shared.config.capacity {
                 return Err(QueueError::AtCapacity {
@@ -892,7 +922,7 @@ impl Queue {
         let shared = command.shared;
         let (expires_at, flight, held) = {
             let mut core = shared.core();
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             check_handle(&core.state, handle, now)?;
             let expires_at = now.saturating_add(shared.config.lease_duration(extend_by));
             let origin = core.origin(&shared.config.shard, caller);
@@ -917,7 +947,7 @@ impl Queue {
         let shared = command.shared;
         let (flight, held) = {
             let mut core = shared.core();
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             if let Err(error) = check_handle(&core.state, handle, now) {
                 // Completing again with the handle that completed it.
                 if core.state.item(handle.item_id).is_none()
@@ -949,7 +979,7 @@ impl Queue {
         let config = &shared.config;
         let (outcome, flight, held) = {
             let mut core = shared.core();
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let attempt = check_handle(&core.state, handle, now)?.attempt;
             let origin = core.origin(&config.shard, caller);
             let item_id = handle.item_id;
@@ -987,7 +1017,7 @@ impl Queue {
     /// was its last attempt. Returns how many leases expired.
     pub async fn expire_due(&self) -> Result<usize> {
         let command = begin!(self);
-        let now = command.shared.core().now(&*command.shared.clock);
+        let now = command.shared.core().now(&command.shared.clock);
         let mut expired = 0;
         loop {
             match command.expire_batch(now).await? {
@@ -1012,7 +1042,7 @@ impl Queue {
             let command = begin!(self);
             let (flight, held) = {
                 let mut core = shared.core();
-                let now = core.now(&*shared.clock);
+                let now = core.now(&shared.clock);
                 let origin = core.origin(&shared.config.shard, caller);
                 if core.state.draining() != Some(mode) {
                     core.push(&origin, now, EventKind::DrainStarted { mode });
@@ -1056,7 +1086,7 @@ impl Queue {
         let command = begin!(self);
         let (now, items, in_flight, flight, held) = {
             let mut core = shared.core();
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             let items: Vec<WorkItem> = core.state.pending_items().into_iter().cloned().collect();
             let in_flight: Vec<WorkItem> = core.state.leased_items().into_iter().cloned().collect();
@@ -1081,7 +1111,7 @@ impl Queue {
             if core.state.draining().is_none() {
                 return Ok(false);
             }
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::Resumed);
             (command.seal(&mut core), core)
@@ -1121,7 +1151,7 @@ impl Queue {
             if items.is_empty() {
                 return Ok(Restored { restored: 0, skipped });
             }
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let (pending, active) = (core.state.pending(), core.state.active());
             if pending + active + restored > shared.config.capacity {
                 return Err(QueueError::AtCapacity {
@@ -1183,7 +1213,7 @@ impl Queue {
             if core.state.dead_letter(item_id).is_none() {
                 return Err(QueueError::NotFound { what: "dead letter", item_id });
             }
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let (pending, active) = (core.state.pending(), core.state.active());
             if pending + active >= shared.config.capacity {
                 return Err(QueueError::AtCapacity {
@@ -1222,7 +1252,7 @@ impl Queue {
                 return Ok(0);
             }
             let purged = u32::try_from(item_ids.len()).unwrap_or(u32::MAX);
-            let now = core.now(&*shared.clock);
+            let now = core.now(&shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
             let flight = command.seal(&mut core);
@@ -1237,7 +1267,7 @@ impl Queue {
         let shared = &*self.shared;
         let _permit = shared.gate.acquire().await;
         let mut core = shared.core();
-        let now = core.now(&*shared.clock);
+        let now = core.now(&shared.clock);
         QueueStats {
             pending: core.state.pending(),
             active: core.state.active(),
@@ -1423,7 +1453,7 @@ impl<'a> Command<'a> {
     /// own future because it is the rare path here.
     #[inline]
     fn publish<'f>(&self, flight: &'f InFlight<'a>) -> Publishing<'f> {
-        match self.shared.replicator.publish(flight.batch()).into_ready() {
+        match (*self.shared.replicator).publish(flight.batch()).into_ready() {
             Ok(Ok(appended)) => Publishing::Now(Ok(appended)),
             first => Publishing::Later(Box::pin(publish_retrying(self.shared, flight.batch(), first))),
         }
@@ -1476,6 +1506,7 @@ impl<'a> Command<'a> {
         }
         let metrics = &shared.metrics;
         let state = &mut core.state;
+        let dead_letters_before = state.dead_letters();
         if batch.events.len() == 1 {
             // Most commands write one event: no iterator to set up and drop.
             let event = batch.events.pop().expect("one event");
@@ -1489,7 +1520,9 @@ impl<'a> Command<'a> {
         }
         metrics.pending.set(state.pending() as f64);
         metrics.active.set(state.active() as f64);
-        metrics.dead_letters.set(state.dead_letters() as f64);
+        if state.dead_letters() != dead_letters_before {
+            metrics.dead_letters.set(state.dead_letters() as f64);
+        }
         let read = read(state);
         core.batch = Some(batch);
         if shared.waiting.load(Ordering::SeqCst) > 0 {
@@ -1547,33 +1580,43 @@ fn apply_accepted(shared: &Shared, state: &mut QueueState, sequence: Sequence, e
         }
         _ => {}
     }
-    // The lease an event ends or renews, looked up before it is applied;
-    // only when someone observes leases.
-    let observed = if shared.observers.is_empty() {
-        None
-    } else {
-        let item_id = match &event.kind {
-            EventKind::Heartbeat { item_id, .. }
-            | EventKind::Completed { item_id, .. }
-            | EventKind::Failed { item_id, .. }
-            | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
-            _ => None,
-        };
-        let ended = item_id
-            .and_then(|id| state.item(id))
-            .and_then(|item| item.lease.as_ref())
-            .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)));
-        Some((event.kind.clone(), ended))
-    };
+    if !shared.observers.is_empty() {
+        return apply_observed(shared, state, sequence, event);
+    }
     if let Err(error) = state.apply(sequence, event) {
-        // The events were planned against this very state, so this is a bug;
-        // the log is the truth and a replay repairs the state.
-        tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
-        debug_assert!(false, "an accepted event did not apply: {error}");
+        failed_to_apply(shared, &error);
     }
-    if let Some((kind, ended)) = observed {
-        notify_observers(&shared.observers, &kind, ended);
+}
+
+/// [`apply_accepted`] when someone observes leases: the lease an event ends
+/// or renews is looked up before it is applied.
+#[cold]
+fn apply_observed(shared: &Shared, state: &mut QueueState, sequence: Sequence, event: Event) {
+    let item_id = match &event.kind {
+        EventKind::Heartbeat { item_id, .. }
+        | EventKind::Completed { item_id, .. }
+        | EventKind::Failed { item_id, .. }
+        | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
+        _ => None,
+    };
+    let ended = item_id
+        .and_then(|id| state.item(id))
+        .and_then(|item| item.lease.as_ref())
+        .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)));
+    let kind = event.kind.clone();
+    if let Err(error) = state.apply(sequence, event) {
+        failed_to_apply(shared, &error);
     }
+    notify_observers(&shared.observers, &kind, ended);
+}
+
+/// The events were planned against this very state, so an accepted event
+/// that does not apply is a bug; the log is the truth and a replay repairs
+/// the state.
+#[cold]
+fn failed_to_apply(shared: &Shared, error: &ApplyError) {
+    tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
+    debug_assert!(false, "an accepted event did not apply: {error}");
 }
 
 fn notify_observers(observers: &[Arc<dyn LeaseObserver>], kind: &EventKind, ended: Option<(PeerId, Duration)>) {
