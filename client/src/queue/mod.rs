@@ -69,7 +69,7 @@ use crate::replication::{Appended, Batch, PublishFuture, ReplicationError, Repli
 macro_rules! settle {
     ($command:expr, $held:ident, $flight:ident, $read:expr) => {{
         let (answer, mut core) = match $command.publish(&$flight) {
-            Publishing::Now(answer) => (answer, $held),
+            Publishing::Now(appended) => (Ok(appended), $held),
             Publishing::Later(answer) => {
                 drop($held);
                 let answer = answer.await;
@@ -233,7 +233,9 @@ impl QueueConfig {
     }
 
     fn lease_duration(&self, requested: Option<Duration>) -> Duration {
-        requested.unwrap_or(self.lease_duration).clamp(defaults::LEASE_DURATION_MIN, self.max_lease_duration)
+        // `clamp` would first assert that the bounds are ordered, which
+        // `validate` already made sure of.
+        requested.unwrap_or(self.lease_duration).max(defaults::LEASE_DURATION_MIN).min(self.max_lease_duration)
     }
 }
 
@@ -1453,9 +1455,15 @@ impl<'a> Command<'a> {
     /// own future because it is the rare path here.
     #[inline]
     fn publish<'f>(&self, flight: &'f InFlight<'a>) -> Publishing<'f> {
-        match (*self.shared.replicator).publish(flight.batch()).into_ready() {
-            Ok(Ok(appended)) => Publishing::Now(Ok(appended)),
-            first => Publishing::Later(Box::pin(publish_retrying(self.shared, flight.batch(), first))),
+        let mut answer = (*self.shared.replicator).publish(flight.batch());
+        match answer.take_ready() {
+            Some(Ok(appended)) => Publishing::Now(appended),
+            Some(Err(error)) => Publishing::Later(Box::pin(publish_retrying(
+                self.shared,
+                flight.batch(),
+                PublishFuture::ready(Err(error)),
+            ))),
+            None => Publishing::Later(Box::pin(publish_retrying(self.shared, flight.batch(), answer))),
         }
     }
 
@@ -1534,7 +1542,7 @@ impl<'a> Command<'a> {
 
 /// A replicator's answer to a batch: known at once, or still to come.
 enum Publishing<'f> {
-    Now(std::result::Result<Appended, ReplicationError>),
+    Now(Appended),
     Later(Pin<Box<dyn Future<Output = std::result::Result<Appended, ReplicationError>> + Send + 'f>>),
 }
 
@@ -1545,12 +1553,9 @@ enum Publishing<'f> {
 async fn publish_retrying<'f>(
     shared: &'f Shared,
     batch: &'f Batch,
-    first: std::result::Result<std::result::Result<Appended, ReplicationError>, PublishFuture<'f>>,
+    first: PublishFuture<'f>,
 ) -> std::result::Result<Appended, ReplicationError> {
-    let mut answer = match first {
-        Ok(answer) => answer,
-        Err(pending) => pending.await,
-    };
+    let mut answer = first.await;
     let mut attempt = 1;
     loop {
         match answer {

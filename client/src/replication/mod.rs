@@ -44,13 +44,13 @@ impl<'a> PublishFuture<'a> {
         Self(PublishState::Pending(Box::pin(future)))
     }
 
-    /// The answer if it is already known, or the future to await. Lets the
-    /// queue apply a synchronous replicator's answer without an `.await`.
+    /// Takes the answer if it is already known. Lets the queue apply a
+    /// synchronous replicator's answer without an `.await`.
     #[inline]
-    pub(crate) fn into_ready(self) -> Result<Result<Appended, ReplicationError>, Self> {
-        match self.0 {
-            PublishState::Ready(Some(result)) => Ok(result),
-            state => Err(Self(state)),
+    pub(crate) fn take_ready(&mut self) -> Option<Result<Appended, ReplicationError>> {
+        match &mut self.0 {
+            PublishState::Ready(result) => result.take(),
+            PublishState::Pending(_) => None,
         }
     }
 }
