@@ -232,6 +232,7 @@ impl QueueConfig {
         Ok(())
     }
 
+    #[inline]
     fn lease_duration(&self, requested: Option<Duration>) -> Duration {
         // `clamp` would first assert that the bounds are ordered, which
         // `validate` already made sure of.

@@ -479,30 +479,41 @@ impl QueueState {
     /// is refused with the state unchanged.
     #[inline]
     pub fn apply(&mut self, sequence: Sequence, event: Event) -> Result<(), ApplyError> {
-        // The event type is named only when it does not fit (`kind` moves
-        // below, so its name is taken now, which is a copy of a pointer).
-        let name = event.kind.name();
-        let fail = |reason: String| fail_apply(sequence, name, reason);
+        // Errors name the event type; each arm names its own, so the name is
+        // never looked up on the way to a successful apply.
         if sequence <= self.last_sequence {
-            return Err(fail(format!("not after the last applied sequence {}", self.last_sequence)));
+            return Err(fail_apply(
+                sequence,
+                event.kind.name(),
+                format!("not after the last applied sequence {}", self.last_sequence),
+            ));
         }
         if event.origin.shard != self.shard {
-            return Err(fail(format!("belongs to shard {}", event.origin.shard)));
+            return Err(fail_apply(sequence, event.kind.name(), format!("belongs to shard {}", event.origin.shard)));
         }
         let at = event.recorded_at;
         match event.kind {
-            EventKind::Enqueued(new) => self.apply_enqueued(new, at).map_err(fail)?,
+            EventKind::Enqueued(new) => {
+                self.apply_enqueued(new, at).map_err(|reason| fail_apply(sequence, "enqueued", reason))?
+            }
             EventKind::Leased { item_id, attempt, lease_id, owner, expires_at } => {
-                let entry = self.items.get_mut(&item_id).ok_or_else(|| fail(format!("no item {item_id}")))?;
+                let entry = self
+                    .items
+                    .get_mut(&item_id)
+                    .ok_or_else(|| fail_apply(sequence, "leased", format!("no item {item_id}")))?;
                 if entry.item.lease.is_some() || entry.slot == Slot::Limbo {
-                    return Err(fail(format!("item {item_id} is not pending")));
+                    return Err(fail_apply(sequence, "leased", format!("item {item_id} is not pending")));
                 }
                 // One lookup checks and claims the resource; nothing after it
                 // can fail.
                 match self.index.leased.entry(entry.resource()) {
                     std::collections::hash_map::Entry::Occupied(holder) => {
                         if *holder.get() != item_id {
-                            return Err(fail(format!("the resource of item {item_id} is already leased")));
+                            return Err(fail_apply(
+                                sequence,
+                                "leased",
+                                format!("the resource of item {item_id} is already leased"),
+                            ));
                         }
                     }
                     std::collections::hash_map::Entry::Vacant(free) => {
@@ -525,7 +536,9 @@ impl QueueState {
                     .get_mut(&item_id)
                     .and_then(|entry| entry.item.lease.as_mut())
                     .filter(|lease| lease.fencing_token == fencing_token)
-                    .ok_or_else(|| fail(format!("item {item_id} has no lease {fencing_token}")))?;
+                    .ok_or_else(|| {
+                        fail_apply(sequence, "heartbeat", format!("item {item_id} has no lease {fencing_token}"))
+                    })?;
                 let old = (lease.expires_at, fencing_token, item_id);
                 lease.expires_at = expires_at;
                 self.index.drop_expiry_if_top(&old);
@@ -534,10 +547,17 @@ impl QueueState {
             EventKind::Completed { item_id, fencing_token } => {
                 // Removed first and put back if it does not fit: one lookup
                 // on the common path.
-                let mut entry = self.items.remove(&item_id).ok_or_else(|| fail(format!("no item {item_id}")))?;
+                let mut entry = self
+                    .items
+                    .remove(&item_id)
+                    .ok_or_else(|| fail_apply(sequence, "completed", format!("no item {item_id}")))?;
                 if entry.item.lease.as_ref().is_none_or(|lease| lease.fencing_token != fencing_token) {
                     self.items.insert(item_id, entry);
-                    return Err(fail(format!("item {item_id} has no lease {fencing_token}")));
+                    return Err(fail_apply(
+                        sequence,
+                        "completed",
+                        format!("item {item_id} has no lease {fencing_token}"),
+                    ));
                 }
                 self.end_lease(&mut entry, AttemptOutcome::Completed, String::new(), at);
                 let request_id = match entry.item.payload.request_id.as_str() {
@@ -549,25 +569,34 @@ impl QueueState {
                 self.evict_completions(at);
             }
             EventKind::Failed { item_id, fencing_token, error } => {
-                self.check_leased(item_id, fencing_token).map_err(fail)?;
+                self.check_leased(item_id, fencing_token).map_err(|reason| fail_apply(sequence, "failed", reason))?;
                 let mut entry = self.items.remove(&item_id).expect("check_leased found the item");
                 entry.item.last_error.clone_from(&error);
                 self.end_lease(&mut entry, AttemptOutcome::Failed, error, at);
                 self.items.insert(item_id, entry);
             }
             EventKind::Expired { item_id, fencing_token, owner: _ } => {
-                self.check_leased(item_id, fencing_token).map_err(fail)?;
+                self.check_leased(item_id, fencing_token).map_err(|reason| fail_apply(sequence, "expired", reason))?;
                 let mut entry = self.items.remove(&item_id).expect("check_leased found the item");
                 entry.item.last_error = EXPIRED_ERROR.to_string();
                 self.end_lease(&mut entry, AttemptOutcome::Expired, EXPIRED_ERROR.to_string(), at);
                 self.items.insert(item_id, entry);
             }
             EventKind::Requeued { item_id, not_before, reason } => {
-                let entry = self.items.get(&item_id).ok_or_else(|| fail(format!("no item {item_id}")))?;
+                let entry = self
+                    .items
+                    .get(&item_id)
+                    .ok_or_else(|| fail_apply(sequence, "requeued", format!("no item {item_id}")))?;
                 match (reason, entry.slot) {
                     (RequeueReason::HandedBack, Slot::Leased)
                     | (RequeueReason::Failed | RequeueReason::Expired, Slot::Limbo) => {}
-                    (_, slot) => return Err(fail(format!("item {item_id} cannot be requeued from {slot:?}"))),
+                    (_, slot) => {
+                        return Err(fail_apply(
+                            sequence,
+                            "requeued",
+                            format!("item {item_id} cannot be requeued from {slot:?}"),
+                        ));
+                    }
                 }
                 let mut entry = self.items.remove(&item_id).expect("looked up above");
                 if reason == RequeueReason::HandedBack {
@@ -582,8 +611,14 @@ impl QueueState {
             EventKind::DeadLettered { item_id, reason } => {
                 match self.items.get(&item_id) {
                     Some(entry) if entry.slot == Slot::Limbo => {}
-                    Some(_) => return Err(fail(format!("item {item_id} is not between attempts"))),
-                    None => return Err(fail(format!("no item {item_id}"))),
+                    Some(_) => {
+                        return Err(fail_apply(
+                            sequence,
+                            "dead_lettered",
+                            format!("item {item_id} is not between attempts"),
+                        ));
+                    }
+                    None => return Err(fail_apply(sequence, "dead_lettered", format!("no item {item_id}"))),
                 }
                 let entry = self.items.remove(&item_id).expect("looked up above");
                 let order = self.next_dead_order;
@@ -593,7 +628,10 @@ impl QueueState {
                 self.dead.insert(item_id, DeadEntry { letter, order });
             }
             EventKind::Redriven { item_id, not_before } => {
-                let dead = self.dead.remove(&item_id).ok_or_else(|| fail(format!("no dead letter {item_id}")))?;
+                let dead = self
+                    .dead
+                    .remove(&item_id)
+                    .ok_or_else(|| fail_apply(sequence, "redriven", format!("no dead letter {item_id}")))?;
                 self.dead_order.remove(&dead.order);
                 let mut item = dead.letter.item;
                 item.attempt = 0;
@@ -602,7 +640,7 @@ impl QueueState {
             }
             EventKind::DeadLettersPurged { item_ids } => {
                 if let Some(missing) = item_ids.iter().find(|id| !self.dead.contains_key(id)) {
-                    return Err(fail(format!("no dead letter {missing}")));
+                    return Err(fail_apply(sequence, "dead_letters_purged", format!("no dead letter {missing}")));
                 }
                 for item_id in item_ids {
                     let dead = self.dead.remove(&item_id).expect("checked above");
@@ -615,7 +653,7 @@ impl QueueState {
             EventKind::Resumed => self.draining = None,
             EventKind::Restored { items, skipped: _ } => {
                 if let Some(present) = items.iter().find(|item| self.contains(item.id)) {
-                    return Err(fail(format!("item {} is already present", present.id)));
+                    return Err(fail_apply(sequence, "restored", format!("item {} is already present", present.id)));
                 }
                 for mut item in items {
                     item.lease = None;
