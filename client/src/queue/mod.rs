@@ -1355,7 +1355,7 @@ impl Shared {
 
     /// Adds a `BackpressureChanged` event if `pending_after` crosses a
     /// watermark (hysteresis: on at `high`, off at `low`).
-    #[inline]
+    #[inline(always)]
     fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
         let config = &self.config;
         let active = core.state.backpressure().active;

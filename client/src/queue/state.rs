@@ -671,11 +671,7 @@ impl QueueState {
 
     #[inline]
     fn resource_hash(&self, payload: &Payload) -> u64 {
-        use std::hash::BuildHasher;
-        let mut hasher = self.resource_hasher.build_hasher();
-        payload.resource_type.hash(&mut hasher);
-        payload.resource_id.hash(&mut hasher);
-        hasher.finish()
+        resource_hash(&self.resource_hasher, payload)
     }
 
     /// Whether `item_id` is in the queue or the dead-letter list.
@@ -686,9 +682,16 @@ impl QueueState {
 
     #[inline]
     fn apply_enqueued(&mut self, new: NewItem, at: Timestamp) -> Result<(), String> {
-        if self.contains(new.id) {
+        if !self.dead.is_empty() && self.dead.contains_key(&new.id) {
             return Err(format!("item {} is already present", new.id));
         }
+        // One lookup both checks that the id is new and places the item.
+        let slot = match self.items.entry(new.id) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                return Err(format!("item {} is already present", new.id));
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => slot,
+        };
         if !new.payload.request_id.is_empty() {
             match self.requests.get(&new.payload.request_id) {
                 Some(existing) => return Err(format!("request id already created item {existing}")),
@@ -697,19 +700,30 @@ impl QueueState {
                 }
             }
         }
-        let item = WorkItem {
-            id: new.id,
-            payload: new.payload,
-            priority: new.priority,
-            enqueued_at: new.enqueued_at,
-            not_before: new.not_before,
-            attempt: 0,
-            last_error: String::new(),
-            last_fencing_token: FencingToken::NONE,
-            history: Vec::new(),
-            lease: None,
+        let order = self.next_order;
+        self.next_order += 1;
+        let resource_hash = resource_hash(&self.resource_hasher, &new.payload);
+        let mut entry = Entry {
+            item: WorkItem {
+                id: new.id,
+                payload: new.payload,
+                priority: new.priority,
+                enqueued_at: new.enqueued_at,
+                not_before: new.not_before,
+                attempt: 0,
+                last_error: String::new(),
+                last_fencing_token: FencingToken::NONE,
+                history: Vec::new(),
+                lease: None,
+            },
+            resource_hash,
+            order,
+            slot: Slot::Limbo,
         };
-        self.admit(item, at);
+        self.index.insert_pending(&mut entry, at);
+        slot.insert(entry);
+        self.pending += 1;
+        self.compact_ready();
         Ok(())
     }
 
@@ -802,9 +816,11 @@ impl QueueState {
     /// Driven by event times, so replay evicts exactly the same ones.
     #[inline]
     fn evict_completions(&mut self, now: Timestamp) {
+        // In nanoseconds: a `Duration` would be built by division each time.
+        let retention = u64::try_from(defaults::COMPLETED_RETENTION.as_nanos()).unwrap_or(u64::MAX);
         while let Some(oldest) = self.completed.front() {
             let too_many = self.completed.len() > defaults::COMPLETED_RETAINED_MAX;
-            let too_old = now.saturating_duration_since(oldest.completed_at) > defaults::COMPLETED_RETENTION;
+            let too_old = now.as_unix_nanos().saturating_sub(oldest.completed_at.as_unix_nanos()) > retention;
             if !too_many && !too_old {
                 break;
             }
@@ -972,6 +988,16 @@ impl QueueState {
         }
         Ok(())
     }
+}
+
+/// The keyed hash of a payload's resource (see [`ResourceKey`]).
+#[inline]
+fn resource_hash(hasher: &foldhash::quality::RandomState, payload: &Payload) -> u64 {
+    use std::hash::BuildHasher;
+    let mut hasher = hasher.build_hasher();
+    payload.resource_type.hash(&mut hasher);
+    payload.resource_id.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[cold]
