@@ -114,7 +114,10 @@ impl Default for TokioClock {
 impl Clock for TokioClock {
     #[inline]
     fn now(&self) -> Timestamp {
-        self.anchor_wall.saturating_add(self.anchor.elapsed())
+        // tokio's `Instant::now` (which follows paused time) and std's
+        // subtraction, without tokio's wrappers around it.
+        let elapsed = tokio::time::Instant::now().into_std().saturating_duration_since(self.anchor.into_std());
+        self.anchor_wall.saturating_add(elapsed)
     }
 }
 

@@ -137,13 +137,13 @@ macro_rules! lease_attempt {
                 // Written straight into the caller's slot: a granted item is
                 // a large value, and every move through the layers between
                 // here and the caller would copy it.
-                let slot: &mut Option<LeasedItem> = $slot;
+                let slot: &mut Result<Option<LeasedItem>> = $slot;
                 settle!(command, held, flight, |state| {
                     let item = state.item(item_id).expect("the lease was just applied");
-                    *slot = Some(LeasedItem {
+                    *slot = Ok(Some(LeasedItem {
                         handle: item.handle().expect("the item was just leased"),
                         item: item.clone(),
-                    });
+                    }));
                 });
                 drop(command);
                 let waited = $started.map_or(0.0, |started| started.elapsed().as_secs_f64());
@@ -859,11 +859,11 @@ impl Queue {
         // A call that does not wait: one attempt, nothing to arm, and no
         // clock reads for the wait metric.
         let command = begin!(self);
-        let mut leased = None;
-        match lease_attempt!(command, caller, &request, None::<tokio::time::Instant>, &mut leased) {
-            Ok(()) => Ok(leased),
-            Err(_) => Ok(None),
-        }
+        // The answer itself is the slot the item is written into: returned
+        // as it is, it is not copied again on the way out.
+        let mut leased = Ok(None);
+        let _ = lease_attempt!(command, caller, &request, None::<tokio::time::Instant>, &mut leased);
+        leased
     }
 
     /// [`lease`](Self::lease) for a call that waits up to `wait`.
@@ -881,9 +881,9 @@ impl Queue {
             // Created before looking at the state: a change applied after we
             // looked wakes this future even though it is polled later.
             let changed = shared.changed.notified();
-            let mut leased = None;
+            let mut leased = Ok(None);
             let sleep_for = match self.lease_once(caller, request, started, &mut leased).await? {
-                Ok(()) => return Ok(leased),
+                Ok(()) => return leased,
                 Err(sleep_for) => sleep_for,
             };
             let now = tokio::time::Instant::now();
@@ -905,7 +905,7 @@ impl Queue {
         caller: &Caller,
         request: &LeaseRequest,
         started: tokio::time::Instant,
-        leased: &mut Option<LeasedItem>,
+        leased: &mut Result<Option<LeasedItem>>,
     ) -> Result<std::result::Result<(), Option<Duration>>> {
         let command = begin!(self);
         Ok(lease_attempt!(command, caller, request, Some(started), leased))
