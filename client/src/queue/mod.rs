@@ -20,6 +20,7 @@ mod item;
 mod proptests;
 mod state;
 mod sweeper;
+mod table;
 #[cfg(test)]
 mod tests;
 mod validate;

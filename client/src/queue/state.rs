@@ -21,6 +21,7 @@ use crate::defaults;
 use crate::ids::{FencingToken, ItemId, Sequence, ShardId};
 use crate::queue::event::{Event, EventKind, NewItem, RequeueReason, SequencedEvent};
 use crate::queue::item::{AttemptOutcome, AttemptRecord, DeadLetter, DrainMode, Lease, Payload, WorkItem};
+use crate::queue::table::IdTable;
 
 /// An event that does not fit the state it is applied to: the log is
 /// corrupt, belongs to another shard, or skipped events.
@@ -207,7 +208,7 @@ pub struct QueueState {
     pub(crate) dead_order: BTreeMap<u64, ItemId>,
     pub(crate) requests: HashMap<String, ItemId>,
     pub(crate) completed: VecDeque<Completion>,
-    pub(crate) completed_tokens: IdMap<FencingToken>,
+    pub(crate) completed_tokens: IdTable<FencingToken>,
     pub(crate) draining: Option<DrainMode>,
     pub(crate) backpressure: BackpressureSignal,
     pub(crate) next_order: u64,
@@ -252,7 +253,7 @@ impl QueueState {
             dead_order: BTreeMap::new(),
             requests: HashMap::new(),
             completed: VecDeque::new(),
-            completed_tokens: IdMap::default(),
+            completed_tokens: IdTable::default(),
             draining: None,
             next_order: 0,
             next_dead_order: 0,
@@ -331,7 +332,7 @@ impl QueueState {
 
     /// The token a completed item was completed with, while remembered.
     pub fn completed_token(&self, item_id: ItemId) -> Option<FencingToken> {
-        self.completed_tokens.get(&item_id).copied()
+        self.completed_tokens.get(item_id)
     }
 
     /// The item a `request_id` created, while it is remembered (the item is
@@ -825,8 +826,8 @@ impl QueueState {
                 break;
             }
             let oldest = self.completed.pop_front().expect("front exists");
-            if self.completed_tokens.get(&oldest.item_id) == Some(&oldest.fencing_token) {
-                self.completed_tokens.remove(&oldest.item_id);
+            if self.completed_tokens.get(oldest.item_id) == Some(oldest.fencing_token) {
+                self.completed_tokens.remove(oldest.item_id);
             }
             if !oldest.request_id.is_empty() && self.requests.get(&oldest.request_id) == Some(&oldest.item_id) {
                 self.requests.remove(&oldest.request_id);
@@ -985,6 +986,12 @@ impl QueueState {
         }
         if requests != self.requests {
             return Err("the request-id index disagrees with items and completions".into());
+        }
+        let remembered =
+            self.completed.iter().filter(|c| self.completed_tokens.get(c.item_id) == Some(c.fencing_token));
+        let remembered: std::collections::HashSet<ItemId> = remembered.map(|c| c.item_id).collect();
+        if remembered.len() != self.completed_tokens.len() {
+            return Err("the completed-token index disagrees with the completions".into());
         }
         Ok(())
     }
