@@ -21,7 +21,7 @@ use crate::defaults;
 use crate::ids::{FencingToken, ItemId, Sequence, ShardId};
 use crate::queue::event::{Event, EventKind, NewItem, RequeueReason, SequencedEvent};
 use crate::queue::item::{AttemptOutcome, AttemptRecord, DeadLetter, DrainMode, Lease, Payload, WorkItem};
-use crate::queue::table::IdTable;
+use crate::queue::table::{IdTable, Table, TableKey};
 
 /// An event that does not fit the state it is applied to: the log is
 /// corrupt, belongs to another shard, or skipped events.
@@ -87,6 +87,13 @@ impl Eq for ResourceKey {}
 impl Hash for ResourceKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(self.hash);
+    }
+}
+
+impl TableKey for ResourceKey {
+    #[inline]
+    fn table_hash(&self) -> u64 {
+        self.hash
     }
 }
 
@@ -191,7 +198,8 @@ struct Index {
     ready_live: usize,
     delayed: BTreeSet<(Timestamp, u64, ItemId)>,
     blocked: ResourceMap<BTreeSet<ReadyKey>>,
-    leased: ResourceMap<ItemId>,
+    /// The holder of each leased resource.
+    leased: Table<ResourceKey, ItemId>,
     /// Live entries: one per leased item (`QueueState::active`).
     expiry: BinaryHeap<Reverse<ExpiryKey>>,
 }
@@ -332,7 +340,7 @@ impl QueueState {
 
     /// The token a completed item was completed with, while remembered.
     pub fn completed_token(&self, item_id: ItemId) -> Option<FencingToken> {
-        self.completed_tokens.get(item_id)
+        self.completed_tokens.get(&item_id)
     }
 
     /// The item a `request_id` created, while it is remembered (the item is
@@ -505,21 +513,16 @@ impl QueueState {
                 if entry.item.lease.is_some() || entry.slot == Slot::Limbo {
                     return Err(fail_apply(sequence, "leased", format!("item {item_id} is not pending")));
                 }
-                // One lookup checks and claims the resource; nothing after it
+                // One probe checks and claims the resource; nothing after it
                 // can fail.
-                match self.index.leased.entry(entry.resource()) {
-                    std::collections::hash_map::Entry::Occupied(holder) => {
-                        if *holder.get() != item_id {
-                            return Err(fail_apply(
-                                sequence,
-                                "leased",
-                                format!("the resource of item {item_id} is already leased"),
-                            ));
-                        }
-                    }
-                    std::collections::hash_map::Entry::Vacant(free) => {
-                        free.insert(item_id);
-                    }
+                if let Some(holder) = self.index.leased.claim(entry.resource(), item_id)
+                    && holder != item_id
+                {
+                    return Err(fail_apply(
+                        sequence,
+                        "leased",
+                        format!("the resource of item {item_id} is already leased"),
+                    ));
                 }
                 self.index.remove_from_slot(entry);
                 let fencing_token = FencingToken::from(sequence);
@@ -826,8 +829,8 @@ impl QueueState {
                 break;
             }
             let oldest = self.completed.pop_front().expect("front exists");
-            if self.completed_tokens.get(oldest.item_id) == Some(oldest.fencing_token) {
-                self.completed_tokens.remove(oldest.item_id);
+            if self.completed_tokens.get(&oldest.item_id) == Some(oldest.fencing_token) {
+                self.completed_tokens.remove(&oldest.item_id);
             }
             if !oldest.request_id.is_empty() && self.requests.get(&oldest.request_id) == Some(&oldest.item_id) {
                 self.requests.remove(&oldest.request_id);
@@ -953,7 +956,7 @@ impl QueueState {
             return Err(format!("indexes hold {indexed} pending and {} leases", expiries.len()));
         }
         if leased_resources.len() != self.index.leased.len()
-            || leased_resources.iter().any(|(resource, id)| self.index.leased.get(resource) != Some(id))
+            || leased_resources.iter().any(|(resource, id)| self.index.leased.get(resource) != Some(*id))
         {
             return Err("the leased-resource index disagrees with the leases".into());
         }
@@ -988,7 +991,7 @@ impl QueueState {
             return Err("the request-id index disagrees with items and completions".into());
         }
         let remembered =
-            self.completed.iter().filter(|c| self.completed_tokens.get(c.item_id) == Some(c.fencing_token));
+            self.completed.iter().filter(|c| self.completed_tokens.get(&c.item_id) == Some(c.fencing_token));
         let remembered: std::collections::HashSet<ItemId> = remembered.map(|c| c.item_id).collect();
         if remembered.len() != self.completed_tokens.len() {
             return Err("the completed-token index disagrees with the completions".into());
