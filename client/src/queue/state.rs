@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::backpressure::BackpressureSignal;
 use crate::clock::Timestamp;
 use crate::defaults;
-use crate::ids::{FencingToken, ItemId, Sequence, ShardId};
+use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Sequence, ShardId};
 use crate::queue::event::{Event, EventKind, NewItem, RequeueReason, SequencedEvent};
 use crate::queue::item::{AttemptOutcome, AttemptRecord, DeadLetter, DrainMode, Lease, Payload, WorkItem};
 use crate::queue::table::{IdTable, Table, TableKey};
@@ -506,34 +506,88 @@ impl QueueState {
                 self.apply_enqueued(new, at).map_err(|reason| fail_apply(sequence, "enqueued", reason))?
             }
             EventKind::Leased { item_id, attempt, lease_id, owner, expires_at } => {
-                let entry = self
-                    .items
-                    .get_mut(&item_id)
-                    .ok_or_else(|| fail_apply(sequence, "leased", format!("no item {item_id}")))?;
-                if entry.item.lease.is_some() || entry.slot == Slot::Limbo {
-                    return Err(fail_apply(sequence, "leased", format!("item {item_id} is not pending")));
-                }
-                // One probe checks and claims the resource; nothing after it
-                // can fail.
-                if let Some(holder) = self.index.leased.claim(entry.resource(), item_id)
-                    && holder != item_id
-                {
-                    return Err(fail_apply(
-                        sequence,
-                        "leased",
-                        format!("the resource of item {item_id} is already leased"),
-                    ));
-                }
-                self.index.remove_from_slot(entry);
-                let fencing_token = FencingToken::from(sequence);
-                entry.item.attempt = attempt;
-                entry.item.last_fencing_token = fencing_token;
-                entry.item.lease = Some(Lease { lease_id, fencing_token, owner, leased_at: at, expires_at });
-                entry.slot = Slot::Leased;
-                self.pending -= 1;
-                self.active += 1;
-                self.push_expiry((expires_at, fencing_token, item_id));
+                self.apply_leased(sequence, at, item_id, attempt, lease_id, owner, expires_at)?
             }
+            EventKind::Completed { item_id, fencing_token } => {
+                self.apply_completed(sequence, at, item_id, fencing_token)?
+            }
+            other => self.apply_other(sequence, at, other)?,
+        }
+        self.last_sequence = sequence;
+        Ok(())
+    }
+
+    // The common events each in a function of its own (a small frame to set
+    // up per event), the others together.
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    fn apply_leased(
+        &mut self,
+        sequence: Sequence,
+        at: Timestamp,
+        item_id: ItemId,
+        attempt: u32,
+        lease_id: LeaseId,
+        owner: PeerId,
+        expires_at: Timestamp,
+    ) -> Result<(), ApplyError> {
+        let entry =
+            self.items.get_mut(&item_id).ok_or_else(|| fail_apply(sequence, "leased", format!("no item {item_id}")))?;
+        if entry.item.lease.is_some() || entry.slot == Slot::Limbo {
+            return Err(fail_apply(sequence, "leased", format!("item {item_id} is not pending")));
+        }
+        // One probe checks and claims the resource; nothing after it
+        // can fail.
+        if let Some(holder) = self.index.leased.claim(entry.resource(), item_id)
+            && holder != item_id
+        {
+            return Err(fail_apply(sequence, "leased", format!("the resource of item {item_id} is already leased")));
+        }
+        self.index.remove_from_slot(entry);
+        let fencing_token = FencingToken::from(sequence);
+        entry.item.attempt = attempt;
+        entry.item.last_fencing_token = fencing_token;
+        entry.item.lease = Some(Lease { lease_id, fencing_token, owner, leased_at: at, expires_at });
+        entry.slot = Slot::Leased;
+        self.pending -= 1;
+        self.active += 1;
+        self.push_expiry((expires_at, fencing_token, item_id));
+        Ok(())
+    }
+
+    #[inline(never)]
+    fn apply_completed(
+        &mut self,
+        sequence: Sequence,
+        at: Timestamp,
+        item_id: ItemId,
+        fencing_token: FencingToken,
+    ) -> Result<(), ApplyError> {
+        // Removed first and put back if it does not fit: one lookup
+        // on the common path.
+        let mut entry = self
+            .items
+            .remove(&item_id)
+            .ok_or_else(|| fail_apply(sequence, "completed", format!("no item {item_id}")))?;
+        if entry.item.lease.as_ref().is_none_or(|lease| lease.fencing_token != fencing_token) {
+            self.items.insert(item_id, entry);
+            return Err(fail_apply(sequence, "completed", format!("item {item_id} has no lease {fencing_token}")));
+        }
+        self.end_lease(&mut entry, AttemptOutcome::Completed, String::new(), at);
+        let request_id = match entry.item.payload.request_id.as_str() {
+            "" => String::new(),
+            request_id => request_id.to_owned(),
+        };
+        self.completed_tokens.insert(item_id, fencing_token);
+        self.completed.push_back(Completion { item_id, fencing_token, completed_at: at, request_id });
+        self.evict_completions(at);
+        Ok(())
+    }
+
+    #[inline(never)]
+    fn apply_other(&mut self, sequence: Sequence, at: Timestamp, kind: EventKind) -> Result<(), ApplyError> {
+        match kind {
             EventKind::Heartbeat { item_id, fencing_token, expires_at, progress: _ } => {
                 let lease = self
                     .items
@@ -547,30 +601,6 @@ impl QueueState {
                 lease.expires_at = expires_at;
                 self.index.drop_expiry_if_top(&old);
                 self.push_expiry((expires_at, fencing_token, item_id));
-            }
-            EventKind::Completed { item_id, fencing_token } => {
-                // Removed first and put back if it does not fit: one lookup
-                // on the common path.
-                let mut entry = self
-                    .items
-                    .remove(&item_id)
-                    .ok_or_else(|| fail_apply(sequence, "completed", format!("no item {item_id}")))?;
-                if entry.item.lease.as_ref().is_none_or(|lease| lease.fencing_token != fencing_token) {
-                    self.items.insert(item_id, entry);
-                    return Err(fail_apply(
-                        sequence,
-                        "completed",
-                        format!("item {item_id} has no lease {fencing_token}"),
-                    ));
-                }
-                self.end_lease(&mut entry, AttemptOutcome::Completed, String::new(), at);
-                let request_id = match entry.item.payload.request_id.as_str() {
-                    "" => String::new(),
-                    request_id => request_id.to_owned(),
-                };
-                self.completed_tokens.insert(item_id, fencing_token);
-                self.completed.push_back(Completion { item_id, fencing_token, completed_at: at, request_id });
-                self.evict_completions(at);
             }
             EventKind::Failed { item_id, fencing_token, error } => {
                 self.check_leased(item_id, fencing_token).map_err(|reason| fail_apply(sequence, "failed", reason))?;
@@ -668,8 +698,10 @@ impl QueueState {
                 }
             }
             EventKind::BackpressureChanged { signal } => self.backpressure = signal,
+            EventKind::Enqueued(_) | EventKind::Leased { .. } | EventKind::Completed { .. } => {
+                unreachable!("applied by their own functions")
+            }
         }
-        self.last_sequence = sequence;
         Ok(())
     }
 
@@ -684,7 +716,7 @@ impl QueueState {
         self.items.contains_key(&item_id) || (!self.dead.is_empty() && self.dead.contains_key(&item_id))
     }
 
-    #[inline]
+    #[inline(never)]
     fn apply_enqueued(&mut self, new: NewItem, at: Timestamp) -> Result<(), String> {
         if !self.dead.is_empty() && self.dead.contains_key(&new.id) {
             return Err(format!("item {} is already present", new.id));
