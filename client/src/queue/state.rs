@@ -566,10 +566,9 @@ impl QueueState {
     ) -> Result<(), ApplyError> {
         // Removed first and put back if it does not fit: one lookup
         // on the common path.
-        let mut entry = self
-            .items
-            .remove(&item_id)
-            .ok_or_else(|| fail_apply(sequence, "completed", format!("no item {item_id}")))?;
+        let Some(mut entry) = self.items.remove(&item_id) else {
+            return Err(fail_apply(sequence, "completed", format!("no item {item_id}")));
+        };
         if entry.item.lease.as_ref().is_none_or(|lease| lease.fencing_token != fencing_token) {
             self.items.insert(item_id, entry);
             return Err(fail_apply(sequence, "completed", format!("item {item_id} has no lease {fencing_token}")));
