@@ -125,6 +125,7 @@ pub struct WorkItem {
 impl Clone for WorkItem {
     /// Every granted lease hands out a copy; an item's error and history are
     /// usually empty, and an empty `String` or `Vec` needs no clone call.
+    #[inline]
     fn clone(&self) -> Self {
         Self {
             id: self.id,
@@ -143,6 +144,7 @@ impl Clone for WorkItem {
 
 impl WorkItem {
     /// The ownership handle of the current lease, if the item is leased.
+    #[inline]
     pub fn handle(&self) -> Option<LeaseHandle> {
         self.lease.as_ref().map(|lease| LeaseHandle {
             item_id: self.id,
