@@ -223,7 +223,7 @@ pub struct QueueState {
     pub(crate) next_dead_order: u64,
     index: Index,
     /// Keys of the resource hashes; random per state, never encoded.
-    resource_hasher: foldhash::quality::RandomState,
+    resource_hasher: foldhash::fast::RandomState,
 }
 
 impl std::fmt::Debug for QueueState {
@@ -266,7 +266,7 @@ impl QueueState {
             next_order: 0,
             next_dead_order: 0,
             index: Index::default(),
-            resource_hasher: foldhash::quality::RandomState::default(),
+            resource_hasher: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -851,12 +851,17 @@ impl QueueState {
     /// Driven by event times, so replay evicts exactly the same ones.
     #[inline]
     fn evict_completions(&mut self, now: Timestamp) {
-        // In nanoseconds: a `Duration` would be built by division each time.
-        let retention = u64::try_from(defaults::COMPLETED_RETENTION.as_nanos()).unwrap_or(u64::MAX);
+        let due = self.completed.len() > defaults::COMPLETED_RETAINED_MAX
+            || self.completed.front().is_some_and(|oldest| completion_lapsed(oldest, now));
+        if due {
+            self.evict_completions_due(now);
+        }
+    }
+
+    fn evict_completions_due(&mut self, now: Timestamp) {
         while let Some(oldest) = self.completed.front() {
             let too_many = self.completed.len() > defaults::COMPLETED_RETAINED_MAX;
-            let too_old = now.as_unix_nanos().saturating_sub(oldest.completed_at.as_unix_nanos()) > retention;
-            if !too_many && !too_old {
+            if !too_many && !completion_lapsed(oldest, now) {
                 break;
             }
             let oldest = self.completed.pop_front().expect("front exists");
@@ -1031,9 +1036,17 @@ impl QueueState {
     }
 }
 
+/// Whether a completion is older than the retention window at `now`
+/// (compared in nanoseconds: a `Duration` would be built by division).
+#[inline]
+fn completion_lapsed(completion: &Completion, now: Timestamp) -> bool {
+    const RETENTION_NANOS: u64 = defaults::COMPLETED_RETENTION.as_nanos() as u64;
+    now.as_unix_nanos().saturating_sub(completion.completed_at.as_unix_nanos()) > RETENTION_NANOS
+}
+
 /// The keyed hash of a payload's resource (see [`ResourceKey`]).
 #[inline]
-fn resource_hash(hasher: &foldhash::quality::RandomState, payload: &Payload) -> u64 {
+fn resource_hash(hasher: &foldhash::fast::RandomState, payload: &Payload) -> u64 {
     use std::hash::BuildHasher;
     let mut hasher = hasher.build_hasher();
     payload.resource_type.hash(&mut hasher);
@@ -1071,7 +1084,7 @@ pub(crate) const HANDED_BACK_ERROR: &str = "handed back by drain";
 impl Index {
     /// Files a pending item (slot `Limbo`) under the index its state calls
     /// for, judging delays against `at`.
-    #[inline]
+    #[inline(always)]
     fn insert_pending(&mut self, entry: &mut Entry, at: Timestamp) {
         debug_assert_eq!(entry.slot, Slot::Limbo);
         if !self.leased.is_empty() && self.leased.contains_key(&entry.resource()) {
