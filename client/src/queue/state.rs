@@ -1048,9 +1048,13 @@ fn completion_lapsed(completion: &Completion, now: Timestamp) -> bool {
 #[inline]
 fn resource_hash(hasher: &foldhash::fast::RandomState, payload: &Payload) -> u64 {
     use std::hash::BuildHasher;
+    // The two strings with a separator (equal keys also compare the
+    // strings, so a collision between, say, "a\0" + "b" and "a" + "\0b"
+    // costs a comparison, never a wrong answer).
     let mut hasher = hasher.build_hasher();
-    payload.resource_type.hash(&mut hasher);
-    payload.resource_id.hash(&mut hasher);
+    hasher.write(payload.resource_type.as_bytes());
+    hasher.write_u8(0);
+    hasher.write(payload.resource_id.as_bytes());
     hasher.finish()
 }
 
