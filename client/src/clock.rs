@@ -41,8 +41,10 @@ impl Timestamp {
     }
 
     /// This time plus `duration`, saturating at the far future.
+    #[inline]
     pub fn saturating_add(self, duration: Duration) -> Self {
-        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        // In 64-bit steps: `as_nanos` would multiply in 128 bits.
+        let nanos = duration.as_secs().saturating_mul(1_000_000_000).saturating_add(u64::from(duration.subsec_nanos()));
         Self(self.0.saturating_add(nanos))
     }
 
@@ -117,8 +119,12 @@ impl Default for TokioClock {
 }
 
 impl Clock for TokioClock {
+    #[inline]
     fn now(&self) -> Timestamp {
-        self.anchor_wall.saturating_add(self.anchor.elapsed())
+        // tokio's `Instant::now` (which follows paused time) and std's
+        // subtraction, without tokio's wrappers around it.
+        let elapsed = tokio::time::Instant::now().into_std().saturating_duration_since(self.anchor.into_std());
+        self.anchor_wall.saturating_add(elapsed)
     }
 }
 

@@ -142,3 +142,10 @@ pub const PUBLISH_ATTEMPTS: u32 = 3;
 /// Pause between publish retries: long enough for a reconnect, short enough
 /// to stay well inside a caller's deadline.
 pub const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// Stale entries the queue's lazily-deleted heaps (ready items, lease
+/// expiries) may hold beyond twice their live entries before they are
+/// compacted: compaction is linear, so the slack makes it rare for small
+/// queues, and the factor of two keeps its cost amortized constant per entry
+/// and memory within three times the live size.
+pub(crate) const INDEX_STALE_SLACK: usize = 64;

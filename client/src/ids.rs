@@ -9,8 +9,24 @@ macro_rules! string_id {
         ///
         /// Backed by an `Arc<str>`: ids are copied into every event, lease
         /// and handle, and a clone is a reference count, not an allocation.
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Debug, Clone, Eq, PartialOrd, Ord)]
         pub struct $name(Arc<str>);
+
+        impl std::hash::Hash for $name {
+            /// Hashes the text, as the equality compares it.
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state);
+            }
+        }
+
+        impl PartialEq for $name {
+            /// Equal text; copies of one id (the common case: ids are
+            /// cloned, not re-parsed) compare by pointer without reading it.
+            #[inline]
+            fn eq(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+            }
+        }
 
         impl $name {
             /// Wraps a string. Validation, where a boundary needs it, happens

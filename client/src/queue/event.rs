@@ -26,7 +26,7 @@ pub struct Origin {
 }
 
 /// One queue mutation as it goes to the replicator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Event {
     /// Shard, principal and peer.
     pub origin: Arc<Origin>,
@@ -34,6 +34,23 @@ pub struct Event {
     pub recorded_at: Timestamp,
     /// What happened.
     pub kind: EventKind,
+}
+
+impl Clone for Event {
+    fn clone(&self) -> Self {
+        Self { origin: Arc::clone(&self.origin), recorded_at: self.recorded_at, kind: self.kind.clone() }
+    }
+
+    /// Overwrites in place (logs that recycle their slots use it); the
+    /// origin, usually shared by consecutive events, is kept when it is the
+    /// same.
+    fn clone_from(&mut self, source: &Self) {
+        if !Arc::ptr_eq(&self.origin, &source.origin) {
+            self.origin = Arc::clone(&source.origin);
+        }
+        self.recorded_at = source.recorded_at;
+        self.kind = source.kind.clone();
+    }
 }
 
 /// An event with the log position the replicator assigned.
@@ -195,6 +212,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The stable snake-case name of the event type (metrics, logs).
+    #[inline]
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::Enqueued(_) => "enqueued",

@@ -96,7 +96,7 @@ pub struct Lease {
 }
 
 /// An item as the queue holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct WorkItem {
     /// Queue-assigned id, stable across drain, restore and redrive.
     pub id: ItemId,
@@ -122,8 +122,29 @@ pub struct WorkItem {
     pub lease: Option<Lease>,
 }
 
+impl Clone for WorkItem {
+    /// Every granted lease hands out a copy; an item's error and history are
+    /// usually empty, and an empty `String` or `Vec` needs no clone call.
+    #[inline]
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id,
+            payload: Arc::clone(&self.payload),
+            priority: self.priority,
+            enqueued_at: self.enqueued_at,
+            not_before: self.not_before,
+            attempt: self.attempt,
+            last_error: if self.last_error.is_empty() { String::new() } else { self.last_error.clone() },
+            last_fencing_token: self.last_fencing_token,
+            history: if self.history.is_empty() { Vec::new() } else { self.history.clone() },
+            lease: self.lease.clone(),
+        }
+    }
+}
+
 impl WorkItem {
     /// The ownership handle of the current lease, if the item is leased.
+    #[inline]
     pub fn handle(&self) -> Option<LeaseHandle> {
         self.lease.as_ref().map(|lease| LeaseHandle {
             item_id: self.id,

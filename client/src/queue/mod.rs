@@ -4,9 +4,9 @@
 //! A [`Queue`] validates each command against its [`QueueState`], turns it
 //! into [`Event`]s, hands them to its [`Replicator`], and applies them only
 //! once the replicator accepted them. Commands on one queue are linearized by
-//! an async mutex, so validate -> publish -> apply is atomic with respect to
-//! other commands; long-polling `lease` calls wait outside the lock and are
-//! woken when the state changes.
+//! an async gate held from validation to the last applied event, so validate
+//! -> publish -> apply is atomic with respect to other commands; long-polling
+//! `lease` calls wait outside the gate and are woken when the state changes.
 //!
 //! Time comes from an injected [`Clock`] and is recorded in each event, so a
 //! queue rebuilt from its log ([`QueueState::replay`], or a snapshot from
@@ -14,22 +14,26 @@
 
 mod error;
 mod event;
+mod gate;
 mod item;
 #[cfg(test)]
 mod proptests;
 mod state;
 mod sweeper;
+mod table;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::Notify;
 
 pub use error::{QueueError, Result};
 pub use event::{Event, EventKind, NewItem, Origin, RequeueReason, SequencedEvent};
@@ -41,12 +45,119 @@ pub(crate) use state::Completion;
 pub use state::{ApplyError, QueueState};
 pub use sweeper::Sweeper;
 
+use gate::{Gate, Permit};
+
 use crate::backpressure::{BackpressureListener, BackpressureSignal};
 use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::defaults;
 use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, ProducerId, Sequence, ShardId};
 use crate::metrics::QueueMetrics;
-use crate::replication::{Batch, ReplicationError, Replicator};
+use crate::replication::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
+
+/// Publishes a sealed batch ([`Command::seal`]) and settles it
+/// ([`Command::land`]). `$held` is the state's lock, still held since the
+/// batch was planned: a replicator that answers at once is handled under it
+/// without building a future; otherwise it is released while the answer is
+/// awaited. Evaluates to `(first sequence, read(state))`, or returns the
+/// error from the enclosing function. A macro rather than an `async fn` so
+/// the common case builds no nested future.
+///
+/// `$held` must be a binding that was only ever moved, never borrowed:
+/// a guard that was borrowed stays in the future's state across the
+/// `.await`, and a `MutexGuard` there would make every command's future
+/// `!Send`. Commands therefore plan in a block with its own guard and move
+/// it out with the sealed batch.
+macro_rules! settle {
+    ($command:expr, $held:ident, $flight:ident, $read:expr) => {{
+        let (answer, mut core) = match $command.publish(&$flight) {
+            Publishing::Now(appended) => (Ok(appended), $held),
+            Publishing::Later(answer) => {
+                drop($held);
+                let answer = answer.await;
+                (answer, $command.shared.core())
+            }
+        };
+        $command.land(&mut core, $flight, answer, $read)?
+    }};
+}
+
+/// Takes the shard gate: at once when it is free and nothing is in doubt,
+/// otherwise through [`Queue::begin`]. Returns the error from the enclosing
+/// function.
+macro_rules! begin {
+    ($queue:expr) => {
+        match $queue.try_begin() {
+            Some(command) => command,
+            None => $queue.begin().await?,
+        }
+    };
+}
+
+/// One lease attempt under the gate: expires lapsed leases (one batch), then
+/// grants the next eligible item into `$slot`. Evaluates to `Ok(())` when it
+/// granted one, or to how long until a delayed item becomes eligible
+/// (`None`: until something changes); returns errors from the enclosing
+/// function.
+macro_rules! lease_attempt {
+    ($command:expr, $caller:expr, $request:expr, $started:expr, $slot:expr) => {{
+        let command = $command;
+        let shared = command.shared;
+        let (now, expiries, held) = {
+            let mut core = shared.core();
+            let now = core.now(&shared.clock);
+            // Lapsed leases first, so their items and resources are free for
+            // this lease.
+            let expiries = core.state.has_due_expiry(now).then(|| {
+                command.plan_expiries(&mut core, now);
+                command.seal(&mut core)
+            });
+            (now, expiries, core)
+        };
+        let held = match expiries {
+            Some(flight) => {
+                settle!(command, held, flight, |_| ());
+                shared.core()
+            }
+            None => held,
+        };
+        let (grant, held) = {
+            let mut core = held;
+            if core.state.draining().is_some() {
+                return Err(QueueError::Draining { shard: shared.config.shard.clone() });
+            }
+            match core.state.next_eligible(now) {
+                Some((item_id, attempt)) => {
+                    command.plan_lease(&mut core, $caller, $request, item_id, attempt + 1, now);
+                    (Ok((item_id, command.seal(&mut core))), core)
+                }
+                None => (Err(core.state.next_not_before().map(|at| at.saturating_duration_since(now))), core),
+            }
+        };
+        match grant {
+            Ok((item_id, flight)) => {
+                // Written straight into the caller's slot: a granted item is
+                // a large value, and every move through the layers between
+                // here and the caller would copy it.
+                let slot: &mut Result<Option<LeasedItem>> = $slot;
+                settle!(command, held, flight, |state| {
+                    let item = state.item(item_id).expect("the lease was just applied");
+                    *slot = Ok(Some(LeasedItem {
+                        handle: item.handle().expect("the item was just leased"),
+                        item: item.clone(),
+                    }));
+                });
+                drop(command);
+                let waited = $started.map_or(0.0, |started| started.elapsed().as_secs_f64());
+                shared.metrics.lease_wait.record(waited);
+                Ok(())
+            }
+            Err(sleep_for) => {
+                drop(held);
+                Err(sleep_for)
+            }
+        }
+    }};
+}
 
 /// Settings of one queue. Every default is a named constant in
 /// [`crate::defaults`].
@@ -122,8 +233,11 @@ impl QueueConfig {
         Ok(())
     }
 
+    #[inline]
     fn lease_duration(&self, requested: Option<Duration>) -> Duration {
-        requested.unwrap_or(self.lease_duration).clamp(defaults::LEASE_DURATION_MIN, self.max_lease_duration)
+        // `clamp` would first assert that the bounds are ordered, which
+        // `validate` already made sure of.
+        requested.unwrap_or(self.lease_duration).max(defaults::LEASE_DURATION_MIN).min(self.max_lease_duration)
     }
 }
 
@@ -335,7 +449,7 @@ pub struct QueueStats {
 pub struct QueueBuilder {
     config: QueueConfig,
     replicator: Arc<dyn Replicator>,
-    clock: Arc<dyn Clock>,
+    clock: QueueClock,
     listeners: Vec<Arc<dyn BackpressureListener>>,
     observers: Vec<Arc<dyn LeaseObserver>>,
     state: Option<QueueState>,
@@ -350,7 +464,7 @@ impl QueueBuilder {
 
     /// Reads time from `clock` instead of [`TokioClock`].
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.clock = QueueClock::new(clock);
         self
     }
 
@@ -382,13 +496,22 @@ impl QueueBuilder {
             peer: self.config.node.clone(),
         });
         let metrics = QueueMetrics::new(&self.config.shard);
+        // The gauges start at the state's values; afterwards each applied
+        // batch updates them (the dead-letter gauge when its count changed).
+        metrics.pending.set(state.pending() as f64);
+        metrics.active.set(state.active() as f64);
+        metrics.dead_letters.set(state.dead_letters() as f64);
         let core = Core {
             state,
             nonce,
             counter: 0,
             producer_seq: 0,
-            in_doubt: false,
-            batch: Batch { shard: self.config.shard.clone(), producer, producer_seq: 0, events: Vec::new() },
+            batch: Some(Box::new(Batch {
+                shard: self.config.shard.clone(),
+                producer,
+                producer_seq: 0,
+                events: Vec::new(),
+            })),
             origin: Arc::clone(&system),
             last_now: Timestamp::EPOCH,
         };
@@ -401,7 +524,9 @@ impl QueueBuilder {
                 observers: self.observers,
                 metrics,
                 system,
-                core: Mutex::new(core),
+                gate: Gate::new(),
+                core: StdMutex::new(core),
+                in_doubt: AtomicBool::new(false),
                 changed: Notify::new(),
                 waiting: AtomicUsize::new(0),
             }),
@@ -445,19 +570,40 @@ impl std::fmt::Debug for Queue {
 struct Shared {
     config: QueueConfig,
     replicator: Arc<dyn Replicator>,
-    clock: Arc<dyn Clock>,
+    clock: QueueClock,
     listeners: Vec<Arc<dyn BackpressureListener>>,
     observers: Vec<Arc<dyn LeaseObserver>>,
     metrics: QueueMetrics,
     /// Origin of events the queue causes itself.
     system: Arc<Origin>,
-    core: Mutex<Core>,
+    /// Held by one command at a time from validation to the last applied
+    /// event, across the publish: commands on the shard are linearized.
+    gate: Gate,
+    /// The state. Locked only by the holder of `gate`, for short synchronous
+    /// sections that never span an `.await`, so it is never contended.
+    core: StdMutex<Core>,
+    /// The core's batch was sent but not acknowledged: it must be re-sent
+    /// (same producer sequence) and applied before any new command. Changed
+    /// only by the gate holder; an atomic so that starting a command does
+    /// not need the state's lock.
+    in_doubt: AtomicBool,
     /// Woken after every applied batch while someone waits (long polls,
     /// waiting drains).
     changed: Notify,
     /// How many callers wait on `changed`; zero keeps the hot path free of
     /// notifications.
     waiting: AtomicUsize,
+}
+
+impl Shared {
+    /// Locks the state. Only the gate holder calls this, so it never waits.
+    /// A panic under this lock (a listener or observer that panicked) leaves
+    /// the state as the events applied so far made it, which is what the
+    /// tokio mutex this replaced gave too: poisoning is not a reason to stop.
+    #[inline]
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Everything behind the shard lock.
@@ -468,11 +614,10 @@ struct Core {
     nonce: u64,
     counter: u64,
     producer_seq: u64,
-    /// `batch` was sent but not acknowledged: it must be re-sent (same
-    /// producer sequence) and applied before any new command.
-    in_doubt: bool,
-    /// The batch being published; its buffer is reused.
-    batch: Batch,
+    /// The batch being built; its buffer is reused. `None` only while the
+    /// replicator has it (see [`InFlight`]). Boxed, so handing it back and
+    /// forth moves a pointer.
+    batch: Option<Box<Batch>>,
     /// Origin of the last caller, reused while the caller does not change.
     origin: Arc<Origin>,
     /// Recorded times never go backwards, even if the clock does.
@@ -480,11 +625,13 @@ struct Core {
 }
 
 impl Core {
+    #[inline]
     fn next_id(&mut self) -> u128 {
         self.counter += 1;
         (u128::from(self.nonce) << 64) | u128::from(self.counter)
     }
 
+    #[inline]
     fn next_item_id(&mut self) -> ItemId {
         loop {
             let id = ItemId::from_u128(self.next_id());
@@ -494,29 +641,115 @@ impl Core {
         }
     }
 
-    fn now(&mut self, clock: &dyn Clock) -> Timestamp {
+    #[inline]
+    fn now(&mut self, clock: &QueueClock) -> Timestamp {
         self.last_now = clock.now().max(self.last_now);
         self.last_now
     }
 
+    #[inline]
     fn origin(&mut self, shard: &ShardId, caller: &Caller) -> Arc<Origin> {
-        // Pointer comparison first: a caller reused across calls shares the
-        // cached origin's strings.
-        let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
-        if !same(self.origin.principal.as_str(), caller.principal.as_str())
-            || !same(self.origin.peer.as_str(), caller.peer.as_str())
-        {
-            self.origin = Arc::new(Origin {
-                shard: shard.clone(),
-                principal: caller.principal.clone(),
-                peer: caller.peer.clone(),
-            });
+        // Compared by pointer first (string ids do): a caller reused across
+        // calls shares the cached origin's strings.
+        if self.origin.principal != caller.principal || self.origin.peer != caller.peer {
+            self.new_origin(shard, caller);
         }
         Arc::clone(&self.origin)
     }
 
+    #[cold]
+    fn new_origin(&mut self, shard: &ShardId, caller: &Caller) {
+        self.origin =
+            Arc::new(Origin { shard: shard.clone(), principal: caller.principal.clone(), peer: caller.peer.clone() });
+    }
+
+    #[inline]
+    fn batch(&mut self) -> &mut Batch {
+        self.batch.as_mut().expect("the batch is in the core whenever the gate holder plans")
+    }
+
+    #[inline]
     fn push(&mut self, origin: &Arc<Origin>, at: Timestamp, kind: EventKind) {
-        self.batch.events.push(Event { origin: Arc::clone(origin), recorded_at: at, kind });
+        self.batch().events.push(Event { origin: Arc::clone(origin), recorded_at: at, kind });
+    }
+
+    fn has_events(&self) -> bool {
+        self.batch.as_ref().is_some_and(|batch| !batch.events.is_empty())
+    }
+}
+
+/// The queue's clock: the default [`TokioClock`] is called directly (every
+/// command reads the clock once, and a call through `dyn Clock` cannot be
+/// inlined); any other clock through its trait object.
+enum QueueClock {
+    Tokio(TokioClock),
+    Other(Arc<dyn Clock>),
+}
+
+impl QueueClock {
+    fn new(clock: impl Clock) -> Self {
+        match (&clock as &dyn std::any::Any).downcast_ref::<TokioClock>() {
+            Some(tokio) => QueueClock::Tokio(tokio.clone()),
+            None => QueueClock::Other(Arc::new(clock)),
+        }
+    }
+
+    #[inline]
+    fn now(&self) -> Timestamp {
+        match self {
+            QueueClock::Tokio(clock) => clock.now(),
+            QueueClock::Other(clock) => clock.now(),
+        }
+    }
+}
+
+/// A command in progress. It holds the shard gate, so its validate ->
+/// publish -> apply cannot interleave with another command's; the state is
+/// locked only for the synchronous parts.
+struct Command<'a> {
+    shared: &'a Shared,
+    _permit: Permit<'a>,
+}
+
+/// A batch taken out of the core while the replicator has it. If the command
+/// is dropped before the answer (its caller gave up mid-publish), the batch
+/// goes back into the core in doubt: maybe written, so the next command
+/// re-sends it with the same producer sequence and applies it, as after an
+/// ambiguous failure. The gate is still held while this runs, because the
+/// permit was taken before and is dropped after.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    batch: Option<Box<Batch>>,
+}
+
+impl InFlight<'_> {
+    #[inline]
+    fn batch(&self) -> &Batch {
+        self.batch.as_ref().expect("in flight until landed")
+    }
+
+    #[inline]
+    fn land(&mut self) -> Box<Batch> {
+        self.batch.take().expect("landed once")
+    }
+}
+
+impl Drop for InFlight<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.batch.is_some() {
+            self.abandon();
+        }
+    }
+}
+
+impl InFlight<'_> {
+    #[cold]
+    fn abandon(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.shared.core().batch = Some(batch);
+            self.shared.in_doubt.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -551,7 +784,7 @@ impl Queue {
         QueueBuilder {
             config,
             replicator,
-            clock: Arc::new(TokioClock::new()),
+            clock: QueueClock::Tokio(TokioClock::new()),
             listeners: Vec::new(),
             observers: Vec::new(),
             state: None,
@@ -574,33 +807,41 @@ impl Queue {
     pub async fn enqueue(&self, caller: &Caller, request: EnqueueRequest) -> Result<Enqueued> {
         validate::payload("payload", &request.payload)?;
         validate::delay("delay", request.delay, defaults::ENQUEUE_DELAY_MAX)?;
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if !request.payload.request_id.is_empty()
-            && let Some(item_id) = core.state.request(&request.payload.request_id)
-        {
-            return Ok(Enqueued { item_id, deduplicated: true, sequence: Sequence::ZERO });
-        }
-        let now = core.now(&*shared.clock);
-        let (pending, active) = (core.state.pending(), core.state.active());
-        if pending + active >= shared.config.capacity {
-            return Err(QueueError::AtCapacity { capacity: shared.config.capacity, signal: self.signal(&core, now) });
-        }
-        if core.state.backpressure().active || pending >= shared.config.high_watermark {
-            return Err(QueueError::Backpressure { signal: self.signal(&core, now) });
-        }
-        let item_id = core.next_item_id();
-        let origin = core.origin(&shared.config.shard, caller);
-        let new = NewItem {
-            id: item_id,
-            payload: Arc::new(request.payload),
-            priority: request.priority,
-            enqueued_at: now,
-            not_before: now.saturating_add(request.delay),
+        let command = begin!(self);
+        let shared = command.shared;
+        let (item_id, flight, held) = {
+            let mut core = shared.core();
+            if !request.payload.request_id.is_empty()
+                && let Some(item_id) = core.state.request(&request.payload.request_id)
+            {
+                return Ok(Enqueued { item_id, deduplicated: true, sequence: Sequence::ZERO });
+            }
+            let now = core.now(&shared.clock);
+            let (pending, active) = (core.state.pending(), core.state.active());
+            if pending + active >= shared.config.capacity {
+                return Err(QueueError::AtCapacity {
+                    capacity: shared.config.capacity,
+                    signal: shared.signal(&core, now),
+                });
+            }
+            if core.state.backpressure().active || pending >= shared.config.high_watermark {
+                return Err(QueueError::Backpressure { signal: shared.signal(&core, now) });
+            }
+            let item_id = core.next_item_id();
+            let origin = core.origin(&shared.config.shard, caller);
+            let new = NewItem {
+                id: item_id,
+                payload: Arc::new(request.payload),
+                priority: request.priority,
+                enqueued_at: now,
+                not_before: now.saturating_add(request.delay),
+            };
+            core.push(&origin, now, EventKind::Enqueued(new));
+            shared.push_backpressure(&mut core, &origin, now, pending + 1);
+            let flight = command.seal(&mut core);
+            (item_id, flight, core)
         };
-        core.push(&origin, now, EventKind::Enqueued(new));
-        self.push_backpressure(&mut core, &origin, now, pending + 1);
-        let first = self.commit(&mut core).await?;
+        let (first, ()) = settle!(command, held, flight, |_| ());
         Ok(Enqueued { item_id, deduplicated: false, sequence: first })
     }
 
@@ -609,70 +850,66 @@ impl Queue {
     /// waiting up to `request.wait` for one. `Ok(None)` when none became
     /// eligible in time.
     pub async fn lease(&self, caller: &Caller, request: LeaseRequest) -> Result<Option<LeasedItem>> {
-        if request.owner.as_str().trim().is_empty() {
+        if validate::is_blank(request.owner.as_str()) {
             return Err(QueueError::invalid("owner", "is required and must not be blank"));
         }
-        let shared = &*self.shared;
         let wait = request.wait.min(defaults::LEASE_WAIT_MAX);
-        // A call that does not wait skips the clock reads of the wait metric.
-        let started = (!wait.is_zero()).then(tokio::time::Instant::now);
-        let deadline = started.map(|started| started + wait);
-        let waiting = started.map(|_| Waiting::new(&shared.waiting));
+        if !wait.is_zero() {
+            return self.lease_waiting(caller, &request, wait).await;
+        }
+        // A call that does not wait: one attempt, nothing to arm, and no
+        // clock reads for the wait metric.
+        let command = begin!(self);
+        // The answer itself is the slot the item is written into: returned
+        // as it is, it is not copied again on the way out.
+        let mut leased = Ok(None);
+        let _ = lease_attempt!(command, caller, &request, None::<tokio::time::Instant>, &mut leased);
+        leased
+    }
+
+    /// [`lease`](Self::lease) for a call that waits up to `wait`.
+    async fn lease_waiting(
+        &self,
+        caller: &Caller,
+        request: &LeaseRequest,
+        wait: Duration,
+    ) -> Result<Option<LeasedItem>> {
+        let shared = &*self.shared;
+        let started = tokio::time::Instant::now();
+        let deadline = started + wait;
+        let _waiting = Waiting::new(&shared.waiting);
         loop {
             // Created before looking at the state: a change applied after we
             // looked wakes this future even though it is polled later.
             let changed = shared.changed.notified();
-            let sleep_for = {
-                let mut core = self.lock().await?;
-                let now = core.now(&*shared.clock);
-                if core.state.has_due_expiry(now) {
-                    self.expire_locked(&mut core, now).await?;
-                }
-                if core.state.draining().is_some() {
-                    return Err(QueueError::Draining { shard: shared.config.shard.clone() });
-                }
-                if let Some(item_id) = core.state.next_eligible(now) {
-                    let granted = self.grant(&mut core, caller, &request, item_id, now).await?;
-                    drop(core);
-                    shared.metrics.lease_wait.record(started.map_or(0.0, |started| started.elapsed().as_secs_f64()));
-                    return Ok(Some(granted));
-                }
-                core.state.next_not_before().map(|at| at.saturating_duration_since(now))
+            let mut leased = Ok(None);
+            let sleep_for = match self.lease_once(caller, request, started, &mut leased).await? {
+                Ok(()) => return leased,
+                Err(sleep_for) => sleep_for,
             };
             let now = tokio::time::Instant::now();
-            let Some(deadline) = deadline.filter(|deadline| now < *deadline) else {
+            if now >= deadline {
                 return Ok(None);
-            };
+            }
             let until = sleep_for.map_or(deadline, |d| (now + d).min(deadline));
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep_until(until) => {}
             }
-            let _ = &waiting;
         }
     }
 
-    async fn grant(
+    /// One attempt of a waiting lease (a function of its own: the state's
+    /// lock must not live in the waiting loop's future).
+    async fn lease_once(
         &self,
-        core: &mut Core,
         caller: &Caller,
         request: &LeaseRequest,
-        item_id: ItemId,
-        now: Timestamp,
-    ) -> Result<LeasedItem> {
-        let shared = &*self.shared;
-        let attempt = core.state.item(item_id).map_or(1, |item| item.attempt + 1);
-        let lease_id = LeaseId::from_u128(core.next_id());
-        let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind = EventKind::Leased { item_id, attempt, lease_id, owner: request.owner.clone(), expires_at };
-        core.push(&origin, now, kind);
-        let pending_after = core.state.pending() - 1;
-        self.push_backpressure(core, &origin, now, pending_after);
-        self.commit(core).await?;
-        let item = core.state.item(item_id).expect("the lease was just applied").clone();
-        let handle = item.handle().expect("the item was just leased");
-        Ok(LeasedItem { handle, item })
+        started: tokio::time::Instant,
+        leased: &mut Result<Option<LeasedItem>>,
+    ) -> Result<std::result::Result<(), Option<Duration>>> {
+        let command = begin!(self);
+        Ok(lease_attempt!(command, caller, request, Some(started), leased))
     }
 
     /// Extends a lease by `extend_by` from now (`None`: the default lease
@@ -685,35 +922,51 @@ impl Queue {
         progress: BTreeMap<String, String>,
     ) -> Result<Timestamp> {
         validate::progress(&progress)?;
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        let now = core.now(&*shared.clock);
-        check_handle(&core.state, handle, now)?;
-        let expires_at = now.saturating_add(shared.config.lease_duration(extend_by));
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind =
-            EventKind::Heartbeat { item_id: handle.item_id, fencing_token: handle.fencing_token, expires_at, progress };
-        core.push(&origin, now, kind);
-        self.commit(&mut core).await?;
+        let command = begin!(self);
+        let shared = command.shared;
+        let (expires_at, flight, held) = {
+            let mut core = shared.core();
+            let now = core.now(&shared.clock);
+            check_handle(&core.state, handle, now)?;
+            let expires_at = now.saturating_add(shared.config.lease_duration(extend_by));
+            let origin = core.origin(&shared.config.shard, caller);
+            let kind = EventKind::Heartbeat {
+                item_id: handle.item_id,
+                fencing_token: handle.fencing_token,
+                expires_at,
+                progress,
+            };
+            core.push(&origin, now, kind);
+            let flight = command.seal(&mut core);
+            (expires_at, flight, core)
+        };
+        settle!(command, held, flight, |_| ());
         Ok(expires_at)
     }
 
     /// Completes a leased item and removes it. Repeating it with the same
     /// handle answers `Ok(true)` ("already completed") and writes nothing.
     pub async fn complete(&self, caller: &Caller, handle: &LeaseHandle) -> Result<bool> {
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if core.state.item(handle.item_id).is_none()
-            && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
-        {
-            return Ok(true);
-        }
-        let now = core.now(&*shared.clock);
-        check_handle(&core.state, handle, now)?;
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
-        core.push(&origin, now, kind);
-        self.commit(&mut core).await?;
+        let command = begin!(self);
+        let shared = command.shared;
+        let (flight, held) = {
+            let mut core = shared.core();
+            let now = core.now(&shared.clock);
+            if let Err(error) = check_handle(&core.state, handle, now) {
+                // Completing again with the handle that completed it.
+                if core.state.item(handle.item_id).is_none()
+                    && core.state.completed_token(handle.item_id) == Some(handle.fencing_token)
+                {
+                    return Ok(true);
+                }
+                return Err(error);
+            }
+            let origin = core.origin(&shared.config.shard, caller);
+            let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
+            core.push(&origin, now, kind);
+            (command.seal(&mut core), core)
+        };
+        settle!(command, held, flight, |_| ());
         Ok(false)
     }
 
@@ -725,36 +978,41 @@ impl Queue {
         if let Some(delay) = request.requeue_delay {
             validate::delay("requeue_delay", delay, defaults::REQUEUE_DELAY_MAX)?;
         }
-        let shared = &*self.shared;
+        let command = begin!(self);
+        let shared = command.shared;
         let config = &shared.config;
-        let mut core = self.lock().await?;
-        let now = core.now(&*shared.clock);
-        let attempt = check_handle(&core.state, handle, now)?.attempt;
-        let origin = core.origin(&config.shard, caller);
-        let item_id = handle.item_id;
-        let failed = EventKind::Failed { item_id, fencing_token: handle.fencing_token, error: request.error };
-        core.push(&origin, now, failed);
-        let outcome = if request.action == FailAction::DeadLetter {
-            FailOutcome::DeadLettered { reason: DeadLetterReason::Requested }
-        } else if attempt >= config.max_attempts {
-            FailOutcome::DeadLettered { reason: DeadLetterReason::MaxAttempts }
-        } else {
-            let delay = request
-                .requeue_delay
-                .unwrap_or_else(|| state::backoff(item_id, attempt, config.backoff_base, config.backoff_max));
-            FailOutcome::Requeued { not_before: now.saturating_add(delay) }
+        let (outcome, flight, held) = {
+            let mut core = shared.core();
+            let now = core.now(&shared.clock);
+            let attempt = check_handle(&core.state, handle, now)?.attempt;
+            let origin = core.origin(&config.shard, caller);
+            let item_id = handle.item_id;
+            let failed = EventKind::Failed { item_id, fencing_token: handle.fencing_token, error: request.error };
+            core.push(&origin, now, failed);
+            let outcome = if request.action == FailAction::DeadLetter {
+                FailOutcome::DeadLettered { reason: DeadLetterReason::Requested }
+            } else if attempt >= config.max_attempts {
+                FailOutcome::DeadLettered { reason: DeadLetterReason::MaxAttempts }
+            } else {
+                let delay = request
+                    .requeue_delay
+                    .unwrap_or_else(|| state::backoff(item_id, attempt, config.backoff_base, config.backoff_max));
+                FailOutcome::Requeued { not_before: now.saturating_add(delay) }
+            };
+            match outcome {
+                FailOutcome::Requeued { not_before } => {
+                    core.push(&origin, now, EventKind::Requeued { item_id, not_before, reason: RequeueReason::Failed });
+                    let pending_after = core.state.pending() + 1;
+                    shared.push_backpressure(&mut core, &origin, now, pending_after);
+                }
+                FailOutcome::DeadLettered { reason } => {
+                    core.push(&origin, now, EventKind::DeadLettered { item_id, reason });
+                }
+            }
+            let flight = command.seal(&mut core);
+            (outcome, flight, core)
         };
-        match outcome {
-            FailOutcome::Requeued { not_before } => {
-                core.push(&origin, now, EventKind::Requeued { item_id, not_before, reason: RequeueReason::Failed });
-                let pending_after = core.state.pending() + 1;
-                self.push_backpressure(&mut core, &origin, now, pending_after);
-            }
-            FailOutcome::DeadLettered { reason } => {
-                core.push(&origin, now, EventKind::DeadLettered { item_id, reason });
-            }
-        }
-        self.commit(&mut core).await?;
+        settle!(command, held, flight, |_| ());
         Ok(outcome)
     }
 
@@ -762,17 +1020,403 @@ impl Queue {
     /// each gets an `Expired` event and is requeued, or dead-lettered if it
     /// was its last attempt. Returns how many leases expired.
     pub async fn expire_due(&self) -> Result<usize> {
-        let mut core = self.lock().await?;
-        let now = core.now(&*self.shared.clock);
+        let command = begin!(self);
+        let now = command.shared.core().now(&command.shared.clock);
         let mut expired = 0;
-        while core.state.has_due_expiry(now) {
-            expired += self.expire_locked(&mut core, now).await?;
+        loop {
+            match command.expire_batch(now).await? {
+                0 => return Ok(expired),
+                batch => expired += batch,
+            }
         }
+    }
+
+    /// Stops granting leases and returns a snapshot of the pending items.
+    ///
+    /// With [`DrainMode::Wait`] the drain waits up to `wait` (clamped to
+    /// [`DRAIN_WAIT_MAX`](defaults::DRAIN_WAIT_MAX)) for leases in flight to
+    /// end; leases still running then are listed in `in_flight`. With
+    /// [`DrainMode::HandBack`] leases are handed back at once and their items
+    /// are pending (and in the snapshot). Non-destructive: the queue keeps
+    /// every item until [`resume`](Self::resume) or a purge elsewhere.
+    pub async fn drain(&self, caller: &Caller, mode: DrainMode, wait: Option<Duration>) -> Result<DrainSnapshot> {
+        let shared = &*self.shared;
+        let waiting = Waiting::new(&shared.waiting);
+        {
+            let command = begin!(self);
+            let (flight, held) = {
+                let mut core = shared.core();
+                let now = core.now(&shared.clock);
+                let origin = core.origin(&shared.config.shard, caller);
+                if core.state.draining() != Some(mode) {
+                    core.push(&origin, now, EventKind::DrainStarted { mode });
+                }
+                if mode == DrainMode::HandBack {
+                    let leased: Vec<ItemId> = core.state.leased_items().iter().map(|item| item.id).collect();
+                    for &item_id in &leased {
+                        core.push(
+                            &origin,
+                            now,
+                            EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::HandedBack },
+                        );
+                    }
+                    let pending_after = core.state.pending() + leased.len() as u64;
+                    shared.push_backpressure(&mut core, &origin, now, pending_after);
+                }
+                (core.has_events().then(|| command.seal(&mut core)), core)
+            };
+            if let Some(flight) = flight {
+                settle!(command, held, flight, |_| ());
+            }
+        }
+        if mode == DrainMode::Wait {
+            let deadline =
+                tokio::time::Instant::now() + wait.unwrap_or(defaults::DRAIN_WAIT).min(defaults::DRAIN_WAIT_MAX);
+            loop {
+                let changed = shared.changed.notified();
+                let active = {
+                    let _command = begin!(self);
+                    shared.core().state.active()
+                };
+                if active == 0 {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    break;
+                }
+            }
+        }
+        drop(waiting);
+        let command = begin!(self);
+        let (now, items, in_flight, flight, held) = {
+            let mut core = shared.core();
+            let now = core.now(&shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            let items: Vec<WorkItem> = core.state.pending_items().into_iter().cloned().collect();
+            let in_flight: Vec<WorkItem> = core.state.leased_items().into_iter().cloned().collect();
+            let kind = EventKind::Drained {
+                pending: u32::try_from(items.len()).unwrap_or(u32::MAX),
+                in_flight: u32::try_from(in_flight.len()).unwrap_or(u32::MAX),
+            };
+            core.push(&origin, now, kind);
+            let flight = command.seal(&mut core);
+            (now, items, in_flight, flight, core)
+        };
+        let (sequence, ()) = settle!(command, held, flight, |_| ());
+        Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
+    }
+
+    /// Grants leases again after a drain. `Ok(false)` if it was not draining.
+    pub async fn resume(&self, caller: &Caller) -> Result<bool> {
+        let command = begin!(self);
+        let shared = command.shared;
+        let (flight, held) = {
+            let mut core = shared.core();
+            if core.state.draining().is_none() {
+                return Ok(false);
+            }
+            let now = core.now(&shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::Resumed);
+            (command.seal(&mut core), core)
+        };
+        settle!(command, held, flight, |_| ());
+        Ok(true)
+    }
+
+    /// Loads a drain snapshot's pending items, keeping ids, attempts, errors,
+    /// tokens and histories; items already present (same id, or same
+    /// `request_id` as a remembered item) are skipped. All or nothing: at
+    /// capacity nothing is restored.
+    pub async fn restore(&self, caller: &Caller, snapshot: &DrainSnapshot) -> Result<Restored> {
+        for (index, item) in snapshot.items.iter().enumerate() {
+            validate::payload(&format!("snapshot.items[{index}].payload"), &item.payload)?;
+        }
+        let command = begin!(self);
+        let shared = command.shared;
+        let (restored, skipped, flight, held) = {
+            let mut core = shared.core();
+            let mut seen = std::collections::HashSet::new();
+            let mut requests = std::collections::HashSet::new();
+            let mut items = Vec::new();
+            for item in &snapshot.items {
+                let request_taken = !item.payload.request_id.is_empty()
+                    && (core.state.request(&item.payload.request_id).is_some()
+                        || !requests.insert(item.payload.request_id.as_str()));
+                if core.state.contains(item.id) || !seen.insert(item.id) || request_taken {
+                    continue;
+                }
+                let mut item = item.clone();
+                item.lease = None;
+                items.push(item);
+            }
+            let restored = items.len() as u64;
+            let skipped = u32::try_from(snapshot.items.len() as u64 - restored).unwrap_or(u32::MAX);
+            if items.is_empty() {
+                return Ok(Restored { restored: 0, skipped });
+            }
+            let now = core.now(&shared.clock);
+            let (pending, active) = (core.state.pending(), core.state.active());
+            if pending + active + restored > shared.config.capacity {
+                return Err(QueueError::AtCapacity {
+                    capacity: shared.config.capacity,
+                    signal: shared.signal(&core, now),
+                });
+            }
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::Restored { items, skipped });
+            shared.push_backpressure(&mut core, &origin, now, pending + restored);
+            let flight = command.seal(&mut core);
+            (restored, skipped, flight, core)
+        };
+        settle!(command, held, flight, |_| ());
+        Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
+    }
+
+    /// Lists dead letters, oldest first, one page at a time.
+    pub async fn dead_letters(&self, page_size: u32, page_token: Option<&str>) -> Result<DeadLetterPage> {
+        let after = match page_token.filter(|token| !token.is_empty()) {
+            None => None,
+            Some(token) => Some(
+                token
+                    .parse::<u64>()
+                    .map_err(|_| QueueError::invalid("page_token", "is not a token this queue issued"))?,
+            ),
+        };
+        let size = match page_size {
+            0 => defaults::DEAD_LETTER_PAGE_SIZE,
+            n => n.min(defaults::DEAD_LETTER_PAGE_MAX),
+        } as usize;
+        let _permit = self.shared.gate.acquire().await;
+        let core = self.shared.core();
+        let mut page = core.state.dead_letters_page(after, size + 1);
+        let next_page_token = (page.len() > size).then(|| {
+            page.truncate(size);
+            page.last().map(|(order, _)| order.to_string()).unwrap_or_default()
+        });
+        Ok(DeadLetterPage {
+            dead_letters: page.into_iter().map(|(_, letter)| letter.clone()).collect(),
+            next_page_token,
+        })
+    }
+
+    /// One dead letter with its whole history.
+    pub async fn dead_letter(&self, item_id: ItemId) -> Result<DeadLetter> {
+        let _permit = self.shared.gate.acquire().await;
+        let core = self.shared.core();
+        core.state.dead_letter(item_id).cloned().ok_or(QueueError::NotFound { what: "dead letter", item_id })
+    }
+
+    /// Re-enqueues a dead letter as a pending item (same id and history,
+    /// attempt count reset), at the back of the queue.
+    pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
+        let command = begin!(self);
+        let shared = command.shared;
+        let (flight, held) = {
+            let mut core = shared.core();
+            if core.state.dead_letter(item_id).is_none() {
+                return Err(QueueError::NotFound { what: "dead letter", item_id });
+            }
+            let now = core.now(&shared.clock);
+            let (pending, active) = (core.state.pending(), core.state.active());
+            if pending + active >= shared.config.capacity {
+                return Err(QueueError::AtCapacity {
+                    capacity: shared.config.capacity,
+                    signal: shared.signal(&core, now),
+                });
+            }
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::Redriven { item_id, not_before: now });
+            shared.push_backpressure(&mut core, &origin, now, pending + 1);
+            (command.seal(&mut core), core)
+        };
+        settle!(command, held, flight, |_| ());
+        Ok(item_id)
+    }
+
+    /// Deletes dead letters for good. Returns how many were deleted.
+    pub async fn purge_dead_letters(&self, caller: &Caller, which: Purge) -> Result<u32> {
+        if which == Purge::Items(Vec::new()) {
+            return Err(QueueError::invalid("item_ids", "must name at least one item unless purging all"));
+        }
+        let command = begin!(self);
+        let shared = command.shared;
+        let (purged, flight, held) = {
+            let mut core = shared.core();
+            let item_ids: Vec<ItemId> = match which {
+                Purge::All => {
+                    core.state.dead_letters_page(None, usize::MAX).into_iter().map(|(_, l)| l.item.id).collect()
+                }
+                Purge::Items(ids) => {
+                    let mut seen = std::collections::HashSet::new();
+                    ids.into_iter().filter(|id| core.state.dead_letter(*id).is_some() && seen.insert(*id)).collect()
+                }
+            };
+            if item_ids.is_empty() {
+                return Ok(0);
+            }
+            let purged = u32::try_from(item_ids.len()).unwrap_or(u32::MAX);
+            let now = core.now(&shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
+            let flight = command.seal(&mut core);
+            (purged, flight, core)
+        };
+        settle!(command, held, flight, |_| ());
+        Ok(purged)
+    }
+
+    /// Depth, leases, dead letters and the backpressure state.
+    pub async fn stats(&self) -> QueueStats {
+        let shared = &*self.shared;
+        let _permit = shared.gate.acquire().await;
+        let mut core = shared.core();
+        let now = core.now(&shared.clock);
+        QueueStats {
+            pending: core.state.pending(),
+            active: core.state.active(),
+            dead_letters: core.state.dead_letters(),
+            draining: core.state.draining().is_some(),
+            capacity: shared.config.capacity,
+            backpressure: shared.signal(&core, now),
+            last_sequence: core.state.last_sequence(),
+        }
+    }
+
+    /// Runs `f` on the current state (for inspection, snapshots and tests).
+    pub async fn inspect<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
+        let _permit = self.shared.gate.acquire().await;
+        f(&self.shared.core().state)
+    }
+
+    /// The current state in its canonical encoding: what a snapshot stores,
+    /// and what replaying the log must reproduce byte for byte.
+    pub async fn encode_state(&self) -> Vec<u8> {
+        self.inspect(QueueState::encode).await
+    }
+
+    /// The earliest lease expiry, for sweepers that sleep until it.
+    pub async fn next_expiry(&self) -> Option<Timestamp> {
+        let _permit = self.shared.gate.acquire().await;
+        self.shared.core().state.next_expiry()
+    }
+
+    /// Whether a batch is in doubt (sent, not acknowledged) and will be
+    /// settled by the next command (shown by the node's replication
+    /// diagnostics).
+    pub async fn in_doubt(&self) -> bool {
+        let _permit = self.shared.gate.acquire().await;
+        self.shared.in_doubt.load(Ordering::Acquire)
+    }
+
+    // ----- the commit path -----
+
+    /// Takes the shard gate at once if it is free and nothing is in doubt:
+    /// the common case, with no future to build or poll.
+    #[inline]
+    fn try_begin(&self) -> Option<Command<'_>> {
+        let shared = &*self.shared;
+        let permit = shared.gate.try_permit()?;
+        if shared.in_doubt.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(Command { shared, _permit: permit })
+    }
+
+    /// Takes the shard gate and first settles a batch left in doubt by a
+    /// failed publish, so every command starts from a state that matches the
+    /// log. See [`try_begin`](Self::try_begin) for the fast path.
+    async fn begin(&self) -> Result<Command<'_>> {
+        let shared = &*self.shared;
+        let command = Command { shared, _permit: shared.gate.acquire().await };
+        if shared.in_doubt.load(Ordering::Acquire) {
+            let (flight, held) = {
+                let mut core = shared.core();
+                (InFlight { shared, batch: core.batch.take() }, core)
+            };
+            settle!(command, held, flight, |_| ());
+        }
+        Ok(command)
+    }
+}
+
+impl Shared {
+    /// The live signal: the state's flag with the current depth and the
+    /// configured watermarks.
+    fn signal(&self, core: &Core, now: Timestamp) -> BackpressureSignal {
+        BackpressureSignal {
+            active: core.state.backpressure().active,
+            pending: core.state.pending(),
+            high: self.config.high_watermark,
+            low: self.config.low_watermark,
+            observed_at: now,
+            shard: self.config.shard.clone(),
+        }
+    }
+
+    /// Adds a `BackpressureChanged` event if `pending_after` crosses a
+    /// watermark (hysteresis: on at `high`, off at `low`).
+    #[inline(always)]
+    fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
+        let config = &self.config;
+        let active = core.state.backpressure().active;
+        let flip = if active { pending_after <= config.low_watermark } else { pending_after >= config.high_watermark };
+        if flip {
+            let signal = BackpressureSignal {
+                active: !active,
+                pending: pending_after,
+                high: config.high_watermark,
+                low: config.low_watermark,
+                observed_at: now,
+                shard: config.shard.clone(),
+            };
+            core.push(origin, now, EventKind::BackpressureChanged { signal });
+        }
+    }
+}
+
+impl<'a> Command<'a> {
+    /// Plans the lease of `item_id` (the next eligible item) at `now`, as
+    /// its `attempt`.
+    #[inline]
+    fn plan_lease(
+        &self,
+        core: &mut Core,
+        caller: &Caller,
+        request: &LeaseRequest,
+        item_id: ItemId,
+        attempt: u32,
+        now: Timestamp,
+    ) {
+        let shared = self.shared;
+        let lease_id = LeaseId::from_u128(core.next_id());
+        let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
+        let origin = core.origin(&shared.config.shard, caller);
+        let kind = EventKind::Leased { item_id, attempt, lease_id, owner: request.owner.clone(), expires_at };
+        core.push(&origin, now, kind);
+        let pending_after = core.state.pending() - 1;
+        shared.push_backpressure(core, &origin, now, pending_after);
+    }
+
+    /// Expires one batch of lapsed leases; zero when none was due. (A function
+    /// of its own: the state's lock must not live in a loop's future.)
+    async fn expire_batch(&self, now: Timestamp) -> Result<usize> {
+        let (expired, flight, held) = {
+            let mut core = self.shared.core();
+            if !core.state.has_due_expiry(now) {
+                return Ok(0);
+            }
+            let expired = self.plan_expiries(&mut core, now);
+            (expired, self.seal(&mut core), core)
+        };
+        settle!(self, held, flight, |_| ());
         Ok(expired)
     }
 
-    async fn expire_locked(&self, core: &mut Core, now: Timestamp) -> Result<usize> {
-        let shared = &*self.shared;
+    /// Plans `Expired` events (and requeues or dead letters) for at most
+    /// [`SWEEP_BATCH_MAX`](defaults::SWEEP_BATCH_MAX) lapsed leases.
+    fn plan_expiries(&self, core: &mut Core, now: Timestamp) -> usize {
+        let shared = self.shared;
         let due = core.state.due_expiries(now, defaults::SWEEP_BATCH_MAX);
         let origin = Arc::clone(&shared.system);
         let mut requeued = 0;
@@ -793,384 +1437,193 @@ impl Queue {
             }
         }
         let pending_after = core.state.pending() + requeued;
-        self.push_backpressure(core, &origin, now, pending_after);
-        self.commit(core).await?;
-        Ok(due.len())
+        shared.push_backpressure(core, &origin, now, pending_after);
+        due.len()
     }
 
-    /// Stops granting leases and returns a snapshot of the pending items.
-    ///
-    /// With [`DrainMode::Wait`] the drain waits up to `wait` (clamped to
-    /// [`DRAIN_WAIT_MAX`](defaults::DRAIN_WAIT_MAX)) for leases in flight to
-    /// end; leases still running then are listed in `in_flight`. With
-    /// [`DrainMode::HandBack`] leases are handed back at once and their items
-    /// are pending (and in the snapshot). Non-destructive: the queue keeps
-    /// every item until [`resume`](Self::resume) or a purge elsewhere.
-    pub async fn drain(&self, caller: &Caller, mode: DrainMode, wait: Option<Duration>) -> Result<DrainSnapshot> {
-        let shared = &*self.shared;
-        let waiting = Waiting::new(&shared.waiting);
-        {
-            let mut core = self.lock().await?;
-            let now = core.now(&*shared.clock);
-            let origin = core.origin(&shared.config.shard, caller);
-            if core.state.draining() != Some(mode) {
-                core.push(&origin, now, EventKind::DrainStarted { mode });
-            }
-            if mode == DrainMode::HandBack {
-                let leased: Vec<ItemId> = core.state.leased_items().iter().map(|item| item.id).collect();
-                for &item_id in &leased {
-                    core.push(
-                        &origin,
-                        now,
-                        EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::HandedBack },
-                    );
-                }
-                let pending_after = core.state.pending() + leased.len() as u64;
-                self.push_backpressure(&mut core, &origin, now, pending_after);
-            }
-            if !core.batch.events.is_empty() {
-                self.commit(&mut core).await?;
-            }
-        }
-        if mode == DrainMode::Wait {
-            let deadline =
-                tokio::time::Instant::now() + wait.unwrap_or(defaults::DRAIN_WAIT).min(defaults::DRAIN_WAIT_MAX);
-            loop {
-                let changed = shared.changed.notified();
-                if self.lock().await?.state.active() == 0 {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    break;
-                }
-            }
-        }
-        drop(waiting);
-        let mut core = self.lock().await?;
-        let now = core.now(&*shared.clock);
-        let origin = core.origin(&shared.config.shard, caller);
-        let items: Vec<WorkItem> = core.state.pending_items().into_iter().cloned().collect();
-        let in_flight: Vec<WorkItem> = core.state.leased_items().into_iter().cloned().collect();
-        let kind = EventKind::Drained {
-            pending: u32::try_from(items.len()).unwrap_or(u32::MAX),
-            in_flight: u32::try_from(in_flight.len()).unwrap_or(u32::MAX),
-        };
-        core.push(&origin, now, kind);
-        let sequence = self.commit(&mut core).await?;
-        Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
-    }
-
-    /// Grants leases again after a drain. `Ok(false)` if it was not draining.
-    pub async fn resume(&self, caller: &Caller) -> Result<bool> {
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if core.state.draining().is_none() {
-            return Ok(false);
-        }
-        let now = core.now(&*shared.clock);
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::Resumed);
-        self.commit(&mut core).await?;
-        Ok(true)
-    }
-
-    /// Loads a drain snapshot's pending items, keeping ids, attempts, errors,
-    /// tokens and histories; items already present (same id, or same
-    /// `request_id` as a remembered item) are skipped. All or nothing: at
-    /// capacity nothing is restored.
-    pub async fn restore(&self, caller: &Caller, snapshot: &DrainSnapshot) -> Result<Restored> {
-        for (index, item) in snapshot.items.iter().enumerate() {
-            validate::payload(&format!("snapshot.items[{index}].payload"), &item.payload)?;
-        }
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        let mut seen = std::collections::HashSet::new();
-        let mut requests = std::collections::HashSet::new();
-        let mut items = Vec::new();
-        for item in &snapshot.items {
-            let request_taken = !item.payload.request_id.is_empty()
-                && (core.state.request(&item.payload.request_id).is_some()
-                    || !requests.insert(item.payload.request_id.as_str()));
-            if core.state.contains(item.id) || !seen.insert(item.id) || request_taken {
-                continue;
-            }
-            let mut item = item.clone();
-            item.lease = None;
-            items.push(item);
-        }
-        let restored = items.len() as u64;
-        let skipped = u32::try_from(snapshot.items.len() as u64 - restored).unwrap_or(u32::MAX);
-        if items.is_empty() {
-            return Ok(Restored { restored: 0, skipped });
-        }
-        let now = core.now(&*shared.clock);
-        let (pending, active) = (core.state.pending(), core.state.active());
-        if pending + active + restored > shared.config.capacity {
-            return Err(QueueError::AtCapacity { capacity: shared.config.capacity, signal: self.signal(&core, now) });
-        }
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::Restored { items, skipped });
-        self.push_backpressure(&mut core, &origin, now, pending + restored);
-        self.commit(&mut core).await?;
-        Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
-    }
-
-    /// Lists dead letters, oldest first, one page at a time.
-    pub async fn dead_letters(&self, page_size: u32, page_token: Option<&str>) -> Result<DeadLetterPage> {
-        let after = match page_token.filter(|token| !token.is_empty()) {
-            None => None,
-            Some(token) => Some(
-                token
-                    .parse::<u64>()
-                    .map_err(|_| QueueError::invalid("page_token", "is not a token this queue issued"))?,
-            ),
-        };
-        let size = match page_size {
-            0 => defaults::DEAD_LETTER_PAGE_SIZE,
-            n => n.min(defaults::DEAD_LETTER_PAGE_MAX),
-        } as usize;
-        let core = self.shared.core.lock().await;
-        let mut page = core.state.dead_letters_page(after, size + 1);
-        let next_page_token = (page.len() > size).then(|| {
-            page.truncate(size);
-            page.last().map(|(order, _)| order.to_string()).unwrap_or_default()
-        });
-        Ok(DeadLetterPage {
-            dead_letters: page.into_iter().map(|(_, letter)| letter.clone()).collect(),
-            next_page_token,
-        })
-    }
-
-    /// One dead letter with its whole history.
-    pub async fn dead_letter(&self, item_id: ItemId) -> Result<DeadLetter> {
-        let core = self.shared.core.lock().await;
-        core.state.dead_letter(item_id).cloned().ok_or(QueueError::NotFound { what: "dead letter", item_id })
-    }
-
-    /// Re-enqueues a dead letter as a pending item (same id and history,
-    /// attempt count reset), at the back of the queue.
-    pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        if core.state.dead_letter(item_id).is_none() {
-            return Err(QueueError::NotFound { what: "dead letter", item_id });
-        }
-        let now = core.now(&*shared.clock);
-        let (pending, active) = (core.state.pending(), core.state.active());
-        if pending + active >= shared.config.capacity {
-            return Err(QueueError::AtCapacity { capacity: shared.config.capacity, signal: self.signal(&core, now) });
-        }
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::Redriven { item_id, not_before: now });
-        self.push_backpressure(&mut core, &origin, now, pending + 1);
-        self.commit(&mut core).await?;
-        Ok(item_id)
-    }
-
-    /// Deletes dead letters for good. Returns how many were deleted.
-    pub async fn purge_dead_letters(&self, caller: &Caller, which: Purge) -> Result<u32> {
-        if which == Purge::Items(Vec::new()) {
-            return Err(QueueError::invalid("item_ids", "must name at least one item unless purging all"));
-        }
-        let shared = &*self.shared;
-        let mut core = self.lock().await?;
-        let item_ids: Vec<ItemId> = match which {
-            Purge::All => core.state.dead_letters_page(None, usize::MAX).into_iter().map(|(_, l)| l.item.id).collect(),
-            Purge::Items(ids) => {
-                let mut seen = std::collections::HashSet::new();
-                ids.into_iter().filter(|id| core.state.dead_letter(*id).is_some() && seen.insert(*id)).collect()
-            }
-        };
-        if item_ids.is_empty() {
-            return Ok(0);
-        }
-        let purged = u32::try_from(item_ids.len()).unwrap_or(u32::MAX);
-        let now = core.now(&*shared.clock);
-        let origin = core.origin(&shared.config.shard, caller);
-        core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
-        self.commit(&mut core).await?;
-        Ok(purged)
-    }
-
-    /// Depth, leases, dead letters and the backpressure state.
-    pub async fn stats(&self) -> QueueStats {
-        let mut core = self.shared.core.lock().await;
-        let now = core.now(&*self.shared.clock);
-        QueueStats {
-            pending: core.state.pending(),
-            active: core.state.active(),
-            dead_letters: core.state.dead_letters(),
-            draining: core.state.draining().is_some(),
-            capacity: self.shared.config.capacity,
-            backpressure: self.signal(&core, now),
-            last_sequence: core.state.last_sequence(),
-        }
-    }
-
-    /// Runs `f` on the current state (for inspection, snapshots and tests).
-    pub async fn inspect<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
-        f(&self.shared.core.lock().await.state)
-    }
-
-    /// The current state in its canonical encoding: what a snapshot stores,
-    /// and what replaying the log must reproduce byte for byte.
-    pub async fn encode_state(&self) -> Vec<u8> {
-        self.inspect(QueueState::encode).await
-    }
-
-    /// The earliest lease expiry, for sweepers that sleep until it.
-    pub async fn next_expiry(&self) -> Option<Timestamp> {
-        self.inspect(QueueState::next_expiry).await
-    }
-
-    /// Whether a batch is in doubt (sent, not acknowledged) and will be
-    /// settled by the next command (shown by the node's replication
-    /// diagnostics).
-    pub async fn in_doubt(&self) -> bool {
-        self.shared.core.lock().await.in_doubt
-    }
-
-    // ----- the commit path -----
-
-    /// Locks the shard and first settles a batch left in doubt by a failed
-    /// publish, so every command starts from a state that matches the log.
-    async fn lock(&self) -> Result<MutexGuard<'_, Core>> {
-        let mut core = self.shared.core.lock().await;
-        if core.in_doubt {
-            self.publish_and_apply(&mut core).await?;
-        }
-        Ok(core)
-    }
-
-    /// The live signal: the state's flag with the current depth and the
-    /// configured watermarks.
-    fn signal(&self, core: &Core, now: Timestamp) -> BackpressureSignal {
-        BackpressureSignal {
-            active: core.state.backpressure().active,
-            pending: core.state.pending(),
-            high: self.shared.config.high_watermark,
-            low: self.shared.config.low_watermark,
-            observed_at: now,
-            shard: self.shared.config.shard.clone(),
-        }
-    }
-
-    /// Adds a `BackpressureChanged` event if `pending_after` crosses a
-    /// watermark (hysteresis: on at `high`, off at `low`).
-    fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
-        let config = &self.shared.config;
-        let active = core.state.backpressure().active;
-        let flip = if active { pending_after <= config.low_watermark } else { pending_after >= config.high_watermark };
-        if flip {
-            let signal = BackpressureSignal {
-                active: !active,
-                pending: pending_after,
-                high: config.high_watermark,
-                low: config.low_watermark,
-                observed_at: now,
-                shard: config.shard.clone(),
-            };
-            core.push(origin, now, EventKind::BackpressureChanged { signal });
-        }
-    }
-
-    /// Publishes the batch under construction and applies it. Returns the
-    /// sequence of its first event.
-    async fn commit(&self, core: &mut Core) -> Result<Sequence> {
+    /// Closes the batch under construction: gives it the next producer
+    /// sequence and takes it out of the core for [`send`](Self::send).
+    #[inline]
+    fn seal(&self, core: &mut Core) -> InFlight<'a> {
         core.producer_seq += 1;
-        core.batch.producer_seq = core.producer_seq;
-        self.publish_and_apply(core).await
+        let producer_seq = core.producer_seq;
+        core.batch().producer_seq = producer_seq;
+        InFlight { shared: self.shared, batch: core.batch.take() }
     }
 
-    async fn publish_and_apply(&self, core: &mut Core) -> Result<Sequence> {
-        let shared = &*self.shared;
-        let mut attempt = 1;
-        let appended = loop {
-            match shared.replicator.publish(&core.batch).await {
-                Ok(appended) => break appended,
-                Err(error @ ReplicationError::Rejected(_)) => {
-                    // Refused for good, so not written: drop the batch.
-                    core.batch.events.clear();
-                    core.in_doubt = false;
-                    tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
-                    return Err(QueueError::Replication(error));
-                }
-                Err(error) if attempt >= defaults::PUBLISH_ATTEMPTS => {
-                    // Maybe written, maybe not: keep it and settle it (same
-                    // producer sequence) before the next command.
-                    core.in_doubt = true;
-                    tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
-                    return Err(QueueError::Replication(error));
-                }
-                Err(_) => {
-                    attempt += 1;
-                    tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY).await;
-                }
+    /// Hands a sealed batch to the replicator. A synchronous replicator has
+    /// answered when this returns; otherwise (or to retry a transient
+    /// failure) the answer is a boxed future, kept out of every command's
+    /// own future because it is the rare path here.
+    #[inline]
+    fn publish<'f>(&self, flight: &'f InFlight<'a>) -> Publishing<'f> {
+        let mut answer = (*self.shared.replicator).publish(flight.batch());
+        match answer.take_ready() {
+            Some(Ok(appended)) => Publishing::Now(appended),
+            Some(Err(error)) => Publishing::Later(Box::pin(publish_retrying(
+                self.shared,
+                flight.batch(),
+                PublishFuture::ready(Err(error)),
+            ))),
+            None => Publishing::Later(Box::pin(publish_retrying(self.shared, flight.batch(), answer))),
+        }
+    }
+
+    /// Settles a batch with the replicator's final answer: applies it when
+    /// accepted, and returns `read` of the state right after; drops it when
+    /// refused for good; keeps it in doubt (re-sent before the next command)
+    /// when it may have been written.
+    #[inline]
+    fn land<R>(
+        &self,
+        core: &mut Core,
+        mut flight: InFlight<'a>,
+        answer: std::result::Result<Appended, ReplicationError>,
+        read: impl FnOnce(&QueueState) -> R,
+    ) -> Result<(Sequence, R)> {
+        let shared = self.shared;
+        let mut batch = flight.land();
+        let appended = match answer {
+            Ok(appended) => appended,
+            Err(error @ ReplicationError::Rejected(_)) => {
+                // Refused for good, so not written: drop the batch.
+                batch.events.clear();
+                core.batch = Some(batch);
+                shared.in_doubt.store(false, Ordering::Release);
+                tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
+                return Err(QueueError::Replication(error));
+            }
+            Err(error) => {
+                // Maybe written, maybe not: keep it and settle it, same
+                // producer sequence, before the next command.
+                core.batch = Some(batch);
+                shared.in_doubt.store(true, Ordering::Release);
+                tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
+                return Err(QueueError::Replication(error));
             }
         };
-        core.in_doubt = false;
-        if appended.count != core.batch.events.len() as u64 {
+        shared.in_doubt.store(false, Ordering::Release);
+        if appended.count != batch.events.len() as u64 {
             let error = ReplicationError::Rejected(format!(
                 "replicator acknowledged {} events of a batch of {}",
                 appended.count,
-                core.batch.events.len()
+                batch.events.len()
             ));
-            core.batch.events.clear();
+            batch.events.clear();
+            core.batch = Some(batch);
             tracing::error!(shard = %shared.config.shard, error = %error, "replicator broke its contract");
             return Err(QueueError::Replication(error));
         }
         let metrics = &shared.metrics;
-        let mut sequence = appended.first;
-        let Core { state, batch, .. } = core;
-        for event in batch.events.drain(..) {
-            match &event.kind {
-                EventKind::Expired { .. } => metrics.expired.increment(1),
-                EventKind::DeadLettered { .. } => metrics.dead_lettered.increment(1),
-                EventKind::BackpressureChanged { signal } => {
-                    metrics.backpressure_transitions.increment(1);
-                    for listener in &shared.listeners {
-                        listener.on_signal(signal);
-                    }
-                }
-                _ => {}
+        let state = &mut core.state;
+        let dead_letters_before = state.dead_letters();
+        if batch.events.len() == 1 {
+            // Most commands write one event: no iterator to set up and drop.
+            let event = batch.events.pop().expect("one event");
+            apply_accepted(shared, state, appended.first, event);
+        } else {
+            let mut sequence = appended.first;
+            for event in batch.events.drain(..) {
+                apply_accepted(shared, state, sequence, event);
+                sequence = sequence.after(1);
             }
-            // The lease an event ends or renews, looked up before it is
-            // applied; only when someone observes leases.
-            let ended = if shared.observers.is_empty() {
-                None
-            } else {
-                let item_id = match &event.kind {
-                    EventKind::Heartbeat { item_id, .. }
-                    | EventKind::Completed { item_id, .. }
-                    | EventKind::Failed { item_id, .. }
-                    | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
-                    _ => None,
-                };
-                item_id
-                    .and_then(|id| state.item(id))
-                    .and_then(|item| item.lease.as_ref())
-                    .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)))
-            };
-            let observed = (!shared.observers.is_empty()).then(|| event.kind.clone());
-            if let Err(error) = state.apply(sequence, event) {
-                // The events were planned against this very state, so this is
-                // a bug; the log is the truth and a replay repairs the state.
-                tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
-                debug_assert!(false, "an accepted event did not apply: {error}");
-            }
-            if let Some(kind) = observed {
-                notify_observers(&shared.observers, &kind, ended);
-            }
-            sequence = sequence.after(1);
         }
         metrics.pending.set(state.pending() as f64);
         metrics.active.set(state.active() as f64);
-        metrics.dead_letters.set(state.dead_letters() as f64);
+        if state.dead_letters() != dead_letters_before {
+            metrics.dead_letters.set(state.dead_letters() as f64);
+        }
+        let read = read(state);
+        core.batch = Some(batch);
         if shared.waiting.load(Ordering::SeqCst) > 0 {
             shared.changed.notify_waiters();
         }
-        Ok(appended.first)
+        Ok((appended.first, read))
     }
+}
+
+/// A replicator's answer to a batch: known at once, or still to come.
+enum Publishing<'f> {
+    Now(Appended),
+    Later(Pin<Box<dyn Future<Output = std::result::Result<Appended, ReplicationError>> + Send + 'f>>),
+}
+
+/// Awaits the first answer, and retries a transient failure (same producer
+/// sequence, so a batch written despite the failure is not written twice)
+/// up to [`PUBLISH_ATTEMPTS`](defaults::PUBLISH_ATTEMPTS) times. A refusal
+/// for good ends it at once.
+async fn publish_retrying<'f>(
+    shared: &'f Shared,
+    batch: &'f Batch,
+    first: PublishFuture<'f>,
+) -> std::result::Result<Appended, ReplicationError> {
+    let mut answer = first.await;
+    let mut attempt = 1;
+    loop {
+        match answer {
+            Err(ReplicationError::Unavailable(_)) if attempt < defaults::PUBLISH_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY).await;
+                answer = shared.replicator.publish(batch).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Applies one event the replicator accepted at `sequence`, with its
+/// metrics, listeners and observers.
+#[inline]
+fn apply_accepted(shared: &Shared, state: &mut QueueState, sequence: Sequence, event: Event) {
+    let metrics = &shared.metrics;
+    match &event.kind {
+        EventKind::Expired { .. } => metrics.expired.increment(1),
+        EventKind::DeadLettered { .. } => metrics.dead_lettered.increment(1),
+        EventKind::BackpressureChanged { signal } => {
+            metrics.backpressure_transitions.increment(1);
+            for listener in &shared.listeners {
+                listener.on_signal(signal);
+            }
+        }
+        _ => {}
+    }
+    if !shared.observers.is_empty() {
+        return apply_observed(shared, state, sequence, event);
+    }
+    if let Err(error) = state.apply(sequence, event) {
+        failed_to_apply(shared, &error);
+    }
+}
+
+/// [`apply_accepted`] when someone observes leases: the lease an event ends
+/// or renews is looked up before it is applied.
+#[cold]
+fn apply_observed(shared: &Shared, state: &mut QueueState, sequence: Sequence, event: Event) {
+    let item_id = match &event.kind {
+        EventKind::Heartbeat { item_id, .. }
+        | EventKind::Completed { item_id, .. }
+        | EventKind::Failed { item_id, .. }
+        | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
+        _ => None,
+    };
+    let ended = item_id
+        .and_then(|id| state.item(id))
+        .and_then(|item| item.lease.as_ref())
+        .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)));
+    let kind = event.kind.clone();
+    if let Err(error) = state.apply(sequence, event) {
+        failed_to_apply(shared, &error);
+    }
+    notify_observers(&shared.observers, &kind, ended);
+}
+
+/// The events were planned against this very state, so an accepted event
+/// that does not apply is a bug; the log is the truth and a replay repairs
+/// the state.
+#[cold]
+fn failed_to_apply(shared: &Shared, error: &ApplyError) {
+    tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
+    debug_assert!(false, "an accepted event did not apply: {error}");
 }
 
 fn notify_observers(observers: &[Arc<dyn LeaseObserver>], kind: &EventKind, ended: Option<(PeerId, Duration)>) {
@@ -1189,6 +1642,7 @@ fn notify_observers(observers: &[Arc<dyn LeaseObserver>], kind: &EventKind, ende
 
 /// Checks a handle against the item's current lease: a stale token, an
 /// expired lease and a wrong owner each get their own error.
+#[inline]
 fn check_handle<'a>(state: &'a QueueState, handle: &LeaseHandle, now: Timestamp) -> Result<&'a WorkItem> {
     let item_id = handle.item_id;
     let presented = handle.fencing_token;

@@ -729,3 +729,115 @@ mod observed {
         );
     }
 }
+
+#[test]
+fn command_futures_can_move_between_threads() {
+    // The node serves commands from a multi-threaded runtime: every future
+    // must be `Send`, which holding the state's synchronous lock across an
+    // `.await` would break.
+    fn assert_send<T: Send>(_: T) {}
+    let f = fixture(|_| {});
+    let handle = LeaseHandle {
+        item_id: ItemId::from_u128(1),
+        attempt: 1,
+        lease_id: LeaseId::from_u128(1),
+        fencing_token: FencingToken::new(1),
+        owner: PeerId::from("worker-1"),
+        expires_at: Timestamp::EPOCH,
+    };
+    assert_send(f.queue.enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "1", ""))));
+    assert_send(f.queue.lease(&f.worker, LeaseRequest::new("worker-1")));
+    assert_send(f.queue.heartbeat(&f.worker, &handle, None, BTreeMap::new()));
+    assert_send(f.queue.complete(&f.worker, &handle));
+    assert_send(f.queue.fail(&f.worker, &handle, FailRequest::default()));
+    assert_send(f.queue.expire_due());
+    assert_send(f.queue.drain(&f.producer, DrainMode::HandBack, None));
+    assert_send(f.queue.stats());
+}
+
+/// Answers after a delay, as a network replicator would.
+struct SlowReplicator(Arc<InMemoryReplicator>);
+
+impl Replicator for SlowReplicator {
+    fn publish<'a>(&'a self, batch: &'a crate::replication::Batch) -> crate::replication::PublishFuture<'a> {
+        crate::replication::PublishFuture::new(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.0.publish(batch).await
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_abandoned_mid_publish_is_settled_once_by_the_next() {
+    let log = Arc::new(InMemoryReplicator::new());
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), Arc::new(SlowReplicator(log.clone())))
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let abandoned = queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "1", "")));
+    assert!(tokio::time::timeout(Duration::from_millis(10), abandoned).await.is_err(), "the caller gave up");
+    assert!(queue.in_doubt().await, "the abandoned batch may have been written");
+    assert_eq!(queue.stats().await.pending, 0, "and is not applied yet");
+
+    queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "2", ""))).await.expect("enqueue");
+    assert_eq!(queue.stats().await.pending, 2, "the abandoned enqueue was settled first");
+    let events = log.events(queue.shard());
+    assert_eq!(events.len(), 2, "each batch is in the log once");
+    let replayed = QueueState::replay(queue.shard().clone(), &events).expect("replay");
+    assert_eq!(replayed.encode(), queue.encode_state().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_index_entries_are_skipped_and_compacted() {
+    // Enough leases ended out of order, and heartbeats, to leave more stale
+    // heap entries than the compaction slack; the queue must still lease in
+    // order, expire exactly the live leases, and replay to the same state.
+    let f = fixture(|config| config.lease_duration = Duration::from_secs(10));
+    let count = 3 * defaults::INDEX_STALE_SLACK;
+    for n in 0..count {
+        f.enqueue(&n.to_string()).await;
+    }
+    let mut leased = Vec::new();
+    while let Some(item) = f.lease().await {
+        leased.push(item);
+    }
+    assert_eq!(leased.len(), count, "every item leased, in queue order");
+    for pair in leased.windows(2) {
+        assert!(pair[0].handle.fencing_token < pair[1].handle.fencing_token);
+        let order = |item: &LeasedItem| item.item.payload.resource_id.parse::<usize>().expect("numeric id");
+        assert!(order(&pair[0]) < order(&pair[1]));
+    }
+    // Complete every other lease, newest first (never the heap's top), and
+    // heartbeat the rest twice (each leaves a stale expiry behind).
+    let mut kept = Vec::new();
+    for (n, item) in leased.into_iter().enumerate().rev() {
+        if n % 2 == 0 {
+            f.queue.complete(&f.worker, &item.handle).await.expect("complete");
+        } else {
+            kept.push(item);
+        }
+    }
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for item in &kept {
+            f.queue.heartbeat(&f.worker, &item.handle, None, BTreeMap::new()).await.expect("heartbeat");
+        }
+    }
+    f.queue.inspect(|state| state.check_invariants()).await.expect("invariants with stale entries");
+    // Fail some back into the ready set out of order, then lease them again.
+    for item in kept.iter().take(10) {
+        f.queue.fail(&f.worker, &item.handle, requeue_now("retry")).await.expect("fail");
+    }
+    let mut releases = 0;
+    while f.lease().await.is_some() {
+        releases += 1;
+    }
+    assert_eq!(releases, 10);
+    let live = f.queue.stats().await.active;
+    assert_eq!(f.queue.next_expiry().await.is_some(), live > 0);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(f.queue.expire_due().await.expect("expire") as u64, live, "exactly the live leases expire");
+    assert_eq!(f.queue.stats().await.active, 0);
+    assert_eq!(f.queue.next_expiry().await, None);
+    f.assert_replay_matches().await;
+}

@@ -23,9 +23,7 @@ impl Field<'_> {
 }
 
 fn required(field: Field<'_>, value: &str, max: usize) -> Result<()> {
-    // `chars().all` stops at the first non-blank character; `trim()` would
-    // scan from both ends.
-    if value.chars().all(char::is_whitespace) {
+    if is_blank(value) {
         return Err(QueueError::invalid(field.path(), "is required and must not be blank"));
     }
     bounded(field, value, max)
@@ -38,9 +36,41 @@ fn bounded(field: Field<'_>, value: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether `value` is surely non-blank and within `max` bytes: its first byte
+/// is a visible ASCII character. Cheap, and true for almost every real value;
+/// when it is false the full check decides.
+#[inline]
+fn plainly_filled(value: &str, max: usize) -> bool {
+    value.len() <= max && value.as_bytes().first().is_some_and(u8::is_ascii_graphic)
+}
+
+/// Whether `value` is blank (empty or only whitespace).
+#[inline]
+pub(crate) fn is_blank(value: &str) -> bool {
+    !value.as_bytes().first().is_some_and(u8::is_ascii_graphic) && value.chars().all(char::is_whitespace)
+}
+
 /// Checks a producer's payload; `prefix` is the path to it (`payload`,
 /// `snapshot.items[3].payload`).
+#[inline]
 pub(crate) fn payload(prefix: &str, payload: &Payload) -> Result<()> {
+    // The common payload, decided without walking any field; anything else
+    // (attributes, a value starting with a space or a non-ASCII character, a
+    // value over its limit) takes the full check, which names the field.
+    if plainly_filled(&payload.resource_type, defaults::RESOURCE_TYPE_MAX_BYTES)
+        && plainly_filled(&payload.resource_id, defaults::RESOURCE_ID_MAX_BYTES)
+        && payload.partition_key.len() <= defaults::PARTITION_KEY_MAX_BYTES
+        && payload.request_id.len() <= defaults::REQUEST_ID_MAX_BYTES
+        && payload.body.len() <= defaults::BODY_MAX_BYTES
+        && payload.attributes.is_empty()
+    {
+        return Ok(());
+    }
+    payload_in_full(prefix, payload)
+}
+
+#[cold]
+fn payload_in_full(prefix: &str, payload: &Payload) -> Result<()> {
     let field = |name| Field { prefix, name };
     required(field("resource_type"), &payload.resource_type, defaults::RESOURCE_TYPE_MAX_BYTES)?;
     required(field("resource_id"), &payload.resource_id, defaults::RESOURCE_ID_MAX_BYTES)?;
@@ -68,6 +98,7 @@ pub(crate) fn payload(prefix: &str, payload: &Payload) -> Result<()> {
 }
 
 /// Checks a delay against its limit.
+#[inline]
 pub(crate) fn delay(field: &'static str, delay: Duration, max: Duration) -> Result<()> {
     if delay > max {
         return Err(QueueError::invalid(field, format!("is {delay:?}; the limit is {max:?}")));
@@ -118,6 +149,14 @@ mod tests {
         assert_eq!(field_of(payload("payload", &blank_type)), "payload.resource_type");
         let missing_id = Payload::new("user", "", "");
         assert_eq!(field_of(payload("payload", &missing_id)), "payload.resource_id");
+    }
+
+    #[test]
+    fn blankness_follows_unicode_whitespace_not_the_first_byte() {
+        assert_eq!(payload("payload", &Payload::new(" user", "\u{e9}t\u{e9}", "")), Ok(()));
+        let ideographic_space = Payload::new("user", "\u{3000}\t", "");
+        assert_eq!(field_of(payload("payload", &ideographic_space)), "payload.resource_id");
+        assert!(is_blank("") && is_blank(" \u{a0}") && !is_blank(" x") && !is_blank("x"));
     }
 
     #[test]

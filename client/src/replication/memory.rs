@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use super::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
 use crate::ids::{ProducerId, Sequence, ShardId};
-use crate::queue::SequencedEvent;
+use crate::queue::{Event, SequencedEvent};
 
 /// A failure to inject into the next publishes of an [`InMemoryReplicator`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,21 +42,58 @@ struct State {
 struct ShardLog {
     shard: ShardId,
     head: Sequence,
-    events: VecDeque<SequencedEvent>,
-    /// The last batch of each recent producer, newest first: retries only
-    /// ever repeat a producer's newest batch, because a producer sends its
-    /// next batch only after this one was answered.
-    producers: VecDeque<(ProducerId, u64, Appended)>,
+    events: Ring,
+    /// The last batch of each recent producer, the one that wrote last at
+    /// the end (it is checked first): retries only ever repeat a producer's
+    /// newest batch, because a producer sends its next batch only after this
+    /// one was answered.
+    producers: Vec<(ProducerId, u64, Appended)>,
+}
+
+/// The retained events, oldest first: a `Vec` that grows without a
+/// retention limit, and is overwritten in place, oldest slot first, once it
+/// holds `retention` events (a benchmark publishes millions; no shifting, no
+/// reallocation).
+#[derive(Debug, Default)]
+struct Ring {
+    slots: Vec<SequencedEvent>,
+    /// Index of the oldest event once the ring is full; zero until then.
+    oldest: usize,
+}
+
+impl Ring {
+    /// Appends a copy of `event` at `sequence`, overwriting the oldest slot
+    /// in place once the ring holds `retention` events.
+    #[inline]
+    fn push(&mut self, sequence: Sequence, event: &Event, retention: Option<usize>) {
+        match retention {
+            Some(0) => {}
+            Some(retention) if self.slots.len() >= retention => {
+                let slot = &mut self.slots[self.oldest];
+                slot.sequence = sequence;
+                slot.event.clone_from(event);
+                self.oldest += 1;
+                if self.oldest == self.slots.len() {
+                    self.oldest = 0;
+                }
+            }
+            _ => self.slots.push(SequencedEvent { sequence, event: event.clone() }),
+        }
+    }
+
+    /// The events after `after`, oldest first (found by binary search: both
+    /// halves of the ring are in sequence order).
+    fn after(&self, after: Sequence) -> impl Iterator<Item = &SequencedEvent> {
+        let (newer, older) = self.slots.split_at(self.oldest);
+        let skip = older.partition_point(|e| e.sequence <= after);
+        let newer = if skip < older.len() { newer } else { &newer[newer.partition_point(|e| e.sequence <= after)..] };
+        older[skip..].iter().chain(newer)
+    }
 }
 
 /// Producers remembered per shard for retry detection: one owner at a time
 /// writes a shard, so a handful covers every incarnation still retrying.
 const PRODUCERS_REMEMBERED: usize = 16;
-
-/// Equal ids, checking the shared pointer before the text.
-fn same(a: &str, b: &str) -> bool {
-    std::ptr::eq(a, b) || a == b
-}
 
 impl InMemoryReplicator {
     /// A replicator that keeps every event.
@@ -84,8 +121,7 @@ impl InMemoryReplicator {
     pub fn read(&self, shard: &ShardId, after: Sequence) -> Vec<SequencedEvent> {
         let state = self.lock();
         let Some(log) = state.log(shard) else { return Vec::new() };
-        let skip = log.events.partition_point(|e| e.sequence <= after);
-        log.events.iter().skip(skip).cloned().collect()
+        log.events.after(after).cloned().collect()
     }
 
     /// The sequence of `shard`'s newest event (zero for an empty log).
@@ -100,25 +136,26 @@ impl InMemoryReplicator {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    #[inline]
     fn append(&self, batch: &Batch) -> Result<Appended, ReplicationError> {
         let mut state = self.lock();
+        if !state.faults.is_empty() {
+            return Self::append_with_fault(&mut state, batch, self.retention);
+        }
+        state.log_mut(&batch.shard).append(batch, self.retention)
+    }
+
+    #[cold]
+    fn append_with_fault(
+        state: &mut State,
+        batch: &Batch,
+        retention: Option<usize>,
+    ) -> Result<Appended, ReplicationError> {
         let fault = state.faults.pop_front();
         if fault == Some(PublishFault::BeforeWrite) {
             return Err(ReplicationError::Unavailable("injected failure before write".into()));
         }
-        let index = match state.shards.iter().position(|log| same(log.shard.as_str(), batch.shard.as_str())) {
-            Some(index) => index,
-            None => {
-                state.shards.push(ShardLog {
-                    shard: batch.shard.clone(),
-                    head: Sequence::ZERO,
-                    events: VecDeque::new(),
-                    producers: VecDeque::new(),
-                });
-                state.shards.len() - 1
-            }
-        };
-        let appended = state.shards[index].append(batch, self.retention)?;
+        let appended = state.log_mut(&batch.shard).append(batch, retention)?;
         if fault == Some(PublishFault::AfterWrite) {
             return Err(ReplicationError::Unavailable("injected failure after write".into()));
         }
@@ -128,13 +165,71 @@ impl InMemoryReplicator {
 
 impl State {
     fn log(&self, shard: &ShardId) -> Option<&ShardLog> {
-        self.shards.iter().find(|log| same(log.shard.as_str(), shard.as_str()))
+        self.shards.iter().find(|log| log.shard == *shard)
+    }
+
+    /// The log of `shard`, created on its first batch.
+    #[inline]
+    fn log_mut(&mut self, shard: &ShardId) -> &mut ShardLog {
+        let index = match self.shards.iter().position(|log| log.shard == *shard) {
+            Some(index) => index,
+            None => self.add_log(shard),
+        };
+        &mut self.shards[index]
+    }
+
+    #[cold]
+    fn add_log(&mut self, shard: &ShardId) -> usize {
+        self.shards.push(ShardLog {
+            shard: shard.clone(),
+            head: Sequence::ZERO,
+            events: Ring::default(),
+            producers: Vec::new(),
+        });
+        self.shards.len() - 1
     }
 }
 
 impl ShardLog {
+    #[inline]
     fn append(&mut self, batch: &Batch, retention: Option<usize>) -> Result<Appended, ReplicationError> {
-        let last = self.producers.iter().position(|(producer, _, _)| same(producer.as_str(), batch.producer.as_str()));
+        // The common case: the producer that wrote last sends its next batch.
+        let newest = self.producers.len().wrapping_sub(1);
+        match self.producers.last_mut() {
+            Some((producer, seq, appended)) if *producer == batch.producer && *seq < batch.producer_seq => {
+                let first = self.head.after(1);
+                let count = batch.events.len() as u64;
+                *seq = batch.producer_seq;
+                *appended = Appended { first, count, deduplicated: false };
+                let appended = *appended;
+                self.write(batch, retention);
+                Ok(appended)
+            }
+            _ => self.append_other(batch, retention, newest),
+        }
+    }
+
+    /// Appends the events after the head.
+    #[inline]
+    fn write(&mut self, batch: &Batch, retention: Option<usize>) {
+        let mut sequence = self.head;
+        for event in &batch.events {
+            sequence = sequence.after(1);
+            self.events.push(sequence, event, retention);
+        }
+        self.head = sequence;
+    }
+
+    /// A retry, an out-of-order batch, or a producer other than the last
+    /// writer.
+    #[cold]
+    fn append_other(
+        &mut self,
+        batch: &Batch,
+        retention: Option<usize>,
+        newest: usize,
+    ) -> Result<Appended, ReplicationError> {
+        let last = self.producers.iter().rposition(|(producer, _, _)| *producer == batch.producer);
         if let Some(index) = last {
             let (_, seq, appended) = &self.producers[index];
             if *seq == batch.producer_seq {
@@ -147,31 +242,22 @@ impl ShardLog {
                 )));
             }
         }
-        let first = self.head.after(1);
-        let count = batch.events.len() as u64;
-        for (offset, event) in batch.events.iter().enumerate() {
-            self.events.push_back(SequencedEvent { sequence: first.after(offset as u64), event: event.clone() });
-        }
-        self.head = self.head.after(count);
-        if let Some(retention) = retention {
-            while self.events.len() > retention {
-                self.events.pop_front();
-            }
-        }
-        let appended = Appended { first, count, deduplicated: false };
+        let appended = Appended { first: self.head.after(1), count: batch.events.len() as u64, deduplicated: false };
+        self.write(batch, retention);
         match last {
-            Some(0) => {
-                let newest = &mut self.producers[0];
-                newest.1 = batch.producer_seq;
-                newest.2 = appended;
+            Some(index) if index == newest => {
+                self.producers[index].1 = batch.producer_seq;
+                self.producers[index].2 = appended;
             }
             Some(index) => {
                 self.producers.remove(index);
-                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
+                self.producers.push((batch.producer.clone(), batch.producer_seq, appended));
             }
             None => {
-                self.producers.push_front((batch.producer.clone(), batch.producer_seq, appended));
-                self.producers.truncate(PRODUCERS_REMEMBERED);
+                if self.producers.len() == PRODUCERS_REMEMBERED {
+                    self.producers.remove(0);
+                }
+                self.producers.push((batch.producer.clone(), batch.producer_seq, appended));
             }
         }
         Ok(appended)

@@ -43,6 +43,16 @@ impl<'a> PublishFuture<'a> {
     pub fn new(future: impl Future<Output = Result<Appended, ReplicationError>> + Send + 'a) -> Self {
         Self(PublishState::Pending(Box::pin(future)))
     }
+
+    /// Takes the answer if it is already known. Lets the queue apply a
+    /// synchronous replicator's answer without an `.await`.
+    #[inline]
+    pub(crate) fn take_ready(&mut self) -> Option<Result<Appended, ReplicationError>> {
+        match &mut self.0 {
+            PublishState::Ready(result) => result.take(),
+            PublishState::Pending(_) => None,
+        }
+    }
 }
 
 impl Future for PublishFuture<'_> {
