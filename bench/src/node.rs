@@ -147,6 +147,20 @@ macro_rules! canned {
     ($($method:ident: $req:ident => $resp:ident),* $(,)?) => {
         #[tonic::async_trait]
         impl pb::resource_lease_server::ResourceLease for Bare {
+            type SessionStream = futures_util::stream::BoxStream<'static, Result<pb::SessionResponse, tonic::Status>>;
+
+            async fn session(
+                &self,
+                request: tonic::Request<tonic::Streaming<pb::SessionRequest>>,
+            ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+                use futures_util::StreamExt;
+                let answers = request.into_inner().map(|request| {
+                    let request = request?;
+                    Ok(pb::SessionResponse { id: request.id, result: request.call.map(canned_answer) })
+                });
+                Ok(tonic::Response::new(answers.boxed()))
+            }
+
             async fn lease(&self, _: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseResponse>, tonic::Status> {
                 let item = pb::WorkItem { lease: Some(pb::OwnershipHandle::default()), ..Default::default() };
                 Ok(tonic::Response::new(pb::LeaseResponse { item: Some(item) }))
@@ -158,6 +172,22 @@ macro_rules! canned {
             )*
         }
     };
+}
+
+/// The canned answer to a session's call, like the unary ones.
+fn canned_answer(call: pb::session_request::Call) -> pb::session_response::Result {
+    use pb::session_request::Call;
+    use pb::session_response::Result as Answer;
+    match call {
+        Call::Enqueue(_) => Answer::Enqueue(pb::EnqueueResponse::default()),
+        Call::Lease(_) => {
+            let item = pb::WorkItem { lease: Some(pb::OwnershipHandle::default()), ..Default::default() };
+            Answer::Lease(pb::LeaseResponse { item: Some(item) })
+        }
+        Call::Heartbeat(_) => Answer::Heartbeat(pb::HeartbeatResponse::default()),
+        Call::Complete(_) => Answer::Complete(pb::CompleteResponse::default()),
+        Call::Fail(_) => Answer::Fail(pb::FailResponse::default()),
+    }
 }
 
 canned! {
