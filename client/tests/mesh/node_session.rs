@@ -223,3 +223,160 @@ async fn a_stopping_node_answers_the_calls_in_flight_then_ends_its_sessions() {
     stopping.await.expect("the node stops");
     assert!(started.elapsed() < Duration::from_secs(10), "the session did not hold the shutdown");
 }
+
+#[tokio::test]
+async fn each_message_takes_a_permit_of_its_namespace_limiter() {
+    const U: &str = "resourcelease.users";
+    let mut users = omnirelay_client::QueueConfig::new(U, "test-node");
+    users.capacity = 8;
+    users.high_watermark = 2;
+    users.low_watermark = 0;
+    let options = Options {
+        queues: vec![omnirelay_client::QueueConfig::new(N, "test-node"), users],
+        rate_limits: omnirelay_client::node::RateLimits { normal: 64, backpressure: 1 },
+        ..Options::default()
+    };
+    let node = TestNode::start(options).await;
+    let operator = Auth::bearer(node.token("operator", &["operator"]));
+    let mut client = Client::new(node.addr);
+    let mut session = client.open_session(&operator).await.expect("opens");
+    let enqueue_to = |namespace: &str, id: &str| {
+        Call::Enqueue(pb::EnqueueRequest {
+            namespace: namespace.into(),
+            payload: Some(pb::ItemPayload { resource_type: "t".into(), resource_id: id.into(), ..Default::default() }),
+            ..Default::default()
+        })
+    };
+    for id in ["1", "2"] {
+        assert!(matches!(session.call(enqueue_to(U, id)).await, Outcome::Ok(_)));
+    }
+    let lease_users = || Call::Lease(pb::LeaseRequest { namespace: U.into(), owner: "w".into(), ..Default::default() });
+    let Outcome::Ok(leased) = session.call(lease_users()).await else { panic!("leases") };
+    assert!(leased["item"].is_object(), "{leased}");
+    assert!(node.stats(U).await.backpressure.active);
+    // A drain waiting for that lease holds the namespace's only permit under
+    // backpressure.
+    let draining = {
+        let (addr, operator) = (node.addr, operator.clone());
+        tokio::spawn(async move {
+            let drain = Req::from_json(
+                Procedure::Drain,
+                &json!({"namespace": U, "mode": "DRAIN_MODE_WAIT", "wait_timeout": "1.5s"}),
+            );
+            Client::new(addr).call(Wire::Http, &drain, &operator).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Would answer FAILED_PRECONDITION (draining) if it ran: it waits for a
+    // permit until its deadline instead, like a unary call.
+    let held = session.send(lease_users(), Some(Duration::from_millis(300))).await;
+    let answer = session.answer().await.expect("open").expect("an answer");
+    assert_eq!(answer.id, held);
+    let outcome = answer_outcome(answer.result.expect("result"));
+    assert_eq!(outcome.code(), Some(ErrorCode::DeadlineExceeded), "{outcome:?}");
+    // Another namespace on the same session is not held back.
+    assert!(matches!(session.call(enqueue_to(N, "3")).await, Outcome::Ok(_)));
+    let drained = draining.await.expect("joins");
+    assert!(matches!(drained, Outcome::Ok(_)), "{drained:?}");
+    // The permit is free again: the call runs (and meets the backpressure).
+    let ran = session.call(enqueue_to(U, "4")).await;
+    assert_eq!(ran.code(), Some(ErrorCode::ResourceExhausted), "{ran:?}");
+    node.stop().await;
+}
+
+/// Every span opened while it is the default subscriber: name, fields and
+/// parent.
+#[derive(Clone, Default)]
+struct Spans(std::sync::Arc<std::sync::Mutex<Vec<Captured>>>);
+
+#[derive(Debug, Clone)]
+struct Captured {
+    id: u64,
+    parent: Option<u64>,
+    name: &'static str,
+    fields: std::collections::HashMap<String, String>,
+}
+
+impl tracing::field::Visit for Captured {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.fields.insert(field.name().to_string(), format!("{value:?}").trim_matches('"').to_string());
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for Spans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let parent = match attrs.parent() {
+            Some(parent) => Some(parent.into_u64()),
+            None if attrs.is_contextual() => ctx.lookup_current().map(|span| span.id().into_u64()),
+            None => None,
+        };
+        let mut captured =
+            Captured { id: id.into_u64(), parent, name: attrs.metadata().name(), fields: Default::default() };
+        attrs.record(&mut captured);
+        self.0.lock().expect("test mutex").push(captured);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        // Span ids are reused once closed: the latest span with the id.
+        if let Some(span) = self.0.lock().expect("test mutex").iter_mut().rev().find(|s| s.id == id.into_u64()) {
+            values.record(span);
+        }
+    }
+}
+
+/// Runs on the test's one thread, so the node's tasks see the subscriber.
+#[tokio::test]
+async fn each_message_gets_an_rpc_span_inside_the_sessions_span() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = Spans::default();
+    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let node = TestNode::start(Options::default()).await;
+    let mut client = Client::new(node.addr);
+    let producer = Auth::bearer(node.token("producer", &["producer"]));
+    let mut session = client.open_session(&producer).await.expect("opens");
+    assert!(matches!(session.call(enqueue("1")).await, Outcome::Ok(_)));
+    let denied = session.call(lease(Duration::ZERO)).await;
+    assert_eq!(denied.code(), Some(ErrorCode::PermissionDenied));
+    node.stop().await;
+
+    let captured = spans.0.lock().expect("test mutex").clone();
+    let rpc = |procedure: &str| {
+        captured
+            .iter()
+            .filter(|s| s.name == "rpc" && s.fields.get("rpc.procedure").map(String::as_str) == Some(procedure))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let sessions = rpc("Session");
+    assert_eq!(sessions.len(), 1, "one span for the stream");
+    let session_span = &sessions[0];
+    assert_eq!(session_span.fields.get("rpc.principal").map(String::as_str), Some("producer"));
+    for (procedure, operation, message_id, error) in
+        [("Enqueue", "enqueue", "1", None), ("Lease", "lease", "2", Some("permission_denied"))]
+    {
+        let spans = rpc(procedure);
+        assert_eq!(spans.len(), 1, "{procedure}: {captured:#?}");
+        let span = &spans[0];
+        assert_eq!(span.parent, Some(session_span.id), "{procedure} is inside the session's span");
+        let field = |name: &str| span.fields.get(name).map(String::as_str);
+        assert_eq!(field("rpc.service"), Some("omnirelay.resourcelease.v1.ResourceLease"));
+        assert_eq!(field("resourcelease.operation"), Some(operation));
+        assert_eq!(field("rpc.principal"), Some("producer"));
+        assert_eq!(field("rpc.shard_key"), Some(N));
+        assert_eq!(field("rpc.session.message_id"), Some(message_id));
+        assert_eq!(field("error.code"), error, "{procedure}");
+    }
+}
