@@ -75,6 +75,7 @@ pub(crate) struct SessionContext {
     deadline: Option<CallDeadline>,
     /// The session's `rpc` span; each message's span is its child.
     span: Span,
+    /// The client's address, for each message's `rpc.peer`.
     peer: Option<SocketAddr>,
 }
 
