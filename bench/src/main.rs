@@ -12,10 +12,12 @@
 //!   else, for `valgrind --tool=callgrind` (see `bench/callgrind-queue.sh`).
 //! - `hub [options]`: the hub against raw PostgreSQL on the same database
 //!   (see `hub.rs` and bench/README.md).
-//! - `node [seconds]`: the same cycle through one mesh node over gRPC on
-//!   loopback at 1, 8 and 64 workers, against Redis Streams at
-//!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`) and a
-//!   canned-answer tonic server in the same run (see `node.rs`).
+//! - `node [seconds]`: the same cycle through one mesh node on loopback at
+//!   1, 8 and 64 workers, as unary gRPC calls and as session messages (a
+//!   session per worker, or one shared), against Redis Streams at
+//!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`; a
+//!   connection per worker, or one shared) and a canned-answer tonic server
+//!   in the same run (see `node.rs`).
 
 mod hub;
 mod node;

@@ -1,9 +1,11 @@
 //! The `node` scenario: enqueue -> lease -> complete cycles through one mesh
 //! node over gRPC on loopback (in-memory replicator, the whole middleware
-//! stack), against the same cycle on Redis Streams (XADD, XREADGROUP,
-//! XACK) and against tonic's own server answering canned responses (the
-//! ceiling of any gRPC node here), all measured in the same run, at 1, 8
-//! and 64 concurrent workers, with p50 and p99 cycle latency. See
+//! stack), as three unary calls and as three messages on a session (one per
+//! worker, or one shared by all workers), against the same cycle on Redis
+//! Streams (XADD, XREADGROUP, XACK; a connection per worker, or one shared)
+//! and against tonic's own server answering canned responses (the ceiling
+//! of any gRPC node here), all measured in the same run, at 1, 8 and 64
+//! concurrent workers, with p50 and p99 cycle latency. See
 //! `bench/README.md`.
 
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use omnirelay_client::node::{Node, NodeConfig};
 use omnirelay_client::proto::resourcelease::v1 as pb;
 use omnirelay_client::{InMemoryReplicator, QueueConfig};
 use pb::resource_lease_client::ResourceLeaseClient;
+use pb::session_request::Call;
+use pb::session_response::Result as Answer;
 use tonic::transport::Channel;
 
 use crate::BODY_BYTES;
@@ -32,21 +36,100 @@ const REDIS_MAXLEN: usize = 100_000;
 /// The namespace the benchmark uses.
 const NAMESPACE: &str = "resourcelease.bench";
 
-/// One measurement: cycles per second and cycle latency percentiles.
+/// One measurement: cycles per second, cycle latency percentiles, and the
+/// CPU time spent while the workers ran (warm-up included) per cycle run.
 struct Measured {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    cpu: Option<CpuPerCycle>,
+}
+
+/// CPU time per cycle, by who spent it.
+#[derive(Debug, Clone, Copy)]
+struct CpuPerCycle {
+    /// The node's thread.
+    node: Duration,
+    /// The canned server's thread.
+    canned: Duration,
+    /// The Redis server process.
+    redis: Duration,
+    /// The workers: this process but the two server threads.
+    clients: Duration,
+}
+
+/// Reads the CPU time (user + system, clock ticks of 10 ms) of the server
+/// threads, the Redis process and this process, from `/proc`.
+#[derive(Debug, Clone, Default)]
+struct CpuClock {
+    node_tid: Option<String>,
+    canned_tid: Option<String>,
+    redis_pid: Option<u32>,
+}
+
+/// A reading of [`CpuClock`].
+#[derive(Debug, Clone, Copy)]
+struct CpuReading {
+    node: Duration,
+    canned: Duration,
+    redis: Duration,
+    process: Duration,
+}
+
+impl CpuClock {
+    fn read(&self) -> Option<CpuReading> {
+        let thread = |tid: &Option<String>| {
+            tid.as_deref().map_or(Some(Duration::ZERO), |tid| stat_cpu(&format!("/proc/self/task/{tid}/stat")))
+        };
+        Some(CpuReading {
+            node: thread(&self.node_tid)?,
+            canned: thread(&self.canned_tid)?,
+            redis: self.redis_pid.map_or(Some(Duration::ZERO), |pid| stat_cpu(&format!("/proc/{pid}/stat")))?,
+            process: stat_cpu("/proc/self/stat")?,
+        })
+    }
+
+    /// The CPU spent between two readings, per cycle.
+    fn per_cycle(before: Option<CpuReading>, after: Option<CpuReading>, cycles: u64) -> Option<CpuPerCycle> {
+        let (before, after) = (before?, after?);
+        let per = |spent: Duration| spent / u32::try_from(cycles.max(1)).unwrap_or(u32::MAX);
+        let node = after.node.saturating_sub(before.node);
+        let canned = after.canned.saturating_sub(before.canned);
+        Some(CpuPerCycle {
+            node: per(node),
+            canned: per(canned),
+            redis: per(after.redis.saturating_sub(before.redis)),
+            clients: per(after.process.saturating_sub(before.process).saturating_sub(node).saturating_sub(canned)),
+        })
+    }
+}
+
+/// The Redis server's process id, from `INFO server`.
+async fn redis_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
+    let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await.ok()?;
+    info.lines().find_map(|line| line.strip_prefix("process_id:")).and_then(|pid| pid.trim().parse().ok())
+}
+
+/// Which server a row measures, for its CPU column.
+#[derive(Debug, Clone, Copy)]
+enum Server {
+    Redis,
+    Node,
+    Canned,
 }
 
 /// Runs the scenario for `seconds` per system and worker count.
 ///
 /// The node runs on a current-thread runtime of its own thread (as Redis
-/// runs one event loop in its own process), the workers of both systems on
+/// runs one event loop in its own process), the workers of every system on
 /// a two-thread runtime, so client-side protocol work (h2 and protobuf for
-/// gRPC, RESP for Redis) is not capped at one core. The node thread's CPU
-/// time per cycle is reported too (from `/proc`), since on two shared cores
-/// the clients take most of the machine.
+/// gRPC, RESP for Redis) is not capped at one core. Each row also reports
+/// the CPU time per cycle of its server (the node's thread, the canned
+/// server's thread or the Redis process) and of its clients (this process
+/// but the server threads), from `/proc`: on two shared cores the rates
+/// swing with the other engineers' load, the CPU per cycle much less.
 pub(crate) fn run(seconds: u64, redis_url: &str) {
     let duration = Duration::from_secs(seconds);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -57,11 +140,8 @@ pub(crate) fn run(seconds: u64, redis_url: &str) {
             current_thread().block_on(async move {
                 let node = start_node();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-                let tid = std::fs::read_to_string("/proc/thread-self/stat")
-                    .ok()
-                    .and_then(|stat| stat.split_whitespace().next().map(str::to_string));
                 addr_tx
-                    .send((listener.local_addr().expect("an address"), tid))
+                    .send((listener.local_addr().expect("an address"), thread_id()))
                     .expect("the bench waits for the address");
                 let served = node.serve(listener, async {
                     let _ = stopped.await;
@@ -73,37 +153,51 @@ pub(crate) fn run(seconds: u64, redis_url: &str) {
             });
         })
         .expect("the node thread starts");
-    let (addr, tid) = addr_rx.recv().expect("the node starts");
-    let (bare_addr, stop_bare, bare) = start_bare();
-    let node_cpu = move || tid.as_deref().and_then(thread_cpu);
+    let (addr, node_tid) = addr_rx.recv().expect("the node starts");
+    let (bare_addr, canned_tid, stop_bare, bare) = start_bare();
     clients().block_on(async {
+        let cpu = CpuClock { node_tid, canned_tid, redis_pid: redis_pid(redis_url).await };
         eprintln!("enqueue -> lease -> complete, {BODY_BYTES}-byte bodies, {seconds} s per row");
         eprintln!(
-            "{:<32} {:>8} {:>14} {:>10} {:>10} {:>10} {:>16}",
-            "system", "workers", "cycles/s", "p50", "p99", "vs redis", "node CPU/cycle"
+            "{:<40} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>10} {:>10}",
+            "system", "workers", "cycles/s", "p50", "p99", "vs redis", "vs shared", "server CPU", "client CPU"
         );
         for workers in WORKERS {
-            let redis = measure(workers, duration, |n| RedisWorker::connect(redis_url, n)).await;
-            let before = node_cpu();
-            let omnirelay = measure(workers, duration, |n| GrpcWorker::connect(addr, n)).await;
-            // The node's CPU over the whole row (warm-up included) per
-            // measured cycle: an upper bound.
-            let per_cycle = before.zip(node_cpu()).map(|(before, after)| {
-                format!("{:.0}us", (after - before).as_secs_f64() * 1e6 / (omnirelay.rate * duration.as_secs_f64()))
-            });
-            let row = |name: &str, m: &Measured, ratio: f64, cpu: &str| {
+            let row = |name: &str, m: &Measured, redis: f64, shared: Option<f64>, server: Server| {
+                let us = |d: Duration| format!("{:.1}us", d.as_secs_f64() * 1e6);
+                let (server_cpu, client_cpu) = m.cpu.map_or((String::from("?"), String::from("?")), |cpu| {
+                    let server = match server {
+                        Server::Redis => cpu.redis,
+                        Server::Node => cpu.node,
+                        Server::Canned => cpu.canned,
+                    };
+                    (us(server), us(cpu.clients))
+                });
                 eprintln!(
-                    "{name:<32} {workers:>8} {:>14.0} {:>8.0}us {:>8.0}us {:>9.2}x {cpu:>16}",
+                    "{name:<40} {workers:>7} {:>9.0} {:>7.0}us {:>7.0}us {:>7.2}x {:>9} {server_cpu:>10} {client_cpu:>10}",
                     m.rate,
                     m.p50.as_secs_f64() * 1e6,
                     m.p99.as_secs_f64() * 1e6,
-                    ratio
+                    m.rate / redis,
+                    shared.map(|shared| format!("{:.2}x", m.rate / shared)).unwrap_or_default(),
                 );
             };
-            let bare = measure(workers, duration, |n| GrpcWorker::connect(bare_addr, n)).await;
-            row("redis streams", &redis, 1.0, "");
-            row("omnirelay node (gRPC)", &omnirelay, omnirelay.rate / redis.rate, per_cycle.as_deref().unwrap_or("?"));
-            row("bare tonic, canned answers", &bare, bare.rate / redis.rate, "");
+            let redis = measure(workers, duration, &cpu, |n| RedisWorker::connect(redis_url, n)).await;
+            row("redis streams, connection per worker", &redis, redis.rate, None, Server::Redis);
+            let unary = measure(workers, duration, &cpu, |n| GrpcWorker::connect(addr, n)).await;
+            row("node, unary gRPC", &unary, redis.rate, None, Server::Node);
+            let session = measure(workers, duration, &cpu, |n| SessionWorker::open(addr, n)).await;
+            row("node, session per worker", &session, redis.rate, None, Server::Node);
+            let first = RedisWorker::connect(redis_url, 0).await;
+            let redis_shared = measure(workers, duration, &cpu, |n| first.share(n)).await;
+            row("redis streams, one shared connection", &redis_shared, redis.rate, Some(redis_shared.rate), Server::Redis);
+            let shared_session = SharedSession::open(addr).await;
+            let shared = measure(workers, duration, &cpu, |n| shared_session.worker(n)).await;
+            row("node, one session shared", &shared, redis.rate, Some(redis_shared.rate), Server::Node);
+            let bare_unary = measure(workers, duration, &cpu, |n| GrpcWorker::connect(bare_addr, n)).await;
+            row("canned tonic server, unary", &bare_unary, redis.rate, None, Server::Canned);
+            let bare_session = measure(workers, duration, &cpu, |n| SessionWorker::open(bare_addr, n)).await;
+            row("canned tonic server, session per worker", &bare_session, redis.rate, None, Server::Canned);
         }
     });
     let _ = stop.send(());
@@ -113,9 +207,10 @@ pub(crate) fn run(seconds: u64, redis_url: &str) {
 }
 
 /// The ceiling of any gRPC node here: tonic's own server on its own
-/// current-thread runtime, answering the three calls with canned responses
-/// (no middleware, no queue, no events).
-fn start_bare() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+/// current-thread runtime, answering the three calls (or the three session
+/// messages) with canned responses (no middleware, no queue, no events).
+fn start_bare() -> (std::net::SocketAddr, Option<String>, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)
+{
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -123,10 +218,14 @@ fn start_bare() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, std:
         .spawn(move || {
             current_thread().block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-                addr_tx.send(listener.local_addr().expect("an address")).expect("the bench waits for the address");
+                addr_tx
+                    .send((listener.local_addr().expect("an address"), thread_id()))
+                    .expect("the bench waits for the address");
+                // Small calls: no Nagle, as the node's own accept loop.
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 let served = tonic::transport::Server::builder()
                     .add_service(pb::resource_lease_server::ResourceLeaseServer::new(Bare))
-                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                    .serve_with_incoming_shutdown(incoming, async {
                         let _ = stopped.await;
                     })
                     .await;
@@ -136,7 +235,8 @@ fn start_bare() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, std:
             });
         })
         .expect("the bare server thread starts");
-    (addr_rx.recv().expect("the bare server starts"), stop, thread)
+    let (addr, tid) = addr_rx.recv().expect("the bare server starts");
+    (addr, tid, stop, thread)
 }
 
 /// Answers every procedure with a canned response; `Lease` hands out an
@@ -147,6 +247,20 @@ macro_rules! canned {
     ($($method:ident: $req:ident => $resp:ident),* $(,)?) => {
         #[tonic::async_trait]
         impl pb::resource_lease_server::ResourceLease for Bare {
+            type SessionStream = futures_util::stream::BoxStream<'static, Result<pb::SessionResponse, tonic::Status>>;
+
+            async fn session(
+                &self,
+                request: tonic::Request<tonic::Streaming<pb::SessionRequest>>,
+            ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+                use futures_util::StreamExt;
+                let answers = request.into_inner().map(|request| {
+                    let request = request?;
+                    Ok(pb::SessionResponse { id: request.id, result: request.call.map(canned_answer) })
+                });
+                Ok(tonic::Response::new(answers.boxed()))
+            }
+
             async fn lease(&self, _: tonic::Request<pb::LeaseRequest>) -> Result<tonic::Response<pb::LeaseResponse>, tonic::Status> {
                 let item = pb::WorkItem { lease: Some(pb::OwnershipHandle::default()), ..Default::default() };
                 Ok(tonic::Response::new(pb::LeaseResponse { item: Some(item) }))
@@ -158,6 +272,22 @@ macro_rules! canned {
             )*
         }
     };
+}
+
+/// The canned answer to a session's call, like the unary ones.
+fn canned_answer(call: pb::session_request::Call) -> pb::session_response::Result {
+    use pb::session_request::Call;
+    use pb::session_response::Result as Answer;
+    match call {
+        Call::Enqueue(_) => Answer::Enqueue(pb::EnqueueResponse::default()),
+        Call::Lease(_) => {
+            let item = pb::WorkItem { lease: Some(pb::OwnershipHandle::default()), ..Default::default() };
+            Answer::Lease(pb::LeaseResponse { item: Some(item) })
+        }
+        Call::Heartbeat(_) => Answer::Heartbeat(pb::HeartbeatResponse::default()),
+        Call::Complete(_) => Answer::Complete(pb::CompleteResponse::default()),
+        Call::Fail(_) => Answer::Fail(pb::FailResponse::default()),
+    }
 }
 
 canned! {
@@ -175,15 +305,22 @@ canned! {
     stats: StatsRequest => StatsResponse,
 }
 
-/// CPU time (user + system) of one thread of this process, from
-/// `/proc/self/task/{tid}/stat` (clock ticks of 10 ms).
-fn thread_cpu(tid: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+/// CPU time (user + system) from a `/proc/.../stat` file (clock ticks of
+/// 10 ms).
+fn stat_cpu(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesized name: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// The id of the calling thread, for reading its CPU time.
+fn thread_id() -> Option<String> {
+    std::fs::read_to_string("/proc/thread-self/stat")
+        .ok()
+        .and_then(|stat| stat.split_whitespace().next().map(str::to_string))
 }
 
 fn current_thread() -> tokio::runtime::Runtime {
@@ -223,7 +360,7 @@ trait Worker: Send + 'static {
 
 /// Runs `workers` workers for `duration` after a short warm-up, and
 /// measures.
-async fn measure<W, F, Fut>(workers: usize, duration: Duration, connect: F) -> Measured
+async fn measure<W, F, Fut>(workers: usize, duration: Duration, cpu: &CpuClock, connect: F) -> Measured
 where
     W: Worker,
     F: Fn(usize) -> Fut,
@@ -234,6 +371,7 @@ where
         connected.push(connect(n).await);
     }
     let warmup = Duration::from_millis(500);
+    let before = cpu.read();
     let start = Instant::now() + warmup;
     let end = start + duration;
     let tasks: Vec<_> = connected
@@ -242,6 +380,7 @@ where
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut n = 0u64;
+                // n counts every cycle run, warm-up included.
                 loop {
                     let began = Instant::now();
                     if began >= end {
@@ -253,20 +392,25 @@ where
                         latencies.push(began.elapsed());
                     }
                 }
-                latencies
+                (latencies, n)
             })
         })
         .collect();
     let mut all = Vec::new();
+    let mut cycles = 0;
     for task in tasks {
-        all.extend(task.await.expect("a worker task should finish"));
+        let (latencies, ran) = task.await.expect("a worker task should finish");
+        all.extend(latencies);
+        cycles += ran;
     }
+    let cpu = CpuClock::per_cycle(before, cpu.read(), cycles);
     all.sort_unstable();
     let at = |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied();
     Measured {
         rate: all.len() as f64 / duration.as_secs_f64(),
         p50: at(0.50).unwrap_or_default(),
         p99: at(0.99).unwrap_or_default(),
+        cpu,
     }
 }
 
@@ -291,6 +435,7 @@ impl GrpcWorker {
         }
     }
 
+    /// A request as the bench's principal, named by the trusted-proxy header.
     fn request<T>(message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.metadata_mut().insert("x-client-principal", tonic::metadata::MetadataValue::from_static("bench"));
@@ -325,6 +470,185 @@ impl Worker for GrpcWorker {
     }
 }
 
+/// The cycle's three calls, as session messages.
+fn enqueue_call(owner: &str, n: u64, body: &Bytes) -> Call {
+    let payload = pb::ItemPayload {
+        resource_type: "bench".into(),
+        resource_id: format!("{owner}/{n}"),
+        body: body.clone(),
+        ..Default::default()
+    };
+    Call::Enqueue(pb::EnqueueRequest { namespace: NAMESPACE.into(), payload: Some(payload), ..Default::default() })
+}
+
+fn lease_call(owner: &str) -> Call {
+    Call::Lease(pb::LeaseRequest { namespace: NAMESPACE.into(), owner: owner.into(), ..Default::default() })
+}
+
+fn complete_call(handle: pb::OwnershipHandle) -> Call {
+    Call::Complete(pb::CompleteRequest { namespace: NAMESPACE.into(), handle: Some(handle) })
+}
+
+/// Panics unless the answer is a success.
+fn succeeded(answer: Answer) -> Answer {
+    match answer {
+        Answer::Error(error) => panic!("a session call failed: {} {}", error.code, error.message),
+        answer => answer,
+    }
+}
+
+/// Sends one message on a session and waits for its answer.
+trait SessionCalls: Send {
+    fn call(&mut self, call: Call) -> impl std::future::Future<Output = Answer> + Send;
+}
+
+/// Runs one cycle on a session.
+async fn session_cycle(session: &mut impl SessionCalls, owner: &str, n: u64, body: &Bytes) {
+    succeeded(session.call(enqueue_call(owner, n, body)).await);
+    // As in the unary cycle: another worker may take the item just
+    // enqueued; every cycle is still one enqueue, one lease, one complete.
+    let handle = loop {
+        if let Answer::Lease(response) = succeeded(session.call(lease_call(owner)).await)
+            && let Some(handle) = response.item.and_then(|item| item.lease)
+        {
+            break handle;
+        }
+        tokio::task::yield_now().await;
+    };
+    succeeded(session.call(complete_call(handle)).await);
+}
+
+/// The session's outbound half: a channel the request stream drains.
+fn session_request<T>(
+    outbound: tokio::sync::mpsc::Receiver<T>,
+) -> tonic::Request<tokio_stream::wrappers::ReceiverStream<T>> {
+    GrpcWorker::request(tokio_stream::wrappers::ReceiverStream::new(outbound))
+}
+
+/// A worker with a session of its own on its own connection: one message in
+/// flight, as the Redis worker has one command in flight.
+struct SessionWorker {
+    session: OwnSession,
+    owner: String,
+    body: Bytes,
+}
+
+/// A session used by one worker.
+struct OwnSession {
+    send: tokio::sync::mpsc::Sender<pb::SessionRequest>,
+    answers: tonic::Streaming<pb::SessionResponse>,
+    next_id: u64,
+}
+
+impl SessionCalls for OwnSession {
+    async fn call(&mut self, call: Call) -> Answer {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send.send(pb::SessionRequest { id, timeout: None, call: Some(call) }).await.expect("the session is open");
+        let answer = self.answers.message().await.expect("the session stays open").expect("an answer");
+        assert_eq!(answer.id, id, "one message in flight");
+        answer.result.expect("a result")
+    }
+}
+
+impl SessionWorker {
+    async fn open(addr: std::net::SocketAddr, n: usize) -> Self {
+        let mut client = GrpcWorker::connect(addr, n).await.client;
+        let (send, outbound) = tokio::sync::mpsc::channel(1);
+        let answers = client.session(session_request(outbound)).await.expect("the session opens").into_inner();
+        Self {
+            session: OwnSession { send, answers, next_id: 0 },
+            owner: format!("w{n}"),
+            body: Bytes::from(vec![7u8; BODY_BYTES]),
+        }
+    }
+}
+
+impl Worker for SessionWorker {
+    async fn cycle(&mut self, n: u64) {
+        session_cycle(&mut self.session, &self.owner, n, &self.body).await;
+    }
+}
+
+/// Callers waiting for their answers on a shared session, by message id.
+type Waiting = std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Answer>>>;
+
+/// One session shared by every worker of a process, as NATS, Kafka or
+/// Pulsar clients share one connection: each worker still waits for each
+/// answer (one message in flight per worker), so the session carries as
+/// many messages at once as there are workers. A reader task routes
+/// answers by id; it ends with the session.
+struct SharedSession {
+    send: tokio::sync::mpsc::Sender<pb::SessionRequest>,
+    waiting: Arc<Waiting>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+    reader: Arc<AbortOnDrop>,
+}
+
+/// Stops the reader task when the last handle of the session goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl SharedSession {
+    async fn open(addr: std::net::SocketAddr) -> Self {
+        let mut client = GrpcWorker::connect(addr, 0).await.client;
+        let (send, outbound) = tokio::sync::mpsc::channel(256);
+        let mut answers = client.session(session_request(outbound)).await.expect("the session opens").into_inner();
+        let waiting = Arc::new(Waiting::default());
+        let routes = Arc::clone(&waiting);
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(answer)) = answers.message().await {
+                let waiter = routes.lock().expect("the map is never poisoned").remove(&answer.id);
+                if let (Some(waiter), Some(result)) = (waiter, answer.result) {
+                    let _ = waiter.send(result);
+                }
+            }
+        });
+        Self { send, waiting, next_id: Arc::default(), reader: Arc::new(AbortOnDrop(reader)) }
+    }
+
+    async fn worker(&self, n: usize) -> SharedSessionWorker {
+        SharedSessionWorker {
+            session: Self {
+                send: self.send.clone(),
+                waiting: Arc::clone(&self.waiting),
+                next_id: Arc::clone(&self.next_id),
+                reader: Arc::clone(&self.reader),
+            },
+            owner: format!("w{n}"),
+            body: Bytes::from(vec![7u8; BODY_BYTES]),
+        }
+    }
+}
+
+impl SessionCalls for SharedSession {
+    async fn call(&mut self, call: Call) -> Answer {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (answered, answer) = tokio::sync::oneshot::channel();
+        self.waiting.lock().expect("the map is never poisoned").insert(id, answered);
+        self.send.send(pb::SessionRequest { id, timeout: None, call: Some(call) }).await.expect("the session is open");
+        answer.await.expect("the session answers every message")
+    }
+}
+
+/// A worker on a [`SharedSession`].
+struct SharedSessionWorker {
+    session: SharedSession,
+    owner: String,
+    body: Bytes,
+}
+
+impl Worker for SharedSessionWorker {
+    async fn cycle(&mut self, n: u64) {
+        session_cycle(&mut self.session, &self.owner, n, &self.body).await;
+    }
+}
+
 /// A Redis Streams worker with its own connection, in one consumer group.
 struct RedisWorker {
     connection: redis::aio::MultiplexedConnection,
@@ -352,6 +676,12 @@ impl RedisWorker {
                 .expect("the consumer group should be created");
         }
         Self { connection, consumer: format!("c{n}"), body: vec![7u8; BODY_BYTES] }
+    }
+
+    /// Another consumer on this worker's connection: redis-rs pipelines the
+    /// commands of every worker sharing a multiplexed connection.
+    async fn share(&self, n: usize) -> Self {
+        Self { connection: self.connection.clone(), consumer: format!("s{n}"), body: vec![7u8; BODY_BYTES] }
     }
 }
 

@@ -22,7 +22,11 @@
 //! is PERMISSION_DENIED. Patterns: a principal is exact, `prefix*`, or `*`
 //! (any authenticated caller); a shard is an exact namespace, `namespace.*`
 //! (every namespace strictly below it), or `*`; procedures are the snake-case
-//! names of [`Procedure`], or `*`.
+//! names of the calls ([`Procedure::CALLS`]), or `*`.
+//!
+//! A session (`Session`, the stream of hot-path calls) is not in the table:
+//! opening one needs only an authenticated caller, and each message on it is
+//! authorized here as the call it carries, on the namespace it names.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -145,7 +149,13 @@ impl AuthorizationTable {
             let mut procedures = Vec::new();
             for (j, name) in rule.procedures.iter().enumerate() {
                 if name == "*" {
-                    procedures.extend(Procedure::ALL);
+                    procedures.extend(Procedure::CALLS);
+                } else if name == Procedure::Session.as_str() {
+                    return Err(ConfigError::new(
+                        at(&format!("procedures[{j}]")),
+                        "a session is authorized message by message, as the calls it carries: list those \
+                         (enqueue, lease, heartbeat, complete, fail) instead",
+                    ));
                 } else {
                     procedures.push(Procedure::from_name(name).ok_or_else(|| {
                         ConfigError::new(
@@ -225,7 +235,7 @@ impl AuthorizationTable {
 
 /// The procedure names the table accepts, for error messages.
 fn vocabulary() -> String {
-    Procedure::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+    Procedure::CALLS.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// Layer of [`Authorize`].
@@ -238,6 +248,11 @@ impl AuthorizeLayer {
     /// Enforces `table`.
     pub fn new(table: AuthorizationTable) -> Self {
         Self { table: Arc::new(table) }
+    }
+
+    /// The table this layer enforces.
+    pub fn table(&self) -> &Arc<AuthorizationTable> {
+        &self.table
     }
 }
 
@@ -254,6 +269,10 @@ impl<S> Layer<S> for AuthorizeLayer {
 /// the inner service runs. Fails closed: a call without a caller is
 /// UNAUTHENTICATED and one without a resolved namespace NOT_FOUND, so a stack
 /// assembled in the wrong order denies rather than allows.
+///
+/// A session passes with a caller alone: the node authorizes each of its
+/// messages with the same table ([`AuthorizationTable::check`]) as the call
+/// it carries.
 ///
 /// `poll_ready` is the inner service's readiness.
 #[derive(Debug, Clone)]
@@ -278,6 +297,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let decision = (|| {
             let caller = request.extensions().get::<Caller>().ok_or(CredentialError::Missing)?;
+            if request.extensions().get::<RpcRoute>().is_some_and(|route| route.procedure.is_session()) {
+                return Ok(());
+            }
             let (procedure, namespace) = request
                 .extensions()
                 .get::<RpcRoute>()
@@ -334,8 +356,9 @@ mod tests {
 
     /// Generated over the contract: every ResourceLease RPC in the compiled
     /// descriptors is in the table's vocabulary, is denied by default, and a
-    /// rule naming it allows exactly it. A procedure missing from the
-    /// vocabulary fails here.
+    /// rule naming it allows exactly it; the session is the one RPC outside
+    /// it, and every call it carries (the `call` fields of `SessionRequest`)
+    /// is in it. A procedure missing from the vocabulary fails here.
     #[test]
     fn every_procedure_is_in_the_vocabulary_and_denied_by_default() {
         let rpcs: Vec<String> = crate::proto::procedures()
@@ -345,21 +368,47 @@ mod tests {
             .collect();
         assert_eq!(rpcs.len(), Procedure::ALL.len());
         let worker = caller("spiffe://omnirelay.example/worker/1", &[]);
+        let mut calls = Vec::new();
         for method in rpcs {
             let procedure = Procedure::from_grpc_method(&method)
                 .unwrap_or_else(|| panic!("{method} is missing from the authorization vocabulary"));
+            if procedure.is_session() {
+                let err = AuthorizationTable::from_config(&AuthorizationConfig {
+                    rules: vec![rule(&["*"], &[], &["session"], &["*"])],
+                })
+                .expect_err("the session is not in the table");
+                assert_eq!(err.field, "rules[0].procedures[0]");
+                continue;
+            }
+            calls.push(procedure);
             assert!(
                 !AuthorizationTable::deny_all().allows(&worker, procedure, &ns("resourcelease")),
                 "{method} must be denied by default"
             );
             let only = table(vec![rule(&["*"], &[], &[procedure.as_str()], &["*"])]);
-            for other in Procedure::ALL {
+            for other in Procedure::CALLS {
                 assert_eq!(
                     only.allows(&worker, other, &ns("resourcelease")),
                     other == procedure,
                     "{method} vs {other:?}"
                 );
             }
+        }
+        assert_eq!(calls, Procedure::CALLS);
+        let set = <prost_types::FileDescriptorSet as prost::Message>::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptors decode");
+        let session = set
+            .file
+            .iter()
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == "SessionRequest")
+            .expect("SessionRequest");
+        for field in session.field.iter().filter(|f| f.oneof_index.is_some()) {
+            let procedure = Procedure::from_name(field.name())
+                .unwrap_or_else(|| panic!("SessionRequest.{} is missing from the vocabulary", field.name()));
+            let only = table(vec![rule(&["*"], &[], &[procedure.as_str()], &["*"])]);
+            assert!(only.allows(&worker, procedure, &ns("resourcelease")));
+            assert!(!AuthorizationTable::deny_all().allows(&worker, procedure, &ns("resourcelease")));
         }
     }
 
@@ -463,11 +512,18 @@ mod tests {
         assert_eq!(code(no_caller.expect_err("no caller")), ErrorCode::Unauthenticated);
         let no_namespace = service.clone().oneshot(routed(Some(caller("alice", &[])), Procedure::Stats, None)).await;
         assert_eq!(code(no_namespace.expect_err("no namespace")), ErrorCode::NotFound);
+        let anonymous_session = service.clone().oneshot(routed(None, Procedure::Session, None)).await;
+        assert_eq!(code(anonymous_session.expect_err("no caller")), ErrorCode::Unauthenticated);
         assert_eq!(calls.load(Ordering::SeqCst), 0);
         service
+            .clone()
             .oneshot(routed(Some(caller("alice", &[])), Procedure::Stats, Some("resourcelease")))
             .await
             .expect("allowed");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Bob may call nothing, yet may open a session: each of its messages
+        // is checked against the table by the node.
+        service.oneshot(routed(Some(caller("bob", &[])), Procedure::Session, None)).await.expect("session opens");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

@@ -2,16 +2,16 @@
 //! addresses.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::io::Read;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures_util::TryFutureExt;
 use futures_util::future::{self, BoxFuture, Either, FutureExt};
 use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
@@ -50,43 +50,101 @@ impl RequestLimits {
 
 /// A request body read into memory by [`RequestBodyLimit`]. The inner
 /// service reads it like any body; middleware can look at the bytes.
-#[derive(Debug, Clone, Default)]
+///
+/// A session's body is a stream of messages that never ends while the
+/// session lives: it is passed through unread ([`BufferedBody::streaming`]),
+/// and the node bounds each message as it decodes it.
+#[derive(Debug, Default)]
 pub struct BufferedBody {
-    data: Bytes,
-    sent: bool,
+    kind: Kind,
+}
+
+#[derive(Default)]
+enum Kind {
+    Buffered {
+        data: Bytes,
+        sent: bool,
+    },
+    Streaming(UnsyncBoxBody<Bytes, BoxError>),
+    #[default]
+    Empty,
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kind::Buffered { data, sent } => {
+                f.debug_struct("Buffered").field("len", &data.len()).field("sent", sent).finish()
+            }
+            Kind::Streaming(_) => f.write_str("Streaming"),
+            Kind::Empty => f.write_str("Empty"),
+        }
+    }
 }
 
 impl BufferedBody {
     /// Wraps bytes already read.
     pub fn new(data: Bytes) -> Self {
-        Self { data, sent: false }
+        Self { kind: Kind::Buffered { data, sent: false } }
     }
 
-    /// The whole body.
-    pub fn bytes(&self) -> &Bytes {
-        &self.data
+    /// Passes a stream's body through unread.
+    pub fn streaming<B>(body: B) -> Self
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let body = body.map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())));
+        Self { kind: Kind::Streaming(body.map_err(Into::into).boxed_unsync()) }
+    }
+
+    /// The whole body, when it was read into memory (empty for an empty
+    /// body, `None` for a stream passed through).
+    pub fn bytes(&self) -> Option<&Bytes> {
+        static EMPTY: Bytes = Bytes::new();
+        match &self.kind {
+            Kind::Buffered { data, .. } => Some(data),
+            Kind::Empty => Some(&EMPTY),
+            Kind::Streaming(_) => None,
+        }
     }
 }
 
 impl Body for BufferedBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.sent || self.data.is_empty() {
-            return Poll::Ready(None);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
+            Kind::Buffered { data, sent } => {
+                if *sent || data.is_empty() {
+                    return Poll::Ready(None);
+                }
+                *sent = true;
+                Poll::Ready(Some(Ok(Frame::data(data.clone()))))
+            }
+            Kind::Streaming(body) => Pin::new(body).poll_frame(cx),
+            Kind::Empty => Poll::Ready(None),
         }
-        self.sent = true;
-        Poll::Ready(Some(Ok(Frame::data(self.data.clone()))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.sent || self.data.is_empty()
+        match &self.kind {
+            Kind::Buffered { data, sent } => *sent || data.is_empty(),
+            Kind::Streaming(body) => body.is_end_stream(),
+            Kind::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let remaining = if self.is_end_stream() { 0 } else { self.data.len() };
-        SizeHint::with_exact(u64::try_from(remaining).unwrap_or(u64::MAX))
+        match &self.kind {
+            Kind::Buffered { data, .. } => {
+                let remaining = if self.is_end_stream() { 0 } else { data.len() };
+                SizeHint::with_exact(u64::try_from(remaining).unwrap_or(u64::MAX))
+            }
+            Kind::Streaming(body) => body.size_hint(),
+            Kind::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -115,8 +173,11 @@ impl<S> Layer<S> for RequestBodyLimitLayer {
 /// [`BufferedBody`] before calling the inner service. A larger body (by its
 /// `content-length`, or once reading passes the limit) is INVALID_ARGUMENT
 /// naming `request body`, and the inner service never runs. Every
-/// ResourceLease procedure is unary, so buffering costs nothing the handler
+/// ResourceLease call is unary, so buffering costs nothing the handler
 /// would not spend anyway, and lets the namespace be read from gRPC bodies.
+/// A session's stream is passed through unread
+/// ([`BufferedBody::streaming`]): the node bounds each of its messages to
+/// the same limit as it decodes them.
 ///
 /// `poll_ready` is the inner service's readiness; the readiness travels with
 /// the call into the future while the body is read.
@@ -145,10 +206,13 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let limit = request
-            .extensions()
-            .get::<RpcRoute>()
-            .map_or(self.limits.default_bytes, |route| self.limits.limit_for(route.procedure));
+        let route = request.extensions().get::<RpcRoute>();
+        if route.is_some_and(|route| route.procedure.is_session()) {
+            let (parts, body) = request.into_parts();
+            let request = Request::from_parts(parts, BufferedBody::streaming(body));
+            return self.inner.call(request).map_err(Into::into).boxed();
+        }
+        let limit = route.map_or(self.limits.default_bytes, |route| self.limits.limit_for(route.procedure));
         let too_large = move || MiddlewareError::invalid(BODY_FIELD, format!("larger than the limit of {limit} bytes"));
         let declared = request
             .headers()
@@ -248,7 +312,8 @@ impl<S> Layer<S> for NamespaceLayer {
 }
 
 /// Completes the call's [`RpcRoute`] with its namespace: from the HTTP/JSON
-/// path, or from field 1 of a gRPC body. A malformed namespace or body is
+/// path, or from field 1 of a gRPC body. A session passes untouched: each
+/// of its messages names a namespace of its own. A malformed namespace or body is
 /// INVALID_ARGUMENT, and so is an `rpc-shard-key` that names another
 /// namespace than the request (gateways route on the header, so it must not
 /// lie). Records `rpc.shard_key` when the header did not.
@@ -269,7 +334,9 @@ impl<S> Namespace<S> {
         let namespace = match (&route.namespace, route.transport) {
             (Some(namespace), _) => namespace.clone(),
             (None, Transport::Grpc) => {
-                grpc_namespace(request.headers(), request.body().bytes(), self.limits.limit_for(route.procedure))?
+                let body =
+                    request.body().bytes().ok_or_else(|| MiddlewareError::invalid(BODY_FIELD, "was not read"))?;
+                grpc_namespace(request.headers(), body, self.limits.limit_for(route.procedure))?
             }
             (None, Transport::Http) => parse_namespace("namespace", "")?,
         };
@@ -299,6 +366,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<BufferedBody>) -> Self::Future {
+        if request.extensions().get::<RpcRoute>().is_some_and(|route| route.procedure.is_session()) {
+            // Each message of a session names its namespace; the node checks
+            // each against `rpc-shard-key` as this layer does for a call.
+            return Either::Left(self.inner.call(request).err_into());
+        }
         match self.resolve(&request) {
             Ok(namespace) => {
                 if request.extensions().get::<ShardKey>().is_none() {

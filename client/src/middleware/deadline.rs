@@ -13,7 +13,7 @@ use tokio::time::{Instant, Timeout};
 use tower::{Layer, Service};
 
 use super::defaults::{DEFAULT_DEADLINE, MAX_DEADLINE};
-use super::{BoxError, MiddlewareError};
+use super::{BoxError, MiddlewareError, RpcRoute};
 
 /// gRPC's deadline header: up to eight digits and a unit (`H`, `M`, `S`, `m`,
 /// `u`, `n`), e.g. `grpc-timeout: 250m`.
@@ -157,6 +157,11 @@ impl<S> Layer<S> for DeadlinePropagationLayer {
 /// work). A malformed header is INVALID_ARGUMENT and a zero deadline
 /// DEADLINE_EXCEEDED, both before the inner service runs.
 ///
+/// A session ([`Procedure::Session`](super::Procedure::Session), routed
+/// before this layer) gets a [`CallDeadline`] only when the caller sent one:
+/// it then bounds the whole stream, which the node enforces, while each
+/// message carries its own deadline. Without one the stream has none.
+///
 /// `poll_ready` is the inner service's readiness; time spent waiting for it
 /// is not charged to any call (tower's contract gives no request yet).
 #[derive(Debug, Clone)]
@@ -179,9 +184,22 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let budget = match requested_timeout(request.headers()) {
-            Ok(requested) => requested.map_or(self.config.default, |d| d.min(self.config.max)),
+        let requested = match requested_timeout(request.headers()) {
+            Ok(requested) => requested.map(|d| d.min(self.config.max)),
             Err(err) => return Either::Right(future::ready(Err(Box::new(err) as BoxError))),
+        };
+        let session = request.extensions().get::<RpcRoute>().is_some_and(|route| route.procedure.is_session());
+        let budget = match (requested, session) {
+            (Some(budget), _) => budget,
+            // A session lives as long as its caller keeps it: no default
+            // deadline for the stream (each message gets one of its own).
+            // Opening it is still bounded.
+            (None, true) => {
+                let open = CallDeadline::after(self.config.max);
+                let inner = tokio::time::timeout_at(open.at, self.inner.call(request));
+                return Either::Left(DeadlineFuture { inner, budget: self.config.max });
+            }
+            (None, false) => self.config.default,
         };
         if budget.is_zero() {
             return Either::Right(future::ready(Err(Box::new(MiddlewareError::deadline(budget)) as BoxError)));
@@ -319,6 +337,35 @@ mod tests {
             .expect("ok")
             .expect("deadline");
         assert_eq!(seen.budget(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_get_a_deadline_only_when_they_ask_for_one() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = DeadlinePropagationLayer::default();
+        let session = |headers: &[(&'static str, &'static str)]| {
+            let mut request = request(headers);
+            let route =
+                RpcRoute::from_path(super::super::Transport::Grpc, &super::super::Procedure::Session.grpc_path())
+                    .expect("the session route");
+            request.extensions_mut().insert(route);
+            request
+        };
+        let seen = layer.layer(slow(Duration::ZERO, calls.clone())).oneshot(session(&[])).await.expect("opens");
+        assert_eq!(seen, None, "no default deadline for a stream");
+        let seen = layer
+            .layer(slow(Duration::ZERO, calls.clone()))
+            .oneshot(session(&[(GRPC_TIMEOUT_HEADER, "90S")]))
+            .await
+            .expect("opens")
+            .expect("the stream's deadline");
+        assert_eq!(seen.budget(), Duration::from_secs(90));
+        let err = layer
+            .layer(slow(Duration::ZERO, calls.clone()))
+            .oneshot(session(&[(TIMEOUT_MS_HEADER, "0")]))
+            .await
+            .expect_err("spent");
+        assert_eq!(code(err), ErrorCode::DeadlineExceeded);
     }
 
     #[tokio::test(start_paused = true)]

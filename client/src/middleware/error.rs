@@ -165,6 +165,13 @@ impl MiddlewareError {
     pub(crate) fn deadline(budget: Duration) -> Self {
         MiddlewareError::DeadlineExceeded { budget_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX) }
     }
+
+    /// The gRPC status of this refusal, as [`ErrorResponse`](super::ErrorResponse)
+    /// renders it for a call: for a session's messages, which are answered
+    /// inside the stream.
+    pub fn status(&self) -> tonic::Status {
+        tonic::Status::new(self.code().grpc(), self.to_string())
+    }
 }
 
 impl From<crate::shard::ShardError> for MiddlewareError {

@@ -118,6 +118,12 @@ impl MeshLayer {
 }
 
 impl<R> MeshLayer<R> {
+    /// The authorization table the stack enforces (shared, not copied): the
+    /// node checks each message of a session against it.
+    pub fn authorization(&self) -> &std::sync::Arc<AuthorizationTable> {
+        self.authorize.table()
+    }
+
     /// Puts a layer in the rate-limiter slot: the queue's
     /// `BackpressureAwareRateLimiter` (from `crate::backpressure`), or any
     /// tower limiter. See [`mesh_stack`] for where it sits and why.

@@ -21,6 +21,12 @@ pub const HTTP_PATH_PREFIX: &str = "/resourcelease/v1/";
 
 /// A ResourceLease procedure: the vocabulary of the authorization table, the
 /// `resourcelease.operation` span field and the HTTP path.
+///
+/// [`Session`](Procedure::Session) is the one RPC that is not a call of its
+/// own: a stream carrying calls of the [`SESSION_CALLS`](Procedure::SESSION_CALLS)
+/// procedures, each authorized as that procedure. It is not in the
+/// authorization table's vocabulary ([`CALLS`](Procedure::CALLS)) and has
+/// no HTTP/JSON path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Procedure {
     /// `Enqueue`.
@@ -49,11 +55,32 @@ pub enum Procedure {
     PurgeDeadLetters,
     /// `Stats`.
     Stats,
+    /// `Session`: a bidirectional stream of hot-path calls.
+    Session,
 }
 
 impl Procedure {
-    /// Every procedure, in the order of the service definition.
-    pub const ALL: [Procedure; 13] = [
+    /// Every RPC of the service, in the order of the service definition.
+    pub const ALL: [Procedure; 14] = [
+        Procedure::Enqueue,
+        Procedure::Lease,
+        Procedure::Heartbeat,
+        Procedure::Complete,
+        Procedure::Fail,
+        Procedure::Drain,
+        Procedure::Resume,
+        Procedure::Restore,
+        Procedure::ListDeadLetters,
+        Procedure::GetDeadLetter,
+        Procedure::RedriveDeadLetter,
+        Procedure::PurgeDeadLetters,
+        Procedure::Stats,
+        Procedure::Session,
+    ];
+
+    /// The calls: every procedure but [`Session`](Procedure::Session). The
+    /// authorization table's vocabulary and the HTTP/JSON paths.
+    pub const CALLS: [Procedure; 13] = [
         Procedure::Enqueue,
         Procedure::Lease,
         Procedure::Heartbeat,
@@ -68,6 +95,16 @@ impl Procedure {
         Procedure::PurgeDeadLetters,
         Procedure::Stats,
     ];
+
+    /// The calls a [`Session`](Procedure::Session) carries: the hot path of
+    /// producers and workers.
+    pub const SESSION_CALLS: [Procedure; 5] =
+        [Procedure::Enqueue, Procedure::Lease, Procedure::Heartbeat, Procedure::Complete, Procedure::Fail];
+
+    /// True for [`Session`](Procedure::Session), the stream of calls.
+    pub fn is_session(self) -> bool {
+        self == Procedure::Session
+    }
 
     /// The gRPC method name (`ListDeadLetters`).
     pub fn grpc_method(self) -> &'static str {
@@ -85,6 +122,7 @@ impl Procedure {
             Procedure::RedriveDeadLetter => "RedriveDeadLetter",
             Procedure::PurgeDeadLetters => "PurgeDeadLetters",
             Procedure::Stats => "Stats",
+            Procedure::Session => "Session",
         }
     }
 
@@ -106,6 +144,7 @@ impl Procedure {
             Procedure::RedriveDeadLetter => "redrive_dead_letter",
             Procedure::PurgeDeadLetters => "purge_dead_letters",
             Procedure::Stats => "stats",
+            Procedure::Session => "session",
         }
     }
 
@@ -114,9 +153,10 @@ impl Procedure {
         Self::ALL.into_iter().find(|p| p.grpc_method() == method)
     }
 
-    /// The procedure with this snake-case name.
+    /// The call with this snake-case name (never
+    /// [`Session`](Procedure::Session), which is not a call).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.as_str() == name)
+        Self::CALLS.into_iter().find(|p| p.as_str() == name)
     }
 
     /// The gRPC path (`/omnirelay.resourcelease.v1.ResourceLease/Enqueue`).
@@ -125,7 +165,8 @@ impl Procedure {
     }
 
     /// The HTTP/JSON path for a namespace
-    /// (`/resourcelease/v1/resourcelease.users/enqueue`).
+    /// (`/resourcelease/v1/resourcelease.users/enqueue`). The session has
+    /// none: this path answers NOT_FOUND.
     pub fn http_path(self, namespace: &ShardId) -> String {
         format!("{HTTP_PATH_PREFIX}{namespace}/{}", self.as_str())
     }
@@ -163,7 +204,8 @@ impl Transport {
 /// Which procedure a call addresses and on which namespace. Inserted into the
 /// request extensions by [`RouteLayer`](super::RouteLayer); the namespace of
 /// a gRPC call is filled in from its body by
-/// [`NamespaceLayer`](super::NamespaceLayer).
+/// [`NamespaceLayer`](super::NamespaceLayer). A session has no namespace of
+/// its own: each of its messages names one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RpcRoute {
     /// The transport the call came in on.
@@ -218,14 +260,58 @@ mod tests {
         for method in &rpcs {
             let procedure = Procedure::from_grpc_method(method)
                 .unwrap_or_else(|| panic!("ResourceLease/{method} is missing from Procedure"));
-            assert_eq!(Procedure::from_name(procedure.as_str()), Some(procedure));
             let route = RpcRoute::from_path(Transport::Grpc, &procedure.grpc_path()).expect("grpc path");
             assert_eq!(route.procedure, procedure);
             let http = procedure.http_path(&ShardId::new("resourcelease.users"));
+            if procedure.is_session() {
+                assert_eq!(Procedure::from_name(procedure.as_str()), None, "the session is not a call");
+                let err = RpcRoute::from_path(Transport::Http, &http).expect_err("HTTP/JSON has no session");
+                assert_eq!(err.code(), crate::ErrorCode::NotFound);
+                continue;
+            }
+            assert_eq!(Procedure::from_name(procedure.as_str()), Some(procedure));
             let route = RpcRoute::from_path(Transport::Http, &http).expect("http path");
             assert_eq!((route.procedure, route.namespace), (procedure, Some(ShardId::new("resourcelease.users"))));
         }
         assert_eq!(rpcs.len(), Procedure::ALL.len(), "Procedure lists an RPC the contract does not have");
+        assert_eq!(Procedure::CALLS.len() + 1, Procedure::ALL.len(), "every RPC but the session is a call");
+    }
+
+    /// Generated over the contract: every call a `SessionRequest` can carry
+    /// is a call of the vocabulary with the same request message, and the
+    /// `SessionResponse` answers it with that call's response message. A
+    /// call added to the session without its procedure fails here.
+    #[test]
+    fn session_calls_are_the_hot_path_procedures_with_their_messages() {
+        let set = <prost_types::FileDescriptorSet as prost::Message>::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptors decode");
+        let file = set.file.iter().find(|f| f.package() == "omnirelay.resourcelease.v1").expect("package");
+        let service = file.service.iter().find(|s| s.name() == "ResourceLease").expect("service");
+        let message = |name: &str| file.message_type.iter().find(|m| m.name() == name).expect("message");
+        let oneof_fields = |name: &str, oneof: &str| {
+            let m = message(name);
+            let index = m.oneof_decl.iter().position(|o| o.name() == oneof).expect("oneof") as i32;
+            m.field
+                .iter()
+                .filter(|f| f.oneof_index == Some(index))
+                .map(|f| (f.name().to_string(), f.type_name().rsplit('.').next().expect("type").to_string()))
+                .collect::<Vec<_>>()
+        };
+        let calls = oneof_fields("SessionRequest", "call");
+        let results = oneof_fields("SessionResponse", "result");
+        let mut carried = Vec::new();
+        for (field, request) in &calls {
+            let procedure = Procedure::from_name(field).unwrap_or_else(|| panic!("SessionRequest.{field} is no call"));
+            let rpc = service.method.iter().find(|m| m.name() == procedure.grpc_method()).expect("rpc");
+            assert_eq!(rpc.input_type().rsplit('.').next(), Some(request.as_str()), "{field}");
+            let response = results.iter().find(|(name, _)| name == field).expect("a response for every call");
+            assert_eq!(rpc.output_type().rsplit('.').next(), Some(response.1.as_str()), "{field}");
+            carried.push(procedure);
+        }
+        assert_eq!(carried, Procedure::SESSION_CALLS);
+        assert!(results.iter().any(|(name, message)| name == "error" && message == "CallError"));
+        let session = service.method.iter().find(|m| m.name() == "Session").expect("Session rpc");
+        assert!(session.client_streaming() && session.server_streaming());
     }
 
     /// The gRPC namespace probe reads field 1 of every request message; this
@@ -236,7 +322,8 @@ mod tests {
             .expect("descriptors decode");
         let file = set.file.iter().find(|f| f.package() == "omnirelay.resourcelease.v1").expect("package");
         let service = file.service.iter().find(|s| s.name() == "ResourceLease").expect("service");
-        for method in &service.method {
+        // The session's messages carry calls, each with its namespace.
+        for method in service.method.iter().filter(|m| !m.client_streaming()) {
             let input = method.input_type().rsplit('.').next().expect("type name");
             let message = file.message_type.iter().find(|m| m.name() == input).expect("input message");
             let field = message.field.iter().find(|f| f.number() == 1).expect("field 1");
@@ -254,6 +341,7 @@ mod tests {
             (Transport::Http, "/healthz"),
             (Transport::Http, "/resourcelease/v1/resourcelease/nope"),
             (Transport::Http, "/resourcelease/v1/enqueue"),
+            (Transport::Http, "/resourcelease/v1/resourcelease/session"),
         ] {
             let err = RpcRoute::from_path(transport, path).expect_err(path);
             assert_eq!(err.code(), crate::ErrorCode::NotFound, "{path}");

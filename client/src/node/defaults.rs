@@ -58,3 +58,13 @@ pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a keepalive ping may go unanswered before the connection is
 /// closed.
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Calls one session runs at once; further messages wait, unread, until one
+/// is answered (HTTP/2 flow control then holds the client back). As many as
+/// the unary calls one HTTP/2 connection may run at once (hyper's default of
+/// 200 concurrent streams), so a session never holds fewer calls than the
+/// same connection could as unary RPCs, and a session's memory stays bounded
+/// by this many messages of the request size limit. Waiting lease
+/// long-polls count: a client keeping more than this many waiting opens
+/// more sessions.
+pub const MAX_SESSION_IN_FLIGHT: usize = 200;

@@ -33,6 +33,9 @@ pub enum NodeError {
         /// The authenticated caller.
         principal: Principal,
     },
+    /// A JSON call named the session, which is a gRPC stream, not a call.
+    #[error("{} is not a call: HTTP/JSON has no session", .0.as_str())]
+    NotACall(crate::middleware::Procedure),
     /// The queue refused the call (including malformed input, which carries
     /// the field).
     #[error(transparent)]
@@ -56,6 +59,7 @@ impl NodeError {
         match self {
             NodeError::UnknownNamespace(_) => ErrorCode::NotFound,
             NodeError::NoCaller => ErrorCode::Unauthenticated,
+            NodeError::NotACall(_) => ErrorCode::NotFound,
             NodeError::OwnerNotBound { .. } => ErrorCode::PermissionDenied,
             NodeError::Queue(error) => error.code(),
         }

@@ -25,6 +25,11 @@ impl NamespaceRateLimitLayer {
     pub fn new(limiters: HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>) -> Self {
         Self { limiters: Arc::new(limiters) }
     }
+
+    /// The limiter of a namespace, `None` when the node does not host it.
+    pub fn limiter(&self, namespace: &ShardId) -> Option<&Arc<BackpressureAwareRateLimiter>> {
+        self.limiters.get(namespace)
+    }
 }
 
 impl<S> Layer<S> for NamespaceRateLimitLayer {

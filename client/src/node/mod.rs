@@ -61,6 +61,7 @@ pub mod json;
 mod limiter;
 pub mod serve;
 mod service;
+mod session;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -77,13 +78,16 @@ pub use error::{NodeError, Result};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
 pub use serve::ServeError;
 pub use service::LeaseService;
+pub use session::SessionStream;
 pub use tls::{TlsAcceptorConfig, TlsConfigError};
 
 use crate::backpressure::{BackpressureAwareRateLimiter, BackpressureDiagnostics};
 use crate::clock::Clock;
 use crate::health::{HealthConfig, PeerLeaseHealthTracker};
 use crate::ids::{PeerId, ShardId};
-use crate::middleware::{MeshLayer, MiddlewareConfig, defaults::MAX_RESTORE_REQUEST_BYTES};
+use crate::middleware::{
+    AuthorizationTable, DeadlineConfig, MeshLayer, MiddlewareConfig, RequestLimits, defaults::MAX_RESTORE_REQUEST_BYTES,
+};
 use crate::queue::{LeaseObserver, Queue, QueueConfig, QueueState, Sweeper};
 use crate::replication::Replicator;
 use crate::shard::parse_namespace;
@@ -207,6 +211,18 @@ pub(crate) struct NodeInner {
     /// Cancelled when the node stops: `/readyz` turns 503 and event streams
     /// end, so a graceful shutdown is not held up by them.
     pub(crate) stopping: CancellationToken,
+    /// The middleware's table (the same `Arc`): sessions authorize each
+    /// message against it.
+    pub(crate) authorization: Arc<AuthorizationTable>,
+    /// The middleware's rate limiters: a session's messages take their
+    /// namespace's permits.
+    pub(crate) limiters: NamespaceRateLimitLayer,
+    /// The middleware's deadlines: a session message without a `timeout`
+    /// gets the default, and none gets more than the maximum.
+    pub(crate) deadlines: DeadlineConfig,
+    /// The middleware's size limits: each session message is bounded by the
+    /// limit of the calls it carries.
+    pub(crate) limits: RequestLimits,
 }
 
 /// Builds a [`Node`].
@@ -289,6 +305,10 @@ impl NodeBuilder {
         if let Some(shard) = states.keys().next() {
             return Err(NodeConfigError::new("state", format!("{shard} is not a configured namespace")));
         }
+        let deadlines = config.middleware.deadlines;
+        let limits = config.middleware.limits;
+        let limiters = NamespaceRateLimitLayer::new(limiters);
+        let layer = MeshLayer::new(config.middleware).with_rate_limiter(limiters.clone());
         let inner = Arc::new(NodeInner {
             node_id: config.node_id,
             queues,
@@ -296,8 +316,11 @@ impl NodeBuilder {
             replicator_kind,
             prometheus: self.prometheus,
             stopping: CancellationToken::new(),
+            authorization: Arc::clone(layer.authorization()),
+            limiters,
+            deadlines,
+            limits,
         });
-        let layer = MeshLayer::new(config.middleware).with_rate_limiter(NamespaceRateLimitLayer::new(limiters));
         tracing::info!(node = %inner.node_id, namespaces = inner.queues.len(), "mesh node built");
         Ok(Node { inner, layer, sweepers: Mutex::new(sweepers) })
     }
@@ -369,7 +392,15 @@ impl Node {
             .max_encoding_message_size(usize::MAX)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        // A session carries only calls bounded by the default request limit:
+        // its decoder refuses anything larger, per message.
+        let session = pb::resource_lease_server::ResourceLeaseServer::new(self.service())
+            .max_decoding_message_size(self.inner.limits.limit_for(crate::middleware::Procedure::Enqueue))
+            .max_encoding_message_size(usize::MAX)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
         Router::new()
+            .route_service(&crate::middleware::Procedure::Session.grpc_path(), session)
             .route_service(&format!("/{}/{{method}}", crate::middleware::RESOURCE_LEASE_SERVICE), grpc)
             .route(
                 &format!("{}{{namespace}}/{{procedure}}", crate::middleware::HTTP_PATH_PREFIX),

@@ -1,8 +1,9 @@
-//! The ResourceLease procedures, once for both transports: each takes the
+//! The ResourceLease procedures, once for every transport: each takes the
 //! protobuf request and the call's context and answers the protobuf response
 //! or a [`NodeError`]. The gRPC service ([`LeaseService`] as tonic's
-//! `ResourceLease`) and the HTTP/JSON handler ([`http_call`]) only decode,
-//! call these and encode, so the two cannot drift apart.
+//! `ResourceLease`), the HTTP/JSON handler ([`http_call`]) and the messages
+//! of a session ([`super::session`]) only decode, call these and encode, so
+//! they cannot drift apart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use omnirelay_proto::resourcelease::v1 as pb;
 
 use super::defaults::{LEASE_POLL_SLICE, MAX_OWNER_BYTES, REPLY_MARGIN};
 use super::error::{NodeError, Result};
+use super::session::{SessionContext, SessionStream};
 use super::{Hosted, NodeInner};
 use crate::ids::{PeerId, Principal, ShardId};
 use crate::middleware::{CallDeadline, Procedure, RpcRoute, Transport};
@@ -24,7 +26,8 @@ use crate::shard::parse_namespace;
 use crate::wire;
 
 /// Who is calling and by when the call must answer, read from the request
-/// extensions the middleware filled in.
+/// extensions the middleware filled in (or, for a session's message, from
+/// the session and the message).
 #[derive(Debug, Clone)]
 pub(crate) struct CallContext {
     /// Recorded in every event the call causes: the caller's principal, and
@@ -35,6 +38,10 @@ pub(crate) struct CallContext {
 }
 
 impl CallContext {
+    pub(crate) fn new(caller: Caller, deadline: Option<CallDeadline>) -> Self {
+        Self { caller, deadline }
+    }
+
     fn from_extensions(extensions: &http::Extensions, node: &PeerId) -> Result<Self> {
         let bound = extensions.get::<crate::middleware::Caller>().ok_or(NodeError::NoCaller)?;
         Ok(Self {
@@ -105,7 +112,7 @@ impl NodeInner {
         self.queues.get(&shard).ok_or(NodeError::UnknownNamespace(shard))
     }
 
-    async fn enqueue(&self, cx: &CallContext, request: pb::EnqueueRequest) -> Result<pb::EnqueueResponse> {
+    pub(crate) async fn enqueue(&self, cx: &CallContext, request: pb::EnqueueRequest) -> Result<pb::EnqueueResponse> {
         let hosted = self.hosted(&request.namespace)?;
         let payload = request.payload.ok_or_else(|| NodeError::invalid("payload", "is required"))?;
         let delay = wire::duration_from_pb("delay", request.delay.as_ref())?.unwrap_or_default();
@@ -118,7 +125,7 @@ impl NodeInner {
         })
     }
 
-    async fn lease(&self, cx: &CallContext, request: pb::LeaseRequest) -> Result<pb::LeaseResponse> {
+    pub(crate) async fn lease(&self, cx: &CallContext, request: pb::LeaseRequest) -> Result<pb::LeaseResponse> {
         let hosted = self.hosted(&request.namespace)?;
         let owner = bind_owner(cx.principal(), &request.owner)?;
         let wait = wire::duration_from_pb("wait", request.wait.as_ref())?.unwrap_or_default();
@@ -142,7 +149,11 @@ impl NodeInner {
         }
     }
 
-    async fn heartbeat(&self, cx: &CallContext, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
+    pub(crate) async fn heartbeat(
+        &self,
+        cx: &CallContext,
+        request: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse> {
         let hosted = self.hosted(&request.namespace)?;
         let handle = owned_handle(cx, request.handle.as_ref())?;
         let extend_by = wire::duration_from_pb("extend_by", request.extend_by.as_ref())?;
@@ -150,14 +161,18 @@ impl NodeInner {
         Ok(pb::HeartbeatResponse { expires_at: Some(wire::timestamp(expires_at)) })
     }
 
-    async fn complete(&self, cx: &CallContext, request: pb::CompleteRequest) -> Result<pb::CompleteResponse> {
+    pub(crate) async fn complete(
+        &self,
+        cx: &CallContext,
+        request: pb::CompleteRequest,
+    ) -> Result<pb::CompleteResponse> {
         let hosted = self.hosted(&request.namespace)?;
         let handle = owned_handle(cx, request.handle.as_ref())?;
         let already_completed = hosted.queue.complete(&cx.caller, &handle).await?;
         Ok(pb::CompleteResponse { already_completed })
     }
 
-    async fn fail(&self, cx: &CallContext, request: pb::FailRequest) -> Result<pb::FailResponse> {
+    pub(crate) async fn fail(&self, cx: &CallContext, request: pb::FailRequest) -> Result<pb::FailResponse> {
         let hosted = self.hosted(&request.namespace)?;
         let handle = owned_handle(cx, request.handle.as_ref())?;
         let fail = wire::fail_request_from_pb(&request)?;
@@ -296,6 +311,22 @@ macro_rules! procedures {
 
         #[tonic::async_trait]
         impl pb::resource_lease_server::ResourceLease for LeaseService {
+            type SessionStream = SessionStream;
+
+            /// Opens a session: the caller was bound by the middleware when
+            /// the stream opened; each message is then answered by the
+            /// procedures below (see [`SessionStream`]).
+            async fn session(
+                &self,
+                request: tonic::Request<tonic::Streaming<pb::SessionRequest>>,
+            ) -> std::result::Result<tonic::Response<SessionStream>, tonic::Status> {
+                let session = SessionContext::from_extensions(request.extensions(), &self.node.node_id)
+                    .map_err(|err| err.status())?;
+                let limit = self.node.limits.limit_for(Procedure::Enqueue);
+                let stream = SessionStream::new(Arc::clone(&self.node), session, request.into_inner(), limit);
+                Ok(tonic::Response::new(stream))
+            }
+
             $(
                 async fn $method(
                     &self,
@@ -319,6 +350,7 @@ macro_rules! procedures {
                 body: &[u8],
             ) -> Result<Vec<u8>> {
                 match procedure {
+                    Procedure::Session => Err(NodeError::NotACall(procedure)),
                     $(Procedure::$variant => {
                         let mut request: pb::$request = super::json::decode(body)?;
                         check_namespace(request.namespace_mut(), namespace)?;

@@ -6,6 +6,7 @@ mod node_diagnostics;
 mod node_eviction;
 mod node_lifecycle;
 mod node_parity;
+mod node_session;
 mod node_support;
 mod node_tls;
 mod node_waiting;
@@ -44,6 +45,17 @@ macro_rules! answer_empty {
     ($($method:ident: $req:ident => $resp:ident),* $(,)?) => {
         #[tonic::async_trait]
         impl pb::resource_lease_server::ResourceLease for CountingLease {
+            type SessionStream = futures_util::stream::BoxStream<'static, Result<pb::SessionResponse, Status>>;
+
+            /// Counts the stream and answers nothing (ends it at once).
+            async fn session(
+                &self,
+                request: Request<tonic::Streaming<pb::SessionRequest>>,
+            ) -> Result<Response<Self::SessionStream>, Status> {
+                self.seen(&request);
+                Ok(Response::new(Box::pin(futures_util::stream::empty())))
+            }
+
             $(
                 async fn $method(&self, request: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {
                     self.seen(&request);

@@ -1,7 +1,10 @@
 //! The parity suite: one table of calls, every procedure with its success
-//! and error cases, run in order against a real node over gRPC and against
-//! another over HTTP/JSON; both must answer identically (code, message and
-//! response content, ids aside), each as the table expects.
+//! and error cases, run in order against a real node over gRPC, against
+//! another over HTTP/JSON, and against a third over gRPC sessions (the rows
+//! of the calls a session carries go over sessions, one per caller and
+//! headers, kept open across rows; the others over unary gRPC); all must
+//! answer identically (code, message and response content, ids aside),
+//! each as the table expects.
 
 use std::time::Duration;
 
@@ -631,6 +634,7 @@ fn table() -> Vec<Step> {
                 namespace: N,
                 grpc_message: vec![0x0a, 0xff, 0xff],
                 http_body: b"{\"namespace\": ".to_vec(),
+                session_message: vec![0x0a, 0xff, 0xff],
             },
             expect: Expect::Err(InvalidArgument, "request body"),
         },
@@ -654,7 +658,15 @@ fn oversized() -> RawCall {
         &json!({"namespace": N, "payload": {"resource_type": "t", "resource_id": "i", "body": base64_of(&body)}}),
     )
     .expect("json");
-    RawCall { procedure: Procedure::Enqueue, namespace: N, grpc_message: message.encode_to_vec(), http_body: json }
+    let session =
+        pb::SessionRequest { id: 1, timeout: None, call: Some(pb::session_request::Call::Enqueue(message.clone())) };
+    RawCall {
+        procedure: Procedure::Enqueue,
+        namespace: N,
+        grpc_message: message.encode_to_vec(),
+        http_body: json,
+        session_message: session.encode_to_vec(),
+    }
 }
 
 fn base64_of(bytes: &[u8]) -> String {
@@ -706,13 +718,16 @@ async fn run(wire: Wire) -> (Vec<(&'static str, Outcome, Expect)>, TestNode) {
 }
 
 #[tokio::test]
-async fn both_transports_answer_every_procedure_identically() {
+async fn every_transport_answers_every_procedure_identically() {
     let (grpc, grpc_node) = run(Wire::Grpc).await;
     let (http, http_node) = run(Wire::Http).await;
+    let (session, session_node) = run(Wire::Session).await;
     assert_eq!(grpc.len(), http.len());
+    assert_eq!(grpc.len(), session.len());
     let mut covered = std::collections::BTreeSet::new();
-    for ((name, over_grpc, expect), (_, over_http, _)) in grpc.iter().zip(&http) {
+    for (((name, over_grpc, expect), (_, over_http, _)), (_, over_session, _)) in grpc.iter().zip(&http).zip(&session) {
         assert_eq!(over_grpc, over_http, "{name}: the transports disagree");
+        assert_eq!(over_grpc, over_session, "{name}: a session answers otherwise than a unary call");
         match (expect, over_grpc) {
             (Expect::Ok, Outcome::Ok(_)) => {}
             (Expect::Err(code, text), Outcome::Err { code: got, message, .. }) => {
@@ -759,7 +774,15 @@ async fn both_transports_answer_every_procedure_identically() {
     assert_eq!(find("stats show the backpressure").value()["backpressure"]["active"], true);
     assert_eq!(find("the retried enqueue finds the batch settled").value()["deduplicated"], true);
 
-    for node in [&grpc_node, &http_node] {
+    // The session run carried every hot-path row the table has over
+    // sessions: count them, so a table without them cannot pass silently.
+    let carried = table()
+        .iter()
+        .filter(|step| matches!(step, Step::Call { procedure, .. } if Procedure::SESSION_CALLS.contains(procedure)))
+        .count();
+    assert!(carried >= 30, "only {carried} rows went over sessions");
+
+    for node in [&grpc_node, &http_node, &session_node] {
         // Every event names its shard, the principal that caused it and
         // this node as its peer.
         for namespace in [N, U] {
@@ -782,6 +805,7 @@ async fn both_transports_answer_every_procedure_identically() {
     }
     grpc_node.stop().await;
     http_node.stop().await;
+    session_node.stop().await;
 }
 
 /// Refused calls, on either transport, leave the queue exactly as it was.
@@ -803,7 +827,7 @@ async fn refused_calls_change_nothing_on_either_transport() {
         (Auth::bearer(node.token("worker-1", &["worker"])), ErrorCode::PermissionDenied),
         (Auth::none().header("x-client-principal", "producer"), ErrorCode::Unauthenticated),
     ];
-    for wire in [Wire::Grpc, Wire::Http] {
+    for wire in [Wire::Grpc, Wire::Http, Wire::Session] {
         for (auth, code) in &refused {
             assert_eq!(client.call(wire, &enqueue, auth).await.code(), Some(*code), "{wire:?} {auth:?}");
             let drain = Req::from_json(Procedure::Drain, &json!({"namespace": N, "mode": "DRAIN_MODE_HAND_BACK"}));

@@ -168,6 +168,10 @@ impl TestNode {
 pub(crate) enum Wire {
     Grpc,
     Http,
+    /// A message on a gRPC session (one per set of credentials and headers,
+    /// kept open across calls) for the calls a session carries; the other
+    /// procedures go over unary gRPC.
+    Session,
 }
 
 /// How a call ended, in one shape for both transports.
@@ -367,7 +371,22 @@ impl Req {
                 Req::PurgeDeadLetters(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}")))
             }
             Procedure::Stats => Req::Stats(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}"))),
+            Procedure::Session => panic!("the session is not a call"),
         }
+    }
+
+    /// The request as a session's call, for the procedures a session
+    /// carries.
+    pub(crate) fn session_call(&self) -> Option<pb::session_request::Call> {
+        use pb::session_request::Call;
+        Some(match self {
+            Req::Enqueue(message) => Call::Enqueue(message.clone()),
+            Req::Lease(message) => Call::Lease(message.clone()),
+            Req::Heartbeat(message) => Call::Heartbeat(message.clone()),
+            Req::Complete(message) => Call::Complete(message.clone()),
+            Req::Fail(message) => Call::Fail(message.clone()),
+            _ => return None,
+        })
     }
 
     fn namespace(&self) -> String {
@@ -384,6 +403,89 @@ pub(crate) struct RawCall {
     pub(crate) grpc_message: Vec<u8>,
     /// The JSON body.
     pub(crate) http_body: Vec<u8>,
+    /// The `SessionRequest` bytes a session sends for it (framed by the
+    /// client).
+    pub(crate) session_message: Vec<u8>,
+}
+
+/// An open session: requests go in through `send`, answers come out of
+/// `answers`.
+pub(crate) struct Session {
+    send: tokio::sync::mpsc::Sender<pb::SessionRequest>,
+    answers: tonic::Streaming<pb::SessionResponse>,
+    next_id: u64,
+}
+
+impl Session {
+    /// Opens a session on `grpc` with `auth`; a refused stream answers its
+    /// status.
+    pub(crate) async fn open(
+        grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+        auth: &Auth,
+    ) -> Result<Self, tonic::Status> {
+        grpc.ready().await.map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+        let (send, mut receive) = tokio::sync::mpsc::channel::<pb::SessionRequest>(256);
+        let outbound = futures_util::stream::poll_fn(move |cx| receive.poll_recv(cx));
+        let mut request = tonic::Request::new(outbound);
+        if let Some(token) = &auth.bearer {
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+        }
+        for (name, value) in &auth.headers {
+            request.metadata_mut().insert(*name, value.parse().expect("ascii"));
+        }
+        let path = http::uri::PathAndQuery::try_from(Procedure::Session.grpc_path()).expect("path");
+        let codec = tonic_prost::ProstCodec::<pb::SessionRequest, pb::SessionResponse>::default();
+        let answers = grpc.streaming(request, path, codec).await?.into_inner();
+        Ok(Self { send, answers, next_id: 1 })
+    }
+
+    /// Sends one call without waiting; answers its id.
+    pub(crate) async fn send(&mut self, call: pb::session_request::Call, timeout: Option<Duration>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let timeout = timeout.map(omnirelay_client::wire::duration);
+        self.send.send(pb::SessionRequest { id, timeout, call: Some(call) }).await.expect("the session is open");
+        id
+    }
+
+    /// Sends a prepared message as is.
+    pub(crate) async fn send_message(&mut self, message: pb::SessionRequest) {
+        self.send.send(message).await.expect("the session is open");
+    }
+
+    /// The next answer, or how the stream ended (`Ok(None)`: cleanly).
+    pub(crate) async fn answer(&mut self) -> Result<Option<pb::SessionResponse>, tonic::Status> {
+        self.answers.message().await
+    }
+
+    /// One call, waiting for its answer, as an outcome.
+    pub(crate) async fn call(&mut self, call: pb::session_request::Call) -> Outcome {
+        let id = self.send(call, None).await;
+        match self.answer().await {
+            Ok(Some(answer)) => {
+                assert_eq!(answer.id, id, "one call in flight: its answer comes next");
+                answer_outcome(answer.result.expect("an answer carries a result"))
+            }
+            Ok(None) => panic!("the session ended without answering {id}"),
+            Err(status) => status_outcome(&status),
+        }
+    }
+}
+
+/// A session answer in the shape of the other transports' outcomes.
+pub(crate) fn answer_outcome(result: pb::session_response::Result) -> Outcome {
+    use pb::session_response::Result as Answer;
+    match result {
+        Answer::Error(error) => {
+            let status = tonic::Status::with_details(tonic::Code::from(error.code), error.message, error.details);
+            status_outcome(&status)
+        }
+        Answer::Enqueue(response) => Outcome::Ok(response.to_json()),
+        Answer::Lease(response) => Outcome::Ok(response.to_json()),
+        Answer::Heartbeat(response) => Outcome::Ok(response.to_json()),
+        Answer::Complete(response) => Outcome::Ok(response.to_json()),
+        Answer::Fail(response) => Outcome::Ok(response.to_json()),
+    }
 }
 
 /// Client TLS settings: the CA that signs the node's certificate, and an
@@ -400,6 +502,8 @@ pub(crate) struct Client {
     tls: Option<ClientTls>,
     grpc: Option<tonic::client::Grpc<tonic::transport::Channel>>,
     http: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    /// Open sessions by credentials and headers.
+    sessions: std::collections::HashMap<String, Session>,
 }
 
 /// A connection that could not be made (refused, or a failed handshake).
@@ -409,12 +513,12 @@ fn refused(err: impl std::fmt::Display) -> Outcome {
 
 impl Client {
     pub(crate) fn new(addr: SocketAddr) -> Self {
-        Self { addr, tls: None, grpc: None, http: None }
+        Self { addr, tls: None, grpc: None, http: None, sessions: std::collections::HashMap::new() }
     }
 
     /// A client that speaks TLS to the node (server name `localhost`).
     pub(crate) fn with_tls(addr: SocketAddr, tls: ClientTls) -> Self {
-        Self { addr, tls: Some(tls), grpc: None, http: None }
+        Self { addr, tls: Some(tls), grpc: None, http: None, sessions: std::collections::HashMap::new() }
     }
 
     async fn grpc(&mut self) -> Result<&mut tonic::client::Grpc<tonic::transport::Channel>, Outcome> {
@@ -463,9 +567,40 @@ impl Client {
         Ok(self.http.as_mut().expect("just connected"))
     }
 
+    /// Opens a session with `auth` on this client's gRPC connection.
+    pub(crate) async fn open_session(&mut self, auth: &Auth) -> Result<Session, Outcome> {
+        let grpc = self.grpc().await?;
+        Session::open(grpc, auth).await.map_err(|status| status_outcome(&status))
+    }
+
+    /// Sends a call on the session of `auth`, opening it on first use; a
+    /// session refused at opening answers with its refusal, and one that
+    /// ended is dropped after reporting how.
+    async fn session_call(&mut self, call: pb::session_request::Call, auth: &Auth) -> Outcome {
+        let key = format!("{:?}", (&auth.bearer, &auth.headers));
+        if !self.sessions.contains_key(&key) {
+            match self.open_session(auth).await {
+                Ok(session) => {
+                    self.sessions.insert(key.clone(), session);
+                }
+                Err(outcome) => return outcome,
+            }
+        }
+        let session = self.sessions.get_mut(&key).expect("just opened");
+        let outcome = session.call(call).await;
+        if matches!(outcome, Outcome::Err { .. }) && session.send.is_closed() {
+            self.sessions.remove(&key);
+        }
+        outcome
+    }
+
     /// Sends a typed request over `wire`.
     pub(crate) async fn call(&mut self, wire: Wire, request: &Req, auth: &Auth) -> Outcome {
         match wire {
+            Wire::Session => match request.session_call() {
+                Some(call) => self.session_call(call, auth).await,
+                None => Box::pin(self.call(Wire::Grpc, request, auth)).await,
+            },
             Wire::Grpc => each_request!(request.clone(), |procedure, message, R| {
                 self.grpc_typed::<_, R>(procedure, message, auth).await
             }),
@@ -556,20 +691,22 @@ impl Client {
             Wire::Http => {
                 self.http_raw(call.procedure, call.namespace, call.http_body.clone(), "application/json", auth).await
             }
-            Wire::Grpc => self.grpc_raw(call, auth).await,
+            Wire::Grpc => self.grpc_raw(call.procedure, &call.grpc_message, auth).await,
+            Wire::Session => self.grpc_raw(Procedure::Session, &call.session_message, auth).await,
         }
     }
 
-    /// A gRPC call over a plain HTTP/2 connection with a hand-made frame.
-    async fn grpc_raw(&mut self, call: &RawCall, auth: &Auth) -> Outcome {
+    /// A gRPC call (or a session of one message) over a plain HTTP/2
+    /// connection with a hand-made frame.
+    async fn grpc_raw(&mut self, procedure: Procedure, message: &[u8], auth: &Auth) -> Outcome {
         let stream = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
         let (mut sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2");
         tokio::spawn(connection);
         let mut frame = vec![0u8];
-        frame.extend_from_slice(&u32::try_from(call.grpc_message.len()).expect("fits").to_be_bytes());
-        frame.extend_from_slice(&call.grpc_message);
-        let mut request = Request::post(format!("http://{}{}", self.addr, call.procedure.grpc_path()))
+        frame.extend_from_slice(&u32::try_from(message.len()).expect("fits").to_be_bytes());
+        frame.extend_from_slice(message);
+        let mut request = Request::post(format!("http://{}{}", self.addr, procedure.grpc_path()))
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header("te", "trailers")
             .body(Full::new(Bytes::from(frame)))
@@ -586,7 +723,7 @@ impl Client {
     }
 }
 
-fn status_outcome(status: &tonic::Status) -> Outcome {
+pub(crate) fn status_outcome(status: &tonic::Status) -> Outcome {
     let backpressure = (!status.details().is_empty()).then(|| {
         let signal = pb::BackpressureSignal::decode(status.details()).expect("details are a BackpressureSignal");
         json::signal(&signal)

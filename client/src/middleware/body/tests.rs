@@ -1,5 +1,6 @@
 //! Size limits, buffering and the namespace of gRPC and HTTP/JSON calls.
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ impl Service<Request<BufferedBody>> for Echo {
     fn call(&mut self, request: Request<BufferedBody>) -> Self::Future {
         self.0.fetch_add(1, Ordering::SeqCst);
         let route = request.extensions().get::<RpcRoute>().cloned();
-        future::ready(Ok((request.body().bytes().clone(), route)))
+        future::ready(Ok((request.body().bytes().cloned().unwrap_or_else(|| Bytes::from_static(b"<stream>")), route)))
     }
 }
 
@@ -209,7 +210,34 @@ async fn buffered_bodies_are_exact_sized_and_yield_their_bytes_once() {
     let body = BufferedBody::new(Bytes::from_static(b"abc"));
     assert_eq!(body.size_hint().exact(), Some(3));
     assert!(!body.is_end_stream());
-    let collected = body.clone().collect().await.expect("infallible").to_bytes();
+    let collected = body.collect().await.expect("never fails").to_bytes();
     assert_eq!(collected, Bytes::from_static(b"abc"));
     assert!(BufferedBody::default().is_end_stream());
+}
+
+/// A session's body never ends while the session lives: the layers pass it
+/// through unread (no buffering, no namespace), or the session would hang.
+#[tokio::test]
+async fn session_streams_pass_through_unread() {
+    let echo = Echo::default();
+    let forever = StreamBody::new(futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>());
+    let mut request = Request::builder()
+        .uri(Procedure::Session.grpc_path())
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(forever)
+        .expect("request");
+    let route = RpcRoute::from_path(Transport::Grpc, request.uri().path()).expect("route");
+    request.extensions_mut().insert(route);
+    let limits = RequestLimits { default_bytes: 1, restore_bytes: 1 };
+    let service = tower::ServiceBuilder::new()
+        .layer(RequestBodyLimitLayer::new(limits))
+        .layer(NamespaceLayer::new(limits))
+        .service(echo.clone());
+    let (body, route) = tokio::time::timeout(std::time::Duration::from_secs(5), service.oneshot(request))
+        .await
+        .expect("not buffered")
+        .expect("passed through");
+    assert_eq!(body, Bytes::from_static(b"<stream>"));
+    assert_eq!(route.expect("route").namespace, None, "a session has no namespace of its own");
+    assert_eq!(echo.0.load(Ordering::SeqCst), 1);
 }
