@@ -19,6 +19,10 @@
 //!   connection per worker, or one shared) and a canned-answer tonic server
 //!   in the same run (see `node.rs`).
 
+/// The process allocator (see the workspace `Cargo.toml` for why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod hub;
 mod node;
 

@@ -9,6 +9,10 @@ use omnirelay_cli::control::{self, Target};
 use omnirelay_cli::node::{self, FileConfig, NodeArgs, SidecarConfig};
 use serde_json::{Value, json};
 
+/// The process allocator (see the workspace `Cargo.toml` for why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// OmniRelay operator CLI.
 #[derive(Debug, Parser)]
 #[command(name = "omnirelay", version, about)]

@@ -17,6 +17,10 @@ use omnirelay_hub::store::postgres::{self, PgStore, PgStoreConfig};
 use omnirelay_hub::store::sqlite::SqliteStore;
 use omnirelay_hub::{shutdown, telemetry, verify};
 
+/// The process allocator (see the workspace `Cargo.toml` for why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status of a configuration error, like clap's for a bad flag.
 const EXIT_CONFIG: u8 = 2;
 
