@@ -41,19 +41,26 @@ const COPY_ROWS: usize = 1_000;
 /// Concurrent COPY connections (two: more did not help on this machine).
 const COPY_CONNECTIONS: usize = 2;
 
-/// Options: `--step-secs N` shortens or lengthens each step.
+/// Options: `--step-secs N` shortens or lengthens each step;
+/// `--sequential N` runs only the one-producer, one-batch-in-flight
+/// comparison, as N rounds that interleave its three steps.
 struct Options {
     step: Duration,
+    sequential_rounds: usize,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
-    let mut options = Options { step: STEP };
+    let mut options = Options { step: STEP, sequential_rounds: 0 };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--step-secs" => {
                 let value = args.next().context("--step-secs needs a value")?;
                 options.step = Duration::from_secs(value.parse().context("--step-secs takes whole seconds")?);
+            }
+            "--sequential" => {
+                let value = args.next().context("--sequential needs a number of rounds")?;
+                options.sequential_rounds = value.parse().context("--sequential takes a whole number of rounds")?;
             }
             other => bail!("unknown option {other}"),
         }
@@ -128,19 +135,24 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
         .await
         .context("create the baseline table")?;
 
+    if options.sequential_rounds > 0 {
+        let outcome = sequential(&url, &admin, options.sequential_rounds, options.step).await;
+        drop(cluster);
+        return outcome;
+    }
     println!("| scenario | events/s (delivered for fan-out) | p50 ms | p99 ms | notes |");
     println!("|---|---:|---:|---:|---|");
     // A checkpoint before each step, so no step pays for the WAL an
     // earlier one wrote.
     let checkpoint = || async { admin.batch_execute("CHECKPOINT").await.context("checkpoint") };
     checkpoint().await?;
-    let insert = insert_baseline(&url, options.step).await?;
+    let insert = insert_baseline(&url, options.step, 1).await?;
     print_line(&insert);
     checkpoint().await?;
     let copy = copy_baseline(&url, options.step).await?;
     print_line(&copy);
     checkpoint().await?;
-    let store_line = store_appends(&url, options.step).await?;
+    let store_line = store_appends(&url, options.step, "bench.store").await?;
     print_line(&store_line);
 
     let writer = TestHub::start(&url).await?;
@@ -178,6 +190,64 @@ pub(crate) async fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one-producer, one-batch-in-flight comparison alone: `rounds` rounds
+/// of single-row INSERT, store append and hub append, interleaved so that
+/// the machine's load swings hit all three alike; the ratio of each round
+/// and their median.
+async fn sequential(url: &str, admin: &tokio_postgres::Client, rounds: usize, step: Duration) -> anyhow::Result<()> {
+    let _ = omnirelay_hub::telemetry::prometheus();
+    let writer = TestHub::start(url).await?;
+    println!("| round | INSERT/s | store append/s | hub append/s | store/INSERT | hub/INSERT |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut store_ratios = Vec::new();
+    let mut hub_ratios = Vec::new();
+    for round in 1..=rounds {
+        admin.batch_execute("CHECKPOINT").await.context("checkpoint")?;
+        let insert = insert_baseline(url, step, 100 + round as i32).await?;
+        admin.batch_execute("CHECKPOINT").await.context("checkpoint")?;
+        let store = store_appends(url, step, &format!("bench.store{round}")).await?;
+        admin.batch_execute("CHECKPOINT").await.context("checkpoint")?;
+        let hub = hub_appends(&writer, 100 + round as u32, 1, 1, 1, step).await?;
+        let (store_ratio, hub_ratio) =
+            (store.events_per_sec / insert.events_per_sec, hub.events_per_sec / insert.events_per_sec);
+        println!(
+            "| {round} | {:.0} | {:.0} | {:.0} | {store_ratio:.2} | {hub_ratio:.2} |",
+            insert.events_per_sec, store.events_per_sec, hub.events_per_sec
+        );
+        store_ratios.push(store_ratio);
+        hub_ratios.push(hub_ratio);
+    }
+    println!();
+    println!("predicted append groups: {} hit, {} refused", predictions("hit"), predictions("refused"));
+    println!(
+        "median over {rounds} rounds: store/INSERT {:.2}, hub/INSERT {:.2} (target >= 1.0)",
+        median(&mut store_ratios),
+        median(&mut hub_ratios)
+    );
+    writer.stop().await;
+    Ok(())
+}
+
+/// The hub's count of predicted append groups with `outcome` (the hub's
+/// metrics recorder is this process's).
+fn predictions(outcome: &str) -> u64 {
+    let series = format!("{}{{outcome=\"{outcome}\"}} ", omnirelay_hub::telemetry::APPEND_PREDICTIONS);
+    omnirelay_hub::telemetry::prometheus()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(&series).and_then(|value| value.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.context("connect")?;
     tokio::spawn(connection);
@@ -185,7 +255,7 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 /// Baseline (a): one INSERT per transaction, one connection.
-async fn insert_baseline(url: &str, step: Duration) -> anyhow::Result<Line> {
+async fn insert_baseline(url: &str, step: Duration, shard_no: i32) -> anyhow::Result<Line> {
     let client = connect(url).await?;
     let statement = client
         .prepare("INSERT INTO bench_events (shard_no, sequence, epoch, recorded_at, body, hash) VALUES ($1, $2, $3, $4, $5, $6)")
@@ -209,7 +279,7 @@ async fn insert_baseline(url: &str, step: Duration) -> anyhow::Result<Line> {
         }
         sequence += 1;
         let at = SystemTime::now();
-        let params: [&(dyn ToSql + Sync); 6] = [&1i32, &sequence, &1i64, &at, &body, &hash.as_slice()];
+        let params: [&(dyn ToSql + Sync); 6] = [&shard_no, &sequence, &1i64, &at, &body, &hash.as_slice()];
         client.execute(&statement, &params).await?;
         if !warm {
             latencies.0.push(now.elapsed());
@@ -286,13 +356,13 @@ async fn copy_baseline(url: &str, step: Duration) -> anyhow::Result<Line> {
 
 /// The store alone (no gRPC): one producer, 1-event batches, sequential;
 /// separates the transaction's cost from the network's.
-async fn store_appends(url: &str, step: Duration) -> anyhow::Result<Line> {
+async fn store_appends(url: &str, step: Duration, shard: &str) -> anyhow::Result<Line> {
     use omnirelay_hub::event::NewEvent;
     use omnirelay_hub::ids::{Epoch, OwnerId, ProducerId, ProducerSeq, ShardId};
     use omnirelay_hub::store::postgres::{PgStore, PgStoreConfig};
     use omnirelay_hub::store::{AppendBatch, LogStore};
     let store = PgStore::open(PgStoreConfig::new(url)).await?;
-    let shard = ShardId::parse("bench.store")?;
+    let shard = ShardId::parse(shard)?;
     let grant = store.acquire_shard(shard.clone(), OwnerId::parse("bench")?, Duration::from_secs(600)).await?;
     let body: bytes::Bytes = sample_event(0).encode_to_vec().into();
     let mut latencies = Latencies::default();

@@ -211,6 +211,16 @@ pub const MAX_FRAME_BYTES: usize = 3 * 1024 * 1024;
 /// server work per row, which pays off from a few hundred rows.
 pub const COPY_MIN_EVENTS: usize = 500;
 
+/// Shards whose head a group committer remembers to predict its next group
+/// (see the committer module). Past it the memory is cleared: a forgotten
+/// shard costs one locking transaction, so the bound only caps memory (a
+/// few hundred bytes per shard).
+pub const PREDICTED_SHARDS: usize = 16_384;
+
+/// Producers whose latest sequence a group committer remembers, for the
+/// same prediction and with the same reasoning as [`PREDICTED_SHARDS`].
+pub const PREDICTED_PRODUCERS: usize = 65_536;
+
 /// Longest wait for a new live-tail feed to read its shard's head before a
 /// subscription fails as unavailable: twice the pool timeout, so one slow
 /// connection attempt does not fail it.

@@ -45,6 +45,8 @@ use crate::store::{AppendAck, StoreError};
 pub const APPEND_BATCHES: &str = "omnirelay_hub_append_batches_total";
 /// Events durably appended.
 pub const APPEND_EVENTS: &str = "omnirelay_hub_append_events_total";
+/// Predicted append groups, by outcome (`hit`, `refused`).
+pub const APPEND_PREDICTIONS: &str = "omnirelay_hub_append_predictions_total";
 /// Time from receiving an append batch to answering it.
 pub const APPEND_LATENCY: &str = "omnirelay_hub_append_latency_seconds";
 /// Batches per group commit.
@@ -325,6 +327,13 @@ pub(crate) fn group_committed(batches: usize, events: usize, took: Duration) {
     metrics::histogram!(GROUP_SECONDS).record(took.as_secs_f64());
 }
 
+/// Records whether a committer's predicted append group was written (`hit`)
+/// or refused by PostgreSQL's fence and redone with locks (`refused`).
+pub(crate) fn append_predicted(written: bool) {
+    let outcome = if written { "hit" } else { "refused" };
+    metrics::counter!(APPEND_PREDICTIONS, LABEL_OUTCOME => outcome).increment(1);
+}
+
 /// Records one answered batch.
 pub(crate) fn batch_answered(result: &Result<AppendAck, StoreError>, events: usize) {
     let outcome = AppendOutcome::of(result);
@@ -375,6 +384,11 @@ fn install() -> PrometheusHandle {
 fn describe_catalog() {
     describe_counter!(APPEND_BATCHES, Unit::Count, "Append batches answered, by outcome.");
     describe_counter!(APPEND_EVENTS, Unit::Count, "Events durably appended.");
+    describe_counter!(
+        APPEND_PREDICTIONS,
+        Unit::Count,
+        "Predicted append groups (one round trip), by outcome: hit, or refused by the fence and redone with locks."
+    );
     describe_histogram!(APPEND_LATENCY, Unit::Seconds, "Time from receiving an append batch to answering it.");
     describe_histogram!(GROUP_BATCHES, Unit::Count, "Append batches committed in one transaction.");
     describe_histogram!(GROUP_EVENTS, Unit::Count, "Events committed in one transaction.");
@@ -396,6 +410,9 @@ fn describe_catalog() {
         metrics::counter!(APPEND_BATCHES, LABEL_OUTCOME => outcome.label()).absolute(0);
     }
     metrics::counter!(APPEND_EVENTS).absolute(0);
+    for outcome in ["hit", "refused"] {
+        metrics::counter!(APPEND_PREDICTIONS, LABEL_OUTCOME => outcome).absolute(0);
+    }
     for histogram in [APPEND_LATENCY, GROUP_BATCHES, GROUP_EVENTS, GROUP_SECONDS] {
         let _ = metrics::histogram!(histogram);
     }

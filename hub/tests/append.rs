@@ -346,3 +346,74 @@ async fn large_groups_are_copied_and_read_back_verified() {
     assert_eq!(page.events[size - 1].body, Bytes::from(format!("p-1-{}", size - 1)));
     store.close().await.expect("close");
 }
+
+/// The count of predicted append groups with `outcome` in this process's
+/// metrics (the hub's recorder, installed by the first call).
+fn predictions(outcome: &str) -> u64 {
+    let rendered = omnirelay_hub::telemetry::prometheus().render();
+    let series = format!("{}{{{}=\"{outcome}\"}} ", omnirelay_hub::telemetry::APPEND_PREDICTIONS, "outcome");
+    rendered
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map(|value| value.trim().parse().expect("a counter value"))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_prediction_made_stale_by_another_replica_is_refused_by_the_fence_and_nothing_is_lost() {
+    let _ = omnirelay_hub::telemetry::prometheus();
+    let (a, db) = support::fresh_store().await;
+    let b = support::store(&db).await;
+    let shard = ShardId::parse("resourcelease.predicted").expect("valid");
+    let owner = OwnerId::parse("node-a").expect("valid");
+    let epoch = a.acquire_shard(shard.clone(), owner.clone(), LONG).await.expect("acquire").lease.epoch;
+
+    // Replica A learns the shard and producer p (locking path), then
+    // appends p's next batches in one round trip each (predicted path).
+    let hits = predictions("hit");
+    let written = a.append(store_batch(&shard, "p", 1, epoch, 2)).await.expect("first batch");
+    assert_eq!((written.first.0, written.last.0), (1, 2));
+    let written = a.append(store_batch(&shard, "p", 2, epoch, 2)).await.expect("second batch");
+    assert_eq!((written.first.0, written.last.0, written.duplicate), (3, 4, false));
+    assert!(predictions("hit") > hits, "the second batch should have been written as predicted");
+
+    // Replica B writes to the shard behind A's back: A still predicts head 4.
+    let other = b.append(store_batch(&shard, "q", 1, epoch, 3)).await.expect("another replica's batch");
+    assert_eq!((other.first.0, other.last.0), (5, 7));
+    let refused = predictions("refused");
+    let written = a.append(store_batch(&shard, "p", 3, epoch, 1)).await.expect("A's batch after B's");
+    assert!(predictions("refused") > refused, "the fence should have refused the stale prediction");
+    assert_eq!(
+        (written.first.0, written.last.0, written.duplicate),
+        (8, 8, false),
+        "chained to B's head, not A's guess"
+    );
+
+    // A retry of a written batch is answered with its original sequences.
+    let retried = a.append(store_batch(&shard, "p", 3, epoch, 1)).await.expect("retry");
+    assert_eq!((retried.first.0, retried.last.0, retried.duplicate), (8, 8, true));
+    // The next batch is predicted again from what the locking path learned.
+    let hits = predictions("hit");
+    let written = a.append(store_batch(&shard, "p", 4, epoch, 1)).await.expect("predicted again");
+    assert_eq!((written.first.0, written.last.0), (9, 9));
+    assert!(predictions("hit") > hits);
+
+    // The lease moves on through B: A's prediction holds the old epoch, and
+    // PostgreSQL rejects A's next batch naming the new one.
+    assert!(b.release_shard(shard.clone(), owner, epoch).await.expect("release"));
+    let next_owner = OwnerId::parse("node-b").expect("valid");
+    let new_epoch = b.acquire_shard(shard.clone(), next_owner, LONG).await.expect("re-acquire").lease.epoch;
+    match a.append(store_batch(&shard, "p", 5, epoch, 1)).await {
+        Err(StoreError::StaleEpoch { current, .. }) => assert_eq!(current, new_epoch),
+        other => panic!("expected a stale epoch, got {other:?}"),
+    }
+    let written = a.append(store_batch(&shard, "p", 5, new_epoch, 1)).await.expect("at the new epoch");
+    assert_eq!((written.first.0, written.last.0), (10, 10));
+
+    // Gapless, every event once, and the chain verifies end to end.
+    assert_eq!(count_events(&db, shard.as_str()).await, 10);
+    let report = omnirelay_hub::verify::verify_shard(&a, shard.clone()).await.expect("verify");
+    assert_eq!((report.checked, report.corrupt.map(|c| c.sequence.0)), (10, None));
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}

@@ -2,13 +2,26 @@
 //! since its last transaction and writes them all in one transaction, so many
 //! producers share one WAL flush.
 //!
-//! Per batch the decision (write, duplicate, reject) is made inside the
-//! transaction, on shard rows locked `FOR UPDATE`, before anything is
-//! written: a stale or out-of-order batch is simply left out, so it never
-//! fails the batches grouped with it. The head update re-checks every epoch
-//! in SQL (the fence), and a group whose transaction fails for any other
-//! reason than an outage is retried one batch per transaction, so one bad
-//! batch cannot take its neighbours down with it.
+//! Per batch the decision (write, duplicate, reject) is made before anything
+//! is written, on shard rows locked `FOR UPDATE`: a stale or out-of-order
+//! batch is simply left out, so it never fails the batches grouped with it.
+//! The head update re-checks every epoch and the head the writes were
+//! chained to in SQL (the fence), and a group whose transaction fails for any
+//! other reason than an outage is retried one batch per transaction, so one
+//! bad batch cannot take its neighbours down with it.
+//!
+//! Two ways to run the transaction:
+//! - **locking** (two round trips): lock the shards and look up the
+//!   producers' records, decide, then write, move the heads and commit.
+//! - **predicted** (one round trip): when the committer wrote the group's
+//!   shards and producers last, it already knows what the lookup would say,
+//!   decides from that, and sends locks, fenced head update, writes and
+//!   COMMIT at once. Shards go to one committer by hash, so on a replica
+//!   that owns its shards the prediction is nearly always right; when it is
+//!   not (another replica wrote, a lease moved, a retry) the fence aborts
+//!   the transaction before anything is committed, and the group runs again
+//!   with locks. A prediction can cost a wasted round trip, never a wrong
+//!   write.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +55,8 @@ pub(crate) struct Pending {
 /// One committer: its queue and what it shares with the store.
 pub(crate) struct Committer {
     pub(crate) pool: Pool,
+    /// What the next group is expected to find (starts empty).
+    pub(crate) prediction: Prediction,
     pub(crate) changes: broadcast::Sender<LogChange>,
     pub(crate) pending_events: Arc<AtomicUsize>,
 }
@@ -59,12 +74,25 @@ enum Decision {
 }
 
 /// A shard row as locked by the transaction, updated as batches are planned.
+#[derive(Clone)]
 struct LockedShard {
     shard_no: i32,
     epoch: Epoch,
     held: bool,
     head: Sequence,
     head_hash: ChainHash,
+}
+
+impl LockedShard {
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, StoreError> {
+        Ok(LockedShard {
+            shard_no: col(row, "shard_no")?,
+            epoch: Epoch(from_db(col(row, "epoch")?)?),
+            held: col::<Option<String>>(row, "owner")?.is_some(),
+            head: Sequence(from_db(col(row, "head_sequence")?)?),
+            head_hash: hash_col(row, "head_hash")?,
+        })
+    }
 }
 
 /// Why a group transaction failed.
@@ -77,7 +105,7 @@ enum GroupError {
 
 impl Committer {
     /// Runs until cancelled, then commits what is still queued and returns.
-    pub(crate) async fn run(self, mut queue: mpsc::UnboundedReceiver<Pending>, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>, cancel: CancellationToken) {
         loop {
             let first = tokio::select! {
                 biased;
@@ -105,7 +133,7 @@ impl Committer {
     }
 
     /// Commits a group and answers every batch in it.
-    async fn commit(&self, group: Vec<Pending>) {
+    async fn commit(&mut self, group: Vec<Pending>) {
         let started = Instant::now();
         let batches: Vec<&AppendBatch> = group.iter().map(|p| &p.batch).collect();
         let outcome = self.commit_with_retries(&batches).await;
@@ -129,7 +157,7 @@ impl Committer {
         }
     }
 
-    async fn commit_with_retries(&self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, StoreError> {
+    async fn commit_with_retries(&mut self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, StoreError> {
         let mut attempt = 1;
         loop {
             match self.transaction(batches).await {
@@ -151,176 +179,54 @@ impl Committer {
         }
     }
 
-    /// Runs one append transaction for `batches`, ending it (or dropping the
-    /// connection) on failure so no connection returns to the pool inside a
-    /// transaction.
-    async fn transaction(&self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, GroupError> {
+    /// Runs one append transaction for `batches`: the predicted one when
+    /// this committer can predict the group, else (or when PostgreSQL's fence
+    /// refuses the prediction) the locking one. On failure the transaction is
+    /// ended (or the connection dropped) so no connection returns to the pool
+    /// inside a transaction.
+    async fn transaction(&mut self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, GroupError> {
         let client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
-        let outcome = self.statements(&client, batches).await;
-        if outcome.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
-            // Broken connection: keep it out of the pool.
-            drop(deadpool_postgres::Object::take(client));
-        }
-        outcome
-    }
-
-    /// The append transaction, in two round trips once its statements are
-    /// prepared: BEGIN, lock and lookup pipelined; then the writes, the
-    /// fenced head update and COMMIT pipelined. A failing statement aborts
-    /// the transaction, which turns the pipelined COMMIT into a rollback,
-    /// and its error is what the pipeline returns.
-    async fn statements(
-        &self,
-        client: &deadpool_postgres::Client,
-        batches: &[&AppendBatch],
-    ) -> Result<Vec<Decision>, GroupError> {
-        let db = |what: &'static str| move |err| GroupError::Db(what, err);
-        let mut shard_ids: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
-        shard_ids.sort_unstable();
-        shard_ids.dedup();
-        let producer_ids: Vec<&str> = batches.iter().map(|b| b.producer.as_str()).collect();
-        let producer_seqs = batches
-            .iter()
-            .map(|b| to_db("producer_seq", b.producer_seq.0))
-            .collect::<Result<Vec<i64>, _>>()
-            .map_err(GroupError::Store)?;
-        let batch_shards: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
-
-        let lock = client.prepare_cached(SQL_LOCK_SHARDS).await.map_err(db("prepare the shard lock"))?;
-        let records = client.prepare_cached(SQL_PRODUCER_BATCHES).await.map_err(db("prepare the producer lookup"))?;
-        let insert_events = client.prepare_cached(SQL_INSERT_EVENTS).await.map_err(db("prepare the event insert"))?;
-        let insert_records =
-            client.prepare_cached(SQL_INSERT_PRODUCER_BATCHES).await.map_err(db("prepare the record insert"))?;
-        let advance = client.prepare_cached(SQL_ADVANCE_HEADS).await.map_err(db("prepare the head update"))?;
-        // Pipelined: the server runs a session's statements in order, so the
-        // lookup runs after the locks are granted, on a fresh snapshot.
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&shard_ids];
-        let record_params: [&(dyn ToSql + Sync); 3] = [&batch_shards, &producer_ids, &producer_seqs];
-        let (_, locked, known) = tokio::try_join!(
-            client.batch_execute("BEGIN"),
-            client.query(&lock, &lock_params),
-            client.query(&records, &record_params)
-        )
-        .map_err(db("lock shards and look up producer records"))?;
-
-        let mut shards = HashMap::new();
-        for row in &locked {
-            let id: String = col(row, "shard_id").map_err(GroupError::Store)?;
-            shards.insert(
-                id,
-                LockedShard {
-                    shard_no: col(row, "shard_no").map_err(GroupError::Store)?,
-                    epoch: Epoch(from_db(col(row, "epoch").map_err(GroupError::Store)?).map_err(GroupError::Store)?),
-                    held: col::<Option<String>>(row, "owner").map_err(GroupError::Store)?.is_some(),
-                    head: Sequence(
-                        from_db(col(row, "head_sequence").map_err(GroupError::Store)?).map_err(GroupError::Store)?,
-                    ),
-                    head_hash: hash_col(row, "head_hash").map_err(GroupError::Store)?,
-                },
-            );
-        }
-        let mut records_by_batch = HashMap::new();
-        for row in &known {
-            let ord: i64 = col(row, "ord").map_err(GroupError::Store)?;
-            records_by_batch.insert(ord as usize - 1, row);
-        }
-
-        let mut decisions = Vec::with_capacity(batches.len());
-        let mut latest: HashMap<(&ShardId, &ProducerId), ProducerSeq> = HashMap::new();
-        let mut planned: HashMap<(&ShardId, &ProducerId, ProducerSeq), usize> = HashMap::new();
-        for (index, batch) in batches.iter().enumerate() {
-            let record = records_by_batch.get(&index);
-            let key = (&batch.shard, &batch.producer);
-            if let Some(row) = record {
-                let stored_latest: Option<i64> = col(row, "latest_seq").map_err(GroupError::Store)?;
-                if let Some(seq) = stored_latest {
-                    let seq = ProducerSeq(from_db(seq).map_err(GroupError::Store)?);
-                    latest.entry(key).or_insert(seq);
+        if let Some(predicted) = self.prediction.plan(batches) {
+            match write_predicted(&client, batches, &predicted.decisions).await {
+                Ok(()) => {
+                    telemetry::append_predicted(true);
+                    self.prediction.learn(predicted.shards, predicted.latest);
+                    return Ok(predicted.decisions);
+                }
+                Err(err) => {
+                    self.prediction.forget(batches);
+                    let refused = matches!(&err, GroupError::Db(_, db) if classify(db) != Failure::Unavailable);
+                    if !end_transaction(client).await || !refused {
+                        return Err(err);
+                    }
+                    telemetry::append_predicted(false);
+                    if let GroupError::Db(_, db) = &err {
+                        tracing::debug!(error = %db, "predicted append refused; taking the locking path");
+                    }
                 }
             }
-            let decision = match record_ack(record.copied()).map_err(GroupError::Store)? {
-                Some(ack) => match check_count(batch, &ack) {
-                    Ok(()) => Decision::Duplicate(ack),
-                    Err(err) => Decision::Reject(err),
-                },
-                None => match planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)) {
-                    Some(&earlier) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
-                    Some(&earlier) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
-                    None => plan(batch, shards.get_mut(batch.shard.as_str()), latest.get(&key).copied()),
-                },
-            };
-            if let Decision::Write { .. } = decision {
-                latest.insert(key, batch.producer_seq);
-                planned.insert((&batch.shard, &batch.producer, batch.producer_seq), index);
+            let client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
+            return self.locking_transaction(client, batches).await;
+        }
+        self.locking_transaction(client, batches).await
+    }
+
+    async fn locking_transaction(
+        &mut self,
+        client: deadpool_postgres::Object,
+        batches: &[&AppendBatch],
+    ) -> Result<Vec<Decision>, GroupError> {
+        match locking_statements(&client, batches).await {
+            Ok(locked) => {
+                self.prediction.learn(locked.shards, locked.latest);
+                Ok(locked.decisions)
             }
-            decisions.push(decision);
-        }
-
-        if !decisions.iter().any(|d| matches!(d, Decision::Write { .. })) {
-            // Nothing to write: end the transaction without a WAL flush.
-            client.batch_execute("ROLLBACK").await.map_err(db("end the append transaction"))?;
-            return Ok(decisions);
-        }
-
-        let mut rows = EventRows::default();
-        let mut records = RecordRows::default();
-        let mut heads: HashMap<i32, (Epoch, Sequence, &ChainHash)> = HashMap::new();
-        for (batch, decision) in batches.iter().zip(&decisions) {
-            let Decision::Write { shard_no, epoch, events } = decision else { continue };
-            for event in events {
-                rows.push(*shard_no, event).map_err(GroupError::Store)?;
+            Err(err) => {
+                self.prediction.forget(batches);
+                end_transaction(client).await;
+                Err(err)
             }
-            let (first, last) = (&events[0], &events[events.len() - 1]);
-            records.shard_no.push(*shard_no);
-            records.producer_id.push(batch.producer.as_str());
-            records.producer_seq.push(to_db("producer_seq", batch.producer_seq.0).map_err(GroupError::Store)?);
-            records.first.push(to_db("sequence", first.sequence.0).map_err(GroupError::Store)?);
-            records.last.push(to_db("sequence", last.sequence.0).map_err(GroupError::Store)?);
-            records.last_hash.push(last.hash.as_bytes());
-            heads.insert(*shard_no, (*epoch, last.sequence, &last.hash));
         }
-        let mut head_shards = Vec::new();
-        let mut head_epochs = Vec::new();
-        let mut head_sequences = Vec::new();
-        let mut head_hashes = Vec::new();
-        for (shard_no, (epoch, head, hash)) in &heads {
-            head_shards.push(*shard_no);
-            head_epochs.push(to_db("epoch", epoch.0).map_err(GroupError::Store)?);
-            head_sequences.push(to_db("sequence", head.0).map_err(GroupError::Store)?);
-            head_hashes.push(&hash.as_bytes()[..]);
-        }
-
-        let event_params: [&(dyn ToSql + Sync); 6] =
-            [&rows.shard_no, &rows.sequence, &rows.epoch, &rows.recorded_at, &rows.body, &rows.hash];
-        let record_params: [&(dyn ToSql + Sync); 6] = [
-            &records.shard_no,
-            &records.producer_id,
-            &records.producer_seq,
-            &records.first,
-            &records.last,
-            &records.last_hash,
-        ];
-        let expected_heads = heads.len() as i64;
-        let head_params: [&(dyn ToSql + Sync); 6] =
-            [&head_shards, &head_epochs, &head_sequences, &head_hashes, &defaults::NOTIFY_CHANNEL, &expected_heads];
-        if rows.shard_no.len() >= defaults::COPY_MIN_EVENTS {
-            copy_events(client, &rows).await?;
-            tokio::try_join!(
-                client.execute(&insert_records, &record_params),
-                client.query_one(&advance, &head_params),
-                client.batch_execute("COMMIT"),
-            )
-            .map_err(db("write and commit the append group"))?;
-        } else {
-            tokio::try_join!(
-                client.execute(&insert_events, &event_params),
-                client.execute(&insert_records, &record_params),
-                client.query_one(&advance, &head_params),
-                client.batch_execute("COMMIT"),
-            )
-            .map_err(db("write and commit the append group"))?;
-        }
-        Ok(decisions)
     }
 
     /// Answers a committed group and announces its events to the live tail.
@@ -382,6 +288,332 @@ impl Committer {
             telemetry::batch_answered(&result, pending.batch.events.len());
             let _ = pending.reply.send(result);
         }
+    }
+}
+
+/// Ends a failed transaction with ROLLBACK; a connection that cannot is
+/// broken and is kept out of the pool. Returns whether the connection is
+/// still usable.
+async fn end_transaction(client: deadpool_postgres::Object) -> bool {
+    if client.batch_execute("ROLLBACK").await.is_ok() {
+        return true;
+    }
+    drop(deadpool_postgres::Object::take(client));
+    false
+}
+
+/// The locking append transaction, in two round trips once its statements
+/// are prepared: BEGIN, lock and lookup pipelined; then the writes, the
+/// fenced head update and COMMIT pipelined. A failing statement aborts the
+/// transaction, which turns the pipelined COMMIT into a rollback, and its
+/// error is what the pipeline returns.
+async fn locking_statements<'b>(
+    client: &deadpool_postgres::Client,
+    batches: &[&'b AppendBatch],
+) -> Result<Planned<'b>, GroupError> {
+    let db = |what: &'static str| move |err| GroupError::Db(what, err);
+    let mut shard_ids: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
+    shard_ids.sort_unstable();
+    shard_ids.dedup();
+    let producer_ids: Vec<&str> = batches.iter().map(|b| b.producer.as_str()).collect();
+    let producer_seqs = batches
+        .iter()
+        .map(|b| to_db("producer_seq", b.producer_seq.0))
+        .collect::<Result<Vec<i64>, _>>()
+        .map_err(GroupError::Store)?;
+    let batch_shards: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
+
+    let lock = client.prepare_cached(SQL_LOCK_SHARDS).await.map_err(db("prepare the shard lock"))?;
+    let records = client.prepare_cached(SQL_PRODUCER_BATCHES).await.map_err(db("prepare the producer lookup"))?;
+    // Pipelined: the server runs a session's statements in order, so the
+    // lookup runs after the locks are granted, on a fresh snapshot.
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&shard_ids];
+    let record_params: [&(dyn ToSql + Sync); 3] = [&batch_shards, &producer_ids, &producer_seqs];
+    let (_, locked, known) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.query(&lock, &lock_params),
+        client.query(&records, &record_params)
+    )
+    .map_err(db("lock shards and look up producer records"))?;
+
+    let mut shards = HashMap::new();
+    for row in &locked {
+        let id: String = col(row, "shard_id").map_err(GroupError::Store)?;
+        let id = ShardId::parse(id).map_err(|err| GroupError::Store(err.into()))?;
+        shards.insert(id, LockedShard::from_row(row).map_err(GroupError::Store)?);
+    }
+    let mut records_by_batch = HashMap::new();
+    for row in &known {
+        let ord: i64 = col(row, "ord").map_err(GroupError::Store)?;
+        records_by_batch.insert(ord as usize - 1, row);
+    }
+
+    let mut decisions = Vec::with_capacity(batches.len());
+    let mut latest: HashMap<(&ShardId, &ProducerId), ProducerSeq> = HashMap::new();
+    let mut planned: HashMap<(&ShardId, &ProducerId, ProducerSeq), usize> = HashMap::new();
+    for (index, &batch) in batches.iter().enumerate() {
+        let record = records_by_batch.get(&index);
+        let key = (&batch.shard, &batch.producer);
+        if let Some(row) = record {
+            let stored_latest: Option<i64> = col(row, "latest_seq").map_err(GroupError::Store)?;
+            if let Some(seq) = stored_latest {
+                let seq = ProducerSeq(from_db(seq).map_err(GroupError::Store)?);
+                latest.entry(key).or_insert(seq);
+            }
+        }
+        let decision = match record_ack(record.copied()).map_err(GroupError::Store)? {
+            Some(ack) => match check_count(batch, &ack) {
+                Ok(()) => Decision::Duplicate(ack),
+                Err(err) => Decision::Reject(err),
+            },
+            None => match planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)) {
+                Some(&earlier) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
+                Some(&earlier) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
+                None => plan(batch, shards.get_mut(&batch.shard), latest.get(&key).copied()),
+            },
+        };
+        if let Decision::Write { .. } = decision {
+            latest.insert(key, batch.producer_seq);
+            planned.insert((&batch.shard, &batch.producer, batch.producer_seq), index);
+        }
+        decisions.push(decision);
+    }
+    let planned = Planned { decisions, shards, latest };
+
+    if !planned.decisions.iter().any(|d| matches!(d, Decision::Write { .. })) {
+        // Nothing to write: end the transaction without a WAL flush.
+        client.batch_execute("ROLLBACK").await.map_err(db("end the append transaction"))?;
+        return Ok(planned);
+    }
+
+    let writes = Writes::of(batches, &planned.decisions).map_err(GroupError::Store)?;
+    let insert_records =
+        client.prepare_cached(SQL_INSERT_PRODUCER_BATCHES).await.map_err(db("prepare the record insert"))?;
+    let advance = client.prepare_cached(SQL_ADVANCE_HEADS).await.map_err(db("prepare the head update"))?;
+    let (event_params, record_params, head_params) =
+        (writes.event_params(), writes.record_params(), writes.head_params());
+    if writes.events.shard_no.len() >= defaults::COPY_MIN_EVENTS {
+        copy_events(client, &writes.events).await?;
+        tokio::try_join!(
+            client.execute(&insert_records, &record_params),
+            client.query_one(&advance, &head_params),
+            client.batch_execute("COMMIT"),
+        )
+        .map_err(db("write and commit the append group"))?;
+    } else {
+        let insert_events = client.prepare_cached(SQL_INSERT_EVENTS).await.map_err(db("prepare the event insert"))?;
+        tokio::try_join!(
+            client.execute(&insert_events, &event_params),
+            client.execute(&insert_records, &record_params),
+            client.query_one(&advance, &head_params),
+            client.batch_execute("COMMIT"),
+        )
+        .map_err(db("write and commit the append group"))?;
+    }
+    Ok(planned)
+}
+
+/// The predicted append transaction, in one round trip once its statements
+/// are prepared: BEGIN, the shard locks (taken in shard order, as the
+/// locking path takes them, so the two paths cannot deadlock), the fenced
+/// head update, the writes and COMMIT, all pipelined. The head update's
+/// fence checks epoch, lease and the head the prediction chained to, so a
+/// wrong prediction aborts the transaction and writes nothing; a retry of a
+/// written batch collides with its producer record and aborts it too.
+async fn write_predicted(
+    client: &deadpool_postgres::Client,
+    batches: &[&AppendBatch],
+    decisions: &[Decision],
+) -> Result<(), GroupError> {
+    let db = |what: &'static str| move |err| GroupError::Db(what, err);
+    let writes = Writes::of(batches, decisions).map_err(GroupError::Store)?;
+    let mut shard_ids: Vec<&str> = batches.iter().map(|b| b.shard.as_str()).collect();
+    shard_ids.sort_unstable();
+    shard_ids.dedup();
+    let lock = client.prepare_cached(SQL_LOCK_SHARDS).await.map_err(db("prepare the shard lock"))?;
+    let advance = client.prepare_cached(SQL_ADVANCE_HEADS).await.map_err(db("prepare the head update"))?;
+    let insert_events = client.prepare_cached(SQL_INSERT_EVENTS).await.map_err(db("prepare the event insert"))?;
+    let insert_records =
+        client.prepare_cached(SQL_INSERT_PRODUCER_BATCHES).await.map_err(db("prepare the record insert"))?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&shard_ids];
+    let (event_params, record_params, head_params) =
+        (writes.event_params(), writes.record_params(), writes.head_params());
+    tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.query(&lock, &lock_params),
+        client.query_one(&advance, &head_params),
+        client.execute(&insert_events, &event_params),
+        client.execute(&insert_records, &record_params),
+        client.batch_execute("COMMIT"),
+    )
+    .map_err(db("write and commit a predicted append group"))?;
+    Ok(())
+}
+
+/// A group decided before it is written, with the state it leaves behind.
+struct Planned<'b> {
+    decisions: Vec<Decision>,
+    /// Every shard the group touches, as it is after the group's writes.
+    shards: HashMap<ShardId, LockedShard>,
+    /// Each producer's latest sequence after the group.
+    latest: HashMap<(&'b ShardId, &'b ProducerId), ProducerSeq>,
+}
+
+/// What this committer last saw of the shards it writes: its prediction of
+/// the next group. Only ever a guess that saves the locking round trip;
+/// PostgreSQL's fence (advance_heads.sql) judges every predicted write, and
+/// anything the guess cannot decide (an unknown shard or producer, a retry,
+/// a gap, a stale epoch, a COPY-sized group) takes the locking path.
+#[derive(Default)]
+pub(crate) struct Prediction {
+    shards: HashMap<ShardId, LockedShard>,
+    producers: HashMap<(ShardId, ProducerId), ProducerSeq>,
+}
+
+impl Prediction {
+    /// Decides the group as the locking path would, if every batch is the
+    /// next one of a known producer on a known, held shard at the batch's
+    /// epoch.
+    fn plan<'b>(&self, batches: &[&'b AppendBatch]) -> Option<Planned<'b>> {
+        let events: usize = batches.iter().map(|b| b.events.len()).sum();
+        if events >= defaults::COPY_MIN_EVENTS {
+            return None;
+        }
+        let mut shards: HashMap<ShardId, LockedShard> = HashMap::new();
+        let mut latest: HashMap<(&ShardId, &ProducerId), ProducerSeq> = HashMap::new();
+        let mut decisions = Vec::with_capacity(batches.len());
+        for &batch in batches {
+            if !shards.contains_key(&batch.shard) {
+                shards.insert(batch.shard.clone(), self.shards.get(&batch.shard)?.clone());
+            }
+            let key = (&batch.shard, &batch.producer);
+            let last = match latest.get(&key) {
+                Some(seq) => *seq,
+                None => *self.producers.get(&(batch.shard.clone(), batch.producer.clone()))?,
+            };
+            if batch.producer_seq.0 != last.0.checked_add(1)? {
+                return None;
+            }
+            let decision = plan(batch, shards.get_mut(&batch.shard), Some(last));
+            if !matches!(decision, Decision::Write { .. }) {
+                return None;
+            }
+            latest.insert(key, batch.producer_seq);
+            decisions.push(decision);
+        }
+        Some(Planned { decisions, shards, latest })
+    }
+
+    /// Remembers the state a committed (or locked and read) group left.
+    fn learn(&mut self, shards: HashMap<ShardId, LockedShard>, latest: HashMap<(&ShardId, &ProducerId), ProducerSeq>) {
+        if self.shards.len() + shards.len() > defaults::PREDICTED_SHARDS
+            || self.producers.len() + latest.len() > defaults::PREDICTED_PRODUCERS
+        {
+            self.shards.clear();
+            self.producers.clear();
+        }
+        for (id, shard) in shards {
+            if shard.held {
+                self.shards.insert(id, shard);
+            } else {
+                self.shards.remove(&id);
+            }
+        }
+        for ((shard, producer), seq) in latest {
+            self.producers.insert((shard.clone(), producer.clone()), seq);
+        }
+    }
+
+    /// Drops what a failed group touched: its outcome is unknown.
+    fn forget(&mut self, batches: &[&AppendBatch]) {
+        for batch in batches {
+            self.shards.remove(&batch.shard);
+        }
+    }
+}
+
+/// The column arrays and head updates of a group's writes.
+struct Writes<'a> {
+    events: EventRows<'a>,
+    records: RecordRows<'a>,
+    head_shards: Vec<i32>,
+    head_epochs: Vec<i64>,
+    head_prevs: Vec<i64>,
+    head_sequences: Vec<i64>,
+    head_hashes: Vec<&'a [u8]>,
+    expected_heads: i64,
+}
+
+impl<'a> Writes<'a> {
+    fn of(batches: &[&'a AppendBatch], decisions: &'a [Decision]) -> Result<Self, StoreError> {
+        let mut events = EventRows::default();
+        let mut records = RecordRows::default();
+        // Per shard: epoch, the head the first write chained to, the last head.
+        let mut heads: Vec<(i32, Epoch, Sequence, &LogEvent)> = Vec::new();
+        for (batch, decision) in batches.iter().zip(decisions) {
+            let Decision::Write { shard_no, epoch, events: written } = decision else { continue };
+            for event in written {
+                events.push(*shard_no, event)?;
+            }
+            let (first, last) = (&written[0], &written[written.len() - 1]);
+            records.shard_no.push(*shard_no);
+            records.producer_id.push(batch.producer.as_str());
+            records.producer_seq.push(to_db("producer_seq", batch.producer_seq.0)?);
+            records.first.push(to_db("sequence", first.sequence.0)?);
+            records.last.push(to_db("sequence", last.sequence.0)?);
+            records.last_hash.push(last.hash.as_bytes());
+            match heads.iter_mut().find(|(no, ..)| no == shard_no) {
+                Some(head) => head.3 = last,
+                None => heads.push((*shard_no, *epoch, Sequence(first.sequence.0 - 1), last)),
+            }
+        }
+        let mut writes = Writes {
+            events,
+            records,
+            head_shards: Vec::with_capacity(heads.len()),
+            head_epochs: Vec::with_capacity(heads.len()),
+            head_prevs: Vec::with_capacity(heads.len()),
+            head_sequences: Vec::with_capacity(heads.len()),
+            head_hashes: Vec::with_capacity(heads.len()),
+            expected_heads: heads.len() as i64,
+        };
+        for (shard_no, epoch, prev, last) in heads {
+            writes.head_shards.push(shard_no);
+            writes.head_epochs.push(to_db("epoch", epoch.0)?);
+            writes.head_prevs.push(to_db("sequence", prev.0)?);
+            writes.head_sequences.push(to_db("sequence", last.sequence.0)?);
+            writes.head_hashes.push(&last.hash.as_bytes()[..]);
+        }
+        Ok(writes)
+    }
+
+    fn event_params(&self) -> [&(dyn ToSql + Sync); 6] {
+        let rows = &self.events;
+        [&rows.shard_no, &rows.sequence, &rows.epoch, &rows.recorded_at, &rows.body, &rows.hash]
+    }
+
+    fn record_params(&self) -> [&(dyn ToSql + Sync); 6] {
+        let records = &self.records;
+        [
+            &records.shard_no,
+            &records.producer_id,
+            &records.producer_seq,
+            &records.first,
+            &records.last,
+            &records.last_hash,
+        ]
+    }
+
+    fn head_params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.head_shards,
+            &self.head_epochs,
+            &self.head_prevs,
+            &self.head_sequences,
+            &self.head_hashes,
+            &defaults::NOTIFY_CHANNEL,
+            &self.expected_heads,
+        ]
     }
 }
 

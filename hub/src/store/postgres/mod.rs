@@ -6,17 +6,21 @@
 //! in `producer_batches`, subscriber positions in `checkpoints` and queue
 //! snapshots in `snapshots` (see `migrations/`).
 //!
-//! **Source of truth**: the database, alone. Nothing is cached between
-//! requests; every epoch check, sequence assignment and dedupe runs inside a
-//! transaction on locked rows, so replicas never need to agree on anything
-//! but the database.
+//! **Source of truth**: the database, alone. Every epoch check, sequence
+//! assignment and dedupe is judged inside a transaction on locked rows, so
+//! replicas never need to agree on anything but the database. The one thing
+//! remembered between requests is each group committer's *prediction* of the
+//! shards it writes (head, hash, epoch, producers' latest sequences): a
+//! guess that lets a group skip the locking round trip, which the head
+//! update's fence checks in SQL and which a refusal simply discards.
 //!
 //! **Latency-sensitive paths**: appends, through the group committers
-//! (the `committer` module): one transaction per group of concurrent batches, four
-//! round trips (begin; lock + lookup pipelined; writes pipelined; commit) and
-//! one WAL flush regardless of how many producers share it. Reads for the
-//! live tail happen once per replica per commit (see the hub's `tail`
-//! module); leases and checkpoints are single statements.
+//! (the `committer` module): one transaction per group of concurrent
+//! batches and one WAL flush regardless of how many producers share it; one
+//! pipelined round trip when the group was predicted, two when it must lock
+//! and look up first. Reads for the live tail happen once per replica per
+//! commit (see the hub's `tail` module); leases and checkpoints are single
+//! statements.
 
 mod committer;
 mod failure;
@@ -227,8 +231,12 @@ impl PgStore {
         let mut committers = Vec::new();
         for _ in 0..config.committers.max(1) {
             let (queue, receiver) = mpsc::unbounded_channel();
-            let committer =
-                Committer { pool: pool.clone(), changes: changes.clone(), pending_events: pending_events.clone() };
+            let committer = Committer {
+                pool: pool.clone(),
+                prediction: Default::default(),
+                changes: changes.clone(),
+                pending_events: pending_events.clone(),
+            };
             tasks.spawn(committer.run(receiver, cancel.clone()));
             committers.push(queue);
         }
