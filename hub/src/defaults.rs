@@ -221,6 +221,11 @@ pub const PREDICTED_SHARDS: usize = 16_384;
 /// same prediction and with the same reasoning as [`PREDICTED_SHARDS`].
 pub const PREDICTED_PRODUCERS: usize = 65_536;
 
+/// How long a live-tail feed that no subscriber holds stays up before its
+/// reader retires it: long enough that a subscriber reconnecting after a
+/// blip finds it warm, short enough that feeds track the shards in use.
+pub const FEED_IDLE_RETIRE: Duration = Duration::from_secs(60);
+
 /// Longest wait for a new live-tail feed to read its shard's head before a
 /// subscription fails as unavailable: twice the pool timeout, so one slow
 /// connection attempt does not fail it.

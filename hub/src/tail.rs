@@ -9,6 +9,11 @@
 //! a subscriber that falls too far behind is told it lagged and catches up by
 //! reading on its own, so a slow subscriber slows neither appends nor its
 //! peers.
+//!
+//! A feed lives while someone holds it: once no subscriber has held it for
+//! [`defaults::FEED_IDLE_RETIRE`], its reader removes it from the map and
+//! stops, so a long-running replica keeps feeds for the shards it serves
+//! now, not for every shard it ever served.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -105,6 +110,7 @@ impl Tail {
                         wake: Notify::new(),
                     });
                     feeds.insert(shard.clone(), feed.clone());
+                    metrics::gauge!(crate::telemetry::TAIL_FEEDS).set(feeds.len() as f64);
                     self.inner.tasks.spawn(read(self.inner.clone(), feed.clone()));
                     feed
                 }
@@ -118,6 +124,12 @@ impl Tail {
                 source: format!("the head of shard {shard} could not be read").into(),
             }),
         }
+    }
+
+    /// How many feeds this replica runs.
+    #[cfg(test)]
+    pub(crate) fn feeds(&self) -> usize {
+        self.inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
     }
 
     /// The highest head this replica has heard of for `shard`, if it has a
@@ -250,6 +262,11 @@ async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
                 tokio::select! {
                     () = inner.cancel.cancelled() => return,
                     () = feed.wake.notified() => {}
+                    () = tokio::time::sleep(defaults::FEED_IDLE_RETIRE) => {
+                        if retire_if_unheld(&inner, &feed) {
+                            return;
+                        }
+                    }
                 }
             }
             Step::Skip(to, hash) => {
@@ -323,6 +340,23 @@ async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
             }
         }
     }
+}
+
+/// Removes `feed` from the replica's map when nobody but the map and this
+/// reader holds it. Race-free: a new holder can only get the feed from the
+/// map, under the lock held here, and every other holder counts.
+fn retire_if_unheld(inner: &Inner, feed: &Arc<Feed>) -> bool {
+    let mut feeds = inner.feeds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // The map's reference and this reader's.
+    if Arc::strong_count(feed) > 2 || feed.chunks.receiver_count() > 0 {
+        return false;
+    }
+    if feeds.get(&feed.shard).is_some_and(|held| Arc::ptr_eq(held, feed)) {
+        feeds.remove(&feed.shard);
+        metrics::gauge!(crate::telemetry::TAIL_FEEDS).set(feeds.len() as f64);
+    }
+    tracing::debug!(shard = %feed.shard, "retired an unused live-tail feed");
+    true
 }
 
 async fn sleep_or_cancel(inner: &Inner) {
@@ -428,6 +462,35 @@ mod tests {
         let _listener = feed.subscribe();
         feed.offer(Sequence(10), Some(events(1, 10)));
         assert_eq!(describe(next_step(&feed, Sequence(4))), "publish 5..=10");
+    }
+
+    #[tokio::test]
+    async fn a_feed_nobody_holds_is_retired_and_a_held_one_is_kept() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = crate::store::sqlite::SqliteStore::open(dir.path().join("log.db")).await.expect("open");
+        let store: Arc<dyn LogStore> = Arc::new(store);
+        let tail = Tail::start(store, Arc::new(HubCounters::default()));
+        let (kept, dropped) = (
+            ShardId::parse("resourcelease.kept").expect("valid"),
+            ShardId::parse("resourcelease.gone").expect("valid"),
+        );
+        let held = tail.feed(&kept).await.expect("feed");
+        let _listener = held.subscribe();
+        drop(tail.feed(&dropped).await.expect("feed"));
+        assert_eq!(tail.feeds(), 2);
+
+        // Idle readers only wait on timers now: let paused time run them.
+        tokio::time::pause();
+        tokio::time::sleep(defaults::FEED_IDLE_RETIRE * 2).await;
+        assert_eq!(tail.feeds(), 1, "only the held feed stays");
+        assert!(tail.head(&dropped).is_none());
+        assert!(tail.head(&kept).is_some());
+        // Asking again starts a fresh feed (its start reads the store).
+        tokio::time::resume();
+        let again = tail.feed(&dropped).await.expect("feed again");
+        assert_eq!(tail.feeds(), 2);
+        drop((again, held));
+        tail.close().await;
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! | `omnirelay_hub_group_commit_batches` | histogram | batches per group commit |
 //! | `omnirelay_hub_group_commit_events` | histogram | events per group commit |
 //! | `omnirelay_hub_group_commit_seconds` | histogram | one group commit, queue to answer |
+//! | `omnirelay_hub_append_predictions_total{outcome}` | counter | predicted append groups: `hit`, or `refused` by the fence and redone with locks |
 //! | `omnirelay_hub_db_reads_total{purpose}` | counter | event-range queries: `tail` (shared live tail), `catch_up` (one subscriber) or `range` |
 //! | `omnirelay_hub_events_delivered_total` | counter | events sent to subscribers |
 //! | `omnirelay_hub_subscribers` | gauge | open subscriptions on this replica |
+//! | `omnirelay_hub_tail_feeds` | gauge | live-tail feeds (followed shards) on this replica |
 //! | `omnirelay_hub_subscriber_lag_events{subscriber,shard}` | gauge | events between a shard's head and what a subscriber was sent |
 //! | `omnirelay_hub_db_latency_seconds{operation}` | histogram | store operations, by [`DbOperation`] |
 //! | `omnirelay_hub_db_errors_total{operation}` | counter | store operations that failed |
@@ -49,6 +51,8 @@ pub const APPEND_EVENTS: &str = "omnirelay_hub_append_events_total";
 pub const APPEND_PREDICTIONS: &str = "omnirelay_hub_append_predictions_total";
 /// Time from receiving an append batch to answering it.
 pub const APPEND_LATENCY: &str = "omnirelay_hub_append_latency_seconds";
+/// Gauge: live-tail feeds this replica runs (one per followed shard).
+pub const TAIL_FEEDS: &str = "omnirelay_hub_tail_feeds";
 /// Batches per group commit.
 pub const GROUP_BATCHES: &str = "omnirelay_hub_group_commit_batches";
 /// Events per group commit.
@@ -395,6 +399,7 @@ fn describe_catalog() {
     describe_histogram!(GROUP_SECONDS, Unit::Seconds, "Duration of one group commit, queue to answer.");
     describe_counter!(DB_READS, Unit::Count, "Event-range queries, by purpose.");
     describe_counter!(EVENTS_DELIVERED, Unit::Count, "Events delivered to subscribers.");
+    describe_gauge!(TAIL_FEEDS, Unit::Count, "Live-tail feeds on this replica (shards followed by its subscribers).");
     describe_gauge!(SUBSCRIBERS, Unit::Count, "Open Subscribe streams on this replica.");
     describe_gauge!(SUBSCRIBER_LAG_EVENTS, Unit::Count, "Events between a shard's head and a subscriber's position.");
     describe_histogram!(DB_LATENCY, Unit::Seconds, "Duration of store operations, by operation.");
