@@ -221,6 +221,14 @@ pub const PREDICTED_SHARDS: usize = 16_384;
 /// same prediction and with the same reasoning as [`PREDICTED_SHARDS`].
 pub const PREDICTED_PRODUCERS: usize = 65_536;
 
+/// Most shards one subscription follows (its list plus what its pattern
+/// matches, now and later). Each costs a task, a live-tail receiver and a
+/// catch-up cursor on the replica; past this, a prefix is better split over
+/// several streams (and replicas). A subscription that would exceed it is
+/// refused, or ended when its pattern later grows past it, with
+/// RESOURCE_EXHAUSTED, never left silently short of a matched shard.
+pub const MAX_FOLLOWED_SHARDS: usize = 4_096;
+
 /// How long a live-tail feed that no subscriber holds stays up before its
 /// reader retires it: long enough that a subscriber reconnecting after a
 /// blip finds it warm, short enough that feeds track the shards in use.

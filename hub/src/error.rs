@@ -18,6 +18,17 @@ pub enum HubError {
     /// The hub is shutting down.
     #[error("the hub is shutting down")]
     ShuttingDown,
+    /// A subscription would follow more shards than one stream may.
+    #[error(
+        "the subscription would follow {wanted} shards, more than the {limit} one stream may follow; \
+         narrow the pattern or split it over several subscriptions"
+    )]
+    TooManyShards {
+        /// Shards the subscription matched so far.
+        wanted: usize,
+        /// [`crate::defaults::MAX_FOLLOWED_SHARDS`].
+        limit: usize,
+    },
 }
 
 /// Result type of hub requests.
@@ -35,6 +46,7 @@ impl From<HubError> for tonic::Status {
         match err {
             HubError::Invalid(input) => Status::invalid_argument(input.to_string()),
             HubError::ShuttingDown => Status::unavailable(err.to_string()),
+            HubError::TooManyShards { .. } => Status::resource_exhausted(err.to_string()),
             HubError::Store(store) => match store {
                 StoreError::Invalid(input) => Status::invalid_argument(input.to_string()),
                 StoreError::StaleEpoch { .. } => Status::aborted(store.to_string()),

@@ -15,7 +15,7 @@
 //! the gRPC stream and adds progress frames when idle; a client that reads
 //! slowly fills the buffer, which stalls only its own followers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -77,14 +77,16 @@ impl Subscriptions {
                 }
             }
         }
+        let mut seen = HashSet::new();
+        initial.retain(|(shard, _)| seen.insert(shard.clone()));
+        if initial.len() > defaults::MAX_FOLLOWED_SHARDS {
+            return Err(HubError::TooManyShards { wanted: initial.len(), limit: defaults::MAX_FOLLOWED_SHARDS });
+        }
         let (frames_in, frames) = mpsc::channel(defaults::SUBSCRIBER_BUFFER_FRAMES);
         let mut followers = Vec::new();
-        let mut followed = Vec::new();
+        let mut followed = HashSet::new();
         for (shard, head) in initial {
-            if followed.contains(&shard) {
-                continue;
-            }
-            followed.push(shard.clone());
+            followed.insert(shard.clone());
             followers.push(self.follower(shard, &selection, &checkpoints, false, head, &frames_in).await?);
         }
 
@@ -175,7 +177,13 @@ impl Subscriptions {
             }
             for shard in found {
                 if pattern.as_ref().is_some_and(|p| p.matches(&shard)) && !driver.followed.contains(&shard) {
-                    driver.followed.push(shard.clone());
+                    if driver.followed.len() >= defaults::MAX_FOLLOWED_SHARDS {
+                        return Err(HubError::TooManyShards {
+                            wanted: driver.followed.len() + 1,
+                            limit: defaults::MAX_FOLLOWED_SHARDS,
+                        });
+                    }
+                    driver.followed.insert(shard.clone());
                     let follower = self
                         .follower(shard, &driver.selection, &driver.checkpoints, true, None, &driver.frames_in)
                         .await?;
@@ -235,7 +243,7 @@ impl Subscriptions {
 struct Driver {
     selection: Selection,
     checkpoints: HashMap<ShardId, Sequence>,
-    followed: Vec<ShardId>,
+    followed: HashSet<ShardId>,
     frames_in: mpsc::Sender<pb::SubscribeResponse>,
     discovered: broadcast::Receiver<ShardId>,
 }

@@ -371,3 +371,27 @@ async fn live_tail_reads_grow_with_events_not_with_subscribers() {
     writer.stop().await;
     reader.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscription_over_the_shard_limit_is_refused_naming_the_limit() {
+    let db = support::migrated_db().await;
+    let hub = TestHub::start(db.url()).await;
+    let mut client = hub.client().await;
+    let limit = omnirelay_hub::defaults::MAX_FOLLOWED_SHARDS;
+    let names: Vec<String> = (0..=limit).map(|i| format!("resourcelease.many{i}")).collect();
+    let shards: Vec<&str> = names.iter().map(String::as_str).collect();
+    let refused = client
+        .subscribe(request("too-many", &shards, pb::start_position::Position::Latest(true)))
+        .await
+        .expect_err("one shard past the limit is refused");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains(&format!("{} shards", limit + 1)), "{}", refused.message());
+    assert!(refused.message().contains(&limit.to_string()), "{}", refused.message());
+
+    // A repeated id counts once: exactly the limit is accepted.
+    let mut at_limit = shards[..limit].to_vec();
+    at_limit.push(shards[0]);
+    let accepted = client.subscribe(request("at-limit", &at_limit, pb::start_position::Position::Latest(true))).await;
+    assert!(accepted.is_ok(), "{:?}", accepted.err());
+    hub.stop().await;
+}
