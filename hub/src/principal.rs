@@ -1,12 +1,15 @@
 //! The caller's identity, taken from its verified TLS client certificate.
 //!
-//! The rule, the same as the mesh node's principal binding: the first URI
+//! The rule: the first URI
 //! subject alternative name (a SPIFFE id such as
 //! `spiffe://prod.example/ns/queues/sa/dispatcher`), else the first DNS
 //! subject alternative name. Never the subject's common name: CNs are free
 //! text that CAs do not constrain, and RFC 6125 deprecates them as
 //! identities. A certificate with neither kind of name has no principal, and
-//! the hub refuses the connection (see [`crate::transport`]).
+//! the hub refuses the connection (see [`crate::transport`]). The mesh node
+//! is stricter with its callers (exactly one URI SAN; see the client's
+//! principal binding), since its principals key authorization rules; both
+//! read certificates with the same parser, `x509-cert`.
 
 use std::fmt;
 

@@ -1,6 +1,9 @@
 //! Identity from a client certificate: its SAN URI, never its CN.
 
-use x509_parser::extensions::GeneralName;
+use x509_cert::Certificate;
+use x509_cert::der::Decode;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::pkix::name::GeneralName;
 
 use crate::middleware::connection::ClientCertChain;
 use crate::middleware::error::CredentialError;
@@ -12,13 +15,14 @@ use crate::middleware::error::CredentialError;
 /// identity the CA vouched for.
 pub(crate) fn san_uri(chain: &ClientCertChain) -> Result<String, CredentialError> {
     let leaf = chain.leaf().ok_or(CredentialError::ClientCertificateRequired)?;
-    let (_, certificate) =
-        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| CredentialError::ClientCertificateUnparsable)?;
-    let san = certificate.subject_alternative_name().map_err(|_| CredentialError::ClientCertificateUnparsable)?;
-    let mut uris = san
-        .iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .filter_map(|name| if let GeneralName::URI(uri) = name { Some(*uri) } else { None });
+    let certificate = Certificate::from_der(leaf.as_ref()).map_err(|_| CredentialError::ClientCertificateUnparsable)?;
+    let san = certificate
+        .tbs_certificate
+        .get::<SubjectAltName>()
+        .map_err(|_| CredentialError::ClientCertificateUnparsable)?;
+    let mut uris = san.iter().flat_map(|(_critical, SubjectAltName(names))| names.iter()).filter_map(|name| {
+        if let GeneralName::UniformResourceIdentifier(uri) = name { Some(uri.as_str()) } else { None }
+    });
     let uri = uris.next().ok_or(CredentialError::NoSanUri)?;
     if uris.next().is_some() {
         return Err(CredentialError::SeveralSanUris);
