@@ -41,6 +41,10 @@ pub struct HealthConfig {
     /// Healthy time that sheds one level of the ejection multiplier.
     #[serde(with = "millis")]
     pub ejection_level_decay: Duration,
+    /// Silence after which a peer holding no lease is forgotten; longer
+    /// than `heartbeat_grace` and `max_ejection_time`.
+    #[serde(with = "millis")]
+    pub forget_after: Duration,
 }
 
 impl Default for HealthConfig {
@@ -57,6 +61,7 @@ impl Default for HealthConfig {
             turnaround_ewma_alpha: defaults::TURNAROUND_EWMA_ALPHA,
             default_turnaround: defaults::DEFAULT_TURNAROUND,
             ejection_level_decay: defaults::EJECTION_LEVEL_DECAY,
+            forget_after: defaults::FORGET_AFTER,
         }
     }
 }
@@ -95,6 +100,12 @@ impl HealthConfig {
         }
         if self.ejection_level_decay.is_zero() {
             return fail("ejection_level_decay", "must be positive");
+        }
+        if self.forget_after <= self.heartbeat_grace || self.forget_after <= self.max_ejection_time {
+            return fail(
+                "forget_after",
+                "must be longer than heartbeat_grace and max_ejection_time (a peer is forgotten only after it went silent and its ejection ran out)",
+            );
         }
         Ok(())
     }

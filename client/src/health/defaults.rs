@@ -56,3 +56,12 @@ pub const DEFAULT_TURNAROUND: Duration = Duration::from_secs(1);
 /// (Envoy lowers it while a host is healthy). One maximum ejection time: a
 /// peer that behaved for five minutes starts over with short ejections.
 pub const EJECTION_LEVEL_DECAY: Duration = Duration::from_secs(300);
+
+/// Silence after which a peer holding no lease is forgotten (it left the
+/// mesh without saying so, e.g. a replaced pod under a new name). An hour:
+/// far past any ejection (five minutes at most), so a flapping peer cannot
+/// shed its ejection history by going quiet for a while, and short enough
+/// that the lease-health view and the choosers' lists do not fill with the
+/// peers of past deployments. A peer that still holds leases is kept until
+/// they end, so its pending reassignments stay visible.
+pub const FORGET_AFTER: Duration = Duration::from_secs(3600);

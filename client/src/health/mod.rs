@@ -446,7 +446,16 @@ impl PeerLeaseHealthTracker {
     }
 
     fn refresh_all(&self, peers: &mut HashMap<PeerId, PeerRecord>, now: Instant) -> bool {
-        let mut changed = false;
+        let forget_after = self.inner.config.forget_after;
+        let before = peers.len();
+        peers.retain(|peer, record| {
+            let keep = record.active_leases > 0 || now.saturating_duration_since(record.last_heartbeat) < forget_after;
+            if !keep {
+                tracing::info!(peer = %peer, silent_for = ?now.saturating_duration_since(record.last_heartbeat), "forgot a silent peer");
+            }
+            keep
+        });
+        let mut changed = peers.len() != before;
         for (peer, record) in peers.iter_mut() {
             changed |= self.refresh(peer, record, now);
         }

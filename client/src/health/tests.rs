@@ -370,3 +370,36 @@ async fn peer_gauges_are_published() {
     assert!(text.contains("omnirelay_peer_lease_pending_reassignments 2"), "{text}");
     assert!(text.contains("omnirelay_peer_ejections_total{peer=\"c\"} 1"), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_is_forgotten_unless_it_still_holds_leases() {
+    let tracker = tracker();
+    let (gone, holding, alive) = (peer("gone"), peer("holding"), peer("alive"));
+    for p in [&gone, &holding, &alive] {
+        tracker.register(p, PeerMetadata::default());
+    }
+    tracker.record_lease_granted(&holding);
+    let forget_after = tracker.config().forget_after;
+    advance(forget_after / 2).await;
+    tracker.record_heartbeat(&alive);
+    advance(forget_after / 2).await;
+
+    let names: Vec<String> = tracker.candidates().iter().map(|c| c.peer.to_string()).collect();
+    assert_eq!(names, ["alive", "holding"], "the silent peer without leases is forgotten");
+    assert_eq!(tracker.state(&gone), None);
+    // Its lease ending releases the other one too, after its silence.
+    tracker.record_lease_expired(&holding);
+    assert_eq!(tracker.snapshot().peers.len(), 1);
+    // A forgotten peer that comes back starts afresh.
+    tracker.record_heartbeat(&gone);
+    assert_eq!(tracker.state(&gone), Some(PeerState::Healthy));
+}
+
+#[test]
+fn forget_after_must_outlast_silence_and_ejection() {
+    let config = HealthConfig { forget_after: secs(300), ..HealthConfig::default() };
+    match PeerLeaseHealthTracker::new(config) {
+        Err(HealthError::InvalidConfig { field, .. }) => assert_eq!(field, "forget_after"),
+        other => panic!("expected forget_after to be refused, got {:?}", other.map(|_| ())),
+    }
+}
