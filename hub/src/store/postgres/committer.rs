@@ -196,7 +196,11 @@ impl Committer {
                 Err(err) => {
                     self.prediction.forget(batches);
                     let refused = matches!(&err, GroupError::Db(_, db) if classify(db) != Failure::Unavailable);
-                    if !end_transaction(client).await || !refused {
+                    // A connection that cannot roll back leaves the pool; a
+                    // refused guess committed nothing, so the locking path
+                    // decides the group, on a fresh connection if need be.
+                    end_transaction(client).await;
+                    if !refused {
                         return Err(err);
                     }
                     telemetry::append_predicted(false);
