@@ -17,6 +17,7 @@
 //! to a database round trip.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -409,4 +410,71 @@ pub fn check_batch(batch: &AppendBatch) -> Result<()> {
         return Err(InvalidInput::new("events", "a batch needs at least one event").into());
     }
     Ok(())
+}
+
+/// Counts `events` into a store's commit queue, or refuses them with
+/// [`StoreError::Overloaded`] past [`crate::defaults::MAX_PENDING_EVENTS`]
+/// (a batch is always admitted while nothing waits, however large). The
+/// caller subtracts them again once the batch is answered or not queued.
+pub(crate) fn admit(pending: &AtomicUsize, events: usize) -> Result<()> {
+    let before = pending.fetch_add(events, Ordering::Relaxed);
+    if before + events > crate::defaults::MAX_PENDING_EVENTS && before > 0 {
+        pending.fetch_sub(events, Ordering::Relaxed);
+        return Err(StoreError::Overloaded { pending: before });
+    }
+    Ok(())
+}
+
+/// Why a renew or release found no lease to act on, judged from the shard's
+/// state read after the refusal.
+pub(crate) fn lease_failure(state: Result<Option<ShardState>>, shard: ShardId, epoch: Epoch) -> StoreError {
+    match state {
+        Ok(None) => StoreError::UnknownShard { shard },
+        Ok(Some(state)) if state.lease.epoch != epoch => {
+            StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch }
+        }
+        Ok(Some(_)) => StoreError::NoLease { shard },
+        Err(err) => err,
+    }
+}
+
+/// Refuses a retry whose event count differs from the batch written under
+/// its producer sequence.
+pub(crate) fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError {
+    InvalidInput::new(
+        "producer_seq",
+        format!(
+            "{} of producer {} was already written with {written} events, but this retry has {}; \
+             a retry must resend the same batch",
+            batch.producer_seq,
+            batch.producer,
+            batch.events.len()
+        ),
+    )
+    .into()
+}
+
+/// Copies an error for every batch of a failed group (sources are not
+/// clonable, so the copy keeps their text).
+pub(crate) fn copy_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
+        StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Internal { what: "append", source: other.to_string().into() },
+    }
+}
+
+/// A chain hash as stored in `column`; anything but 32 bytes is a store bug.
+pub(crate) fn stored_hash(bytes: Vec<u8>, column: &'static str) -> Result<ChainHash> {
+    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
+        what: "decode a chain hash",
+        source: format!("column {column} holds {} bytes, not 32", bytes.len()).into(),
+    })
+}
+
+/// A stored id that no longer parses: the database was changed behind the
+/// hub's back.
+pub(crate) fn corrupt_id(err: InvalidInput) -> StoreError {
+    StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
 }

@@ -43,7 +43,7 @@ use super::{col, from_db, to_db};
 use crate::defaults;
 use crate::event::{self, ChainHash, LogEvent};
 use crate::ids::{Epoch, InvalidInput, ProducerId, ProducerSeq, Sequence, ShardId};
-use crate::store::{AppendAck, AppendBatch, LogChange, StoreError};
+use crate::store::{AppendAck, AppendBatch, LogChange, StoreError, copy_error, count_mismatch, stored_hash};
 use crate::telemetry;
 
 /// A batch waiting for its group commit.
@@ -698,37 +698,8 @@ fn check_count(batch: &AppendBatch, ack: &AppendAck) -> Result<(), StoreError> {
     if written == batch.events.len() { Ok(()) } else { Err(count_mismatch(batch, written)) }
 }
 
-fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError {
-    InvalidInput::new(
-        "producer_seq",
-        format!(
-            "{} of producer {} was already written with {written} events, but this retry has {}; \
-             a retry must resend the same batch",
-            batch.producer_seq,
-            batch.producer,
-            batch.events.len()
-        ),
-    )
-    .into()
-}
-
 fn hash_col(row: &tokio_postgres::Row, name: &'static str) -> Result<ChainHash, StoreError> {
-    let bytes: Vec<u8> = col(row, name)?;
-    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
-        what: "read a chain hash",
-        source: format!("column {name} holds {} bytes, not 32", bytes.len()).into(),
-    })
-}
-
-/// Copies an error for every batch of a failed group (sources are not
-/// clonable, so the copy keeps their text).
-fn copy_error(err: &StoreError) -> StoreError {
-    match err {
-        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
-        StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
-        StoreError::Closed => StoreError::Closed,
-        other => StoreError::Internal { what: "append", source: other.to_string().into() },
-    }
+    stored_hash(col(row, name)?, name)
 }
 
 /// Column arrays of the events a group writes.

@@ -49,7 +49,8 @@ use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::schema::{self, SchemaError};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
-    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, check_batch,
+    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, corrupt_id,
+    lease_failure, stored_hash,
 };
 
 const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
@@ -277,18 +278,6 @@ impl PgStore {
     async fn state(&self, shard: &ShardId) -> Result<Option<ShardState>, StoreError> {
         self.query_opt("read a shard", SQL_SHARD_STATE, &[&shard.as_str()]).await?.as_ref().map(shard_state).transpose()
     }
-
-    /// Why a renew or release found no lease to act on.
-    async fn lease_failure(&self, shard: ShardId, epoch: Epoch) -> StoreError {
-        match self.state(&shard).await {
-            Ok(None) => StoreError::UnknownShard { shard },
-            Ok(Some(state)) if state.lease.epoch != epoch => {
-                StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch }
-            }
-            Ok(Some(_)) => StoreError::NoLease { shard },
-            Err(err) => err,
-        }
-    }
 }
 
 impl LogStore for PgStore {
@@ -296,11 +285,7 @@ impl LogStore for PgStore {
         let queued = (|| {
             check_batch(&batch)?;
             let events = batch.events.len();
-            let pending = self.inner.pending_events.fetch_add(events, Ordering::Relaxed);
-            if pending + events > defaults::MAX_PENDING_EVENTS && pending > 0 {
-                self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
-                return Err(StoreError::Overloaded { pending });
-            }
+            admit(&self.inner.pending_events, events)?;
             // One committer per shard, so a shard's batches commit in the
             // order they were appended.
             let index = committer_index(&batch.shard, self.inner.committers.len());
@@ -344,7 +329,7 @@ impl LogStore for PgStore {
                 .await?;
             match renewed {
                 Some(row) => lease(&row),
-                None => Err(self.lease_failure(shard, epoch).await),
+                None => Err(lease_failure(self.state(&shard).await, shard, epoch)),
             }
         })
     }
@@ -426,7 +411,7 @@ impl LogStore for PgStore {
                 // low-water anchor), or `from` is 1 (zero hash; the
                 // low-water anchor is zero then too). If it is missing for
                 // another reason the first event fails verification.
-                None if from == low => hash_value(col(first, "low_prev_hash")?, "low_prev_hash")?,
+                None if from == low => stored_hash(col(first, "low_prev_hash")?, "low_prev_hash")?,
                 None => ChainHash::ZERO,
             };
             Ok(EventPage { shard, from, anchor, events: event::link(anchor, stored), head, low })
@@ -536,12 +521,12 @@ impl LogStore for PgStore {
                 .into());
             }
             let hash = if sequence.next() == low {
-                hash_value(col(&row, "low_prev_hash")?, "low_prev_hash")?
+                stored_hash(col(&row, "low_prev_hash")?, "low_prev_hash")?
             } else if sequence < low {
                 return Err(StoreError::Trimmed { shard, low });
             } else {
                 match col::<Option<Vec<u8>>>(&row, "event_hash")? {
-                    Some(hash) => hash_value(hash, "hash")?,
+                    Some(hash) => stored_hash(hash, "hash")?,
                     None => {
                         return Err(event::CorruptEvent {
                             shard,
@@ -576,7 +561,7 @@ impl LogStore for PgStore {
                     shard,
                     sequence: Sequence(from_db(col(&row, "sequence")?)?),
                     data: Bytes::from(col::<Vec<u8>>(&row, "data")?),
-                    hash: hash_value(col(&row, "hash")?, "hash")?,
+                    hash: stored_hash(col(&row, "hash")?, "hash")?,
                     created_at: col(&row, "created_at")?,
                 })
             })
@@ -661,17 +646,6 @@ fn millis(duration: Duration) -> Result<i64, StoreError> {
     i64::try_from(duration.as_millis()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
 }
 
-fn hash_value(bytes: Vec<u8>, column: &'static str) -> Result<ChainHash, StoreError> {
-    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
-        what: "decode a chain hash",
-        source: format!("column {column} holds {} bytes, not 32", bytes.len()).into(),
-    })
-}
-
-fn corrupt_id(err: InvalidInput) -> StoreError {
-    StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
-}
-
 fn lease(row: &Row) -> Result<ShardLease, StoreError> {
     Ok(ShardLease {
         shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
@@ -685,9 +659,9 @@ fn lease(row: &Row) -> Result<ShardLease, StoreError> {
 fn shard_state(row: &Row) -> Result<ShardState, StoreError> {
     Ok(ShardState {
         lease: lease(row)?,
-        head_hash: hash_value(col(row, "head_hash")?, "head_hash")?,
+        head_hash: stored_hash(col(row, "head_hash")?, "head_hash")?,
         low: Sequence(from_db(col(row, "low_sequence")?)?),
-        low_prev_hash: hash_value(col(row, "low_prev_hash")?, "low_prev_hash")?,
+        low_prev_hash: stored_hash(col(row, "low_prev_hash")?, "low_prev_hash")?,
     })
 }
 

@@ -41,7 +41,8 @@ use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
-    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, check_batch,
+    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, copy_error,
+    corrupt_id, count_mismatch, lease_failure, stored_hash,
 };
 use crate::telemetry::{self, DbOperation};
 
@@ -413,7 +414,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
             first: Sequence(from_db(first)?),
             last: Sequence(from_db(last)?),
             duplicate: true,
-            last_hash: hash_value(hash, "last_hash")?,
+            last_hash: stored_hash(hash, "last_hash")?,
         };
         let written = (ack.last.0 - ack.first.0 + 1) as usize;
         if written != batch.events.len() {
@@ -458,7 +459,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
     }
 
     let head = Sequence(from_db(head)?);
-    let events = event::chain(hash_value(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
+    let events = event::chain(stored_hash(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
     let mut insert = db
         .prepare_cached(
             "INSERT INTO events (shard_no, sequence, epoch, recorded_at, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -505,31 +506,6 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
     Ok(BatchOutcome::Written { ack, events })
 }
 
-fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError {
-    InvalidInput::new(
-        "producer_seq",
-        format!(
-            "{} of producer {} was already written with {written} events, but this retry has {}; \
-             a retry must resend the same batch",
-            batch.producer_seq,
-            batch.producer,
-            batch.events.len()
-        ),
-    )
-    .into()
-}
-
-/// Copies an error for every batch of a failed group (sources are not
-/// clonable, so the copy keeps their text).
-fn copy_error(err: &StoreError) -> StoreError {
-    match err {
-        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
-        StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
-        StoreError::Closed => StoreError::Closed,
-        other => StoreError::Internal { what: "append", source: other.to_string().into() },
-    }
-}
-
 const SELECT_SHARD: &str = "SELECT shard_id, owner, epoch, head_sequence, lease_expires_at, head_hash, \
                             low_sequence, low_prev_hash FROM shards";
 
@@ -546,9 +522,9 @@ fn shard_state(row: &rusqlite::Row<'_>) -> Result<ShardState, StoreError> {
     };
     Ok(ShardState {
         lease,
-        head_hash: hash_value(row.get(5).map_err(get)?, "head_hash")?,
+        head_hash: stored_hash(row.get(5).map_err(get)?, "head_hash")?,
         low: Sequence(from_db(row.get(6).map_err(get)?)?),
-        low_prev_hash: hash_value(row.get(7).map_err(get)?, "low_prev_hash")?,
+        low_prev_hash: stored_hash(row.get(7).map_err(get)?, "low_prev_hash")?,
     })
 }
 
@@ -569,18 +545,6 @@ fn shard_no(db: &Connection, shard: &ShardId) -> Result<Option<i64>, StoreError>
         .map_err(|e| sql_error("look up a shard", e))
 }
 
-/// Why a renew or release found no lease to act on.
-fn lease_failure(db: &Connection, shard: ShardId, epoch: Epoch) -> StoreError {
-    match read_state(db, &shard) {
-        Ok(None) => StoreError::UnknownShard { shard },
-        Ok(Some(state)) if state.lease.epoch != epoch => {
-            StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch }
-        }
-        Ok(Some(_)) => StoreError::NoLease { shard },
-        Err(err) => err,
-    }
-}
-
 impl LogStore for SqliteStore {
     fn append(&self, batch: AppendBatch) -> StoreFuture<'static, AppendAck> {
         // Queued now, not when the future is first polled: appends commit in
@@ -588,11 +552,7 @@ impl LogStore for SqliteStore {
         let queued = (|| {
             check_batch(&batch)?;
             let events = batch.events.len();
-            let pending = self.inner.pending_events.fetch_add(events, Ordering::Relaxed);
-            if pending + events > defaults::MAX_PENDING_EVENTS && pending > 0 {
-                self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
-                return Err(StoreError::Overloaded { pending });
-            }
+            admit(&self.inner.pending_events, events)?;
             let (reply, answer) = oneshot::channel();
             if let Err(err) = self.send(Command::Append(Pending { batch, reply })) {
                 self.inner.pending_events.fetch_sub(events, Ordering::Relaxed);
@@ -660,7 +620,7 @@ impl LogStore for SqliteStore {
                     .map(|state| state.lease)
                     .ok_or_else(|| StoreError::Internal { what, source: "the renewed shard vanished".into() })
             } else {
-                Err(lease_failure(db, shard, epoch))
+                Err(lease_failure(read_state(db, &shard), shard, epoch))
             }
         })
     }
@@ -898,7 +858,7 @@ impl LogStore for SqliteStore {
                     .optional()
                     .map_err(sql)?;
                 match stored {
-                    Some(hash) => hash_value(hash, "hash")?,
+                    Some(hash) => stored_hash(hash, "hash")?,
                     None => {
                         return Err(
                             CorruptEvent { shard, sequence, reason: "missing from the stored log".into() }.into()
@@ -949,7 +909,7 @@ impl LogStore for SqliteStore {
                     shard,
                     sequence: Sequence(from_db(sequence)?),
                     data: Bytes::from(data),
-                    hash: hash_value(hash, "hash")?,
+                    hash: stored_hash(hash, "hash")?,
                     created_at: from_micros(created_at),
                 })
             })
@@ -1062,17 +1022,6 @@ fn from_db(value: i64) -> Result<u64, StoreError> {
         what: "decode a stored row",
         source: format!("negative counter {value}").into(),
     })
-}
-
-fn hash_value(bytes: Vec<u8>, column: &'static str) -> Result<ChainHash, StoreError> {
-    ChainHash::from_slice(&bytes).ok_or_else(|| StoreError::Internal {
-        what: "decode a chain hash",
-        source: format!("column {column} holds {} bytes, not 32", bytes.len()).into(),
-    })
-}
-
-fn corrupt_id(err: InvalidInput) -> StoreError {
-    StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
 }
 
 /// Microseconds since the Unix epoch (negative before it), saturating.
