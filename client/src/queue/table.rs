@@ -100,27 +100,20 @@ impl<K: TableKey, V: Copy> Table<K, V> {
     /// Sets the value of `key`; returns the one it replaced.
     #[inline]
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
-        if (self.len + 1) * 2 > self.buckets.len() {
-            self.grow();
-        }
-        let mask = self.mask();
-        let mut at = self.home(&key);
-        loop {
-            match &mut self.buckets[at] {
-                slot @ None => {
-                    *slot = Some((key, value));
-                    self.len += 1;
-                    return None;
-                }
-                Some((stored, old)) if *stored == key => return Some(std::mem::replace(old, value)),
-                Some(_) => at = (at + 1) & mask,
-            }
-        }
+        self.put(key, value, true)
     }
 
     /// Sets the value of `key` unless it has one; returns the value it had.
     #[inline]
     pub(crate) fn claim(&mut self, key: K, value: V) -> Option<V> {
+        self.put(key, value, false)
+    }
+
+    /// Stores `value` under `key` if the key is new, or if `replace`;
+    /// returns the value the key had. Inlined with a constant `replace`, so
+    /// each caller gets its own branch-free probe.
+    #[inline(always)]
+    fn put(&mut self, key: K, value: V, replace: bool) -> Option<V> {
         if (self.len + 1) * 2 > self.buckets.len() {
             self.grow();
         }
@@ -133,7 +126,13 @@ impl<K: TableKey, V: Copy> Table<K, V> {
                     self.len += 1;
                     return None;
                 }
-                Some((stored, old)) if *stored == key => return Some(*old),
+                Some((stored, old)) if *stored == key => {
+                    let had = *old;
+                    if replace {
+                        *old = value;
+                    }
+                    return Some(had);
+                }
                 Some(_) => at = (at + 1) & mask,
             }
         }
