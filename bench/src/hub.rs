@@ -99,6 +99,51 @@ impl Latencies {
     }
 }
 
+/// What a step's workers share: they stop at `stop` and, while
+/// `measuring`, add what they did to `count` and keep its latencies.
+#[derive(Clone, Default)]
+struct Window {
+    stop: Arc<AtomicBool>,
+    measuring: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+}
+
+impl Window {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` done (with its latency) if the window is measuring.
+    fn record(&self, latencies: &mut Latencies, n: u64, latency: Duration) {
+        if self.measuring.load(Ordering::Relaxed) {
+            self.count.fetch_add(n, Ordering::Relaxed);
+            latencies.0.push(latency);
+        }
+    }
+
+    /// Warms up, measures for `step`, stops the workers and gathers their
+    /// latencies: the count per second and every latency.
+    async fn run(
+        &self,
+        step: Duration,
+        workers: Vec<tokio::task::JoinHandle<anyhow::Result<Latencies>>>,
+    ) -> anyhow::Result<(f64, Latencies)> {
+        tokio::time::sleep(WARM_UP).await;
+        self.measuring.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        tokio::time::sleep(step).await;
+        self.measuring.store(false, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        let measured = self.count.load(Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        let mut latencies = Latencies::default();
+        for worker in workers {
+            latencies.0.extend(worker.await??.0);
+        }
+        Ok((measured as f64 / elapsed.as_secs_f64(), latencies))
+    }
+}
+
 /// One measured line of the report.
 struct Line {
     name: String,
@@ -299,20 +344,18 @@ async fn insert_baseline(url: &str, step: Duration, shard_no: i32) -> anyhow::Re
 /// Baseline (b): COPY of 1,000-row batches from two connections.
 async fn copy_baseline(url: &str, step: Duration) -> anyhow::Result<Line> {
     let body = sample_event(0).encode_to_vec();
-    let stop = Arc::new(AtomicBool::new(false));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let rows = Arc::new(AtomicU64::new(0));
+    let window = Window::default();
     let mut workers = Vec::new();
     for connection in 0..COPY_CONNECTIONS {
         let client = connect(url).await?;
-        let (stop, measuring, rows, body) = (stop.clone(), measuring.clone(), rows.clone(), body.clone());
+        let (window, body) = (window.clone(), body.clone());
         workers.push(tokio::spawn(async move {
             let shard_no = 1000 + connection as i32;
             let mut sequence = 0i64;
             let mut latencies = Latencies::default();
             let types = [Type::INT4, Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::BYTEA, Type::BYTEA];
             let hash = [7u8; 32];
-            while !stop.load(Ordering::Relaxed) {
+            while !window.stopped() {
                 let started = Instant::now();
                 let sink = client
                     .copy_in("COPY bench_events (shard_no, sequence, epoch, recorded_at, body, hash) FROM STDIN BINARY")
@@ -325,29 +368,15 @@ async fn copy_baseline(url: &str, step: Duration) -> anyhow::Result<Line> {
                     writer.as_mut().write(&[&shard_no, &sequence, &1i64, &at, &body, &hash.as_slice()]).await?;
                 }
                 writer.finish().await?;
-                if measuring.load(Ordering::Relaxed) {
-                    rows.fetch_add(COPY_ROWS as u64, Ordering::Relaxed);
-                    latencies.0.push(started.elapsed());
-                }
+                window.record(&mut latencies, COPY_ROWS as u64, started.elapsed());
             }
             Ok::<_, anyhow::Error>(latencies)
         }));
     }
-    tokio::time::sleep(WARM_UP).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(step).await;
-    measuring.store(false, Ordering::Relaxed);
-    let measured = rows.load(Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Latencies::default();
-    for worker in workers {
-        latencies.0.extend(worker.await??.0);
-    }
+    let (events_per_sec, mut latencies) = window.run(step, workers).await?;
     Ok(Line {
         name: format!("raw COPY, {COPY_ROWS}-row batches, {COPY_CONNECTIONS} connections"),
-        events_per_sec: measured as f64 / elapsed.as_secs_f64(),
+        events_per_sec,
         p50: latencies.percentile(0.5),
         p99: latencies.percentile(0.99),
         note: "baseline (b); latency per 1,000-row COPY".into(),
@@ -459,9 +488,7 @@ async fn hub_appends(
     in_flight: usize,
     step: Duration,
 ) -> anyhow::Result<Line> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let events = Arc::new(AtomicU64::new(0));
+    let window = Window::default();
     // One HTTP/2 connection per eight producers, as separate services would.
     let mut channels = Vec::new();
     for _ in 0..producers.div_ceil(8) {
@@ -472,7 +499,7 @@ async fn hub_appends(
         let mut client = channels[producer / 8].clone();
         let shard = format!("bench.r{round}.p{producer}");
         let epoch = acquire(&mut client, &shard).await?;
-        let (stop, measuring, events) = (stop.clone(), measuring.clone(), events.clone());
+        let window = window.clone();
         let template: Vec<rpb::ReplicationEvent> = (0..batch as u64).map(sample_event).collect();
         workers.push(tokio::spawn(async move {
             let (requests, outbound) = mpsc::channel(in_flight);
@@ -483,7 +510,7 @@ async fn hub_appends(
             let mut producer_seq = 0u64;
             let mut outstanding = 0usize;
             loop {
-                while outstanding < in_flight && !stop.load(Ordering::Relaxed) {
+                while outstanding < in_flight && !window.stopped() {
                     producer_seq += 1;
                     let request = pb::AppendRequest {
                         batch_id: producer_seq,
@@ -505,10 +532,7 @@ async fn hub_appends(
                 let sent = sent_at.pop_front().context("an answer without a request")?;
                 match response.result {
                     Some(pb::append_response::Result::Ack(_)) => {
-                        if measuring.load(Ordering::Relaxed) {
-                            events.fetch_add(batch as u64, Ordering::Relaxed);
-                            latencies.0.push(sent.elapsed());
-                        }
+                        window.record(&mut latencies, batch as u64, sent.elapsed());
                     }
                     other => bail!("append failed: {other:?}"),
                 }
@@ -516,21 +540,10 @@ async fn hub_appends(
             Ok::<_, anyhow::Error>(latencies)
         }));
     }
-    tokio::time::sleep(WARM_UP).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(step).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let measured = events.load(Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Latencies::default();
-    for worker in workers {
-        latencies.0.extend(worker.await??.0);
-    }
+    let (events_per_sec, mut latencies) = window.run(step, workers).await?;
     Ok(Line {
         name: format!("hub append, {producers} producer(s), {batch}-event batches, {in_flight} in flight each"),
-        events_per_sec: measured as f64 / elapsed.as_secs_f64(),
+        events_per_sec,
         p50: latencies.percentile(0.5),
         p99: latencies.percentile(0.99),
         note: "latency per batch, send to durable ack".into(),
