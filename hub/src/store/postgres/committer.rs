@@ -471,7 +471,11 @@ struct Planned<'b> {
 #[derive(Default)]
 pub(crate) struct Prediction {
     shards: HashMap<ShardId, LockedShard>,
-    producers: HashMap<(ShardId, ProducerId), ProducerSeq>,
+    /// Latest sequence by shard, then producer (nested, so a lookup
+    /// borrows the batch's ids instead of cloning them).
+    producers: HashMap<ShardId, HashMap<ProducerId, ProducerSeq>>,
+    /// Producers remembered over all shards.
+    producer_count: usize,
 }
 
 impl Prediction {
@@ -493,7 +497,7 @@ impl Prediction {
             let key = (&batch.shard, &batch.producer);
             let last = match latest.get(&key) {
                 Some(seq) => *seq,
-                None => *self.producers.get(&(batch.shard.clone(), batch.producer.clone()))?,
+                None => *self.producers.get(&batch.shard)?.get(&batch.producer)?,
             };
             if batch.producer_seq.0 != last.0.checked_add(1)? {
                 return None;
@@ -511,10 +515,11 @@ impl Prediction {
     /// Remembers the state a committed (or locked and read) group left.
     fn learn(&mut self, shards: HashMap<ShardId, LockedShard>, latest: HashMap<(&ShardId, &ProducerId), ProducerSeq>) {
         if self.shards.len() + shards.len() > defaults::PREDICTED_SHARDS
-            || self.producers.len() + latest.len() > defaults::PREDICTED_PRODUCERS
+            || self.producer_count + latest.len() > defaults::PREDICTED_PRODUCERS
         {
             self.shards.clear();
             self.producers.clear();
+            self.producer_count = 0;
         }
         for (id, shard) in shards {
             if shard.held {
@@ -524,7 +529,17 @@ impl Prediction {
             }
         }
         for ((shard, producer), seq) in latest {
-            self.producers.insert((shard.clone(), producer.clone()), seq);
+            let known = match self.producers.get_mut(shard) {
+                Some(known) => known,
+                None => self.producers.entry(shard.clone()).or_default(),
+            };
+            match known.get_mut(producer) {
+                Some(latest) => *latest = seq,
+                None => {
+                    known.insert(producer.clone(), seq);
+                    self.producer_count += 1;
+                }
+            }
         }
     }
 
@@ -554,6 +569,9 @@ impl<'a> Writes<'a> {
         let mut records = RecordRows::default();
         // Per shard: epoch, the head the first write chained to, the last head.
         let mut heads: Vec<(i32, Epoch, Sequence, &LogEvent)> = Vec::new();
+        // Where each shard's entry is in `heads` (a group spans up to
+        // MAX_GROUP_BATCHES shards).
+        let mut head_index: HashMap<i32, usize> = HashMap::new();
         for (batch, decision) in batches.iter().zip(decisions) {
             let Decision::Write { shard_no, epoch, events: written } = decision else { continue };
             for event in written {
@@ -566,9 +584,12 @@ impl<'a> Writes<'a> {
             records.first.push(to_db("sequence", first.sequence.0)?);
             records.last.push(to_db("sequence", last.sequence.0)?);
             records.last_hash.push(last.hash.as_bytes());
-            match heads.iter_mut().find(|(no, ..)| no == shard_no) {
-                Some(head) => head.3 = last,
-                None => heads.push((*shard_no, *epoch, Sequence(first.sequence.0 - 1), last)),
+            match head_index.get(shard_no) {
+                Some(&at) => heads[at].3 = last,
+                None => {
+                    head_index.insert(*shard_no, heads.len());
+                    heads.push((*shard_no, *epoch, Sequence(first.sequence.0 - 1), last));
+                }
             }
         }
         let mut writes = Writes {
