@@ -77,16 +77,14 @@ impl Subscriptions {
                 }
             }
         }
-        let mut seen = HashSet::new();
-        initial.retain(|(shard, _)| seen.insert(shard.clone()));
+        let mut followed = HashSet::new();
+        initial.retain(|(shard, _)| followed.insert(shard.clone()));
         if initial.len() > defaults::MAX_FOLLOWED_SHARDS {
             return Err(HubError::TooManyShards { wanted: initial.len(), limit: defaults::MAX_FOLLOWED_SHARDS });
         }
         let (frames_in, frames) = mpsc::channel(defaults::SUBSCRIBER_BUFFER_FRAMES);
         let mut followers = Vec::new();
-        let mut followed = HashSet::new();
         for (shard, head) in initial {
-            followed.insert(shard.clone());
             followers.push(self.follower(shard, &selection, &checkpoints, false, head, &frames_in).await?);
         }
 
