@@ -29,11 +29,12 @@ pub const ATTRIBUTE_KEY_MAX_BYTES: usize = 128;
 /// Longest attribute value, in bytes.
 pub const ATTRIBUTE_VALUE_MAX_BYTES: usize = 1024;
 
-/// Largest item body, in bytes (1 MiB): every body travels through the
-/// replication log, and PostgreSQL rows and gRPC messages stay well below
-/// their limits at this size. Bigger payloads belong in object storage, with
+/// Largest item body, in bytes (1 MiB): the contracts' one limit
+/// ([`MAX_ITEM_BODY_BYTES`](omnirelay_proto::limits::MAX_ITEM_BODY_BYTES)),
+/// which the hub's event limit leaves room for, so an item a node accepts is
+/// never refused by the log. Bigger payloads belong in object storage, with
 /// a reference in the body.
-pub const BODY_MAX_BYTES: usize = 1024 * 1024;
+pub const BODY_MAX_BYTES: usize = omnirelay_proto::limits::MAX_ITEM_BODY_BYTES;
 
 /// Longest error text a worker may attach to `fail`, in bytes: enough for a
 /// message and a short chain of causes; the attempt history keeps every one.
@@ -134,14 +135,55 @@ pub const DRAIN_WAIT: Duration = LEASE_DURATION;
 /// that it lagged instead of slowing the queue.
 pub const BACKPRESSURE_TRANSITIONS_KEPT: usize = 256;
 
-/// Retries of one replication batch inside a command before the command fails
-/// with UNAVAILABLE. The batch stays pending and is re-sent (same producer
-/// sequence, so never written twice) before the next command.
-pub const PUBLISH_ATTEMPTS: u32 = 3;
+/// Batches a queue keeps in flight to its replicator before it coalesces
+/// new commands into one open batch. Eight overlap enough round trips to
+/// keep the hub's group commit fed (each of its transactions takes every
+/// batch that arrived meanwhile), while commands arriving during a full
+/// window share one batch, so a busy shard sends fewer, larger batches.
+pub const REPLICATION_WINDOW: usize = 8;
 
-/// Pause between publish retries: long enough for a reconnect, short enough
-/// to stay well inside a caller's deadline.
-pub const PUBLISH_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// Most events the open batch collects while the window is full. Past it,
+/// enqueues are refused with RESOURCE_EXHAUSTED and other commands wait for
+/// room: the memory a stalled log can pin per shard is this batch plus the
+/// window. Half the hub's 10,000 events per batch, so a command's own
+/// events (at most a few hundred) still fit.
+pub const OPEN_BATCH_MAX_EVENTS: usize = 5_000;
+
+/// Most bytes (estimated from the events' bodies and strings) the open
+/// batch collects while the window is full; with the largest single command
+/// (a restore, up to 16 MiB) added it stays under the hub's 24 MiB batch.
+pub const OPEN_BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// Events read per page when a queue rebuilds from its log: large enough
+/// that a million-event replay is a few hundred round trips, small enough
+/// that a page stays a few megabytes.
+pub const RECOVERY_PAGE_EVENTS: usize = 5_000;
+
+/// Events after which a node writes a snapshot of a queue to its log. A
+/// rebuild replays at most this many events after loading the snapshot
+/// (about 20 ms of apply), and retention can trim everything older.
+pub const SNAPSHOT_EVERY_EVENTS: u64 = 10_000;
+
+/// Longest a node waits before snapshotting a queue that changed at all,
+/// so a quiet shard's log is trimmed too.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+
+/// How long a node's lease on a shard lasts without renewal: the longest a
+/// shard goes unserved after its owner dies (a successor can acquire it
+/// once the lease lapsed), and the shortest pause that does not cost a
+/// healthy owner its shards. Ten seconds is a third of Kafka's default
+/// session timeout and survives two missed renewals at a third of it.
+pub const SHARD_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Events the sidecar's in-memory replicator keeps per shard: ten times the
+/// snapshot interval, so a rebuild always finds its snapshot's tail, and a
+/// long-running node's memory stays bounded.
+pub const MEMORY_RETENTION_EVENTS: usize = 100_000;
+
+/// Most item ids one `PurgeDrained` call names: an id is 32 characters, so
+/// 10,000 keep the request (about 360 KB) and its event far below their
+/// limits; a larger drain is purged in several calls.
+pub const PURGE_DRAINED_MAX: usize = 10_000;
 
 /// Stale entries the queue's lazily-deleted heaps (ready items, lease
 /// expiries) may hold beyond twice their live entries before they are

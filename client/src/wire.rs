@@ -446,6 +446,9 @@ pub fn event(sequence: Sequence, event: &Event) -> rpb::ReplicationEvent {
         EventKind::DeadLettersPurged { item_ids } => PbEvent::DeadLettersPurged(rpb::DeadLettersPurged {
             item_ids: item_ids.iter().map(ToString::to_string).collect(),
         }),
+        EventKind::DrainedPurged { item_ids } => {
+            PbEvent::DrainedPurged(rpb::DrainedPurged { item_ids: item_ids.iter().map(ToString::to_string).collect() })
+        }
         EventKind::DrainStarted { mode } => PbEvent::DrainStarted(rpb::DrainStarted { mode: drain_mode(*mode) as i32 }),
         EventKind::Drained { pending, in_flight } => {
             PbEvent::Drained(rpb::Drained { pending: *pending, in_flight: *in_flight })
@@ -532,6 +535,14 @@ pub fn event_from_pb(entry: rpb::ReplicationEvent) -> Result<SequencedEvent, Wir
                 .iter()
                 .enumerate()
                 .map(|(index, text)| id(&format!("dead_letters_purged.item_ids[{index}]"), text))
+                .collect::<Result<_, _>>()?,
+        },
+        PbEvent::DrainedPurged(e) => EventKind::DrainedPurged {
+            item_ids: e
+                .item_ids
+                .iter()
+                .enumerate()
+                .map(|(index, text)| id(&format!("drained_purged.item_ids[{index}]"), text))
                 .collect::<Result<_, _>>()?,
         },
         PbEvent::DrainStarted(e) => EventKind::DrainStarted { mode: drain_mode_from_pb("drain_started.mode", e.mode)? },

@@ -57,6 +57,8 @@ pub mod hub {
     }
 }
 
+pub mod limits;
+
 /// The encoded `FileDescriptorSet` of every OmniRelay contract, for gRPC
 /// server reflection and for tools that list the procedures.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omnirelay_descriptor.bin"));

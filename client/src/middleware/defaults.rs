@@ -8,9 +8,12 @@ use std::time::Duration;
 /// some room, so 2 MiB fits the largest valid enqueue on both transports.
 pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 
-/// Largest `Restore` request: a drain snapshot carries every pending item of a
-/// queue (tens of thousands of small items, or a few hundred large ones).
-pub const MAX_RESTORE_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Largest `Restore` request: the contracts' limit
+/// ([`omnirelay_proto::limits::MAX_RESTORE_REQUEST_BYTES`], 16 MiB), which
+/// keeps a restore's events inside one batch the hub accepts. A drain
+/// snapshot larger than this is restored in several calls (`omnirelay
+/// restore` splits it; items already present are skipped).
+pub const MAX_RESTORE_REQUEST_BYTES: usize = omnirelay_proto::limits::MAX_RESTORE_REQUEST_BYTES;
 
 /// Deadline applied when a call names none. Long enough for a lease long-poll
 /// of the usual 20 s plus replication, short enough that a forgotten call does

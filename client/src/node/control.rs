@@ -69,7 +69,7 @@ struct NamespaceBackpressure {
 async fn backpressure(State(node): State<Arc<NodeInner>>) -> Response {
     let mut namespaces = BTreeMap::new();
     for (shard, hosted) in &node.queues {
-        let stats = hosted.queue.stats().await;
+        let stats = hosted.queue.stats_now();
         namespaces.insert(
             shard.to_string(),
             NamespaceBackpressure {
@@ -156,11 +156,22 @@ fn transitions(
 struct NamespaceReplication {
     /// The replicator the queue publishes to.
     replicator: String,
-    /// Sequence of the last event applied (and acknowledged by the log).
+    /// `serving`, or `fenced` until the shard is rebuilt from its log.
+    status: &'static str,
+    /// Why the shard is fenced (`recovering`, `stale_epoch`, `unavailable`,
+    /// `rejected`, `diverged`, `lease_lost`), and what happened.
+    fence: Option<serde_json::Value>,
+    /// The shard epoch this node's batches carry.
+    epoch: u64,
+    /// Sequence of the last event decided and applied (answers wait until
+    /// it is durable).
     last_sequence: u64,
-    /// True when a batch was sent but not acknowledged: the next command
-    /// re-sends it (same producer sequence) before anything else.
-    in_doubt: bool,
+    /// Sequence of the last event the log acknowledged as durable.
+    durable_sequence: u64,
+    /// Events decided but not yet durable.
+    lag_events: u64,
+    /// Sequence of the newest snapshot this node wrote to the log.
+    snapshot_sequence: u64,
     /// Items waiting, leased and dead-lettered (what a replay rebuilds).
     pending: u64,
     /// Items leased.
@@ -171,18 +182,27 @@ struct NamespaceReplication {
     draining: bool,
 }
 
-/// `/omnirelay/control/replication`: per namespace, the replicator, the last
-/// acknowledged sequence and whether a batch is in doubt.
+/// `/omnirelay/control/replication`: per namespace, the replicator, whether
+/// the shard serves, its epoch, and how far the log has acknowledged it.
 async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
     let mut namespaces = BTreeMap::new();
     for (shard, hosted) in &node.queues {
-        let stats = hosted.queue.stats().await;
+        let stats = hosted.queue.stats_now();
+        let replication = hosted.queue.replication();
         namespaces.insert(
             shard.to_string(),
             NamespaceReplication {
                 replicator: node.replicator_kind.clone(),
-                last_sequence: stats.last_sequence.get(),
-                in_doubt: hosted.queue.in_doubt().await,
+                status: if replication.fence.is_some() { "fenced" } else { "serving" },
+                fence: replication
+                    .fence
+                    .as_ref()
+                    .map(|fence| serde_json::json!({ "reason": fence.reason.as_str(), "detail": fence.detail })),
+                epoch: replication.epoch.get(),
+                last_sequence: replication.decided.get(),
+                durable_sequence: replication.durable.get(),
+                lag_events: replication.decided.get().saturating_sub(replication.durable.get()),
+                snapshot_sequence: replication.snapshot.get(),
                 pending: stats.pending,
                 active: stats.active,
                 dead_letters: stats.dead_letters,
@@ -198,14 +218,26 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// `/readyz`: 200 while serving, 503 once the node is stopping, so load
-/// balancers stop sending calls before connections close.
+/// `/readyz`: 200 while every hosted namespace serves; 503 naming the
+/// namespaces that do not (not yet rebuilt from the log, or fenced), and 503
+/// once the node is stopping, so load balancers stop sending calls before
+/// connections close.
 async fn readyz(State(node): State<Arc<NodeInner>>) -> Response {
     if node.stopping.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
-    } else {
-        "ready\n".into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
     }
+    let mut fenced: Vec<String> = node
+        .queues
+        .iter()
+        .filter_map(|(shard, hosted)| {
+            hosted.queue.replication().fence.map(|fence| format!("{shard} ({})", fence.reason.as_str()))
+        })
+        .collect();
+    if fenced.is_empty() {
+        return "ready\n".into_response();
+    }
+    fenced.sort();
+    (StatusCode::SERVICE_UNAVAILABLE, format!("not serving: {}\n", fenced.join(", "))).into_response()
 }
 
 /// `/metrics`: the Prometheus text format. Peer states are evaluated lazily,

@@ -59,6 +59,7 @@ pub mod defaults;
 mod error;
 pub mod json;
 mod limiter;
+pub mod ownership;
 pub mod serve;
 mod service;
 mod session;
@@ -76,6 +77,7 @@ use tokio_util::sync::CancellationToken;
 pub use control::{BACKPRESSURE_PATH, BACKPRESSURE_STREAM_PATH, LEASE_HEALTH_PATH, REPLICATION_PATH};
 pub use error::{NodeError, Result};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
+pub use ownership::OwnershipConfig;
 pub use serve::ServeError;
 pub use service::LeaseService;
 pub use session::SessionStream;
@@ -88,7 +90,7 @@ use crate::ids::{PeerId, ShardId};
 use crate::middleware::{
     AuthorizationTable, DeadlineConfig, MeshLayer, MiddlewareConfig, RequestLimits, defaults::MAX_RESTORE_REQUEST_BYTES,
 };
-use crate::queue::{LeaseObserver, Queue, QueueConfig, QueueState, Sweeper};
+use crate::queue::{LeaseObserver, Queue, QueueConfig, ShardStatus, Sweeper};
 use crate::replication::Replicator;
 use crate::shard::parse_namespace;
 
@@ -123,6 +125,8 @@ pub struct NodeConfig {
     pub rate_limits: RateLimits,
     /// How often each queue's sweeper expires lapsed leases.
     pub sweep_interval: Duration,
+    /// Shard leases and snapshots (see [`ownership`]).
+    pub ownership: OwnershipConfig,
 }
 
 impl NodeConfig {
@@ -136,6 +140,7 @@ impl NodeConfig {
             middleware: MiddlewareConfig::default(),
             rate_limits: RateLimits::default(),
             sweep_interval: crate::defaults::SWEEP_INTERVAL,
+            ownership: OwnershipConfig::default(),
         }
     }
 
@@ -169,6 +174,9 @@ impl NodeConfig {
         if self.sweep_interval.is_zero() {
             return Err(NodeConfigError::new("sweep_interval", "must be positive"));
         }
+        self.ownership
+            .validate()
+            .map_err(|(field, reason)| NodeConfigError::new(format!("ownership.{field}"), reason))?;
         Ok(())
     }
 }
@@ -231,7 +239,6 @@ pub struct NodeBuilder {
     replicator: Option<(Arc<dyn Replicator>, String)>,
     clock: Option<Arc<dyn Clock>>,
     prometheus: Option<PrometheusHandle>,
-    states: HashMap<ShardId, QueueState>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -261,15 +268,10 @@ impl NodeBuilder {
         self
     }
 
-    /// Starts a namespace from a rebuilt state (replayed from its log, or a
-    /// snapshot plus the tail) instead of an empty queue.
-    pub fn state(mut self, state: QueueState) -> Self {
-        self.states.insert(state.shard().clone(), state);
-        self
-    }
-
-    /// Builds the queues and starts their sweepers; must run inside a tokio
-    /// runtime.
+    /// Builds the queues and starts their sweepers and shard owners (each
+    /// namespace answers UNAVAILABLE until its owner took the shard's lease
+    /// and rebuilt it from the log; see [`Node::serving`]); must run inside
+    /// a tokio runtime.
     pub fn build(self) -> std::result::Result<Node, NodeConfigError> {
         let mut config = self.config;
         config.validate()?;
@@ -277,33 +279,34 @@ impl NodeBuilder {
             self.replicator.ok_or_else(|| NodeConfigError::new("replicator", "is required"))?;
         let tracker = PeerLeaseHealthTracker::new(config.health.clone())
             .map_err(|err| NodeConfigError::new("health", err.to_string()))?;
-        let mut states = self.states;
         let mut queues = HashMap::with_capacity(config.queues.len());
         let mut limiters = HashMap::with_capacity(config.queues.len());
         let mut sweepers = Vec::with_capacity(config.queues.len());
+        let mut owners = Vec::with_capacity(config.queues.len());
         for (index, mut queue_config) in config.queues.drain(..).enumerate() {
             queue_config.node = config.node_id.clone();
             let shard = queue_config.shard.clone();
             let diagnostics = Arc::new(BackpressureDiagnostics::new());
             let limiter = BackpressureAwareRateLimiter::new(config.rate_limits.normal, config.rate_limits.backpressure);
             let mut builder = Queue::builder(queue_config, Arc::clone(&replicator))
+                .recovering()
                 .listener(diagnostics.clone())
                 .listener(limiter.clone())
                 .observer(Arc::new(tracker.clone()) as Arc<dyn LeaseObserver>);
             if let Some(clock) = &self.clock {
                 builder = builder.clock(Arc::clone(clock));
             }
-            if let Some(state) = states.remove(&shard) {
-                builder = builder.state(state);
-            }
             let queue =
                 builder.build().map_err(|err| NodeConfigError::new(format!("queues[{index}]"), err.to_string()))?;
             sweepers.push(Sweeper::spawn(queue.clone(), config.sweep_interval));
+            owners.push(ownership::ShardOwner::spawn(
+                queue.clone(),
+                Arc::clone(&replicator),
+                config.node_id.clone(),
+                config.ownership,
+            ));
             limiters.insert(shard.clone(), limiter);
             queues.insert(shard, Hosted { queue, diagnostics });
-        }
-        if let Some(shard) = states.keys().next() {
-            return Err(NodeConfigError::new("state", format!("{shard} is not a configured namespace")));
         }
         let deadlines = config.middleware.deadlines;
         let limits = config.middleware.limits;
@@ -322,7 +325,7 @@ impl NodeBuilder {
             limits,
         });
         tracing::info!(node = %inner.node_id, namespaces = inner.queues.len(), "mesh node built");
-        Ok(Node { inner, layer, sweepers: Mutex::new(sweepers) })
+        Ok(Node { inner, layer, sweepers: Mutex::new(sweepers), owners: Mutex::new(owners) })
     }
 }
 
@@ -332,6 +335,7 @@ pub struct Node {
     inner: Arc<NodeInner>,
     layer: MeshLayer<NamespaceRateLimitLayer>,
     sweepers: Mutex<Vec<Sweeper>>,
+    owners: Mutex<Vec<ownership::ShardOwner>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -343,7 +347,7 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Starts building a node from `config`.
     pub fn builder(config: NodeConfig) -> NodeBuilder {
-        NodeBuilder { config, replicator: None, clock: None, prometheus: None, states: HashMap::new() }
+        NodeBuilder { config, replicator: None, clock: None, prometheus: None }
     }
 
     /// This node's peer id.
@@ -468,13 +472,31 @@ impl Node {
         self.inner.stopping.clone().cancelled_owned()
     }
 
-    /// Marks the node as stopping and stops every sweeper, waiting for them.
+    /// Resolves once every hosted namespace serves (its owner holds the
+    /// shard's lease and rebuilt it from the log).
+    pub async fn serving(&self) {
+        for hosted in self.inner.queues.values() {
+            let mut status = hosted.queue.status();
+            // Ends early only if the queue is gone, which it is not while
+            // the node lives.
+            let _ = status.wait_for(|status| matches!(status, ShardStatus::Serving { .. })).await;
+        }
+    }
+
+    /// Marks the node as stopping, stops every sweeper, then every shard
+    /// owner (each lets its decided events become durable, writes a last
+    /// snapshot, and releases the shard's lease), waiting for them.
     /// Idempotent.
     pub async fn shutdown(&self) {
         self.inner.stopping.cancel();
         let sweepers: Vec<Sweeper> = std::mem::take(&mut *self.sweepers.lock().unwrap_or_else(|e| e.into_inner()));
         for sweeper in sweepers {
             sweeper.shutdown().await;
+        }
+        let owners: Vec<ownership::ShardOwner> =
+            std::mem::take(&mut *self.owners.lock().unwrap_or_else(|e| e.into_inner()));
+        for owner in owners {
+            owner.shutdown().await;
         }
         tracing::info!(node = %self.inner.node_id, "mesh node stopped");
     }

@@ -266,7 +266,7 @@ impl NodeInner {
 
     async fn stats(&self, _cx: &CallContext, request: pb::StatsRequest) -> Result<pb::StatsResponse> {
         let hosted = self.hosted(&request.namespace)?;
-        let stats = hosted.queue.stats().await;
+        let stats = hosted.queue.stats().await?;
         Ok(pb::StatsResponse {
             pending: stats.pending,
             active: stats.active,

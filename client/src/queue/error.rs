@@ -77,8 +77,36 @@ pub enum QueueError {
         /// The backpressure state, for the error details.
         signal: BackpressureSignal,
     },
-    /// The replicator did not accept the events; nothing was applied.
-    #[error("replication unavailable")]
+    /// A `purge_drained` on a queue that is not draining.
+    #[error("queue {shard} is not draining; only a drained queue's handed-over items can be purged")]
+    NotDraining {
+        /// The queue.
+        shard: ShardId,
+    },
+    /// The replication backlog is full (the log is slow or unreachable):
+    /// new work is refused until it drains.
+    #[error("queue {} is refusing new work: {unacknowledged} events are not yet durable", signal.shard)]
+    ReplicationBacklog {
+        /// Events decided but not yet acknowledged by the log.
+        unacknowledged: u64,
+        /// The backpressure state at the time, for the error details.
+        signal: BackpressureSignal,
+    },
+    /// The shard is fenced (see [`Fence`](super::Fence)): it serves nothing
+    /// until it is rebuilt from its log. A call that got this may or may not
+    /// have taken effect (its batch may have reached the log); retry it
+    /// (enqueues with the same `request_id` are written once).
+    #[error("shard {shard} is not serving ({}): {detail}", reason.as_str())]
+    Fenced {
+        /// The shard.
+        shard: ShardId,
+        /// Why.
+        reason: super::FenceReason,
+        /// What happened.
+        detail: String,
+    },
+    /// A request to the log (a rebuild, a snapshot) failed.
+    #[error("replication log: {0}")]
     Replication(#[source] ReplicationError),
 }
 
@@ -97,8 +125,11 @@ impl QueueError {
             QueueError::LeaseExpired { .. } => ErrorCode::FailedPrecondition,
             QueueError::NotOwner { .. } => ErrorCode::PermissionDenied,
             QueueError::Draining { .. } => ErrorCode::FailedPrecondition,
-            QueueError::AtCapacity { .. } | QueueError::Backpressure { .. } => ErrorCode::ResourceExhausted,
-            QueueError::Replication(_) => ErrorCode::Unavailable,
+            QueueError::NotDraining { .. } => ErrorCode::FailedPrecondition,
+            QueueError::AtCapacity { .. } | QueueError::Backpressure { .. } | QueueError::ReplicationBacklog { .. } => {
+                ErrorCode::ResourceExhausted
+            }
+            QueueError::Fenced { .. } | QueueError::Replication(_) => ErrorCode::Unavailable,
         }
     }
 
@@ -106,7 +137,9 @@ impl QueueError {
     /// RESOURCE_EXHAUSTED errors.
     pub fn backpressure(&self) -> Option<&BackpressureSignal> {
         match self {
-            QueueError::AtCapacity { signal, .. } | QueueError::Backpressure { signal } => Some(signal),
+            QueueError::AtCapacity { signal, .. }
+            | QueueError::Backpressure { signal }
+            | QueueError::ReplicationBacklog { signal, .. } => Some(signal),
             _ => None,
         }
     }
@@ -143,6 +176,16 @@ mod tests {
             (QueueError::AtCapacity { capacity: 9, signal: signal() }, ErrorCode::ResourceExhausted),
             (QueueError::Backpressure { signal: signal() }, ErrorCode::ResourceExhausted),
             (QueueError::Replication(ReplicationError::Unavailable("down".into())), ErrorCode::Unavailable),
+            (QueueError::NotDraining { shard: ShardId::from("q") }, ErrorCode::FailedPrecondition),
+            (QueueError::ReplicationBacklog { unacknowledged: 9, signal: signal() }, ErrorCode::ResourceExhausted),
+            (
+                QueueError::Fenced {
+                    shard: ShardId::from("q"),
+                    reason: crate::queue::FenceReason::StaleEpoch,
+                    detail: "taken over".into(),
+                },
+                ErrorCode::Unavailable,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(error.code(), code, "{error}");

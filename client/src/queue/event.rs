@@ -53,6 +53,43 @@ impl Clone for Event {
     }
 }
 
+impl Event {
+    /// About how many bytes the event takes on the wire: its bodies and
+    /// strings plus a fixed envelope. Bounds what a queue collects while its
+    /// replicator is behind; exact sizes are the log's business.
+    pub(crate) fn approx_bytes(&self) -> usize {
+        const ENVELOPE: usize = 160;
+        let payload = |p: &Payload| {
+            p.body.len()
+                + p.resource_type.len()
+                + p.resource_id.len()
+                + p.partition_key.len()
+                + p.request_id.len()
+                + p.attributes.iter().map(|(k, v)| k.len() + v.len() + 4).sum::<usize>()
+        };
+        ENVELOPE
+            + self.origin.principal.as_str().len()
+            + match &self.kind {
+                EventKind::Enqueued(new) => payload(&new.payload),
+                EventKind::Heartbeat { progress, .. } => progress.iter().map(|(k, v)| k.len() + v.len() + 4).sum(),
+                EventKind::Failed { error, .. } => error.len(),
+                EventKind::Restored { items, .. } => items
+                    .iter()
+                    .map(|item| {
+                        ENVELOPE
+                            + payload(&item.payload)
+                            + item.last_error.len()
+                            + item.history.iter().map(|r| ENVELOPE + r.error.len()).sum::<usize>()
+                    })
+                    .sum(),
+                EventKind::DeadLettersPurged { item_ids } | EventKind::DrainedPurged { item_ids } => {
+                    item_ids.len() * 34
+                }
+                _ => 0,
+            }
+    }
+}
+
 /// An event with the log position the replicator assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SequencedEvent {
@@ -181,6 +218,12 @@ pub enum EventKind {
         /// Deleted items (only ids that were dead letters).
         item_ids: Vec<ItemId>,
     },
+    /// Pending items a drain handed over were dropped here after they were
+    /// restored elsewhere.
+    DrainedPurged {
+        /// Dropped items (only ids that were pending).
+        item_ids: Vec<ItemId>,
+    },
     /// The queue stopped granting leases.
     DrainStarted {
         /// How in-flight leases are treated.
@@ -225,6 +268,7 @@ impl EventKind {
             EventKind::DeadLettered { .. } => "dead_lettered",
             EventKind::Redriven { .. } => "redriven",
             EventKind::DeadLettersPurged { .. } => "dead_letters_purged",
+            EventKind::DrainedPurged { .. } => "drained_purged",
             EventKind::DrainStarted { .. } => "drain_started",
             EventKind::Drained { .. } => "drained",
             EventKind::Resumed => "resumed",

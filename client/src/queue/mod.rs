@@ -2,22 +2,27 @@
 //! `resourcelease` procedure.
 //!
 //! A [`Queue`] validates each command against its [`QueueState`], turns it
-//! into [`Event`]s, hands them to its [`Replicator`], and applies them only
-//! once the replicator accepted them. Commands on one queue are linearized by
-//! an async gate held from validation to the last applied event, so validate
-//! -> publish -> apply is atomic with respect to other commands; long-polling
-//! `lease` calls wait outside the gate and are woken when the state changes.
+//! into [`Event`]s and hands them to its [`Replicator`]. Commands are decided
+//! in order under one short lock against the state that includes events
+//! still on their way to the log, so a queue never waits one log round trip
+//! per command; each caller is answered once the events it depends on are
+//! durable. A batch the log refuses or loses fences the shard until it is
+//! rebuilt from the log ([`Queue::recover`]). `commit.rs` is that path.
+//! Long-polling `lease` calls wait outside the lock and are woken when the
+//! state changes.
 //!
 //! Time comes from an injected [`Clock`] and is recorded in each event, so a
 //! queue rebuilt from its log ([`QueueState::replay`], or a snapshot from
-//! [`QueueState::encode`] plus the tail) is exactly the live one.
+//! [`QueueState::encode`] plus the tail, see [`recover`]) is exactly the
+//! live one.
 
+mod commit;
 mod error;
 mod event;
-mod gate;
 mod item;
 #[cfg(test)]
 mod proptests;
+mod recovery;
 mod state;
 mod sweeper;
 mod table;
@@ -26,138 +31,31 @@ mod tests;
 mod validate;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use bytes::Bytes;
 
+pub use commit::{Fence, FenceReason, ShardStatus};
 pub use error::{QueueError, Result};
 pub use event::{Event, EventKind, NewItem, Origin, RequeueReason, SequencedEvent};
 pub use item::{
     AttemptOutcome, AttemptRecord, DeadLetter, DeadLetterReason, DrainMode, DrainSnapshot, Lease, LeaseHandle, Payload,
     WorkItem,
 };
+pub use recovery::{Rebuilt, recover};
 pub(crate) use state::Completion;
 pub use state::{ApplyError, QueueState};
 pub use sweeper::Sweeper;
 
-use gate::{Gate, Permit};
+use commit::{Core, Shared, Ticket};
 
 use crate::backpressure::{BackpressureListener, BackpressureSignal};
 use crate::clock::{Clock, Timestamp, TokioClock};
 use crate::defaults;
-use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, ProducerId, Sequence, ShardId};
-use crate::metrics::QueueMetrics;
-use crate::replication::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
-
-/// Publishes a sealed batch ([`Command::seal`]) and settles it
-/// ([`Command::land`]). `$held` is the state's lock, still held since the
-/// batch was planned: a replicator that answers at once is handled under it
-/// without building a future; otherwise it is released while the answer is
-/// awaited. Evaluates to `(first sequence, read(state))`, or returns the
-/// error from the enclosing function. A macro rather than an `async fn` so
-/// the common case builds no nested future.
-///
-/// `$held` must be a binding that was only ever moved, never borrowed:
-/// a guard that was borrowed stays in the future's state across the
-/// `.await`, and a `MutexGuard` there would make every command's future
-/// `!Send`. Commands therefore plan in a block with its own guard and move
-/// it out with the sealed batch.
-macro_rules! settle {
-    ($command:expr, $held:ident, $flight:ident, $read:expr) => {{
-        let (answer, mut core) = match $command.publish(&$flight) {
-            Publishing::Now(appended) => (Ok(appended), $held),
-            Publishing::Later(answer) => {
-                drop($held);
-                let answer = answer.await;
-                (answer, $command.shared.core())
-            }
-        };
-        $command.land(&mut core, $flight, answer, $read)?
-    }};
-}
-
-/// Takes the shard gate: at once when it is free and nothing is in doubt,
-/// otherwise through [`Queue::begin`]. Returns the error from the enclosing
-/// function.
-macro_rules! begin {
-    ($queue:expr) => {
-        match $queue.try_begin() {
-            Some(command) => command,
-            None => $queue.begin().await?,
-        }
-    };
-}
-
-/// One lease attempt under the gate: expires lapsed leases (one batch), then
-/// grants the next eligible item into `$slot`. Evaluates to `Ok(())` when it
-/// granted one, or to how long until a delayed item becomes eligible
-/// (`None`: until something changes); returns errors from the enclosing
-/// function.
-macro_rules! lease_attempt {
-    ($command:expr, $caller:expr, $request:expr, $started:expr, $slot:expr) => {{
-        let command = $command;
-        let shared = command.shared;
-        let (now, expiries, held) = {
-            let mut core = shared.core();
-            let now = core.now(&shared.clock);
-            // Lapsed leases first, so their items and resources are free for
-            // this lease.
-            let expiries = core.state.has_due_expiry(now).then(|| {
-                command.plan_expiries(&mut core, now);
-                command.seal(&mut core)
-            });
-            (now, expiries, core)
-        };
-        let held = match expiries {
-            Some(flight) => {
-                settle!(command, held, flight, |_| ());
-                shared.core()
-            }
-            None => held,
-        };
-        let (grant, held) = {
-            let mut core = held;
-            if core.state.draining().is_some() {
-                return Err(QueueError::Draining { shard: shared.config.shard.clone() });
-            }
-            match core.state.next_eligible(now) {
-                Some((item_id, attempt)) => {
-                    command.plan_lease(&mut core, $caller, $request, item_id, attempt + 1, now);
-                    (Ok((item_id, command.seal(&mut core))), core)
-                }
-                None => (Err(core.state.next_not_before().map(|at| at.saturating_duration_since(now))), core),
-            }
-        };
-        match grant {
-            Ok((item_id, flight)) => {
-                // Written straight into the caller's slot: a granted item is
-                // a large value, and every move through the layers between
-                // here and the caller would copy it.
-                let slot: &mut Result<Option<LeasedItem>> = $slot;
-                settle!(command, held, flight, |state| {
-                    let item = state.item(item_id).expect("the lease was just applied");
-                    *slot = Ok(Some(LeasedItem {
-                        handle: item.handle().expect("the item was just leased"),
-                        item: item.clone(),
-                    }));
-                });
-                drop(command);
-                let waited = $started.map_or(0.0, |started| started.elapsed().as_secs_f64());
-                shared.metrics.lease_wait.record(waited);
-                Ok(())
-            }
-            Err(sleep_for) => {
-                drop(held);
-                Err(sleep_for)
-            }
-        }
-    }};
-}
+use crate::ids::{Epoch, FencingToken, ItemId, LeaseId, PeerId, Principal, Sequence, ShardId};
+use crate::replication::Replicator;
 
 /// Settings of one queue. Every default is a named constant in
 /// [`crate::defaults`].
@@ -445,6 +343,19 @@ pub struct QueueStats {
     pub last_sequence: Sequence,
 }
 
+/// What a rebuild from the log did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// The sequence the queue serves from (the log's head when read).
+    pub sequence: Sequence,
+    /// The snapshot it started from (zero: from the first event).
+    pub snapshot: Sequence,
+    /// Events replayed after the snapshot.
+    pub replayed: u64,
+    /// The epoch it serves under.
+    pub epoch: Epoch,
+}
+
 /// Builds a [`Queue`].
 pub struct QueueBuilder {
     config: QueueConfig,
@@ -453,6 +364,8 @@ pub struct QueueBuilder {
     listeners: Vec<Arc<dyn BackpressureListener>>,
     observers: Vec<Arc<dyn LeaseObserver>>,
     state: Option<QueueState>,
+    epoch: Epoch,
+    recovering: bool,
 }
 
 impl QueueBuilder {
@@ -468,7 +381,8 @@ impl QueueBuilder {
         self
     }
 
-    /// Calls `listener` on every backpressure transition.
+    /// Calls `listener` on every backpressure transition (and with the
+    /// rebuilt state's signal after every rebuild).
     pub fn listener(mut self, listener: Arc<dyn BackpressureListener>) -> Self {
         self.listeners.push(listener);
         self
@@ -481,6 +395,23 @@ impl QueueBuilder {
         self
     }
 
+    /// Writes batches under `epoch`, a lease on the shard the caller took
+    /// from the log ([`Replicator::acquire_shard`]). Without it, batches
+    /// carry [`Epoch::ZERO`], which only a log whose shard was never leased
+    /// accepts (tests, examples).
+    pub fn epoch(mut self, epoch: Epoch) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// Builds the queue fenced ([`FenceReason::Recovering`]): it refuses
+    /// every command with UNAVAILABLE until [`Queue::recover`] rebuilt it
+    /// from its log. What a node does for every shard it starts to serve.
+    pub fn recovering(mut self) -> Self {
+        self.recovering = true;
+        self
+    }
+
     /// Builds the queue after checking the configuration.
     pub fn build(self) -> Result<Queue> {
         self.config.validate()?;
@@ -488,50 +419,19 @@ impl QueueBuilder {
         if state.shard() != &self.config.shard {
             return Err(QueueError::invalid("state", format!("belongs to shard {}", state.shard())));
         }
-        let nonce = random_u64();
-        let producer = ProducerId::new(format!("{}/{}/{nonce:016x}", self.config.node, self.config.shard));
-        let system = Arc::new(Origin {
-            shard: self.config.shard.clone(),
-            principal: Principal::from(SYSTEM_PRINCIPAL),
-            peer: self.config.node.clone(),
-        });
-        let metrics = QueueMetrics::new(&self.config.shard);
-        // The gauges start at the state's values; afterwards each applied
-        // batch updates them (the dead-letter gauge when its count changed).
-        metrics.pending.set(state.pending() as f64);
-        metrics.active.set(state.active() as f64);
-        metrics.dead_letters.set(state.dead_letters() as f64);
-        let core = Core {
+        let fence =
+            self.recovering.then(|| Fence::new(FenceReason::Recovering, "not rebuilt from the shard's log yet"));
+        let shared = Shared::new(
+            self.config,
+            self.replicator,
+            self.clock,
+            self.listeners,
+            self.observers,
             state,
-            nonce,
-            counter: 0,
-            producer_seq: 0,
-            batch: Some(Box::new(Batch {
-                shard: self.config.shard.clone(),
-                producer,
-                producer_seq: 0,
-                events: Vec::new(),
-            })),
-            origin: Arc::clone(&system),
-            last_now: Timestamp::EPOCH,
-        };
-        let queue = Queue {
-            shared: Arc::new(Shared {
-                config: self.config,
-                replicator: self.replicator,
-                clock: self.clock,
-                listeners: self.listeners,
-                observers: self.observers,
-                metrics,
-                system,
-                gate: Gate::new(),
-                core: StdMutex::new(core),
-                in_doubt: AtomicBool::new(false),
-                changed: Notify::new(),
-                waiting: AtomicUsize::new(0),
-            }),
-        };
-        Ok(queue)
+            self.epoch,
+            fence,
+        );
+        Ok(Queue { shared: Arc::new(shared) })
     }
 }
 
@@ -552,7 +452,7 @@ impl QueueBuilder {
 /// let leased = queue.lease(&worker, LeaseRequest::new("worker-1")).await?.expect("an item is pending");
 /// assert_eq!(leased.item.payload.resource_id, "42");
 /// queue.complete(&worker, &leased.handle).await?;
-/// assert_eq!(queue.stats().await.pending, 0);
+/// assert_eq!(queue.stats().await?.pending, 0);
 /// # Ok::<(), omnirelay_client::queue::QueueError>(())
 /// # }).unwrap();
 /// ```
@@ -564,117 +464,6 @@ pub struct Queue {
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue").field("shard", &self.shared.config.shard).finish_non_exhaustive()
-    }
-}
-
-struct Shared {
-    config: QueueConfig,
-    replicator: Arc<dyn Replicator>,
-    clock: QueueClock,
-    listeners: Vec<Arc<dyn BackpressureListener>>,
-    observers: Vec<Arc<dyn LeaseObserver>>,
-    metrics: QueueMetrics,
-    /// Origin of events the queue causes itself.
-    system: Arc<Origin>,
-    /// Held by one command at a time from validation to the last applied
-    /// event, across the publish: commands on the shard are linearized.
-    gate: Gate,
-    /// The state. Locked only by the holder of `gate`, for short synchronous
-    /// sections that never span an `.await`, so it is never contended.
-    core: StdMutex<Core>,
-    /// The core's batch was sent but not acknowledged: it must be re-sent
-    /// (same producer sequence) and applied before any new command. Changed
-    /// only by the gate holder; an atomic so that starting a command does
-    /// not need the state's lock.
-    in_doubt: AtomicBool,
-    /// Woken after every applied batch while someone waits (long polls,
-    /// waiting drains).
-    changed: Notify,
-    /// How many callers wait on `changed`; zero keeps the hot path free of
-    /// notifications.
-    waiting: AtomicUsize,
-}
-
-impl Shared {
-    /// Locks the state. Only the gate holder calls this, so it never waits.
-    /// A panic under this lock (a listener or observer that panicked) leaves
-    /// the state as the events applied so far made it, which is what the
-    /// tokio mutex this replaced gave too: poisoning is not a reason to stop.
-    #[inline]
-    fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Everything behind the shard lock.
-struct Core {
-    state: QueueState,
-    /// Random per queue instance: ids from different nodes or restarts never
-    /// collide, and a counter keeps them cheap.
-    nonce: u64,
-    counter: u64,
-    producer_seq: u64,
-    /// The batch being built; its buffer is reused. `None` only while the
-    /// replicator has it (see [`InFlight`]). Boxed, so handing it back and
-    /// forth moves a pointer.
-    batch: Option<Box<Batch>>,
-    /// Origin of the last caller, reused while the caller does not change.
-    origin: Arc<Origin>,
-    /// Recorded times never go backwards, even if the clock does.
-    last_now: Timestamp,
-}
-
-impl Core {
-    #[inline]
-    fn next_id(&mut self) -> u128 {
-        self.counter += 1;
-        (u128::from(self.nonce) << 64) | u128::from(self.counter)
-    }
-
-    #[inline]
-    fn next_item_id(&mut self) -> ItemId {
-        loop {
-            let id = ItemId::from_u128(self.next_id());
-            if !self.state.contains(id) {
-                return id;
-            }
-        }
-    }
-
-    #[inline]
-    fn now(&mut self, clock: &QueueClock) -> Timestamp {
-        self.last_now = clock.now().max(self.last_now);
-        self.last_now
-    }
-
-    #[inline]
-    fn origin(&mut self, shard: &ShardId, caller: &Caller) -> Arc<Origin> {
-        // Compared by pointer first (string ids do): a caller reused across
-        // calls shares the cached origin's strings.
-        if self.origin.principal != caller.principal || self.origin.peer != caller.peer {
-            self.new_origin(shard, caller);
-        }
-        Arc::clone(&self.origin)
-    }
-
-    #[cold]
-    fn new_origin(&mut self, shard: &ShardId, caller: &Caller) {
-        self.origin =
-            Arc::new(Origin { shard: shard.clone(), principal: caller.principal.clone(), peer: caller.peer.clone() });
-    }
-
-    #[inline]
-    fn batch(&mut self) -> &mut Batch {
-        self.batch.as_mut().expect("the batch is in the core whenever the gate holder plans")
-    }
-
-    #[inline]
-    fn push(&mut self, origin: &Arc<Origin>, at: Timestamp, kind: EventKind) {
-        self.batch().events.push(Event { origin: Arc::clone(origin), recorded_at: at, kind });
-    }
-
-    fn has_events(&self) -> bool {
-        self.batch.as_ref().is_some_and(|batch| !batch.events.is_empty())
     }
 }
 
@@ -703,65 +492,6 @@ impl QueueClock {
     }
 }
 
-/// A command in progress. It holds the shard gate, so its validate ->
-/// publish -> apply cannot interleave with another command's; the state is
-/// locked only for the synchronous parts.
-struct Command<'a> {
-    shared: &'a Shared,
-    _permit: Permit<'a>,
-}
-
-/// A batch taken out of the core while the replicator has it. If the command
-/// is dropped before the answer (its caller gave up mid-publish), the batch
-/// goes back into the core in doubt: maybe written, so the next command
-/// re-sends it with the same producer sequence and applies it, as after an
-/// ambiguous failure. The gate is still held while this runs, because the
-/// permit was taken before and is dropped after.
-struct InFlight<'a> {
-    shared: &'a Shared,
-    batch: Option<Box<Batch>>,
-}
-
-impl InFlight<'_> {
-    #[inline]
-    fn batch(&self) -> &Batch {
-        self.batch.as_ref().expect("in flight until landed")
-    }
-
-    #[inline]
-    fn land(&mut self) -> Box<Batch> {
-        self.batch.take().expect("landed once")
-    }
-}
-
-impl Drop for InFlight<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        if self.batch.is_some() {
-            self.abandon();
-        }
-    }
-}
-
-impl InFlight<'_> {
-    #[cold]
-    fn abandon(&mut self) {
-        if let Some(batch) = self.batch.take() {
-            self.shared.core().batch = Some(batch);
-            self.shared.in_doubt.store(true, Ordering::Release);
-        }
-    }
-}
-
-fn random_u64() -> u64 {
-    // std's RandomState is seeded from the OS per process and perturbed per
-    // instance: enough to keep id prefixes of queue instances apart without
-    // another dependency.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(u64::from(std::process::id()));
-    hasher.finish()
-}
-
 /// Counts a waiter on `changed` for as long as it lives.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -778,6 +508,15 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Whether a command adds work to the queue: such a command is refused
+/// (RESOURCE_EXHAUSTED) when the replication backlog is full; others wait
+/// for room.
+#[derive(Clone, Copy)]
+enum Work {
+    Adds,
+    Drains,
+}
+
 impl Queue {
     /// Starts building a queue publishing to `replicator`.
     pub fn builder(config: QueueConfig, replicator: Arc<dyn Replicator>) -> QueueBuilder {
@@ -788,6 +527,8 @@ impl Queue {
             listeners: Vec::new(),
             observers: Vec::new(),
             state: None,
+            epoch: Epoch::ZERO,
+            recovering: false,
         }
     }
 
@@ -801,16 +542,60 @@ impl Queue {
         &self.shared.config.shard
     }
 
+    /// Runs one command: decides it against the state under the lock (the
+    /// decision may commit intermediate batches itself), commits what it
+    /// decided, and answers once everything it saw or wrote is durable. A
+    /// refusal waits the same way (it was decided against that state), and
+    /// a shard that fences meanwhile turns any answer into UNAVAILABLE.
+    #[inline]
+    async fn run<T>(&self, work: Work, decide: impl FnOnce(&Arc<Shared>, &mut Core) -> Result<T>) -> Result<T> {
+        let shared = &self.shared;
+        let adds = matches!(work, Work::Adds);
+        let (outcome, ticket) = {
+            let mut core = loop {
+                if let Some(core) = shared.try_command(adds)? {
+                    break core;
+                }
+                shared.wait_for_room().await;
+            };
+            match decide(shared, &mut core) {
+                Ok(value) => {
+                    let ticket = shared.commit(&mut core);
+                    (Ok(value), ticket)
+                }
+                Err(error) => (Err(error), core.tail_ticket()),
+            }
+        };
+        if !ticket.is_done() {
+            ticket.wait(&shared.config.shard).await?;
+        }
+        outcome
+    }
+
+    /// Reads the state, answering once what it read is durable.
+    async fn read<T>(&self, read: impl FnOnce(&Shared, &mut Core) -> Result<T>) -> Result<T> {
+        let shared = &self.shared;
+        let (outcome, ticket) = {
+            let mut core = shared.core();
+            if let Some(fence) = core.fence() {
+                return Err(commit::fenced(&shared.config.shard, fence));
+            }
+            (read(shared, &mut core), core.tail_ticket())
+        };
+        if !ticket.is_done() {
+            ticket.wait(&shared.config.shard).await?;
+        }
+        outcome
+    }
+
     /// Adds an item. A repeated `request_id` returns the item it created and
-    /// writes nothing. Fails fast with RESOURCE_EXHAUSTED at capacity or under
-    /// backpressure; never waits for room.
+    /// writes nothing. Fails fast with RESOURCE_EXHAUSTED at capacity, under
+    /// backpressure, or when the replication backlog is full; never waits
+    /// for room.
     pub async fn enqueue(&self, caller: &Caller, request: EnqueueRequest) -> Result<Enqueued> {
         validate::payload("payload", &request.payload)?;
         validate::delay("delay", request.delay, defaults::ENQUEUE_DELAY_MAX)?;
-        let command = begin!(self);
-        let shared = command.shared;
-        let (item_id, flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Adds, |shared, core| {
             if !request.payload.request_id.is_empty()
                 && let Some(item_id) = core.state.request(&request.payload.request_id)
             {
@@ -821,14 +606,15 @@ impl Queue {
             if pending + active >= shared.config.capacity {
                 return Err(QueueError::AtCapacity {
                     capacity: shared.config.capacity,
-                    signal: shared.signal(&core, now),
+                    signal: shared.signal(core, now),
                 });
             }
             if core.state.backpressure().active || pending >= shared.config.high_watermark {
-                return Err(QueueError::Backpressure { signal: shared.signal(&core, now) });
+                return Err(QueueError::Backpressure { signal: shared.signal(core, now) });
             }
             let item_id = core.next_item_id();
             let origin = core.origin(&shared.config.shard, caller);
+            let sequence = core.next_sequence();
             let new = NewItem {
                 id: item_id,
                 payload: Arc::new(request.payload),
@@ -837,12 +623,10 @@ impl Queue {
                 not_before: now.saturating_add(request.delay),
             };
             core.push(&origin, now, EventKind::Enqueued(new));
-            shared.push_backpressure(&mut core, &origin, now, pending + 1);
-            let flight = command.seal(&mut core);
-            (item_id, flight, core)
-        };
-        let (first, ()) = settle!(command, held, flight, |_| ());
-        Ok(Enqueued { item_id, deduplicated: false, sequence: first })
+            shared.push_backpressure(core, &origin, now, pending + 1);
+            Ok(Enqueued { item_id, deduplicated: false, sequence })
+        })
+        .await
     }
 
     /// Leases the oldest eligible item (highest priority first, then queue
@@ -859,12 +643,13 @@ impl Queue {
         }
         // A call that does not wait: one attempt, nothing to arm, and no
         // clock reads for the wait metric.
-        let command = begin!(self);
-        // The answer itself is the slot the item is written into: returned
-        // as it is, it is not copied again on the way out.
-        let mut leased = Ok(None);
-        let _ = lease_attempt!(command, caller, &request, None::<tokio::time::Instant>, &mut leased);
-        leased
+        match self.lease_once(caller, &request).await? {
+            Ok(leased) => {
+                self.shared.metrics.lease_wait.record(0.0);
+                Ok(Some(leased))
+            }
+            Err(_) => Ok(None),
+        }
     }
 
     /// [`lease`](Self::lease) for a call that waits up to `wait`.
@@ -882,9 +667,11 @@ impl Queue {
             // Created before looking at the state: a change applied after we
             // looked wakes this future even though it is polled later.
             let changed = shared.changed.notified();
-            let mut leased = Ok(None);
-            let sleep_for = match self.lease_once(caller, request, started, &mut leased).await? {
-                Ok(()) => return leased,
+            let sleep_for = match self.lease_once(caller, request).await? {
+                Ok(leased) => {
+                    shared.metrics.lease_wait.record(started.elapsed().as_secs_f64());
+                    return Ok(Some(leased));
+                }
                 Err(sleep_for) => sleep_for,
             };
             let now = tokio::time::Instant::now();
@@ -899,17 +686,37 @@ impl Queue {
         }
     }
 
-    /// One attempt of a waiting lease (a function of its own: the state's
-    /// lock must not live in the waiting loop's future).
+    /// One lease attempt: expires lapsed leases (one batch, so their items
+    /// and resources are free for this lease), then grants the next eligible
+    /// item. `Err(after)` when none is eligible: how long until a delayed
+    /// item becomes eligible (`None`: until something changes).
     async fn lease_once(
         &self,
         caller: &Caller,
         request: &LeaseRequest,
-        started: tokio::time::Instant,
-        leased: &mut Result<Option<LeasedItem>>,
-    ) -> Result<std::result::Result<(), Option<Duration>>> {
-        let command = begin!(self);
-        Ok(lease_attempt!(command, caller, request, Some(started), leased))
+    ) -> Result<std::result::Result<LeasedItem, Option<Duration>>> {
+        self.run(Work::Drains, |shared, core| {
+            let now = core.now(&shared.clock);
+            if core.state.has_due_expiry(now) {
+                plan_expiries(shared, core, now);
+                if let Ticket::Fenced(fence) = shared.commit(core) {
+                    return Err(commit::fenced(&shared.config.shard, &fence));
+                }
+            }
+            if core.state.draining().is_some() {
+                return Err(QueueError::Draining { shard: shared.config.shard.clone() });
+            }
+            let Some((item_id, attempt)) = core.state.next_eligible(now) else {
+                return Ok(Err(core.state.next_not_before().map(|at| at.saturating_duration_since(now))));
+            };
+            plan_lease(shared, core, caller, request, item_id, attempt + 1, now);
+            if let Ticket::Fenced(fence) = shared.commit(core) {
+                return Err(commit::fenced(&shared.config.shard, &fence));
+            }
+            let item = core.state.item(item_id).expect("the lease was just applied");
+            Ok(Ok(LeasedItem { handle: item.handle().expect("the item was just leased"), item: item.clone() }))
+        })
+        .await
     }
 
     /// Extends a lease by `extend_by` from now (`None`: the default lease
@@ -922,10 +729,7 @@ impl Queue {
         progress: BTreeMap<String, String>,
     ) -> Result<Timestamp> {
         validate::progress(&progress)?;
-        let command = begin!(self);
-        let shared = command.shared;
-        let (expires_at, flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Drains, |shared, core| {
             let now = core.now(&shared.clock);
             check_handle(&core.state, handle, now)?;
             let expires_at = now.saturating_add(shared.config.lease_duration(extend_by));
@@ -937,20 +741,15 @@ impl Queue {
                 progress,
             };
             core.push(&origin, now, kind);
-            let flight = command.seal(&mut core);
-            (expires_at, flight, core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(expires_at)
+            Ok(expires_at)
+        })
+        .await
     }
 
     /// Completes a leased item and removes it. Repeating it with the same
     /// handle answers `Ok(true)` ("already completed") and writes nothing.
     pub async fn complete(&self, caller: &Caller, handle: &LeaseHandle) -> Result<bool> {
-        let command = begin!(self);
-        let shared = command.shared;
-        let (flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Drains, |shared, core| {
             let now = core.now(&shared.clock);
             if let Err(error) = check_handle(&core.state, handle, now) {
                 // Completing again with the handle that completed it.
@@ -964,10 +763,9 @@ impl Queue {
             let origin = core.origin(&shared.config.shard, caller);
             let kind = EventKind::Completed { item_id: handle.item_id, fencing_token: handle.fencing_token };
             core.push(&origin, now, kind);
-            (command.seal(&mut core), core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(false)
+            Ok(false)
+        })
+        .await
     }
 
     /// Reports a failed attempt: the item is requeued (after the requested
@@ -978,11 +776,8 @@ impl Queue {
         if let Some(delay) = request.requeue_delay {
             validate::delay("requeue_delay", delay, defaults::REQUEUE_DELAY_MAX)?;
         }
-        let command = begin!(self);
-        let shared = command.shared;
-        let config = &shared.config;
-        let (outcome, flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Drains, |shared, core| {
+            let config = &shared.config;
             let now = core.now(&shared.clock);
             let attempt = check_handle(&core.state, handle, now)?.attempt;
             let origin = core.origin(&config.shard, caller);
@@ -1003,31 +798,37 @@ impl Queue {
                 FailOutcome::Requeued { not_before } => {
                     core.push(&origin, now, EventKind::Requeued { item_id, not_before, reason: RequeueReason::Failed });
                     let pending_after = core.state.pending() + 1;
-                    shared.push_backpressure(&mut core, &origin, now, pending_after);
+                    shared.push_backpressure(core, &origin, now, pending_after);
                 }
                 FailOutcome::DeadLettered { reason } => {
                     core.push(&origin, now, EventKind::DeadLettered { item_id, reason });
                 }
             }
-            let flight = command.seal(&mut core);
-            (outcome, flight, core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(outcome)
+            Ok(outcome)
+        })
+        .await
     }
 
     /// Expires every lease that lapsed by now (what the [`Sweeper`] calls):
     /// each gets an `Expired` event and is requeued, or dead-lettered if it
     /// was its last attempt. Returns how many leases expired.
     pub async fn expire_due(&self) -> Result<usize> {
-        let command = begin!(self);
-        let now = command.shared.core().now(&command.shared.clock);
         let mut expired = 0;
+        let mut now = None;
         loop {
-            match command.expire_batch(now).await? {
-                0 => return Ok(expired),
-                batch => expired += batch,
+            let batch = self
+                .run(Work::Drains, |shared, core| {
+                    let now = *now.get_or_insert_with(|| core.now(&shared.clock));
+                    if !core.state.has_due_expiry(now) {
+                        return Ok(0);
+                    }
+                    Ok(plan_expiries(shared, core, now))
+                })
+                .await?;
+            if batch == 0 {
+                return Ok(expired);
             }
+            expired += batch;
         }
     }
 
@@ -1038,46 +839,39 @@ impl Queue {
     /// end; leases still running then are listed in `in_flight`. With
     /// [`DrainMode::HandBack`] leases are handed back at once and their items
     /// are pending (and in the snapshot). Non-destructive: the queue keeps
-    /// every item until [`resume`](Self::resume) or a purge elsewhere.
+    /// every item until [`resume`](Self::resume), or until the items that
+    /// were restored elsewhere are dropped here
+    /// ([`purge_drained`](Self::purge_drained)).
     pub async fn drain(&self, caller: &Caller, mode: DrainMode, wait: Option<Duration>) -> Result<DrainSnapshot> {
         let shared = &*self.shared;
         let waiting = Waiting::new(&shared.waiting);
-        {
-            let command = begin!(self);
-            let (flight, held) = {
-                let mut core = shared.core();
-                let now = core.now(&shared.clock);
-                let origin = core.origin(&shared.config.shard, caller);
-                if core.state.draining() != Some(mode) {
-                    core.push(&origin, now, EventKind::DrainStarted { mode });
-                }
-                if mode == DrainMode::HandBack {
-                    let leased: Vec<ItemId> = core.state.leased_items().iter().map(|item| item.id).collect();
-                    for &item_id in &leased {
-                        core.push(
-                            &origin,
-                            now,
-                            EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::HandedBack },
-                        );
-                    }
-                    let pending_after = core.state.pending() + leased.len() as u64;
-                    shared.push_backpressure(&mut core, &origin, now, pending_after);
-                }
-                (core.has_events().then(|| command.seal(&mut core)), core)
-            };
-            if let Some(flight) = flight {
-                settle!(command, held, flight, |_| ());
+        self.run(Work::Drains, |shared, core| {
+            let now = core.now(&shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            if core.state.draining() != Some(mode) {
+                core.push(&origin, now, EventKind::DrainStarted { mode });
             }
-        }
+            if mode == DrainMode::HandBack {
+                let leased: Vec<ItemId> = core.state.leased_items().iter().map(|item| item.id).collect();
+                for &item_id in &leased {
+                    core.push(
+                        &origin,
+                        now,
+                        EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::HandedBack },
+                    );
+                }
+                let pending_after = core.state.pending() + leased.len() as u64;
+                shared.push_backpressure(core, &origin, now, pending_after);
+            }
+            Ok(())
+        })
+        .await?;
         if mode == DrainMode::Wait {
             let deadline =
                 tokio::time::Instant::now() + wait.unwrap_or(defaults::DRAIN_WAIT).min(defaults::DRAIN_WAIT_MAX);
             loop {
                 let changed = shared.changed.notified();
-                let active = {
-                    let _command = begin!(self);
-                    shared.core().state.active()
-                };
+                let active = self.read(|_, core| Ok(core.state.active())).await?;
                 if active == 0 {
                     break;
                 }
@@ -1087,55 +881,48 @@ impl Queue {
             }
         }
         drop(waiting);
-        let command = begin!(self);
-        let (now, items, in_flight, flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Drains, |shared, core| {
             let now = core.now(&shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             let items: Vec<WorkItem> = core.state.pending_items().into_iter().cloned().collect();
             let in_flight: Vec<WorkItem> = core.state.leased_items().into_iter().cloned().collect();
+            let sequence = core.next_sequence();
             let kind = EventKind::Drained {
                 pending: u32::try_from(items.len()).unwrap_or(u32::MAX),
                 in_flight: u32::try_from(in_flight.len()).unwrap_or(u32::MAX),
             };
             core.push(&origin, now, kind);
-            let flight = command.seal(&mut core);
-            (now, items, in_flight, flight, core)
-        };
-        let (sequence, ()) = settle!(command, held, flight, |_| ());
-        Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
+            Ok(DrainSnapshot { shard: shared.config.shard.clone(), sequence, taken_at: now, items, in_flight })
+        })
+        .await
     }
 
     /// Grants leases again after a drain. `Ok(false)` if it was not draining.
     pub async fn resume(&self, caller: &Caller) -> Result<bool> {
-        let command = begin!(self);
-        let shared = command.shared;
-        let (flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Drains, |shared, core| {
             if core.state.draining().is_none() {
                 return Ok(false);
             }
             let now = core.now(&shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::Resumed);
-            (command.seal(&mut core), core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(true)
+            Ok(true)
+        })
+        .await
     }
 
     /// Loads a drain snapshot's pending items, keeping ids, attempts, errors,
     /// tokens and histories; items already present (same id, or same
     /// `request_id` as a remembered item) are skipped. All or nothing: at
-    /// capacity nothing is restored.
+    /// capacity nothing is restored. The items are written as one or more
+    /// `Restored` events of one batch, each within the log's event limit.
     pub async fn restore(&self, caller: &Caller, snapshot: &DrainSnapshot) -> Result<Restored> {
         for (index, item) in snapshot.items.iter().enumerate() {
-            validate::payload(&format!("snapshot.items[{index}].payload"), &item.payload)?;
+            let field = format!("snapshot.items[{index}]");
+            validate::payload(&format!("{field}.payload"), &item.payload)?;
+            validate::restored_item(&field, item)?;
         }
-        let command = begin!(self);
-        let shared = command.shared;
-        let (restored, skipped, flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Adds, |shared, core| {
             let mut seen = std::collections::HashSet::new();
             let mut requests = std::collections::HashSet::new();
             let mut items = Vec::new();
@@ -1160,17 +947,62 @@ impl Queue {
             if pending + active + restored > shared.config.capacity {
                 return Err(QueueError::AtCapacity {
                     capacity: shared.config.capacity,
-                    signal: shared.signal(&core, now),
+                    signal: shared.signal(core, now),
                 });
             }
             let origin = core.origin(&shared.config.shard, caller);
-            core.push(&origin, now, EventKind::Restored { items, skipped });
-            shared.push_backpressure(&mut core, &origin, now, pending + restored);
-            let flight = command.seal(&mut core);
-            (restored, skipped, flight, core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
+            let mut skipped_left = skipped;
+            for chunk in validate::restore_chunks(items) {
+                core.push(
+                    &origin,
+                    now,
+                    EventKind::Restored { items: chunk, skipped: std::mem::take(&mut skipped_left) },
+                );
+            }
+            shared.push_backpressure(core, &origin, now, pending + restored);
+            Ok(Restored { restored: u32::try_from(restored).unwrap_or(u32::MAX), skipped })
+        })
+        .await
+    }
+
+    /// Drops pending items a drain handed over, once they were restored
+    /// elsewhere, so a later [`resume`](Self::resume) cannot serve them
+    /// twice. Only while the queue is draining (FAILED_PRECONDITION
+    /// otherwise); ids that are not pending here (leased, dead-lettered,
+    /// unknown) are skipped and counted. Returns how many were dropped.
+    pub async fn purge_drained(&self, caller: &Caller, item_ids: &[ItemId]) -> Result<PurgedDrained> {
+        if item_ids.is_empty() {
+            return Err(QueueError::invalid("item_ids", "must name at least one item"));
+        }
+        if item_ids.len() > defaults::PURGE_DRAINED_MAX {
+            return Err(QueueError::invalid(
+                "item_ids",
+                format!("{} ids; at most {} per call", item_ids.len(), defaults::PURGE_DRAINED_MAX),
+            ));
+        }
+        self.run(Work::Drains, |shared, core| {
+            if core.state.draining().is_none() {
+                return Err(QueueError::NotDraining { shard: shared.config.shard.clone() });
+            }
+            let mut seen = std::collections::HashSet::new();
+            let purged: Vec<ItemId> = item_ids
+                .iter()
+                .copied()
+                .filter(|id| core.state.item(*id).is_some_and(|item| item.lease.is_none()) && seen.insert(*id))
+                .collect();
+            let skipped = u32::try_from(item_ids.len() - purged.len()).unwrap_or(u32::MAX);
+            if purged.is_empty() {
+                return Ok(PurgedDrained { purged: 0, skipped });
+            }
+            let count = u32::try_from(purged.len()).unwrap_or(u32::MAX);
+            let now = core.now(&shared.clock);
+            let origin = core.origin(&shared.config.shard, caller);
+            let pending_after = core.state.pending() - purged.len() as u64;
+            core.push(&origin, now, EventKind::DrainedPurged { item_ids: purged });
+            shared.push_backpressure(core, &origin, now, pending_after);
+            Ok(PurgedDrained { purged: count, skipped })
+        })
+        .await
     }
 
     /// Lists dead letters, oldest first, one page at a time.
@@ -1187,33 +1019,32 @@ impl Queue {
             0 => defaults::DEAD_LETTER_PAGE_SIZE,
             n => n.min(defaults::DEAD_LETTER_PAGE_MAX),
         } as usize;
-        let _permit = self.shared.gate.acquire().await;
-        let core = self.shared.core();
-        let mut page = core.state.dead_letters_page(after, size + 1);
-        let next_page_token = (page.len() > size).then(|| {
-            page.truncate(size);
-            page.last().map(|(order, _)| order.to_string()).unwrap_or_default()
-        });
-        Ok(DeadLetterPage {
-            dead_letters: page.into_iter().map(|(_, letter)| letter.clone()).collect(),
-            next_page_token,
+        self.read(|_, core| {
+            let mut page = core.state.dead_letters_page(after, size + 1);
+            let next_page_token = (page.len() > size).then(|| {
+                page.truncate(size);
+                page.last().map(|(order, _)| order.to_string()).unwrap_or_default()
+            });
+            Ok(DeadLetterPage {
+                dead_letters: page.into_iter().map(|(_, letter)| letter.clone()).collect(),
+                next_page_token,
+            })
         })
+        .await
     }
 
     /// One dead letter with its whole history.
     pub async fn dead_letter(&self, item_id: ItemId) -> Result<DeadLetter> {
-        let _permit = self.shared.gate.acquire().await;
-        let core = self.shared.core();
-        core.state.dead_letter(item_id).cloned().ok_or(QueueError::NotFound { what: "dead letter", item_id })
+        self.read(|_, core| {
+            core.state.dead_letter(item_id).cloned().ok_or(QueueError::NotFound { what: "dead letter", item_id })
+        })
+        .await
     }
 
     /// Re-enqueues a dead letter as a pending item (same id and history,
     /// attempt count reset), at the back of the queue.
     pub async fn redrive(&self, caller: &Caller, item_id: ItemId) -> Result<ItemId> {
-        let command = begin!(self);
-        let shared = command.shared;
-        let (flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Adds, |shared, core| {
             if core.state.dead_letter(item_id).is_none() {
                 return Err(QueueError::NotFound { what: "dead letter", item_id });
             }
@@ -1222,16 +1053,15 @@ impl Queue {
             if pending + active >= shared.config.capacity {
                 return Err(QueueError::AtCapacity {
                     capacity: shared.config.capacity,
-                    signal: shared.signal(&core, now),
+                    signal: shared.signal(core, now),
                 });
             }
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::Redriven { item_id, not_before: now });
-            shared.push_backpressure(&mut core, &origin, now, pending + 1);
-            (command.seal(&mut core), core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(item_id)
+            shared.push_backpressure(core, &origin, now, pending + 1);
+            Ok(item_id)
+        })
+        .await
     }
 
     /// Deletes dead letters for good. Returns how many were deleted.
@@ -1239,10 +1069,7 @@ impl Queue {
         if which == Purge::Items(Vec::new()) {
             return Err(QueueError::invalid("item_ids", "must name at least one item unless purging all"));
         }
-        let command = begin!(self);
-        let shared = command.shared;
-        let (purged, flight, held) = {
-            let mut core = shared.core();
+        self.run(Work::Drains, |shared, core| {
             let item_ids: Vec<ItemId> = match which {
                 Purge::All => {
                     core.state.dead_letters_page(None, usize::MAX).into_iter().map(|(_, l)| l.item.id).collect()
@@ -1259,17 +1086,33 @@ impl Queue {
             let now = core.now(&shared.clock);
             let origin = core.origin(&shared.config.shard, caller);
             core.push(&origin, now, EventKind::DeadLettersPurged { item_ids });
-            let flight = command.seal(&mut core);
-            (purged, flight, core)
-        };
-        settle!(command, held, flight, |_| ());
-        Ok(purged)
+            Ok(purged)
+        })
+        .await
     }
 
-    /// Depth, leases, dead letters and the backpressure state.
-    pub async fn stats(&self) -> QueueStats {
-        let shared = &*self.shared;
-        let _permit = shared.gate.acquire().await;
+    /// Depth, leases, dead letters and the backpressure state, once durable.
+    pub async fn stats(&self) -> Result<QueueStats> {
+        self.read(|shared, core| {
+            let now = core.now(&shared.clock);
+            Ok(QueueStats {
+                pending: core.state.pending(),
+                active: core.state.active(),
+                dead_letters: core.state.dead_letters(),
+                draining: core.state.draining().is_some(),
+                capacity: shared.config.capacity,
+                backpressure: shared.signal(core, now),
+                last_sequence: core.state.last_sequence(),
+            })
+        })
+        .await
+    }
+
+    /// [`stats`](Self::stats) as decided, without waiting for durability
+    /// (and from a fenced shard's last state): for diagnostics that must
+    /// answer while the log is unreachable.
+    pub fn stats_now(&self) -> QueueStats {
+        let shared = &self.shared;
         let mut core = shared.core();
         let now = core.now(&shared.clock);
         QueueStats {
@@ -1283,10 +1126,18 @@ impl Queue {
         }
     }
 
-    /// Runs `f` on the current state (for inspection, snapshots and tests).
+    /// Runs `f` on the current state, as decided: it may include events not
+    /// yet durable (use [`settled`](Self::settled) first to wait for them),
+    /// and after a fence it is the state being thrown away. For inspection,
+    /// snapshots and tests.
     pub async fn inspect<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
-        let _permit = self.shared.gate.acquire().await;
         f(&self.shared.core().state)
+    }
+
+    /// Waits until every event decided so far is durable (or the shard
+    /// fenced itself: UNAVAILABLE).
+    pub async fn settled(&self) -> Result<()> {
+        self.read(|_, _| Ok(())).await
     }
 
     /// The current state in its canonical encoding: what a snapshot stores,
@@ -1297,347 +1148,177 @@ impl Queue {
 
     /// The earliest lease expiry, for sweepers that sleep until it.
     pub async fn next_expiry(&self) -> Option<Timestamp> {
-        let _permit = self.shared.gate.acquire().await;
         self.shared.core().state.next_expiry()
     }
 
-    /// Whether a batch is in doubt (sent, not acknowledged) and will be
-    /// settled by the next command (shown by the node's replication
-    /// diagnostics).
-    pub async fn in_doubt(&self) -> bool {
-        let _permit = self.shared.gate.acquire().await;
-        self.shared.in_doubt.load(Ordering::Acquire)
+    /// Whether the queue serves its shard, as a watch that changes at every
+    /// fence and rebuild (a node's shard owner waits on it).
+    pub fn status(&self) -> tokio::sync::watch::Receiver<ShardStatus> {
+        self.shared.status()
     }
 
-    // ----- the commit path -----
-
-    /// Takes the shard gate at once if it is free and nothing is in doubt:
-    /// the common case, with no future to build or poll.
-    #[inline]
-    fn try_begin(&self) -> Option<Command<'_>> {
-        let shared = &*self.shared;
-        let permit = shared.gate.try_permit()?;
-        if shared.in_doubt.load(Ordering::Acquire) {
-            return None;
-        }
-        Some(Command { shared, _permit: permit })
+    /// The replication pipeline's state, for diagnostics.
+    pub fn replication(&self) -> ReplicationState {
+        let (epoch, durable, snapshot) = self.shared.positions();
+        let core = self.shared.core();
+        ReplicationState { epoch, decided: core.state.last_sequence(), durable, snapshot, fence: core.fence().cloned() }
     }
 
-    /// Takes the shard gate and first settles a batch left in doubt by a
-    /// failed publish, so every command starts from a state that matches the
-    /// log. See [`try_begin`](Self::try_begin) for the fast path.
-    async fn begin(&self) -> Result<Command<'_>> {
-        let shared = &*self.shared;
-        let command = Command { shared, _permit: shared.gate.acquire().await };
-        if shared.in_doubt.load(Ordering::Acquire) {
-            let (flight, held) = {
-                let mut core = shared.core();
-                (InFlight { shared, batch: core.batch.take() }, core)
-            };
-            settle!(command, held, flight, |_| ());
-        }
-        Ok(command)
-    }
-}
-
-impl Shared {
-    /// The live signal: the state's flag with the current depth and the
-    /// configured watermarks.
-    fn signal(&self, core: &Core, now: Timestamp) -> BackpressureSignal {
-        BackpressureSignal {
-            active: core.state.backpressure().active,
-            pending: core.state.pending(),
-            high: self.config.high_watermark,
-            low: self.config.low_watermark,
-            observed_at: now,
-            shard: self.config.shard.clone(),
-        }
+    /// Fences the shard (see [`Fence`]): commands waiting on events not yet
+    /// durable get UNAVAILABLE, new commands too, until
+    /// [`recover`](Self::recover). A node calls it when it loses the
+    /// shard's lease. Idempotent.
+    pub fn fence(&self, fence: Fence) {
+        let mut core = self.shared.core();
+        let _ = self.shared.fence(&mut core, fence);
     }
 
-    /// Adds a `BackpressureChanged` event if `pending_after` crosses a
-    /// watermark (hysteresis: on at `high`, off at `low`).
-    #[inline(always)]
-    fn push_backpressure(&self, core: &mut Core, origin: &Arc<Origin>, now: Timestamp, pending_after: u64) {
-        let config = &self.config;
-        let active = core.state.backpressure().active;
-        let flip = if active { pending_after <= config.low_watermark } else { pending_after >= config.high_watermark };
-        if flip {
-            let signal = BackpressureSignal {
-                active: !active,
-                pending: pending_after,
-                high: config.high_watermark,
-                low: config.low_watermark,
-                observed_at: now,
-                shard: config.shard.clone(),
-            };
-            core.push(origin, now, EventKind::BackpressureChanged { signal });
-        }
-    }
-}
-
-impl<'a> Command<'a> {
-    /// Plans the lease of `item_id` (the next eligible item) at `now`, as
-    /// its `attempt`.
-    #[inline]
-    fn plan_lease(
-        &self,
-        core: &mut Core,
-        caller: &Caller,
-        request: &LeaseRequest,
-        item_id: ItemId,
-        attempt: u32,
-        now: Timestamp,
-    ) {
-        let shared = self.shared;
-        let lease_id = LeaseId::from_u128(core.next_id());
-        let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
-        let origin = core.origin(&shared.config.shard, caller);
-        let kind = EventKind::Leased { item_id, attempt, lease_id, owner: request.owner.clone(), expires_at };
-        core.push(&origin, now, kind);
-        let pending_after = core.state.pending() - 1;
-        shared.push_backpressure(core, &origin, now, pending_after);
-    }
-
-    /// Expires one batch of lapsed leases; zero when none was due. (A function
-    /// of its own: the state's lock must not live in a loop's future.)
-    async fn expire_batch(&self, now: Timestamp) -> Result<usize> {
-        let (expired, flight, held) = {
-            let mut core = self.shared.core();
-            if !core.state.has_due_expiry(now) {
-                return Ok(0);
-            }
-            let expired = self.plan_expiries(&mut core, now);
-            (expired, self.seal(&mut core), core)
+    /// Rebuilds the queue from its log (the newest snapshot, then every
+    /// event after it, checking each chain link) and serves it under
+    /// `epoch` with a new producer incarnation. Call it after taking the
+    /// shard's lease with a new epoch (which fences out any batch of the
+    /// previous incarnation still on its way); leases granted before keep
+    /// their fencing tokens. The queue is fenced while it rebuilds.
+    pub async fn recover(&self, epoch: Epoch) -> Result<Recovered> {
+        let shared = &self.shared;
+        self.fence(Fence::new(FenceReason::Recovering, "rebuilding from the shard's log"));
+        let started = tokio::time::Instant::now();
+        let rebuilt = recover(&*shared.replicator, &shared.config.shard).await.map_err(QueueError::Replication)?;
+        let recovered = Recovered {
+            sequence: rebuilt.state.last_sequence(),
+            snapshot: rebuilt.snapshot,
+            replayed: rebuilt.replayed,
+            epoch,
         };
-        settle!(self, held, flight, |_| ());
-        Ok(expired)
+        shared.install(rebuilt.state, epoch, rebuilt.snapshot);
+        ::metrics::histogram!(crate::metrics::RECOVERY, crate::metrics::SHARD_LABEL => shared.config.shard.to_string())
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            shard = %shared.config.shard,
+            epoch = %epoch,
+            sequence = %recovered.sequence,
+            snapshot = %recovered.snapshot,
+            replayed = recovered.replayed,
+            "shard rebuilt from its log"
+        );
+        Ok(recovered)
     }
 
-    /// Plans `Expired` events (and requeues or dead letters) for at most
-    /// [`SWEEP_BATCH_MAX`](defaults::SWEEP_BATCH_MAX) lapsed leases.
-    fn plan_expiries(&self, core: &mut Core, now: Timestamp) -> usize {
-        let shared = self.shared;
-        let due = core.state.due_expiries(now, defaults::SWEEP_BATCH_MAX);
-        let origin = Arc::clone(&shared.system);
-        let mut requeued = 0;
-        for &(item_id, fencing_token) in &due {
-            let Some(item) = core.state.item(item_id) else { continue };
-            let attempt = item.attempt;
-            let owner = item.lease.as_ref().map(|lease| lease.owner.clone()).unwrap_or_else(|| PeerId::from(""));
-            core.push(&origin, now, EventKind::Expired { item_id, fencing_token, owner });
-            if attempt >= shared.config.max_attempts {
-                core.push(&origin, now, EventKind::DeadLettered { item_id, reason: DeadLetterReason::MaxAttempts });
-            } else {
-                core.push(
-                    &origin,
-                    now,
-                    EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::Expired },
-                );
-                requeued += 1;
-            }
-        }
-        let pending_after = core.state.pending() + requeued;
-        shared.push_backpressure(core, &origin, now, pending_after);
-        due.len()
+    /// Events durable since the newest snapshot this incarnation knows of.
+    pub fn events_since_snapshot(&self) -> u64 {
+        let (_, durable, snapshot) = self.shared.positions();
+        durable.get().saturating_sub(snapshot.get())
     }
 
-    /// Closes the batch under construction: gives it the next producer
-    /// sequence and takes it out of the core for [`send`](Self::send).
-    #[inline]
-    fn seal(&self, core: &mut Core) -> InFlight<'a> {
-        core.producer_seq += 1;
-        let producer_seq = core.producer_seq;
-        core.batch().producer_seq = producer_seq;
-        InFlight { shared: self.shared, batch: core.batch.take() }
-    }
-
-    /// Hands a sealed batch to the replicator. A synchronous replicator has
-    /// answered when this returns; otherwise (or to retry a transient
-    /// failure) the answer is a boxed future, kept out of every command's
-    /// own future because it is the rare path here.
-    #[inline]
-    fn publish<'f>(&self, flight: &'f InFlight<'a>) -> Publishing<'f> {
-        let mut answer = (*self.shared.replicator).publish(flight.batch());
-        match answer.take_ready() {
-            Some(Ok(appended)) => Publishing::Now(appended),
-            Some(Err(error)) => Publishing::Later(Box::pin(publish_retrying(
-                self.shared,
-                flight.batch(),
-                PublishFuture::ready(Err(error)),
-            ))),
-            None => Publishing::Later(Box::pin(publish_retrying(self.shared, flight.batch(), answer))),
-        }
-    }
-
-    /// Settles a batch with the replicator's final answer: applies it when
-    /// accepted, and returns `read` of the state right after; drops it when
-    /// refused for good; keeps it in doubt (re-sent before the next command)
-    /// when it may have been written.
-    #[inline]
-    fn land<R>(
-        &self,
-        core: &mut Core,
-        mut flight: InFlight<'a>,
-        answer: std::result::Result<Appended, ReplicationError>,
-        read: impl FnOnce(&QueueState) -> R,
-    ) -> Result<(Sequence, R)> {
-        let shared = self.shared;
-        let mut batch = flight.land();
-        let appended = match answer {
-            Ok(appended) => appended,
-            Err(error @ ReplicationError::Rejected(_)) => {
-                // Refused for good, so not written: drop the batch.
-                batch.events.clear();
-                core.batch = Some(batch);
-                shared.in_doubt.store(false, Ordering::Release);
-                tracing::warn!(shard = %shared.config.shard, error = %error, "replicator rejected a batch");
-                return Err(QueueError::Replication(error));
-            }
-            Err(error) => {
-                // Maybe written, maybe not: keep it and settle it, same
-                // producer sequence, before the next command.
-                core.batch = Some(batch);
-                shared.in_doubt.store(true, Ordering::Release);
-                tracing::warn!(shard = %shared.config.shard, error = %error, "publish failed; batch kept for retry");
-                return Err(QueueError::Replication(error));
-            }
+    /// Writes a snapshot of the state to the log (once what it reflects is
+    /// durable), so a rebuild replays only what follows it and retention can
+    /// trim the events before it. `Ok(None)` when nothing changed since the
+    /// last one, or when the state encodes larger than the log stores
+    /// ([`MAX_SNAPSHOT_BYTES`](omnirelay_proto::limits::MAX_SNAPSHOT_BYTES);
+    /// logged and counted, the log then keeps more events).
+    pub async fn write_snapshot(&self) -> Result<Option<Sequence>> {
+        let shared = &self.shared;
+        let shard = &shared.config.shard;
+        let outcome = |outcome: &'static str| {
+            ::metrics::counter!(crate::metrics::SNAPSHOTS, crate::metrics::SHARD_LABEL => shard.to_string(), "outcome" => outcome)
+                .increment(1);
         };
-        shared.in_doubt.store(false, Ordering::Release);
-        if appended.count != batch.events.len() as u64 {
-            let error = ReplicationError::Rejected(format!(
-                "replicator acknowledged {} events of a batch of {}",
-                appended.count,
-                batch.events.len()
-            ));
-            batch.events.clear();
-            core.batch = Some(batch);
-            tracing::error!(shard = %shared.config.shard, error = %error, "replicator broke its contract");
+        let (sequence, epoch, data, ticket) = {
+            let (epoch, _, snapshot_at) = shared.positions();
+            let core = shared.core();
+            if let Some(fence) = core.fence() {
+                return Err(commit::fenced(shard, fence));
+            }
+            let sequence = core.state.last_sequence();
+            if sequence <= snapshot_at {
+                return Ok(None);
+            }
+            (sequence, epoch, Bytes::from(core.state.encode()), core.tail_ticket())
+        };
+        if data.len() > omnirelay_proto::limits::MAX_SNAPSHOT_BYTES {
+            outcome("too_large");
+            tracing::warn!(shard = %shard, bytes = data.len(), "queue state too large to snapshot; the log keeps its events");
+            return Ok(None);
+        }
+        ticket.wait(shard).await?;
+        if let Err(error) = shared.replicator.put_snapshot(shard, sequence, epoch, data).await {
+            outcome("failed");
             return Err(QueueError::Replication(error));
         }
-        let metrics = &shared.metrics;
-        let state = &mut core.state;
-        let dead_letters_before = state.dead_letters();
-        if batch.events.len() == 1 {
-            // Most commands write one event: no iterator to set up and drop.
-            let event = batch.events.pop().expect("one event");
-            apply_accepted(shared, state, appended.first, event);
-        } else {
-            let mut sequence = appended.first;
-            for event in batch.events.drain(..) {
-                apply_accepted(shared, state, sequence, event);
-                sequence = sequence.after(1);
-            }
-        }
-        metrics.pending.set(state.pending() as f64);
-        metrics.active.set(state.active() as f64);
-        if state.dead_letters() != dead_letters_before {
-            metrics.dead_letters.set(state.dead_letters() as f64);
-        }
-        let read = read(state);
-        core.batch = Some(batch);
-        if shared.waiting.load(Ordering::SeqCst) > 0 {
-            shared.changed.notify_waiters();
-        }
-        Ok((appended.first, read))
+        shared.snapshot_written(epoch, sequence);
+        outcome("written");
+        Ok(Some(sequence))
     }
 }
 
-/// A replicator's answer to a batch: known at once, or still to come.
-enum Publishing<'f> {
-    Now(Appended),
-    Later(Pin<Box<dyn Future<Output = std::result::Result<Appended, ReplicationError>> + Send + 'f>>),
+/// The state of a queue's replication, for diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationState {
+    /// The epoch batches carry.
+    pub epoch: Epoch,
+    /// The last sequence decided (applied to the state).
+    pub decided: Sequence,
+    /// The last sequence known durable.
+    pub durable: Sequence,
+    /// The newest snapshot written to the log.
+    pub snapshot: Sequence,
+    /// Why the shard is fenced, if it is.
+    pub fence: Option<Fence>,
 }
 
-/// Awaits the first answer, and retries a transient failure (same producer
-/// sequence, so a batch written despite the failure is not written twice)
-/// up to [`PUBLISH_ATTEMPTS`](defaults::PUBLISH_ATTEMPTS) times. A refusal
-/// for good ends it at once.
-async fn publish_retrying<'f>(
-    shared: &'f Shared,
-    batch: &'f Batch,
-    first: PublishFuture<'f>,
-) -> std::result::Result<Appended, ReplicationError> {
-    let mut answer = first.await;
-    let mut attempt = 1;
-    loop {
-        match answer {
-            Err(ReplicationError::Unavailable(_)) if attempt < defaults::PUBLISH_ATTEMPTS => {
-                attempt += 1;
-                tokio::time::sleep(defaults::PUBLISH_RETRY_DELAY).await;
-                answer = shared.replicator.publish(batch).await;
-            }
-            answer => return answer,
-        }
-    }
+/// What [`Queue::purge_drained`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgedDrained {
+    /// Items dropped.
+    pub purged: u32,
+    /// Ids skipped: not pending here (leased, dead-lettered, unknown) or
+    /// repeated.
+    pub skipped: u32,
 }
 
-/// Applies one event the replicator accepted at `sequence`, with its
-/// metrics, listeners and observers.
+/// Plans the lease of `item_id` (the next eligible item) at `now`, as its
+/// `attempt`.
 #[inline]
-fn apply_accepted(shared: &Shared, state: &mut QueueState, sequence: Sequence, event: Event) {
-    let metrics = &shared.metrics;
-    match &event.kind {
-        EventKind::Expired { .. } => metrics.expired.increment(1),
-        EventKind::DeadLettered { .. } => metrics.dead_lettered.increment(1),
-        EventKind::BackpressureChanged { signal } => {
-            metrics.backpressure_transitions.increment(1);
-            for listener in &shared.listeners {
-                listener.on_signal(signal);
-            }
-        }
-        _ => {}
-    }
-    if !shared.observers.is_empty() {
-        return apply_observed(shared, state, sequence, event);
-    }
-    if let Err(error) = state.apply(sequence, event) {
-        failed_to_apply(shared, &error);
-    }
+fn plan_lease(
+    shared: &Shared,
+    core: &mut Core,
+    caller: &Caller,
+    request: &LeaseRequest,
+    item_id: ItemId,
+    attempt: u32,
+    now: Timestamp,
+) {
+    let lease_id = LeaseId::from_u128(core.next_id());
+    let expires_at = now.saturating_add(shared.config.lease_duration(request.lease_duration));
+    let origin = core.origin(&shared.config.shard, caller);
+    let kind = EventKind::Leased { item_id, attempt, lease_id, owner: request.owner.clone(), expires_at };
+    core.push(&origin, now, kind);
+    let pending_after = core.state.pending() - 1;
+    shared.push_backpressure(core, &origin, now, pending_after);
 }
 
-/// [`apply_accepted`] when someone observes leases: the lease an event ends
-/// or renews is looked up before it is applied.
-#[cold]
-fn apply_observed(shared: &Shared, state: &mut QueueState, sequence: Sequence, event: Event) {
-    let item_id = match &event.kind {
-        EventKind::Heartbeat { item_id, .. }
-        | EventKind::Completed { item_id, .. }
-        | EventKind::Failed { item_id, .. }
-        | EventKind::Requeued { item_id, reason: RequeueReason::HandedBack, .. } => Some(*item_id),
-        _ => None,
-    };
-    let ended = item_id
-        .and_then(|id| state.item(id))
-        .and_then(|item| item.lease.as_ref())
-        .map(|lease| (lease.owner.clone(), event.recorded_at.saturating_duration_since(lease.leased_at)));
-    let kind = event.kind.clone();
-    if let Err(error) = state.apply(sequence, event) {
-        failed_to_apply(shared, &error);
-    }
-    notify_observers(&shared.observers, &kind, ended);
-}
-
-/// The events were planned against this very state, so an accepted event
-/// that does not apply is a bug; the log is the truth and a replay repairs
-/// the state.
-#[cold]
-fn failed_to_apply(shared: &Shared, error: &ApplyError) {
-    tracing::error!(shard = %shared.config.shard, error = %error, "an accepted event did not apply");
-    debug_assert!(false, "an accepted event did not apply: {error}");
-}
-
-fn notify_observers(observers: &[Arc<dyn LeaseObserver>], kind: &EventKind, ended: Option<(PeerId, Duration)>) {
-    for observer in observers {
-        match (kind, &ended) {
-            (EventKind::Leased { owner, .. }, _) => observer.lease_granted(owner),
-            (EventKind::Expired { owner, .. }, _) => observer.lease_expired(owner),
-            (EventKind::Heartbeat { .. }, Some((owner, _))) => observer.heartbeat(owner),
-            (EventKind::Completed { .. }, Some((owner, turnaround))) => observer.lease_completed(owner, *turnaround),
-            (EventKind::Failed { .. }, Some((owner, _))) => observer.lease_failed(owner),
-            (EventKind::Requeued { .. }, Some((owner, _))) => observer.lease_released(owner),
-            _ => {}
+/// Plans `Expired` events (and requeues or dead letters) for at most
+/// [`SWEEP_BATCH_MAX`](defaults::SWEEP_BATCH_MAX) lapsed leases. Returns
+/// how many.
+fn plan_expiries(shared: &Shared, core: &mut Core, now: Timestamp) -> usize {
+    let due = core.state.due_expiries(now, defaults::SWEEP_BATCH_MAX);
+    let origin = Arc::clone(&shared.system);
+    let mut requeued = 0;
+    for &(item_id, fencing_token) in &due {
+        let Some(item) = core.state.item(item_id) else { continue };
+        let attempt = item.attempt;
+        let owner = item.lease.as_ref().map(|lease| lease.owner.clone()).unwrap_or_else(|| PeerId::from(""));
+        core.push(&origin, now, EventKind::Expired { item_id, fencing_token, owner });
+        if attempt >= shared.config.max_attempts {
+            core.push(&origin, now, EventKind::DeadLettered { item_id, reason: DeadLetterReason::MaxAttempts });
+        } else {
+            core.push(&origin, now, EventKind::Requeued { item_id, not_before: now, reason: RequeueReason::Expired });
+            requeued += 1;
         }
     }
+    let pending_after = core.state.pending() + requeued;
+    shared.push_backpressure(core, &origin, now, pending_after);
+    due.len()
 }
 
 /// Checks a handle against the item's current lease: a stale token, an

@@ -1,9 +1,14 @@
-//! Property tests: random command sequences with time jumps and injected
-//! replication faults, checking the queue's invariants after every step and
-//! replay at the end.
+//! Property tests: random command sequences with time jumps, bursts of
+//! concurrent commands, and a replicator that answers late and out of order,
+//! loses answers after writing, fails before writing, or refuses a stale
+//! epoch. After every step the queue's invariants hold; every acknowledged
+//! command is in the log; and replaying the log (or a snapshot plus its
+//! tail) rebuilds the live state byte for byte.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +18,7 @@ use super::state::Slot;
 use super::*;
 use crate::clock::ManualClock;
 use crate::error::ErrorCode;
-use crate::replication::{InMemoryReplicator, PublishFault};
+use crate::replication::scripted::{Answer, ScriptedReplicator};
 
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -31,7 +36,10 @@ enum Op {
     Redrive { pick: usize },
     Purge { pick: usize },
     RestoreLastDrain,
-    Fault { after_write: bool },
+    Fault { after_write: bool, delay_ms: u8 },
+    Steal,
+    Burst { enqueues: u8, leases: u8, completes: u8, delays: Vec<u8> },
+    Snapshot,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,7 +58,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|pick| Op::Redrive { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Purge { pick }),
         1 => Just(Op::RestoreLastDrain),
-        1 => any::<bool>().prop_map(|after_write| Op::Fault { after_write }),
+        1 => (any::<bool>(), 0u8..20).prop_map(|(after_write, delay_ms)| Op::Fault { after_write, delay_ms }),
+        1 => Just(Op::Steal),
+        2 => (0u8..5, 0u8..4, 0u8..4, prop::collection::vec(0u8..20, 0..12))
+            .prop_map(|(enqueues, leases, completes, delays)| Op::Burst { enqueues, leases, completes, delays }),
+        1 => Just(Op::Snapshot),
     ]
 }
 
@@ -135,6 +147,37 @@ fn expected_grant(state: &QueueState, now: Timestamp) -> Option<ItemId> {
         .map(|e| e.item.id)
 }
 
+/// What an acknowledged command promised is in the log.
+#[derive(Debug)]
+enum Acked {
+    Enqueued { sequence: Sequence, item_id: ItemId },
+    Leased { token: FencingToken, item_id: ItemId },
+    Completed { token: FencingToken, item_id: ItemId },
+    Failed { token: FencingToken, item_id: ItemId },
+}
+
+fn check_acknowledged(acked: &[Acked], events: &[SequencedEvent]) -> Result<(), TestCaseError> {
+    let at = |sequence: Sequence| events.iter().find(|e| e.sequence == sequence).map(|e| &e.event.kind);
+    for fact in acked {
+        let found = match fact {
+            Acked::Enqueued { sequence, item_id } => {
+                matches!(at(*sequence), Some(EventKind::Enqueued(new)) if new.id == *item_id)
+            }
+            Acked::Leased { token, item_id } => {
+                matches!(at(Sequence::new(token.get())), Some(EventKind::Leased { item_id: id, .. }) if id == item_id)
+            }
+            Acked::Completed { token, item_id } => events.iter().any(|e| {
+                matches!(&e.event.kind, EventKind::Completed { item_id: id, fencing_token } if id == item_id && fencing_token == token)
+            }),
+            Acked::Failed { token, item_id } => events.iter().any(|e| {
+                matches!(&e.event.kind, EventKind::Failed { item_id: id, fencing_token, .. } if id == item_id && fencing_token == token)
+            }),
+        };
+        prop_assert!(found, "acknowledged {:?} is not in the log", fact);
+    }
+    Ok(())
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -143,7 +186,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         .expect("a runtime should build");
     runtime.block_on(async move {
         let clock = ManualClock::new(Timestamp::from_unix_nanos(1_700_000_000_000_000_000));
-        let replicator = Arc::new(InMemoryReplicator::new());
+        let replicator = Arc::new(ScriptedReplicator::new(Duration::ZERO));
+        let log = Arc::clone(&replicator.log);
         let mut config = QueueConfig::new("resourcelease.prop", "node-a");
         config.capacity = 12;
         config.high_watermark = 8;
@@ -152,12 +196,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         config.lease_duration = Duration::from_secs(5);
         config.backoff_base = Duration::from_secs(1);
         config.backoff_max = Duration::from_secs(8);
-        let queue = Queue::builder(config, replicator.clone()).clock(clock.clone()).build().expect("valid config");
-        let shard = queue.shard().clone();
+        let shard = ShardId::from("resourcelease.prop");
+        let epoch = log.steal(&shard, "node-a");
+        let queue =
+            Queue::builder(config, replicator.clone()).clock(clock.clone()).epoch(epoch).build().expect("valid config");
         let caller = Caller::new("spiffe://prop/caller", "node-b");
         let mut model = LogModel::default();
         let mut handles: Vec<LeaseHandle> = Vec::new();
         let mut last_drain: Option<DrainSnapshot> = None;
+        let mut acked: Vec<Acked> = Vec::new();
         let mut checkpoints: Vec<(Sequence, Vec<u8>)> = Vec::new();
 
         for op in ops {
@@ -166,11 +213,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // and the expected grant can be computed from the state.
                 let _ = queue.expire_due().await;
             }
-            // While a batch is in doubt (after an UNAVAILABLE), the next
-            // command first settles it, which legitimately changes the state.
-            let in_doubt = queue.in_doubt().await;
+            // Commands run one at a time here (bursts excepted), so before
+            // each one everything decided is durable.
             let before = queue.encode_state().await;
-            let head_before = replicator.head(&shard);
+            let head_before = log.head(&shard);
             let result: std::result::Result<(), QueueError> = match op.clone() {
                 Op::Enqueue { resource, priority, delay_secs, request } => {
                     let mut payload = Payload::new("res", resource.to_string(), vec![resource; 3]);
@@ -182,7 +228,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         priority: priority.into(),
                         delay: Duration::from_secs(delay_secs.into()),
                     };
-                    queue.enqueue(&caller, request).await.map(drop)
+                    queue.enqueue(&caller, request).await.map(|enqueued| {
+                        if !enqueued.deduplicated {
+                            acked.push(Acked::Enqueued { sequence: enqueued.sequence, item_id: enqueued.item_id });
+                        }
+                    })
                 }
                 Op::Lease { owner, secs } => {
                     let now = clock.now();
@@ -195,11 +245,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     };
                     match queue.lease(&caller, request).await {
                         Ok(granted) => {
-                            if !in_doubt {
-                                prop_assert!(!draining, "a draining queue granted a lease");
-                                prop_assert_eq!(granted.as_ref().map(|g| g.handle.item_id), expected, "lease order");
-                            }
+                            prop_assert!(!draining, "a draining queue granted a lease");
+                            prop_assert_eq!(granted.as_ref().map(|g| g.handle.item_id), expected, "lease order");
                             if let Some(granted) = granted {
+                                acked.push(Acked::Leased {
+                                    token: granted.handle.fencing_token,
+                                    item_id: granted.handle.item_id,
+                                });
                                 handles.push(granted.handle);
                             }
                             Ok(())
@@ -219,7 +271,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     if forge_owner {
                         handle.owner = PeerId::from("forger");
                     }
-                    queue.complete(&caller, &handle).await.map(drop)
+                    queue.complete(&caller, &handle).await.map(|again| {
+                        if !again {
+                            acked.push(Acked::Completed { token: handle.fencing_token, item_id: handle.item_id });
+                        }
+                    })
                 }
                 Op::Fail { handle, dead_letter, delay_secs } if !handles.is_empty() => {
                     let handle = handles[handle % handles.len()].clone();
@@ -228,7 +284,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         action: if dead_letter { FailAction::DeadLetter } else { FailAction::Requeue },
                         requeue_delay: delay_secs.map(|s| Duration::from_secs(s.into())),
                     };
-                    queue.fail(&caller, &handle, request).await.map(drop)
+                    queue.fail(&caller, &handle, request).await.map(|_| {
+                        acked.push(Acked::Failed { token: handle.fencing_token, item_id: handle.item_id });
+                    })
                 }
                 Op::Expire => queue.expire_due().await.map(drop),
                 Op::Advance { secs } => {
@@ -260,18 +318,60 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Some(snapshot) => queue.restore(&caller, snapshot).await.map(drop),
                     None => Ok(()),
                 },
-                Op::Fault { after_write } => {
-                    let fault = if after_write { PublishFault::AfterWrite } else { PublishFault::BeforeWrite };
-                    replicator.inject([fault; defaults::PUBLISH_ATTEMPTS as usize]);
+                Op::Fault { after_write, delay_ms } => {
+                    let answer = if after_write { Answer::LostAfterWrite } else { Answer::FailedBeforeWrite };
+                    replicator.script([(Duration::from_millis(delay_ms.into()), answer)]);
+                    Ok(())
+                }
+                Op::Steal => {
+                    log.steal(&shard, "node-z");
+                    Ok(())
+                }
+                Op::Snapshot => match queue.write_snapshot().await {
+                    Ok(_) | Err(QueueError::Fenced { .. }) | Err(QueueError::Replication(_)) => Ok(()),
+                    Err(error) => Err(error),
+                },
+                Op::Burst { enqueues, leases, completes, delays } => {
+                    replicator.script(delays.iter().map(|ms| (Duration::from_millis((*ms).into()), Answer::Ack)));
+                    let mut calls: Vec<Pin<Box<dyn Future<Output = Option<Acked>> + '_>>> = Vec::new();
+                    for n in 0..enqueues {
+                        let queue = &queue;
+                        let caller = &caller;
+                        calls.push(Box::pin(async move {
+                            let payload = Payload::new("res", format!("b{n}"), vec![n]);
+                            let enqueued = queue.enqueue(caller, EnqueueRequest::new(payload)).await.ok()?;
+                            Some(Acked::Enqueued { sequence: enqueued.sequence, item_id: enqueued.item_id })
+                        }));
+                    }
+                    for n in 0..leases {
+                        let queue = &queue;
+                        let caller = &caller;
+                        calls.push(Box::pin(async move {
+                            let leased = queue.lease(caller, LeaseRequest::new(format!("b{n}"))).await.ok()??;
+                            Some(Acked::Leased { token: leased.handle.fencing_token, item_id: leased.handle.item_id })
+                        }));
+                    }
+                    for handle in handles.iter().rev().take(completes.into()) {
+                        let queue = &queue;
+                        let caller = &caller;
+                        calls.push(Box::pin(async move {
+                            match queue.complete(caller, handle).await {
+                                Ok(false) => {
+                                    Some(Acked::Completed { token: handle.fencing_token, item_id: handle.item_id })
+                                }
+                                _ => None,
+                            }
+                        }));
+                    }
+                    let answers = futures_util::future::join_all(calls).await;
+                    acked.extend(answers.into_iter().flatten());
                     Ok(())
                 }
                 Op::Heartbeat { .. } | Op::Complete { .. } | Op::Fail { .. } => Ok(()),
             };
             if let Err(error) = &result {
-                // A drain commits twice (start, then the snapshot event), so
-                // only its first half may have happened when it fails.
-                let multi_commit = matches!(op, Op::Drain { .. }) && error.code() == ErrorCode::Unavailable;
-                if !in_doubt && !multi_commit {
+                if error.code() != ErrorCode::Unavailable {
+                    // A refusal changes nothing and writes nothing.
                     prop_assert_eq!(
                         &queue.encode_state().await,
                         &before,
@@ -279,32 +379,46 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         op,
                         error
                     );
-                }
-                if !in_doubt && error.code() != ErrorCode::Unavailable {
-                    prop_assert_eq!(replicator.head(&shard), head_before, "a refused {:?} wrote to the log", op);
+                    prop_assert_eq!(log.head(&shard), head_before, "a refused {:?} wrote to the log", op);
                 }
                 if matches!(error, QueueError::StaleToken { .. }) {
                     prop_assert_eq!(error.code(), ErrorCode::Aborted);
                 }
             }
+            // A fenced shard is rebuilt from its log under a new epoch, as its
+            // owner would.
+            if queue.replication().fence.is_some() {
+                let epoch = log.steal(&shard, "node-a");
+                queue.recover(epoch).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let replayed = QueueState::replay(shard.clone(), &log.events(&shard))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(replayed.encode() == queue.encode_state().await, "a rebuild is the log's state");
+            }
+            queue.settled().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
             queue.inspect(QueueState::check_invariants).await.map_err(TestCaseError::fail)?;
-            model.observe(&replicator.read(&shard, model.seen))?;
-            if checkpoints.len() < 4 && !matches!(op, Op::Fault { .. }) {
+            model.observe(&log.read(&shard, model.seen))?;
+            if checkpoints.len() < 4 && !matches!(op, Op::Fault { .. } | Op::Steal) {
                 let (sequence, bytes) = queue.inspect(|s| (s.last_sequence(), s.encode())).await;
                 checkpoints.push((sequence, bytes));
             }
         }
 
-        // Settle a batch left in doubt by a trailing fault, then replay.
-        while queue.expire_due().await.is_err() {}
+        // Settle any trailing fault or theft, then replay.
+        let _ = queue.expire_due().await;
+        if queue.replication().fence.is_some() {
+            let epoch = log.steal(&shard, "node-a");
+            queue.recover(epoch).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        queue.settled().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
         let live = queue.encode_state().await;
-        let events = replicator.events(&shard);
+        let events = log.events(&shard);
+        check_acknowledged(&acked, &events)?;
         let replayed = QueueState::replay(shard.clone(), &events).map_err(|e| TestCaseError::fail(e.to_string()))?;
         replayed.check_invariants().map_err(TestCaseError::fail)?;
         prop_assert!(replayed.encode() == live, "replaying the log rebuilds the live state byte for byte");
         for (sequence, snapshot) in checkpoints {
             let mut rebuilt = QueueState::decode(&snapshot).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            rebuilt.apply_all(&replicator.read(&shard, sequence)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            rebuilt.apply_all(&log.read(&shard, sequence)).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(rebuilt.encode() == live, "snapshot at {} plus the tail rebuilds the live state", sequence);
         }
         Ok(())

@@ -681,6 +681,25 @@ impl QueueState {
                     self.forget_request(&dead.letter.item.payload.request_id, item_id);
                 }
             }
+            EventKind::DrainedPurged { item_ids } => {
+                if self.draining.is_none() {
+                    return Err(fail_apply(sequence, "drained_purged", "the queue is not draining".to_string()));
+                }
+                let mut seen = std::collections::HashSet::with_capacity(item_ids.len());
+                let not_pending = item_ids.iter().find(|id| {
+                    !self.items.get(id).is_some_and(|entry| !matches!(entry.slot, Slot::Leased | Slot::Limbo))
+                        || !seen.insert(**id)
+                });
+                if let Some(id) = not_pending {
+                    return Err(fail_apply(sequence, "drained_purged", format!("item {id} is not pending once")));
+                }
+                for item_id in item_ids {
+                    let mut entry = self.items.remove(&item_id).expect("checked above");
+                    self.index.remove_from_slot(&mut entry);
+                    self.pending -= 1;
+                    self.forget_request(&entry.item.payload.request_id, item_id);
+                }
+            }
             EventKind::DrainStarted { mode } => self.draining = Some(mode),
             EventKind::Drained { .. } => {}
             EventKind::Resumed => self.draining = None,

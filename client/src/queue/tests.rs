@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::*;
 use crate::backpressure::BackpressureDiagnostics;
 use crate::error::ErrorCode;
-use crate::replication::{InMemoryReplicator, PublishFault};
+use crate::replication::scripted::{Answer, ScriptedReplicator};
+use crate::replication::{InMemoryReplicator, PublishFault, Replicator};
 
 struct Fixture {
     queue: Queue,
@@ -69,7 +70,7 @@ async fn enqueue_then_lease_then_complete_empties_the_queue() {
     assert_eq!(leased.handle.attempt, 1);
     assert_eq!(leased.handle.owner, PeerId::from("worker-1"));
     assert_eq!(f.queue.complete(&f.worker, &leased.handle).await, Ok(false));
-    let stats = f.queue.stats().await;
+    let stats = f.queue.stats().await.expect("stats");
     assert_eq!((stats.pending, stats.active), (0, 0));
     f.assert_replay_matches().await;
 }
@@ -260,7 +261,7 @@ async fn sweeper_expires_lapsed_leases_and_requeues_with_the_next_attempt() {
     let id = f.enqueue("1").await;
     let first = f.lease().await.expect("lease");
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let stats = f.queue.stats().await;
+    let stats = f.queue.stats().await.expect("stats");
     assert_eq!((stats.pending, stats.active), (1, 0), "the sweeper requeued the item");
     let item = f.queue.inspect(|state| state.item(id).cloned()).await.expect("item");
     assert_eq!(item.history.len(), 1);
@@ -321,7 +322,7 @@ async fn items_dead_letter_after_max_attempts_with_their_whole_history() {
     let errors: Vec<_> = letter.item.history.iter().map(|r| (r.attempt, r.error.as_str(), r.fencing_token)).collect();
     assert_eq!(errors, vec![(1, "e1", first.handle.fencing_token), (2, "e2", second.handle.fencing_token)]);
     assert_eq!(letter.item.last_error, "e2");
-    assert_eq!(f.queue.stats().await.dead_letters, 1);
+    assert_eq!(f.queue.stats().await.expect("stats").dead_letters, 1);
     f.assert_replay_matches().await;
 }
 
@@ -359,7 +360,7 @@ async fn dead_letters_can_be_listed_inspected_redriven_and_purged() {
         ErrorCode::InvalidArgument
     );
     assert_eq!(f.queue.purge_dead_letters(&f.producer, Purge::All).await, Ok(3));
-    assert_eq!(f.queue.stats().await.dead_letters, 0);
+    assert_eq!(f.queue.stats().await.expect("stats").dead_letters, 0);
     f.assert_replay_matches().await;
 }
 
@@ -436,7 +437,7 @@ async fn hand_back_drain_returns_every_item_and_stops_leasing_until_resumed() {
         f.queue.complete(&f.worker, &leased.handle).await.expect_err("should be refused").code(),
         ErrorCode::Aborted
     );
-    assert_eq!(f.queue.stats().await.pending, 2, "a drain is non-destructive");
+    assert_eq!(f.queue.stats().await.expect("stats").pending, 2, "a drain is non-destructive");
     assert_eq!(f.queue.resume(&f.producer).await, Ok(true));
     assert_eq!(f.queue.resume(&f.producer).await, Ok(false));
     assert!(f.lease().await.is_some());
@@ -492,24 +493,30 @@ async fn restore_keeps_ids_attempts_and_errors_and_skips_present_items() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn failed_publish_changes_nothing_and_its_retry_is_not_duplicated() {
+async fn a_failed_publish_fences_the_shard_until_it_is_rebuilt_from_the_log() {
     let f = fixture(|_| {});
     f.enqueue("1").await;
     let before = f.queue.encode_state().await;
 
-    // Refused before the write, on every try: nothing applied, nothing logged.
-    f.replicator.inject([PublishFault::BeforeWrite; defaults::PUBLISH_ATTEMPTS as usize]);
+    // Refused before the write: the caller hears UNAVAILABLE, the shard
+    // fences itself and refuses everything until it is rebuilt.
+    f.replicator.inject([PublishFault::BeforeWrite]);
     let error = f
         .queue
         .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "2", "")))
         .await
         .expect_err("should be refused");
     assert_eq!(error.code(), ErrorCode::Unavailable);
-    assert_eq!(f.queue.encode_state().await, before, "a failed publish changes nothing");
+    assert!(matches!(error, QueueError::Fenced { reason: FenceReason::Unavailable, .. }), "{error}");
+    let refused = f.queue.lease(&f.worker, LeaseRequest::new("worker-1")).await.expect_err("fenced");
+    assert_eq!(refused.code(), ErrorCode::Unavailable);
+    assert!(matches!(*f.queue.status().borrow(), ShardStatus::Fenced(_)));
+    f.queue.recover(Epoch::ZERO).await.expect("rebuild");
+    assert_eq!(f.queue.encode_state().await, before, "the batch that was not written is gone");
 
-    // Written but not acknowledged: the batch is in doubt, so the next command
-    // first re-sends it; the replicator recognises it and nothing is doubled.
-    f.replicator.inject([PublishFault::AfterWrite; defaults::PUBLISH_ATTEMPTS as usize]);
+    // Written, then the answer lost: after the rebuild the batch is there,
+    // once.
+    f.replicator.inject([PublishFault::AfterWrite]);
     let error = f
         .queue
         .enqueue(&f.producer, EnqueueRequest::new(Payload::new("user", "3", "")))
@@ -517,20 +524,236 @@ async fn failed_publish_changes_nothing_and_its_retry_is_not_duplicated() {
         .expect_err("should be refused");
     assert_eq!(error.code(), ErrorCode::Unavailable);
     let head = f.replicator.head(f.queue.shard());
-    assert_eq!(f.queue.stats().await.pending, 1, "an unacknowledged batch is not applied");
+    let recovered = f.queue.recover(Epoch::ZERO).await.expect("rebuild");
+    assert_eq!(recovered.sequence, head);
+    assert_eq!(f.queue.stats().await.expect("stats").pending, 2, "the written enqueue is in the rebuilt state");
     f.enqueue("4").await;
-    assert_eq!(f.queue.stats().await.pending, 3, "the in-doubt enqueue was settled before the next command");
-    assert_eq!(f.replicator.head(f.queue.shard()), head.after(1), "the retry wrote nothing twice");
+    assert_eq!(f.replicator.head(f.queue.shard()), head.after(1), "nothing was written twice");
     f.assert_replay_matches().await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_transient_publish_failure_is_retried_inside_the_command() {
+async fn a_stale_epoch_fences_the_shard_and_a_new_epoch_serves_it_again() {
+    let log = Arc::new(InMemoryReplicator::new());
+    let shard = ShardId::from("resourcelease.test");
+    let grant = log.acquire_shard(&shard, "node-a", Duration::from_secs(10)).await.expect("acquire");
+    let queue = Queue::builder(QueueConfig::new(shard.clone(), "node-a"), log.clone())
+        .epoch(grant.epoch)
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let worker = Caller::new("spiffe://test/worker", "worker-1");
+    queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "1", ""))).await.expect("enqueue");
+    let leased = queue.lease(&worker, LeaseRequest::new("worker-1")).await.expect("lease").expect("an item");
+
+    // Another owner takes the shard: this one's next batch is refused by the
+    // log, not by a check in memory, and nothing of it is written.
+    let head = log.head(&shard);
+    let stolen = log.steal(&shard, "node-b");
+    let error = queue
+        .enqueue(&producer, EnqueueRequest::new(Payload::new("user", "2", "")))
+        .await
+        .expect_err("fenced by the log");
+    assert!(matches!(error, QueueError::Fenced { reason: FenceReason::StaleEpoch, .. }), "{error}");
+    assert_eq!(log.head(&shard), head, "the stale batch was not written");
+
+    // Rebuilt under a newer epoch, the lease granted before keeps its token.
+    let epoch = log.steal(&shard, "node-a");
+    assert!(epoch > stolen);
+    queue.recover(epoch).await.expect("rebuild");
+    assert_eq!(queue.complete(&worker, &leased.handle).await, Ok(false), "the old token still completes");
+    let events = log.events(&shard);
+    let replayed = QueueState::replay(shard.clone(), &events).expect("replay");
+    assert_eq!(replayed.encode(), queue.encode_state().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_are_pipelined_and_coalesce_while_the_window_is_full() {
+    let replicator = Arc::new(ScriptedReplicator::new(Duration::from_millis(10)));
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), replicator.clone())
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let enqueue = |n: usize| {
+        let queue = queue.clone();
+        let producer = producer.clone();
+        async move { queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", n.to_string(), ""))).await }
+    };
+    let commands = 4 * defaults::REPLICATION_WINDOW;
+    let answers = futures_util::future::join_all((0..commands).map(enqueue)).await;
+    let mut sequences: Vec<u64> = answers.into_iter().map(|a| a.expect("enqueue").sequence.get()).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=commands as u64).collect::<Vec<_>>(), "each answer names its own, durable event");
+    let shard = queue.shard().clone();
+    assert_eq!(replicator.log.head(&shard).get(), commands as u64);
+    // The first commands took a batch each, filling the window; the others
+    // shared one open batch, so fewer batches than commands were written.
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats.pending, commands as u64);
+    let batches = replicator.log.batches(&shard);
+    assert_eq!(batches, defaults::REPLICATION_WINDOW as u64 + 1, "window batches plus one coalesced batch");
+    let replayed = QueueState::replay(shard, &replicator.log.events(queue.shard())).expect("replay");
+    assert_eq!(replayed.encode(), queue.encode_state().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_that_arrive_out_of_order_are_settled_in_order() {
+    let replicator = Arc::new(ScriptedReplicator::new(Duration::ZERO));
+    // The first batch answers last.
+    replicator.script([(Duration::from_millis(50), Answer::Ack), (Duration::from_millis(1), Answer::Ack)]);
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), replicator.clone())
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let first = queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "1", "")));
+    let second = queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "2", "")));
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.expect("first").sequence, Sequence::new(1));
+    assert_eq!(second.expect("second").sequence, Sequence::new(2));
+    assert_eq!(queue.replication().durable, Sequence::new(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_batch_fails_every_command_after_it_and_nothing_unacknowledged_is_served() {
+    let replicator = Arc::new(ScriptedReplicator::new(Duration::from_millis(5)));
+    replicator
+        .script([(Duration::from_millis(5), Answer::Ack), (Duration::from_millis(20), Answer::FailedBeforeWrite)]);
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), replicator.clone())
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let worker = Caller::new("spiffe://test/worker", "worker-1");
+    let enqueue = |n: &str| queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", n, "")));
+    // The second enqueue's batch is lost; the lease decided after it (of
+    // that very item, maybe) must not be answered as granted.
+    let (first, second, leased) =
+        tokio::join!(enqueue("1"), enqueue("2"), queue.lease(&worker, LeaseRequest::new("worker-1")));
+    assert!(first.is_ok());
+    assert_eq!(second.expect_err("lost").code(), ErrorCode::Unavailable);
+    let refused = leased.expect_err("the lease was decided after the lost batch");
+    assert_eq!(refused.code(), ErrorCode::Unavailable);
+    let shard = queue.shard().clone();
+    queue.recover(replicator.log.steal(&shard, "node-a")).await.expect("rebuild");
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!((stats.pending, stats.active), (1, 0), "only the acknowledged enqueue survived");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_backlog_refuses_new_work_and_lets_other_commands_wait() {
+    let replicator = Arc::new(ScriptedReplicator::new(Duration::from_secs(1)));
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), replicator.clone())
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    // Fill the window, then the open batch, without waiting for answers.
+    let mut pending = Vec::new();
+    for n in 0..(defaults::REPLICATION_WINDOW + defaults::OPEN_BATCH_MAX_EVENTS) {
+        let queue = queue.clone();
+        let producer = producer.clone();
+        pending.push(tokio::spawn(async move {
+            queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", n.to_string(), ""))).await
+        }));
+    }
+    let accepted = (defaults::REPLICATION_WINDOW + defaults::OPEN_BATCH_MAX_EVENTS) as u64;
+    while queue.stats_now().pending < accepted {
+        tokio::task::yield_now().await;
+    }
+    let error = queue
+        .enqueue(&producer, EnqueueRequest::new(Payload::new("user", "x", "")))
+        .await
+        .expect_err("the backlog is full");
+    assert_eq!(error.code(), ErrorCode::ResourceExhausted);
+    assert!(matches!(error, QueueError::ReplicationBacklog { .. }), "{error}");
+    assert!(error.backpressure().is_some(), "the refusal carries the signal");
+    for task in pending {
+        task.await.expect("task").expect("every accepted enqueue lands");
+    }
+    queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "x", ""))).await.expect("room again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_abandoned_mid_publish_still_lands_once() {
+    let replicator = Arc::new(ScriptedReplicator::new(Duration::from_secs(1)));
+    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), replicator.clone())
+        .build()
+        .expect("valid config");
+    let producer = Caller::new("spiffe://test/producer", "node-a");
+    let abandoned = queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "1", "")));
+    assert!(tokio::time::timeout(Duration::from_millis(10), abandoned).await.is_err(), "the caller gave up");
+    queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "2", ""))).await.expect("enqueue");
+    queue.settled().await.expect("settled");
+    assert_eq!(queue.stats().await.expect("stats").pending, 2, "the abandoned enqueue landed");
+    let events = replicator.log.events(queue.shard());
+    assert_eq!(events.len(), 2, "each batch is in the log once");
+    let replayed = QueueState::replay(queue.shard().clone(), &events).expect("replay");
+    assert_eq!(replayed.encode(), queue.encode_state().await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshots_bound_the_replay_and_remembered_request_ids_survive_a_rebuild() {
     let f = fixture(|_| {});
-    f.replicator.inject([PublishFault::AfterWrite]);
-    f.enqueue("1").await;
-    assert_eq!(f.replicator.events(f.queue.shard()).len(), 1);
-    f.assert_replay_matches().await;
+    let payload = Payload::new("user", "1", "body").with_request_id("req-1");
+    let first = f.queue.enqueue(&f.producer, EnqueueRequest::new(payload.clone())).await.expect("enqueue");
+    let leased = f.lease().await.expect("lease");
+    f.queue.complete(&f.worker, &leased.handle).await.expect("complete");
+    f.enqueue("2").await;
+    let at = f.queue.write_snapshot().await.expect("snapshot").expect("written");
+    assert_eq!(f.queue.write_snapshot().await, Ok(None), "nothing changed since");
+    f.enqueue("3").await;
+    let live = f.queue.encode_state().await;
+
+    let recovered = f.queue.recover(Epoch::ZERO).await.expect("rebuild");
+    assert_eq!((recovered.snapshot, recovered.replayed), (at, 1), "only the tail after the snapshot is replayed");
+    assert_eq!(f.queue.encode_state().await, live);
+    let again = f.queue.enqueue(&f.producer, EnqueueRequest::new(payload)).await.expect("dedupe");
+    assert_eq!((again.item_id, again.deduplicated), (first.item_id, true), "the completed request id is remembered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_queue_drops_what_was_restored_elsewhere() {
+    let source = fixture(|_| {});
+    let kept = source.enqueue("1").await;
+    let leased_elsewhere = source.enqueue("2").await;
+    let held = source.lease().await.expect("lease");
+    assert_eq!(held.handle.item_id, kept);
+    let error = source.queue.purge_drained(&source.producer, &[kept]).await.expect_err("not draining");
+    assert_eq!(error.code(), ErrorCode::FailedPrecondition);
+    let snapshot = source.queue.drain(&source.producer, DrainMode::HandBack, None).await.expect("drain");
+    assert_eq!(snapshot.items.len(), 2);
+    let target = fixture(|_| {});
+    target.queue.restore(&target.producer, &snapshot).await.expect("restore");
+    let ids: Vec<ItemId> = snapshot.items.iter().map(|item| item.id).collect();
+    let purged = source.queue.purge_drained(&source.producer, &ids).await.expect("purge");
+    assert_eq!(purged, PurgedDrained { purged: 2, skipped: 0 });
+    source.queue.resume(&source.producer).await.expect("resume");
+    assert!(source.lease().await.is_none(), "nothing is served twice after a resume");
+    let again = source.queue.drain(&source.producer, DrainMode::HandBack, None).await.expect("drain");
+    assert_eq!(
+        source.queue.purge_drained(&source.producer, &[leased_elsewhere]).await,
+        Ok(PurgedDrained { purged: 0, skipped: 1 })
+    );
+    assert!(again.items.is_empty());
+    source.assert_replay_matches().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_large_restore_is_split_into_events_within_the_log_limit() {
+    let source = fixture(|_| {});
+    let body = vec![7u8; omnirelay_proto::limits::MAX_ITEM_BODY_BYTES / 2];
+    for n in 0..6 {
+        source.enqueue_request(EnqueueRequest::new(Payload::new("user", n.to_string(), body.clone()))).await;
+    }
+    let snapshot = source.queue.drain(&source.producer, DrainMode::HandBack, None).await.expect("drain");
+    let target = fixture(|_| {});
+    let restored = target.queue.restore(&target.producer, &snapshot).await.expect("restore");
+    assert_eq!(restored.restored, 6);
+    let events = target.replicator.events(target.queue.shard());
+    assert!(events.len() >= 3, "half-limit bodies: at most two per event, got {} events", events.len());
+    for event in &events {
+        let bytes = prost::Message::encoded_len(&crate::wire::event(event.sequence, &event.event));
+        assert!(bytes <= omnirelay_proto::limits::MAX_EVENT_BYTES, "an event of {bytes} bytes");
+    }
+    target.assert_replay_matches().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -541,7 +764,7 @@ async fn a_snapshot_plus_the_tail_rebuilds_the_live_state() {
     }
     let leased = f.lease().await.expect("lease");
     let snapshot = f.queue.encode_state().await;
-    let at = f.queue.stats().await.last_sequence;
+    let at = f.queue.stats().await.expect("stats").last_sequence;
     f.queue.fail(&f.worker, &leased.handle, requeue_now("x")).await.expect("fail");
     let _held = f.lease().await.expect("lease");
     tokio::time::advance(Duration::from_secs(6)).await;
@@ -557,7 +780,7 @@ async fn a_snapshot_plus_the_tail_rebuilds_the_live_state() {
     // A queue restarted from the rebuilt state carries on where the old left.
     let restarted =
         Queue::builder(f.queue.config().clone(), f.replicator.clone()).state(rebuilt).build().expect("build");
-    assert_eq!(restarted.stats().await.pending, 5);
+    assert_eq!(restarted.stats().await.expect("stats").pending, 5);
 }
 
 #[tokio::test(start_paused = true)]
@@ -755,38 +978,6 @@ fn command_futures_can_move_between_threads() {
     assert_send(f.queue.stats());
 }
 
-/// Answers after a delay, as a network replicator would.
-struct SlowReplicator(Arc<InMemoryReplicator>);
-
-impl Replicator for SlowReplicator {
-    fn publish<'a>(&'a self, batch: &'a crate::replication::Batch) -> crate::replication::PublishFuture<'a> {
-        crate::replication::PublishFuture::new(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            self.0.publish(batch).await
-        })
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_command_abandoned_mid_publish_is_settled_once_by_the_next() {
-    let log = Arc::new(InMemoryReplicator::new());
-    let queue = Queue::builder(QueueConfig::new("resourcelease.test", "node-a"), Arc::new(SlowReplicator(log.clone())))
-        .build()
-        .expect("valid config");
-    let producer = Caller::new("spiffe://test/producer", "node-a");
-    let abandoned = queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "1", "")));
-    assert!(tokio::time::timeout(Duration::from_millis(10), abandoned).await.is_err(), "the caller gave up");
-    assert!(queue.in_doubt().await, "the abandoned batch may have been written");
-    assert_eq!(queue.stats().await.pending, 0, "and is not applied yet");
-
-    queue.enqueue(&producer, EnqueueRequest::new(Payload::new("user", "2", ""))).await.expect("enqueue");
-    assert_eq!(queue.stats().await.pending, 2, "the abandoned enqueue was settled first");
-    let events = log.events(queue.shard());
-    assert_eq!(events.len(), 2, "each batch is in the log once");
-    let replayed = QueueState::replay(queue.shard().clone(), &events).expect("replay");
-    assert_eq!(replayed.encode(), queue.encode_state().await);
-}
-
 #[tokio::test(start_paused = true)]
 async fn stale_index_entries_are_skipped_and_compacted() {
     // Enough leases ended out of order, and heartbeats, to leave more stale
@@ -833,11 +1024,11 @@ async fn stale_index_entries_are_skipped_and_compacted() {
         releases += 1;
     }
     assert_eq!(releases, 10);
-    let live = f.queue.stats().await.active;
+    let live = f.queue.stats().await.expect("stats").active;
     assert_eq!(f.queue.next_expiry().await.is_some(), live > 0);
     tokio::time::advance(Duration::from_secs(11)).await;
     assert_eq!(f.queue.expire_due().await.expect("expire") as u64, live, "exactly the live leases expire");
-    assert_eq!(f.queue.stats().await.active, 0);
+    assert_eq!(f.queue.stats().await.expect("stats").active, 0);
     assert_eq!(f.queue.next_expiry().await, None);
     f.assert_replay_matches().await;
 }

@@ -4,9 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use omnirelay_proto::limits::MAX_EVENT_BYTES;
+use prost::Message;
+
 use crate::defaults;
 use crate::queue::error::{QueueError, Result};
-use crate::queue::item::Payload;
+use crate::queue::item::{Payload, WorkItem};
 
 /// A field path, formatted only when an error needs it: validation of a
 /// good payload must not allocate (it runs on every enqueue).
@@ -130,6 +133,48 @@ pub(crate) fn progress(progress: &BTreeMap<String, String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Room a `Restored` event needs besides its items' encodings (envelope,
+/// principal, peer, timestamps): generous, since it only decides where a
+/// restore's events are split.
+const RESTORED_ENVELOPE_BYTES: usize = 8 * 1024;
+
+/// Checks that a restored item fits in one event of the log (its body is
+/// within its limit, but a long attempt history could push it over).
+pub(crate) fn restored_item(field: &str, item: &WorkItem) -> Result<()> {
+    let bytes = crate::wire::work_item(item).encoded_len();
+    if bytes + RESTORED_ENVELOPE_BYTES > MAX_EVENT_BYTES {
+        return Err(QueueError::invalid(
+            field,
+            format!(
+                "encodes to {bytes} bytes with its history; one item must fit in an event of {MAX_EVENT_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits a restore's items into groups that each fit in one `Restored`
+/// event within the log's event limit, keeping their order.
+pub(crate) fn restore_chunks(items: Vec<WorkItem>) -> Vec<Vec<WorkItem>> {
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = RESTORED_ENVELOPE_BYTES;
+    for item in items {
+        // Field tag and length prefix of the repeated message: at most 6 bytes.
+        let size = crate::wire::work_item(&item).encoded_len() + 6;
+        if !chunk.is_empty() && bytes + size > MAX_EVENT_BYTES {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = RESTORED_ENVELOPE_BYTES;
+        }
+        bytes += size;
+        chunk.push(item);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 #[cfg(test)]

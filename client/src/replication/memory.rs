@@ -2,9 +2,15 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use super::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
-use crate::ids::{ProducerId, Sequence, ShardId};
+use bytes::Bytes;
+
+use super::{
+    Appended, Batch, LogPage, LoggedEvent, PublishFuture, ReplicationError, Replicator, ReplicatorFuture, ShardGrant,
+    StoredSnapshot,
+};
+use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
 use crate::queue::{Event, SequencedEvent};
 
 /// A failure to inject into the next publishes of an [`InMemoryReplicator`].
@@ -13,16 +19,23 @@ pub enum PublishFault {
     /// Refuse the batch without writing it (a connection that failed early).
     BeforeWrite,
     /// Write the batch, then report failure (an acknowledgement lost on the
-    /// way back): the retry must be recognised, not written twice.
+    /// way back): a retry must be recognised, not written twice.
     AfterWrite,
 }
 
 /// A replicator that keeps each shard's log in memory.
 ///
-/// It assigns sequences like the hub (gapless from 1, atomically per batch),
-/// deduplicates retried batches by `(producer, producer_seq)`, and keeps the
-/// events for replay (all of them, or the newest `retention`). Failures can be
-/// injected with [`InMemoryReplicator::inject`]. Nothing survives the
+/// It behaves like the hub where a queue can tell: sequences gapless from 1,
+/// batches atomic, retried batches recognised by `(producer,
+/// producer_seq)`, skipped producer sequences refused, a batch that expects
+/// another first sequence than the log's next refused, shard leases whose
+/// every grant bumps the epoch, stale epochs refused once a shard's lease
+/// was granted (a shard never acquired accepts epoch zero, so a queue can
+/// be used without ownership in tests and examples), and the newest
+/// snapshot per shard. It keeps all events, or the newest `retention` per
+/// shard; reading below what it kept fails with
+/// [`ReplicationError::Trimmed`], as the hub's retention does. Failures can
+/// be injected with [`InMemoryReplicator::inject`]. Nothing survives the
 /// process; use it for tests, development and benchmarks.
 #[derive(Debug, Default)]
 pub struct InMemoryReplicator {
@@ -43,11 +56,17 @@ struct ShardLog {
     shard: ShardId,
     head: Sequence,
     events: Ring,
+    /// Batches written (not retries).
+    batches: u64,
     /// The last batch of each recent producer, the one that wrote last at
-    /// the end (it is checked first): retries only ever repeat a producer's
-    /// newest batch, because a producer sends its next batch only after this
-    /// one was answered.
+    /// the end (it is checked first).
     producers: Vec<(ProducerId, u64, Appended)>,
+    /// The current grant: its epoch (zero until the first grant), holder
+    /// and expiry.
+    epoch: Epoch,
+    owner: Option<String>,
+    expires_at: Option<tokio::time::Instant>,
+    snapshot: Option<StoredSnapshot>,
 }
 
 /// The retained events, oldest first: a `Vec` that grows without a
@@ -89,6 +108,11 @@ impl Ring {
         let newer = if skip < older.len() { newer } else { &newer[newer.partition_point(|e| e.sequence <= after)..] };
         older[skip..].iter().chain(newer)
     }
+
+    /// The oldest sequence kept; `None` when nothing is kept.
+    fn low(&self) -> Option<Sequence> {
+        self.slots.get(self.oldest).map(|e| e.sequence)
+    }
 }
 
 /// Producers remembered per shard for retry detection: one owner at a time
@@ -102,7 +126,7 @@ impl InMemoryReplicator {
     }
 
     /// A replicator that keeps only the newest `events` events per shard
-    /// (benchmarks run millions of cycles); sequences stay gapless.
+    /// (a long-running node or a benchmark); sequences stay gapless.
     pub fn with_retention(events: usize) -> Self {
         Self { retention: Some(events), state: Mutex::default() }
     }
@@ -129,6 +153,26 @@ impl InMemoryReplicator {
         self.lock().log(shard).map_or(Sequence::ZERO, |log| log.head)
     }
 
+    /// How many batches `shard`'s log took (retries not counted).
+    pub fn batches(&self, shard: &ShardId) -> u64 {
+        self.lock().log(shard).map_or(0, |log| log.batches)
+    }
+
+    /// The shard's current epoch (zero until its lease was first granted).
+    pub fn epoch(&self, shard: &ShardId) -> Epoch {
+        self.lock().log(shard).map_or(Epoch::ZERO, |log| log.epoch)
+    }
+
+    /// Grants the shard's lease to `owner` whoever holds it, bumping the
+    /// epoch: what a takeover by another node looks like to the fenced
+    /// owner (tests use it to fence a queue).
+    pub fn steal(&self, shard: &ShardId, owner: &str) -> Epoch {
+        let mut state = self.lock();
+        let log = state.log_mut(shard);
+        log.grant(owner, None);
+        log.epoch
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock leaves the log consistent (every
         // mutation below is a single push or counter bump), so poisoning is
@@ -136,8 +180,9 @@ impl InMemoryReplicator {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Appends a batch at once (what `publish` answers).
     #[inline]
-    fn append(&self, batch: &Batch) -> Result<Appended, ReplicationError> {
+    pub(crate) fn append(&self, batch: &Batch) -> Result<Appended, ReplicationError> {
         let mut state = self.lock();
         if !state.faults.is_empty() {
             return Self::append_with_fault(&mut state, batch, self.retention);
@@ -168,7 +213,7 @@ impl State {
         self.shards.iter().find(|log| log.shard == *shard)
     }
 
-    /// The log of `shard`, created on its first batch.
+    /// The log of `shard`, created on first use.
     #[inline]
     fn log_mut(&mut self, shard: &ShardId) -> &mut ShardLog {
         let index = match self.shards.iter().position(|log| log.shard == *shard) {
@@ -184,7 +229,12 @@ impl State {
             shard: shard.clone(),
             head: Sequence::ZERO,
             events: Ring::default(),
+            batches: 0,
             producers: Vec::new(),
+            epoch: Epoch::ZERO,
+            owner: None,
+            expires_at: None,
+            snapshot: None,
         });
         self.shards.len() - 1
     }
@@ -193,10 +243,17 @@ impl State {
 impl ShardLog {
     #[inline]
     fn append(&mut self, batch: &Batch, retention: Option<usize>) -> Result<Appended, ReplicationError> {
+        if batch.epoch != self.epoch {
+            return Err(self.stale(batch.epoch));
+        }
         // The common case: the producer that wrote last sends its next batch.
         let newest = self.producers.len().wrapping_sub(1);
         match self.producers.last_mut() {
-            Some((producer, seq, appended)) if *producer == batch.producer && *seq < batch.producer_seq => {
+            Some((producer, seq, appended))
+                if *producer == batch.producer
+                    && *seq + 1 == batch.producer_seq
+                    && (batch.first == Sequence::ZERO || batch.first == self.head.after(1)) =>
+            {
                 let first = self.head.after(1);
                 let count = batch.events.len() as u64;
                 *seq = batch.producer_seq;
@@ -209,9 +266,15 @@ impl ShardLog {
         }
     }
 
+    #[cold]
+    fn stale(&self, given: Epoch) -> ReplicationError {
+        ReplicationError::StaleEpoch { shard: self.shard.clone(), given, current: self.epoch }
+    }
+
     /// Appends the events after the head.
     #[inline]
     fn write(&mut self, batch: &Batch, retention: Option<usize>) {
+        self.batches += 1;
         let mut sequence = self.head;
         for event in &batch.events {
             sequence = sequence.after(1);
@@ -229,6 +292,9 @@ impl ShardLog {
         retention: Option<usize>,
         newest: usize,
     ) -> Result<Appended, ReplicationError> {
+        if batch.events.is_empty() {
+            return Err(ReplicationError::Rejected("a batch needs at least one event".into()));
+        }
         let last = self.producers.iter().rposition(|(producer, _, _)| *producer == batch.producer);
         if let Some(index) = last {
             let (_, seq, appended) = &self.producers[index];
@@ -237,10 +303,26 @@ impl ShardLog {
             }
             if *seq > batch.producer_seq {
                 return Err(ReplicationError::Rejected(format!(
-                    "producer {} sent batch {} after batch {seq}",
+                    "producer {} sent batch {} after batch {seq}; only its latest batch is remembered",
                     batch.producer, batch.producer_seq
                 )));
             }
+            if batch.producer_seq != *seq + 1 {
+                return Err(ReplicationError::Rejected(format!(
+                    "producer {} sent batch {}; the next expected is {} (nothing was written)",
+                    batch.producer,
+                    batch.producer_seq,
+                    seq + 1
+                )));
+            }
+        }
+        if batch.first != Sequence::ZERO && batch.first != self.head.after(1) {
+            return Err(ReplicationError::Rejected(format!(
+                "shard {}: the batch expects to start at {} but the log's next sequence is {} (nothing was written)",
+                self.shard,
+                batch.first,
+                self.head.after(1)
+            )));
         }
         let appended = Appended { first: self.head.after(1), count: batch.events.len() as u64, deduplicated: false };
         self.write(batch, retention);
@@ -262,11 +344,126 @@ impl ShardLog {
         }
         Ok(appended)
     }
+
+    fn grant(&mut self, owner: &str, ttl: Option<Duration>) {
+        self.epoch = Epoch::new(self.epoch.get() + 1);
+        self.owner = Some(owner.to_string());
+        self.expires_at = ttl.map(|ttl| tokio::time::Instant::now() + ttl);
+    }
+
+    fn lease(&self, granted: bool, ttl: Option<Duration>) -> ShardGrant {
+        ShardGrant {
+            granted,
+            owner: self.owner.clone().unwrap_or_default(),
+            epoch: self.epoch,
+            head: self.head,
+            ttl: if granted {
+                ttl
+            } else {
+                self.expires_at.map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+            },
+        }
+    }
+
+    fn live_holder(&self) -> Option<&str> {
+        let live = self.expires_at.is_none_or(|at| tokio::time::Instant::now() < at);
+        self.owner.as_deref().filter(|_| live)
+    }
 }
 
 impl Replicator for InMemoryReplicator {
-    fn publish<'a>(&'a self, batch: &'a Batch) -> PublishFuture<'a> {
+    fn publish(&self, batch: &Batch) -> PublishFuture {
         PublishFuture::ready(self.append(batch))
+    }
+
+    fn acquire_shard(&self, shard: &ShardId, owner: &str, ttl: Duration) -> ReplicatorFuture<'_, ShardGrant> {
+        let mut state = self.lock();
+        let log = state.log_mut(shard);
+        let grant = match log.live_holder() {
+            Some(holder) if holder != owner => log.lease(false, None),
+            _ => {
+                log.grant(owner, Some(ttl));
+                log.lease(true, Some(ttl))
+            }
+        };
+        Box::pin(std::future::ready(Ok(grant)))
+    }
+
+    fn renew_shard(
+        &self,
+        shard: &ShardId,
+        owner: &str,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> ReplicatorFuture<'_, ShardGrant> {
+        let mut state = self.lock();
+        let log = state.log_mut(shard);
+        let result = if log.epoch != epoch {
+            Err(log.stale(epoch))
+        } else if log.owner.as_deref() != Some(owner) {
+            Err(ReplicationError::Rejected(format!("shard {shard}: {owner} does not hold the lease")))
+        } else {
+            log.expires_at = Some(tokio::time::Instant::now() + ttl);
+            Ok(log.lease(true, Some(ttl)))
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn release_shard(&self, shard: &ShardId, owner: &str, epoch: Epoch) -> ReplicatorFuture<'_, bool> {
+        let mut state = self.lock();
+        let log = state.log_mut(shard);
+        let released = log.epoch == epoch && log.owner.as_deref() == Some(owner);
+        if released {
+            log.owner = None;
+            log.expires_at = None;
+        }
+        Box::pin(std::future::ready(Ok(released)))
+    }
+
+    fn read_log(&self, shard: &ShardId, after: Sequence, limit: usize) -> ReplicatorFuture<'_, LogPage> {
+        let state = self.lock();
+        let result = match state.log(shard) {
+            None => Ok(LogPage::default()),
+            Some(log) => {
+                let low = log.events.low().unwrap_or(log.head.after(1));
+                if after.after(1) < low && after < log.head {
+                    Err(ReplicationError::Trimmed { shard: shard.clone(), low })
+                } else {
+                    let events = log
+                        .events
+                        .after(after)
+                        .take(limit)
+                        .map(|event| LoggedEvent { event: event.clone(), link: None })
+                        .collect();
+                    Ok(LogPage { events, head: log.head, low })
+                }
+            }
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn latest_snapshot(&self, shard: &ShardId) -> ReplicatorFuture<'_, Option<StoredSnapshot>> {
+        let snapshot = self.lock().log(shard).and_then(|log| log.snapshot.clone());
+        Box::pin(std::future::ready(Ok(snapshot)))
+    }
+
+    fn put_snapshot(&self, shard: &ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> ReplicatorFuture<'_, ()> {
+        let mut state = self.lock();
+        let log = state.log_mut(shard);
+        let result = if log.epoch != epoch {
+            Err(log.stale(epoch))
+        } else if sequence > log.head {
+            Err(ReplicationError::Rejected(format!(
+                "shard {shard}: snapshot at {sequence} is past the head {}",
+                log.head
+            )))
+        } else {
+            if log.snapshot.as_ref().is_none_or(|s| s.sequence <= sequence) {
+                log.snapshot = Some(StoredSnapshot { sequence, data, hash: None });
+            }
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -287,6 +484,8 @@ mod tests {
             shard: ShardId::from("s"),
             producer: ProducerId::from(producer),
             producer_seq,
+            epoch: Epoch::ZERO,
+            first: Sequence::ZERO,
             events: vec![event; events],
         }
     }
@@ -321,5 +520,51 @@ mod tests {
         }
         let kept: Vec<u64> = replicator.events(&ShardId::from("s")).iter().map(|e| e.sequence.get()).collect();
         assert_eq!(kept, vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_skipped_producer_sequence_is_refused_without_consuming_it() {
+        let replicator = InMemoryReplicator::new();
+        replicator.publish(&batch("a", 1, 1)).await.expect("publish");
+        assert!(matches!(replicator.publish(&batch("a", 3, 1)).await, Err(ReplicationError::Rejected(_))));
+        assert_eq!(replicator.publish(&batch("a", 2, 1)).await.map(|a| a.first), Ok(Sequence::new(2)));
+    }
+
+    #[tokio::test]
+    async fn every_grant_bumps_the_epoch_and_stale_epochs_are_refused() {
+        let replicator = InMemoryReplicator::new();
+        let shard = ShardId::from("s");
+        let grant = replicator.acquire_shard(&shard, "node-a", Duration::from_secs(10)).await.expect("acquire");
+        assert!(grant.granted);
+        assert_eq!(grant.epoch, Epoch::new(1));
+        // Epoch zero is refused once the shard was granted.
+        assert!(matches!(replicator.publish(&batch("a", 1, 1)).await, Err(ReplicationError::StaleEpoch { .. })));
+        let mut fenced = batch("a", 1, 1);
+        fenced.epoch = grant.epoch;
+        replicator.publish(&fenced).await.expect("the holder's epoch is accepted");
+        let other = replicator.acquire_shard(&shard, "node-b", Duration::from_secs(10)).await.expect("acquire");
+        assert!(!other.granted, "a live lease is not granted to another owner");
+        assert_eq!(other.owner, "node-a");
+        let stolen = replicator.steal(&shard, "node-b");
+        fenced.producer_seq = 2;
+        assert_eq!(
+            replicator.publish(&fenced).await,
+            Err(ReplicationError::StaleEpoch { shard: shard.clone(), given: Epoch::new(1), current: stolen })
+        );
+        assert_eq!(replicator.head(&shard), Sequence::new(1), "nothing of the stale batch was written");
+    }
+
+    #[tokio::test]
+    async fn reads_below_the_retained_events_say_they_were_trimmed() {
+        let replicator = InMemoryReplicator::with_retention(2);
+        let shard = ShardId::from("s");
+        for seq in 1..=4 {
+            replicator.publish(&batch("a", seq, 1)).await.expect("publish");
+        }
+        let trimmed = replicator.read_log(&shard, Sequence::new(1), 10).await;
+        assert_eq!(trimmed, Err(ReplicationError::Trimmed { shard: shard.clone(), low: Sequence::new(3) }));
+        let page = replicator.read_log(&shard, Sequence::new(2), 10).await.expect("kept");
+        assert_eq!(page.events.iter().map(|e| e.event.sequence.get()).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!((page.head, page.low), (Sequence::new(4), Sequence::new(3)));
     }
 }

@@ -82,7 +82,10 @@ async fn diagnostics_report_backpressure_replication_probes_and_metrics() {
     assert_eq!(users["replicator"], "in-memory");
     // Two Enqueued events and one BackpressureChanged.
     assert_eq!(users["last_sequence"], 3);
-    assert_eq!(users["in_doubt"], false);
+    assert_eq!(users["durable_sequence"], 3);
+    assert_eq!(users["lag_events"], 0);
+    assert_eq!(users["status"], "serving");
+    assert_eq!(users["epoch"], 1, "the node took the shard's lease once");
     assert_eq!(replication["namespaces"]["resourcelease"]["last_sequence"], 0);
 
     let (status, metrics) = get(node.addr, "/metrics").await;

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use omnirelay_client::PeerId;
 use omnirelay_client::middleware::Procedure;
+use omnirelay_client::{ErrorCode, PeerId};
 use omnirelay_tests::eventually;
 use serde_json::json;
 
@@ -37,8 +37,12 @@ async fn sweepers_expire_lapsed_leases_until_the_node_stops() {
     let peer = health.peer(&PeerId::from("operator#a")).expect("the owner is known");
     assert_eq!(peer.lease_expiries, 1, "the expiry counts against its owner");
 
-    node.node.shutdown().await;
     assert!(matches!(client.call(Wire::Grpc, &lease, &operator).await, Outcome::Ok(_)));
+    node.node.shutdown().await;
+    assert!(
+        matches!(client.call(Wire::Grpc, &lease, &operator).await, Outcome::Err { code: ErrorCode::Unavailable, .. }),
+        "a stopped node released its shards and serves none"
+    );
     node.clock.advance(Duration::from_secs(2));
     // A negative check needs a wait: ten sweep intervals without an expiry.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -76,6 +76,8 @@ enum Step {
     Advance(Duration),
     /// Makes the node's next publishes fail before anything is written.
     FailPublishes(usize),
+    /// Waits until every namespace serves again (its owner rebuilt it).
+    AwaitServing,
 }
 
 /// Responses kept by name, in their JSON form.
@@ -603,7 +605,7 @@ fn table() -> Vec<Step> {
             "x-omnirelay-timeout-ms",
             "0",
         ),
-        Step::FailPublishes(omnirelay_client::defaults::PUBLISH_ATTEMPTS as usize),
+        Step::FailPublishes(1),
         call(
             "enqueue while the log does not answer",
             Who::Producer,
@@ -611,8 +613,9 @@ fn table() -> Vec<Step> {
             |_| json!({"namespace": N, "payload": payload("9", "r9")}),
             E(Unavailable, "replication"),
         ),
+        Step::AwaitServing,
         call(
-            "the retried enqueue finds the batch settled",
+            "the retried enqueue is written once the shard is rebuilt",
             Who::Producer,
             Enqueue,
             |_| json!({"namespace": N, "payload": payload("9", "r9")}),
@@ -688,6 +691,7 @@ async fn run(wire: Wire) -> (Vec<(&'static str, Outcome, Expect)>, TestNode) {
             Step::FailPublishes(count) => node
                 .replicator
                 .inject(std::iter::repeat_n(omnirelay_client::replication::PublishFault::BeforeWrite, count)),
+            Step::AwaitServing => node.node.serving().await,
             Step::Call { name, who, procedure, request, headers, expect, keep } => {
                 let value = request(&memory);
                 let mut auth = who.auth(&node);
@@ -772,7 +776,11 @@ async fn every_transport_answers_every_procedure_identically() {
         (json!(true), json!(U), json!(2))
     );
     assert_eq!(find("stats show the backpressure").value()["backpressure"]["active"], true);
-    assert_eq!(find("the retried enqueue finds the batch settled").value()["deduplicated"], true);
+    assert_eq!(
+        find("the retried enqueue is written once the shard is rebuilt").value()["deduplicated"],
+        false,
+        "the failed batch was not written, so the retry wrote it"
+    );
 
     // The session run carried every hot-path row the table has over
     // sessions: count them, so a table without them cannot pass silently.

@@ -114,6 +114,7 @@ impl TestNode {
             builder = builder.prometheus(omnirelay_client::node::prometheus());
         }
         let node = Arc::new(builder.build().expect("valid node"));
+        node.serving().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -147,9 +148,10 @@ impl TestNode {
         jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.signing).expect("sign")
     }
 
-    /// Stats of a namespace, straight from its queue.
+    /// Stats of a namespace, straight from its queue (as decided, so they
+    /// answer after the node stopped too).
     pub(crate) async fn stats(&self, namespace: &str) -> omnirelay_client::queue::QueueStats {
-        self.node.queue(&ShardId::from(namespace)).expect("hosted namespace").stats().await
+        self.node.queue(&ShardId::from(namespace)).expect("hosted namespace").stats_now()
     }
 
     pub(crate) async fn stop(mut self) {

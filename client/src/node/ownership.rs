@@ -1,0 +1,333 @@
+//! Shard ownership: each hosted namespace is served only while this node
+//! holds the shard's lease on the log, under the lease's epoch.
+//!
+//! One [`ShardOwner`] task per namespace:
+//!
+//! 1. **Acquire** the shard's lease (`owner` = the node id). Every grant
+//!    bumps the epoch, which fences out anything an earlier holder (or an
+//!    earlier incarnation of this node) still has on its way to the log.
+//! 2. **Recover**: rebuild the queue from the log (newest snapshot plus the
+//!    tail) and serve it under the new epoch. Until then the queue answers
+//!    UNAVAILABLE.
+//! 3. **Serve**: renew the lease every `renew_every`; write a snapshot
+//!    after `snapshot_every_events` durable events, or `snapshot_every`
+//!    after the last one when anything changed, so a rebuild replays little
+//!    and the log can be trimmed. If a renewal is refused (another epoch
+//!    holds the shard) or cannot be confirmed before the lease's TTL less
+//!    [`CLOCK_DRIFT_MARGIN`] has passed since the last confirmed one, the
+//!    owner fences the queue itself, before anyone else can acquire the
+//!    shard. When the queue fences itself (a batch refused or lost), the
+//!    owner goes back to step 1.
+//! 4. **Stop** (the node shuts down): let what was decided become durable,
+//!    write a last snapshot, fence the queue and release the lease, so a
+//!    next owner takes over at once with a short tail to replay.
+//!
+//! Every call to the log is bounded by [`LOG_CALL_TIMEOUT`]; failures are
+//! retried with exponential backoff from [`RETRY_MIN`] to [`RETRY_MAX`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::defaults;
+use crate::ids::{Epoch, PeerId};
+use crate::queue::{Fence, FenceReason, Queue, ShardStatus};
+use crate::replication::{ReplicationError, Replicator};
+
+/// Longest a single call to the log (acquire, renew, release, a snapshot)
+/// may take before it counts as failed: far above a healthy round trip,
+/// well under the lease TTL so a renewal that hangs is noticed in time.
+pub const LOG_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Shortest pause before retrying a failed acquire or rebuild.
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// Longest pause between retries: the log is down or another owner holds
+/// the shard; checking every few seconds costs nothing and notices quickly.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How much the node's clock may run slow against the log's over one lease
+/// term. The node stops serving at `TTL - margin` after the start of its
+/// last confirmed renewal, so even a node whose clock lags keeps away from
+/// the moment another owner could acquire the shard. Half a second covers
+/// NTP-disciplined hosts (milliseconds) and scheduling pauses with room.
+pub const CLOCK_DRIFT_MARGIN: Duration = Duration::from_millis(500);
+
+/// How often the owner checks whether a snapshot is due.
+pub const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
+
+/// How long a stopping owner waits for decided events to become durable,
+/// and for its last snapshot, before it releases the shard anyway.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Lease and snapshot settings of the shard owners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnershipConfig {
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// How often the lease is renewed (a third of the TTL: two renewals may
+    /// fail before the lease is in danger).
+    pub renew_every: Duration,
+    /// Durable events after which a snapshot is written.
+    pub snapshot_every_events: u64,
+    /// Longest time between snapshots of a shard that changed.
+    pub snapshot_every: Duration,
+}
+
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: defaults::SHARD_LEASE_TTL,
+            renew_every: defaults::SHARD_LEASE_TTL / 3,
+            snapshot_every_events: defaults::SNAPSHOT_EVERY_EVENTS,
+            snapshot_every: defaults::SNAPSHOT_EVERY,
+        }
+    }
+}
+
+impl OwnershipConfig {
+    /// Checks the settings against each other; errors name the field.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.lease_ttl <= CLOCK_DRIFT_MARGIN * 2 {
+            return Err(("lease_ttl", "must be more than twice the clock-drift margin (1 s)"));
+        }
+        if self.renew_every.is_zero() || self.renew_every >= self.lease_ttl - CLOCK_DRIFT_MARGIN {
+            return Err(("renew_every", "must be positive and well below the lease TTL"));
+        }
+        if self.snapshot_every_events == 0 {
+            return Err(("snapshot_every_events", "must be at least 1"));
+        }
+        if self.snapshot_every.is_zero() {
+            return Err(("snapshot_every", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// The task that owns one shard for the node. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct ShardOwner {
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ShardOwner {
+    /// Starts owning `queue`'s shard through `replicator` as `owner`.
+    pub(crate) fn spawn(queue: Queue, replicator: Arc<dyn Replicator>, owner: PeerId, config: OwnershipConfig) -> Self {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(own(queue, replicator, owner, config, cancel.clone()));
+        Self { cancel, task: Some(task) }
+    }
+
+    /// Stops owning the shard (see step 4 of the module docs) and waits for
+    /// the task.
+    pub(crate) async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take()
+            && let Err(error) = task.await
+        {
+            tracing::warn!(error = %error, "shard owner task ended abnormally");
+        }
+    }
+}
+
+impl Drop for ShardOwner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+type SnapshotFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+async fn own(
+    queue: Queue,
+    replicator: Arc<dyn Replicator>,
+    owner: PeerId,
+    config: OwnershipConfig,
+    cancel: CancellationToken,
+) {
+    let shard = queue.shard().clone();
+    let mut backoff = RETRY_MIN;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        // 1. Acquire.
+        let asked = Instant::now();
+        let grant = tokio::select! {
+            () = cancel.cancelled() => return,
+            grant = bounded(replicator.acquire_shard(&shard, owner.as_str(), config.lease_ttl)) => grant,
+        };
+        let epoch = match grant {
+            Ok(grant) if grant.granted => grant.epoch,
+            Ok(grant) => {
+                tracing::info!(shard = %shard, holder = %grant.owner, "shard is held by another owner; waiting");
+                if pause(&cancel, grant.ttl.unwrap_or(backoff).clamp(RETRY_MIN, RETRY_MAX)).await {
+                    return;
+                }
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(shard = %shard, error = %error, "failed to acquire the shard; retrying");
+                if pause(&cancel, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        // 2. Recover.
+        let recovered = tokio::select! {
+            () = cancel.cancelled() => {
+                release(&*replicator, &queue, &owner, epoch).await;
+                return;
+            }
+            recovered = queue.recover(epoch) => recovered,
+        };
+        if let Err(error) = recovered {
+            tracing::warn!(shard = %shard, error = %error, "failed to rebuild the shard from its log; retrying");
+            if pause(&cancel, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+            continue;
+        }
+        backoff = RETRY_MIN;
+        // 3. Serve until the queue fences, the lease is lost, or the node
+        // stops.
+        match serve(&queue, &*replicator, &owner, epoch, asked, config, &cancel).await {
+            Served::Stopped => {
+                stop(&queue, &*replicator, &owner, epoch).await;
+                return;
+            }
+            Served::Fenced => {
+                if pause(&cancel, RETRY_MIN).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+enum Served {
+    Stopped,
+    Fenced,
+}
+
+async fn serve(
+    queue: &Queue,
+    replicator: &dyn Replicator,
+    owner: &PeerId,
+    epoch: Epoch,
+    acquired_at: Instant,
+    config: OwnershipConfig,
+    cancel: &CancellationToken,
+) -> Served {
+    let shard = queue.shard().clone();
+    let mut status = queue.status();
+    // The lease is safe until TTL - margin after the start of the last
+    // confirmed grant or renewal (the log measured its TTL from a moment
+    // after that start).
+    let mut safe_until = acquired_at + config.lease_ttl.saturating_sub(CLOCK_DRIFT_MARGIN);
+    let mut renewals = tokio::time::interval_at(Instant::now() + config.renew_every, config.renew_every);
+    renewals.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut checks = tokio::time::interval_at(Instant::now() + SNAPSHOT_CHECK, SNAPSHOT_CHECK);
+    checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_snapshot = Instant::now();
+    let mut snapshotting: Option<SnapshotFuture> = None;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Served::Stopped,
+            changed = status.changed() => {
+                if changed.is_err() || matches!(*status.borrow_and_update(), ShardStatus::Fenced(_)) {
+                    return Served::Fenced;
+                }
+            }
+            () = tokio::time::sleep_until(safe_until) => {
+                queue.fence(Fence::new(
+                    FenceReason::LeaseLost,
+                    format!("no renewal of epoch {epoch} was confirmed within the lease TTL less the clock-drift margin"),
+                ));
+                return Served::Fenced;
+            }
+            _ = renewals.tick() => {
+                let asked = Instant::now();
+                match bounded(replicator.renew_shard(&shard, owner.as_str(), epoch, config.lease_ttl)).await {
+                    Ok(_) => safe_until = asked + config.lease_ttl.saturating_sub(CLOCK_DRIFT_MARGIN),
+                    Err(ReplicationError::Unavailable(error)) => {
+                        tracing::warn!(shard = %shard, error = %error, "failed to renew the shard lease; retrying");
+                    }
+                    Err(error) => {
+                        let reason = match error {
+                            ReplicationError::StaleEpoch { .. } => FenceReason::StaleEpoch,
+                            _ => FenceReason::LeaseLost,
+                        };
+                        queue.fence(Fence::new(reason, format!("renewing the shard lease: {error}")));
+                        return Served::Fenced;
+                    }
+                }
+            }
+            _ = checks.tick(), if snapshotting.is_none() => {
+                let since = queue.events_since_snapshot();
+                if since >= config.snapshot_every_events
+                    || (since > 0 && last_snapshot.elapsed() >= config.snapshot_every)
+                {
+                    last_snapshot = Instant::now();
+                    let queue = queue.clone();
+                    snapshotting = Some(Box::pin(async move { snapshot(&queue).await }));
+                }
+            }
+            () = async { snapshotting.as_mut().expect("polled only while snapshotting").await },
+                if snapshotting.is_some() => {
+                snapshotting = None;
+            }
+        }
+    }
+}
+
+async fn snapshot(queue: &Queue) {
+    match tokio::time::timeout(LOG_CALL_TIMEOUT * 4, queue.write_snapshot()).await {
+        Ok(Ok(Some(sequence))) => tracing::debug!(shard = %queue.shard(), sequence = %sequence, "snapshot written"),
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => tracing::warn!(shard = %queue.shard(), error = %error, "failed to write a snapshot"),
+        Err(_) => tracing::warn!(shard = %queue.shard(), "writing a snapshot timed out"),
+    }
+}
+
+/// Step 4: settle, snapshot, fence, release.
+async fn stop(queue: &Queue, replicator: &dyn Replicator, owner: &PeerId, epoch: Epoch) {
+    let _ = tokio::time::timeout(STOP_GRACE, queue.settled()).await;
+    let _ = tokio::time::timeout(STOP_GRACE, queue.write_snapshot()).await;
+    release(replicator, queue, owner, epoch).await;
+}
+
+async fn release(replicator: &dyn Replicator, queue: &Queue, owner: &PeerId, epoch: Epoch) {
+    queue.fence(Fence::new(FenceReason::LeaseLost, "the node is stopping and released the shard"));
+    match bounded(replicator.release_shard(queue.shard(), owner.as_str(), epoch)).await {
+        Ok(true) => tracing::info!(shard = %queue.shard(), epoch = %epoch, "released the shard"),
+        Ok(false) => tracing::info!(shard = %queue.shard(), epoch = %epoch, "the shard was no longer ours to release"),
+        Err(error) => tracing::warn!(shard = %queue.shard(), error = %error, "failed to release the shard"),
+    }
+}
+
+/// A log call bounded by [`LOG_CALL_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, ReplicationError>>,
+) -> Result<T, ReplicationError> {
+    match tokio::time::timeout(LOG_CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(ReplicationError::Unavailable(format!("no answer within {LOG_CALL_TIMEOUT:?}"))),
+    }
+}
+
+/// Sleeps `duration` unless cancelled first (then true).
+async fn pause(cancel: &CancellationToken, duration: Duration) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => true,
+        () = tokio::time::sleep(duration) => false,
+    }
+}

@@ -1,0 +1,97 @@
+//! Recovery by replay: a queue's state rebuilt from its shard's log.
+//!
+//! The newest snapshot (if any) is decoded, then every event after it is read
+//! page by page and applied in order. Nothing is trusted on the way: the
+//! snapshot must be of this shard and at the sequence it claims, events
+//! must follow each other without a gap, each chain link must hold (an
+//! event's `prev_hash` is the hash of the event before it, the first one's
+//! the hash the snapshot was taken at), and every event must apply to the
+//! state. Anything else is [`ReplicationError::Corrupt`]: the shard is not
+//! served from a log that does not hold together.
+
+use bytes::Bytes;
+
+use super::QueueState;
+use crate::defaults::RECOVERY_PAGE_EVENTS;
+use crate::ids::{Sequence, ShardId};
+use crate::replication::{ReplicationError, Replicator};
+
+/// A state rebuilt from a shard's log.
+#[derive(Debug, Clone)]
+pub struct Rebuilt {
+    /// The state after the last event of the log.
+    pub state: QueueState,
+    /// The sequence of the snapshot it started from (zero: none).
+    pub snapshot: Sequence,
+    /// Events replayed after the snapshot.
+    pub replayed: u64,
+    /// Hash of the last event, from logs that keep a chain.
+    pub last_hash: Option<Bytes>,
+}
+
+/// The hash before the first event of a chain.
+const GENESIS_HASH: [u8; 32] = [0; 32];
+
+/// Rebuilds `shard`'s queue state from `replicator`'s log: the newest
+/// snapshot plus every event after it, each checked (see the module docs).
+pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Rebuilt, ReplicationError> {
+    let corrupt = |what: String| ReplicationError::Corrupt(format!("shard {shard}: {what}"));
+    let (mut state, snapshot, mut last_hash) = match replicator.latest_snapshot(shard).await? {
+        Some(snapshot) => {
+            let state = QueueState::decode(&snapshot.data)
+                .map_err(|error| corrupt(format!("the snapshot at {} does not decode: {error}", snapshot.sequence)))?;
+            if state.shard() != shard {
+                return Err(corrupt(format!("the snapshot at {} is of shard {}", snapshot.sequence, state.shard())));
+            }
+            if state.last_sequence() != snapshot.sequence {
+                return Err(corrupt(format!(
+                    "the snapshot stored at {} reflects the log up to {}",
+                    snapshot.sequence,
+                    state.last_sequence()
+                )));
+            }
+            (state, snapshot.sequence, snapshot.hash)
+        }
+        None => (QueueState::new(shard.clone()), Sequence::ZERO, None),
+    };
+    let mut replayed = 0;
+    loop {
+        let page = replicator.read_log(shard, state.last_sequence(), RECOVERY_PAGE_EVENTS).await?;
+        if page.events.is_empty() {
+            if state.last_sequence() < page.head {
+                return Err(corrupt(format!(
+                    "the log's head is {} but no event follows {}",
+                    page.head,
+                    state.last_sequence()
+                )));
+            }
+            break;
+        }
+        for logged in page.events {
+            let expected = state.last_sequence().after(1);
+            let sequence = logged.event.sequence;
+            if sequence != expected {
+                return Err(corrupt(format!("expected event {expected} next, the log returned {sequence}")));
+            }
+            if let Some(link) = logged.link {
+                let previous = match (&last_hash, sequence.get()) {
+                    (Some(hash), _) => Some(hash.as_ref()),
+                    (None, 1) => Some(GENESIS_HASH.as_slice()),
+                    (None, _) => None,
+                };
+                if let Some(previous) = previous
+                    && link.prev_hash.as_ref() != previous
+                {
+                    return Err(corrupt(format!("event {sequence} does not link to the event before it")));
+                }
+                last_hash = Some(link.hash);
+            }
+            state.apply(sequence, logged.event.event).map_err(|error| corrupt(format!("replay failed: {error}")))?;
+            replayed += 1;
+        }
+        if state.last_sequence() >= page.head {
+            break;
+        }
+    }
+    Ok(Rebuilt { state, snapshot, replayed, last_hash })
+}
