@@ -24,7 +24,7 @@
 //! benchmarks (and can inject failures); [`HubReplicator`] streams batches to
 //! the replication hub over gRPC, the production path.
 
-mod hub;
+pub mod hub;
 mod memory;
 #[cfg(test)]
 pub(crate) mod scripted;
@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use hub::{HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
+pub use hub::{HubConfigError, HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
 pub use memory::{InMemoryReplicator, PublishFault};
 
 use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
