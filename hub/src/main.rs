@@ -30,21 +30,26 @@ fn main() -> ExitCode {
     // rustls would otherwise refuse to pick one).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    if let Err(err) = telemetry::init_tracing(&cli.log) {
-        #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
-        {
-            eprintln!("error: {err:#}");
-        }
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
-            tracing::error!(error = %err, "failed to start the async runtime");
+            eprintln!("error: failed to start the async runtime: {err}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli)) {
+    // The span exporter's channel lives on the runtime.
+    let otlp = match runtime.block_on(async { telemetry::init_tracing(&cli.log) }) {
+        Ok(otlp) => otlp,
+        Err(err) => {
+            #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
+            {
+                eprintln!("error: {err:#}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let code = match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(err) if err.downcast_ref::<ConfigError>().is_some() => {
             tracing::error!("invalid configuration: {err:#}");
@@ -54,7 +59,16 @@ fn main() -> ExitCode {
             tracing::error!("failed to {err:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(otlp) = otlp {
+        // Spans still buffered go out before the process ends.
+        match runtime.block_on(async { tokio::task::spawn_blocking(move || otlp.shutdown()).await }) {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!("failed to {err:#}"),
+            Err(err) => tracing::warn!(error = %err, "failed to flush spans"),
+        }
     }
+    code
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
