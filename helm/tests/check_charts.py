@@ -167,7 +167,13 @@ def container_plan(doc):
     for container in pod["containers"]:
         mounts = []
         for mount in container.get("volumeMounts", []):
-            mounts.append({"mount_path": mount["mountPath"], "volume": volumes.get(mount["name"], {})})
+            mounts.append(
+                {
+                    "mount_path": mount["mountPath"],
+                    "sub_path": mount.get("subPath"),
+                    "volume": volumes.get(mount["name"], {}),
+                }
+            )
         plan.append(
             {
                 "name": container["name"],
@@ -186,7 +192,42 @@ def container_plan(doc):
     return plan
 
 
+def documented_keys(values_path):
+    """The keys of values.yaml preceded by a helm-docs `# --` comment."""
+    keys, stack, pending = [], [], False
+    for line in values_path.read_text().splitlines():
+        text = line.strip()
+        if text.startswith("# --"):
+            pending = True
+            continue
+        if not text or text.startswith("#") or text.startswith("- "):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, text.split(":", 1)[0]))
+        if pending:
+            keys.append(".".join(key for _, key in stack))
+            pending = False
+    return keys
+
+
+def check_docs(chart_dir, findings):
+    """Every top-level value is documented, and the README lists every
+    documented key (helm-docs style)."""
+    keys = documented_keys(chart_dir / "values.yaml")
+    values = yaml.safe_load((chart_dir / "values.yaml").read_text())
+    for top in values:
+        if not any(key == top or key.startswith(top + ".") for key in keys):
+            findings.add(f"{chart_dir.name} values.yaml", f"{top} has no `# --` description")
+    readme = (chart_dir / "README.md").read_text()
+    for key in keys:
+        if f"| `{key}` |" not in readme:
+            findings.add(f"{chart_dir.name} README.md", f"the values table lacks `{key}`")
+
+
 def check_chart(chart_dir, promtool, kube_version, findings):
+    check_docs(chart_dir, findings)
     chart = helm_python.Chart.load(str(chart_dir))
     result = {}
     for name, values in values_sets(chart_dir):

@@ -74,6 +74,13 @@ fn charts_pass_helm_lint_render_and_kubernetes_schemas() {
     assert!(hooks.contains("pre-install") && hooks.contains("pre-upgrade"), "{hooks}");
     assert_eq!(job["containers"][0]["args"], serde_json::json!(["migrate"]));
 
+    let node = &charts["omnirelay-node"];
+    for values in ["default", "production"] {
+        for kind in ["ConfigMap", "Deployment", "Service"] {
+            assert!(kinds(&node[values]).contains(&kind), "node chart, {values}: {:?}", kinds(&node[values]));
+        }
+    }
+
     // The dashboards ConfigMap carries every dashboard file of the chart.
     let dashboards = production["config_maps"]
         .as_object()
@@ -223,4 +230,70 @@ async fn hub_migrates_and_serves_with_the_rendered_production_deployment() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains(r#""tls":"mutual""#), "the gRPC port serves mutual TLS: {log}");
     assert!(log.contains("hub stopped"), "{log}");
+}
+
+/// The chart's rendered ConfigMaps, as the cluster would hold them.
+fn config_maps(plan: &Value) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<u8>>> {
+    plan["config_maps"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, data)| {
+            let files = data
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(key, text)| (key.clone(), text.as_str().unwrap_or_default().as_bytes().to_vec()))
+                .collect();
+            (name.clone(), files)
+        })
+        .collect()
+}
+
+/// Starts `omnirelay node` as the node chart renders it for `values`, passes
+/// its probes, and returns its diagnostics' view of the queues it hosts.
+async fn node_from_chart(values: &str, cluster: &mut Cluster) -> Value {
+    let charts = rendered();
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build)
+        .await
+        .expect("build task")
+        .unwrap_or_else(|err| panic!("{err}"));
+    let plan = &charts["omnirelay-node"][values];
+    let deployment = &plan["workloads"]["Deployment"];
+    let container = &deployment["containers"][0];
+    cluster.config_maps = config_maps(plan);
+
+    let root = tempfile::tempdir().expect("temporary directory");
+    let prepared = Prepared::new(container, cluster, root.path());
+    let process = prepared.spawn(&binaries.omnirelay, root.path());
+    let probed = prepared.pass_probes().await;
+    assert_eq!(probed.len(), 2, "{probed:?}");
+    let control = prepared.ports["control"];
+    let body = super::wait_for_ok(control, "/omnirelay/control/backpressure").await;
+    let (code, log) = process.terminate(termination_grace(deployment)).await;
+    assert_eq!(code, Some(0), "{log}");
+    serde_json::from_str(&body).expect("JSON diagnostics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_serves_with_the_rendered_default_deployment() {
+    let diagnostics = node_from_chart("default", &mut Cluster::default()).await;
+    assert_eq!(diagnostics["node_id"], super::pod::POD_NAME, "{diagnostics}");
+    let namespaces: Vec<&String> = diagnostics["namespaces"].as_object().expect("namespaces").keys().collect();
+    assert_eq!(namespaces, ["resourcelease"], "{diagnostics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_serves_mutual_tls_with_the_rendered_production_deployment() {
+    let pki = Pki::new();
+    let (cert, key) = pki.localhost("node");
+    let mut cluster = Cluster::default();
+    cluster.secret_files.insert("omnirelay-mesh-ca".into(), [("ca.crt".to_string(), pki.ca.pem().into_bytes())].into());
+    cluster.secret_files.insert(
+        "omnirelay-node-tls".into(),
+        [("tls.crt".to_string(), cert.into_bytes()), ("tls.key".to_string(), key.into_bytes())].into(),
+    );
+    let diagnostics = node_from_chart("production", &mut cluster).await;
+    let high = &diagnostics["namespaces"]["resourcelease.billing"]["current"]["high"];
+    assert_eq!(high, 40000, "the configuration file's queue settings apply: {diagnostics}");
 }

@@ -20,12 +20,17 @@ use tonic_health::pb::health_client::HealthClient;
 use super::{HANG_GUARD, http_get};
 
 /// What the test supplies in place of the cluster: Secret values by
-/// `(secret, key)` and the files of Secrets mounted as volumes.
+/// `(secret, key)`, the files of Secrets mounted as volumes, the ConfigMaps
+/// (the chart's own, as rendered) and the pod's name.
 #[derive(Debug, Default)]
 pub(super) struct Cluster {
     pub(super) secret_values: BTreeMap<(String, String), String>,
     pub(super) secret_files: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    pub(super) config_maps: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
 }
+
+/// The pod name the downward API gives the container (`metadata.name`).
+pub(super) const POD_NAME: &str = "omnirelay-test-pod-0";
 
 /// A container ready to start.
 pub(super) struct Prepared {
@@ -56,21 +61,38 @@ impl Prepared {
         let mut mounts: Vec<(String, PathBuf)> = Vec::new();
         for mount in container["mounts"].as_array().into_iter().flatten() {
             let mount_path = mount["mount_path"].as_str().expect("a mountPath");
-            let dir = root.join(mount_path.trim_start_matches('/'));
-            std::fs::create_dir_all(&dir).expect("create the mount's folder");
+            let target = root.join(mount_path.trim_start_matches('/'));
             let volume = &mount["volume"];
-            if let Some(secret) = volume["secret"]["secretName"].as_str() {
-                let files = cluster
-                    .secret_files
-                    .get(secret)
-                    .unwrap_or_else(|| panic!("the chart mounts Secret {secret}, which the test did not supply"));
-                for (key, contents) in files {
-                    std::fs::write(dir.join(key), contents).expect("write a Secret's file");
+            let files = if let Some(secret) = volume["secret"]["secretName"].as_str() {
+                Some(
+                    cluster
+                        .secret_files
+                        .get(secret)
+                        .unwrap_or_else(|| panic!("the chart mounts Secret {secret}, which the test did not supply")),
+                )
+            } else if let Some(map) = volume["configMap"]["name"].as_str() {
+                Some(cluster.config_maps.get(map).unwrap_or_else(|| panic!("the chart mounts ConfigMap {map}, which it does not render")))
+            } else if volume.get("emptyDir").is_some() || volume.get("persistentVolumeClaim").is_some() {
+                None
+            } else {
+                panic!("unsupported volume source for {mount_path}: {volume}")
+            };
+            match (mount["sub_path"].as_str(), files) {
+                // One key of the volume, mounted as a file.
+                (Some(key), Some(files)) => {
+                    let contents = files.get(key).unwrap_or_else(|| panic!("{mount_path}: the volume has no key {key}"));
+                    std::fs::create_dir_all(target.parent().expect("a parent")).expect("create the mount's folder");
+                    std::fs::write(&target, contents).expect("write the mounted file");
                 }
-            } else if volume.get("emptyDir").is_none() && volume.get("persistentVolumeClaim").is_none() {
-                panic!("unsupported volume source for {mount_path}: {volume}");
+                (Some(_), None) => panic!("{mount_path}: subPath of an empty volume"),
+                (None, files) => {
+                    std::fs::create_dir_all(&target).expect("create the mount's folder");
+                    for (key, contents) in files.into_iter().flatten() {
+                        std::fs::write(target.join(key), contents).expect("write a volume's file");
+                    }
+                }
             }
-            mounts.push((mount_path.to_string(), dir));
+            mounts.push((mount_path.to_string(), target));
         }
         let mut used = std::collections::BTreeSet::new();
         let mut map = |value: &str| -> String {
@@ -103,6 +125,11 @@ impl Prepared {
                     .get(&key)
                     .unwrap_or_else(|| panic!("{name} reads Secret {key:?}, which the test did not supply"))
                     .clone()
+            } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                match field {
+                    "metadata.name" => POD_NAME.to_string(),
+                    other => panic!("{name} reads the pod's {other}, which the test does not supply"),
+                }
             } else {
                 panic!("unsupported environment source for {name}: {var}");
             };
