@@ -5,7 +5,8 @@
 //! Subcommands: `serve` (the default), `config` (print the effective
 //! configuration, secrets redacted), `migrate` (apply the PostgreSQL schema
 //! under an advisory lock), `verify` (walk shards' hash chains and report the
-//! first corrupt sequence; exit status 1 when one is found).
+//! first corrupt sequence; exit status 1 when one is found, 3 when the shard
+//! named by `--shard` does not exist).
 
 use std::process::ExitCode;
 
@@ -23,6 +24,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit status of a configuration error, like clap's for a bad flag.
 const EXIT_CONFIG: u8 = 2;
+
+/// Exit status of `verify --shard` for a shard the store does not have
+/// (distinct from 1, a corrupt chain).
+const EXIT_NO_SUCH_SHARD: u8 = 3;
 
 fn main() -> ExitCode {
     // One TLS backend for the whole process, installed before anything
@@ -112,7 +117,15 @@ async fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let reports = match &args.shard {
         Some(shard) => {
             let shard = omnirelay_hub::ids::ShardId::parse(shard.clone()).context("read --shard")?;
-            vec![verify::verify_shard(store.as_ref(), shard).await.context("verify the shard")?]
+            match verify::verify_shard(store.as_ref(), shard.clone()).await {
+                Ok(report) => vec![report],
+                Err(omnirelay_hub::store::StoreError::UnknownShard { .. }) => {
+                    tracing::error!(%shard, "no such shard in this store; nothing to verify");
+                    store.close().await.context("close the log store")?;
+                    return Ok(ExitCode::from(EXIT_NO_SUCH_SHARD));
+                }
+                Err(err) => return Err(err).context("verify the shard"),
+            }
         }
         None => verify::verify_all(store.as_ref(), &args.prefix).await.context("verify shards")?,
     };

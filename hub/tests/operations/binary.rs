@@ -264,3 +264,16 @@ async fn request_spans_are_exported_over_otlp_health_checks_included() {
     assert_eq!(hex(&span.parent_span_id), parent_id);
     server.abort();
 }
+
+#[tokio::test]
+async fn verifying_a_shard_that_does_not_exist_exits_3_not_the_corruption_status() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let output = hub_command(dir.path())
+        .args(["verify", "--shard", "resourcelease.nobody", "--sqlite-path", "verify.db"])
+        .output()
+        .await
+        .expect("run omnirelay-hub verify");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no such shard"), "{stderr}");
+}
