@@ -480,8 +480,9 @@ pub fn request_span<B>(request: &http::Request<B>) -> tracing::Span {
         rpc.method = method,
         rpc.principal = crate::transport::http_principal(request).map(tracing::field::display),
     );
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(request.headers())));
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
     if opentelemetry::trace::TraceContextExt::span(&parent).span_context().is_valid() {
         // Without an OpenTelemetry layer there is nothing to attach to; the
         // span then simply has no remote parent.

@@ -37,9 +37,7 @@ pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_
 pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually};
 pub use postgres::{DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, TestDb};
 pub use redis::{REDIS_URL_ENV, TestRedis};
-pub use tools::{
-    PrometheusTools, PythonTools, WorkspaceBinaries, free_port, target_dir, workspace_root, write_file,
-};
+pub use tools::{PrometheusTools, PythonTools, WorkspaceBinaries, free_port, target_dir, workspace_root, write_file};
 
 /// Errors of the harness itself (not of the code under test).
 #[derive(Debug, thiserror::Error)]

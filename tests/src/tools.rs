@@ -46,17 +46,21 @@ impl PythonTools {
         let venv = target.join("ops-venv");
         let python = venv.join("bin").join("python");
         let marker = venv.join("omnirelay-requirements.txt");
-        if is_executable(&python) && std::fs::read_to_string(&marker).is_ok_and(|installed| installed == REQUIREMENTS)
-        {
+        if is_executable(&python) && std::fs::read_to_string(&marker).is_ok_and(|installed| installed == REQUIREMENTS) {
             return Ok(Self { python });
         }
-        let python3 = path_dirs()
-            .into_iter()
-            .map(|dir| dir.join("python3"))
-            .find(|p| is_executable(p))
-            .ok_or_else(|| process("find python3", "python3 is not on PATH. Fix: `apt-get install python3 python3-venv` (scripts/test does)".into()))?;
+        let python3 =
+            path_dirs().into_iter().map(|dir| dir.join("python3")).find(|p| is_executable(p)).ok_or_else(|| {
+                process(
+                    "find python3",
+                    "python3 is not on PATH. Fix: `apt-get install python3 python3-venv` (scripts/test does)".into(),
+                )
+            })?;
         let _ = std::fs::remove_dir_all(&venv);
-        run(Command::new(&python3).args(["-m", "venv"]).arg(&venv), "create a Python virtual environment (python3 -m venv; Debian needs python3-venv)")?;
+        run(
+            Command::new(&python3).args(["-m", "venv"]).arg(&venv),
+            "create a Python virtual environment (python3 -m venv; Debian needs python3-venv)",
+        )?;
         let requirements = target.join("ops-requirements.txt");
         std::fs::write(&requirements, REQUIREMENTS).map_err(|source| io("write the requirements", source))?;
         run(
@@ -144,7 +148,10 @@ impl WorkspaceBinaries {
             .output()
             .map_err(|source| io("run cargo build", source))?;
         if !output.status.success() {
-            return Err(process("cargo build the hub and the CLI", String::from_utf8_lossy(&output.stderr).into_owned()));
+            return Err(process(
+                "cargo build the hub and the CLI",
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            ));
         }
         let mut hub = None;
         let mut omnirelay = None;
@@ -161,7 +168,10 @@ impl WorkspaceBinaries {
             }
         }
         let missing = |name: &str| process("cargo build", format!("cargo reported no {name} executable"));
-        Ok(Self { hub: hub.ok_or_else(|| missing("omnirelay-hub"))?, omnirelay: omnirelay.ok_or_else(|| missing("omnirelay"))? })
+        Ok(Self {
+            hub: hub.ok_or_else(|| missing("omnirelay-hub"))?,
+            omnirelay: omnirelay.ok_or_else(|| missing("omnirelay"))?,
+        })
     }
 }
 

@@ -200,8 +200,10 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
     async fn export(
         &self,
         request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>, tonic::Status>
-    {
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
         let mut spans = self.spans.lock().expect("test mutex");
         for resource in request.into_inner().resource_spans {
             for scope in resource.scope_spans {
@@ -242,10 +244,9 @@ async fn request_spans_are_exported_over_otlp_health_checks_included() {
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
     let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{parent_id}-01").parse().expect("a valid header value"),
-    );
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace_id}-{parent_id}-01").parse().expect("a valid header value"));
     HealthClient::new(channel).check(request).await.expect("health check");
 
     // Spans still buffered are flushed when the hub exits.

@@ -88,7 +88,8 @@ fn dashboard_expressions() -> Vec<(String, String)> {
     }
     let mut out = Vec::new();
     let dir = chart_dir().join("files/dashboards");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("the dashboards folder").flatten().map(|e| e.path()).collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&dir).expect("the dashboards folder").flatten().map(|e| e.path()).collect();
     files.sort();
     for path in files {
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();

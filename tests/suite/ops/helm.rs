@@ -107,7 +107,10 @@ async fn assert_variables_are_declared(hub: &std::path::Path, container: &Value)
     for var in container["env"].as_array().expect("env") {
         let name = var["name"].as_str().expect("name");
         if name.starts_with("OMNIRELAY_HUB_") {
-            assert!(help.contains(&format!("[env: {name}")), "`omnirelay-hub {subcommand}` declares no {name}:\n{help}");
+            assert!(
+                help.contains(&format!("[env: {name}")),
+                "`omnirelay-hub {subcommand}` declares no {name}:\n{help}"
+            );
         }
     }
 }
@@ -202,9 +205,7 @@ async fn hub_migrates_and_serves_with_the_rendered_production_deployment() {
         .unwrap_or_else(|err| panic!("PostgreSQL with TLS unavailable: {err}"));
     let (hub_cert, hub_key) = pki.localhost("hub");
     let mut cluster = Cluster::default();
-    cluster
-        .secret_values
-        .insert(("omnirelay-hub-database".into(), "url".into()), database.url("postgres"));
+    cluster.secret_values.insert(("omnirelay-hub-database".into(), "url".into()), database.url("postgres"));
     let ca = pki.ca.pem().into_bytes();
     cluster.secret_files.insert("omnirelay-database-ca".into(), [("ca.crt".to_string(), ca.clone())].into());
     cluster.secret_files.insert("omnirelay-mesh-ca".into(), [("ca.crt".to_string(), ca)].into());

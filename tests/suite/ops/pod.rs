@@ -71,7 +71,12 @@ impl Prepared {
                         .unwrap_or_else(|| panic!("the chart mounts Secret {secret}, which the test did not supply")),
                 )
             } else if let Some(map) = volume["configMap"]["name"].as_str() {
-                Some(cluster.config_maps.get(map).unwrap_or_else(|| panic!("the chart mounts ConfigMap {map}, which it does not render")))
+                Some(
+                    cluster
+                        .config_maps
+                        .get(map)
+                        .unwrap_or_else(|| panic!("the chart mounts ConfigMap {map}, which it does not render")),
+                )
             } else if volume.get("emptyDir").is_some() || volume.get("persistentVolumeClaim").is_some() {
                 None
             } else {
@@ -80,7 +85,8 @@ impl Prepared {
             match (mount["sub_path"].as_str(), files) {
                 // One key of the volume, mounted as a file.
                 (Some(key), Some(files)) => {
-                    let contents = files.get(key).unwrap_or_else(|| panic!("{mount_path}: the volume has no key {key}"));
+                    let contents =
+                        files.get(key).unwrap_or_else(|| panic!("{mount_path}: the volume has no key {key}"));
                     std::fs::create_dir_all(target.parent().expect("a parent")).expect("create the mount's folder");
                     std::fs::write(&target, contents).expect("write the mounted file");
                 }
@@ -204,7 +210,10 @@ impl Prepared {
 
     fn port(&self, port: &Value) -> SocketAddr {
         let key = port.as_str().map_or_else(|| port.to_string(), str::to_string);
-        *self.ports.get(&key).unwrap_or_else(|| panic!("a probe names port {key}, which the container does not declare"))
+        *self
+            .ports
+            .get(&key)
+            .unwrap_or_else(|| panic!("a probe names port {key}, which the container does not declare"))
     }
 
     fn describe(&self, probe: &Value) -> String {

@@ -143,7 +143,13 @@ impl Node {
         let mut command = Command::new(binary);
         command
             .current_dir(dir)
-            .args(["node", "--listen", &format!("127.0.0.1:{rpc}"), "--control-listen", &format!("127.0.0.1:{control}")])
+            .args([
+                "node",
+                "--listen",
+                &format!("127.0.0.1:{rpc}"),
+                "--control-listen",
+                &format!("127.0.0.1:{control}"),
+            ])
             .args(["--namespace", "resourcelease.users", "--trusted-proxy", "127.0.0.1"])
             // Short leases, so the test can let a few expire and see the
             // worker ejected.
@@ -171,9 +177,10 @@ impl Node {
         let call = |procedure: &'static str, body: String| {
             let rpc = self.rpc;
             async move {
-                let (status, answer) = http_post(rpc, &format!("/resourcelease/v1/resourcelease.users/{procedure}"), &body)
-                    .await
-                    .unwrap_or_else(|err| panic!("{procedure}: {err}"));
+                let (status, answer) =
+                    http_post(rpc, &format!("/resourcelease/v1/resourcelease.users/{procedure}"), &body)
+                        .await
+                        .unwrap_or_else(|err| panic!("{procedure}: {err}"));
                 assert_eq!(status, 200, "{procedure}: {answer}");
                 serde_json::from_str::<Value>(&answer).expect("JSON answer")
             }
@@ -323,7 +330,8 @@ async fn stopping_the_hub_fires_the_hub_down_alert_in_a_real_prometheus() {
         data["groups"].as_array().is_some_and(|groups| groups.len() == 4)
     })
     .await;
-    let loaded: usize = groups["groups"].as_array().into_iter().flatten().map(|g| g["rules"].as_array().map_or(0, Vec::len)).sum();
+    let loaded: usize =
+        groups["groups"].as_array().into_iter().flatten().map(|g| g["rules"].as_array().map_or(0, Vec::len)).sum();
     assert!(loaded >= 16, "{groups}");
     wait_for(prometheus, "/api/v1/query?query=omnirelay_hub_ready", "a ready hub scraped", |data| {
         data["result"][0]["value"][1] == "1"
