@@ -356,3 +356,121 @@ fn completions_are_printed_for_every_shell() {
         assert!(script.contains("omnirelay") && script.contains("backpressure"), "{shell}: {script}");
     }
 }
+
+/// Replaces every `"<name>"` in a request body by the JSON captured under
+/// that name.
+fn fill(body: &str, captured: &std::collections::BTreeMap<String, Value>) -> Value {
+    let mut text = body.to_string();
+    for (name, value) in captured {
+        text = text.replace(&format!("\"<{name}>\""), &value.to_string());
+    }
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("example body is not JSON after filling: {err}: {text}"))
+}
+
+/// Checks `actual` against the documented answer: every documented field
+/// must be there with that value (arrays element by element); `"<name>"`
+/// captures the actual value, or must equal what was captured before.
+fn matches(
+    expected: &Value,
+    actual: &Value,
+    captured: &mut std::collections::BTreeMap<String, Value>,
+    path: &str,
+) -> Result<(), String> {
+    if let Some(name) = expected.as_str().and_then(|s| s.strip_prefix('<')).and_then(|s| s.strip_suffix('>')) {
+        if actual.is_null() {
+            return Err(format!("{path}: documented as <{name}> but absent"));
+        }
+        return match captured.get(name) {
+            Some(before) if before != actual => Err(format!("{path}: <{name}> was {before}, now {actual}")),
+            _ => {
+                captured.insert(name.to_string(), actual.clone());
+                Ok(())
+            }
+        };
+    }
+    match (expected, actual) {
+        (Value::Object(fields), Value::Object(got)) => {
+            for (key, value) in fields {
+                matches(value, got.get(key).unwrap_or(&Value::Null), captured, &format!("{path}.{key}"))?;
+            }
+            Ok(())
+        }
+        (Value::Array(items), Value::Array(got)) if items.len() == got.len() => {
+            for (index, (value, item)) in items.iter().zip(got).enumerate() {
+                matches(value, item, captured, &format!("{path}[{index}]"))?;
+            }
+            Ok(())
+        }
+        _ if expected == actual => Ok(()),
+        _ => Err(format!("{path}: documented {expected}, answered {actual}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_json_examples_of_the_mesh_node_guide_hold() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/mesh-node.md"))
+        .expect("read docs/mesh-node.md");
+    let block = guide
+        .split("<!-- examples: begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- examples: end -->").next())
+        .expect("the guide's examples block");
+    let block = block.trim().trim_start_matches("```text").trim_end_matches("```");
+    let examples: Vec<Vec<&str>> =
+        block.split("\n\n").map(|example| example.lines().filter(|l| !l.trim().is_empty()).collect()).collect();
+
+    let (address, stop, serving) = serve(
+        r#"
+        namespaces = ["resourcelease", "resourcelease.users"]
+        trusted_proxies = ["127.0.0.1"]
+        [[authorization.rules]]
+        principals = ["*"]
+        procedures = ["*"]
+        shards = ["*"]
+        "#,
+    )
+    .await;
+    let node = Target { principal: Some("billing".into()), ..Target::new(format!("http://{address}")) };
+    eventually("the node answers", Duration::from_secs(10), || async {
+        node.get(omnirelay_client::node::REPLICATION_PATH).await.map_err(|err| format!("{err:#}"))
+    })
+    .await;
+
+    let mut procedures = std::collections::BTreeSet::new();
+    let mut captured = std::collections::BTreeMap::new();
+    for example in &examples {
+        let [request, body, answer] = example[..] else { panic!("an example is three lines: {example:?}") };
+        let path = request.strip_prefix("POST /resourcelease/v1/").expect("a POST to the JSON surface");
+        let (namespace, procedure) = path.split_once('/').expect("namespace/procedure");
+        let (status, expected) = answer.split_once(' ').expect("status and answer");
+        assert_eq!(status, "200", "every example succeeds");
+        let expected: Value = serde_json::from_str(expected).expect("the documented answer is JSON");
+        let actual = node
+            .call(namespace, procedure, &fill(body, &captured))
+            .await
+            .unwrap_or_else(|err| panic!("{request}: {err:#}"));
+        matches(&expected, &actual, &mut captured, procedure)
+            .unwrap_or_else(|err| panic!("{request}: {err}\n{actual}"));
+        procedures.insert(procedure.to_string());
+    }
+    let every = [
+        "enqueue",
+        "lease",
+        "heartbeat",
+        "complete",
+        "fail",
+        "drain",
+        "resume",
+        "restore",
+        "list_dead_letters",
+        "get_dead_letter",
+        "redrive_dead_letter",
+        "purge_dead_letters",
+        "stats",
+    ];
+    for procedure in every {
+        assert!(procedures.contains(procedure), "the guide has no example of {procedure}");
+    }
+    let _ = stop.send(());
+    serving.await.expect("joins").expect("the node stops cleanly");
+}
