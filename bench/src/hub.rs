@@ -402,6 +402,7 @@ async fn store_appends(url: &str, step: Duration, shard: &str) -> anyhow::Result
         let started = Instant::now();
         store
             .append(AppendBatch {
+                expected_first: None,
                 shard: shard.clone(),
                 producer: ProducerId::parse("bench")?,
                 producer_seq: ProducerSeq(seq),
@@ -513,6 +514,7 @@ async fn hub_appends(
                 while outstanding < in_flight && !window.stopped() {
                     producer_seq += 1;
                     let request = pb::AppendRequest {
+                        expected_first_sequence: 0,
                         batch_id: producer_seq,
                         shard_id: shard.clone(),
                         producer_id: "bench".into(),
@@ -615,6 +617,7 @@ async fn fan_out(
             producer_seq += 1;
             requests
                 .send(pb::AppendRequest {
+                    expected_first_sequence: 0,
                     batch_id: producer_seq,
                     shard_id: shard.clone(),
                     producer_id: "bench".into(),

@@ -75,6 +75,13 @@ enum Command {
         #[arg(long, default_value = "resourcelease")]
         namespace: String,
     },
+    /// Prints a shell completion script, e.g. `omnirelay completions bash >
+    /// /etc/bash_completion.d/omnirelay`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Restores a snapshot written by `drain` into a queue.
     Restore {
         #[command(flatten)]
@@ -136,6 +143,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Node(args) => run_node(*args).await?,
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "omnirelay", &mut script);
+            print(output, &json!({ "shell": shell.to_string(), "script": String::from_utf8_lossy(&script) }), |_| {
+                String::from_utf8_lossy(&script).into_owned()
+            });
+        }
         Command::Leases { command: LeasesCommand::Health(target) } => {
             let snapshot = target.get(omnirelay_client::node::LEASE_HEALTH_PATH).await?;
             print(output, &snapshot, control::render_health);
@@ -162,7 +177,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replication(target) => {
             let value = target.get(omnirelay_client::node::REPLICATION_PATH).await?;
-            print(output, &value, |value| serde_json::to_string_pretty(value).unwrap_or_default() + "\n");
+            print(output, &value, control::render_replication);
         }
         Command::Drain { target, namespace, hand_back, wait, out } => {
             let mode = if hand_back { "DRAIN_MODE_HAND_BACK" } else { "DRAIN_MODE_WAIT" };

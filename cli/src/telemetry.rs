@@ -25,11 +25,15 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Op
         }
     };
     let registry = tracing_subscriber::registry().with(filter).with(otlp);
+    // Colours only for a person at a terminal, never into files or shippers.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()?,
-        LogFormat::Json => {
-            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()?
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).try_init()?
         }
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_ansi(ansi))
+            .try_init()?,
     }
     Ok(guard)
 }

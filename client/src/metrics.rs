@@ -18,6 +18,9 @@
 //! | `omnirelay_resourcelease_replication_fenced_total` | counter | times the shard fenced itself, by `reason` |
 //! | `omnirelay_resourcelease_recovery_seconds` | histogram | rebuilding the queue from its log (snapshot plus tail) |
 //! | `omnirelay_resourcelease_snapshots_total` | counter | snapshots written to the log, by `outcome` |
+//! | `omnirelay_resourcelease_backpressure_active` | gauge | 1 while under backpressure (sampled when a node's `/metrics` is read) |
+//! | `omnirelay_resourcelease_high_watermark` | gauge | the queue's high watermark (sampled likewise) |
+//! | `omnirelay_rpc_duration_seconds{procedure,outcome}` | histogram | one unary call through the mesh middleware (`outcome`: `ok` or `error`) |
 //!
 //! Handles are registered once per queue, when it is built: install the
 //! recorder (for example `metrics-exporter-prometheus`) before building
@@ -60,6 +63,26 @@ pub const REPLICATION_FENCED: &str = "omnirelay_resourcelease_replication_fenced
 pub const RECOVERY: &str = "omnirelay_resourcelease_recovery_seconds";
 /// Counter: snapshots, per shard and `outcome` (`written`, `failed`, `too_large`).
 pub const SNAPSHOTS: &str = "omnirelay_resourcelease_snapshots_total";
+/// Gauge: 1 while the queue is under backpressure, else 0, per shard.
+pub const BACKPRESSURE_ACTIVE: &str = "omnirelay_resourcelease_backpressure_active";
+/// Gauge: the queue's high watermark, per shard (alerts compare pending with it).
+pub const HIGH_WATERMARK: &str = "omnirelay_resourcelease_high_watermark";
+/// Histogram: seconds per unary call through the mesh middleware, by
+/// `procedure` and `outcome` (`ok` or `error`); session messages are not in it.
+pub const RPC_DURATION: &str = "omnirelay_rpc_duration_seconds";
+
+/// Latency buckets in seconds for the node's histograms: from a millisecond
+/// (a call answered from memory) to a minute (a long-poll's wait).
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Samples a queue's backpressure state into [`BACKPRESSURE_ACTIVE`] and
+/// [`HIGH_WATERMARK`] (gauges read at scrape time rather than kept current).
+pub fn record_backpressure(signal: &crate::backpressure::BackpressureSignal) {
+    let shard = signal.shard.to_string();
+    metrics::gauge!(BACKPRESSURE_ACTIVE, SHARD_LABEL => shard.clone()).set(if signal.active { 1.0 } else { 0.0 });
+    metrics::gauge!(HIGH_WATERMARK, SHARD_LABEL => shard).set(signal.high as f64);
+}
 
 /// The label every queue metric carries.
 pub const SHARD_LABEL: &str = "shard";

@@ -236,7 +236,10 @@ pub struct StoreArgs {
     )]
     pub committers: usize,
 
-    /// File of the embedded SQLite store, used when no database URL is given.
+    /// File of the embedded SQLite store, used when no database URL is given
+    /// [default: omnirelay-hub.db in the working directory].
+    // Not a clap default: an explicit path must conflict with --database-url,
+    // and a default would be present (and conflict) always.
     #[arg(long, env = "OMNIRELAY_HUB_SQLITE_PATH", value_name = "PATH", conflicts_with = "database_url")]
     pub sqlite_path: Option<PathBuf>,
 }
@@ -269,6 +272,11 @@ pub struct LogArgs {
     /// Log line format.
     #[arg(long, env = "OMNIRELAY_HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// OTLP/gRPC collector to export request spans to, e.g.
+    /// `http://otel-collector:4317`; no export when absent.
+    #[arg(long, env = "OMNIRELAY_HUB_OTLP_ENDPOINT", value_name = "URL", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How log lines are written.

@@ -5,6 +5,7 @@ use crate::event::CorruptEvent;
 use crate::ids::InvalidInput;
 use crate::proto::hub::v1 as pb;
 use crate::store::StoreError;
+use crate::telemetry::AppendOutcome;
 
 /// Failures of a hub request.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +52,10 @@ impl From<HubError> for tonic::Status {
                 StoreError::Invalid(input) => Status::invalid_argument(input.to_string()),
                 StoreError::StaleEpoch { .. } => Status::aborted(store.to_string()),
                 StoreError::UnknownShard { .. } => Status::not_found(store.to_string()),
-                StoreError::NoLease { .. } | StoreError::OutOfOrder { .. } | StoreError::Trimmed { .. } => {
-                    Status::failed_precondition(store.to_string())
-                }
+                StoreError::NoLease { .. }
+                | StoreError::OutOfOrder { .. }
+                | StoreError::HeadMismatch { .. }
+                | StoreError::Trimmed { .. } => Status::failed_precondition(store.to_string()),
                 StoreError::Overloaded { .. } => Status::resource_exhausted(store.to_string()),
                 // The text names what failed, never the driver's message.
                 StoreError::Unavailable { what, .. } => {
@@ -76,15 +78,27 @@ impl From<HubError> for tonic::Status {
 /// The per-batch error answered on an append stream (the stream stays open).
 pub fn append_error(err: &StoreError) -> pb::AppendError {
     use pb::AppendErrorCode as Code;
-    let (code, current_epoch, expected_producer_seq) = match err {
-        StoreError::StaleEpoch { current, .. } => (Code::StaleEpoch, current.0, 0),
-        StoreError::NoLease { .. } | StoreError::UnknownShard { .. } => (Code::NoLease, 0, 0),
-        StoreError::OutOfOrder { expected, .. } => (Code::OutOfOrder, 0, expected.0),
-        StoreError::Invalid(_) | StoreError::Trimmed { .. } => (Code::Invalid, 0, 0),
-        StoreError::Unavailable { .. } | StoreError::Overloaded { .. } | StoreError::Closed => {
-            (Code::Unavailable, 0, 0)
-        }
-        StoreError::Corrupt(_) | StoreError::Schema(_) | StoreError::Internal { .. } => (Code::Internal, 0, 0),
+    let code = match AppendOutcome::of_error(err) {
+        AppendOutcome::StaleEpoch => Code::StaleEpoch,
+        AppendOutcome::NoLease => Code::NoLease,
+        AppendOutcome::OutOfOrder => Code::OutOfOrder,
+        AppendOutcome::HeadMismatch => Code::HeadMismatch,
+        AppendOutcome::Invalid => Code::Invalid,
+        AppendOutcome::Unavailable => Code::Unavailable,
+        // Successes never reach here; `of_error` never returns them.
+        AppendOutcome::Failed | AppendOutcome::Appended | AppendOutcome::Duplicate => Code::Internal,
+    };
+    let current_epoch = match err {
+        StoreError::StaleEpoch { current, .. } => current.0,
+        _ => 0,
+    };
+    let expected_producer_seq = match err {
+        StoreError::OutOfOrder { expected, .. } => expected.0,
+        _ => 0,
+    };
+    let head_sequence = match err {
+        StoreError::HeadMismatch { head, .. } => head.0,
+        _ => 0,
     };
     let message = match err {
         StoreError::Unavailable { what, .. } => format!("the log store is unavailable ({what}); retry"),
@@ -94,7 +108,7 @@ pub fn append_error(err: &StoreError) -> pb::AppendError {
         }
         other => other.to_string(),
     };
-    pb::AppendError { code: code as i32, message, current_epoch, expected_producer_seq }
+    pb::AppendError { code: code as i32, message, current_epoch, expected_producer_seq, head_sequence }
 }
 
 /// The per-batch error for a request that failed validation.
@@ -104,6 +118,7 @@ pub fn invalid_batch(err: &InvalidInput) -> pb::AppendError {
         message: err.to_string(),
         current_epoch: 0,
         expected_producer_seq: 0,
+        head_sequence: 0,
     }
 }
 
@@ -132,6 +147,29 @@ mod tests {
         let status = tonic::Status::from(HubError::Store(err));
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(!status.message().contains("SELECT") && !status.message().contains("secret"));
+    }
+
+    #[test]
+    fn append_errors_and_the_outcome_label_classify_alike() {
+        use crate::ids::Sequence;
+        let errors = [
+            StoreError::StaleEpoch { shard: shard(), given: Epoch(1), current: Epoch(3) },
+            StoreError::NoLease { shard: shard() },
+            StoreError::UnknownShard { shard: shard() },
+            StoreError::Trimmed { shard: shard(), low: Sequence(10) },
+            StoreError::Invalid(InvalidInput::new("events", "must not be empty")),
+            StoreError::Closed,
+            StoreError::Unavailable { what: "append", source: "gone".into() },
+        ];
+        for err in errors {
+            let code = pb::AppendErrorCode::try_from(append_error(&err).code).expect("a known code");
+            let label = AppendOutcome::of_error(&err).label();
+            let expected = match code {
+                pb::AppendErrorCode::Internal => "failed",
+                other => other.as_str_name().trim_start_matches("APPEND_ERROR_CODE_"),
+            };
+            assert_eq!(label, expected.to_ascii_lowercase(), "{err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Subcommands: `serve` (the default), `config` (print the effective
 //! configuration, secrets redacted), `migrate` (apply the PostgreSQL schema
 //! under an advisory lock), `verify` (walk shards' hash chains and report the
-//! first corrupt sequence; exit status 1 when one is found).
+//! first corrupt sequence; exit status 1 when one is found, 3 when the shard
+//! named by `--shard` does not exist).
 
 use std::process::ExitCode;
 
@@ -24,27 +25,36 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit status of a configuration error, like clap's for a bad flag.
 const EXIT_CONFIG: u8 = 2;
 
+/// Exit status of `verify --shard` for a shard the store does not have
+/// (distinct from 1, a corrupt chain).
+const EXIT_NO_SUCH_SHARD: u8 = 3;
+
 fn main() -> ExitCode {
     // One TLS backend for the whole process, installed before anything
     // builds a TLS configuration (if another provider were compiled in,
     // rustls would otherwise refuse to pick one).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    if let Err(err) = telemetry::init_tracing(&cli.log) {
-        #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
-        {
-            eprintln!("error: {err:#}");
-        }
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
-            tracing::error!(error = %err, "failed to start the async runtime");
+            eprintln!("error: failed to start the async runtime: {err}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli)) {
+    // The span exporter's channel lives on the runtime.
+    let otlp = match runtime.block_on(async { telemetry::init_tracing(&cli.log) }) {
+        Ok(otlp) => otlp,
+        Err(err) => {
+            #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
+            {
+                eprintln!("error: {err:#}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let code = match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(err) if err.downcast_ref::<ConfigError>().is_some() => {
             tracing::error!("invalid configuration: {err:#}");
@@ -54,7 +64,16 @@ fn main() -> ExitCode {
             tracing::error!("failed to {err:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(otlp) = otlp {
+        // Spans still buffered go out before the process ends.
+        match runtime.block_on(async { tokio::task::spawn_blocking(move || otlp.shutdown()).await }) {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!("failed to {err:#}"),
+            Err(err) => tracing::warn!(error = %err, "failed to flush spans"),
+        }
     }
+    code
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -98,7 +117,15 @@ async fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let reports = match &args.shard {
         Some(shard) => {
             let shard = omnirelay_hub::ids::ShardId::parse(shard.clone()).context("read --shard")?;
-            vec![verify::verify_shard(store.as_ref(), shard).await.context("verify the shard")?]
+            match verify::verify_shard(store.as_ref(), shard.clone()).await {
+                Ok(report) => vec![report],
+                Err(omnirelay_hub::store::StoreError::UnknownShard { .. }) => {
+                    tracing::error!(%shard, "no such shard in this store; nothing to verify");
+                    store.close().await.context("close the log store")?;
+                    return Ok(ExitCode::from(EXIT_NO_SUCH_SHARD));
+                }
+                Err(err) => return Err(err).context("verify the shard"),
+            }
         }
         None => verify::verify_all(store.as_ref(), &args.prefix).await.context("verify shards")?,
     };

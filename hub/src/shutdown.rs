@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::tls::ServerTls;
-use crate::transport;
+use crate::{telemetry, transport};
 
 /// HTTP/2 keepalive ping interval on gRPC connections: a client that
 /// vanished without closing (a killed pod, a dropped NAT entry) is noticed
@@ -92,13 +92,9 @@ pub async fn serve_grpc(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .trace_fn(|request| {
-            tracing::info_span!(
-                "grpc",
-                rpc.method = %request.uri().path(),
-                rpc.principal = transport::http_principal(request).map(tracing::field::display),
-            )
-        })
+        // Every call, the Hub's and the health service's alike, runs in one
+        // request span (exported over OTLP when configured).
+        .trace_fn(telemetry::request_span)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             transport::incoming(listener, tls, cut.clone()),

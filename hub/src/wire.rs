@@ -47,6 +47,7 @@ pub fn append_batch(request: pb::AppendRequest) -> Result<AppendBatch, InvalidIn
         producer,
         producer_seq: ProducerSeq(request.producer_seq),
         epoch: Epoch(request.epoch),
+        expected_first: (request.expected_first_sequence != 0).then_some(Sequence(request.expected_first_sequence)),
         events,
     })
 }
@@ -281,6 +282,7 @@ mod tests {
 
     fn request(events: Vec<rpb::ReplicationEvent>) -> pb::AppendRequest {
         pb::AppendRequest {
+            expected_first_sequence: 0,
             batch_id: 1,
             shard_id: "resourcelease.users".into(),
             producer_id: "node-a".into(),

@@ -262,6 +262,7 @@ async fn bad_input_is_answered_naming_the_field_and_changes_nothing() {
 
 fn store_batch(shard: &ShardId, producer: &str, seq: u64, epoch: Epoch, n: usize) -> AppendBatch {
     AppendBatch {
+        expected_first: None,
         shard: shard.clone(),
         producer: ProducerId::parse(producer).expect("valid"),
         producer_seq: ProducerSeq(seq),

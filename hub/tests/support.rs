@@ -190,6 +190,7 @@ impl Appender {
 /// A batch request.
 pub(crate) fn batch(shard: &str, producer: &str, producer_seq: u64, epoch: u64, items: &[&str]) -> pb::AppendRequest {
     pb::AppendRequest {
+        expected_first_sequence: 0,
         batch_id: producer_seq,
         shard_id: shard.into(),
         producer_id: producer.into(),

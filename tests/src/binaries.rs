@@ -83,11 +83,11 @@ pub fn find_redis_server() -> Result<PathBuf, BinaryError> {
     path_dirs().into_iter().map(|dir| dir.join("redis-server")).find(|p| is_executable(p)).ok_or(BinaryError::Redis)
 }
 
-fn path_dirs() -> Vec<PathBuf> {
+pub(crate) fn path_dirs() -> Vec<PathBuf> {
     std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default()
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

@@ -10,6 +10,10 @@
 //! - [`TestRedis`] runs a private `redis-server`, or namespaces keys on the
 //!   server named by `OMNIRELAY_TEST_REDIS_URL`.
 //! - [`eventually`] waits, with a bound, for a condition instead of sleeping.
+//! - [`PythonTools`] (Helm's SDK and Kubernetes' schemas in a cached virtual
+//!   environment), [`PrometheusTools`] (`prometheus`, `promtool`) and
+//!   [`WorkspaceBinaries`] (the hub and the CLI, freshly built) are the
+//!   real tools the deployment tests run.
 //!
 //! A missing server binary is an error whose message says how to fix it;
 //! nothing skips silently, in CI or elsewhere.
@@ -27,11 +31,13 @@ mod binaries;
 mod eventually;
 mod postgres;
 mod redis;
+mod tools;
 
 pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_binaries, find_redis_server};
 pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually};
 pub use postgres::{DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, TestDb};
 pub use redis::{REDIS_URL_ENV, TestRedis};
+pub use tools::{PrometheusTools, PythonTools, WorkspaceBinaries, free_port, target_dir, workspace_root, write_file};
 
 /// Errors of the harness itself (not of the code under test).
 #[derive(Debug, thiserror::Error)]

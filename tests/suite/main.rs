@@ -4,3 +4,4 @@
 //! (throwaway PostgreSQL and Redis); none skips when a server is missing.
 
 mod harness;
+mod ops;

@@ -48,7 +48,8 @@ impl<S> Layer<S> for RpcTraceLayer {
 /// `rpc.system`, `rpc.peer` and `otel.kind` from the start; the layers inside
 /// fill in `rpc.service`, `rpc.procedure`, `resourcelease.operation`,
 /// `rpc.shard_key`, `rpc.principal` and, on failure, `error.code`; the
-/// response status is recorded when the call ends. With an OTLP layer
+/// response status is recorded when the call ends, and a unary call's
+/// duration goes to [`crate::metrics::RPC_DURATION`]. With an OTLP layer
 /// installed (see [`otlp_layer`]) the span is exported with these attributes.
 ///
 /// `poll_ready` is the inner service's readiness.
@@ -102,11 +103,16 @@ where
             // the span then simply has no remote parent.
             let _ = span.set_parent(parent);
         }
+        // Unary calls are timed; a session's time is the stream's life, not a call's.
+        let procedure = RpcRoute::from_path(transport, request.uri().path())
+            .ok()
+            .filter(|route| !route.procedure.is_session())
+            .map(|route| route.procedure.as_str());
         let inner = {
             let _entered = span.enter();
             self.inner.call(request)
         };
-        RpcTraceFuture { inner, span }
+        RpcTraceFuture { inner, span, timing: procedure.map(|procedure| (procedure, std::time::Instant::now())) }
     }
 }
 
@@ -117,6 +123,9 @@ pin_project! {
         #[pin]
         inner: F,
         span: Span,
+        // The procedure's name and when the call started, for the duration
+        // histogram.
+        timing: Option<(&'static str, std::time::Instant)>,
     }
 }
 
@@ -130,6 +139,21 @@ where
         let this = self.project();
         let _entered = this.span.enter();
         let result = ready!(this.inner.poll(cx));
+        if let Some((procedure, started)) = this.timing.take() {
+            let failed = match &result {
+                Ok(response) => {
+                    response.status().as_u16() >= 400
+                        || response.headers().get("grpc-status").is_some_and(|code| code.as_bytes() != b"0")
+                }
+                Err(_) => true,
+            };
+            metrics::histogram!(
+                crate::metrics::RPC_DURATION,
+                "procedure" => procedure,
+                "outcome" => if failed { "error" } else { "ok" }
+            )
+            .record(started.elapsed().as_secs_f64());
+        }
         match &result {
             Ok(response) => {
                 this.span.record("http.response.status_code", response.status().as_u16());

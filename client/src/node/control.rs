@@ -241,11 +241,15 @@ async fn readyz(State(node): State<Arc<NodeInner>>) -> Response {
 }
 
 /// `/metrics`: the Prometheus text format. Peer states are evaluated lazily,
-/// so the tracker is refreshed first and its gauges are current.
+/// so the tracker is refreshed first and its gauges are current; each
+/// queue's backpressure state and high watermark are sampled likewise.
 async fn metrics(State(node): State<Arc<NodeInner>>) -> Response {
     let Some(prometheus) = &node.prometheus else {
         return (StatusCode::NOT_FOUND, "metrics are not configured on this node\n").into_response();
     };
     let _ = node.tracker.snapshot();
+    for hosted in node.queues.values() {
+        crate::metrics::record_backpressure(&hosted.queue.stats_now().backpressure);
+    }
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus.render()).into_response()
 }

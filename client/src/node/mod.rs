@@ -517,7 +517,14 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            // Buckets, not summaries, so latencies aggregate across nodes.
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    crate::metrics::LATENCY_BUCKETS,
+                )
+                .expect("the bucket list is constant and not empty")
+                .build_recorder();
             let handle = recorder.handle();
             if let Err(err) = metrics::set_global_recorder(recorder) {
                 tracing::warn!(error = %err, "a metrics recorder was already installed; /metrics will be empty");

@@ -35,6 +35,7 @@ macro_rules! log_store_contract {
             a_new_grant_fences_the_previous_owner,
             retried_batches_return_the_original_sequences,
             a_producer_sequence_that_skips_ahead_is_rejected,
+            a_batch_expecting_another_head_is_refused,
             appends_commit_in_call_order,
             empty_batches_are_rejected,
             reads_return_linked_events_that_verify,
@@ -95,6 +96,7 @@ fn events(tag: &str, n: usize, base: u64) -> Vec<NewEvent> {
 
 fn batch(shard: &ShardId, producer_name: &str, seq: u64, epoch: Epoch, events: Vec<NewEvent>) -> AppendBatch {
     AppendBatch {
+        expected_first: None,
         shard: shard.clone(),
         producer: producer(producer_name),
         producer_seq: ProducerSeq(seq),
@@ -240,6 +242,36 @@ pub async fn a_producer_sequence_that_skips_ahead_is_rejected<S: LogStore>(store
     assert_eq!(head(store, &s).await, Sequence(1));
     store.append(batch(&s, "p", 2, epoch, events("b", 1, 0))).await.expect("the expected one lands");
     store.append(batch(&s, "q", 40, epoch, events("q", 1, 0))).await.expect("another producer starts anywhere");
+}
+
+/// A batch that names the sequence it expects to start at is written only
+/// there: one that would land after a lost batch is refused (nothing
+/// written), and a retry of a written batch is still recognised after the
+/// head moved on.
+pub async fn a_batch_expecting_another_head_is_refused<S: LogStore>(store: &S) {
+    let s = shard("contract.head");
+    let epoch = acquire(store, &s, "node-a").await;
+    let expecting = |seq, first: u64, tag| AppendBatch {
+        expected_first: Some(Sequence(first)),
+        ..batch(&s, "p", seq, epoch, events(tag, 2, 0))
+    };
+    let ack = store.append(expecting(1, 1, "a")).await.expect("starts at 1");
+    assert_eq!((ack.first, ack.last), (Sequence(1), Sequence(2)));
+    // Batch 2 was lost; batch 3 of another producer (say, after a restart)
+    // expects to follow it.
+    let err = store
+        .append(AppendBatch { expected_first: Some(Sequence(5)), ..batch(&s, "q", 1, epoch, events("c", 1, 0)) })
+        .await
+        .expect_err("the head is 2");
+    match err {
+        StoreError::HeadMismatch { expected, head, .. } => assert_eq!((expected, head), (Sequence(5), Sequence(2))),
+        other => panic!("expected a head mismatch, got {other:?}"),
+    }
+    assert_eq!(head(store, &s).await, Sequence(2), "nothing was written");
+    store.append(expecting(2, 3, "b")).await.expect("the expected start");
+    let retry = store.append(expecting(1, 1, "a")).await.expect("a retry is recognised first");
+    assert!(retry.duplicate);
+    assert_eq!(retry.first, Sequence(1));
 }
 
 /// Appends queued one after the other commit in that order even when their

@@ -29,6 +29,7 @@ use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence
 
 #[cfg(feature = "contract-tests")]
 pub mod contract;
+pub(crate) mod decision;
 pub mod metered;
 pub mod postgres;
 pub mod sqlite;
@@ -53,6 +54,9 @@ pub struct AppendBatch {
     pub producer_seq: ProducerSeq,
     /// Lease epoch the producer holds; must be the shard's current epoch.
     pub epoch: Epoch,
+    /// The sequence the producer expects the first event to get; when set,
+    /// a new batch is written only if it is the shard's next sequence.
+    pub expected_first: Option<Sequence>,
     /// Events in order; at least one.
     pub events: Vec<NewEvent>,
 }
@@ -242,6 +246,20 @@ pub enum StoreError {
         /// Producer sequence the store expects next.
         expected: ProducerSeq,
     },
+    /// The batch expects to start at another sequence than the shard's next:
+    /// a batch was written before it, or one its producer sent earlier was
+    /// not. Nothing of it was written.
+    #[error(
+        "shard {shard}: the batch expects its first event at {expected}, but the log's head is {head}; nothing was written"
+    )]
+    HeadMismatch {
+        /// Shard.
+        shard: ShardId,
+        /// The sequence the batch expected to start at.
+        expected: Sequence,
+        /// The shard's head.
+        head: Sequence,
+    },
     /// The requested events were trimmed by retention.
     #[error("shard {shard}: events below {low} were trimmed; start from the newest snapshot")]
     Trimmed {
@@ -315,6 +333,10 @@ pub trait LogStore: Send + Sync + 'static {
     ///   ahead fails with [`StoreError::OutOfOrder`]. The epoch and lease are
     ///   checked before the producer sequence, and a retry of a written batch
     ///   is acknowledged even after the epoch moved on (it is committed).
+    /// - A new batch with `expected_first` set is written only if that is the
+    ///   shard's next sequence; otherwise it fails with
+    ///   [`StoreError::HeadMismatch`]. The checks run in the order of
+    ///   [`decision::decide`].
     /// - Ordering: the batch is queued when `append` is called, not when the
     ///   future is first polled, so batches appended by one caller one after
     ///   the other are committed in that order even when their futures are

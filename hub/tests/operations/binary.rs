@@ -188,3 +188,93 @@ async fn a_bad_setting_stops_the_hub_with_the_flag_named() {
     assert!(stderr.contains("--tls-cert needs --tls-key"), "{stderr}");
     assert!(!dir.path().join(omnirelay_hub::defaults::SQLITE_PATH).exists(), "nothing was created");
 }
+
+/// An OTLP collector that keeps every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let mut spans = self.spans.lock().expect("test mutex");
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        other => Some(format!("{other:?}")),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_spans_are_exported_over_otlp_health_checks_included() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = HubProcess::start(dir.path(), &["--otlp-endpoint", &endpoint]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", hub.grpc))
+        .expect("valid URI")
+        .connect()
+        .await
+        .expect("connect");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace_id}-{parent_id}-01").parse().expect("a valid header value"));
+    HealthClient::new(channel).check(request).await.expect("health check");
+
+    // Spans still buffered are flushed when the hub exits.
+    let (code, log) = hub.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    let spans = collector.spans.lock().expect("test mutex").clone();
+    let span = spans
+        .iter()
+        .find(|span| span.name == "grpc.health.v1.Health/Check")
+        .unwrap_or_else(|| panic!("no health span among {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()));
+    assert_eq!(attribute(span, "rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(attribute(span, "rpc.service").as_deref(), Some("grpc.health.v1.Health"));
+    assert_eq!(attribute(span, "rpc.method").as_deref(), Some("Check"));
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(hex(&span.trace_id), trace_id, "the span continues the caller's trace");
+    assert_eq!(hex(&span.parent_span_id), parent_id);
+    server.abort();
+}
+
+#[tokio::test]
+async fn verifying_a_shard_that_does_not_exist_exits_3_not_the_corruption_status() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let output = hub_command(dir.path())
+        .args(["verify", "--shard", "resourcelease.nobody", "--sqlite-path", "verify.db"])
+        .output()
+        .await
+        .expect("run omnirelay-hub verify");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no such shard"), "{stderr}");
+}

@@ -42,6 +42,7 @@ async fn acknowledged_appends_survive_a_restart() {
         .map(|i| NewEvent { recorded_at: SystemTime::UNIX_EPOCH, body: Bytes::from(format!("event {i}")) })
         .collect();
     let batch = AppendBatch {
+        expected_first: None,
         shard: shard(),
         producer: ProducerId::parse("p").expect("valid"),
         producer_seq: ProducerSeq(1),

@@ -42,7 +42,8 @@ use super::{
 use super::{col, from_db, to_db};
 use crate::defaults;
 use crate::event::{self, ChainHash, LogEvent};
-use crate::ids::{Epoch, InvalidInput, ProducerId, ProducerSeq, Sequence, ShardId};
+use crate::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
+use crate::store::decision::{ShardView, decide};
 use crate::store::{AppendAck, AppendBatch, LogChange, StoreError, copy_error, count_mismatch, stored_hash};
 use crate::telemetry;
 
@@ -661,38 +662,9 @@ async fn copy_events(client: &deadpool_postgres::Client, rows: &EventRows<'_>) -
 /// Decides a batch that is neither a known nor an in-group retry.
 fn plan(batch: &AppendBatch, shard: Option<&mut LockedShard>, latest: Option<ProducerSeq>) -> Decision {
     let Some(shard) = shard else { return Decision::Reject(StoreError::NoLease { shard: batch.shard.clone() }) };
-    if !shard.held {
-        return Decision::Reject(StoreError::NoLease { shard: batch.shard.clone() });
-    }
-    if shard.epoch != batch.epoch {
-        return Decision::Reject(StoreError::StaleEpoch {
-            shard: batch.shard.clone(),
-            given: batch.epoch,
-            current: shard.epoch,
-        });
-    }
-    if let Some(latest) = latest {
-        if batch.producer_seq <= latest {
-            return Decision::Reject(
-                InvalidInput::new(
-                    "producer_seq",
-                    format!(
-                        "{} was already used by producer {} on shard {} and its record was trimmed \
-                         (the producer's latest is {latest}); nothing was written",
-                        batch.producer_seq, batch.producer, batch.shard
-                    ),
-                )
-                .into(),
-            );
-        }
-        if batch.producer_seq.0 != latest.0 + 1 {
-            return Decision::Reject(StoreError::OutOfOrder {
-                shard: batch.shard.clone(),
-                producer: batch.producer.clone(),
-                given: batch.producer_seq,
-                expected: ProducerSeq(latest.0 + 1),
-            });
-        }
+    let view = ShardView { held: shard.held, epoch: shard.epoch, head: shard.head };
+    if let Err(refused) = decide(batch, view, latest) {
+        return Decision::Reject(refused);
     }
     let events = event::chain(shard.head_hash, shard.head.next(), batch.epoch, &batch.events);
     let last = &events[events.len() - 1];

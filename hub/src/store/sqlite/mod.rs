@@ -39,6 +39,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::defaults;
 use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::store::decision::{ShardView, decide};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
     RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, copy_error,
@@ -423,40 +424,14 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
         return Ok(BatchOutcome::Duplicate(ack));
     }
 
-    if owner.is_none() {
-        return Err(StoreError::NoLease { shard: batch.shard.clone() });
-    }
-    let current = Epoch(from_db(epoch)?);
-    if current != batch.epoch {
-        return Err(StoreError::StaleEpoch { shard: batch.shard.clone(), given: batch.epoch, current });
-    }
     let latest: Option<i64> = db
         .prepare_cached("SELECT max(producer_seq) FROM producer_batches WHERE shard_no = ?1 AND producer_id = ?2")
         .map_err(sql)?
         .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
         .map_err(sql)?;
-    if let Some(latest) = latest {
-        let latest = ProducerSeq(from_db(latest)?);
-        if batch.producer_seq <= latest {
-            return Err(InvalidInput::new(
-                "producer_seq",
-                format!(
-                    "{} was already used by producer {} on shard {} and its record was trimmed \
-                     (the producer's latest is {latest}); nothing was written",
-                    batch.producer_seq, batch.producer, batch.shard
-                ),
-            )
-            .into());
-        }
-        if batch.producer_seq.0 != latest.0 + 1 {
-            return Err(StoreError::OutOfOrder {
-                shard: batch.shard.clone(),
-                producer: batch.producer.clone(),
-                given: batch.producer_seq,
-                expected: ProducerSeq(latest.0 + 1),
-            });
-        }
-    }
+    let latest = latest.map(|latest| from_db(latest).map(ProducerSeq)).transpose()?;
+    let view = ShardView { held: owner.is_some(), epoch: Epoch(from_db(epoch)?), head: Sequence(from_db(head)?) };
+    decide(batch, view, latest)?;
 
     let head = Sequence(from_db(head)?);
     let events = event::chain(stored_hash(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);

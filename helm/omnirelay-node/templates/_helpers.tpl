@@ -1,0 +1,41 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "omnirelay-node.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "omnirelay-node.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "omnirelay-node.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "omnirelay-node.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "omnirelay-node.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "omnirelay-node.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: omnirelay
+{{- end }}
+
+{{- define "omnirelay-node.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "omnirelay-node.validate" -}}
+{{- if and .Values.tls.clientCaSecret (not .Values.tls.existingSecret) }}
+{{- fail "tls.clientCaSecret (mutual TLS) needs tls.existingSecret (server TLS)" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,214 @@
+//! The operations tools the deployment tests run for real: a Python
+//! environment with Helm's SDK and Kubernetes' schemas, Prometheus' server
+//! and `promtool`, and the workspace's own binaries.
+//!
+//! Every tool that is missing is an error saying how to install it; no test
+//! skips because of one, in CI or elsewhere.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::binaries::{is_executable, path_dirs};
+use crate::{HarnessError, Result};
+
+/// The Python packages the chart checks import, pinned (see
+/// `helm/tests/requirements.txt`, which this must match).
+const REQUIREMENTS: &str = include_str!("../../helm/tests/requirements.txt");
+
+/// The workspace's root folder.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate sits in the workspace").to_path_buf()
+}
+
+/// Cargo's target folder (`CARGO_TARGET_DIR`, else `target/` in the workspace).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// A virtual environment with `helm/tests/requirements.txt` installed.
+#[derive(Debug, Clone)]
+pub struct PythonTools {
+    /// The environment's interpreter.
+    pub python: PathBuf,
+}
+
+impl PythonTools {
+    /// Creates (once, under a file lock, in `target/ops-venv`) or reuses the
+    /// environment. Installing downloads about 80 MB from PyPI the first
+    /// time; later runs reuse it while the requirements are unchanged.
+    pub fn ensure() -> Result<Self> {
+        let target = target_dir();
+        std::fs::create_dir_all(&target).map_err(|source| io("create the target folder", source))?;
+        let lock = std::fs::File::create(target.join("ops-venv.lock"))
+            .map_err(|source| io("create the environment's lock file", source))?;
+        lock.lock().map_err(|source| io("lock the Python environment", source))?;
+        let venv = target.join("ops-venv");
+        let python = venv.join("bin").join("python");
+        let marker = venv.join("omnirelay-requirements.txt");
+        if is_executable(&python) && std::fs::read_to_string(&marker).is_ok_and(|installed| installed == REQUIREMENTS) {
+            return Ok(Self { python });
+        }
+        let python3 =
+            path_dirs().into_iter().map(|dir| dir.join("python3")).find(|p| is_executable(p)).ok_or_else(|| {
+                process(
+                    "find python3",
+                    "python3 is not on PATH. Fix: `apt-get install python3 python3-venv` (scripts/test does)".into(),
+                )
+            })?;
+        let _ = std::fs::remove_dir_all(&venv);
+        run(
+            Command::new(&python3).args(["-m", "venv"]).arg(&venv),
+            "create a Python virtual environment (python3 -m venv; Debian needs python3-venv)",
+        )?;
+        let requirements = target.join("ops-requirements.txt");
+        std::fs::write(&requirements, REQUIREMENTS).map_err(|source| io("write the requirements", source))?;
+        run(
+            Command::new(venv.join("bin").join("pip"))
+                .args(["install", "--disable-pip-version-check", "--quiet", "-r"])
+                .arg(&requirements),
+            "install helm/tests/requirements.txt from PyPI into target/ops-venv",
+        )?;
+        std::fs::write(&marker, REQUIREMENTS).map_err(|source| io("mark the environment installed", source))?;
+        Ok(Self { python })
+    }
+
+    /// Runs a Python script of the repository with arguments; returns its
+    /// standard output, or an error with its standard error.
+    pub fn run_script(&self, script: &Path, args: &[&str]) -> Result<String> {
+        let output = Command::new(&self.python)
+            .arg(script)
+            .args(args)
+            .output()
+            .map_err(|source| io(&format!("run {}", script.display()), source))?;
+        if !output.status.success() {
+            return Err(process(
+                &format!("{} {}", script.display(), args.join(" ")),
+                format!("{}\n{}", String::from_utf8_lossy(&output.stderr), String::from_utf8_lossy(&output.stdout)),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// Prometheus' programs, from Debian's `prometheus` package.
+#[derive(Debug, Clone)]
+pub struct PrometheusTools {
+    /// The server.
+    pub prometheus: PathBuf,
+    /// `promtool`: checks and unit-tests rules, checks expressions.
+    pub promtool: PathBuf,
+}
+
+impl PrometheusTools {
+    /// Finds `prometheus` and `promtool` on `PATH`.
+    pub fn find() -> Result<Self> {
+        let find = |name: &str| {
+            path_dirs().into_iter().map(|dir| dir.join(name)).find(|p| is_executable(p)).ok_or_else(|| {
+                process(
+                    &format!("find {name}"),
+                    format!("{name} is not on PATH. Fix: run scripts/test, which installs it; or `apt-get install prometheus`"),
+                )
+            })
+        };
+        Ok(Self { prometheus: find("prometheus")?, promtool: find("promtool")? })
+    }
+}
+
+/// Paths of the workspace's binaries, built for this test run.
+#[derive(Debug, Clone)]
+pub struct WorkspaceBinaries {
+    /// `omnirelay-hub`.
+    pub hub: PathBuf,
+    /// `omnirelay` (the CLI and the sidecar node).
+    pub omnirelay: PathBuf,
+}
+
+impl WorkspaceBinaries {
+    /// Builds (or finds fresh) `omnirelay-hub` and `omnirelay` with cargo,
+    /// so a test never runs a stale binary, and returns their paths as cargo
+    /// reports them. A test crate cannot name another package's binaries
+    /// (`CARGO_BIN_EXE_*` covers its own only), hence the build.
+    pub fn build() -> Result<Self> {
+        let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| "cargo".into());
+        let output = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--message-format=json-render-diagnostics",
+                "-p",
+                "omnirelay-hub",
+                "--bin",
+                "omnirelay-hub",
+                "-p",
+                "omnirelay-cli",
+                "--bin",
+                "omnirelay",
+            ])
+            .output()
+            .map_err(|source| io("run cargo build", source))?;
+        if !output.status.success() {
+            return Err(process(
+                "cargo build the hub and the CLI",
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            ));
+        }
+        let mut hub = None;
+        let mut omnirelay = None;
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            // Cargo's artifact messages: {"reason":"compiler-artifact",...,"executable":"/path"}.
+            let Some(start) = line.find("\"executable\":\"") else { continue };
+            let rest = &line[start + 14..];
+            let Some(end) = rest.find('"') else { continue };
+            let path = PathBuf::from(&rest[..end]);
+            match path.file_name().and_then(|n| n.to_str()) {
+                Some("omnirelay-hub") => hub = Some(path),
+                Some("omnirelay") => omnirelay = Some(path),
+                _ => {}
+            }
+        }
+        let missing = |name: &str| process("cargo build", format!("cargo reported no {name} executable"));
+        Ok(Self {
+            hub: hub.ok_or_else(|| missing("omnirelay-hub"))?,
+            omnirelay: omnirelay.ok_or_else(|| missing("omnirelay"))?,
+        })
+    }
+}
+
+/// A free loopback port (bound and released; good enough for a child process
+/// started right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("binding an ephemeral loopback port should work")
+}
+
+/// Writes `contents` to `path`, creating its folder.
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| io("create a folder", source))?;
+    }
+    let mut file = std::fs::File::create(path).map_err(|source| io("create a file", source))?;
+    file.write_all(contents).map_err(|source| io("write a file", source))
+}
+
+fn run(command: &mut Command, what: &str) -> Result<()> {
+    let output = command.output().map_err(|source| io(what, source))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(process(
+            what,
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
+        ))
+    }
+}
+
+fn io(what: &str, source: std::io::Error) -> HarnessError {
+    HarnessError::Io { what: what.to_string(), source }
+}
+
+fn process(what: &str, detail: String) -> HarnessError {
+    HarnessError::Process { what: what.to_string(), detail }
+}
