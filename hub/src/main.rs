@@ -92,7 +92,8 @@ async fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             Box::new(PgStore::open(PgStoreConfig::from_config(&config)).await.context("open the PostgreSQL log store")?)
         }
         StoreConfig::Sqlite { path } => {
-            Box::new(SqliteStore::open(path).await.context("open the embedded SQLite log store")?)
+            // Never create a store to verify it: a typo must fail, not pass.
+            Box::new(SqliteStore::open_existing(path).await.context("open the embedded SQLite log store")?)
         }
     };
     let reports = match &args.shard {

@@ -188,3 +188,19 @@ async fn a_bad_setting_stops_the_hub_with_the_flag_named() {
     assert!(stderr.contains("--tls-cert needs --tls-key"), "{stderr}");
     assert!(!dir.path().join(omnirelay_hub::defaults::SQLITE_PATH).exists(), "nothing was created");
 }
+
+#[tokio::test]
+async fn verify_refuses_a_sqlite_path_that_does_not_exist() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let typo = dir.path().join("omnirelay-hbu.db");
+    let output = hub_command(dir.path())
+        .args(["verify", "--sqlite-path", typo.to_str().expect("UTF-8 path")])
+        .output()
+        .await
+        .expect("run omnirelay-hub verify");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "a missing store is a failure, never `ok`: {stdout}{stderr}");
+    assert!(stderr.contains("omnirelay-hbu.db") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stdout.contains("no shards to verify"), "{stdout}");
+    assert!(!typo.exists(), "verify must not create the store it was asked to check");
+}

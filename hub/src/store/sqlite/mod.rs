@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::defaults;
@@ -90,6 +90,17 @@ pub enum SqliteOpenError {
     /// The store's thread could not be started.
     #[error("cannot start the SQLite store thread")]
     Thread(#[source] std::io::Error),
+    /// [`SqliteStore::open_existing`] found no file: a store is never
+    /// created by a command that only reads it (a mistyped path would
+    /// otherwise verify an empty store and report success).
+    #[error(
+        "the embedded SQLite store {} does not exist; check --sqlite-path (this command never creates a store)",
+        path.display()
+    )]
+    Missing {
+        /// The path given.
+        path: PathBuf,
+    },
 }
 
 /// Work for the store thread.
@@ -131,10 +142,21 @@ impl SqliteStore {
     /// Opens (creating if needed) the store in `path`, takes its exclusive
     /// lock, brings its schema up to date and starts its thread.
     pub async fn open(path: impl Into<PathBuf>) -> Result<SqliteStore, SqliteOpenError> {
-        let path = path.into();
+        Self::open_with(path.into(), true).await
+    }
+
+    /// Opens the store in `path` like [`SqliteStore::open`], but refuses a
+    /// file that does not exist ([`SqliteOpenError::Missing`]) instead of
+    /// creating an empty store: for commands that inspect a store, such as
+    /// `omnirelay-hub verify`.
+    pub async fn open_existing(path: impl Into<PathBuf>) -> Result<SqliteStore, SqliteOpenError> {
+        Self::open_with(path.into(), false).await
+    }
+
+    async fn open_with(path: PathBuf, create: bool) -> Result<SqliteStore, SqliteOpenError> {
         let opened = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || open_connection(&path))
+            tokio::task::spawn_blocking(move || open_connection(&path, create))
                 .await
                 .map_err(|err| SqliteOpenError::Thread(std::io::Error::other(err)))??
         };
@@ -192,7 +214,7 @@ impl SqliteStore {
 }
 
 /// Opens the file, takes the exclusive lock and migrates.
-fn open_connection(path: &Path) -> Result<Connection, SqliteOpenError> {
+fn open_connection(path: &Path, create: bool) -> Result<Connection, SqliteOpenError> {
     let open_error = |source: rusqlite::Error| {
         if is_busy(&source) {
             SqliteOpenError::Locked { path: path.to_path_buf() }
@@ -200,7 +222,13 @@ fn open_connection(path: &Path) -> Result<Connection, SqliteOpenError> {
             SqliteOpenError::Open { path: path.to_path_buf(), source }
         }
     };
-    let mut connection = Connection::open(path).map_err(open_error)?;
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    } else if !path.is_file() {
+        return Err(SqliteOpenError::Missing { path: path.to_path_buf() });
+    }
+    let mut connection = Connection::open_with_flags(path, flags).map_err(open_error)?;
     // Fail at once when another store holds the file, instead of waiting.
     connection.busy_timeout(Duration::ZERO).map_err(open_error)?;
     // Exclusive locking mode: the lock taken below is kept until the
