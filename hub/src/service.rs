@@ -17,13 +17,12 @@ use tracing::Instrument as _;
 
 use crate::defaults;
 use crate::error::{self, HubError};
-use crate::event;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
 use crate::store::LogStore;
 use crate::subscribe::{FrameStream, Subscriptions};
 use crate::telemetry::{self, HubCounters, ReadPurpose};
-use crate::wire;
+use crate::{verify, wire};
 
 /// The Hub service of one replica.
 #[derive(Clone)]
@@ -175,13 +174,10 @@ impl pb::hub_server::Hub for HubService {
             .read_range(shard.clone(), Sequence(request.from_sequence), to, limit)
             .await
             .map_err(HubError::from)?;
-        event::verify(&shard, page.from, &page.anchor, &page.events).map_err(HubError::from)?;
-        let events = page
-            .events
-            .iter()
-            .map(|e| wire::event(&shard, e))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(HubError::from)?;
+        // The same checks `omnirelay-hub verify` makes: a hole anywhere in
+        // or just before the range, a broken link or hash, an undecodable
+        // body all fail the read, naming the first bad sequence.
+        let events = verify::decode_page(&page).map_err(HubError::from)?;
         Ok(Response::new(pb::ReadRangeResponse { events, head_sequence: page.head.0, low_sequence: page.low.0 }))
     }
 

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::defaults;
 use crate::error::HubError;
-use crate::event::{self, ChainHash, CorruptEvent, LogEvent};
+use crate::event::{ChainHash, CorruptEvent, LogEvent};
 use crate::ids::{Sequence, ShardId};
 use crate::proto::hub::v1 as pb;
 use crate::store::{LogStore, StoreError};
@@ -325,7 +325,7 @@ impl Follower {
                 Err(StoreError::UnknownShard { .. }) => return Ok(true),
                 Err(err) => return Err(err.into()),
             };
-            if let Err(corrupt) = event::verify(&self.shard, page.from, &page.anchor, &page.events) {
+            if let Err(corrupt) = page.verify() {
                 // Deliver what precedes the corrupt event, then fail.
                 let valid: Vec<LogEvent> =
                     page.events.iter().take_while(|e| e.sequence < corrupt.sequence).cloned().collect();
@@ -386,7 +386,17 @@ impl Follower {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for event in events {
-            let served = wire::event(&self.shard, event)?;
+            let served = match wire::event(&self.shard, event) {
+                Ok(served) => served,
+                Err(corrupt) => {
+                    // The events before it are verified: deliver them, then
+                    // fail, as for any other corruption.
+                    if !batch.is_empty() {
+                        self.send_events(std::mem::take(&mut batch)).await;
+                    }
+                    return Err(corrupt.into());
+                }
+            };
             let size = served.encoded_len();
             if !batch.is_empty() && bytes + size > defaults::MAX_FRAME_BYTES {
                 if !self.send_events(std::mem::take(&mut batch)).await {

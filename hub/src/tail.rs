@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::defaults;
-use crate::event::{self, ChainHash, CorruptEvent, LogEvent};
+use crate::event::{ChainHash, CorruptEvent, LogEvent};
 use crate::ids::{Sequence, ShardId};
 use crate::store::{LogChange, LogStore, StoreError};
 use crate::telemetry::{HubCounters, ReadPurpose};
@@ -282,34 +282,22 @@ async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
             Step::Read(from, to) => {
                 inner.counters.read(ReadPurpose::Tail);
                 match inner.store.read_range(feed.shard.clone(), from, Some(to), defaults::TAIL_READ_BATCH).await {
-                    Ok(page) if page.events.is_empty() && page.head >= from => {
-                        // The store's head says the event exists, yet no row
-                        // came back: it was deleted behind the log's back.
-                        let corrupt = CorruptEvent {
-                            shard: feed.shard.clone(),
-                            sequence: from,
-                            reason: "missing from the stored log".into(),
-                        };
-                        tracing::error!(shard = %feed.shard, sequence = %from, "live tail met a missing event");
-                        published = to;
-                        last_hash = None;
-                        let _ = feed.chunks.send(TailChunk::Corrupt(Arc::new(corrupt)));
-                    }
-                    Ok(page) if page.events.is_empty() => {
-                        // Announced but not visible (yet): never skip; wait
-                        // for the next change or retry shortly.
-                        sleep_or_cancel(&inner).await;
-                    }
                     Ok(page) => {
-                        let chained = match last_hash {
-                            Some(hash) if hash != page.anchor => Err(CorruptEvent {
+                        // The page's own checks (a hole before, inside or at
+                        // the end of it; links; hashes), then its link to
+                        // what this feed published last.
+                        let chained = page.verify().and_then(|()| match (last_hash, page.events.first()) {
+                            (Some(hash), Some(_)) if hash != page.anchor => Err(CorruptEvent {
                                 shard: feed.shard.clone(),
                                 sequence: from,
                                 reason: "it does not link to the event before it".into(),
                             }),
-                            _ => event::verify(&feed.shard, from, &page.anchor, &page.events),
-                        };
+                            _ => Ok(()),
+                        });
                         match chained {
+                            // Announced but not visible (yet): never skip;
+                            // wait for the next change or retry shortly.
+                            Ok(()) if page.events.is_empty() => sleep_or_cancel(&inner).await,
                             Ok(()) => {
                                 let last = &page.events[page.events.len() - 1];
                                 published = last.sequence;
@@ -318,8 +306,15 @@ async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
                             }
                             Err(corrupt) => {
                                 tracing::error!(shard = %feed.shard, sequence = %corrupt.sequence, reason = %corrupt.reason, "live tail met a corrupt event");
-                                // Skip past it: subscribers that reach it stop
-                                // with an error; nothing corrupt is published.
+                                // Publish the valid events before it, then
+                                // skip past it: subscribers deliver those and
+                                // stop with an error when they reach it;
+                                // nothing corrupt is published.
+                                let valid: Vec<LogEvent> =
+                                    page.events.into_iter().take_while(|e| e.sequence < corrupt.sequence).collect();
+                                if !valid.is_empty() {
+                                    let _ = feed.chunks.send(TailChunk::Events(Arc::from(valid)));
+                                }
                                 published = to;
                                 last_hash = None;
                                 let _ = feed.chunks.send(TailChunk::Corrupt(Arc::new(corrupt)));

@@ -120,12 +120,92 @@ pub struct EventPage {
     /// Stored hash of the event before `from` (the chain anchor).
     pub anchor: ChainHash,
     /// Events as stored, linked (`prev_hash` is the stored hash of the row
-    /// before), not yet verified; see [`crate::event::verify`].
+    /// before), not yet verified; see [`EventPage::verify`].
     pub events: Vec<LogEvent>,
     /// Head of the shard when read.
     pub head: Sequence,
     /// Lowest stored sequence when read.
     pub low: Sequence,
+    /// The last sequence this page must reach if the log is intact: the
+    /// requested end, capped by the head and the read's limit (`from - 1`
+    /// when nothing is due). Fewer events means stored rows are missing.
+    pub through: Sequence,
+    /// True when the event just before `from` should be stored (it is at or
+    /// above the low-water mark and at or below the head) but is not: a
+    /// hole right before the page, which no event of the page can be
+    /// checked against.
+    pub anchor_missing: bool,
+}
+
+impl EventPage {
+    /// Builds a page from what a store read in one snapshot: the anchor row
+    /// (the stored hash of `from - 1`, if that row came back), the rows from
+    /// `from` on (at most `limit`), and the shard's head, low-water mark and
+    /// its anchor hash. Both stores build pages here, so they judge a hole
+    /// alike.
+    #[allow(clippy::too_many_arguments)] // One call per store; a struct would only rename them.
+    pub(crate) fn assemble(
+        shard: ShardId,
+        from: Sequence,
+        to: Option<Sequence>,
+        limit: usize,
+        anchor: Option<ChainHash>,
+        rows: Vec<crate::event::StoredRow>,
+        state: (Sequence, Sequence, ChainHash),
+    ) -> EventPage {
+        let (head, low, low_prev_hash) = state;
+        let (anchor, anchor_missing) = match anchor {
+            Some(hash) => (hash, false),
+            // Not stored because it was trimmed: the low-water anchor.
+            None if from == low => (low_prev_hash, false),
+            // Below 1 (the zero hash), or past the head (nothing to link).
+            None if from <= low || from.prev() > head => (ChainHash::ZERO, false),
+            // Should be stored and is not: a hole. The zero anchor makes the
+            // first event fail too, should a reader skip this flag.
+            None => (ChainHash::ZERO, true),
+        };
+        let end = to.map_or(head, |to| to.min(head));
+        let by_limit = Sequence(from.0.saturating_add(limit as u64).saturating_sub(1));
+        let through = if limit == 0 { from.prev() } else { end.min(by_limit) };
+        EventPage {
+            events: crate::event::link(anchor, rows),
+            shard,
+            from,
+            anchor,
+            head,
+            low,
+            through: through.max(from.prev()),
+            anchor_missing,
+        }
+    }
+
+    /// Checks the page as every reader must before serving any of it: the
+    /// event before it is stored, each event is where it belongs, links to
+    /// the one before and matches its hash, and no event the page should
+    /// hold is missing, at its start, middle or end. Returns the first
+    /// corrupt (or missing) sequence; every event before it is valid.
+    ///
+    /// A body that does not decode is the one check left to the readers
+    /// that decode it (see [`crate::verify::check_page`]).
+    pub fn verify(&self) -> Result<(), CorruptEvent> {
+        if self.anchor_missing {
+            return Err(CorruptEvent {
+                shard: self.shard.clone(),
+                sequence: self.from.prev(),
+                reason: format!("missing from the stored log (the head is {})", self.head),
+            });
+        }
+        crate::event::verify(&self.shard, self.from, &self.anchor, &self.events)?;
+        let held = self.events.len() as u64;
+        if self.through >= self.from && held < self.through.0 - self.from.0 + 1 {
+            return Err(CorruptEvent {
+                shard: self.shard.clone(),
+                sequence: Sequence(self.from.0 + held),
+                reason: format!("missing from the stored log (the head is {})", self.head),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A subscriber's position on one shard.

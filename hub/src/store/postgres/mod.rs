@@ -405,16 +405,8 @@ impl LogStore for PgStore {
                     hash: Bytes::from(hash),
                 });
             }
-            let anchor = match anchor {
-                Some(hash) => hash,
-                // The event before `from` is not stored: it was trimmed (the
-                // low-water anchor), or `from` is 1 (zero hash; the
-                // low-water anchor is zero then too). If it is missing for
-                // another reason the first event fails verification.
-                None if from == low => stored_hash(col(first, "low_prev_hash")?, "low_prev_hash")?,
-                None => ChainHash::ZERO,
-            };
-            Ok(EventPage { shard, from, anchor, events: event::link(anchor, stored), head, low })
+            let low_prev_hash = stored_hash(col(first, "low_prev_hash")?, "low_prev_hash")?;
+            Ok(EventPage::assemble(shard, from, to, limit, anchor, stored, (head, low, low_prev_hash)))
         })
     }
 

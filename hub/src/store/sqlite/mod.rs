@@ -741,20 +741,15 @@ impl LogStore for SqliteStore {
                     hash: Bytes::from(hash),
                 });
             }
-            let anchor = match anchor {
-                Some(hash) => hash,
-                // Not stored: trimmed (the low-water anchor) or before 1.
-                None if from == state.low => state.low_prev_hash,
-                None => ChainHash::ZERO,
-            };
-            Ok(EventPage {
+            Ok(EventPage::assemble(
                 shard,
                 from,
+                to,
+                limit,
                 anchor,
-                events: event::link(anchor, stored),
-                head: state.lease.head,
-                low: state.low,
-            })
+                stored,
+                (state.lease.head, state.low, state.low_prev_hash),
+            ))
         })
     }
 
