@@ -124,6 +124,13 @@ pub struct VerifyArgs {
     /// Verify every shard whose id starts with this (all when empty).
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub prefix: String,
+    /// A hash the log must still hold, saved from an earlier run: the
+    /// shard, a sequence and that event's hash as `verify` prints it
+    /// (`head=` and `head_hash=`), e.g.
+    /// `resourcelease.users@1200=9f86d0...`. Repeatable. A log rewritten
+    /// with every hash recomputed still chains; it no longer matches this.
+    #[arg(long = "anchor", value_name = "SHARD@SEQUENCE=HASH")]
+    pub anchors: Vec<crate::verify::Anchor>,
 }
 
 impl Cli {

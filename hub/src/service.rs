@@ -17,6 +17,7 @@ use tracing::Instrument as _;
 
 use crate::defaults;
 use crate::error::{self, HubError};
+use crate::event::ChainHash;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
 use crate::store::LogStore;
@@ -76,9 +77,18 @@ impl pb::hub_server::Hub for HubService {
         let request = request.into_inner();
         let subscriber = wire::subscriber(request.subscriber_id).map_err(HubError::from)?;
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let hash = match request.hash.len() {
+            0 => None,
+            _ => Some(ChainHash::from_slice(&request.hash).ok_or_else(|| {
+                HubError::from(InvalidInput::new(
+                    "hash",
+                    format!("{} bytes; a chain hash is 32 bytes (the event's `hash`), or empty", request.hash.len()),
+                ))
+            })?),
+        };
         let commit = self
             .store
-            .commit_checkpoint(subscriber, shard, Sequence(request.sequence))
+            .commit_checkpoint(subscriber, shard, Sequence(request.sequence), hash)
             .await
             .map_err(HubError::from)?;
         Ok(Response::new(pb::CommitCheckpointResponse {

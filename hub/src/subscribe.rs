@@ -58,13 +58,13 @@ impl Subscriptions {
         // Subscribe to discoveries before listing, so no shard created in
         // between is missed.
         let discovered = self.tail.discoveries();
-        let checkpoints: HashMap<ShardId, Sequence> = match selection.start {
+        let checkpoints: HashMap<ShardId, (Sequence, Option<ChainHash>)> = match selection.start {
             Start::Checkpoint => self
                 .store
                 .checkpoints(Some(selection.subscriber.clone()), Vec::new())
                 .await?
                 .into_iter()
-                .map(|c| (c.shard, c.sequence))
+                .map(|c| (c.shard, (c.sequence, c.hash)))
                 .collect(),
             _ => HashMap::new(),
         };
@@ -197,7 +197,7 @@ impl Subscriptions {
         &self,
         shard: ShardId,
         selection: &Selection,
-        checkpoints: &HashMap<ShardId, Sequence>,
+        checkpoints: &HashMap<ShardId, (Sequence, Option<ChainHash>)>,
         discovered_later: bool,
         known_head: Option<Sequence>,
         frames: &mpsc::Sender<pb::SubscribeResponse>,
@@ -211,7 +211,7 @@ impl Subscriptions {
             }
         };
         let cursor = match selection.start {
-            Start::Checkpoint => checkpoints.get(&shard).copied().unwrap_or_default(),
+            Start::Checkpoint => checkpoints.get(&shard).map_or(Sequence::ZERO, |(sequence, _)| *sequence),
             Start::After(sequence) => sequence,
             // A shard created after the subscription started: all of it is new.
             Start::Latest if discovered_later => Sequence::ZERO,
@@ -224,6 +224,12 @@ impl Subscriptions {
                 }
             }
         };
+        // A checkpoint pins the event it stops at: the first event delivered
+        // must link to the hash recorded with it.
+        let start_hash = match selection.start {
+            Start::Checkpoint => checkpoints.get(&shard).and_then(|(_, hash)| *hash),
+            _ => None,
+        };
         Ok(Follower {
             store: self.store.clone(),
             counters: self.counters.clone(),
@@ -233,6 +239,7 @@ impl Subscriptions {
             shard,
             live,
             start: cursor,
+            start_hash,
         })
     }
 }
@@ -240,7 +247,7 @@ impl Subscriptions {
 /// The driver's view of a subscription.
 struct Driver {
     selection: Selection,
-    checkpoints: HashMap<ShardId, Sequence>,
+    checkpoints: HashMap<ShardId, (Sequence, Option<ChainHash>)>,
     followed: HashSet<ShardId>,
     frames_in: mpsc::Sender<pb::SubscribeResponse>,
     discovered: broadcast::Receiver<ShardId>,
@@ -259,22 +266,38 @@ struct Follower {
     live: broadcast::Receiver<TailChunk>,
     /// Last sequence not to deliver (the resolved start position).
     start: Sequence,
+    /// Hash of the event at `start` as the subscriber's checkpoint recorded
+    /// it, when it starts from one.
+    start_hash: Option<ChainHash>,
 }
 
 /// The position a follower has delivered through.
 struct Position {
     /// Last delivered sequence.
     cursor: Sequence,
-    /// Hash of the last delivered event (or snapshot); `None` before the
-    /// first delivery.
+    /// Hash of the last delivered event (or snapshot); before the first
+    /// delivery, the hash the checkpoint recorded, if any.
     hash: Option<ChainHash>,
+    /// True until the first delivery: `hash` is then the checkpoint's.
+    from_checkpoint: bool,
+}
+
+impl Position {
+    /// Why an event that does not link to `hash` is corrupt.
+    fn broken_link(&self) -> String {
+        if self.from_checkpoint {
+            format!("it does not link to the hash the subscriber's checkpoint recorded for sequence {}", self.cursor)
+        } else {
+            "it does not link to the event delivered before it".into()
+        }
+    }
 }
 
 impl Follower {
     async fn run(mut self) -> Result<(), HubError> {
         // The position moves as events are delivered; the methods below
         // borrow the follower and the position separately.
-        let mut position = Position { cursor: self.start, hash: None };
+        let mut position = Position { cursor: self.start, hash: self.start_hash, from_checkpoint: true };
         loop {
             if !self.catch_up(&mut position).await? {
                 return Ok(());
@@ -340,7 +363,7 @@ impl Follower {
                 return Err(CorruptEvent {
                     shard: self.shard.clone(),
                     sequence: page.from,
-                    reason: "it does not link to the event delivered before it".into(),
+                    reason: position.broken_link(),
                 }
                 .into());
             }
@@ -362,6 +385,7 @@ impl Follower {
         })?;
         position.cursor = snapshot.sequence;
         position.hash = Some(snapshot.hash);
+        position.from_checkpoint = false;
         let frame = pb::SubscribeResponse {
             frame: Some(pb::subscribe_response::Frame::Snapshot(pb::SnapshotFrame {
                 snapshot: Some(wire::snapshot(&snapshot, true)),
@@ -408,6 +432,7 @@ impl Follower {
             batch.push(served);
             position.cursor = event.sequence;
             position.hash = Some(event.hash);
+            position.from_checkpoint = false;
         }
         let sent = self.send_events(batch).await;
         if sent {

@@ -239,6 +239,7 @@ async fn bad_input_is_answered_naming_the_field_and_changes_nothing() {
             subscriber_id: "sink".into(),
             shard_id: shard.into(),
             sequence: 99,
+            hash: Default::default(),
         })
         .await
         .expect_err("past the head");

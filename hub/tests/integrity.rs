@@ -314,3 +314,115 @@ async fn an_undecodable_body_with_a_recomputed_hash_fails_verify_and_readers_ali
     hub.stop().await;
     omnirelay_hub::store::LogStore::close(&store).await.expect("close");
 }
+
+#[tokio::test]
+async fn a_consistently_rewritten_tail_is_caught_by_checkpoints_and_saved_anchors() {
+    let (store, db) = support::fresh_store().await;
+    let hub = TestHub::start(db.url()).await;
+    let shard = "resourcelease.forged";
+    ten_events(&hub, shard).await;
+    let mut client = hub.client().await;
+    // A subscriber processed everything and checkpointed 8 with the hash it
+    // received; it also holds event 9's hash, not yet checkpointed.
+    let received = client
+        .read_range(pb::ReadRangeRequest { shard_id: shard.into(), from_sequence: 1, to_sequence: 0, limit: 0 })
+        .await
+        .expect("read")
+        .into_inner()
+        .events;
+    let committed = client
+        .commit_checkpoint(pb::CommitCheckpointRequest {
+            subscriber_id: "sink".into(),
+            shard_id: shard.into(),
+            sequence: 8,
+            hash: received[7].hash.clone(),
+        })
+        .await
+        .expect("a hash the log holds is accepted")
+        .into_inner();
+    assert_eq!(committed.checkpoint.expect("stored").hash, received[7].hash);
+    // The operator saves the head and its hash from a clean run.
+    let (code, output) = verify_command(db.url(), Some(shard)).await;
+    assert_eq!(code, 0, "{output}");
+    let saved = output.split("head_hash=").nth(1).and_then(|rest| rest.split_whitespace().next()).expect("printed");
+    let anchor = format!("{shard}@10={saved}");
+
+    // Rewrite 6..10 with other (valid) bodies and recompute every hash and
+    // the head hash: the chain inside the database is consistent.
+    let first_body = db
+        .client()
+        .await
+        .query_one(
+            "SELECT body FROM events WHERE sequence = 1 AND shard_no = (SELECT shard_no FROM shards WHERE shard_id = $1)",
+            &[&shard],
+        )
+        .await
+        .expect("read a body")
+        .get::<_, Vec<u8>>(0);
+    forge(&db, shard, 6, |_, _| first_body.clone()).await;
+
+    let report = verify::verify_shard(&store, ShardId::parse(shard).expect("valid")).await.expect("verify");
+    let corrupt = report.corrupt.expect("the checkpoint's hash no longer matches");
+    assert_eq!(corrupt.sequence, Sequence(8));
+    assert!(corrupt.reason.contains("subscriber sink's checkpoint"), "{}", corrupt.reason);
+    // Resuming from the checkpoint, the hub refuses to hand the subscriber
+    // events that do not continue what it processed.
+    let mut frames = client
+        .subscribe(pb::SubscribeRequest {
+            subscriber_id: "sink".into(),
+            shard_ids: vec![shard.into()],
+            start: Some(pb::StartPosition { position: Some(pb::start_position::Position::FromCheckpoint(true)) }),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), frames.message()).await.expect("a frame within 30 s") {
+            Ok(Some(pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Events(batch)) })) => {
+                panic!("forged events were served: {:?}", batch.events.iter().map(|e| e.sequence).collect::<Vec<_>>())
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without reporting the forgery"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(status.message().contains("checkpoint"), "{}", status.message());
+
+    // A forger who also rewrites the checkpoints in the database...
+    db.client()
+        .await
+        .execute(
+            "UPDATE checkpoints SET hash = e.hash FROM events e
+             WHERE e.shard_no = checkpoints.shard_no AND e.sequence = checkpoints.sequence",
+            &[],
+        )
+        .await
+        .expect("rewrite the checkpoints");
+    let (code, output) = verify_command(db.url(), Some(shard)).await;
+    assert_eq!(code, 0, "nothing inside the database disagrees any more: {output}");
+    // ...is still caught by what lives outside it: the operator's anchor,
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_omnirelay-hub"))
+        .args(["verify", "--database-url", db.url(), "--anchor", &anchor])
+        .output()
+        .await
+        .expect("run verify with the saved anchor");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("first corrupt sequence 10") && stdout.contains("the anchor given"), "{stdout}");
+    // ...and the subscriber's own copy of the hashes it received.
+    let err = client
+        .commit_checkpoint(pb::CommitCheckpointRequest {
+            subscriber_id: "sink".into(),
+            shard_id: shard.into(),
+            sequence: 9,
+            hash: received[8].hash.clone(),
+        })
+        .await
+        .expect_err("the log no longer holds what the subscriber received");
+    assert_eq!(err.code(), tonic::Code::Internal);
+    assert!(err.message().contains("sequence 9") && err.message().contains("subscriber sink"), "{}", err.message());
+    hub.stop().await;
+    omnirelay_hub::store::LogStore::close(&store).await.expect("close");
+}

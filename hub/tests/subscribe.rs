@@ -120,6 +120,7 @@ async fn after_a_checkpoint_commit_a_resumed_subscriber_never_sees_an_event_agai
             subscriber_id: "sink".into(),
             shard_id: shard.into(),
             sequence: 7,
+            hash: Default::default(),
         })
         .await
         .expect("commit")
@@ -130,6 +131,7 @@ async fn after_a_checkpoint_commit_a_resumed_subscriber_never_sees_an_event_agai
             subscriber_id: "sink".into(),
             shard_id: shard.into(),
             sequence: 3,
+            hash: Default::default(),
         })
         .await
         .expect("commit")
@@ -236,6 +238,7 @@ async fn a_subscriber_whose_checkpoint_was_trimmed_gets_the_snapshot_then_the_ta
             subscriber_id: "gone".into(),
             shard_id: shard.into(),
             sequence: 2,
+            hash: Default::default(),
         })
         .await
         .expect("commit");

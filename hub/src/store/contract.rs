@@ -40,6 +40,7 @@ macro_rules! log_store_contract {
             reads_return_linked_events_that_verify,
             leases_renew_release_and_report_the_head,
             checkpoints_never_move_backwards,
+            checkpoints_record_and_check_the_hash_of_their_event,
             snapshots_are_tied_to_the_log,
             retention_trims_below_the_older_of_snapshot_and_checkpoint,
             changes_announce_new_heads,
@@ -353,22 +354,25 @@ pub async fn checkpoints_never_move_backwards<S: LogStore>(store: &S) {
     acquire(store, &other, "node").await;
     store.append(batch(&s, "p", 1, epoch, events("e", 10, 0))).await.expect("append");
 
-    let moved = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(5)).await.expect("commit");
+    let moved = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(5), None).await.expect("commit");
     assert!(moved.moved);
     assert_eq!(moved.checkpoint.sequence, Sequence(5));
     for sequence in [3, 5] {
-        let stay = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(sequence)).await.expect("commit");
+        let stay =
+            store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(sequence), None).await.expect("commit");
         assert!(!stay.moved, "committing {sequence} must not move a checkpoint at 5");
         assert_eq!(stay.checkpoint.sequence, Sequence(5));
     }
-    let err = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(11)).await.expect_err("past head");
+    let err = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(11), None).await.expect_err("past head");
     assert!(matches!(&err, StoreError::Invalid(input) if input.field == "sequence"), "unexpected {err:?}");
-    let err =
-        store.commit_checkpoint(subscriber("sink"), shard("contract.none"), Sequence(0)).await.expect_err("unknown");
+    let err = store
+        .commit_checkpoint(subscriber("sink"), shard("contract.none"), Sequence(0), None)
+        .await
+        .expect_err("unknown");
     assert!(matches!(err, StoreError::UnknownShard { .. }), "unexpected {err:?}");
 
-    store.commit_checkpoint(subscriber("sink"), other.clone(), Sequence(0)).await.expect("commit at zero");
-    store.commit_checkpoint(subscriber("audit"), s.clone(), Sequence(2)).await.expect("commit");
+    store.commit_checkpoint(subscriber("sink"), other.clone(), Sequence(0), None).await.expect("commit at zero");
+    store.commit_checkpoint(subscriber("audit"), s.clone(), Sequence(2), None).await.expect("commit");
     let mine = store.checkpoints(Some(subscriber("sink")), Vec::new()).await.expect("read");
     assert_eq!(
         mine.iter().map(|c| (c.shard.as_str(), c.sequence.0)).collect::<Vec<_>>(),
@@ -379,6 +383,35 @@ pub async fn checkpoints_never_move_backwards<S: LogStore>(store: &S) {
         on_shard.iter().map(|c| (c.subscriber.as_str(), c.sequence.0)).collect::<Vec<_>>(),
         vec![("audit", 2), ("sink", 5)]
     );
+}
+
+/// A checkpoint records the hash of the event it stops at: the one the
+/// subscriber sent, checked against the log, else the log's; a mismatch is
+/// corruption and moves nothing.
+pub async fn checkpoints_record_and_check_the_hash_of_their_event<S: LogStore>(store: &S) {
+    let s = shard("contract.checkpoint.hash");
+    let epoch = acquire(store, &s, "node").await;
+    store.append(batch(&s, "p", 1, epoch, events("e", 6, 0))).await.expect("append");
+    let all = read_all(store, &s).await;
+
+    let logged = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(2), None).await.expect("commit");
+    assert_eq!(logged.checkpoint.hash, Some(all[1].hash), "without a hash, the log's is recorded");
+    let given =
+        store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(4), Some(all[3].hash)).await.expect("commit");
+    assert_eq!((given.moved, given.checkpoint.hash), (true, Some(all[3].hash)));
+    let err = store
+        .commit_checkpoint(subscriber("sink"), s.clone(), Sequence(5), Some(all[3].hash))
+        .await
+        .expect_err("a hash the log does not hold at 5");
+    assert!(matches!(&err, StoreError::Corrupt(corrupt) if corrupt.sequence == Sequence(5)), "unexpected {err:?}");
+    let read = store.checkpoints(Some(subscriber("sink")), vec![s.clone()]).await.expect("read");
+    assert_eq!(
+        read.iter().map(|c| (c.sequence, c.hash)).collect::<Vec<_>>(),
+        vec![(Sequence(4), Some(all[3].hash))],
+        "the refused commit moved nothing"
+    );
+    let zero = store.commit_checkpoint(subscriber("new"), s.clone(), Sequence(0), None).await.expect("commit");
+    assert_eq!(zero.checkpoint.hash, Some(ChainHash::ZERO), "before the first event, the zero hash");
 }
 
 /// Snapshots need the current epoch, a stored position, and record that
@@ -422,7 +455,7 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     let nothing = store.apply_retention(s.clone(), keep).await.expect("retention");
     assert_eq!((nothing.deleted, nothing.low), (0, Sequence(1)), "no snapshot, no trim");
 
-    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(4)).await.expect("checkpoint");
+    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(4), None).await.expect("checkpoint");
     store.put_snapshot(s.clone(), Sequence(2), epoch, Bytes::from("old")).await.expect("snapshot");
     store.put_snapshot(s.clone(), Sequence(7), epoch, Bytes::from("new")).await.expect("snapshot");
     let trimmed = store.apply_retention(s.clone(), keep).await.expect("retention");
@@ -437,7 +470,7 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     assert_eq!((state.low, state.low_prev_hash), (Sequence(5), all[3].hash));
     assert!(store.snapshot(s.clone(), Some(Sequence(6))).await.expect("get").is_none(), "old snapshot deleted");
 
-    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(9)).await.expect("checkpoint");
+    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(9), None).await.expect("checkpoint");
     let trimmed = store.apply_retention(s.clone(), keep).await.expect("retention");
     assert_eq!((trimmed.deleted, trimmed.low), (3, Sequence(8)), "now the snapshot at 7 bounds the trim");
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
+use crate::event::ChainHash;
 use crate::ids::{Epoch, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
@@ -97,8 +98,9 @@ impl LogStore for Metered {
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
-        timed(DbOperation::Checkpoint, self.inner.commit_checkpoint(subscriber, shard, sequence))
+        timed(DbOperation::Checkpoint, self.inner.commit_checkpoint(subscriber, shard, sequence, hash))
     }
 
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {

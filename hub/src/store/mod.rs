@@ -219,6 +219,10 @@ pub struct Checkpoint {
     pub sequence: Sequence,
     /// When it last moved, by the store's clock.
     pub updated_at: SystemTime,
+    /// Chain hash of the event at `sequence` (see
+    /// [`LogStore::commit_checkpoint`]); `None` for checkpoints stored
+    /// without one.
+    pub hash: Option<ChainHash>,
 }
 
 /// Outcome of a checkpoint commit.
@@ -445,11 +449,19 @@ pub trait LogStore: Send + Sync + 'static {
     /// Moves a subscriber's checkpoint forward to `sequence`; never backwards
     /// (the answer says whether it moved). Fails with
     /// [`StoreError::Invalid`] when `sequence` is past the shard's head.
+    ///
+    /// The checkpoint records the chain hash of the event at `sequence`:
+    /// `hash` when the subscriber sent one, else the log's. A given `hash`
+    /// is checked against the log first (when the event is still stored, or
+    /// is the last trimmed one): a mismatch fails with
+    /// [`StoreError::Corrupt`] at `sequence` and nothing moves, because the
+    /// log no longer holds what the subscriber received.
     fn commit_checkpoint(
         &self,
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit>;
 
     /// Reads checkpoints: of one subscriber or all (`None`), on the listed
@@ -557,4 +569,63 @@ pub(crate) fn stored_hash(bytes: Vec<u8>, column: &'static str) -> Result<ChainH
 /// hub's back.
 pub(crate) fn corrupt_id(err: InvalidInput) -> StoreError {
     StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
+}
+
+/// What a store knows, in one snapshot, about the event a checkpoint commit
+/// names: see [`checkpoint_hash`].
+pub(crate) struct CheckpointTarget {
+    /// The shard's head.
+    pub(crate) head: Sequence,
+    /// The shard's low-water mark.
+    pub(crate) low: Sequence,
+    /// Hash of the event just below the low-water mark.
+    pub(crate) low_prev_hash: ChainHash,
+    /// Stored hash of the event at the checkpoint's sequence, if stored.
+    pub(crate) stored: Option<ChainHash>,
+}
+
+/// Decides the hash a checkpoint at `sequence` records (both stores decide
+/// here): the log's hash of that event, checked against the subscriber's
+/// `given` one. `None` when neither is known (the event was trimmed and the
+/// subscriber sent none).
+pub(crate) fn checkpoint_hash(
+    subscriber: &SubscriberId,
+    shard: &ShardId,
+    sequence: Sequence,
+    given: Option<ChainHash>,
+    target: &CheckpointTarget,
+) -> Result<Option<ChainHash>> {
+    if sequence > target.head {
+        return Err(InvalidInput::new(
+            "sequence",
+            format!("{sequence} is past the head {} of shard {shard}; commit only what was delivered", target.head),
+        )
+        .into());
+    }
+    let logged = if sequence.0 == 0 {
+        Some(ChainHash::ZERO)
+    } else if let Some(stored) = target.stored {
+        Some(stored)
+    } else if sequence.next() == target.low {
+        Some(target.low_prev_hash)
+    } else if sequence >= target.low {
+        return Err(StoreError::Corrupt(CorruptEvent {
+            shard: shard.clone(),
+            sequence,
+            reason: format!("missing from the stored log (the head is {})", target.head),
+        }));
+    } else {
+        // Trimmed: the subscriber's word is all there is.
+        None
+    };
+    match (given, logged) {
+        (Some(given), Some(logged)) if given != logged => Err(StoreError::Corrupt(CorruptEvent {
+            shard: shard.clone(),
+            sequence,
+            reason: format!(
+                "its stored hash {logged} differs from the hash {given} subscriber {subscriber} received for it"
+            ),
+        })),
+        (given, logged) => Ok(given.or(logged)),
+    }
 }

@@ -48,9 +48,9 @@ use crate::event::{self, ChainHash, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::schema::{self, SchemaError};
 use crate::store::{
-    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
-    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, corrupt_id,
-    lease_failure, stored_hash,
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
+    RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
+    checkpoint_hash, corrupt_id, lease_failure, stored_hash,
 };
 
 const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
@@ -66,6 +66,7 @@ const SQL_SHARD_STATE: &str = include_str!("sql/shard_state.sql");
 const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
 const SQL_READ_RANGE: &str = include_str!("sql/read_range.sql");
 const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
+const SQL_CHECKPOINT_TARGET: &str = include_str!("sql/checkpoint_target.sql");
 const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
 const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
 const SQL_LOCK_SHARD_FOR_SNAPSHOT: &str = include_str!("sql/lock_shard_for_snapshot.sql");
@@ -422,43 +423,42 @@ impl LogStore for PgStore {
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
         Box::pin(async move {
-            let sequence_db = to_db("sequence", sequence.0)?;
-            let state = self.query_opt("read a shard", SQL_SHARD_STATE, &[&shard.as_str()]).await?;
-            let Some(state) = state else { return Err(StoreError::UnknownShard { shard }) };
-            let head = Sequence(from_db(col(&state, "head_sequence")?)?);
-            if sequence > head {
-                return Err(InvalidInput::new(
-                    "sequence",
-                    format!("{sequence} is past the head {head} of shard {shard}; commit only what was delivered"),
-                )
-                .into());
-            }
-            let client = self.client().await?;
             let what = "commit a checkpoint";
-            let lookup = client.prepare_cached(SQL_SHARD_NO).await.map_err(|err| store_error(what, err))?;
-            let shard_no: i32 = client
-                .query_one(&lookup, &[&shard.as_str()])
-                .await
-                .map_err(|err| store_error(what, err))?
-                .try_get(0)
-                .map_err(|err| store_error(what, err))?;
-            let upsert = client.prepare_cached(SQL_COMMIT_CHECKPOINT).await.map_err(|err| store_error(what, err))?;
-            let moved = client
-                .query_opt(&upsert, &[&subscriber.as_str(), &shard_no, &sequence_db])
-                .await
-                .map_err(|err| store_error(what, err))?;
+            let sequence_db = to_db("sequence", sequence.0)?;
+            let target = self.query_opt(what, SQL_CHECKPOINT_TARGET, &[&shard.as_str(), &sequence_db]).await?;
+            let Some(target) = target else { return Err(StoreError::UnknownShard { shard }) };
+            let shard_no: i32 = col(&target, "shard_no")?;
+            let recorded = checkpoint_hash(
+                &subscriber,
+                &shard,
+                sequence,
+                hash,
+                &CheckpointTarget {
+                    head: Sequence(from_db(col(&target, "head_sequence")?)?),
+                    low: Sequence(from_db(col(&target, "low_sequence")?)?),
+                    low_prev_hash: stored_hash(col(&target, "low_prev_hash")?, "low_prev_hash")?,
+                    stored: col::<Option<Vec<u8>>>(&target, "hash")?
+                        .map(|stored| stored_hash(stored, "hash"))
+                        .transpose()?,
+                },
+            )?;
+            let recorded_db = recorded.as_ref().map(|hash| hash.as_bytes().as_slice());
+            let moved = self
+                .query_opt(what, SQL_COMMIT_CHECKPOINT, &[&subscriber.as_str(), &shard_no, &sequence_db, &recorded_db])
+                .await?;
             if let Some(row) = moved {
                 let checkpoint = Checkpoint {
                     subscriber,
                     shard,
                     sequence: Sequence(from_db(col(&row, "sequence")?)?),
                     updated_at: col(&row, "updated_at")?,
+                    hash: col::<Option<Vec<u8>>>(&row, "hash")?.map(|hash| stored_hash(hash, "hash")).transpose()?,
                 };
                 return Ok(CheckpointCommit { checkpoint, moved: true });
             }
-            drop(client);
             let current =
                 self.checkpoints(Some(subscriber), vec![shard]).await?.into_iter().next().ok_or_else(|| {
                     StoreError::Internal { what, source: "a checkpoint that refused to move is missing".into() }
@@ -479,6 +479,7 @@ impl LogStore for PgStore {
                         shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
                         sequence: Sequence(from_db(col(row, "sequence")?)?),
                         updated_at: col(row, "updated_at")?,
+                        hash: col::<Option<Vec<u8>>>(row, "hash")?.map(|hash| stored_hash(hash, "hash")).transpose()?,
                     })
                 })
                 .collect()
@@ -603,9 +604,6 @@ impl LogStore for PgStore {
         })
     }
 }
-
-/// Looks a shard's number up by id.
-const SQL_SHARD_NO: &str = "SELECT shard_no FROM shards WHERE shard_id = $1";
 
 /// Spreads shards over committers by a stable hash of the id.
 fn committer_index(shard: &ShardId, committers: usize) -> usize {

@@ -4,7 +4,7 @@
 //! **What is stored**: the same as in PostgreSQL (see
 //! [`super::postgres`]): shards with their lease, head and low-water mark,
 //! hash-chained events, producer batch records, checkpoints and snapshots,
-//! in one database file (schema in `V0001__log.sql` beside this file,
+//! in one database file (schema in `V0001__log.sql` and later beside this file,
 //! versioned with `PRAGMA user_version`, applied at open).
 //!
 //! **Source of truth**: the file, alone. It is durable before an append is
@@ -40,15 +40,15 @@ use crate::defaults;
 use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
 use crate::store::{
-    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
-    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, copy_error,
-    corrupt_id, count_mismatch, lease_failure, stored_hash,
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
+    RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
+    checkpoint_hash, copy_error, corrupt_id, count_mismatch, lease_failure, stored_hash,
 };
 use crate::telemetry::{self, DbOperation};
 
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied.
 /// Forward-only, like the PostgreSQL ones: never edit a landed entry.
-const MIGRATIONS: &[&str] = &[include_str!("V0001__log.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("V0001__log.sql"), include_str!("V0002__checkpoint_hash.sql")];
 
 /// Errors opening the store.
 #[derive(Debug, thiserror::Error)]
@@ -774,44 +774,58 @@ impl LogStore for SqliteStore {
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
         self.run(move |db| {
             let what = "commit a checkpoint";
             let sql = |e| sql_error(what, e);
             let sequence_value = to_db("sequence", sequence.0)?;
             let Some(state) = read_state(db, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
-            let head = state.lease.head;
-            if sequence > head {
-                return Err(InvalidInput::new(
-                    "sequence",
-                    format!("{sequence} is past the head {head} of shard {shard}; commit only what was delivered"),
-                )
-                .into());
-            }
             let number = shard_no(db, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
+            let stored: Option<Vec<u8>> = db
+                .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                .map_err(sql)?
+                .query_row(params![number, sequence_value], |row| row.get(0))
+                .optional()
+                .map_err(sql)?;
+            let target = CheckpointTarget {
+                head: state.lease.head,
+                low: state.low,
+                low_prev_hash: state.low_prev_hash,
+                stored: stored.map(|stored| stored_hash(stored, "hash")).transpose()?,
+            };
+            let recorded = checkpoint_hash(&subscriber, &shard, sequence, hash, &target)?;
             let moved = db
                 .prepare_cached(
-                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at, hash) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
                      ON CONFLICT (subscriber_id, shard_no) DO UPDATE \
-                     SET sequence = excluded.sequence, updated_at = excluded.updated_at \
+                     SET sequence = excluded.sequence, updated_at = excluded.updated_at, hash = excluded.hash \
                      WHERE checkpoints.sequence < excluded.sequence",
                 )
                 .map_err(sql)?
-                .execute(params![subscriber.as_str(), number, sequence_value, micros(SystemTime::now())])
+                .execute(params![
+                    subscriber.as_str(),
+                    number,
+                    sequence_value,
+                    micros(SystemTime::now()),
+                    recorded.as_ref().map(|hash| &hash.as_bytes()[..]),
+                ])
                 .map_err(sql)?
                 == 1;
-            let (stored, updated_at): (i64, i64) = db
+            let (stored, updated_at, hash): (i64, i64, Option<Vec<u8>>) = db
                 .prepare_cached(
-                    "SELECT sequence, updated_at FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
+                    "SELECT sequence, updated_at, hash FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
                 )
                 .map_err(sql)?
-                .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?)))
+                .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .map_err(sql)?;
             let checkpoint = Checkpoint {
                 subscriber,
                 shard,
                 sequence: Sequence(from_db(stored)?),
                 updated_at: from_micros(updated_at),
+                hash: hash.map(|hash| stored_hash(hash, "hash")).transpose()?,
             };
             Ok(CheckpointCommit { checkpoint, moved })
         })
@@ -823,7 +837,7 @@ impl LogStore for SqliteStore {
             let sql = |e| sql_error(what, e);
             let mut statement = db
                 .prepare_cached(
-                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at \
+                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at, c.hash \
                      FROM checkpoints c JOIN shards s ON s.shard_no = c.shard_no \
                      WHERE (?1 IS NULL OR c.subscriber_id = ?1) ORDER BY c.subscriber_id, s.shard_id",
                 )
@@ -840,6 +854,11 @@ impl LogStore for SqliteStore {
                     shard,
                     sequence: Sequence(from_db(row.get(2).map_err(sql)?)?),
                     updated_at: from_micros(row.get(3).map_err(sql)?),
+                    hash: row
+                        .get::<_, Option<Vec<u8>>>(4)
+                        .map_err(sql)?
+                        .map(|hash| stored_hash(hash, "hash"))
+                        .transpose()?,
                 });
             }
             Ok(found)
@@ -1082,8 +1101,10 @@ mod tests {
 
     #[test]
     fn the_schema_has_one_migration_per_version() {
-        assert_eq!(MIGRATIONS.len(), 1);
+        assert_eq!(MIGRATIONS.len(), 2);
         let connection = Connection::open_in_memory().expect("in-memory database");
-        connection.execute_batch(MIGRATIONS[0]).expect("the schema should apply to an empty database");
+        for migration in MIGRATIONS {
+            connection.execute_batch(migration).expect("each migration should apply after the ones before it");
+        }
     }
 }
