@@ -185,6 +185,14 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// database that takes longer is not ready for appends either.
 pub const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long one append failing because the store cannot write (a full disk,
+/// a read-only store, an I/O error) keeps the replica not ready when no
+/// later append succeeds: long enough for load balancers to act on it (two
+/// failed 5 s probes), short enough that a replica whose disk was freed
+/// takes traffic again within half a minute, even if nothing could reach it
+/// to prove it. Another failing append starts the hold again.
+pub const WRITE_FAULT_HOLD: Duration = Duration::from_secs(30);
+
 /// How long shutdown waits for in-flight calls and open streams after the
 /// hub stopped accepting connections. Kubernetes' default
 /// `terminationGracePeriodSeconds` is 30 s; 20 s leaves time to close the

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::config::{Config, StoreConfig};
 use crate::defaults;
-use crate::health::{Health, Probe};
+use crate::health::{Health, Probe, WriteHealth};
 use crate::proto::hub::v1::hub_server::HubServer;
 use crate::service::HubService;
 use crate::shutdown::{self, GrpcServing};
@@ -34,6 +34,8 @@ pub struct Hub {
     tls: Option<Arc<ServerTls>>,
     tail: Tail,
     counters: Arc<HubCounters>,
+    /// What the appends say about whether the store can write (readiness).
+    writes: Arc<WriteHealth>,
     config: Config,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -83,6 +85,7 @@ impl Hub {
             tls: None,
             tail,
             counters,
+            writes: Arc::new(WriteHealth::default()),
             config,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -112,6 +115,7 @@ impl Hub {
         HubServer::new(HubService::new(
             self.store.clone(),
             self.counters.clone(),
+            self.writes.clone(),
             subscriptions,
             self.cancel.clone(),
             self.tasks.clone(),
@@ -153,7 +157,7 @@ impl Hub {
         };
         tracing::info!(grpc = %grpc_address, admin = %admin_address, tls, "hub serving");
 
-        let health = Arc::new(Health::new(self.probe.clone()).await);
+        let health = Arc::new(Health::with_writes(self.probe.clone(), self.writes.clone()).await);
         // The admin server and the health monitor outlive the gRPC drain, so
         // /readyz answers "shutting down" until the very end.
         let operations = CancellationToken::new();

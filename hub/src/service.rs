@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use crate::defaults;
 use crate::error::{self, HubError};
 use crate::event::ChainHash;
+use crate::health::WriteHealth;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
 use crate::store::LogStore;
@@ -30,6 +31,7 @@ use crate::{verify, wire};
 pub struct HubService {
     store: Arc<dyn LogStore>,
     counters: Arc<HubCounters>,
+    writes: Arc<WriteHealth>,
     subscriptions: Subscriptions,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -39,11 +41,12 @@ impl HubService {
     pub(crate) fn new(
         store: Arc<dyn LogStore>,
         counters: Arc<HubCounters>,
+        writes: Arc<WriteHealth>,
         subscriptions: Subscriptions,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        Self { store, counters, subscriptions, cancel, tasks }
+        Self { store, counters, writes, subscriptions, cancel, tasks }
     }
 }
 
@@ -60,7 +63,8 @@ impl pb::hub_server::Hub for HubService {
         // The stream's task keeps the request's span (method, principal), so
         // its logs say who was appending.
         self.tasks.spawn(
-            serve_appends(self.store.clone(), inbound, out, self.cancel.clone()).instrument(tracing::Span::current()),
+            serve_appends(self.store.clone(), self.writes.clone(), inbound, out, self.cancel.clone())
+                .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
@@ -231,6 +235,7 @@ impl pb::hub_server::Hub for HubService {
 /// and the stream stays open.
 async fn serve_appends(
     store: Arc<dyn LogStore>,
+    writes: Arc<WriteHealth>,
     mut inbound: Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
     cancel: CancellationToken,
@@ -276,6 +281,7 @@ async fn serve_appends(
                 }
             },
             Some((batch_id, shard_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                writes.observe(&result);
                 let result = match result {
                     Ok(ack) => pb::append_response::Result::Ack(wire::append_ack(&ack)),
                     Err(err) => pb::append_response::Result::Error(error::append_error(&err)),

@@ -21,6 +21,7 @@
 //! | `omnirelay_hub_subscriber_lag_events{subscriber,shard}` | gauge | events between a shard's head and what a subscriber was sent |
 //! | `omnirelay_hub_db_latency_seconds{operation}` | histogram | store operations, by [`DbOperation`] |
 //! | `omnirelay_hub_db_errors_total{operation}` | counter | store operations that failed |
+//! | `omnirelay_hub_store_unavailable_total{fault}` | counter | requests and batches answered UNAVAILABLE because of the store, by [`Fault`] |
 //! | `omnirelay_hub_db_pool_connections` | gauge | connections the PostgreSQL pool holds |
 //! | `omnirelay_hub_db_pool_available` | gauge | idle pooled connections |
 //! | `omnirelay_hub_db_pool_waiting` | gauge | requests waiting for a connection |
@@ -41,7 +42,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::{LogArgs, LogFormat};
-use crate::store::{AppendAck, StoreError};
+use crate::store::{AppendAck, Fault, StoreError};
 
 /// Batches answered, by outcome.
 pub const APPEND_BATCHES: &str = "omnirelay_hub_append_batches_total";
@@ -72,6 +73,9 @@ pub const SUBSCRIBER_LAG_EVENTS: &str = "omnirelay_hub_subscriber_lag_events";
 pub const DB_LATENCY: &str = "omnirelay_hub_db_latency_seconds";
 /// Store operations that failed, by `operation`.
 pub const DB_ERRORS: &str = "omnirelay_hub_db_errors_total";
+/// Requests and append batches answered UNAVAILABLE because of the store,
+/// by `fault` (disk full, read-only, I/O, timeout, unreachable, ...).
+pub const STORE_UNAVAILABLE: &str = "omnirelay_hub_store_unavailable_total";
 /// Connections the pool holds (idle and in use).
 pub const DB_POOL_CONNECTIONS: &str = "omnirelay_hub_db_pool_connections";
 /// Idle connections in the pool.
@@ -99,6 +103,8 @@ pub const LABEL_SUBSCRIBER: &str = "subscriber";
 pub const LABEL_SHARD: &str = "shard";
 /// Label: why something was refused.
 pub const LABEL_REASON: &str = "reason";
+/// Label: the kind of store outage ([`Fault::label`]).
+pub const LABEL_FAULT: &str = "fault";
 
 /// How an append batch ended, the `outcome` label of [`APPEND_BATCHES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,6 +330,11 @@ impl Drop for SubscriberLag {
     }
 }
 
+/// Counts an answer that the store is unavailable, by its fault.
+pub(crate) fn store_unavailable(fault: Fault) {
+    metrics::counter!(STORE_UNAVAILABLE, LABEL_FAULT => fault.label()).increment(1);
+}
+
 /// Records one group commit.
 pub(crate) fn group_committed(batches: usize, events: usize, took: Duration) {
     metrics::histogram!(GROUP_BATCHES).record(batches as f64);
@@ -404,6 +415,11 @@ fn describe_catalog() {
     describe_gauge!(SUBSCRIBER_LAG_EVENTS, Unit::Count, "Events between a shard's head and a subscriber's position.");
     describe_histogram!(DB_LATENCY, Unit::Seconds, "Duration of store operations, by operation.");
     describe_counter!(DB_ERRORS, Unit::Count, "Store operations that failed, by operation.");
+    describe_counter!(
+        STORE_UNAVAILABLE,
+        Unit::Count,
+        "Requests and append batches answered UNAVAILABLE because of the store, by fault."
+    );
     describe_gauge!(DB_POOL_CONNECTIONS, Unit::Count, "Connections the PostgreSQL pool holds.");
     describe_gauge!(DB_POOL_AVAILABLE, Unit::Count, "Idle connections in the PostgreSQL pool.");
     describe_gauge!(DB_POOL_WAITING, Unit::Count, "Requests waiting for a pooled connection.");
@@ -429,6 +445,9 @@ fn describe_catalog() {
     for operation in DbOperation::ALL {
         let _ = metrics::histogram!(DB_LATENCY, LABEL_OPERATION => operation.label());
         metrics::counter!(DB_ERRORS, LABEL_OPERATION => operation.label()).absolute(0);
+    }
+    for fault in Fault::ALL {
+        metrics::counter!(STORE_UNAVAILABLE, LABEL_FAULT => fault.label()).absolute(0);
     }
     metrics::gauge!(READY).set(0.0);
     for reason in ["timeout", "handshake", "principal"] {

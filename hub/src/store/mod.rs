@@ -373,6 +373,171 @@ pub enum StoreError {
     },
 }
 
+/// What kind of outage made a store operation fail as
+/// [`StoreError::Unavailable`]: a closed set, so answers to clients can
+/// name it with fixed text (never a driver's message) and metrics can label
+/// it. The full cause goes to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// The disk under the database is full (SQLite's "database or disk is
+    /// full", PostgreSQL's `disk_full`).
+    DiskFull,
+    /// The database cannot be written: a read-only file, or a PostgreSQL
+    /// server in read-only mode (a standby).
+    ReadOnly,
+    /// The database reported an I/O error.
+    Io,
+    /// The database did not answer within its deadline.
+    Timeout,
+    /// The database cannot be reached, or is shutting down or starting up.
+    Unreachable,
+    /// The database is out of connections or memory.
+    Exhausted,
+    /// Anything else.
+    Other,
+}
+
+impl Fault {
+    /// Every fault, to pre-register metric series.
+    pub const ALL: [Fault; 7] = [
+        Fault::DiskFull,
+        Fault::ReadOnly,
+        Fault::Io,
+        Fault::Timeout,
+        Fault::Unreachable,
+        Fault::Exhausted,
+        Fault::Other,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::DiskFull => "disk_full",
+            Fault::ReadOnly => "read_only",
+            Fault::Io => "io",
+            Fault::Timeout => "timeout",
+            Fault::Unreachable => "unreachable",
+            Fault::Exhausted => "exhausted",
+            Fault::Other => "other",
+        }
+    }
+
+    /// The cause as told to clients and operators.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fault::DiskFull => "database or disk is full",
+            Fault::ReadOnly => "the database is read-only",
+            Fault::Io => "the database had an I/O error",
+            Fault::Timeout => "the database did not answer in time",
+            Fault::Unreachable => "the database cannot be reached",
+            Fault::Exhausted => "the database is out of connections or memory",
+            Fault::Other => "the database failed",
+        }
+    }
+
+    /// Whether this fault stops writes while reads may still work, so that
+    /// a replica seeing it on appends is not ready even though its read
+    /// probe passes.
+    pub fn blocks_writes(self) -> bool {
+        matches!(self, Fault::DiskFull | Fault::ReadOnly | Fault::Io)
+    }
+
+    /// Classifies an error by walking its source chain for a driver error
+    /// it knows (SQLite, PostgreSQL, the pool, a deadline).
+    pub fn of(err: &(dyn std::error::Error + 'static)) -> Fault {
+        let mut next = Some(err);
+        while let Some(err) = next {
+            if let Some(fault) = Fault::known(err) {
+                return fault;
+            }
+            next = err.source();
+        }
+        Fault::Other
+    }
+
+    fn known(err: &(dyn std::error::Error + 'static)) -> Option<Fault> {
+        use rusqlite::ErrorCode;
+        use tokio_postgres::error::SqlState;
+        if err.is::<Elapsed>() {
+            return Some(Fault::Timeout);
+        }
+        if let Some(copied) = err.downcast_ref::<CopiedCause>() {
+            return Some(copied.fault);
+        }
+        if let Some(err) = err.downcast_ref::<rusqlite::Error>() {
+            return Some(match err.sqlite_error_code()? {
+                ErrorCode::DiskFull => Fault::DiskFull,
+                ErrorCode::ReadOnly => Fault::ReadOnly,
+                ErrorCode::SystemIoFailure | ErrorCode::CannotOpen => Fault::Io,
+                ErrorCode::OutOfMemory => Fault::Exhausted,
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Fault::Unreachable,
+                _ => Fault::Other,
+            });
+        }
+        if let Some(err) = err.downcast_ref::<deadpool_postgres::PoolError>() {
+            return match err {
+                deadpool_postgres::PoolError::Timeout(_) => Some(Fault::Timeout),
+                deadpool_postgres::PoolError::Closed => Some(Fault::Unreachable),
+                // The backend error is the source: classified next.
+                _ => None,
+            };
+        }
+        if let Some(err) = err.downcast_ref::<tokio_postgres::Error>() {
+            let Some(code) = err.code() else {
+                if err.to_string().starts_with("timeout") {
+                    return Some(Fault::Timeout);
+                }
+                // Closed connections, I/O and connect failures; the driver
+                // has no other kind of outage without a SQLSTATE.
+                return Some(Fault::Unreachable);
+            };
+            return Some(if *code == SqlState::DISK_FULL {
+                Fault::DiskFull
+            } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+                Fault::ReadOnly
+            } else {
+                match &code.code()[..2] {
+                    "58" => Fault::Io,
+                    "53" => Fault::Exhausted,
+                    "08" | "57" => Fault::Unreachable,
+                    _ => Fault::Other,
+                }
+            });
+        }
+        if let Some(err) = err.downcast_ref::<std::io::Error>() {
+            return Some(match err.kind() {
+                std::io::ErrorKind::StorageFull => Fault::DiskFull,
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied => Fault::ReadOnly,
+                std::io::ErrorKind::TimedOut => Fault::Timeout,
+                _ => Fault::Io,
+            });
+        }
+        None
+    }
+}
+
+/// A store operation got no answer within its deadline. The operation's
+/// outcome is unknown to the hub: an append may still commit, and its
+/// retry (same producer sequence) is then answered with the original
+/// sequences.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("no answer from the database within {after:?}")]
+pub struct Elapsed {
+    /// The deadline that passed.
+    pub after: Duration,
+}
+
+impl StoreError {
+    /// The kind of outage, for a [`StoreError::Unavailable`]; `None` for
+    /// any other error.
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            StoreError::Unavailable { source, .. } => Some(Fault::of(source.as_ref())),
+            _ => None,
+        }
+    }
+}
+
 /// The hub's durable state. See the module documentation.
 ///
 /// Every method's future is `Send` and may be awaited from any task. Methods
@@ -546,11 +711,26 @@ pub(crate) fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError 
     .into()
 }
 
+/// The text and the [`Fault`] of an error copied for several receivers
+/// (driver errors are not clonable).
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+struct CopiedCause {
+    text: String,
+    fault: Fault,
+}
+
 /// Copies an error for every batch of a failed group (sources are not
-/// clonable, so the copy keeps their text).
+/// clonable, so the copy keeps their whole text and their [`Fault`]).
 pub(crate) fn copy_error(err: &StoreError) -> StoreError {
     match err {
-        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
+        StoreError::Unavailable { what, source } => StoreError::Unavailable {
+            what,
+            source: Box::new(CopiedCause {
+                text: crate::error::causes(source.as_ref()),
+                fault: Fault::of(source.as_ref()),
+            }),
+        },
         StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
         StoreError::Closed => StoreError::Closed,
         other => StoreError::Internal { what: "append", source: other.to_string().into() },

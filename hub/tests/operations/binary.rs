@@ -204,3 +204,43 @@ async fn verify_refuses_a_sqlite_path_that_does_not_exist() {
     assert!(!stdout.contains("no shards to verify"), "{stdout}");
     assert!(!typo.exists(), "verify must not create the store it was asked to check");
 }
+
+/// Whether this process runs as root, which ignores file permissions.
+async fn running_as_root() -> bool {
+    let id = Command::new("id").arg("-u").output().await.expect("run id -u");
+    String::from_utf8_lossy(&id.stdout).trim() == "0"
+}
+
+#[tokio::test]
+async fn a_read_only_store_file_is_reported_as_read_only_at_start() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("hub.db");
+    let created = omnirelay_hub::store::sqlite::SqliteStore::open(&path).await.expect("create");
+    omnirelay_hub::store::LogStore::close(&created).await.expect("close");
+    let path = path.to_str().expect("UTF-8 path").to_string();
+    let args = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--sqlite-path", &path];
+    let output = if running_as_root().await {
+        // Root may write any file: run the hub as an unprivileged user who
+        // can read the file and its directory but write neither.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("let others into the directory");
+        let mut runuser = Command::new("runuser");
+        runuser.args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_omnirelay-hub")]).args(args).kill_on_drop(true);
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OMNIRELAY_HUB_") {
+                runuser.env_remove(name);
+            }
+        }
+        tokio::time::timeout(HANG_GUARD, runuser.output()).await
+    } else {
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .expect("make the file read-only");
+        tokio::time::timeout(HANG_GUARD, hub_command(dir.path()).args(args).output()).await
+    }
+    .expect("the hub should give up at once")
+    .expect("run the hub");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is read-only for this process") && stderr.contains(&path), "{stderr}");
+    assert!(!stderr.contains("Error code"), "no bare SQLite code: {stderr}");
+}

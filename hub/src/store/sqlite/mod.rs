@@ -90,6 +90,16 @@ pub enum SqliteOpenError {
     /// The store's thread could not be started.
     #[error("cannot start the SQLite store thread")]
     Thread(#[source] std::io::Error),
+    /// The file (or its directory) cannot be written by this process.
+    #[error(
+        "the embedded SQLite store {} is read-only for this process; the hub must write it (check the file's \
+         and its directory's owner and permissions, and that the volume is mounted read-write)",
+        path.display()
+    )]
+    ReadOnly {
+        /// The database file.
+        path: PathBuf,
+    },
     /// [`SqliteStore::open_existing`] found no file: a store is never
     /// created by a command that only reads it (a mistyped path would
     /// otherwise verify an empty store and report success).
@@ -187,6 +197,23 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// Caps the file at `pages` pages (SQLite's `max_page_count`; never
+    /// below its current size, so 1 means "as it is now") and returns the
+    /// cap: writes that would grow it past the cap fail exactly as on a full
+    /// disk ("database or disk is full"). For failure drills and tests; a
+    /// large `pages` lifts the cap.
+    #[doc(hidden)]
+    pub async fn cap_pages(&self, pages: u64) -> Result<u64, StoreError> {
+        // SQLite reads 0 as "no change".
+        let pages = pages.max(1);
+        self.run(move |db| {
+            db.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |row| row.get::<_, i64>(0))
+                .map(|cap| cap as u64)
+                .map_err(|e| sql_error("cap the store's size", e))
+        })
+        .await
+    }
+
     fn send(&self, command: Command) -> Result<(), StoreError> {
         let commands = self.inner.commands.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match commands.as_ref() {
@@ -229,6 +256,12 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, SqliteOpenEr
         return Err(SqliteOpenError::Missing { path: path.to_path_buf() });
     }
     let mut connection = Connection::open_with_flags(path, flags).map_err(open_error)?;
+    // SQLite quietly opens a file it may not write read-only; every later
+    // step would then fail with a lock or I/O error code that names neither
+    // the file's permissions nor the file.
+    if connection.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
+        return Err(SqliteOpenError::ReadOnly { path: path.to_path_buf() });
+    }
     // Fail at once when another store holds the file, instead of waiting.
     connection.busy_timeout(Duration::ZERO).map_err(open_error)?;
     // Exclusive locking mode: the lock taken below is kept until the
@@ -259,8 +292,10 @@ fn is_busy(err: &rusqlite::Error) -> bool {
     matches!(err.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
 }
 
-/// Maps a SQLite failure: a full disk, I/O errors and a busy file are
-/// outages the caller may retry; anything else is a bug or corruption.
+/// Maps a SQLite failure: a full disk, a file turned read-only, I/O errors
+/// and a busy file are outages the caller may retry (and that heal without a
+/// restart once the operator fixed them); anything else is a bug or
+/// corruption.
 fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
     let outage = matches!(
         err.sqlite_error_code(),
@@ -268,6 +303,7 @@ fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
             ErrorCode::DatabaseBusy
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::DiskFull
+                | ErrorCode::ReadOnly
                 | ErrorCode::SystemIoFailure
                 | ErrorCode::CannotOpen
                 | ErrorCode::OutOfMemory
@@ -338,7 +374,7 @@ impl StoreThread {
         let results = match outcome {
             Ok(results) => results,
             Err(err) => {
-                tracing::error!(batches = group.len(), error = %err, "embedded store append failed");
+                tracing::error!(batches = group.len(), error = %crate::error::causes(&err), "embedded store append failed");
                 group.iter().map(|_| Err(copy_error(&err))).collect()
             }
         };
@@ -384,6 +420,14 @@ fn commit_group(
     for pending in group {
         let savepoint = txn.savepoint().map_err(|e| sql_error(what, e))?;
         let result = apply_batch(&savepoint, &pending.batch);
+        // A full disk or an I/O error may make SQLite roll the whole
+        // transaction back by itself: then the group failed, with that
+        // batch's cause (not the "no transaction is active" of what follows).
+        if let Err(err @ StoreError::Unavailable { .. }) = &result
+            && savepoint.is_autocommit()
+        {
+            return Err(copy_error(err));
+        }
         match &result {
             Ok(BatchOutcome::Written { .. }) => savepoint.commit().map_err(|e| sql_error(what, e))?,
             // Rejected or failed batches roll back to the savepoint when it
@@ -1048,7 +1092,7 @@ impl crate::health::Probe for SqliteStore {
         Box::pin(async move {
             let result = answer.await.map(drop);
             telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
-            result.map_err(|err| crate::health::NotReady::Unreachable(err.to_string()))
+            result.map_err(|err| crate::health::NotReady::Unreachable(crate::error::causes(&err)))
         })
     }
 }
