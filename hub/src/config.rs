@@ -243,6 +243,17 @@ pub struct StoreArgs {
     )]
     pub committers: usize,
 
+    /// Deadline of every PostgreSQL statement and append transaction once it
+    /// holds a connection: past it the caller is answered UNAVAILABLE (an
+    /// append whose commit may still land is recognised when retried).
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_DATABASE_TIMEOUT",
+        value_name = "DURATION",
+        default_value_t = HumanDuration(defaults::DATABASE_TIMEOUT)
+    )]
+    pub database_timeout: HumanDuration,
+
     /// File of the embedded SQLite store, used when no database URL is given.
     #[arg(long, env = "OMNIRELAY_HUB_SQLITE_PATH", value_name = "PATH", conflicts_with = "database_url")]
     pub sqlite_path: Option<PathBuf>,
@@ -571,6 +582,8 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// Group committers (each holds a pooled connection while committing).
     pub committers: usize,
+    /// Deadline of a statement or an append transaction.
+    pub timeout: Duration,
 }
 
 impl PostgresConfig {
@@ -582,6 +595,7 @@ impl PostgresConfig {
             tls: DatabaseTls::Prefer,
             pool_size: defaults::POOL_SIZE,
             committers: defaults::COMMITTERS,
+            timeout: defaults::DATABASE_TIMEOUT,
         })
     }
 }
@@ -667,6 +681,7 @@ impl StoreArgs {
             tls,
             pool_size: self.database_pool_size,
             committers: self.committers,
+            timeout: self.database_timeout.0,
         }))
     }
 }
@@ -781,6 +796,7 @@ impl fmt::Display for Config {
                 }
                 writeln!(f, "database-pool-size = {}", pg.pool_size)?;
                 writeln!(f, "committers = {}", pg.committers)?;
+                writeln!(f, "database-timeout = {}", HumanDuration(pg.timeout))?;
             }
             StoreConfig::Sqlite { path } => writeln!(f, "sqlite-path = {}", path.display())?,
         }
@@ -1034,9 +1050,9 @@ mod tests {
         let arguments =
             command.get_arguments().chain(command.get_subcommands().flat_map(|subcommand| subcommand.get_arguments()));
         for arg in arguments {
-            // --shard and --prefix pick what one `verify` run looks at; they
-            // are not settings of the hub.
-            if ["help", "version", "shard", "prefix"].contains(&arg.get_id().as_str()) {
+            // --shard, --prefix and --anchor pick what one `verify` run
+            // looks at; they are not settings of the hub.
+            if ["help", "version", "shard", "prefix", "anchors"].contains(&arg.get_id().as_str()) {
                 continue;
             }
             let long = arg.get_long().expect("every flag should have a long name");

@@ -56,6 +56,23 @@ pub const POOL_SIZE: usize = 16;
 /// seconds means the database is down, and the caller should hear so fast.
 pub const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Deadline of one PostgreSQL operation once it holds a connection: a
+/// statement, a read, or an append group's whole transaction. A healthy
+/// database answers in milliseconds and a busy one well within a second;
+/// five seconds without an answer means it is stalled (paused, partitioned,
+/// out of I/O), and callers should hear UNAVAILABLE and fail over rather
+/// than hang with it. An append answered so may still commit; its retry is
+/// recognised by its producer sequence. Also bounds every call into the
+/// embedded store's thread. `--database-timeout` overrides it for
+/// PostgreSQL.
+pub const DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deadline of one shard's retention transaction, which may delete a large
+/// backlog at once: generous, because a trim cut short is rolled back and
+/// redone from scratch next time; bounded, so a stalled database does not
+/// hold the retention task forever.
+pub const RETENTION_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Attempts for a transaction that failed with a serialization failure or a
 /// deadlock. Both are transient by definition (PostgreSQL chose a victim);
 /// three attempts clear them in practice, and a bound keeps a pathological

@@ -60,6 +60,11 @@ impl TestHub {
     /// it explicitly).
     pub(crate) async fn start(url: &str) -> TestHub {
         let config = Config { retention_interval: None, ..Config::for_postgres(url).expect("harness URLs are valid") };
+        TestHub::start_with(config).await
+    }
+
+    /// Starts a replica with `config` (its listen addresses are ignored).
+    pub(crate) async fn start_with(config: Config) -> TestHub {
         let hub = Hub::open(config).await.expect("the hub should open");
         let counters = hub.counters();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");

@@ -228,6 +228,18 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFuture<'static, T> {
+        self.run_within(defaults::DATABASE_TIMEOUT, op)
+    }
+
+    /// [`SqliteStore::run`] with a deadline on the answer: a thread stuck in
+    /// the file system (a hung volume) leaves callers UNAVAILABLE instead of
+    /// waiting with it. The operation itself still runs, in order, when the
+    /// thread gets to it, so a retried append after it is recognised.
+    fn run_within<T: Send + 'static>(
+        &self,
+        after: Duration,
+        op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
         let (reply, answer) = oneshot::channel();
         let sent = self.send(Command::Run(Box::new(move |connection| {
             // The caller may have gone away; nothing to undo.
@@ -235,8 +247,19 @@ impl SqliteStore {
         })));
         Box::pin(async move {
             sent?;
-            answer.await.unwrap_or(Err(StoreError::Closed))
+            answer_within(after, answer).await
         })
+    }
+}
+
+/// Waits for the store thread's answer, at most `after`.
+async fn answer_within<T>(after: Duration, answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(after, answer).await {
+        Ok(answer) => answer.unwrap_or(Err(StoreError::Closed)),
+        Err(_) => Err(StoreError::Unavailable {
+            what: "wait for the embedded store",
+            source: Box::new(crate::store::Elapsed { after }),
+        }),
     }
 }
 
@@ -632,7 +655,7 @@ impl LogStore for SqliteStore {
             }
             Ok(answer)
         })();
-        Box::pin(async move { queued?.await.unwrap_or(Err(StoreError::Closed)) })
+        Box::pin(async move { answer_within(defaults::DATABASE_TIMEOUT, queued?).await })
     }
 
     fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
@@ -1004,7 +1027,7 @@ impl LogStore for SqliteStore {
     }
 
     fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
-        self.run(move |db| {
+        self.run_within(defaults::RETENTION_TIMEOUT, move |db| {
             let what = "apply retention";
             let sql = |e| sql_error(what, e);
             let oldest_counted = micros(SystemTime::now()).saturating_sub(duration_micros(policy.checkpoint_max_age)?);
