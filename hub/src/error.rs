@@ -29,6 +29,17 @@ pub enum HubError {
         /// [`crate::defaults::MAX_FOLLOWED_SHARDS`].
         limit: usize,
     },
+    /// The replica's subscription memory is held by open subscriptions.
+    #[error(
+        "this replica's subscription memory ({limit} bytes, --subscription-memory) is held by open \
+         subscriptions and cannot spare {wanted} more; retry later or on another replica"
+    )]
+    SubscriptionMemory {
+        /// Bytes the subscription (or a shard it follows) needs.
+        wanted: usize,
+        /// The budget.
+        limit: usize,
+    },
 }
 
 /// Result type of hub requests.
@@ -72,7 +83,9 @@ impl From<HubError> for tonic::Status {
         match err {
             HubError::Invalid(input) => Status::invalid_argument(input.to_string()),
             HubError::ShuttingDown => Status::unavailable(err.to_string()),
-            HubError::TooManyShards { .. } => Status::resource_exhausted(err.to_string()),
+            HubError::TooManyShards { .. } | HubError::SubscriptionMemory { .. } => {
+                Status::resource_exhausted(err.to_string())
+            }
             HubError::Store(store) => match store {
                 StoreError::Invalid(input) => Status::invalid_argument(input.to_string()),
                 StoreError::StaleEpoch { .. } => Status::aborted(store.to_string()),

@@ -22,7 +22,7 @@ use crate::health::WriteHealth;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
 use crate::store::LogStore;
-use crate::subscribe::{FrameStream, Subscriptions};
+use crate::subscribe::Subscriptions;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
 use crate::{verify, wire};
 
@@ -52,10 +52,13 @@ impl HubService {
 
 type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::AppendResponse, Status>> + Send>>;
 
+/// A subscription's frames (see the `subscribe` module's outbox).
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::hub_server::Hub for HubService {
     type AppendStream = AppendStream;
-    type SubscribeStream = FrameStream;
+    type SubscribeStream = SubscribeStream;
 
     async fn append(&self, request: Request<Streaming<pb::AppendRequest>>) -> Result<Response<AppendStream>, Status> {
         let inbound = request.into_inner();
@@ -69,9 +72,9 @@ impl pb::hub_server::Hub for HubService {
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<FrameStream>, Status> {
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
         let selection = wire::selection(request.into_inner()).map_err(HubError::from)?;
-        Ok(Response::new(self.subscriptions.start(selection).await?))
+        Ok(Response::new(Box::pin(self.subscriptions.start(selection).await?)))
     }
 
     async fn commit_checkpoint(
@@ -185,7 +188,7 @@ impl pb::hub_server::Hub for HubService {
         self.counters.read(ReadPurpose::Range);
         let page = self
             .store
-            .read_range(shard.clone(), Sequence(request.from_sequence), to, limit)
+            .read_range(shard.clone(), Sequence(request.from_sequence), to, limit, defaults::READ_RANGE_BYTES)
             .await
             .map_err(HubError::from)?;
         // The same checks `omnirelay-hub verify` makes: a hole anywhere in

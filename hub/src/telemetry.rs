@@ -17,6 +17,9 @@
 //! | `omnirelay_hub_db_reads_total{purpose}` | counter | event-range queries: `tail` (shared live tail), `catch_up` (one subscriber) or `range` |
 //! | `omnirelay_hub_events_delivered_total` | counter | events sent to subscribers |
 //! | `omnirelay_hub_subscribers` | gauge | open subscriptions on this replica |
+//! | `omnirelay_hub_subscription_memory_bytes` | gauge | bytes held for subscriptions (queued frames, allowances, the live tails' recent events) |
+//! | `omnirelay_hub_subscription_memory_limit_bytes` | gauge | `--subscription-memory` |
+//! | `omnirelay_hub_subscriptions_ended_total{reason}` | counter | subscriptions ended or refused by the hub: `memory` (furthest behind when memory ran short), `stalled`, `refused` (no memory to admit it) |
 //! | `omnirelay_hub_tail_feeds` | gauge | live-tail feeds (followed shards) on this replica |
 //! | `omnirelay_hub_subscriber_lag_events{subscriber,shard}` | gauge | events between a shard's head and what a subscriber was sent |
 //! | `omnirelay_hub_db_latency_seconds{operation}` | histogram | store operations, by [`DbOperation`] |
@@ -66,6 +69,13 @@ pub const DB_READS: &str = "omnirelay_hub_db_reads_total";
 pub const EVENTS_DELIVERED: &str = "omnirelay_hub_events_delivered_total";
 /// Open subscriptions.
 pub const SUBSCRIBERS: &str = "omnirelay_hub_subscribers";
+/// Gauge: bytes held for subscriptions, from the subscription memory budget.
+pub const SUBSCRIPTION_MEMORY: &str = "omnirelay_hub_subscription_memory_bytes";
+/// Gauge: the subscription memory budget (`--subscription-memory`).
+pub const SUBSCRIPTION_MEMORY_LIMIT: &str = "omnirelay_hub_subscription_memory_limit_bytes";
+/// Subscriptions the hub ended or refused, by `reason`: `memory`,
+/// `stalled`, `refused`.
+pub const SUBSCRIPTIONS_ENDED: &str = "omnirelay_hub_subscriptions_ended_total";
 /// Events between a shard's head and a subscriber's position, by
 /// `subscriber` and `shard`.
 pub const SUBSCRIBER_LAG_EVENTS: &str = "omnirelay_hub_subscriber_lag_events";
@@ -413,6 +423,13 @@ fn describe_catalog() {
     describe_gauge!(TAIL_FEEDS, Unit::Count, "Live-tail feeds on this replica (shards followed by its subscribers).");
     describe_gauge!(SUBSCRIBERS, Unit::Count, "Open Subscribe streams on this replica.");
     describe_gauge!(SUBSCRIBER_LAG_EVENTS, Unit::Count, "Events between a shard's head and a subscriber's position.");
+    describe_gauge!(SUBSCRIPTION_MEMORY, Unit::Bytes, "Bytes held for subscriptions, within --subscription-memory.");
+    describe_gauge!(SUBSCRIPTION_MEMORY_LIMIT, Unit::Bytes, "The subscription memory budget, --subscription-memory.");
+    describe_counter!(
+        SUBSCRIPTIONS_ENDED,
+        Unit::Count,
+        "Subscriptions ended or refused by the hub, by reason: memory, stalled, refused."
+    );
     describe_histogram!(DB_LATENCY, Unit::Seconds, "Duration of store operations, by operation.");
     describe_counter!(DB_ERRORS, Unit::Count, "Store operations that failed, by operation.");
     describe_counter!(
@@ -442,6 +459,9 @@ fn describe_catalog() {
     }
     metrics::counter!(EVENTS_DELIVERED).absolute(0);
     metrics::gauge!(SUBSCRIBERS).set(0.0);
+    for reason in ["memory", "stalled", "refused"] {
+        metrics::counter!(SUBSCRIPTIONS_ENDED, LABEL_REASON => reason).absolute(0);
+    }
     for operation in DbOperation::ALL {
         let _ = metrics::histogram!(DB_LATENCY, LABEL_OPERATION => operation.label());
         metrics::counter!(DB_ERRORS, LABEL_OPERATION => operation.label()).absolute(0);

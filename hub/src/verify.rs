@@ -113,7 +113,7 @@ pub async fn verify_shard_pinned(
         pins.push(Pin { sequence: snapshot.sequence, hash: snapshot.hash, holder: "the newest snapshot".into() });
     }
     // Latest first, so `pop` yields them in sequence order.
-    pins.sort_by(|a, b| b.sequence.cmp(&a.sequence));
+    pins.sort_by_key(|pin| std::cmp::Reverse(pin.sequence));
 
     let mut report = ShardReport {
         shard: shard.clone(),
@@ -133,7 +133,15 @@ pub async fn verify_shard_pinned(
         return Ok(report);
     }
     while next <= report.head {
-        let page = match store.read_range(shard.clone(), next, Some(report.head), defaults::MAX_READ_RANGE_LIMIT).await
+        let page = match store
+            .read_range(
+                shard.clone(),
+                next,
+                Some(report.head),
+                defaults::MAX_READ_RANGE_LIMIT,
+                defaults::VERIFY_READ_BYTES,
+            )
+            .await
         {
             Ok(page) => page,
             // Retention moved on while we walked: continue from its mark.

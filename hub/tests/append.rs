@@ -353,7 +353,10 @@ async fn large_groups_are_copied_and_read_back_verified() {
     let first = store.append(store_batch(&shard, "p", 1, epoch, size)).await.expect("a COPY-sized batch");
     let second = store.append(store_batch(&shard, "p", 2, epoch, 3)).await.expect("a small batch after it");
     assert_eq!((first.first.0, first.last.0, second.first.0), (1, size as u64, size as u64 + 1));
-    let page = store.read_range(shard.clone(), omnirelay_hub::ids::Sequence(1), None, 10_000).await.expect("read back");
+    let page = store
+        .read_range(shard.clone(), omnirelay_hub::ids::Sequence(1), None, 10_000, usize::MAX)
+        .await
+        .expect("read back");
     assert_eq!(page.events.len(), size + 3);
     omnirelay_hub::event::verify(&shard, page.from, &page.anchor, &page.events).expect("the copied rows verify");
     assert_eq!(page.events[size - 1].body, body(&format!("p-1-{}", size - 1)));

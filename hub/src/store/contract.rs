@@ -115,7 +115,8 @@ async fn head<S: LogStore>(store: &S, shard: &ShardId) -> Sequence {
 }
 
 async fn read_all<S: LogStore>(store: &S, shard: &ShardId) -> Vec<event::LogEvent> {
-    let page = store.read_range(shard.clone(), Sequence(1), None, 100_000).await.expect("read should succeed");
+    let page =
+        store.read_range(shard.clone(), Sequence(1), None, 100_000, usize::MAX).await.expect("read should succeed");
     event::verify(shard, Sequence(1), &page.anchor, &page.events).expect("stored events should verify");
     page.events
 }
@@ -289,21 +290,36 @@ pub async fn reads_return_linked_events_that_verify<S: LogStore>(store: &S) {
     store.append(batch(&s, "p", 1, epoch, events("e", 10, 100))).await.expect("append");
     let all = read_all(store, &s).await;
 
-    let page = store.read_range(s.clone(), Sequence(4), Some(Sequence(6)), 100).await.expect("middle");
+    let page = store.read_range(s.clone(), Sequence(4), Some(Sequence(6)), 100, usize::MAX).await.expect("middle");
     assert_eq!(page.events, all[3..6].to_vec());
     assert_eq!(page.anchor, all[2].hash);
     assert_eq!((page.head, page.low, page.from), (Sequence(10), Sequence(1), Sequence(4)));
     event::verify(&s, Sequence(4), &page.anchor, &page.events).expect("a middle range verifies on its own");
 
-    let limited = store.read_range(s.clone(), Sequence(2), None, 3).await.expect("limited");
+    let limited = store.read_range(s.clone(), Sequence(2), None, 3, usize::MAX).await.expect("limited");
     assert_eq!(limited.events.iter().map(|e| e.sequence.0).collect::<Vec<_>>(), vec![2, 3, 4]);
-    let first = store.read_range(s.clone(), Sequence(1), None, 1).await.expect("first");
+    let first = store.read_range(s.clone(), Sequence(1), None, 1, usize::MAX).await.expect("first");
     assert_eq!(first.anchor, ChainHash::ZERO);
-    assert!(store.read_range(s.clone(), Sequence(11), None, 10).await.expect("past head").events.is_empty());
+    assert!(
+        store.read_range(s.clone(), Sequence(11), None, 10, usize::MAX).await.expect("past head").events.is_empty()
+    );
 
-    let err = store.read_range(s.clone(), Sequence(0), None, 10).await.expect_err("zero");
+    // A byte cap stops a page early, after at least one event: an event is
+    // read while the bodies before it total less than the cap.
+    let body = all[0].body.len();
+    let capped = store.read_range(s.clone(), Sequence(4), None, 100, body + 1).await.expect("capped");
+    assert_eq!(capped.events, all[3..5].to_vec());
+    assert_eq!(capped.through, Sequence(5), "a capped page promises no more than it read");
+    capped.verify().expect("a capped page is whole up to where it stopped");
+    let one = store.read_range(s.clone(), Sequence(4), None, 100, 1).await.expect("capped at one byte");
+    assert_eq!(one.events, all[3..4].to_vec());
+    let whole = store.read_range(s.clone(), Sequence(4), None, 100, usize::MAX).await.expect("uncapped");
+    assert_eq!((whole.events.len(), whole.through), (7, Sequence(10)));
+
+    let err = store.read_range(s.clone(), Sequence(0), None, 10, usize::MAX).await.expect_err("zero");
     assert!(matches!(err, StoreError::Invalid(_)), "unexpected {err:?}");
-    let err = store.read_range(shard("contract.nowhere"), Sequence(1), None, 10).await.expect_err("unknown");
+    let err =
+        store.read_range(shard("contract.nowhere"), Sequence(1), None, 10, usize::MAX).await.expect_err("unknown");
     assert!(matches!(err, StoreError::UnknownShard { .. }), "unexpected {err:?}");
 }
 
@@ -461,9 +477,9 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     let trimmed = store.apply_retention(s.clone(), keep).await.expect("retention");
     assert_eq!((trimmed.deleted, trimmed.low), (4, Sequence(5)), "the checkpoint at 4 holds the rest back");
 
-    let err = store.read_range(s.clone(), Sequence(3), None, 10).await.expect_err("trimmed");
+    let err = store.read_range(s.clone(), Sequence(3), None, 10, usize::MAX).await.expect_err("trimmed");
     assert!(matches!(err, StoreError::Trimmed { low: Sequence(5), .. }), "unexpected {err:?}");
-    let page = store.read_range(s.clone(), Sequence(5), None, 10).await.expect("from low");
+    let page = store.read_range(s.clone(), Sequence(5), None, 10, usize::MAX).await.expect("from low");
     assert_eq!(page.anchor, all[3].hash, "the trimmed event's hash anchors the chain");
     event::verify(&s, Sequence(5), &page.anchor, &page.events).expect("verifies after a trim");
     let state = store.shard_state(s.clone()).await.expect("state").expect("exists");
@@ -480,7 +496,7 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     let stale = RetentionPolicy { checkpoint_max_age: Duration::ZERO };
     let all_gone = store.apply_retention(s.clone(), stale).await.expect("retention");
     assert_eq!(all_gone.low, Sequence(11), "a stale checkpoint does not hold events back");
-    assert!(store.read_range(s.clone(), Sequence(11), None, 10).await.expect("empty").events.is_empty());
+    assert!(store.read_range(s.clone(), Sequence(11), None, 10, usize::MAX).await.expect("empty").events.is_empty());
 
     let err = store.append(batch(&s, "p", 5, epoch, events("e5", 1, 5))).await.expect_err("trimmed record");
     assert!(matches!(&err, StoreError::Invalid(input) if input.field == "producer_seq"), "unexpected {err:?}");
@@ -488,7 +504,7 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     assert!(retry.duplicate && retry.first == Sequence(10), "the latest record survives trimming: {retry:?}");
     let next = store.append(batch(&s, "p", 11, epoch, events("e11", 1, 11))).await.expect("append after trim");
     assert_eq!(next.first, Sequence(11));
-    let page = store.read_range(s.clone(), Sequence(11), None, 10).await.expect("read");
+    let page = store.read_range(s.clone(), Sequence(11), None, 10, usize::MAX).await.expect("read");
     event::verify(&s, Sequence(11), &page.anchor, &page.events).expect("the chain continues across the trim");
 }
 

@@ -85,8 +85,9 @@ impl LogStore for Metered {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
-        timed(DbOperation::ReadRange, self.inner.read_range(shard, from, to, limit))
+        timed(DbOperation::ReadRange, self.inner.read_range(shard, from, to, limit, max_bytes))
     }
 
     fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {

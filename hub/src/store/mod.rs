@@ -127,8 +127,9 @@ pub struct EventPage {
     /// Lowest stored sequence when read.
     pub low: Sequence,
     /// The last sequence this page must reach if the log is intact: the
-    /// requested end, capped by the head and the read's limit (`from - 1`
-    /// when nothing is due). Fewer events means stored rows are missing.
+    /// requested end, capped by the head and the read's limit, or the last
+    /// event read when the byte cap stopped the read (`from - 1` when
+    /// nothing is due). Fewer events means stored rows are missing.
     pub through: Sequence,
     /// True when the event just before `from` should be stored (it is at or
     /// above the low-water mark and at or below the head) but is not: a
@@ -152,6 +153,7 @@ impl EventPage {
         anchor: Option<ChainHash>,
         rows: Vec<crate::event::StoredRow>,
         state: (Sequence, Sequence, ChainHash),
+        cut: bool,
     ) -> EventPage {
         let (head, low, low_prev_hash) = state;
         let (anchor, anchor_missing) = match anchor {
@@ -166,7 +168,12 @@ impl EventPage {
         };
         let end = to.map_or(head, |to| to.min(head));
         let by_limit = Sequence(from.0.saturating_add(limit as u64).saturating_sub(1));
-        let through = if limit == 0 { from.prev() } else { end.min(by_limit) };
+        let through = match rows.last() {
+            // Stopped by the byte cap: nothing is promised past what came.
+            Some(last) if cut => last.sequence,
+            _ if limit == 0 => from.prev(),
+            _ => end.min(by_limit),
+        };
         EventPage {
             events: crate::event::link(anchor, rows),
             shard,
@@ -594,7 +601,11 @@ pub trait LogStore: Send + Sync + 'static {
     fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>>;
 
     /// Reads up to `limit` consecutive events from `from` (at least 1) to
-    /// `to` inclusive (the head when `None`), as stored. An empty page means
+    /// `to` inclusive (the head when `None`), as stored, and stops early once
+    /// the bodies read reach `max_bytes`: an event is included while the
+    /// bodies before it in the page total less than `max_bytes`, so a page
+    /// holds at least one event and at most `max_bytes` plus one body. The
+    /// page's `through` says where it should end. An empty page means
     /// nothing is stored in that range yet. Fails with
     /// [`StoreError::Trimmed`] when `from` is below the lowest stored
     /// sequence and [`StoreError::UnknownShard`] for a shard that does not
@@ -605,6 +616,7 @@ pub trait LogStore: Send + Sync + 'static {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage>;
 
     /// Returns the first stored sequence whose event was recorded at or after

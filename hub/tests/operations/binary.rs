@@ -244,3 +244,70 @@ async fn a_read_only_store_file_is_reported_as_read_only_at_start() {
     assert!(stderr.contains("is read-only for this process") && stderr.contains(&path), "{stderr}");
     assert!(!stderr.contains("Error code"), "no bare SQLite code: {stderr}");
 }
+
+/// A line of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`, ...).
+fn proc_memory(pid: u32, field: &str) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
+    let line = status.lines().find(|line| line.starts_with(field)).expect("the field is reported");
+    let kib: usize = line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("a size in kB");
+    kib * 1024
+}
+
+// About fifteen seconds: 64 MiB of events go to two dozen subscribers that
+// never read.
+#[tokio::test]
+async fn a_replica_with_stalled_subscribers_stays_within_its_memory_budget() {
+    use crate::support::{self, Appender};
+    use omnirelay_hub::proto::hub::v1 as pb;
+    const BUDGET: usize = 32 * 1024 * 1024;
+    /// What the process may grow by beyond the budget: the append path (one
+    /// batch at a time here), the allocator's own slack, SQLite's page cache.
+    const SLACK: usize = 48 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = HubProcess::start(dir.path(), &["--subscription-memory", "32MiB"]).await;
+    let pid = hub.child.id().expect("running");
+    let shard = "resourcelease.rss";
+    let mut producer = support::client(hub.grpc).await;
+    let epoch = support::acquire(&mut producer, shard, "node", Duration::from_secs(600)).await;
+    let mut appender = Appender::open(&mut producer).await;
+    let padding = "x".repeat(32 * 1024);
+    let mut append = async |seq: u64| {
+        let items: Vec<String> = (0..8).map(|i| format!("item-{seq}-{i}")).collect();
+        let items: Vec<&str> = items.iter().map(String::as_str).collect();
+        let mut request = support::batch(shard, "p", seq, epoch, &items);
+        for event in &mut request.events {
+            event.metadata.insert("padding".into(), padding.clone());
+        }
+        support::ack(appender.append(request).await);
+    };
+    append(1).await;
+    let baseline = proc_memory(pid, "VmRSS");
+
+    // Two dozen subscriptions, a dozen per connection, that never read.
+    let mut stalled = Vec::new();
+    for connection in 0..2 {
+        let mut client = support::client(hub.grpc).await;
+        for i in 0..12 {
+            let request = pb::SubscribeRequest {
+                subscriber_id: format!("stalled-{connection}-{i}"),
+                shard_ids: vec![shard.into()],
+                start: Some(pb::StartPosition { position: Some(pb::start_position::Position::AfterSequence(0)) }),
+                ..Default::default()
+            };
+            stalled.push(client.subscribe(request).await.expect("subscribe").into_inner());
+        }
+    }
+    for seq in 2..=256 {
+        append(seq).await;
+    }
+    let grown = proc_memory(pid, "VmHWM").saturating_sub(baseline);
+    assert!(
+        grown <= BUDGET + SLACK,
+        "the hub grew by {} MiB (peak resident) with 64 MiB appended; the budget is {} MiB",
+        grown >> 20,
+        BUDGET >> 20
+    );
+    drop(stalled);
+    let (code, log) = hub.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+}

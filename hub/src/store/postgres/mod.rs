@@ -457,6 +457,7 @@ impl LogStore for PgStore {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
         self.within("read events", async move {
             if from.0 == 0 {
@@ -468,8 +469,13 @@ impl LogStore for PgStore {
                 None => i64::MAX,
             };
             let limit_db = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1);
+            let bytes_db = i64::try_from(max_bytes).unwrap_or(i64::MAX);
             let rows = self
-                .query("read events", SQL_READ_RANGE, &[&shard.as_str(), &from_db_value, &to_db_value, &limit_db])
+                .query(
+                    "read events",
+                    SQL_READ_RANGE,
+                    &[&shard.as_str(), &from_db_value, &to_db_value, &limit_db, &bytes_db],
+                )
                 .await?;
             let Some(first) = rows.first() else { return Err(StoreError::UnknownShard { shard }) };
             let head = Sequence(from_db(col(first, "head_sequence")?)?);
@@ -499,7 +505,8 @@ impl LogStore for PgStore {
                 });
             }
             let low_prev_hash = stored_hash(col(first, "low_prev_hash")?, "low_prev_hash")?;
-            Ok(EventPage::assemble(shard, from, to, limit, anchor, stored, (head, low, low_prev_hash)))
+            let cut = stored.iter().map(|row| row.body.len()).sum::<usize>() >= max_bytes.max(1);
+            Ok(EventPage::assemble(shard, from, to, limit, anchor, stored, (head, low, low_prev_hash), cut))
         })
     }
 

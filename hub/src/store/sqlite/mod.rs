@@ -760,6 +760,7 @@ impl LogStore for SqliteStore {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
         self.run(move |db| {
             let what = "read events";
@@ -790,6 +791,9 @@ impl LogStore for SqliteStore {
             let mut rows = statement.query(params![number, from_value, to_value, fetch]).map_err(sql)?;
             let mut anchor = None;
             let mut stored = Vec::new();
+            // Bodies read so far; rows are fetched lazily, so stopping here
+            // reads no more.
+            let mut bytes = 0usize;
             while let Some(row) = rows.next().map_err(sql)? {
                 let sequence = Sequence(from_db(row.get(0).map_err(sql)?)?);
                 let hash: Vec<u8> = row.get(4).map_err(sql)?;
@@ -797,7 +801,7 @@ impl LogStore for SqliteStore {
                     anchor = Some(ChainHash::from_slice(&hash).unwrap_or(ChainHash::ZERO));
                     continue;
                 }
-                if stored.len() == limit {
+                if stored.len() == limit || bytes >= max_bytes.max(1) {
                     break;
                 }
                 stored.push(StoredRow {
@@ -807,7 +811,9 @@ impl LogStore for SqliteStore {
                     body: Bytes::from(row.get::<_, Vec<u8>>(3).map_err(sql)?),
                     hash: Bytes::from(hash),
                 });
+                bytes = bytes.saturating_add(stored.last().map_or(0, |row: &StoredRow| row.body.len()));
             }
+            let cut = bytes >= max_bytes.max(1);
             Ok(EventPage::assemble(
                 shard,
                 from,
@@ -816,6 +822,7 @@ impl LogStore for SqliteStore {
                 anchor,
                 stored,
                 (state.lease.head, state.low, state.low_prev_hash),
+                cut,
             ))
         })
     }
