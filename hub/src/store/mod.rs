@@ -193,7 +193,7 @@ impl EventPage {
     /// corrupt (or missing) sequence; every event before it is valid.
     ///
     /// A body that does not decode is the one check left to the readers
-    /// that decode it (see [`crate::verify::check_page`]).
+    /// that decode it (see [`crate::verify::decode_page`]).
     pub fn verify(&self) -> Result<(), CorruptEvent> {
         if self.anchor_missing {
             return Err(CorruptEvent {
