@@ -115,11 +115,26 @@ enum BackpressureCommand {
     },
 }
 
-#[allow(clippy::print_stdout)] // the CLI's output is its purpose
 fn print(output: Output, value: &Value, text: impl FnOnce(&Value) -> String) {
     match output {
-        Output::Json => println!("{value}"),
-        Output::Text => print!("{}", text(value)),
+        Output::Json => write_stdout(&format!("{value}\n")),
+        Output::Text => write_stdout(&text(value)),
+    }
+}
+
+/// Writes the command's output. A reader that went away (`omnirelay ... |
+/// head`) ends the command quietly with status 0, as it does any Unix
+/// filter; `print!` would panic on the broken pipe instead.
+fn write_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(err) => {
+            eprintln!("error: write the output: {err}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -217,10 +232,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     };
     let config = SidecarConfig::merge(&args, file)?;
     if args.print_config {
-        #[allow(clippy::print_stdout)]
-        {
-            println!("{}", serde_json::to_string_pretty(&config)?);
-        }
+        write_stdout(&format!("{}\n", serde_json::to_string_pretty(&config)?));
         return config.node_config().map(|_| ());
     }
     let otlp = omnirelay_cli::telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;

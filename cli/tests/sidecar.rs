@@ -474,3 +474,19 @@ async fn the_http_json_examples_of_the_mesh_node_guide_hold() {
     let _ = stop.send(());
     serving.await.expect("joins").expect("the node stops cleanly");
 }
+
+#[test]
+fn print_config_into_a_closed_pipe_exits_quietly() {
+    // `omnirelay node --print-config | head`: the reader is gone before the
+    // node writes (its end of the pipe is closed before the start).
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let output = Command::new(BINARY)
+        .args(["node", "--print-config", "--namespace", "resourcelease"])
+        .stdout(writer)
+        .output()
+        .expect("run omnirelay node --print-config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+}

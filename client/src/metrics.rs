@@ -107,7 +107,7 @@ pub(crate) struct QueueMetrics {
 impl QueueMetrics {
     pub(crate) fn new(shard: &ShardId) -> Self {
         let shard = shard.to_string();
-        Self {
+        let handles = Self {
             pending: metrics::gauge!(PENDING, SHARD_LABEL => shard.clone()),
             active: metrics::gauge!(ACTIVE, SHARD_LABEL => shard.clone()),
             dead_letters: metrics::gauge!(DEAD_LETTERS, SHARD_LABEL => shard.clone()),
@@ -119,7 +119,15 @@ impl QueueMetrics {
             in_flight: metrics::gauge!(REPLICATION_IN_FLIGHT, SHARD_LABEL => shard.clone()),
             append: metrics::histogram!(REPLICATION_APPEND, SHARD_LABEL => shard.clone()),
             lag_events: metrics::gauge!(REPLICATION_LAG_EVENTS, SHARD_LABEL => shard.clone()),
-            lag_seconds: metrics::gauge!(REPLICATION_LAG_SECONDS, SHARD_LABEL => shard),
+            lag_seconds: metrics::gauge!(REPLICATION_LAG_SECONDS, SHARD_LABEL => shard.clone()),
+        };
+        // Counters bumped elsewhere (the hub replicator, fences) exist from
+        // the start, at zero, so dashboards and alerts see every series.
+        metrics::counter!(REPLICATION_RETRIES, SHARD_LABEL => shard.clone()).increment(0);
+        for reason in crate::queue::FenceReason::ALL {
+            metrics::counter!(REPLICATION_FENCED, SHARD_LABEL => shard.clone(), "reason" => reason.as_str())
+                .increment(0);
         }
+        handles
     }
 }

@@ -124,6 +124,13 @@ pub struct VerifyArgs {
     /// Verify every shard whose id starts with this (all when empty).
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub prefix: String,
+    /// A hash the log must still hold, saved from an earlier run: the
+    /// shard, a sequence and that event's hash as `verify` prints it
+    /// (`head=` and `head_hash=`), e.g.
+    /// `resourcelease.users@1200=9f86d0...`. Repeatable. A log rewritten
+    /// with every hash recomputed still chains; it no longer matches this.
+    #[arg(long = "anchor", value_name = "SHARD@SEQUENCE=HASH")]
+    pub anchors: Vec<crate::verify::Anchor>,
 }
 
 impl Cli {
@@ -195,6 +202,20 @@ pub struct ServeArgs {
         default_value_t = HumanDuration(defaults::SHUTDOWN_GRACE)
     )]
     pub shutdown_grace: HumanDuration,
+
+    /// Memory this replica may hold for all its subscriptions together
+    /// (queued frames, their streams' buffers, catch-up reads, the live
+    /// tails' recent events), e.g. `256MiB`. Past it, the subscription
+    /// furthest behind is ended (it resumes from its checkpoint) and new
+    /// ones are refused.
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_SUBSCRIPTION_MEMORY",
+        value_name = "BYTES",
+        default_value_t = ByteSize(defaults::SUBSCRIPTION_MEMORY),
+        value_parser = parse_subscription_memory
+    )]
+    pub subscription_memory: ByteSize,
 }
 
 /// Flags choosing and reaching the store.
@@ -235,6 +256,17 @@ pub struct StoreArgs {
         value_parser = parse_committers
     )]
     pub committers: usize,
+
+    /// Deadline of every PostgreSQL statement and append transaction once it
+    /// holds a connection: past it the caller is answered UNAVAILABLE (an
+    /// append whose commit may still land is recognised when retried).
+    #[arg(
+        long,
+        env = "OMNIRELAY_HUB_DATABASE_TIMEOUT",
+        value_name = "DURATION",
+        default_value_t = HumanDuration(defaults::DATABASE_TIMEOUT)
+    )]
+    pub database_timeout: HumanDuration,
 
     /// File of the embedded SQLite store, used when no database URL is given
     /// [default: omnirelay-hub.db in the working directory].
@@ -355,6 +387,52 @@ impl fmt::Display for HumanDuration {
         }
         write!(f, "{millis}ms")
     }
+}
+
+/// A size in bytes written with a unit: `512KiB`, `256MiB`, `1GiB` (or a
+/// plain number of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: usize = number
+            .parse()
+            .map_err(|_| format!("expected a number with a unit (KiB, MiB, GiB), e.g. 256MiB; got {s:?}"))?;
+        let scale: usize = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            other => return Err(format!("unknown unit {other:?} in {s:?}; use KiB, MiB or GiB")),
+        };
+        number.checked_mul(scale).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// Writes the largest unit that divides the size exactly.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, size) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+fn parse_subscription_memory(s: &str) -> std::result::Result<ByteSize, String> {
+    let size: ByteSize = s.parse()?;
+    if size.0 < defaults::MIN_SUBSCRIPTION_MEMORY {
+        return Err(format!("must be at least {}", ByteSize(defaults::MIN_SUBSCRIPTION_MEMORY)));
+    }
+    Ok(size)
 }
 
 /// `off`, or a [`HumanDuration`]: for periodic work that can be disabled.
@@ -547,6 +625,8 @@ pub struct Config {
     pub health_interval: Duration,
     /// How long shutdown waits for open calls and streams.
     pub shutdown_grace: Duration,
+    /// Bytes the replica may hold for its subscriptions.
+    pub subscription_memory: usize,
 }
 
 /// Which store keeps the log.
@@ -572,6 +652,8 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// Group committers (each holds a pooled connection while committing).
     pub committers: usize,
+    /// Deadline of a statement or an append transaction.
+    pub timeout: Duration,
 }
 
 impl PostgresConfig {
@@ -583,6 +665,7 @@ impl PostgresConfig {
             tls: DatabaseTls::Prefer,
             pool_size: defaults::POOL_SIZE,
             committers: defaults::COMMITTERS,
+            timeout: defaults::DATABASE_TIMEOUT,
         })
     }
 }
@@ -638,6 +721,7 @@ impl ServeArgs {
             checkpoint_max_age: self.checkpoint_max_age.0,
             health_interval: self.health_interval.0,
             shutdown_grace: self.shutdown_grace.0,
+            subscription_memory: self.subscription_memory.0,
         })
     }
 }
@@ -668,6 +752,7 @@ impl StoreArgs {
             tls,
             pool_size: self.database_pool_size,
             committers: self.committers,
+            timeout: self.database_timeout.0,
         }))
     }
 }
@@ -712,6 +797,7 @@ impl Config {
             checkpoint_max_age: defaults::CHECKPOINT_MAX_AGE,
             health_interval: defaults::HEALTH_INTERVAL,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
+            subscription_memory: defaults::SUBSCRIPTION_MEMORY,
         }
     }
 
@@ -729,14 +815,17 @@ impl Config {
     /// Logs the effective configuration at INFO, secrets redacted.
     pub fn log_effective(&self) {
         let not_used = || "n/a".to_string();
-        let (store, database_tls, pool_size, committers) = match &self.store {
+        let (store, database_tls, pool_size, committers, database_timeout) = match &self.store {
             StoreConfig::Postgres(pg) => (
                 format!("postgres {}", pg.url),
                 pg.tls.mode().to_string(),
                 pg.pool_size.to_string(),
                 pg.committers.to_string(),
+                HumanDuration(pg.timeout).to_string(),
             ),
-            StoreConfig::Sqlite { path } => (format!("sqlite {}", path.display()), not_used(), not_used(), not_used()),
+            StoreConfig::Sqlite { path } => {
+                (format!("sqlite {}", path.display()), not_used(), not_used(), not_used(), not_used())
+            }
         };
         tracing::info!(
             listen = %self.listen,
@@ -745,11 +834,13 @@ impl Config {
             database_tls = %database_tls,
             database_pool_size = %pool_size,
             committers = %committers,
+            database_timeout = %database_timeout,
             retention_interval = %Interval(self.retention_interval),
             checkpoint_max_age = %HumanDuration(self.checkpoint_max_age),
             tls = %self.tls_summary(),
             health_interval = %HumanDuration(self.health_interval),
             shutdown_grace = %HumanDuration(self.shutdown_grace),
+            subscription_memory = %ByteSize(self.subscription_memory),
             "effective configuration"
         );
     }
@@ -782,6 +873,7 @@ impl fmt::Display for Config {
                 }
                 writeln!(f, "database-pool-size = {}", pg.pool_size)?;
                 writeln!(f, "committers = {}", pg.committers)?;
+                writeln!(f, "database-timeout = {}", HumanDuration(pg.timeout))?;
             }
             StoreConfig::Sqlite { path } => writeln!(f, "sqlite-path = {}", path.display())?,
         }
@@ -789,7 +881,8 @@ impl fmt::Display for Config {
         writeln!(f, "retention-interval = {}", Interval(self.retention_interval))?;
         writeln!(f, "checkpoint-max-age = {}", HumanDuration(self.checkpoint_max_age))?;
         writeln!(f, "health-interval = {}", HumanDuration(self.health_interval))?;
-        writeln!(f, "shutdown-grace = {}", HumanDuration(self.shutdown_grace))
+        writeln!(f, "shutdown-grace = {}", HumanDuration(self.shutdown_grace))?;
+        writeln!(f, "subscription-memory = {}", ByteSize(self.subscription_memory))
     }
 }
 
@@ -1029,15 +1122,25 @@ mod tests {
     }
 
     #[test]
+    fn subscription_memory_takes_a_size_with_a_unit_and_a_floor() {
+        assert_eq!(config(&["--subscription-memory", "64MiB"]).expect("valid").subscription_memory, 64 << 20);
+        assert_eq!(config(&[]).expect("valid").subscription_memory, defaults::SUBSCRIPTION_MEMORY);
+        let err = parse(&["--subscription-memory", "1MiB"]).expect_err("below the floor");
+        assert!(err.to_string().contains("--subscription-memory"), "{err}");
+        assert!(parse(&["--subscription-memory", "64MB"]).is_err(), "binary units only");
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+    }
+
+    #[test]
     fn every_setting_has_its_environment_variable() {
         use clap::CommandFactory;
         let command = Cli::command();
         let arguments =
             command.get_arguments().chain(command.get_subcommands().flat_map(|subcommand| subcommand.get_arguments()));
         for arg in arguments {
-            // --shard and --prefix pick what one `verify` run looks at; they
-            // are not settings of the hub.
-            if ["help", "version", "shard", "prefix"].contains(&arg.get_id().as_str()) {
+            // --shard, --prefix and --anchor pick what one `verify` run
+            // looks at; they are not settings of the hub.
+            if ["help", "version", "shard", "prefix", "anchors"].contains(&arg.get_id().as_str()) {
                 continue;
             }
             let long = arg.get_long().expect("every flag should have a long name");

@@ -200,11 +200,17 @@ impl Probe for PgStore {
 async fn probe(pool: &Pool) -> Result<(), NotReady> {
     let started = std::time::Instant::now();
     let result = async {
-        let client = pool.get().await.map_err(|err| NotReady::Unreachable(err.to_string()))?;
+        // The whole chain: the pool's "error creating a new object: db
+        // error" says nothing without PostgreSQL's own message after it.
+        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::error::causes(&err)))?;
+        // A probe cut short by its timeout closes its connection rather
+        // than pool it with a query in flight.
+        let client = crate::store::postgres::Conn::lend(client);
         schema::check(&client).await.map_err(|err| match err {
-            SchemaError::Database { source, .. } => NotReady::Unreachable(source.to_string()),
+            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::error::causes(&source)),
             other => NotReady::Schema(other.to_string()),
         })?;
+        client.release();
         Ok(())
     }
     .await;

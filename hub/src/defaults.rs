@@ -56,6 +56,23 @@ pub const POOL_SIZE: usize = 16;
 /// seconds means the database is down, and the caller should hear so fast.
 pub const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Deadline of one PostgreSQL operation once it holds a connection: a
+/// statement, a read, or an append group's whole transaction. A healthy
+/// database answers in milliseconds and a busy one well within a second;
+/// five seconds without an answer means it is stalled (paused, partitioned,
+/// out of I/O), and callers should hear UNAVAILABLE and fail over rather
+/// than hang with it. An append answered so may still commit; its retry is
+/// recognised by its producer sequence. Also bounds every call into the
+/// embedded store's thread. `--database-timeout` overrides it for
+/// PostgreSQL.
+pub const DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Deadline of one shard's retention transaction, which may delete a large
+/// backlog at once: generous, because a trim cut short is rolled back and
+/// redone from scratch next time; bounded, so a stalled database does not
+/// hold the retention task forever.
+pub const RETENTION_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Attempts for a transaction that failed with a serialization failure or a
 /// deadlock. Both are transient by definition (PostgreSQL chose a victim);
 /// three attempts clear them in practice, and a bound keeps a pathological
@@ -83,18 +100,87 @@ pub const READ_RANGE_LIMIT: usize = 1_000;
 pub const MAX_READ_RANGE_LIMIT: usize = 10_000;
 
 /// Events per catch-up read of a subscription. Large, so a subscriber far
-/// behind costs few queries; bounded, so one read's memory stays small.
+/// behind costs few queries; bounded, so one read's rows stay few.
 pub const CATCH_UP_BATCH: usize = 2_000;
 
-/// Chunks of live events each shard's tail buffers for its subscribers. A
-/// subscriber further behind than this falls back to catch-up reads instead
-/// of slowing anyone down.
+/// Room a subscription reserves in its queue (and in the replica's budget)
+/// before one catch-up read; the read asks the store for half of it in
+/// bodies, leaving the rest for the frames' own fields (sequence, epoch,
+/// hashes: about a hundred bytes an event). A megabyte keeps a subscriber
+/// far behind at a few reads per megabyte of log, and a catch-up read's
+/// memory small.
+pub const CATCH_UP_BYTES: usize = 1024 * 1024;
+
+/// Live-tail chunks (one per commit touching the shard) a feed announces
+/// to its subscribers before a subscriber that has not looked falls behind
+/// and catches up from the store. The announcements are small: the events
+/// themselves live in the feed's recent-events cache
+/// ([`TAIL_RING_BYTES`]).
 pub const TAIL_BUFFER_CHUNKS: usize = 1_024;
 
-/// Frames buffered per subscription between the shard readers and the gRPC
-/// stream; when the client reads slowly this fills and the readers fall
-/// back to catch-up.
-pub const SUBSCRIBER_BUFFER_FRAMES: usize = 64;
+/// Bytes of recent events each shard's live tail keeps for its subscribers
+/// (drawn from the subscription memory budget, and dropped first when it
+/// runs short). Four megabytes covers a few seconds of a busy shard, enough
+/// for subscribers that keep up; one further behind reads the store.
+pub const TAIL_RING_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes of bodies one live-tail read fetches at most (besides
+/// [`TAIL_READ_BATCH`] events), so a feed catching up on another replica's
+/// large commit holds little at a time.
+pub const TAIL_READ_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default of `--subscription-memory`: the bytes one replica may hold for
+/// all its subscriptions together (queued frames, their streams' HTTP/2
+/// buffers, catch-up reads, the live tails' recent events). A quarter of a
+/// gigabyte fits a modest pod beside the rest of the hub, holds about 500
+/// idle subscriptions or some fifty stalled ones before anyone is ended, and any
+/// snapshot ([`MAX_SNAPSHOT_BYTES`]) with room to spare.
+pub const SUBSCRIPTION_MEMORY: usize = 256 * 1024 * 1024;
+
+/// Smallest `--subscription-memory` accepted: a few subscriptions and one
+/// large frame. Snapshots larger than the budget cannot be streamed.
+pub const MIN_SUBSCRIPTION_MEMORY: usize = 8 * 1024 * 1024;
+
+/// What one open subscription costs outside its queue, held from the budget
+/// while it is open: its stream's HTTP/2 send buffer (hyper buffers up to
+/// 400 KiB per stream for a client that does not read), its tasks and
+/// channels. Decides how many subscriptions a replica admits.
+pub const SUBSCRIPTION_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// What each followed shard adds to a subscription's cost (a task, a
+/// live-tail receiver, a lag gauge), held from the budget like
+/// [`SUBSCRIPTION_OVERHEAD_BYTES`].
+pub const FOLLOWER_OVERHEAD_BYTES: usize = 16 * 1024;
+
+/// Bytes of frames one subscription may have queued for its client. A
+/// reader this far behind stops taking live events (which it would hold)
+/// and, once it drains, catches up from the store; four megabytes keeps a
+/// fast reader's pipe full across a network hiccup.
+pub const SUBSCRIPTION_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest frame built for a subscriber that is behind (frames are queued
+/// for it already): small frames let a slow reader's queue, and what its
+/// connection holds, stay small, while a reader that keeps up gets up to
+/// [`MAX_FRAME_BYTES`].
+pub const LAGGING_FRAME_BYTES: usize = 64 * 1024;
+
+/// How long a subscription may have frames waiting that its client does
+/// not take before it is ended (UNAVAILABLE; the client resumes from its
+/// checkpoint): a minute tolerates long pauses of a healthy consumer, and
+/// frees what a dead or wedged one holds.
+pub const SUBSCRIBER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a subscription asking for budget waits for the bytes of a
+/// subscription the budget just ended before judging again.
+pub const BUDGET_RETRY: Duration = Duration::from_millis(100);
+
+/// Bytes of bodies one `ReadRange` returns at most (besides its event
+/// limit; at least one event), so the answer stays well under the gRPC
+/// message limit whatever the events' sizes.
+pub const READ_RANGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of bodies one page of `omnirelay-hub verify` reads at most.
+pub const VERIFY_READ_BYTES: usize = 16 * 1024 * 1024;
 
 /// Idle time after which a subscription gets a progress frame when the
 /// request names none: often enough to detect a dead stream within a few
@@ -184,6 +270,14 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound of one readiness probe (a query and the schema-version check): a
 /// database that takes longer is not ready for appends either.
 pub const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one append failing because the store cannot write (a full disk,
+/// a read-only store, an I/O error) keeps the replica not ready when no
+/// later append succeeds: long enough for load balancers to act on it (two
+/// failed 5 s probes), short enough that a replica whose disk was freed
+/// takes traffic again within half a minute, even if nothing could reach it
+/// to prove it. Another failing append starts the hold again.
+pub const WRITE_FAULT_HOLD: Duration = Duration::from_secs(30);
 
 /// How long shutdown waits for in-flight calls and open streams after the
 /// hub stopped accepting connections. Kubernetes' default

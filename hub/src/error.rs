@@ -30,10 +30,47 @@ pub enum HubError {
         /// [`crate::defaults::MAX_FOLLOWED_SHARDS`].
         limit: usize,
     },
+    /// The replica's subscription memory is held by open subscriptions.
+    #[error(
+        "this replica's subscription memory ({limit} bytes, --subscription-memory) is held by open \
+         subscriptions and cannot spare {wanted} more; retry later or on another replica"
+    )]
+    SubscriptionMemory {
+        /// Bytes the subscription (or a shard it follows) needs.
+        wanted: usize,
+        /// The budget.
+        limit: usize,
+    },
 }
 
 /// Result type of hub requests.
 pub type Result<T, E = HubError> = std::result::Result<T, E>;
+
+/// An error and its sources as one line, `outer: inner: innermost`, for
+/// logs and operators (never for clients: driver text may name tables or
+/// files). A source whose text the previous one already ends with is
+/// skipped, so wrappers that repeat their cause do not print it twice.
+pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = cause.source();
+    }
+    line
+}
+
+/// What a client is told of an outage: what failed and the kind of fault,
+/// in fixed words.
+fn unavailable_message(what: &str, err: &StoreError) -> String {
+    let fault = err.fault().unwrap_or(crate::store::Fault::Other);
+    crate::telemetry::store_unavailable(fault);
+    format!("the log store is unavailable ({what}: {}); retry", fault.describe())
+}
 
 impl From<CorruptEvent> for HubError {
     fn from(err: CorruptEvent) -> Self {
@@ -47,7 +84,9 @@ impl From<HubError> for tonic::Status {
         match err {
             HubError::Invalid(input) => Status::invalid_argument(input.to_string()),
             HubError::ShuttingDown => Status::unavailable(err.to_string()),
-            HubError::TooManyShards { .. } => Status::resource_exhausted(err.to_string()),
+            HubError::TooManyShards { .. } | HubError::SubscriptionMemory { .. } => {
+                Status::resource_exhausted(err.to_string())
+            }
             HubError::Store(store) => match store {
                 StoreError::Invalid(input) => Status::invalid_argument(input.to_string()),
                 StoreError::StaleEpoch { .. } => Status::aborted(store.to_string()),
@@ -57,10 +96,9 @@ impl From<HubError> for tonic::Status {
                 | StoreError::HeadMismatch { .. }
                 | StoreError::Trimmed { .. } => Status::failed_precondition(store.to_string()),
                 StoreError::Overloaded { .. } => Status::resource_exhausted(store.to_string()),
-                // The text names what failed, never the driver's message.
-                StoreError::Unavailable { what, .. } => {
-                    Status::unavailable(format!("the log store is unavailable ({what}); retry"))
-                }
+                // The text names what failed and the kind of fault, never
+                // the driver's message.
+                StoreError::Unavailable { what, .. } => Status::unavailable(unavailable_message(what, &store)),
                 StoreError::Closed => Status::unavailable(store.to_string()),
                 StoreError::Corrupt(corrupt) => {
                     tracing::error!(shard = %corrupt.shard, sequence = %corrupt.sequence, reason = %corrupt.reason, "refusing to serve a corrupt event");
@@ -101,7 +139,7 @@ pub fn append_error(err: &StoreError) -> pb::AppendError {
         _ => 0,
     };
     let message = match err {
-        StoreError::Unavailable { what, .. } => format!("the log store is unavailable ({what}); retry"),
+        StoreError::Unavailable { what, .. } => unavailable_message(what, err),
         StoreError::Internal { .. } | StoreError::Schema(_) => {
             tracing::error!(error = %err, "append failed");
             "internal hub error; see the hub's log".to_string()
@@ -170,6 +208,22 @@ mod tests {
             };
             assert_eq!(label, expected.to_ascii_lowercase(), "{err}");
         }
+    }
+
+    #[test]
+    fn outages_name_their_fault_in_fixed_words_and_keep_the_cause_for_the_log() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        let err = StoreError::Unavailable { what: "commit an append group", source: Box::new(full) };
+        assert_eq!(err.fault(), Some(crate::store::Fault::DiskFull));
+        let copied = crate::store::copy_error(&err);
+        assert_eq!(copied.fault(), Some(crate::store::Fault::DiskFull), "copies for a group keep the fault");
+        let answer = append_error(&copied);
+        assert_eq!(answer.code, pb::AppendErrorCode::Unavailable as i32);
+        assert!(answer.message.contains("commit an append group: database or disk is full"), "{}", answer.message);
+        assert!(causes(&copied).contains("database or disk is full"), "{}", causes(&copied));
     }
 
     #[test]

@@ -45,6 +45,24 @@ impl ChainHash {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// All 32 bytes in lowercase hex (64 characters), the form operators
+    /// save and pass back (`omnirelay-hub verify --anchor`).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// Reads the 64-character hex form; `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<ChainHash> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ChainHash(bytes))
+    }
 }
 
 impl fmt::Debug for ChainHash {
@@ -202,6 +220,15 @@ mod tests {
         (0..n)
             .map(|i| NewEvent { recorded_at: SystemTime::UNIX_EPOCH, body: Bytes::from(format!("event {i}")) })
             .collect()
+    }
+
+    #[test]
+    fn hashes_round_trip_through_hex() {
+        let hash = ChainHash::compute(&ChainHash::ZERO, Sequence(1), Epoch(1), b"body");
+        assert_eq!(ChainHash::from_hex(&hash.to_hex()), Some(hash));
+        assert_eq!(hash.to_hex().len(), 64);
+        assert_eq!(ChainHash::from_hex("abc"), None);
+        assert_eq!(ChainHash::from_hex(&"zz".repeat(32)), None);
     }
 
     #[test]

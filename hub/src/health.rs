@@ -2,12 +2,18 @@
 //! `/readyz` and the `omnirelay_hub_ready` gauge report it.
 //!
 //! A replica is ready when its store answers a probe (reachable, schema
-//! current) and it is not shutting down. [`Health`] owns that judgement:
-//! every probe, whether from `/readyz` or from the periodic
-//! [`Health::monitor`], updates the standard gRPC health service
-//! (`grpc.health.v1.Health`, for the overall server `""` and for
-//! `omnirelay.hub.v1.Hub`) and the gauge, so the three never disagree for
-//! long. Once shutdown starts the status is NOT_SERVING for good.
+//! current), its store can write (no append has failed for a full disk, a
+//! read-only store or an I/O error since the last one that succeeded, see
+//! [`WriteHealth`]), and it is not shutting down. [`Health`] owns that
+//! judgement: every probe, whether from `/readyz`, from a gRPC health
+//! `Check` or from the periodic [`Health::monitor`], updates the standard
+//! gRPC health service (`grpc.health.v1.Health`, for the overall server `""`
+//! and for `omnirelay.hub.v1.Hub`) and the gauge. `/readyz` and `Check`
+//! both probe on demand (callers arriving during a probe share it), so they
+//! never disagree; `Watch`
+//! streams hear every change any probe finds, and the monitor probes at
+//! once when appends start or stop failing. Once shutdown starts the status
+//! is NOT_SERVING for good.
 //!
 //! The gRPC health service is implemented here (on tonic-health's generated
 //! types) rather than taken from tonic-health's reporter, for one reason:
@@ -18,18 +24,20 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::{Health as GrpcHealth, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::defaults;
+use crate::store::{AppendAck, Fault, StoreError};
 use crate::telemetry;
 
 /// The gRPC service names whose status the hub reports: the overall server
@@ -62,6 +70,10 @@ pub enum NotReady {
     /// The probe did not answer within the readiness timeout.
     #[error("store probe timed out after {0:?}")]
     Timeout(Duration),
+    /// The store answers reads but appends fail: a full disk, a read-only
+    /// store, an I/O error.
+    #[error("store cannot write: {0}")]
+    CannotWrite(String),
     /// The replica is shutting down.
     #[error("shutting down")]
     ShuttingDown,
@@ -75,12 +87,81 @@ struct Reported {
     shutting_down: bool,
 }
 
+/// Whether the store can write, as this replica's appends show it. A read
+/// probe cannot tell a full disk from a healthy one, so the appends are the
+/// witness: one failing for a fault that stops writes ([`Fault::blocks_writes`])
+/// makes the replica not ready; the next one that succeeds makes it ready
+/// again. Because a replica that is not ready may get no appends to prove
+/// itself with, the verdict also lapses [`defaults::WRITE_FAULT_HOLD`]
+/// after the last failure, and the next append judges again.
+#[derive(Debug, Default)]
+pub struct WriteHealth {
+    failed: Mutex<Option<WriteFailure>>,
+    changed: Notify,
+}
+
+#[derive(Debug, Clone)]
+struct WriteFailure {
+    fault: Fault,
+    /// The whole cause, for `/readyz` and the log (operators only).
+    cause: String,
+    at: Instant,
+}
+
+impl WriteHealth {
+    /// Records the outcome of one append batch.
+    pub fn observe(&self, result: &Result<AppendAck, StoreError>) {
+        let mut failed = self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match result {
+            Ok(_) => {
+                if let Some(was) = failed.take() {
+                    tracing::info!(fault = was.fault.label(), "appends succeed again; the store can write");
+                    self.changed.notify_one();
+                }
+            }
+            Err(err) => {
+                let Some(fault) = err.fault().filter(|fault| fault.blocks_writes()) else { return };
+                let cause = crate::error::causes(err);
+                if failed.is_none() {
+                    tracing::warn!(fault = fault.label(), error = %cause, "appends fail: the store cannot write");
+                    self.changed.notify_one();
+                }
+                *failed = Some(WriteFailure { fault, cause, at: Instant::now() });
+            }
+        }
+    }
+
+    /// Why the store cannot write, if an append failed for that reason less
+    /// than [`defaults::WRITE_FAULT_HOLD`] ago and none succeeded since.
+    pub fn blocked(&self) -> Option<NotReady> {
+        let failed = self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let failure = failed.as_ref().filter(|failure| failure.at.elapsed() < defaults::WRITE_FAULT_HOLD)?;
+        Some(NotReady::CannotWrite(format!(
+            "{} (the last append failed {:.0?} ago: {})",
+            failure.fault.describe(),
+            failure.at.elapsed(),
+            failure.cause
+        )))
+    }
+}
+
+/// The last probe's result and when it finished, shared with the callers
+/// that were waiting for it.
+struct LastProbe {
+    at: Instant,
+    result: Result<(), NotReady>,
+}
+
 /// The replica's readiness, shared by the gRPC health service, the admin
 /// server and the shutdown sequence.
 pub struct Health {
     reported: watch::Sender<Reported>,
     probe: Arc<dyn Probe>,
+    writes: Arc<WriteHealth>,
     shutting_down: AtomicBool,
+    /// Serialises probes: a caller that finds, once it holds the lock, a
+    /// result finished after it asked uses it instead of probing again.
+    last: tokio::sync::Mutex<Option<LastProbe>>,
 }
 
 impl std::fmt::Debug for Health {
@@ -92,15 +173,28 @@ impl std::fmt::Debug for Health {
 impl Health {
     /// Starts NOT_SERVING until the first successful probe.
     pub async fn new(probe: Arc<dyn Probe>) -> Self {
+        Self::with_writes(probe, Arc::new(WriteHealth::default())).await
+    }
+
+    /// [`Health::new`], also judging by `writes` (which the Hub service
+    /// feeds with its appends' outcomes).
+    pub async fn with_writes(probe: Arc<dyn Probe>, writes: Arc<WriteHealth>) -> Self {
         let (reported, _) = watch::channel(Reported { serving: false, shutting_down: false });
-        let health = Self { reported, probe, shutting_down: AtomicBool::new(false) };
+        let health = Self {
+            reported,
+            probe,
+            writes,
+            shutting_down: AtomicBool::new(false),
+            last: tokio::sync::Mutex::new(None),
+        };
         health.publish(false);
         health
     }
 
-    /// The `grpc.health.v1.Health` service to add to the gRPC server.
-    pub fn grpc_service(&self) -> HealthServer<HealthService> {
-        HealthServer::new(HealthService { reported: self.reported.subscribe() })
+    /// The `grpc.health.v1.Health` service to add to the gRPC server. Its
+    /// `Check` probes like `/readyz` does.
+    pub fn grpc_service(self: &Arc<Self>) -> HealthServer<HealthService> {
+        HealthServer::new(HealthService { reported: self.reported.subscribe(), health: Some(self.clone()) })
     }
 
     /// The probe this readiness is judged by.
@@ -108,16 +202,29 @@ impl Health {
         &self.probe
     }
 
-    /// Probes the store now (bounded by [`defaults::READINESS_TIMEOUT`]) and
-    /// publishes the result.
+    /// Judges readiness now: the store probe (bounded by
+    /// [`defaults::READINESS_TIMEOUT`]; callers that arrive while a probe
+    /// runs share its result, so a burst of health checks costs one query),
+    /// the appends' verdict and shutdown; publishes the result.
     pub async fn check(&self) -> Result<(), NotReady> {
         let result = if self.is_shutting_down() {
             Err(NotReady::ShuttingDown)
         } else {
-            match tokio::time::timeout(defaults::READINESS_TIMEOUT, self.probe.check()).await {
-                Ok(result) => result,
-                Err(_) => Err(NotReady::Timeout(defaults::READINESS_TIMEOUT)),
-            }
+            let asked = Instant::now();
+            let mut last = self.last.lock().await;
+            let probed = match last.as_ref() {
+                Some(shared) if shared.at >= asked => shared.result.clone(),
+                _ => {
+                    let result = match tokio::time::timeout(defaults::READINESS_TIMEOUT, self.probe.check()).await {
+                        Ok(result) => result,
+                        Err(_) => Err(NotReady::Timeout(defaults::READINESS_TIMEOUT)),
+                    };
+                    *last = Some(LastProbe { at: Instant::now(), result: result.clone() });
+                    result
+                }
+            };
+            drop(last);
+            probed.and_then(|()| self.writes.blocked().map_or(Ok(()), Err))
         };
         self.publish(result.is_ok());
         result
@@ -154,6 +261,9 @@ impl Health {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
+                // Appends started or stopped failing: judge now, so Watch
+                // streams hear it without waiting for the interval.
+                () = self.writes.changed.notified() => {}
             }
         }
     }
@@ -173,6 +283,8 @@ impl Health {
 #[derive(Debug, Clone)]
 pub struct HealthService {
     reported: watch::Receiver<Reported>,
+    /// Probed by `Check`; `None` answers from the last published status.
+    health: Option<Arc<Health>>,
 }
 
 impl HealthService {
@@ -197,6 +309,12 @@ impl GrpcHealth for HealthService {
         &self,
         request: tonic::Request<HealthCheckRequest>,
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.status(&request.get_ref().service)?;
+        // Judge now, as `/readyz` does, rather than answer with what the
+        // monitor saw up to an interval ago.
+        if let Some(health) = &self.health {
+            let _ = health.check().await;
+        }
         let status = self.status(&request.get_ref().service)?;
         Ok(tonic::Response::new(HealthCheckResponse { status: status as i32 }))
     }
@@ -249,7 +367,7 @@ mod tests {
     }
 
     async fn status(health: &Health, service: &str) -> ServingStatus {
-        let service_impl = HealthService { reported: health.reported.subscribe() };
+        let service_impl = HealthService { reported: health.reported.subscribe(), health: None };
         let response =
             GrpcHealth::check(&service_impl, tonic::Request::new(HealthCheckRequest { service: service.into() }))
                 .await
@@ -296,7 +414,7 @@ mod tests {
     #[tokio::test]
     async fn watch_streams_deliver_not_serving_then_end_at_shutdown() {
         let health = Health::new(Arc::new(Scripted(Mutex::new(Ok(()))))).await;
-        let service = HealthService { reported: health.reported.subscribe() };
+        let service = HealthService { reported: health.reported.subscribe(), health: None };
         let mut watch = GrpcHealth::watch(&service, tonic::Request::new(HealthCheckRequest { service: String::new() }))
             .await
             .expect("watch")
@@ -318,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_services_are_not_found() {
         let health = Health::new(Arc::new(Scripted(Mutex::new(Ok(()))))).await;
-        let service = HealthService { reported: health.reported.subscribe() };
+        let service = HealthService { reported: health.reported.subscribe(), health: None };
         let err =
             GrpcHealth::check(&service, tonic::Request::new(HealthCheckRequest { service: "other.Service".into() }))
                 .await

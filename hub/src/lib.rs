@@ -54,6 +54,7 @@
 //! ```
 
 pub mod admin;
+mod budget;
 pub mod config;
 pub mod database;
 pub mod defaults;
@@ -77,4 +78,4 @@ pub mod wire;
 
 pub use config::Config;
 pub use omnirelay_proto as proto;
-pub use server::{Hub, run};
+pub use server::{Hub, SubscriptionMemory, run};

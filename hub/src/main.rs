@@ -111,25 +111,47 @@ async fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             Box::new(PgStore::open(PgStoreConfig::from_config(&config)).await.context("open the PostgreSQL log store")?)
         }
         StoreConfig::Sqlite { path } => {
-            Box::new(SqliteStore::open(path).await.context("open the embedded SQLite log store")?)
+            // Never create a store to verify it: a typo must fail, not pass.
+            Box::new(SqliteStore::open_existing(path).await.context("open the embedded SQLite log store")?)
         }
     };
-    let reports = match &args.shard {
-        Some(shard) => {
-            let shard = omnirelay_hub::ids::ShardId::parse(shard.clone()).context("read --shard")?;
-            match verify::verify_shard(store.as_ref(), shard.clone()).await {
-                Ok(report) => vec![report],
-                Err(omnirelay_hub::store::StoreError::UnknownShard { .. }) => {
-                    tracing::error!(%shard, "no such shard in this store; nothing to verify");
-                    store.close().await.context("close the log store")?;
-                    return Ok(ExitCode::from(EXIT_NO_SUCH_SHARD));
-                }
-                Err(err) => return Err(err).context("verify the shard"),
+    let pins = |shard: &omnirelay_hub::ids::ShardId| -> Vec<verify::Pin> {
+        args.anchors.iter().filter(|anchor| &anchor.shard == shard).map(|anchor| anchor.pin.clone()).collect()
+    };
+    let shards = match &args.shard {
+        Some(shard) => vec![omnirelay_hub::ids::ShardId::parse(shard.clone()).context("read --shard")?],
+        None => store
+            .list_shards(args.prefix.clone())
+            .await
+            .context("list shards")?
+            .into_iter()
+            .map(|state| state.lease.shard)
+            .collect(),
+    };
+    let mut reports = Vec::new();
+    for shard in &shards {
+        match verify::verify_shard_pinned(store.as_ref(), shard.clone(), pins(shard)).await {
+            Ok(report) => reports.push(report),
+            Err(omnirelay_hub::store::StoreError::UnknownShard { .. }) if args.shard.is_some() => {
+                tracing::error!(%shard, "no such shard in this store; nothing to verify");
+                store.close().await.context("close the log store")?;
+                return Ok(ExitCode::from(EXIT_NO_SUCH_SHARD));
             }
+            Err(err) => return Err(err).with_context(|| format!("verify shard {shard}")),
         }
-        None => verify::verify_all(store.as_ref(), &args.prefix).await.context("verify shards")?,
-    };
-    let corrupt = print_reports(&reports);
+    }
+    // An anchor for a shard that is not there: the log lost a whole shard.
+    let missing: Vec<String> = args
+        .anchors
+        .iter()
+        .filter(|anchor| !shards.contains(&anchor.shard) && anchor.shard.as_str().starts_with(&args.prefix))
+        .filter(|_| args.shard.is_none())
+        .map(|anchor| {
+            format!("CORRUPT  {} is missing, but an --anchor pins its sequence {}\n", anchor.shard, anchor.pin.sequence)
+        })
+        .collect();
+    print_stdout(&missing.concat());
+    let corrupt = print_reports(&reports) || !missing.is_empty();
     store.close().await.context("close the log store")?;
     Ok(if corrupt { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
@@ -141,8 +163,14 @@ fn print_reports(reports: &[verify::ShardReport]) -> bool {
     for report in reports {
         match &report.corrupt {
             None => out.push_str(&format!(
-                "ok       {} events={} low={} head={}\n",
-                report.shard, report.checked, report.low, report.head
+                "ok       {} events={} low={} head={} head_hash={} pinned={}{}\n",
+                report.shard,
+                report.checked,
+                report.low,
+                report.head,
+                report.head_hash.to_hex(),
+                report.pinned,
+                if report.unverifiable > 0 { format!(" unverifiable={}", report.unverifiable) } else { String::new() },
             )),
             Some(bad) => {
                 corrupt = true;

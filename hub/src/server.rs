@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::budget::Budget;
 use crate::config::{Config, StoreConfig};
 use crate::defaults;
-use crate::health::{Health, Probe};
+use crate::health::{Health, Probe, WriteHealth};
 use crate::proto::hub::v1::hub_server::HubServer;
 use crate::service::HubService;
 use crate::shutdown::{self, GrpcServing};
@@ -34,6 +35,10 @@ pub struct Hub {
     tls: Option<Arc<ServerTls>>,
     tail: Tail,
     counters: Arc<HubCounters>,
+    /// What the appends say about whether the store can write (readiness).
+    writes: Arc<WriteHealth>,
+    /// What all subscriptions of the replica may hold.
+    budget: Budget,
     config: Config,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -76,13 +81,16 @@ impl Hub {
         // Every store operation the hub makes is timed, whatever the store.
         let store: Arc<dyn LogStore> = Arc::new(Metered::new(store));
         let counters = Arc::new(HubCounters::default());
-        let tail = Tail::start(store.clone(), counters.clone());
+        let budget = Budget::new(config.subscription_memory);
+        let tail = Tail::start(store.clone(), counters.clone(), &budget);
         Hub {
             store,
             probe,
             tls: None,
             tail,
             counters,
+            writes: Arc::new(WriteHealth::default()),
+            budget,
             config,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -92,6 +100,12 @@ impl Hub {
     /// The replica's in-process counters (reads, deliveries).
     pub fn counters(&self) -> Arc<HubCounters> {
         self.counters.clone()
+    }
+
+    /// The replica's subscription memory: what it holds now, the most it
+    /// ever held, and its limit (`--subscription-memory`).
+    pub fn subscription_memory(&self) -> SubscriptionMemory {
+        SubscriptionMemory(self.budget.clone())
     }
 
     /// The store the replica serves.
@@ -106,12 +120,14 @@ impl Hub {
             store: self.store.clone(),
             tail: self.tail.clone(),
             counters: self.counters.clone(),
+            budget: self.budget.clone(),
             cancel: self.cancel.clone(),
             tasks: self.tasks.clone(),
         };
         HubServer::new(HubService::new(
             self.store.clone(),
             self.counters.clone(),
+            self.writes.clone(),
             subscriptions,
             self.cancel.clone(),
             self.tasks.clone(),
@@ -153,7 +169,7 @@ impl Hub {
         };
         tracing::info!(grpc = %grpc_address, admin = %admin_address, tls, "hub serving");
 
-        let health = Arc::new(Health::new(self.probe.clone()).await);
+        let health = Arc::new(Health::with_writes(self.probe.clone(), self.writes.clone()).await);
         // The admin server and the health monitor outlive the gRPC drain, so
         // /readyz answers "shutting down" until the very end.
         let operations = CancellationToken::new();
@@ -202,6 +218,28 @@ impl Hub {
         if let Err(err) = self.store.close().await {
             tracing::warn!(error = %err, "failed to close the log store cleanly");
         }
+    }
+}
+
+/// A view of a replica's subscription memory budget (see
+/// [`Hub::subscription_memory`]); it stays valid after the hub is served.
+#[derive(Clone)]
+pub struct SubscriptionMemory(Budget);
+
+impl SubscriptionMemory {
+    /// Bytes held for subscriptions now.
+    pub fn used(&self) -> usize {
+        self.0.used()
+    }
+
+    /// The most bytes held at once since the replica started.
+    pub fn peak(&self) -> usize {
+        self.0.peak()
+    }
+
+    /// The limit, `--subscription-memory`.
+    pub fn limit(&self) -> usize {
+        self.0.limit()
     }
 }
 

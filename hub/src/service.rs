@@ -17,19 +17,21 @@ use tracing::Instrument as _;
 
 use crate::defaults;
 use crate::error::{self, HubError};
-use crate::event;
+use crate::event::ChainHash;
+use crate::health::WriteHealth;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
 use crate::store::LogStore;
-use crate::subscribe::{FrameStream, Subscriptions};
+use crate::subscribe::Subscriptions;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
-use crate::wire;
+use crate::{verify, wire};
 
 /// The Hub service of one replica.
 #[derive(Clone)]
 pub struct HubService {
     store: Arc<dyn LogStore>,
     counters: Arc<HubCounters>,
+    writes: Arc<WriteHealth>,
     subscriptions: Subscriptions,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -39,20 +41,24 @@ impl HubService {
     pub(crate) fn new(
         store: Arc<dyn LogStore>,
         counters: Arc<HubCounters>,
+        writes: Arc<WriteHealth>,
         subscriptions: Subscriptions,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        Self { store, counters, subscriptions, cancel, tasks }
+        Self { store, counters, writes, subscriptions, cancel, tasks }
     }
 }
 
 type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::AppendResponse, Status>> + Send>>;
 
+/// A subscription's frames (see the `subscribe` module's outbox).
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::hub_server::Hub for HubService {
     type AppendStream = AppendStream;
-    type SubscribeStream = FrameStream;
+    type SubscribeStream = SubscribeStream;
 
     async fn append(&self, request: Request<Streaming<pb::AppendRequest>>) -> Result<Response<AppendStream>, Status> {
         let inbound = request.into_inner();
@@ -60,14 +66,15 @@ impl pb::hub_server::Hub for HubService {
         // The stream's task keeps the request's span (method, principal), so
         // its logs say who was appending.
         self.tasks.spawn(
-            serve_appends(self.store.clone(), inbound, out, self.cancel.clone()).instrument(tracing::Span::current()),
+            serve_appends(self.store.clone(), self.writes.clone(), inbound, out, self.cancel.clone())
+                .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<FrameStream>, Status> {
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
         let selection = wire::selection(request.into_inner()).map_err(HubError::from)?;
-        Ok(Response::new(self.subscriptions.start(selection).await?))
+        Ok(Response::new(Box::pin(self.subscriptions.start(selection).await?)))
     }
 
     async fn commit_checkpoint(
@@ -77,9 +84,18 @@ impl pb::hub_server::Hub for HubService {
         let request = request.into_inner();
         let subscriber = wire::subscriber(request.subscriber_id).map_err(HubError::from)?;
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        let hash = match request.hash.len() {
+            0 => None,
+            _ => Some(ChainHash::from_slice(&request.hash).ok_or_else(|| {
+                HubError::from(InvalidInput::new(
+                    "hash",
+                    format!("{} bytes; a chain hash is 32 bytes (the event's `hash`), or empty", request.hash.len()),
+                ))
+            })?),
+        };
         let commit = self
             .store
-            .commit_checkpoint(subscriber, shard, Sequence(request.sequence))
+            .commit_checkpoint(subscriber, shard, Sequence(request.sequence), hash)
             .await
             .map_err(HubError::from)?;
         Ok(Response::new(pb::CommitCheckpointResponse {
@@ -172,16 +188,13 @@ impl pb::hub_server::Hub for HubService {
         self.counters.read(ReadPurpose::Range);
         let page = self
             .store
-            .read_range(shard.clone(), Sequence(request.from_sequence), to, limit)
+            .read_range(shard.clone(), Sequence(request.from_sequence), to, limit, defaults::READ_RANGE_BYTES)
             .await
             .map_err(HubError::from)?;
-        event::verify(&shard, page.from, &page.anchor, &page.events).map_err(HubError::from)?;
-        let events = page
-            .events
-            .iter()
-            .map(|e| wire::event(&shard, e))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(HubError::from)?;
+        // The same checks `omnirelay-hub verify` makes: a hole anywhere in
+        // or just before the range, a broken link or hash, an undecodable
+        // body all fail the read, naming the first bad sequence.
+        let events = verify::decode_page(&page).map_err(HubError::from)?;
         Ok(Response::new(pb::ReadRangeResponse { events, head_sequence: page.head.0, low_sequence: page.low.0 }))
     }
 
@@ -225,6 +238,7 @@ impl pb::hub_server::Hub for HubService {
 /// and the stream stays open.
 async fn serve_appends(
     store: Arc<dyn LogStore>,
+    writes: Arc<WriteHealth>,
     mut inbound: Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
     cancel: CancellationToken,
@@ -270,6 +284,7 @@ async fn serve_appends(
                 }
             },
             Some((batch_id, shard_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                writes.observe(&result);
                 let result = match result {
                     Ok(ack) => pb::append_response::Result::Ack(wire::append_ack(&ack)),
                     Err(err) => pb::append_response::Result::Error(error::append_error(&err)),

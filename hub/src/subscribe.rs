@@ -1,34 +1,43 @@
 //! Subscriptions: one driver task per `Subscribe` stream, one follower task
 //! per followed shard.
 //!
-//! A follower catches up by reading the store in large batches (its own
-//! reads: only it needs that history), then follows the shard's shared live
-//! tail. Whenever it finds a gap (it lagged behind the tail's bounded buffer,
-//! or the tail skipped while nobody listened) it goes back to catch-up reads
-//! from its position, so it never skips, never reorders and never repeats an
-//! event. Each event it delivers is verified against the hash chain and
-//! against the event delivered before it. A position below the retention
-//! low-water mark is answered with the newest snapshot, then the events after
-//! it, on the same stream.
+//! A follower catches up by reading the store in pages (its own reads: only
+//! it needs that history), then follows the shard's shared live tail.
+//! Whenever it finds a gap (it lagged behind the tail's bounded buffer, the
+//! events left the tail's cache, or the tail skipped while nobody listened)
+//! it goes back to catch-up reads from its position, so it never skips,
+//! never reorders and never repeats an event. Each event it delivers is
+//! verified against the hash chain and against the event delivered before
+//! it. A position below the retention low-water mark is answered with the
+//! newest snapshot, then the events after it, on the same stream.
 //!
-//! Frames pass through a bounded buffer to the driver, which forwards them to
-//! the gRPC stream and adds progress frames when idle; a client that reads
-//! slowly fills the buffer, which stalls only its own followers.
+//! Frames go into the subscription's [`outbox::Outbox`], which the gRPC
+//! stream drains; its size in bytes is bounded per subscription and by the
+//! replica's subscription memory budget (see [`crate::budget`]). A client
+//! that reads slowly fills its outbox: its followers then stop taking live
+//! events (holding none) and catch up from the store page by page as room
+//! frees, which stalls only that subscription. One that falls furthest
+//! behind when the budget runs short, or takes nothing for
+//! [`defaults::SUBSCRIBER_STALL_TIMEOUT`], is ended with UNAVAILABLE and
+//! resumes from its checkpoint. The driver adds progress frames when idle.
+
+mod outbox;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::outbox::{Outbox, Pushed, Reservation};
+use crate::budget::{Budget, Grant};
 use crate::defaults;
 use crate::error::HubError;
-use crate::event::{self, ChainHash, CorruptEvent, LogEvent};
+use crate::event::{ChainHash, CorruptEvent, LogEvent};
 use crate::ids::{Sequence, ShardId};
 use crate::proto::hub::v1 as pb;
 use crate::store::{LogStore, StoreError};
@@ -42,12 +51,14 @@ pub(crate) struct Subscriptions {
     pub(crate) store: Arc<dyn LogStore>,
     pub(crate) tail: Tail,
     pub(crate) counters: Arc<HubCounters>,
+    /// What all subscriptions of the replica may hold.
+    pub(crate) budget: Budget,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
 
 /// A response stream of a subscription.
-pub(crate) type FrameStream = ReceiverStream<Result<pb::SubscribeResponse, tonic::Status>>;
+pub(crate) use self::outbox::FrameStream;
 
 impl Subscriptions {
     /// Starts a subscription. Positions are fixed before this returns (so
@@ -58,13 +69,13 @@ impl Subscriptions {
         // Subscribe to discoveries before listing, so no shard created in
         // between is missed.
         let discovered = self.tail.discoveries();
-        let checkpoints: HashMap<ShardId, Sequence> = match selection.start {
+        let checkpoints: HashMap<ShardId, (Sequence, Option<ChainHash>)> = match selection.start {
             Start::Checkpoint => self
                 .store
                 .checkpoints(Some(selection.subscriber.clone()), Vec::new())
                 .await?
                 .into_iter()
-                .map(|c| (c.shard, c.sequence))
+                .map(|c| (c.shard, (c.sequence, c.hash)))
                 .collect(),
             _ => HashMap::new(),
         };
@@ -82,36 +93,43 @@ impl Subscriptions {
         if initial.len() > defaults::MAX_FOLLOWED_SHARDS {
             return Err(HubError::TooManyShards { wanted: initial.len(), limit: defaults::MAX_FOLLOWED_SHARDS });
         }
-        let (frames_in, frames) = mpsc::channel(defaults::SUBSCRIBER_BUFFER_FRAMES);
+        // The subscription's share of the budget, before anything is built:
+        // a replica whose budget is held by open subscriptions refuses more.
+        let outbox = Outbox::new(&self.budget, selection.subscriber.clone());
+        let memory_error = |exhausted: crate::budget::Exhausted| HubError::SubscriptionMemory {
+            wanted: exhausted.wanted,
+            limit: exhausted.limit,
+        };
+        let allowance = outbox.allowance(defaults::SUBSCRIPTION_OVERHEAD_BYTES).map_err(|exhausted| {
+            metrics::counter!(telemetry::SUBSCRIPTIONS_ENDED, telemetry::LABEL_REASON => "refused").increment(1);
+            memory_error(exhausted)
+        })?;
         let mut followers = Vec::new();
         for (shard, head) in initial {
-            followers.push(self.follower(shard, &selection, &checkpoints, false, head, &frames_in).await?);
+            let follower = self.follower(shard, &selection, &checkpoints, false, head, &outbox).await?;
+            followers.push(follower);
         }
 
-        // One frame in the gRPC channel; the subscription's own buffer holds
-        // the rest, so its size alone bounds what a slow client pins.
-        let (out, responses) = mpsc::channel(1);
         let this = self.clone();
+        let stream = outbox.stream(allowance);
         self.tasks.spawn(async move {
             metrics::gauge!(telemetry::SUBSCRIBERS).increment(1.0);
             let subscriber = selection.subscriber.clone();
-            let driver = Driver { selection, checkpoints, followed, frames_in, discovered };
-            if let Err(err) = this.drive(driver, followers, frames, &out).await {
+            let driver = Driver { selection, checkpoints, followed, outbox: outbox.clone(), discovered };
+            let ended = this.drive(driver, followers).await;
+            if let Err(err) = &ended {
                 tracing::debug!(subscriber = %subscriber, error = %err, "subscription ended with an error");
-                let _ = out.send(Err(err.into())).await;
             }
+            // Frames already queued (the valid events before a corrupt one,
+            // say) go out first, then the status.
+            outbox.finish(ended.err().map(tonic::Status::from));
             metrics::gauge!(telemetry::SUBSCRIBERS).decrement(1.0);
         });
-        Ok(ReceiverStream::new(responses))
+        Ok(stream)
     }
 
-    async fn drive(
-        &self,
-        mut driver: Driver,
-        initial: Vec<Follower>,
-        mut frames: mpsc::Receiver<pb::SubscribeResponse>,
-        out: &mpsc::Sender<Result<pb::SubscribeResponse, tonic::Status>>,
-    ) -> Result<(), HubError> {
+    async fn drive(&self, mut driver: Driver, initial: Vec<Follower>) -> Result<(), HubError> {
+        let outbox = driver.outbox.clone();
         let mut followers = JoinSet::new();
         for follower in initial {
             followers.spawn(follower.run());
@@ -120,44 +138,43 @@ impl Subscriptions {
         let mut rescan = tokio::time::interval(defaults::PATTERN_RESCAN);
         rescan.reset();
         let interval = driver.selection.progress_interval;
-        let idle = tokio::time::sleep(interval);
-        tokio::pin!(idle);
+        // Looks twice per interval, so an idle stream hears within one and a
+        // half intervals.
+        let mut progress = tokio::time::interval(interval / 2);
+        progress.reset();
+        let mut stall_check = tokio::time::interval(defaults::SUBSCRIBER_STALL_TIMEOUT / 4);
+        stall_check.reset();
         loop {
             let mut found = Vec::new();
             tokio::select! {
                 () = self.cancel.cancelled() => return Err(HubError::ShuttingDown),
-                () = out.closed() => return Ok(()),
-                Some(frame) = frames.recv() => {
-                    if out.send(Ok(frame)).await.is_err() {
-                        return Ok(());
+                () = outbox.gone() => return Ok(()),
+                // Ended by the budget or as stalled; the status is queued.
+                () = outbox.ended() => return Ok(()),
+                _ = progress.tick() => {
+                    if outbox.idle_for() >= interval {
+                        let heads = driver
+                            .followed
+                            .iter()
+                            .filter_map(|shard| Some((shard.to_string(), self.tail.head(shard)?.0)))
+                            .collect();
+                        let progress = pb::Progress { heads, at: Some(wire::to_timestamp(SystemTime::now())) };
+                        let frame = pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Progress(progress)) };
+                        // A full outbox needs no progress frame to look alive.
+                        if outbox.push(frame).await == Pushed::Ended {
+                            return Ok(());
+                        }
                     }
-                    idle.as_mut().reset(tokio::time::Instant::now() + interval);
                 }
-                () = &mut idle => {
-                    let heads = driver
-                        .followed
-                        .iter()
-                        .filter_map(|shard| Some((shard.to_string(), self.tail.head(shard)?.0)))
-                        .collect();
-                    let progress = pb::Progress { heads, at: Some(wire::to_timestamp(SystemTime::now())) };
-                    let frame = pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Progress(progress)) };
-                    if out.send(Ok(frame)).await.is_err() {
+                _ = stall_check.tick() => {
+                    if let Some(waited) = outbox.stalled_for().filter(|waited| *waited >= defaults::SUBSCRIBER_STALL_TIMEOUT) {
+                        outbox.stall(waited);
                         return Ok(());
                     }
-                    idle.as_mut().reset(tokio::time::Instant::now() + interval);
                 }
                 Some(joined) = followers.join_next() => match joined {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        // Deliver what the follower queued before it failed
-                        // (the valid events before a corrupt one), then fail.
-                        while let Ok(frame) = frames.try_recv() {
-                            if out.send(Ok(frame)).await.is_err() {
-                                return Ok(());
-                            }
-                        }
-                        return Err(err);
-                    }
+                    Ok(Err(err)) => return Err(err),
                     Err(panicked) => {
                         return Err(StoreError::Internal { what: "follow a shard", source: Box::new(panicked) }.into());
                     }
@@ -182,9 +199,8 @@ impl Subscriptions {
                         });
                     }
                     driver.followed.insert(shard.clone());
-                    let follower = self
-                        .follower(shard, &driver.selection, &driver.checkpoints, true, None, &driver.frames_in)
-                        .await?;
+                    let follower =
+                        self.follower(shard, &driver.selection, &driver.checkpoints, true, None, &outbox).await?;
                     followers.spawn(follower.run());
                 }
             }
@@ -197,11 +213,14 @@ impl Subscriptions {
         &self,
         shard: ShardId,
         selection: &Selection,
-        checkpoints: &HashMap<ShardId, Sequence>,
+        checkpoints: &HashMap<ShardId, (Sequence, Option<ChainHash>)>,
         discovered_later: bool,
         known_head: Option<Sequence>,
-        frames: &mpsc::Sender<pb::SubscribeResponse>,
+        outbox: &Arc<Outbox>,
     ) -> Result<Follower, HubError> {
+        let allowance = outbox
+            .allowance(defaults::FOLLOWER_OVERHEAD_BYTES)
+            .map_err(|exhausted| HubError::SubscriptionMemory { wanted: exhausted.wanted, limit: exhausted.limit })?;
         let feed = self.tail.feed(&shard).await?;
         let live = feed.subscribe();
         let head = || async {
@@ -211,7 +230,7 @@ impl Subscriptions {
             }
         };
         let cursor = match selection.start {
-            Start::Checkpoint => checkpoints.get(&shard).copied().unwrap_or_default(),
+            Start::Checkpoint => checkpoints.get(&shard).map_or(Sequence::ZERO, |(sequence, _)| *sequence),
             Start::After(sequence) => sequence,
             // A shard created after the subscription started: all of it is new.
             Start::Latest if discovered_later => Sequence::ZERO,
@@ -224,15 +243,23 @@ impl Subscriptions {
                 }
             }
         };
+        // A checkpoint pins the event it stops at: the first event delivered
+        // must link to the hash recorded with it.
+        let start_hash = match selection.start {
+            Start::Checkpoint => checkpoints.get(&shard).and_then(|(_, hash)| *hash),
+            _ => None,
+        };
         Ok(Follower {
             store: self.store.clone(),
             counters: self.counters.clone(),
-            frames: frames.clone(),
+            outbox: outbox.clone(),
+            _allowance: allowance,
             feed,
             lag: SubscriberLag::new(&selection.subscriber, &shard),
             shard,
             live,
             start: cursor,
+            start_hash,
         })
     }
 }
@@ -240,9 +267,9 @@ impl Subscriptions {
 /// The driver's view of a subscription.
 struct Driver {
     selection: Selection,
-    checkpoints: HashMap<ShardId, Sequence>,
+    checkpoints: HashMap<ShardId, (Sequence, Option<ChainHash>)>,
     followed: HashSet<ShardId>,
-    frames_in: mpsc::Sender<pb::SubscribeResponse>,
+    outbox: Arc<Outbox>,
     discovered: broadcast::Receiver<ShardId>,
 }
 
@@ -250,7 +277,9 @@ struct Driver {
 struct Follower {
     store: Arc<dyn LogStore>,
     counters: Arc<HubCounters>,
-    frames: mpsc::Sender<pb::SubscribeResponse>,
+    outbox: Arc<Outbox>,
+    /// This follower's fixed share of the budget.
+    _allowance: Grant,
     /// The shard's live tail, for its head.
     feed: Arc<Feed>,
     /// This subscriber's lag on this shard.
@@ -259,37 +288,75 @@ struct Follower {
     live: broadcast::Receiver<TailChunk>,
     /// Last sequence not to deliver (the resolved start position).
     start: Sequence,
+    /// Hash of the event at `start` as the subscriber's checkpoint recorded
+    /// it, when it starts from one.
+    start_hash: Option<ChainHash>,
 }
 
 /// The position a follower has delivered through.
 struct Position {
     /// Last delivered sequence.
     cursor: Sequence,
-    /// Hash of the last delivered event (or snapshot); `None` before the
-    /// first delivery.
+    /// Hash of the last delivered event (or snapshot); before the first
+    /// delivery, the hash the checkpoint recorded, if any.
     hash: Option<ChainHash>,
+    /// True until the first delivery: `hash` is then the checkpoint's.
+    from_checkpoint: bool,
+}
+
+impl Position {
+    /// Why an event that does not link to `hash` is corrupt.
+    fn broken_link(&self) -> String {
+        if self.from_checkpoint {
+            format!("it does not link to the hash the subscriber's checkpoint recorded for sequence {}", self.cursor)
+        } else {
+            "it does not link to the event delivered before it".into()
+        }
+    }
+}
+
+/// How far a delivery got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    /// Every event was queued.
+    All,
+    /// The subscription's room ran out (live events only): the rest was
+    /// dropped, to be read from the store once the client has caught up.
+    Full,
+    /// The subscription ended.
+    Ended,
 }
 
 impl Follower {
     async fn run(mut self) -> Result<(), HubError> {
         // The position moves as events are delivered; the methods below
         // borrow the follower and the position separately.
-        let mut position = Position { cursor: self.start, hash: None };
+        let mut position = Position { cursor: self.start, hash: self.start_hash, from_checkpoint: true };
         loop {
             if !self.catch_up(&mut position).await? {
                 return Ok(());
             }
             loop {
-                match self.live.recv().await {
+                let chunk = tokio::select! {
+                    chunk = self.live.recv() => chunk,
+                    () = self.outbox.ended() => return Ok(()),
+                };
+                match chunk {
                     Ok(TailChunk::Events(events)) => {
+                        // Gone from the feed's cache: read them from the store.
+                        let Some(events) = events.upgrade() else { break };
                         let fresh: Vec<LogEvent> =
                             events.iter().filter(|e| e.sequence > position.cursor).cloned().collect();
+                        drop(events);
                         let Some(first) = fresh.first() else { continue };
                         if first.sequence != position.cursor.next() {
                             break; // A gap: read it from the store.
                         }
-                        if !self.deliver(&mut position, &fresh).await? {
-                            return Ok(());
+                        match self.deliver(&mut position, &fresh, None).await? {
+                            Delivered::All => {}
+                            // Catch up from the store once there is room.
+                            Delivered::Full => break,
+                            Delivered::Ended => return Ok(()),
                         }
                     }
                     Ok(TailChunk::Corrupt(corrupt)) if corrupt.sequence > position.cursor => {
@@ -304,19 +371,29 @@ impl Follower {
         }
     }
 
-    /// Reads and delivers from the store until the head it saw; false when
-    /// the subscriber went away.
+    /// Reads and delivers from the store, a page at a time and each page
+    /// only once its room is reserved, until the head it saw; false when the
+    /// subscription ended.
     async fn catch_up(&self, position: &mut Position) -> Result<bool, HubError> {
         loop {
+            let Some(mut room) = self.outbox.reserve(defaults::CATCH_UP_BYTES).await else { return Ok(false) };
             self.counters.read(ReadPurpose::CatchUp);
             let page = match self
                 .store
-                .read_range(self.shard.clone(), position.cursor.next(), None, defaults::CATCH_UP_BATCH)
+                .read_range(
+                    self.shard.clone(),
+                    position.cursor.next(),
+                    None,
+                    defaults::CATCH_UP_BATCH,
+                    // Half the room in bodies: the frames' own fields take
+                    // the rest.
+                    defaults::CATCH_UP_BYTES / 2,
+                )
                 .await
             {
                 Ok(page) => page,
                 Err(StoreError::Trimmed { .. }) => {
-                    if !self.send_snapshot(position).await? {
+                    if !self.send_snapshot(position, &mut room).await? {
                         return Ok(false);
                     }
                     continue;
@@ -325,12 +402,12 @@ impl Follower {
                 Err(StoreError::UnknownShard { .. }) => return Ok(true),
                 Err(err) => return Err(err.into()),
             };
-            if let Err(corrupt) = event::verify(&self.shard, page.from, &page.anchor, &page.events) {
+            if let Err(corrupt) = page.verify() {
                 // Deliver what precedes the corrupt event, then fail.
                 let valid: Vec<LogEvent> =
                     page.events.iter().take_while(|e| e.sequence < corrupt.sequence).cloned().collect();
                 if !valid.is_empty() {
-                    self.deliver(position, &valid).await?;
+                    self.deliver(position, &valid, Some(&mut room)).await?;
                 }
                 return Err(corrupt.into());
             }
@@ -340,73 +417,116 @@ impl Follower {
                 return Err(CorruptEvent {
                     shard: self.shard.clone(),
                     sequence: page.from,
-                    reason: "it does not link to the event delivered before it".into(),
+                    reason: position.broken_link(),
                 }
                 .into());
             }
-            let full = page.events.len() == defaults::CATCH_UP_BATCH;
-            if !page.events.is_empty() && !self.deliver(position, &page.events).await? {
+            let Some(last) = page.events.last() else { return Ok(true) };
+            if self.deliver(position, &page.events, Some(&mut room)).await? == Delivered::Ended {
                 return Ok(false);
             }
-            if !full {
+            // Caught up with the head this read saw: the live tail has the
+            // rest.
+            if last.sequence >= page.head {
                 return Ok(true);
             }
         }
     }
 
     /// Sends the newest snapshot in place of trimmed events.
-    async fn send_snapshot(&self, position: &mut Position) -> Result<bool, HubError> {
+    async fn send_snapshot(&self, position: &mut Position, room: &mut Reservation) -> Result<bool, HubError> {
         let snapshot = self.store.snapshot(self.shard.clone(), None).await?.ok_or_else(|| StoreError::Internal {
             what: "replace trimmed events with a snapshot",
             source: format!("shard {} was trimmed but has no snapshot", self.shard).into(),
         })?;
-        position.cursor = snapshot.sequence;
-        position.hash = Some(snapshot.hash);
         let frame = pb::SubscribeResponse {
             frame: Some(pb::subscribe_response::Frame::Snapshot(pb::SnapshotFrame {
                 snapshot: Some(wire::snapshot(&snapshot, true)),
             })),
         };
-        Ok(self.frames.send(frame).await.is_ok())
+        if !room.push(frame).await {
+            return Ok(false);
+        }
+        position.cursor = snapshot.sequence;
+        position.hash = Some(snapshot.hash);
+        position.from_checkpoint = false;
+        Ok(true)
     }
 
-    /// Delivers consecutive events that follow the position; false when the
-    /// subscriber went away.
-    async fn deliver(&self, position: &mut Position, events: &[LogEvent]) -> Result<bool, HubError> {
+    /// Delivers consecutive events that follow the position, in frames of
+    /// up to [`defaults::MAX_FRAME_BYTES`] ([`defaults::LAGGING_FRAME_BYTES`]
+    /// for live events to a client that is behind), on `room` when given,
+    /// else as far as the subscription's room goes. The position moves with
+    /// every frame queued.
+    async fn deliver(
+        &self,
+        position: &mut Position,
+        events: &[LogEvent],
+        mut room: Option<&mut Reservation>,
+    ) -> Result<Delivered, HubError> {
         if let (Some(hash), Some(first)) = (position.hash, events.first())
             && first.prev_hash != hash
         {
             return Err(CorruptEvent {
                 shard: self.shard.clone(),
                 sequence: first.sequence,
-                reason: "it does not link to the event delivered before it".into(),
+                reason: position.broken_link(),
             }
             .into());
         }
+        let frame_bytes = if room.is_none() && self.outbox.is_behind() {
+            defaults::LAGGING_FRAME_BYTES
+        } else {
+            defaults::MAX_FRAME_BYTES
+        };
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let mut last: Option<&LogEvent> = None;
         for event in events {
-            let served = wire::event(&self.shard, event)?;
+            let served = match wire::event(&self.shard, event) {
+                Ok(served) => served,
+                Err(corrupt) => {
+                    // The events before it are verified: deliver them, then
+                    // fail, as for any other corruption.
+                    if let Some(last) = last {
+                        self.send_events(position, std::mem::take(&mut batch), last, room.as_deref_mut()).await;
+                    }
+                    return Err(corrupt.into());
+                }
+            };
             let size = served.encoded_len();
-            if !batch.is_empty() && bytes + size > defaults::MAX_FRAME_BYTES {
-                if !self.send_events(std::mem::take(&mut batch)).await {
-                    return Ok(false);
+            if let Some(before) = last
+                && bytes + size > frame_bytes
+            {
+                let sent = self.send_events(position, std::mem::take(&mut batch), before, room.as_deref_mut()).await;
+                if sent != Delivered::All {
+                    return Ok(sent);
                 }
                 bytes = 0;
             }
             bytes += size;
             batch.push(served);
-            position.cursor = event.sequence;
-            position.hash = Some(event.hash);
+            last = Some(event);
         }
-        let sent = self.send_events(batch).await;
-        if sent {
+        let sent = match last {
+            Some(last) => self.send_events(position, batch, last, room).await,
+            None => Delivered::All,
+        };
+        if sent == Delivered::All {
             self.lag.set(self.feed.head().max(position.cursor), position.cursor);
         }
         Ok(sent)
     }
 
-    async fn send_events(&self, events: Vec<crate::proto::replication::v1::ReplicationEvent>) -> bool {
+    /// Queues one frame of events ending with `last`, and moves the
+    /// position past them once it is queued.
+    async fn send_events(
+        &self,
+        position: &mut Position,
+        events: Vec<crate::proto::replication::v1::ReplicationEvent>,
+        last: &LogEvent,
+        room: Option<&mut Reservation>,
+    ) -> Delivered {
         let count = events.len() as u64;
         let frame = pb::SubscribeResponse {
             frame: Some(pb::subscribe_response::Frame::Events(pb::EventBatch {
@@ -414,8 +534,24 @@ impl Follower {
                 events,
             })),
         };
-        let sent = self.frames.send(frame).await.is_ok();
-        if sent {
+        let sent = match room {
+            Some(room) => {
+                if room.push(frame).await {
+                    Delivered::All
+                } else {
+                    Delivered::Ended
+                }
+            }
+            None => match self.outbox.push(frame).await {
+                Pushed::Queued => Delivered::All,
+                Pushed::Full => Delivered::Full,
+                Pushed::Ended => Delivered::Ended,
+            },
+        };
+        if sent == Delivered::All {
+            position.cursor = last.sequence;
+            position.hash = Some(last.hash);
+            position.from_checkpoint = false;
             self.counters.delivered(count);
         }
         sent

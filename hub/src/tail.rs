@@ -10,6 +10,13 @@
 //! reading on its own, so a slow subscriber slows neither appends nor its
 //! peers.
 //!
+//! The channel carries weak references: the events themselves live in the
+//! feed's ring of recent events, bounded by [`defaults::TAIL_RING_BYTES`] and
+//! drawn from the replica's subscription memory budget (a cache, dropped
+//! first when the budget runs short). A subscriber that was not looking, so
+//! that a chunk left the ring before it got there, catches up from the store
+//! like one that lagged; no subscriber, however slow, keeps events alive.
+//!
 //! A feed lives while someone holds it: once no subscriber has held it for
 //! [`defaults::FEED_IDLE_RETIRE`], its reader removes it from the map and
 //! stops, so a long-running replica keeps feeds for the shards it serves
@@ -22,8 +29,9 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{Account, Budget, Grant};
 use crate::defaults;
-use crate::event::{self, ChainHash, CorruptEvent, LogEvent};
+use crate::event::{ChainHash, CorruptEvent, LogEvent};
 use crate::ids::{Sequence, ShardId};
 use crate::store::{LogChange, LogStore, StoreError};
 use crate::telemetry::{HubCounters, ReadPurpose};
@@ -31,8 +39,10 @@ use crate::telemetry::{HubCounters, ReadPurpose};
 /// What a feed publishes.
 #[derive(Debug, Clone)]
 pub(crate) enum TailChunk {
-    /// Consecutive, verified events.
-    Events(Arc<[LogEvent]>),
+    /// Consecutive, verified events, while they are in the feed's ring of
+    /// recent events (a reference that no longer upgrades means: read them
+    /// from the store).
+    Events(std::sync::Weak<[LogEvent]>),
     /// The feed met a corrupt event and will not publish it.
     Corrupt(Arc<CorruptEvent>),
 }
@@ -46,6 +56,8 @@ pub(crate) struct Tail {
 struct Inner {
     store: Arc<dyn LogStore>,
     counters: Arc<HubCounters>,
+    /// The feeds' rings' share of the subscription memory budget.
+    memory: Account,
     feeds: Mutex<HashMap<ShardId, Arc<Feed>>>,
     discovered: broadcast::Sender<ShardId>,
     cancel: CancellationToken,
@@ -61,6 +73,15 @@ pub(crate) struct Feed {
     ready: watch::Sender<bool>,
     state: Mutex<FeedState>,
     wake: Notify,
+    /// Recent published chunks, what the announcements point to.
+    ring: Mutex<Ring>,
+}
+
+/// A feed's recent chunks and the budget they hold.
+#[derive(Default)]
+struct Ring {
+    chunks: VecDeque<(Arc<[LogEvent]>, Grant)>,
+    bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -74,11 +95,12 @@ struct FeedState {
 impl Tail {
     /// Starts the tail: a dispatcher task that routes the store's changes to
     /// feeds. Feeds start on first use.
-    pub(crate) fn start(store: Arc<dyn LogStore>, counters: Arc<HubCounters>) -> Tail {
+    pub(crate) fn start(store: Arc<dyn LogStore>, counters: Arc<HubCounters>, budget: &Budget) -> Tail {
         let (discovered, _) = broadcast::channel(defaults::CHANGES_BUFFER);
         let inner = Arc::new(Inner {
             store,
             counters,
+            memory: budget.account(None),
             feeds: Mutex::new(HashMap::new()),
             discovered,
             cancel: CancellationToken::new(),
@@ -108,6 +130,7 @@ impl Tail {
                         ready: watch::Sender::new(false),
                         state: Mutex::new(FeedState::default()),
                         wake: Notify::new(),
+                        ring: Mutex::new(Ring::default()),
                     });
                     feeds.insert(shard.clone(), feed.clone());
                     metrics::gauge!(crate::telemetry::TAIL_FEEDS).set(feeds.len() as f64);
@@ -163,6 +186,34 @@ impl Feed {
     /// The highest head this replica has heard of.
     pub(crate) fn head(&self) -> Sequence {
         *self.head.borrow()
+    }
+
+    /// Keeps `events` in the ring (as far as the budget allows) and
+    /// announces them.
+    fn publish(&self, memory: &Account, events: Arc<[LogEvent]>) {
+        let bytes: usize = events.iter().map(event_bytes).sum();
+        let announced = Arc::downgrade(&events);
+        {
+            let mut ring = self.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Make room in this ring first; what the budget still lacks
+            // leaves the ring empty, and subscribers read the store.
+            let grant = loop {
+                if ring.bytes + bytes <= defaults::TAIL_RING_BYTES
+                    && let Some(grant) = memory.try_take(bytes)
+                {
+                    break Some(grant);
+                }
+                match ring.chunks.pop_front() {
+                    Some((_, dropped)) => ring.bytes -= dropped.bytes(),
+                    None => break memory.try_take(bytes).filter(|_| bytes <= defaults::TAIL_RING_BYTES),
+                }
+            };
+            if let Some(grant) = grant {
+                ring.bytes += grant.bytes();
+                ring.chunks.push_back((events, grant));
+            }
+        }
+        let _ = self.chunks.send(TailChunk::Events(announced));
     }
 
     fn offer(&self, head: Sequence, events: Option<Arc<[LogEvent]>>) {
@@ -277,49 +328,51 @@ async fn read(inner: Arc<Inner>, feed: Arc<Feed>) {
                 let last = &events[events.len() - 1];
                 published = last.sequence;
                 last_hash = Some(last.hash);
-                let _ = feed.chunks.send(TailChunk::Events(events));
+                feed.publish(&inner.memory, events);
             }
             Step::Read(from, to) => {
                 inner.counters.read(ReadPurpose::Tail);
-                match inner.store.read_range(feed.shard.clone(), from, Some(to), defaults::TAIL_READ_BATCH).await {
-                    Ok(page) if page.events.is_empty() && page.head >= from => {
-                        // The store's head says the event exists, yet no row
-                        // came back: it was deleted behind the log's back.
-                        let corrupt = CorruptEvent {
-                            shard: feed.shard.clone(),
-                            sequence: from,
-                            reason: "missing from the stored log".into(),
-                        };
-                        tracing::error!(shard = %feed.shard, sequence = %from, "live tail met a missing event");
-                        published = to;
-                        last_hash = None;
-                        let _ = feed.chunks.send(TailChunk::Corrupt(Arc::new(corrupt)));
-                    }
-                    Ok(page) if page.events.is_empty() => {
-                        // Announced but not visible (yet): never skip; wait
-                        // for the next change or retry shortly.
-                        sleep_or_cancel(&inner).await;
-                    }
+                let read = inner.store.read_range(
+                    feed.shard.clone(),
+                    from,
+                    Some(to),
+                    defaults::TAIL_READ_BATCH,
+                    defaults::TAIL_READ_BYTES,
+                );
+                match read.await {
                     Ok(page) => {
-                        let chained = match last_hash {
-                            Some(hash) if hash != page.anchor => Err(CorruptEvent {
+                        // The page's own checks (a hole before, inside or at
+                        // the end of it; links; hashes), then its link to
+                        // what this feed published last.
+                        let chained = page.verify().and_then(|()| match (last_hash, page.events.first()) {
+                            (Some(hash), Some(_)) if hash != page.anchor => Err(CorruptEvent {
                                 shard: feed.shard.clone(),
                                 sequence: from,
                                 reason: "it does not link to the event before it".into(),
                             }),
-                            _ => event::verify(&feed.shard, from, &page.anchor, &page.events),
-                        };
+                            _ => Ok(()),
+                        });
                         match chained {
+                            // Announced but not visible (yet): never skip;
+                            // wait for the next change or retry shortly.
+                            Ok(()) if page.events.is_empty() => sleep_or_cancel(&inner).await,
                             Ok(()) => {
                                 let last = &page.events[page.events.len() - 1];
                                 published = last.sequence;
                                 last_hash = Some(last.hash);
-                                let _ = feed.chunks.send(TailChunk::Events(Arc::from(page.events)));
+                                feed.publish(&inner.memory, Arc::from(page.events));
                             }
                             Err(corrupt) => {
                                 tracing::error!(shard = %feed.shard, sequence = %corrupt.sequence, reason = %corrupt.reason, "live tail met a corrupt event");
-                                // Skip past it: subscribers that reach it stop
-                                // with an error; nothing corrupt is published.
+                                // Publish the valid events before it, then
+                                // skip past it: subscribers deliver those and
+                                // stop with an error when they reach it;
+                                // nothing corrupt is published.
+                                let valid: Vec<LogEvent> =
+                                    page.events.into_iter().take_while(|e| e.sequence < corrupt.sequence).collect();
+                                if !valid.is_empty() {
+                                    feed.publish(&inner.memory, Arc::from(valid));
+                                }
                                 published = to;
                                 last_hash = None;
                                 let _ = feed.chunks.send(TailChunk::Corrupt(Arc::new(corrupt)));
@@ -351,6 +404,7 @@ fn retire_if_unheld(inner: &Inner, feed: &Arc<Feed>) -> bool {
     if Arc::strong_count(feed) > 2 || feed.chunks.receiver_count() > 0 {
         return false;
     }
+    feed.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).chunks.clear();
     if feeds.get(&feed.shard).is_some_and(|held| Arc::ptr_eq(held, feed)) {
         feeds.remove(&feed.shard);
         metrics::gauge!(crate::telemetry::TAIL_FEEDS).set(feeds.len() as f64);
@@ -364,6 +418,11 @@ async fn sleep_or_cancel(inner: &Inner) {
         () = inner.cancel.cancelled() => {}
         () = tokio::time::sleep(defaults::TAIL_RETRY) => {}
     }
+}
+
+/// What one event costs in a ring: its body and the rest of `LogEvent`.
+fn event_bytes(event: &LogEvent) -> usize {
+    event.body.len() + std::mem::size_of::<LogEvent>()
 }
 
 /// Decides the reader's next step from what was announced.
@@ -416,14 +475,19 @@ mod tests {
     use crate::ids::Epoch;
 
     fn feed() -> Feed {
+        feed_named("resourcelease.t")
+    }
+
+    fn feed_named(shard: &str) -> Feed {
         let (chunks, _) = broadcast::channel(8);
         Feed {
-            shard: ShardId::parse("resourcelease.t").expect("valid"),
+            shard: ShardId::parse(shard).expect("valid"),
             chunks,
             head: watch::Sender::new(Sequence::ZERO),
             ready: watch::Sender::new(true),
             state: Mutex::new(FeedState::default()),
             wake: Notify::new(),
+            ring: Mutex::new(Ring::default()),
         }
     }
 
@@ -469,7 +533,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let store = crate::store::sqlite::SqliteStore::open(dir.path().join("log.db")).await.expect("open");
         let store: Arc<dyn LogStore> = Arc::new(store);
-        let tail = Tail::start(store, Arc::new(HubCounters::default()));
+        let tail = Tail::start(store, Arc::new(HubCounters::default()), &Budget::new(defaults::SUBSCRIPTION_MEMORY));
         let (kept, dropped) = (
             ShardId::parse("resourcelease.kept").expect("valid"),
             ShardId::parse("resourcelease.gone").expect("valid"),
@@ -491,6 +555,43 @@ mod tests {
         assert_eq!(tail.feeds(), 2);
         drop((again, held));
         tail.close().await;
+    }
+
+    fn big_events(first: u64, bytes: usize) -> Arc<[LogEvent]> {
+        let new = vec![NewEvent { recorded_at: SystemTime::UNIX_EPOCH, body: vec![7u8; bytes].into() }];
+        Arc::from(chain(ChainHash::ZERO, Sequence(first), Epoch(1), &new))
+    }
+
+    fn announced(listener: &mut broadcast::Receiver<TailChunk>) -> std::sync::Weak<[LogEvent]> {
+        match listener.try_recv().expect("an announcement") {
+            TailChunk::Events(events) => events,
+            TailChunk::Corrupt(corrupt) => panic!("unexpected {corrupt:?}"),
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_recent_events_within_its_bytes_and_the_budget() {
+        let feed = feed();
+        let mut listener = feed.subscribe();
+        let budget = Budget::new(defaults::SUBSCRIPTION_MEMORY);
+        let memory = budget.account(None);
+        // Two fit (with what each event costs beside its body), three do not.
+        let chunk = defaults::TAIL_RING_BYTES / 2 - 4096;
+        for first in 1..=3 {
+            feed.publish(&memory, big_events(first, chunk));
+        }
+        let (one, two, three) = (announced(&mut listener), announced(&mut listener), announced(&mut listener));
+        assert!(one.upgrade().is_none(), "the oldest left the ring to keep it within its bytes");
+        assert!(two.upgrade().is_some() && three.upgrade().is_some());
+        assert!(budget.used() <= defaults::TAIL_RING_BYTES, "the ring's bytes come from the budget");
+
+        // A budget with no room keeps nothing: listeners read the store.
+        let tight = Budget::new(chunk / 2);
+        let other = feed_named("resourcelease.tight");
+        let mut listener = other.subscribe();
+        other.publish(&tight.account(None), big_events(1, chunk));
+        assert!(announced(&mut listener).upgrade().is_none());
+        assert_eq!(tight.used(), 0);
     }
 
     #[test]

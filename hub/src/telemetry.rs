@@ -17,10 +17,14 @@
 //! | `omnirelay_hub_db_reads_total{purpose}` | counter | event-range queries: `tail` (shared live tail), `catch_up` (one subscriber) or `range` |
 //! | `omnirelay_hub_events_delivered_total` | counter | events sent to subscribers |
 //! | `omnirelay_hub_subscribers` | gauge | open subscriptions on this replica |
+//! | `omnirelay_hub_subscription_memory_bytes` | gauge | bytes held for subscriptions (queued frames, allowances, the live tails' recent events) |
+//! | `omnirelay_hub_subscription_memory_limit_bytes` | gauge | `--subscription-memory` |
+//! | `omnirelay_hub_subscriptions_ended_total{reason}` | counter | subscriptions ended or refused by the hub: `memory` (furthest behind when memory ran short), `stalled`, `refused` (no memory to admit it) |
 //! | `omnirelay_hub_tail_feeds` | gauge | live-tail feeds (followed shards) on this replica |
 //! | `omnirelay_hub_subscriber_lag_events{subscriber,shard}` | gauge | events between a shard's head and what a subscriber was sent |
 //! | `omnirelay_hub_db_latency_seconds{operation}` | histogram | store operations, by [`DbOperation`] |
 //! | `omnirelay_hub_db_errors_total{operation}` | counter | store operations that failed |
+//! | `omnirelay_hub_store_unavailable_total{fault}` | counter | requests and batches answered UNAVAILABLE because of the store, by [`Fault`] |
 //! | `omnirelay_hub_db_pool_connections` | gauge | connections the PostgreSQL pool holds |
 //! | `omnirelay_hub_db_pool_available` | gauge | idle pooled connections |
 //! | `omnirelay_hub_db_pool_waiting` | gauge | requests waiting for a connection |
@@ -41,7 +45,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::{LogArgs, LogFormat};
-use crate::store::{AppendAck, StoreError};
+use crate::store::{AppendAck, Fault, StoreError};
 
 /// Batches answered, by outcome.
 pub const APPEND_BATCHES: &str = "omnirelay_hub_append_batches_total";
@@ -65,6 +69,13 @@ pub const DB_READS: &str = "omnirelay_hub_db_reads_total";
 pub const EVENTS_DELIVERED: &str = "omnirelay_hub_events_delivered_total";
 /// Open subscriptions.
 pub const SUBSCRIBERS: &str = "omnirelay_hub_subscribers";
+/// Gauge: bytes held for subscriptions, from the subscription memory budget.
+pub const SUBSCRIPTION_MEMORY: &str = "omnirelay_hub_subscription_memory_bytes";
+/// Gauge: the subscription memory budget (`--subscription-memory`).
+pub const SUBSCRIPTION_MEMORY_LIMIT: &str = "omnirelay_hub_subscription_memory_limit_bytes";
+/// Subscriptions the hub ended or refused, by `reason`: `memory`,
+/// `stalled`, `refused`.
+pub const SUBSCRIPTIONS_ENDED: &str = "omnirelay_hub_subscriptions_ended_total";
 /// Events between a shard's head and a subscriber's position, by
 /// `subscriber` and `shard`.
 pub const SUBSCRIBER_LAG_EVENTS: &str = "omnirelay_hub_subscriber_lag_events";
@@ -72,6 +83,9 @@ pub const SUBSCRIBER_LAG_EVENTS: &str = "omnirelay_hub_subscriber_lag_events";
 pub const DB_LATENCY: &str = "omnirelay_hub_db_latency_seconds";
 /// Store operations that failed, by `operation`.
 pub const DB_ERRORS: &str = "omnirelay_hub_db_errors_total";
+/// Requests and append batches answered UNAVAILABLE because of the store,
+/// by `fault` (disk full, read-only, I/O, timeout, unreachable, ...).
+pub const STORE_UNAVAILABLE: &str = "omnirelay_hub_store_unavailable_total";
 /// Connections the pool holds (idle and in use).
 pub const DB_POOL_CONNECTIONS: &str = "omnirelay_hub_db_pool_connections";
 /// Idle connections in the pool.
@@ -99,6 +113,8 @@ pub const LABEL_SUBSCRIBER: &str = "subscriber";
 pub const LABEL_SHARD: &str = "shard";
 /// Label: why something was refused.
 pub const LABEL_REASON: &str = "reason";
+/// Label: the kind of store outage ([`Fault::label`]).
+pub const LABEL_FAULT: &str = "fault";
 
 /// How an append batch ended, the `outcome` label of [`APPEND_BATCHES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,6 +359,11 @@ impl Drop for SubscriberLag {
     }
 }
 
+/// Counts an answer that the store is unavailable, by its fault.
+pub(crate) fn store_unavailable(fault: Fault) {
+    metrics::counter!(STORE_UNAVAILABLE, LABEL_FAULT => fault.label()).increment(1);
+}
+
 /// Records one group commit.
 pub(crate) fn group_committed(batches: usize, events: usize, took: Duration) {
     metrics::histogram!(GROUP_BATCHES).record(batches as f64);
@@ -421,8 +442,20 @@ fn describe_catalog() {
     describe_gauge!(TAIL_FEEDS, Unit::Count, "Live-tail feeds on this replica (shards followed by its subscribers).");
     describe_gauge!(SUBSCRIBERS, Unit::Count, "Open Subscribe streams on this replica.");
     describe_gauge!(SUBSCRIBER_LAG_EVENTS, Unit::Count, "Events between a shard's head and a subscriber's position.");
+    describe_gauge!(SUBSCRIPTION_MEMORY, Unit::Bytes, "Bytes held for subscriptions, within --subscription-memory.");
+    describe_gauge!(SUBSCRIPTION_MEMORY_LIMIT, Unit::Bytes, "The subscription memory budget, --subscription-memory.");
+    describe_counter!(
+        SUBSCRIPTIONS_ENDED,
+        Unit::Count,
+        "Subscriptions ended or refused by the hub, by reason: memory, stalled, refused."
+    );
     describe_histogram!(DB_LATENCY, Unit::Seconds, "Duration of store operations, by operation.");
     describe_counter!(DB_ERRORS, Unit::Count, "Store operations that failed, by operation.");
+    describe_counter!(
+        STORE_UNAVAILABLE,
+        Unit::Count,
+        "Requests and append batches answered UNAVAILABLE because of the store, by fault."
+    );
     describe_gauge!(DB_POOL_CONNECTIONS, Unit::Count, "Connections the PostgreSQL pool holds.");
     describe_gauge!(DB_POOL_AVAILABLE, Unit::Count, "Idle connections in the PostgreSQL pool.");
     describe_gauge!(DB_POOL_WAITING, Unit::Count, "Requests waiting for a pooled connection.");
@@ -445,9 +478,15 @@ fn describe_catalog() {
     }
     metrics::counter!(EVENTS_DELIVERED).absolute(0);
     metrics::gauge!(SUBSCRIBERS).set(0.0);
+    for reason in ["memory", "stalled", "refused"] {
+        metrics::counter!(SUBSCRIPTIONS_ENDED, LABEL_REASON => reason).absolute(0);
+    }
     for operation in DbOperation::ALL {
         let _ = metrics::histogram!(DB_LATENCY, LABEL_OPERATION => operation.label());
         metrics::counter!(DB_ERRORS, LABEL_OPERATION => operation.label()).absolute(0);
+    }
+    for fault in Fault::ALL {
+        metrics::counter!(STORE_UNAVAILABLE, LABEL_FAULT => fault.label()).absolute(0);
     }
     metrics::gauge!(READY).set(0.0);
     for reason in ["timeout", "handshake", "principal"] {

@@ -124,6 +124,7 @@ pub fn checkpoint(checkpoint: &Checkpoint) -> pb::Checkpoint {
         shard_id: checkpoint.shard.to_string(),
         sequence: checkpoint.sequence.0,
         updated_at: Some(to_timestamp(checkpoint.updated_at)),
+        hash: checkpoint.hash.map(|hash| Bytes::copy_from_slice(hash.as_bytes())).unwrap_or_default(),
     }
 }
 

@@ -49,6 +49,7 @@ async fn consume(
                                 subscriber_id: subscriber.into(),
                                 shard_id: shard.into(),
                                 sequence: event.sequence,
+                                hash: event.hash.clone(),
                             })
                             .await;
                         if let Err(status) = committed {

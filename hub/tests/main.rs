@@ -10,4 +10,5 @@ mod integrity;
 mod operations;
 mod restart;
 mod schema;
+mod stall;
 mod subscribe;

@@ -120,6 +120,7 @@ async fn after_a_checkpoint_commit_a_resumed_subscriber_never_sees_an_event_agai
             subscriber_id: "sink".into(),
             shard_id: shard.into(),
             sequence: 7,
+            hash: Default::default(),
         })
         .await
         .expect("commit")
@@ -130,6 +131,7 @@ async fn after_a_checkpoint_commit_a_resumed_subscriber_never_sees_an_event_agai
             subscriber_id: "sink".into(),
             shard_id: shard.into(),
             sequence: 3,
+            hash: Default::default(),
         })
         .await
         .expect("commit")
@@ -236,6 +238,7 @@ async fn a_subscriber_whose_checkpoint_was_trimmed_gets_the_snapshot_then_the_ta
             subscriber_id: "gone".into(),
             shard_id: shard.into(),
             sequence: 2,
+            hash: Default::default(),
         })
         .await
         .expect("commit");
@@ -393,5 +396,112 @@ async fn a_subscription_over_the_shard_limit_is_refused_naming_the_limit() {
     at_limit.push(shards[0]);
     let accepted = client.subscribe(request("at-limit", &at_limit, pb::start_position::Position::Latest(true))).await;
     assert!(accepted.is_ok(), "{:?}", accepted.err());
+    hub.stop().await;
+}
+
+/// A subscription nobody reads after it opened: its client's HTTP/2
+/// windows fill, then everything the hub sends it stays with the hub.
+async fn stalled(
+    client: &mut HubClient<Channel>,
+    subscriber: &str,
+    shard: &str,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    let start = pb::start_position::Position::AfterSequence(0);
+    client.subscribe(request(subscriber, &[shard], start)).await.expect("subscribe").into_inner()
+}
+
+// About twenty seconds: 48 MiB of events go to sixteen subscribers, a dozen
+// of which never read.
+#[tokio::test]
+async fn stalled_and_slow_subscribers_stay_within_the_memory_budget_while_others_keep_going() {
+    const BUDGET: usize = 24 * 1024 * 1024;
+    const BATCHES: u64 = 192;
+    const PER_BATCH: usize = 8;
+    let db = support::migrated_db().await;
+    let config = omnirelay_hub::Config {
+        retention_interval: None,
+        subscription_memory: BUDGET,
+        ..omnirelay_hub::Config::for_postgres(db.url()).expect("valid URL")
+    };
+    let hub = TestHub::start_with(config).await;
+    let shard = "resourcelease.memory";
+    let mut producer = hub.client().await;
+    let epoch = acquire(&mut producer, shard, "node-a", LONG).await;
+
+    // Twelve subscriptions on one connection that stop reading at once (as
+    // in the drill that took a replica to 2 GiB), on another connection
+    // four that read a frame every 300 ms, and three that keep up.
+    let mut stalled_client = hub.client().await;
+    let mut stalled_streams = Vec::new();
+    for i in 0..12 {
+        stalled_streams.push(stalled(&mut stalled_client, &format!("stalled-{i}"), shard).await);
+    }
+    let mut slow_client = hub.client().await;
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let mut frames = stalled(&mut slow_client, &format!("slow-{i}"), shard).await;
+        slow.push(tokio::spawn(async move {
+            // Reads until the stream ends (the hub may end it) or the test
+            // is over; what it got is not the point.
+            while let Ok(Some(_)) = frames.message().await {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
+    }
+    let total = BATCHES * PER_BATCH as u64;
+    let mut fast = Vec::new();
+    for i in 0..3 {
+        let mut client = hub.client().await;
+        let latest = pb::start_position::Position::AfterSequence(0);
+        let mut subscription = Subscription::open(&mut client, request(&format!("fast-{i}"), &[shard], latest)).await;
+        fast.push(tokio::spawn(async move { sequences(&subscription.events(total as usize).await) }));
+    }
+
+    // 32 KiB events, 256 KiB a batch, 48 MiB in all: twice the budget.
+    let padding = "x".repeat(32 * 1024);
+    let mut appender = Appender::open(&mut producer).await;
+    for seq in 1..=BATCHES {
+        let items: Vec<String> = (0..PER_BATCH).map(|i| format!("item-{seq}-{i}")).collect();
+        let items: Vec<&str> = items.iter().map(String::as_str).collect();
+        let mut request = batch(shard, "p", seq, epoch, &items);
+        for event in &mut request.events {
+            event.metadata.insert("padding".into(), padding.clone());
+        }
+        ack(appender.append(request).await);
+    }
+
+    // Every fast subscriber got every event, in order, once.
+    for reader in fast {
+        assert_eq!(reader.await.expect("reader"), (1..=total).collect::<Vec<_>>());
+    }
+    assert!(
+        hub.memory.peak() <= hub.memory.limit(),
+        "held {} bytes at the peak, over the {} budget",
+        hub.memory.peak(),
+        hub.memory.limit()
+    );
+    // The budget was under pressure, and subscribers furthest behind were
+    // ended with a status that tells them to resume.
+    let mut ended = 0;
+    for mut frames in stalled_streams {
+        let status = loop {
+            match tokio::time::timeout(Duration::from_secs(1), frames.message()).await {
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => break None,
+                Ok(Err(status)) => break Some(status),
+                // Quiet: it caught up and kept its place.
+                Err(_) => break None,
+            }
+        };
+        if let Some(status) = status {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("resubscribe from your checkpoint"), "{}", status.message());
+            ended += 1;
+        }
+    }
+    assert!(ended > 0, "with a dozen stalled subscribers over the budget, some must have been ended");
+    for reader in slow {
+        reader.abort();
+    }
     hub.stop().await;
 }

@@ -51,6 +51,7 @@ pub(crate) async fn fresh_sqlite_store() -> (omnirelay_hub::store::sqlite::Sqlit
 pub(crate) struct TestHub {
     pub(crate) address: SocketAddr,
     pub(crate) counters: Arc<HubCounters>,
+    pub(crate) memory: omnirelay_hub::SubscriptionMemory,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -60,15 +61,21 @@ impl TestHub {
     /// it explicitly).
     pub(crate) async fn start(url: &str) -> TestHub {
         let config = Config { retention_interval: None, ..Config::for_postgres(url).expect("harness URLs are valid") };
+        TestHub::start_with(config).await
+    }
+
+    /// Starts a replica with `config` (its listen addresses are ignored).
+    pub(crate) async fn start_with(config: Config) -> TestHub {
         let hub = Hub::open(config).await.expect("the hub should open");
         let counters = hub.counters();
+        let memory = hub.subscription_memory();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let address = listener.local_addr().expect("bound address");
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(hub.serve(listener, async move {
             let _ = stopped.await;
         }));
-        TestHub { address, counters, stop: Some(stop), served: Some(served) }
+        TestHub { address, counters, memory, stop: Some(stop), served: Some(served) }
     }
 
     /// A client of this replica.

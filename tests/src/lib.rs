@@ -3,7 +3,7 @@
 //!
 //! - [`PgCluster`] runs a private PostgreSQL cluster (initdb and `pg_ctl` on a
 //!   free loopback port, in a temporary directory removed at the end) that a
-//!   test can stop, crash and start again, optionally with TLS on
+//!   test can stop, crash, pause (SIGSTOP) and start again, optionally with TLS on
 //!   ([`PgCluster::start_with_tls`]).
 //! - [`TestDb`] gives each test a fresh database, on a shared per-process
 //!   cluster, or on the server named by `OMNIRELAY_TEST_DATABASE_URL`.

@@ -1,8 +1,8 @@
 //! Throwaway PostgreSQL clusters and per-test databases.
 //!
 //! A [`PgCluster`] is a private cluster in a temporary directory, on a free
-//! loopback port, that its owner can stop, crash and start again (the failure
-//! drills need that). Clusters are copied from a template data directory made
+//! loopback port, that its owner can stop, crash, pause and start again (the
+//! failure drills need that). Clusters are copied from a template data directory made
 //! once per machine by `initdb`, so a new cluster costs a copy and a start,
 //! not an initdb; this matters because nextest runs every test in its own
 //! process.
@@ -85,6 +85,8 @@ pub struct PgCluster {
     port: u16,
     bins: PostgresBinaries,
     run_as: Option<RunAs>,
+    /// Set while [`PgCluster::pause`] holds the server's processes stopped.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl PgCluster {
@@ -120,7 +122,8 @@ impl PgCluster {
             if let Some(tls) = tls {
                 write_tls(&data, tls, run_as)?;
             }
-            let cluster = Self { dir, port, bins: bins.clone(), run_as };
+            let cluster =
+                Self { dir, port, bins: bins.clone(), run_as, paused: std::sync::atomic::AtomicBool::new(false) };
             match cluster.start_again() {
                 Ok(()) => return Ok(cluster),
                 Err(err) => last_error = Some(err),
@@ -163,6 +166,48 @@ impl PgCluster {
         })
     }
 
+    /// Freezes every server process (SIGSTOP), the way a stalled host, a
+    /// hung storage layer or a long VM pause would: connections stay open
+    /// and nothing on them is answered; new connections queue in the
+    /// kernel unanswered. [`PgCluster::resume`] thaws them (dropping the
+    /// cluster does too).
+    pub fn pause(&self) -> Result<()> {
+        let pids = self.server_pids()?;
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        signal(&pids, "-STOP", "pause PostgreSQL")
+    }
+
+    /// Thaws the processes [`PgCluster::pause`] froze (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        let pids = self.server_pids()?;
+        signal(&pids, "-CONT", "resume PostgreSQL")?;
+        self.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The postmaster (from `postmaster.pid`) and its children (from
+    /// `/proc`), postmaster first.
+    fn server_pids(&self) -> Result<Vec<u32>> {
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file).map_err(|source| io("read postmaster.pid", source))?;
+        let postmaster: u32 = text.lines().next().and_then(|line| line.trim().parse().ok()).ok_or_else(|| {
+            HarnessError::Process { what: "read postmaster.pid".into(), detail: format!("no pid in {text:?}") }
+        })?;
+        let mut pids = vec![postmaster];
+        let proc_dir = std::fs::read_dir("/proc").map_err(|source| io("list /proc", source))?;
+        for entry in proc_dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // `pid (comm) state ppid ...`; comm may hold spaces, so read after
+            // the last ')'.
+            let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent.and_then(|ppid| ppid.parse::<u32>().ok()) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
     /// The last lines of the server log, for failure messages.
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
@@ -189,9 +234,21 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        // A frozen server would ignore the stop until pg_ctl gives up.
+        if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.resume();
+        }
         // Immediate: the data is thrown away, so a clean checkpoint is wasted work.
         let _ = self.crash();
     }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the server's processes. They may
+/// belong to another user (the harness's `postgres`), which `kill` as root
+/// may signal.
+fn signal(pids: &[u32], signal: &str, what: &str) -> Result<()> {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    run(Command::new("kill").arg(signal).args(&pids), what).map(drop)
 }
 
 /// A fresh database for one test, dropped at the end when it lives on an

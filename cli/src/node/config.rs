@@ -38,6 +38,18 @@ pub enum CertPolicy {
     Required,
 }
 
+/// Where the node's queues write their events (`replicator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicatorKind {
+    /// The replication hub (durable; the default when hub endpoints are
+    /// configured).
+    Hub,
+    /// Process memory, bounded per shard: everything is lost when the node
+    /// stops (tests, trying things out; the default without a hub).
+    Memory,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,6 +146,31 @@ pub struct NodeArgs {
     /// Concurrent calls per namespace under backpressure [default: 64].
     #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_BACKPRESSURE")]
     pub rate_limit_backpressure: Option<usize>,
+    /// Replication hub endpoints (`http://host:7400` or `https://...`;
+    /// repeat, or comma-separate); makes the hub the replicator.
+    #[arg(long = "hub", env = "OMNIRELAY_NODE_HUB", value_delimiter = ',')]
+    pub hub: Vec<String>,
+    /// Where the queues write their events [default: hub when --hub is
+    /// given, else memory].
+    #[arg(long, value_enum, env = "OMNIRELAY_NODE_REPLICATOR")]
+    pub replicator: Option<ReplicatorKind>,
+    /// CA bundle (PEM) that signs the hub's certificate (https endpoints).
+    #[arg(long, env = "OMNIRELAY_NODE_HUB_CA")]
+    pub hub_ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM) for mutual TLS to the hub.
+    #[arg(long, env = "OMNIRELAY_NODE_HUB_CERT")]
+    pub hub_cert: Option<PathBuf>,
+    /// This node's private key (PEM) for mutual TLS to the hub.
+    #[arg(long, env = "OMNIRELAY_NODE_HUB_KEY")]
+    pub hub_key: Option<PathBuf>,
+    /// Name to verify the hub's certificate against, when it differs from
+    /// the endpoints' host names.
+    #[arg(long, env = "OMNIRELAY_NODE_HUB_DOMAIN")]
+    pub hub_domain: Option<String>,
+    /// How long this node's lease on a shard lasts without renewal, in
+    /// milliseconds [default: 10000].
+    #[arg(long, env = "OMNIRELAY_NODE_SHARD_LEASE_TTL_MS")]
+    pub shard_lease_ttl_ms: Option<u64>,
     /// OTLP/gRPC collector for spans, e.g. http://otel-collector:4317.
     #[arg(long, env = "OMNIRELAY_NODE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -232,6 +269,37 @@ pub struct TlsFile {
     pub client_ca: Option<PathBuf>,
 }
 
+/// The replication hub (`[hub]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubFile {
+    /// Endpoints, tried in order.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// CA bundle that signs the hub's certificate, PEM.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate chain for mutual TLS, PEM.
+    pub cert: Option<PathBuf>,
+    /// This node's private key for mutual TLS, PEM.
+    pub key: Option<PathBuf>,
+    /// Name to verify the hub's certificate against.
+    pub domain: Option<String>,
+}
+
+/// Shard leases and snapshots (`[ownership]`), milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnershipFile {
+    /// Lease TTL.
+    pub lease_ttl_ms: Option<u64>,
+    /// Renewal interval [default: a third of the TTL].
+    pub renew_every_ms: Option<u64>,
+    /// Durable events between snapshots.
+    pub snapshot_every_events: Option<u64>,
+    /// Longest time between snapshots of a shard that changed.
+    pub snapshot_every_ms: Option<u64>,
+}
+
 /// JWT settings (`[jwt]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -292,6 +360,14 @@ pub struct FileConfig {
     pub sweep_interval_ms: Option<u64>,
     /// Peer health thresholds (durations in milliseconds).
     pub health: Option<HealthConfig>,
+    /// Where events go.
+    pub replicator: Option<ReplicatorKind>,
+    /// The replication hub.
+    #[serde(default)]
+    pub hub: HubFile,
+    /// Shard leases and snapshots.
+    #[serde(default)]
+    pub ownership: OwnershipFile,
     /// OTLP endpoint.
     pub otlp_endpoint: Option<String>,
     /// Log format.
@@ -335,6 +411,12 @@ pub struct SidecarConfig {
     pub sweep_interval_ms: u64,
     /// Peer health thresholds.
     pub health: HealthConfig,
+    /// Where events go.
+    pub replicator: ReplicatorKind,
+    /// The replication hub.
+    pub hub: HubFile,
+    /// Shard leases and snapshots.
+    pub ownership: OwnershipFile,
     /// OTLP endpoint.
     pub otlp_endpoint: Option<String>,
     /// Log format.
@@ -395,6 +477,18 @@ impl SidecarConfig {
             }
             None => file.authorization.clone().unwrap_or_default(),
         };
+        let hub = HubFile {
+            endpoints: if args.hub.is_empty() { file.hub.endpoints.clone() } else { args.hub.clone() },
+            ca: args.hub_ca.clone().or(file.hub.ca.clone()),
+            cert: args.hub_cert.clone().or(file.hub.cert.clone()),
+            key: args.hub_key.clone().or(file.hub.key.clone()),
+            domain: args.hub_domain.clone().or(file.hub.domain.clone()),
+        };
+        let hub_kind = args.replicator.or(file.replicator).unwrap_or(if hub.endpoints.is_empty() {
+            ReplicatorKind::Memory
+        } else {
+            ReplicatorKind::Hub
+        });
         Ok(Self {
             listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default")),
             control_listen: args.control_listen.or(file.control_listen),
@@ -435,6 +529,12 @@ impl SidecarConfig {
                 u64::try_from(omnirelay_client::defaults::SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX)
             }),
             health: file.health.unwrap_or_default(),
+            replicator: hub_kind,
+            hub,
+            ownership: OwnershipFile {
+                lease_ttl_ms: args.shard_lease_ttl_ms.or(file.ownership.lease_ttl_ms),
+                ..file.ownership
+            },
             otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
@@ -472,8 +572,68 @@ impl SidecarConfig {
         config.rate_limits = RateLimits { normal: self.rate_limits.0, backpressure: self.rate_limits.1 };
         config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         config.health = self.health.clone();
+        let ownership = &mut config.ownership;
+        if let Some(ttl) = self.ownership.lease_ttl_ms {
+            ownership.lease_ttl = Duration::from_millis(ttl);
+            ownership.renew_every = ownership.lease_ttl / 3;
+        }
+        if let Some(every) = self.ownership.renew_every_ms {
+            ownership.renew_every = Duration::from_millis(every);
+        }
+        if let Some(events) = self.ownership.snapshot_every_events {
+            ownership.snapshot_every_events = events;
+        }
+        if let Some(every) = self.ownership.snapshot_every_ms {
+            ownership.snapshot_every = Duration::from_millis(every);
+        }
+        match self.replicator {
+            ReplicatorKind::Hub if self.hub.endpoints.is_empty() => {
+                bail!("hub.endpoints: the hub replicator needs at least one endpoint (--hub URL)")
+            }
+            ReplicatorKind::Memory if !self.hub.endpoints.is_empty() => {
+                bail!("replicator: \"memory\" cannot be combined with hub endpoints; drop --hub or the replicator")
+            }
+            _ => {}
+        }
+        if self.hub.cert.is_some() != self.hub.key.is_some() {
+            bail!("hub.cert, hub.key: mutual TLS to the hub needs both");
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The replicator the node's queues write to: the hub (TLS files read
+    /// here), or bounded process memory.
+    pub async fn replicator(&self) -> anyhow::Result<(std::sync::Arc<dyn omnirelay_client::Replicator>, &'static str)> {
+        use omnirelay_client::replication::{HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
+        match self.replicator {
+            ReplicatorKind::Memory => Ok((
+                std::sync::Arc::new(omnirelay_client::InMemoryReplicator::with_retention(
+                    omnirelay_client::defaults::MEMORY_RETENTION_EVENTS,
+                )),
+                "in-memory",
+            )),
+            ReplicatorKind::Hub => {
+                let read = |what: &str, path: &PathBuf| {
+                    std::fs::read(path).with_context(|| format!("{what}: read {}", path.display()))
+                };
+                let tls = match &self.hub.ca {
+                    None => None,
+                    Some(ca) => Some(HubTls {
+                        ca_pem: read("hub.ca", ca)?,
+                        identity: match (&self.hub.cert, &self.hub.key) {
+                            (Some(cert), Some(key)) => Some((read("hub.cert", cert)?, read("hub.key", key)?)),
+                            _ => None,
+                        },
+                        domain: self.hub.domain.clone(),
+                    }),
+                };
+                let mut config = HubReplicatorConfig::new(self.hub.endpoints.iter().map(HubEndpoint::new));
+                config.tls = tls;
+                let replicator = HubReplicator::new(config).map_err(|err| anyhow::anyhow!("hub.{err}"))?;
+                Ok((std::sync::Arc::new(replicator), "hub"))
+            }
+        }
     }
 
     fn jwt_verifier(&self) -> anyhow::Result<Option<JwtVerifier>> {

@@ -11,7 +11,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
-use omnirelay_client::InMemoryReplicator;
 use omnirelay_client::node::{Node, TlsAcceptorConfig, serve};
 use tokio::net::TcpListener;
 
@@ -21,9 +20,9 @@ pub use config::{FileConfig, NodeArgs, SidecarConfig};
 /// on `control` when given, else on `listener` too) until `shutdown`
 /// resolves.
 ///
-/// Events go to an in-memory replicator: the node's queues live as long as
-/// the process. (A durable replicator plugs in through the same builder
-/// once the hub client lands.)
+/// Events go to the replication hub when `--hub` names it (durable: a
+/// restarted node rebuilds every queue from the hub's log), else to a
+/// bounded in-memory replicator (the queues live as long as the process).
 pub async fn run(
     config: SidecarConfig,
     listener: TcpListener,
@@ -41,9 +40,13 @@ pub async fn run(
     if config.authorization.rules.is_empty() {
         tracing::warn!("the authorization table has no rules: every call will be refused (default deny)");
     }
+    let (replicator, kind) = config.replicator().await?;
+    if kind == "in-memory" {
+        tracing::warn!("no replication hub configured (--hub): queues live in this process's memory only");
+    }
     let node = Arc::new(
         Node::builder(node_config)
-            .replicator(Arc::new(InMemoryReplicator::new()), "in-memory")
+            .replicator(replicator, kind)
             .prometheus(omnirelay_client::node::prometheus())
             .build()?,
     );

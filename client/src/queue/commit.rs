@@ -78,6 +78,16 @@ pub enum FenceReason {
 }
 
 impl FenceReason {
+    /// Every reason.
+    pub const ALL: [FenceReason; 6] = [
+        FenceReason::Recovering,
+        FenceReason::StaleEpoch,
+        FenceReason::Unavailable,
+        FenceReason::Rejected,
+        FenceReason::Diverged,
+        FenceReason::LeaseLost,
+    ];
+
     /// The stable name (metric label, logs, diagnostics).
     pub fn as_str(self) -> &'static str {
         match self {

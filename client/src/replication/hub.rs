@@ -689,7 +689,7 @@ impl StreamTask {
     /// transient failure.
     fn answer(&mut self, response: pb::AppendResponse, tainted: &mut HashSet<(String, String)>) -> Option<String> {
         use pb::append_response::Result as Answer;
-        let Some(pending) = self.pending.get(&response.batch_id) else { return None };
+        let pending = self.pending.get(&response.batch_id)?;
         let key = (pending.request.shard_id.clone(), pending.request.producer_id.clone());
         let result = match response.result {
             Some(Answer::Ack(ack)) => {

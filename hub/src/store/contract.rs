@@ -41,6 +41,7 @@ macro_rules! log_store_contract {
             reads_return_linked_events_that_verify,
             leases_renew_release_and_report_the_head,
             checkpoints_never_move_backwards,
+            checkpoints_record_and_check_the_hash_of_their_event,
             snapshots_are_tied_to_the_log,
             retention_trims_below_the_older_of_snapshot_and_checkpoint,
             changes_announce_new_heads,
@@ -116,7 +117,8 @@ async fn head<S: LogStore>(store: &S, shard: &ShardId) -> Sequence {
 }
 
 async fn read_all<S: LogStore>(store: &S, shard: &ShardId) -> Vec<event::LogEvent> {
-    let page = store.read_range(shard.clone(), Sequence(1), None, 100_000).await.expect("read should succeed");
+    let page =
+        store.read_range(shard.clone(), Sequence(1), None, 100_000, usize::MAX).await.expect("read should succeed");
     event::verify(shard, Sequence(1), &page.anchor, &page.events).expect("stored events should verify");
     page.events
 }
@@ -320,21 +322,36 @@ pub async fn reads_return_linked_events_that_verify<S: LogStore>(store: &S) {
     store.append(batch(&s, "p", 1, epoch, events("e", 10, 100))).await.expect("append");
     let all = read_all(store, &s).await;
 
-    let page = store.read_range(s.clone(), Sequence(4), Some(Sequence(6)), 100).await.expect("middle");
+    let page = store.read_range(s.clone(), Sequence(4), Some(Sequence(6)), 100, usize::MAX).await.expect("middle");
     assert_eq!(page.events, all[3..6].to_vec());
     assert_eq!(page.anchor, all[2].hash);
     assert_eq!((page.head, page.low, page.from), (Sequence(10), Sequence(1), Sequence(4)));
     event::verify(&s, Sequence(4), &page.anchor, &page.events).expect("a middle range verifies on its own");
 
-    let limited = store.read_range(s.clone(), Sequence(2), None, 3).await.expect("limited");
+    let limited = store.read_range(s.clone(), Sequence(2), None, 3, usize::MAX).await.expect("limited");
     assert_eq!(limited.events.iter().map(|e| e.sequence.0).collect::<Vec<_>>(), vec![2, 3, 4]);
-    let first = store.read_range(s.clone(), Sequence(1), None, 1).await.expect("first");
+    let first = store.read_range(s.clone(), Sequence(1), None, 1, usize::MAX).await.expect("first");
     assert_eq!(first.anchor, ChainHash::ZERO);
-    assert!(store.read_range(s.clone(), Sequence(11), None, 10).await.expect("past head").events.is_empty());
+    assert!(
+        store.read_range(s.clone(), Sequence(11), None, 10, usize::MAX).await.expect("past head").events.is_empty()
+    );
 
-    let err = store.read_range(s.clone(), Sequence(0), None, 10).await.expect_err("zero");
+    // A byte cap stops a page early, after at least one event: an event is
+    // read while the bodies before it total less than the cap.
+    let body = all[0].body.len();
+    let capped = store.read_range(s.clone(), Sequence(4), None, 100, body + 1).await.expect("capped");
+    assert_eq!(capped.events, all[3..5].to_vec());
+    assert_eq!(capped.through, Sequence(5), "a capped page promises no more than it read");
+    capped.verify().expect("a capped page is whole up to where it stopped");
+    let one = store.read_range(s.clone(), Sequence(4), None, 100, 1).await.expect("capped at one byte");
+    assert_eq!(one.events, all[3..4].to_vec());
+    let whole = store.read_range(s.clone(), Sequence(4), None, 100, usize::MAX).await.expect("uncapped");
+    assert_eq!((whole.events.len(), whole.through), (7, Sequence(10)));
+
+    let err = store.read_range(s.clone(), Sequence(0), None, 10, usize::MAX).await.expect_err("zero");
     assert!(matches!(err, StoreError::Invalid(_)), "unexpected {err:?}");
-    let err = store.read_range(shard("contract.nowhere"), Sequence(1), None, 10).await.expect_err("unknown");
+    let err =
+        store.read_range(shard("contract.nowhere"), Sequence(1), None, 10, usize::MAX).await.expect_err("unknown");
     assert!(matches!(err, StoreError::UnknownShard { .. }), "unexpected {err:?}");
 }
 
@@ -385,22 +402,25 @@ pub async fn checkpoints_never_move_backwards<S: LogStore>(store: &S) {
     acquire(store, &other, "node").await;
     store.append(batch(&s, "p", 1, epoch, events("e", 10, 0))).await.expect("append");
 
-    let moved = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(5)).await.expect("commit");
+    let moved = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(5), None).await.expect("commit");
     assert!(moved.moved);
     assert_eq!(moved.checkpoint.sequence, Sequence(5));
     for sequence in [3, 5] {
-        let stay = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(sequence)).await.expect("commit");
+        let stay =
+            store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(sequence), None).await.expect("commit");
         assert!(!stay.moved, "committing {sequence} must not move a checkpoint at 5");
         assert_eq!(stay.checkpoint.sequence, Sequence(5));
     }
-    let err = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(11)).await.expect_err("past head");
+    let err = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(11), None).await.expect_err("past head");
     assert!(matches!(&err, StoreError::Invalid(input) if input.field == "sequence"), "unexpected {err:?}");
-    let err =
-        store.commit_checkpoint(subscriber("sink"), shard("contract.none"), Sequence(0)).await.expect_err("unknown");
+    let err = store
+        .commit_checkpoint(subscriber("sink"), shard("contract.none"), Sequence(0), None)
+        .await
+        .expect_err("unknown");
     assert!(matches!(err, StoreError::UnknownShard { .. }), "unexpected {err:?}");
 
-    store.commit_checkpoint(subscriber("sink"), other.clone(), Sequence(0)).await.expect("commit at zero");
-    store.commit_checkpoint(subscriber("audit"), s.clone(), Sequence(2)).await.expect("commit");
+    store.commit_checkpoint(subscriber("sink"), other.clone(), Sequence(0), None).await.expect("commit at zero");
+    store.commit_checkpoint(subscriber("audit"), s.clone(), Sequence(2), None).await.expect("commit");
     let mine = store.checkpoints(Some(subscriber("sink")), Vec::new()).await.expect("read");
     assert_eq!(
         mine.iter().map(|c| (c.shard.as_str(), c.sequence.0)).collect::<Vec<_>>(),
@@ -411,6 +431,35 @@ pub async fn checkpoints_never_move_backwards<S: LogStore>(store: &S) {
         on_shard.iter().map(|c| (c.subscriber.as_str(), c.sequence.0)).collect::<Vec<_>>(),
         vec![("audit", 2), ("sink", 5)]
     );
+}
+
+/// A checkpoint records the hash of the event it stops at: the one the
+/// subscriber sent, checked against the log, else the log's; a mismatch is
+/// corruption and moves nothing.
+pub async fn checkpoints_record_and_check_the_hash_of_their_event<S: LogStore>(store: &S) {
+    let s = shard("contract.checkpoint.hash");
+    let epoch = acquire(store, &s, "node").await;
+    store.append(batch(&s, "p", 1, epoch, events("e", 6, 0))).await.expect("append");
+    let all = read_all(store, &s).await;
+
+    let logged = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(2), None).await.expect("commit");
+    assert_eq!(logged.checkpoint.hash, Some(all[1].hash), "without a hash, the log's is recorded");
+    let given =
+        store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(4), Some(all[3].hash)).await.expect("commit");
+    assert_eq!((given.moved, given.checkpoint.hash), (true, Some(all[3].hash)));
+    let err = store
+        .commit_checkpoint(subscriber("sink"), s.clone(), Sequence(5), Some(all[3].hash))
+        .await
+        .expect_err("a hash the log does not hold at 5");
+    assert!(matches!(&err, StoreError::Corrupt(corrupt) if corrupt.sequence == Sequence(5)), "unexpected {err:?}");
+    let read = store.checkpoints(Some(subscriber("sink")), vec![s.clone()]).await.expect("read");
+    assert_eq!(
+        read.iter().map(|c| (c.sequence, c.hash)).collect::<Vec<_>>(),
+        vec![(Sequence(4), Some(all[3].hash))],
+        "the refused commit moved nothing"
+    );
+    let zero = store.commit_checkpoint(subscriber("new"), s.clone(), Sequence(0), None).await.expect("commit");
+    assert_eq!(zero.checkpoint.hash, Some(ChainHash::ZERO), "before the first event, the zero hash");
 }
 
 /// Snapshots need the current epoch, a stored position, and record that
@@ -454,22 +503,22 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     let nothing = store.apply_retention(s.clone(), keep).await.expect("retention");
     assert_eq!((nothing.deleted, nothing.low), (0, Sequence(1)), "no snapshot, no trim");
 
-    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(4)).await.expect("checkpoint");
+    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(4), None).await.expect("checkpoint");
     store.put_snapshot(s.clone(), Sequence(2), epoch, Bytes::from("old")).await.expect("snapshot");
     store.put_snapshot(s.clone(), Sequence(7), epoch, Bytes::from("new")).await.expect("snapshot");
     let trimmed = store.apply_retention(s.clone(), keep).await.expect("retention");
     assert_eq!((trimmed.deleted, trimmed.low), (4, Sequence(5)), "the checkpoint at 4 holds the rest back");
 
-    let err = store.read_range(s.clone(), Sequence(3), None, 10).await.expect_err("trimmed");
+    let err = store.read_range(s.clone(), Sequence(3), None, 10, usize::MAX).await.expect_err("trimmed");
     assert!(matches!(err, StoreError::Trimmed { low: Sequence(5), .. }), "unexpected {err:?}");
-    let page = store.read_range(s.clone(), Sequence(5), None, 10).await.expect("from low");
+    let page = store.read_range(s.clone(), Sequence(5), None, 10, usize::MAX).await.expect("from low");
     assert_eq!(page.anchor, all[3].hash, "the trimmed event's hash anchors the chain");
     event::verify(&s, Sequence(5), &page.anchor, &page.events).expect("verifies after a trim");
     let state = store.shard_state(s.clone()).await.expect("state").expect("exists");
     assert_eq!((state.low, state.low_prev_hash), (Sequence(5), all[3].hash));
     assert!(store.snapshot(s.clone(), Some(Sequence(6))).await.expect("get").is_none(), "old snapshot deleted");
 
-    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(9)).await.expect("checkpoint");
+    store.commit_checkpoint(subscriber("slow"), s.clone(), Sequence(9), None).await.expect("checkpoint");
     let trimmed = store.apply_retention(s.clone(), keep).await.expect("retention");
     assert_eq!((trimmed.deleted, trimmed.low), (3, Sequence(8)), "now the snapshot at 7 bounds the trim");
 
@@ -479,7 +528,7 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     let stale = RetentionPolicy { checkpoint_max_age: Duration::ZERO };
     let all_gone = store.apply_retention(s.clone(), stale).await.expect("retention");
     assert_eq!(all_gone.low, Sequence(11), "a stale checkpoint does not hold events back");
-    assert!(store.read_range(s.clone(), Sequence(11), None, 10).await.expect("empty").events.is_empty());
+    assert!(store.read_range(s.clone(), Sequence(11), None, 10, usize::MAX).await.expect("empty").events.is_empty());
 
     let err = store.append(batch(&s, "p", 5, epoch, events("e5", 1, 5))).await.expect_err("trimmed record");
     assert!(matches!(&err, StoreError::Invalid(input) if input.field == "producer_seq"), "unexpected {err:?}");
@@ -487,7 +536,7 @@ pub async fn retention_trims_below_the_older_of_snapshot_and_checkpoint<S: LogSt
     assert!(retry.duplicate && retry.first == Sequence(10), "the latest record survives trimming: {retry:?}");
     let next = store.append(batch(&s, "p", 11, epoch, events("e11", 1, 11))).await.expect("append after trim");
     assert_eq!(next.first, Sequence(11));
-    let page = store.read_range(s.clone(), Sequence(11), None, 10).await.expect("read");
+    let page = store.read_range(s.clone(), Sequence(11), None, 10, usize::MAX).await.expect("read");
     event::verify(&s, Sequence(11), &page.anchor, &page.events).expect("the chain continues across the trim");
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
+use crate::event::ChainHash;
 use crate::ids::{Epoch, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
@@ -84,8 +85,9 @@ impl LogStore for Metered {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
-        timed(DbOperation::ReadRange, self.inner.read_range(shard, from, to, limit))
+        timed(DbOperation::ReadRange, self.inner.read_range(shard, from, to, limit, max_bytes))
     }
 
     fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {
@@ -97,8 +99,9 @@ impl LogStore for Metered {
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
-        timed(DbOperation::Checkpoint, self.inner.commit_checkpoint(subscriber, shard, sequence))
+        timed(DbOperation::Checkpoint, self.inner.commit_checkpoint(subscriber, shard, sequence, hash))
     }
 
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {

@@ -124,12 +124,99 @@ pub struct EventPage {
     /// Stored hash of the event before `from` (the chain anchor).
     pub anchor: ChainHash,
     /// Events as stored, linked (`prev_hash` is the stored hash of the row
-    /// before), not yet verified; see [`crate::event::verify`].
+    /// before), not yet verified; see [`EventPage::verify`].
     pub events: Vec<LogEvent>,
     /// Head of the shard when read.
     pub head: Sequence,
     /// Lowest stored sequence when read.
     pub low: Sequence,
+    /// The last sequence this page must reach if the log is intact: the
+    /// requested end, capped by the head and the read's limit, or the last
+    /// event read when the byte cap stopped the read (`from - 1` when
+    /// nothing is due). Fewer events means stored rows are missing.
+    pub through: Sequence,
+    /// True when the event just before `from` should be stored (it is at or
+    /// above the low-water mark and at or below the head) but is not: a
+    /// hole right before the page, which no event of the page can be
+    /// checked against.
+    pub anchor_missing: bool,
+}
+
+impl EventPage {
+    /// Builds a page from what a store read in one snapshot: the anchor row
+    /// (the stored hash of `from - 1`, if that row came back), the rows from
+    /// `from` on (at most `limit`), and the shard's head, low-water mark and
+    /// its anchor hash. Both stores build pages here, so they judge a hole
+    /// alike.
+    #[allow(clippy::too_many_arguments)] // One call per store; a struct would only rename them.
+    pub(crate) fn assemble(
+        shard: ShardId,
+        from: Sequence,
+        to: Option<Sequence>,
+        limit: usize,
+        anchor: Option<ChainHash>,
+        rows: Vec<crate::event::StoredRow>,
+        state: (Sequence, Sequence, ChainHash),
+        cut: bool,
+    ) -> EventPage {
+        let (head, low, low_prev_hash) = state;
+        let (anchor, anchor_missing) = match anchor {
+            Some(hash) => (hash, false),
+            // Not stored because it was trimmed: the low-water anchor.
+            None if from == low => (low_prev_hash, false),
+            // Below 1 (the zero hash), or past the head (nothing to link).
+            None if from <= low || from.prev() > head => (ChainHash::ZERO, false),
+            // Should be stored and is not: a hole. The zero anchor makes the
+            // first event fail too, should a reader skip this flag.
+            None => (ChainHash::ZERO, true),
+        };
+        let end = to.map_or(head, |to| to.min(head));
+        let by_limit = Sequence(from.0.saturating_add(limit as u64).saturating_sub(1));
+        let through = match rows.last() {
+            // Stopped by the byte cap: nothing is promised past what came.
+            Some(last) if cut => last.sequence,
+            _ if limit == 0 => from.prev(),
+            _ => end.min(by_limit),
+        };
+        EventPage {
+            events: crate::event::link(anchor, rows),
+            shard,
+            from,
+            anchor,
+            head,
+            low,
+            through: through.max(from.prev()),
+            anchor_missing,
+        }
+    }
+
+    /// Checks the page as every reader must before serving any of it: the
+    /// event before it is stored, each event is where it belongs, links to
+    /// the one before and matches its hash, and no event the page should
+    /// hold is missing, at its start, middle or end. Returns the first
+    /// corrupt (or missing) sequence; every event before it is valid.
+    ///
+    /// A body that does not decode is the one check left to the readers
+    /// that decode it (see [`crate::verify::decode_page`]).
+    pub fn verify(&self) -> Result<(), CorruptEvent> {
+        if self.anchor_missing {
+            return Err(CorruptEvent {
+                shard: self.shard.clone(),
+                sequence: self.from.prev(),
+                reason: format!("missing from the stored log (the head is {})", self.head),
+            });
+        }
+        crate::event::verify(&self.shard, self.from, &self.anchor, &self.events)?;
+        let held = self.events.len() as u64;
+        if self.through >= self.from && held < self.through.0 - self.from.0 + 1 {
+            return Err(CorruptEvent {
+                shard: self.shard.clone(),
+                sequence: Sequence(self.from.0 + held),
+                reason: format!("missing from the stored log (the head is {})", self.head),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A subscriber's position on one shard.
@@ -143,6 +230,10 @@ pub struct Checkpoint {
     pub sequence: Sequence,
     /// When it last moved, by the store's clock.
     pub updated_at: SystemTime,
+    /// Chain hash of the event at `sequence` (see
+    /// [`LogStore::commit_checkpoint`]); `None` for checkpoints stored
+    /// without one.
+    pub hash: Option<ChainHash>,
 }
 
 /// Outcome of a checkpoint commit.
@@ -307,6 +398,171 @@ pub enum StoreError {
     },
 }
 
+/// What kind of outage made a store operation fail as
+/// [`StoreError::Unavailable`]: a closed set, so answers to clients can
+/// name it with fixed text (never a driver's message) and metrics can label
+/// it. The full cause goes to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// The disk under the database is full (SQLite's "database or disk is
+    /// full", PostgreSQL's `disk_full`).
+    DiskFull,
+    /// The database cannot be written: a read-only file, or a PostgreSQL
+    /// server in read-only mode (a standby).
+    ReadOnly,
+    /// The database reported an I/O error.
+    Io,
+    /// The database did not answer within its deadline.
+    Timeout,
+    /// The database cannot be reached, or is shutting down or starting up.
+    Unreachable,
+    /// The database is out of connections or memory.
+    Exhausted,
+    /// Anything else.
+    Other,
+}
+
+impl Fault {
+    /// Every fault, to pre-register metric series.
+    pub const ALL: [Fault; 7] = [
+        Fault::DiskFull,
+        Fault::ReadOnly,
+        Fault::Io,
+        Fault::Timeout,
+        Fault::Unreachable,
+        Fault::Exhausted,
+        Fault::Other,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::DiskFull => "disk_full",
+            Fault::ReadOnly => "read_only",
+            Fault::Io => "io",
+            Fault::Timeout => "timeout",
+            Fault::Unreachable => "unreachable",
+            Fault::Exhausted => "exhausted",
+            Fault::Other => "other",
+        }
+    }
+
+    /// The cause as told to clients and operators.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fault::DiskFull => "database or disk is full",
+            Fault::ReadOnly => "the database is read-only",
+            Fault::Io => "the database had an I/O error",
+            Fault::Timeout => "the database did not answer in time",
+            Fault::Unreachable => "the database cannot be reached",
+            Fault::Exhausted => "the database is out of connections or memory",
+            Fault::Other => "the database failed",
+        }
+    }
+
+    /// Whether this fault stops writes while reads may still work, so that
+    /// a replica seeing it on appends is not ready even though its read
+    /// probe passes.
+    pub fn blocks_writes(self) -> bool {
+        matches!(self, Fault::DiskFull | Fault::ReadOnly | Fault::Io)
+    }
+
+    /// Classifies an error by walking its source chain for a driver error
+    /// it knows (SQLite, PostgreSQL, the pool, a deadline).
+    pub fn of(err: &(dyn std::error::Error + 'static)) -> Fault {
+        let mut next = Some(err);
+        while let Some(err) = next {
+            if let Some(fault) = Fault::known(err) {
+                return fault;
+            }
+            next = err.source();
+        }
+        Fault::Other
+    }
+
+    fn known(err: &(dyn std::error::Error + 'static)) -> Option<Fault> {
+        use rusqlite::ErrorCode;
+        use tokio_postgres::error::SqlState;
+        if err.is::<Elapsed>() {
+            return Some(Fault::Timeout);
+        }
+        if let Some(copied) = err.downcast_ref::<CopiedCause>() {
+            return Some(copied.fault);
+        }
+        if let Some(err) = err.downcast_ref::<rusqlite::Error>() {
+            return Some(match err.sqlite_error_code()? {
+                ErrorCode::DiskFull => Fault::DiskFull,
+                ErrorCode::ReadOnly => Fault::ReadOnly,
+                ErrorCode::SystemIoFailure | ErrorCode::CannotOpen => Fault::Io,
+                ErrorCode::OutOfMemory => Fault::Exhausted,
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Fault::Unreachable,
+                _ => Fault::Other,
+            });
+        }
+        if let Some(err) = err.downcast_ref::<deadpool_postgres::PoolError>() {
+            return match err {
+                deadpool_postgres::PoolError::Timeout(_) => Some(Fault::Timeout),
+                deadpool_postgres::PoolError::Closed => Some(Fault::Unreachable),
+                // The backend error is the source: classified next.
+                _ => None,
+            };
+        }
+        if let Some(err) = err.downcast_ref::<tokio_postgres::Error>() {
+            let Some(code) = err.code() else {
+                if err.to_string().starts_with("timeout") {
+                    return Some(Fault::Timeout);
+                }
+                // Closed connections, I/O and connect failures; the driver
+                // has no other kind of outage without a SQLSTATE.
+                return Some(Fault::Unreachable);
+            };
+            return Some(if *code == SqlState::DISK_FULL {
+                Fault::DiskFull
+            } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+                Fault::ReadOnly
+            } else {
+                match &code.code()[..2] {
+                    "58" => Fault::Io,
+                    "53" => Fault::Exhausted,
+                    "08" | "57" => Fault::Unreachable,
+                    _ => Fault::Other,
+                }
+            });
+        }
+        if let Some(err) = err.downcast_ref::<std::io::Error>() {
+            return Some(match err.kind() {
+                std::io::ErrorKind::StorageFull => Fault::DiskFull,
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied => Fault::ReadOnly,
+                std::io::ErrorKind::TimedOut => Fault::Timeout,
+                _ => Fault::Io,
+            });
+        }
+        None
+    }
+}
+
+/// A store operation got no answer within its deadline. The operation's
+/// outcome is unknown to the hub: an append may still commit, and its
+/// retry (same producer sequence) is then answered with the original
+/// sequences.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("no answer from the database within {after:?}")]
+pub struct Elapsed {
+    /// The deadline that passed.
+    pub after: Duration,
+}
+
+impl StoreError {
+    /// The kind of outage, for a [`StoreError::Unavailable`]; `None` for
+    /// any other error.
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            StoreError::Unavailable { source, .. } => Some(Fault::of(source.as_ref())),
+            _ => None,
+        }
+    }
+}
+
 /// The hub's durable state. See the module documentation.
 ///
 /// Every method's future is `Send` and may be awaited from any task. Methods
@@ -367,7 +623,11 @@ pub trait LogStore: Send + Sync + 'static {
     fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>>;
 
     /// Reads up to `limit` consecutive events from `from` (at least 1) to
-    /// `to` inclusive (the head when `None`), as stored. An empty page means
+    /// `to` inclusive (the head when `None`), as stored, and stops early once
+    /// the bodies read reach `max_bytes`: an event is included while the
+    /// bodies before it in the page total less than `max_bytes`, so a page
+    /// holds at least one event and at most `max_bytes` plus one body. The
+    /// page's `through` says where it should end. An empty page means
     /// nothing is stored in that range yet. Fails with
     /// [`StoreError::Trimmed`] when `from` is below the lowest stored
     /// sequence and [`StoreError::UnknownShard`] for a shard that does not
@@ -378,6 +638,7 @@ pub trait LogStore: Send + Sync + 'static {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage>;
 
     /// Returns the first stored sequence whose event was recorded at or after
@@ -387,11 +648,19 @@ pub trait LogStore: Send + Sync + 'static {
     /// Moves a subscriber's checkpoint forward to `sequence`; never backwards
     /// (the answer says whether it moved). Fails with
     /// [`StoreError::Invalid`] when `sequence` is past the shard's head.
+    ///
+    /// The checkpoint records the chain hash of the event at `sequence`:
+    /// `hash` when the subscriber sent one, else the log's. A given `hash`
+    /// is checked against the log first (when the event is still stored, or
+    /// is the last trimmed one): a mismatch fails with
+    /// [`StoreError::Corrupt`] at `sequence` and nothing moves, because the
+    /// log no longer holds what the subscriber received.
     fn commit_checkpoint(
         &self,
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit>;
 
     /// Reads checkpoints: of one subscriber or all (`None`), on the listed
@@ -476,11 +745,26 @@ pub(crate) fn count_mismatch(batch: &AppendBatch, written: usize) -> StoreError 
     .into()
 }
 
+/// The text and the [`Fault`] of an error copied for several receivers
+/// (driver errors are not clonable).
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+struct CopiedCause {
+    text: String,
+    fault: Fault,
+}
+
 /// Copies an error for every batch of a failed group (sources are not
-/// clonable, so the copy keeps their text).
+/// clonable, so the copy keeps their whole text and their [`Fault`]).
 pub(crate) fn copy_error(err: &StoreError) -> StoreError {
     match err {
-        StoreError::Unavailable { what, source } => StoreError::Unavailable { what, source: source.to_string().into() },
+        StoreError::Unavailable { what, source } => StoreError::Unavailable {
+            what,
+            source: Box::new(CopiedCause {
+                text: crate::error::causes(source.as_ref()),
+                fault: Fault::of(source.as_ref()),
+            }),
+        },
         StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
         StoreError::Closed => StoreError::Closed,
         other => StoreError::Internal { what: "append", source: other.to_string().into() },
@@ -499,4 +783,63 @@ pub(crate) fn stored_hash(bytes: Vec<u8>, column: &'static str) -> Result<ChainH
 /// hub's back.
 pub(crate) fn corrupt_id(err: InvalidInput) -> StoreError {
     StoreError::Internal { what: "decode a stored id", source: Box::new(err) }
+}
+
+/// What a store knows, in one snapshot, about the event a checkpoint commit
+/// names: see [`checkpoint_hash`].
+pub(crate) struct CheckpointTarget {
+    /// The shard's head.
+    pub(crate) head: Sequence,
+    /// The shard's low-water mark.
+    pub(crate) low: Sequence,
+    /// Hash of the event just below the low-water mark.
+    pub(crate) low_prev_hash: ChainHash,
+    /// Stored hash of the event at the checkpoint's sequence, if stored.
+    pub(crate) stored: Option<ChainHash>,
+}
+
+/// Decides the hash a checkpoint at `sequence` records (both stores decide
+/// here): the log's hash of that event, checked against the subscriber's
+/// `given` one. `None` when neither is known (the event was trimmed and the
+/// subscriber sent none).
+pub(crate) fn checkpoint_hash(
+    subscriber: &SubscriberId,
+    shard: &ShardId,
+    sequence: Sequence,
+    given: Option<ChainHash>,
+    target: &CheckpointTarget,
+) -> Result<Option<ChainHash>> {
+    if sequence > target.head {
+        return Err(InvalidInput::new(
+            "sequence",
+            format!("{sequence} is past the head {} of shard {shard}; commit only what was delivered", target.head),
+        )
+        .into());
+    }
+    let logged = if sequence.0 == 0 {
+        Some(ChainHash::ZERO)
+    } else if let Some(stored) = target.stored {
+        Some(stored)
+    } else if sequence.next() == target.low {
+        Some(target.low_prev_hash)
+    } else if sequence >= target.low {
+        return Err(StoreError::Corrupt(CorruptEvent {
+            shard: shard.clone(),
+            sequence,
+            reason: format!("missing from the stored log (the head is {})", target.head),
+        }));
+    } else {
+        // Trimmed: the subscriber's word is all there is.
+        None
+    };
+    match (given, logged) {
+        (Some(given), Some(logged)) if given != logged => Err(StoreError::Corrupt(CorruptEvent {
+            shard: shard.clone(),
+            sequence,
+            reason: format!(
+                "its stored hash {logged} differs from the hash {given} subscriber {subscriber} received for it"
+            ),
+        })),
+        (given, logged) => Ok(given.or(logged)),
+    }
 }

@@ -268,7 +268,11 @@ async fn request_spans_are_exported_over_otlp_health_checks_included() {
 
 #[tokio::test]
 async fn verifying_a_shard_that_does_not_exist_exits_3_not_the_corruption_status() {
+    use omnirelay_hub::store::LogStore as _;
     let dir = tempfile::tempdir().expect("temporary directory");
+    // An existing store (verify refuses to create one) without the shard.
+    let store = omnirelay_hub::store::sqlite::SqliteStore::open(&dir.path().join("verify.db")).await.expect("open");
+    store.close().await.expect("close");
     let output = hub_command(dir.path())
         .args(["verify", "--shard", "resourcelease.nobody", "--sqlite-path", "verify.db"])
         .output()
@@ -277,4 +281,127 @@ async fn verifying_a_shard_that_does_not_exist_exits_3_not_the_corruption_status
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("no such shard"), "{stderr}");
+}
+
+#[tokio::test]
+async fn verify_refuses_a_sqlite_path_that_does_not_exist() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let typo = dir.path().join("omnirelay-hbu.db");
+    let output = hub_command(dir.path())
+        .args(["verify", "--sqlite-path", typo.to_str().expect("UTF-8 path")])
+        .output()
+        .await
+        .expect("run omnirelay-hub verify");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "a missing store is a failure, never `ok`: {stdout}{stderr}");
+    assert!(stderr.contains("omnirelay-hbu.db") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stdout.contains("no shards to verify"), "{stdout}");
+    assert!(!typo.exists(), "verify must not create the store it was asked to check");
+}
+
+/// Whether this process runs as root, which ignores file permissions.
+async fn running_as_root() -> bool {
+    let id = Command::new("id").arg("-u").output().await.expect("run id -u");
+    String::from_utf8_lossy(&id.stdout).trim() == "0"
+}
+
+#[tokio::test]
+async fn a_read_only_store_file_is_reported_as_read_only_at_start() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("hub.db");
+    let created = omnirelay_hub::store::sqlite::SqliteStore::open(&path).await.expect("create");
+    omnirelay_hub::store::LogStore::close(&created).await.expect("close");
+    let path = path.to_str().expect("UTF-8 path").to_string();
+    let args = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--sqlite-path", &path];
+    let output = if running_as_root().await {
+        // Root may write any file: run the hub as an unprivileged user who
+        // can read the file and its directory but write neither.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("let others into the directory");
+        let mut runuser = Command::new("runuser");
+        runuser.args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_omnirelay-hub")]).args(args).kill_on_drop(true);
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OMNIRELAY_HUB_") {
+                runuser.env_remove(name);
+            }
+        }
+        tokio::time::timeout(HANG_GUARD, runuser.output()).await
+    } else {
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .expect("make the file read-only");
+        tokio::time::timeout(HANG_GUARD, hub_command(dir.path()).args(args).output()).await
+    }
+    .expect("the hub should give up at once")
+    .expect("run the hub");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is read-only for this process") && stderr.contains(&path), "{stderr}");
+    assert!(!stderr.contains("Error code"), "no bare SQLite code: {stderr}");
+}
+
+/// A line of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`, ...).
+fn proc_memory(pid: u32, field: &str) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
+    let line = status.lines().find(|line| line.starts_with(field)).expect("the field is reported");
+    let kib: usize = line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("a size in kB");
+    kib * 1024
+}
+
+// About fifteen seconds: 64 MiB of events go to two dozen subscribers that
+// never read.
+#[tokio::test]
+async fn a_replica_with_stalled_subscribers_stays_within_its_memory_budget() {
+    use crate::support::{self, Appender};
+    use omnirelay_hub::proto::hub::v1 as pb;
+    const BUDGET: usize = 32 * 1024 * 1024;
+    /// What the process may grow by beyond the budget: the append path (one
+    /// batch at a time here), the allocator's own slack, SQLite's page cache.
+    const SLACK: usize = 48 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = HubProcess::start(dir.path(), &["--subscription-memory", "32MiB"]).await;
+    let pid = hub.child.id().expect("running");
+    let shard = "resourcelease.rss";
+    let mut producer = support::client(hub.grpc).await;
+    let epoch = support::acquire(&mut producer, shard, "node", Duration::from_secs(600)).await;
+    let mut appender = Appender::open(&mut producer).await;
+    let padding = "x".repeat(32 * 1024);
+    let mut append = async |seq: u64| {
+        let items: Vec<String> = (0..8).map(|i| format!("item-{seq}-{i}")).collect();
+        let items: Vec<&str> = items.iter().map(String::as_str).collect();
+        let mut request = support::batch(shard, "p", seq, epoch, &items);
+        for event in &mut request.events {
+            event.metadata.insert("padding".into(), padding.clone());
+        }
+        support::ack(appender.append(request).await);
+    };
+    append(1).await;
+    let baseline = proc_memory(pid, "VmRSS");
+
+    // Two dozen subscriptions, a dozen per connection, that never read.
+    let mut stalled = Vec::new();
+    for connection in 0..2 {
+        let mut client = support::client(hub.grpc).await;
+        for i in 0..12 {
+            let request = pb::SubscribeRequest {
+                subscriber_id: format!("stalled-{connection}-{i}"),
+                shard_ids: vec![shard.into()],
+                start: Some(pb::StartPosition { position: Some(pb::start_position::Position::AfterSequence(0)) }),
+                ..Default::default()
+            };
+            stalled.push(client.subscribe(request).await.expect("subscribe").into_inner());
+        }
+    }
+    for seq in 2..=256 {
+        append(seq).await;
+    }
+    let grown = proc_memory(pid, "VmHWM").saturating_sub(baseline);
+    assert!(
+        grown <= BUDGET + SLACK,
+        "the hub grew by {} MiB (peak resident) with 64 MiB appended; the budget is {} MiB",
+        grown >> 20,
+        BUDGET >> 20
+    );
+    drop(stalled);
+    let (code, log) = hub.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
 }

@@ -24,7 +24,7 @@ async fn cluster_without_tls() -> PgCluster {
 
 fn config(cluster: &PgCluster, tls: DatabaseTls) -> PostgresConfig {
     let url = DatabaseUrl::parse(&cluster.url("postgres")).expect("harness URLs are valid");
-    PostgresConfig { url, tls, pool_size: 2, committers: 1 }
+    PostgresConfig { url, tls, pool_size: 2, committers: 1, timeout: omnirelay_hub::defaults::DATABASE_TIMEOUT }
 }
 
 /// Connects through the hub's pool and asks the server whether this session
@@ -110,6 +110,7 @@ async fn an_unusable_ca_file_names_the_flag() {
         tls: DatabaseTls::VerifyFull { ca_file: empty.clone() },
         pool_size: 2,
         committers: 1,
+        timeout: omnirelay_hub::defaults::DATABASE_TIMEOUT,
     })
     .await
     .expect_err("an empty CA file should fail");

@@ -38,7 +38,11 @@ struct Replica {
 impl Replica {
     async fn start(config: Config) -> Replica {
         let config = Config { health_interval: PROBE_INTERVAL, retention_interval: None, ..config };
-        let hub = Hub::open(config).await.expect("the hub should open");
+        Replica::serve(Hub::open(config).await.expect("the hub should open")).await
+    }
+
+    /// Serves an opened hub on ephemeral loopback ports.
+    async fn serve(hub: Hub) -> Replica {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let (grpc_address, admin_address) = (grpc.local_addr().expect("addr"), admin.local_addr().expect("addr"));
@@ -328,4 +332,120 @@ async fn readiness_names_the_migration_to_run_when_the_schema_falls_behind() {
         other => panic!("expected a schema refusal, got {other:?}"),
     }
     omnirelay_hub::store::LogStore::close(&store).await.expect("close");
+}
+
+/// The value of a counter series in a `/metrics` text, 0 when absent.
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_full_disk_is_named_in_answers_readiness_and_metrics_and_heals_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("hub.db");
+    let store = Arc::new(omnirelay_hub::store::sqlite::SqliteStore::open(&path).await.expect("open"));
+    let config = Config { health_interval: PROBE_INTERVAL, retention_interval: None, ..Config::for_sqlite(&path) };
+    let replica = Replica::serve(Hub::with_store(store.clone(), store.clone(), config)).await;
+    wait_for(&replica, 200, 1).await;
+    let mut client = support::client(replica.grpc).await;
+    let shard = "full.shard";
+    let epoch = support::acquire(&mut client, shard, "node", Duration::from_secs(600)).await;
+    assert_eq!(one_event(&mut client, shard, 1, epoch).await.first_sequence, 1);
+
+    // The "disk" fills up: the file may not grow any more.
+    store.cap_pages(1).await.expect("cap the file at its size");
+    let big: Vec<String> = (0..64).map(|i| format!("{i}-{}", "x".repeat(16 * 1024))).collect();
+    let items: Vec<&str> = big.iter().map(String::as_str).collect();
+    let mut appender = Appender::open(&mut client).await;
+    let refused = support::rejection(appender.append(support::batch(shard, "producer", 2, epoch, &items)).await);
+    assert_eq!(refused.code, pb::AppendErrorCode::Unavailable as i32, "{refused:?}");
+    assert!(refused.message.contains("database or disk is full"), "the answer names the cause: {}", refused.message);
+    let body = wait_for(&replica, 503, 2).await;
+    assert!(body.contains("store cannot write: database or disk is full"), "{body}");
+    let (_, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics");
+    assert!(counter(&metrics, "omnirelay_hub_store_unavailable_total{fault=\"disk_full\"}") >= 1.0, "{metrics}");
+    assert!(metrics.contains("omnirelay_hub_ready 0"), "{metrics}");
+
+    // Space is freed: the same batch goes through, no restart, and the
+    // replica is ready again.
+    store.cap_pages(u64::from(u32::MAX)).await.expect("lift the cap");
+    let written = support::ack(appender.append(support::batch(shard, "producer", 2, epoch, &items)).await);
+    assert_eq!((written.first_sequence, written.duplicate), (2, false));
+    assert_eq!(wait_for(&replica, 200, 1).await, "ready\n");
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_names_the_cause_postgresql_gave() {
+    let db = support::migrated_db().await;
+    let replica = Replica::start(Config::for_postgres(db.url()).expect("valid URL")).await;
+    wait_for(&replica, 200, 1).await;
+    // ALTER DATABASE cannot target the database it is connected to.
+    let (base, _) = db.url().rsplit_once('/').expect("a URL with a database");
+    let (admin, connection) =
+        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls).await.expect("connect as admin");
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false", db.name()))
+        .await
+        .expect("refuse new connections");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name()],
+        )
+        .await
+        .expect("drop the hub's connections");
+    // The first probe may meet a connection being terminated ("terminating
+    // connection due to administrator command"); the next ones fail to
+    // connect. Either way /readyz carries PostgreSQL's own words.
+    let body = wait_for(&replica, 503, 2).await;
+    assert!(body.contains("FATAL:"), "PostgreSQL's own message: {body}");
+    eventually("/readyz names the refused connection", EVENTUALLY_TIMEOUT, || async {
+        let (_, body) = http::get(replica.admin, "/readyz").await?;
+        if body.contains("is not currently accepting connections") { Ok(()) } else { Err(body) }
+    })
+    .await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", db.name()))
+        .await
+        .expect("accept connections again");
+    wait_for(&replica, 200, 1).await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_health_checks_judge_now_like_readyz() {
+    let cluster = Arc::new(
+        run_blocking(|| PgCluster::start(PgOptions::default()))
+            .await
+            .unwrap_or_else(|err| panic!("PostgreSQL unavailable: {err}")),
+    );
+    let url = cluster.url("postgres");
+    omnirelay_hub::store::postgres::migrate(&url).await.expect("migrate");
+    // The monitor alone would not notice anything for an hour.
+    let config = Config {
+        health_interval: Duration::from_secs(3600),
+        retention_interval: None,
+        ..Config::for_postgres(&url).expect("valid URL")
+    };
+    let replica = Replica::serve(Hub::open(config).await.expect("open")).await;
+    let service = "omnirelay.hub.v1.Hub";
+    let channel = plain_channel(replica.grpc).await.expect("connect");
+    assert_eq!(grpc_health(channel.clone(), service).await, Ok(1), "SERVING after the first probe");
+
+    let stop = cluster.clone();
+    run_blocking(move || stop.stop()).await.expect("PostgreSQL should stop");
+    // No /readyz call in between: Check itself judges the store now.
+    assert_eq!(grpc_health(channel.clone(), service).await, Ok(2), "NOT_SERVING as soon as the store is gone");
+    let start = cluster.clone();
+    run_blocking(move || start.start_again()).await.expect("PostgreSQL should start again");
+    eventually("gRPC health SERVING again", EVENTUALLY_TIMEOUT, || async {
+        match grpc_health(channel.clone(), service).await? {
+            1 => Ok(()),
+            other => Err(format!("status {other}")),
+        }
+    })
+    .await;
+    replica.stop().await;
 }

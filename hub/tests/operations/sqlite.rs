@@ -53,7 +53,7 @@ async fn acknowledged_appends_survive_a_restart() {
     store.close().await.expect("close");
 
     let reopened = SqliteStore::open(&path).await.expect("reopen");
-    let page = reopened.read_range(shard(), Sequence(1), None, 10).await.expect("read");
+    let page = reopened.read_range(shard(), Sequence(1), None, 10, usize::MAX).await.expect("read");
     assert_eq!(page.events.len(), 3);
     assert_eq!(page.events[2].hash, ack.last_hash);
     let retry = reopened.append(batch).await.expect("a retry after the restart");

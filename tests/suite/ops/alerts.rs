@@ -11,20 +11,6 @@ use serde_json::Value;
 
 use super::{exposed_names, wait_for_ok};
 
-/// Metric names the dashboards and alerts use that no binary exports yet:
-/// the node's replication metrics, owed by issue 9 (the durable mesh's hub
-/// replicator, built concurrently). The test fails once one of them is
-/// exported, so this list only ever shrinks: delete the entry then.
-const OWED_BY_ISSUE_9: &[&str] = &[
-    "omnirelay_resourcelease_replication_events_total",
-    "omnirelay_resourcelease_replication_batches_in_flight",
-    "omnirelay_resourcelease_replication_append_seconds_bucket",
-    "omnirelay_resourcelease_replication_retries_total",
-    "omnirelay_resourcelease_replication_lag_events",
-    "omnirelay_resourcelease_replication_lag_seconds",
-    "omnirelay_resourcelease_replication_fenced_total",
-];
-
 fn chart_dir() -> PathBuf {
     workspace_root().join("helm/omnirelay-hub")
 }
@@ -200,7 +186,9 @@ pub(super) async fn scrape_a_running_hub_and_node() -> (String, String) {
     // PostgreSQL, as in production: the pool's gauges exist only there.
     let db = omnirelay_tests::TestDb::new().await;
     let hub = super::prometheus::Hub::start_on_postgres(&binaries.hub, dir.path(), db.url()).await;
-    let node = super::prometheus::Node::start(&binaries.omnirelay, dir.path());
+    // The node replicates to the hub, as in production: the replication
+    // series exist only there.
+    let node = super::prometheus::Node::start_on_hub(&binaries.omnirelay, dir.path(), hub.grpc);
     wait_for_ok(hub.admin, "/readyz").await;
     wait_for_ok(node.control, "/readyz").await;
     let _subscription = hub.exercise().await;
@@ -232,18 +220,9 @@ async fn every_metric_the_alerts_and_dashboards_use_is_exported_by_the_binaries(
         if name == "up" || exported.contains(name) {
             continue;
         }
-        if !OWED_BY_ISSUE_9.contains(&name.as_str()) {
-            missing.insert(format!("{name} (used by {where_})"));
-        }
+        missing.insert(format!("{name} (used by {where_})"));
     }
     assert!(missing.is_empty(), "metrics no binary exports:\n{}", missing.into_iter().collect::<Vec<_>>().join("\n"));
-    for owed in OWED_BY_ISSUE_9 {
-        assert!(
-            !exported.contains(*owed),
-            "{owed} is exported now: remove it from OWED_BY_ISSUE_9 so the check covers it"
-        );
-        assert!(used.iter().any(|(name, _)| name == owed), "{owed} is in OWED_BY_ISSUE_9 but nothing uses it");
-    }
 }
 
 #[test]

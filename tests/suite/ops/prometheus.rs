@@ -73,7 +73,8 @@ impl Hub {
             .await
             .expect("connect to the hub");
         let mut client = hub_pb::hub_client::HubClient::new(channel);
-        let shard = "resourcelease.users".to_string();
+        // Not a namespace a node of these tests hosts: a node owns its shards.
+        let shard = "resourcelease.ops-exercise".to_string();
         let lease = client
             .acquire_shard(hub_pb::AcquireShardRequest { shard_id: shard.clone(), owner: "ops-test".into(), ttl: None })
             .await
@@ -137,6 +138,15 @@ pub(super) struct Node {
 
 impl Node {
     pub(super) fn start(binary: &Path, dir: &Path) -> Node {
+        Self::start_with(binary, dir, &[])
+    }
+
+    /// A node whose queues replicate to the hub at `grpc`.
+    pub(super) fn start_on_hub(binary: &Path, dir: &Path, grpc: SocketAddr) -> Node {
+        Self::start_with(binary, dir, &["--hub", &format!("http://{grpc}")])
+    }
+
+    fn start_with(binary: &Path, dir: &Path, extra: &[&str]) -> Node {
         let (rpc, control) = (free_port(), free_port());
         let authz = dir.join("authz.json");
         std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
@@ -157,6 +167,7 @@ impl Node {
             .args(["--lease-duration-ms", "200", "--max-attempts", "20"])
             .arg("--authorization-file")
             .arg(&authz)
+            .args(extra)
             .kill_on_drop(true)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

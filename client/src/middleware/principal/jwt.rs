@@ -36,6 +36,9 @@ impl std::fmt::Debug for JwtVerifier {
 
 #[derive(Deserialize)]
 struct Claims {
+    // Defaulted so a token without `sub` reaches the required-claims check
+    // and is refused as missing it, not as malformed.
+    #[serde(default)]
     sub: String,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
@@ -105,6 +108,14 @@ impl JwtVerifier {
         if token.len() > MAX_BEARER_TOKEN_LEN {
             return Err(CredentialError::TokenMalformed);
         }
+        // The library cannot even parse a header naming an algorithm it
+        // does not know (`none` above all) and would call the token
+        // malformed; it is well formed, and refused for its algorithm.
+        if let Some(alg) = header_algorithm(token)
+            && !alg.parse::<Algorithm>().is_ok_and(|alg| self.validation.algorithms.contains(&alg))
+        {
+            return Err(CredentialError::TokenWrongAlgorithm);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => CredentialError::TokenExpired,
             ErrorKind::ImmatureSignature => CredentialError::TokenNotYetValid,
@@ -126,4 +137,13 @@ impl JwtVerifier {
         };
         Ok((data.claims.sub, roles))
     }
+}
+
+/// The `alg` named by a token's header, if the header decodes at all.
+fn header_algorithm(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let (header, _) = token.split_once('.')?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    header.get("alg")?.as_str().map(str::to_string)
 }

@@ -179,6 +179,18 @@ fn bad_tokens_are_refused_for_the_right_reason() {
     future["nbf"] = json!(now() + 3600);
     check(token(&keys.signing, &future), CredentialError::TokenNotYetValid);
 
+    // An unsigned token: refused for its algorithm, whatever else it says.
+    let unsigned = {
+        use base64::Engine as _;
+        let part = |json: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string());
+        format!("{}.{}.", part(&json!({"alg": "none", "typ": "JWT"})), part(&claims()))
+    };
+    check(unsigned, CredentialError::TokenWrongAlgorithm);
+
+    let mut no_sub = claims();
+    no_sub.as_object_mut().expect("object").remove("sub");
+    check(token(&keys.signing, &no_sub), CredentialError::TokenMissingClaim("sub".into()));
+
     check("not.a.jwt".into(), CredentialError::TokenMalformed);
     check("x".repeat(crate::middleware::defaults::MAX_BEARER_TOKEN_LEN + 1), CredentialError::TokenMalformed);
 }

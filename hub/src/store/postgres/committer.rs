@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -34,7 +34,8 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use super::failure::{Failure, classify, pool_error};
+use super::Conn;
+use super::failure::{Failure, classify};
 use super::{
     SQL_ADVANCE_HEADS, SQL_COPY_EVENTS, SQL_INSERT_EVENTS, SQL_INSERT_PRODUCER_BATCHES, SQL_LOCK_SHARDS,
     SQL_PRODUCER_BATCHES,
@@ -44,7 +45,9 @@ use crate::defaults;
 use crate::event::{self, ChainHash, LogEvent};
 use crate::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
 use crate::store::decision::{ShardView, decide};
-use crate::store::{AppendAck, AppendBatch, LogChange, StoreError, copy_error, count_mismatch, stored_hash};
+use crate::store::{
+    AppendAck, AppendBatch, Elapsed, Fault, LogChange, StoreError, copy_error, count_mismatch, stored_hash,
+};
 use crate::telemetry;
 
 /// A batch waiting for its group commit.
@@ -56,6 +59,8 @@ pub(crate) struct Pending {
 /// One committer: its queue and what it shares with the store.
 pub(crate) struct Committer {
     pub(crate) pool: Pool,
+    /// Deadline of one group's transaction (see [`defaults::DATABASE_TIMEOUT`]).
+    pub(crate) timeout: Duration,
     /// What the next group is expected to find (starts empty).
     pub(crate) prediction: Prediction,
     pub(crate) changes: broadcast::Sender<LogChange>,
@@ -129,12 +134,21 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            self.commit(group).await;
+            if let Some(stalled) = self.commit(group).await {
+                // The database did not answer that group: the batches that
+                // queued meanwhile would each wait out a deadline of their
+                // own behind it. Answer them now; retrying is safe.
+                let waiting: Vec<Pending> = std::iter::from_fn(|| queue.try_recv().ok()).collect();
+                if !waiting.is_empty() {
+                    self.fail(waiting, &stalled);
+                }
+            }
         }
     }
 
-    /// Commits a group and answers every batch in it.
-    async fn commit(&mut self, group: Vec<Pending>) {
+    /// Commits a group and answers every batch in it; returns the error when
+    /// the database did not answer within the deadline.
+    async fn commit(&mut self, group: Vec<Pending>) -> Option<StoreError> {
         let started = Instant::now();
         let batches: Vec<&AppendBatch> = group.iter().map(|p| &p.batch).collect();
         let outcome = self.commit_with_retries(&batches).await;
@@ -142,6 +156,10 @@ impl Committer {
         telemetry::group_committed(group.len(), event_count, started.elapsed());
         let failed = matches!(outcome, Err(StoreError::Unavailable { .. } | StoreError::Internal { .. }));
         telemetry::record_db_operation(telemetry::DbOperation::Append, started.elapsed(), !failed);
+        let stalled = match &outcome {
+            Err(err) if err.fault() == Some(Fault::Timeout) => Some(copy_error(err)),
+            _ => None,
+        };
         match outcome {
             Ok(decisions) => self.answer(group, decisions),
             Err(err) if group.len() > 1 && !matches!(err, StoreError::Unavailable { .. }) => {
@@ -156,12 +174,25 @@ impl Committer {
             }
             Err(err) => self.fail(group, &err),
         }
+        stalled
     }
 
     async fn commit_with_retries(&mut self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, StoreError> {
         let mut attempt = 1;
         loop {
-            match self.transaction(batches).await {
+            let Ok(outcome) = tokio::time::timeout(self.timeout, self.transaction(batches)).await else {
+                // The transaction's connection was closed mid-flight (see
+                // `Conn`), so its outcome is unknown: the prediction is
+                // dropped, and a retry of these batches takes the locking
+                // path, which waits for the shard rows and then finds the
+                // producer records if the commit landed after all.
+                self.prediction.forget(batches);
+                return Err(StoreError::Unavailable {
+                    what: "commit an append group",
+                    source: Box::new(Elapsed { after: self.timeout }),
+                });
+            };
+            match outcome {
                 Ok(decisions) => return Ok(decisions),
                 Err(GroupError::Db(what, err)) => match classify(&err) {
                     // PostgreSQL picked this transaction as a conflict victim;
@@ -186,10 +217,11 @@ impl Committer {
     /// ended (or the connection dropped) so no connection returns to the pool
     /// inside a transaction.
     async fn transaction(&mut self, batches: &[&AppendBatch]) -> Result<Vec<Decision>, GroupError> {
-        let client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
+        let client = Conn::get(&self.pool).await.map_err(GroupError::Store)?;
         if let Some(predicted) = self.prediction.plan(batches) {
             match write_predicted(&client, batches, &predicted.decisions).await {
                 Ok(()) => {
+                    client.release();
                     telemetry::append_predicted(true);
                     self.prediction.learn(predicted.shards, predicted.latest);
                     return Ok(predicted.decisions);
@@ -210,7 +242,7 @@ impl Committer {
                     }
                 }
             }
-            let client = self.pool.get().await.map_err(|err| GroupError::Store(pool_error(err)))?;
+            let client = Conn::get(&self.pool).await.map_err(GroupError::Store)?;
             return self.locking_transaction(client, batches).await;
         }
         self.locking_transaction(client, batches).await
@@ -218,11 +250,12 @@ impl Committer {
 
     async fn locking_transaction(
         &mut self,
-        client: deadpool_postgres::Object,
+        client: Conn,
         batches: &[&AppendBatch],
     ) -> Result<Vec<Decision>, GroupError> {
         match locking_statements(&client, batches).await {
             Ok(locked) => {
+                client.release();
                 self.prediction.learn(locked.shards, locked.latest);
                 Ok(locked.decisions)
             }
@@ -299,11 +332,12 @@ impl Committer {
 /// Ends a failed transaction with ROLLBACK; a connection that cannot is
 /// broken and is kept out of the pool. Returns whether the connection is
 /// still usable.
-async fn end_transaction(client: deadpool_postgres::Object) -> bool {
+async fn end_transaction(client: Conn) -> bool {
     if client.batch_execute("ROLLBACK").await.is_ok() {
+        client.release();
         return true;
     }
-    drop(deadpool_postgres::Object::take(client));
+    client.discard();
     false
 }
 

@@ -59,6 +59,12 @@ fn classify_state(code: &SqlState) -> Failure {
     if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
         return Failure::Retry;
     }
+    // A server in read-only mode (a standby after a failover that the
+    // connection string still points at): an outage of the writable
+    // database, not a bug.
+    if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        return Failure::Unavailable;
+    }
     let class = &code.code()[..2];
     match class {
         // 08: connection exception; 57: operator intervention (admin or crash
@@ -97,6 +103,8 @@ mod tests {
         assert_eq!(classify_state(&SqlState::CANNOT_CONNECT_NOW), Failure::Unavailable);
         assert_eq!(classify_state(&SqlState::TOO_MANY_CONNECTIONS), Failure::Unavailable);
         assert_eq!(classify_state(&SqlState::CONNECTION_FAILURE), Failure::Unavailable);
+        assert_eq!(classify_state(&SqlState::DISK_FULL), Failure::Unavailable);
+        assert_eq!(classify_state(&SqlState::READ_ONLY_SQL_TRANSACTION), Failure::Unavailable);
         assert_eq!(classify_state(&SqlState::UNIQUE_VIOLATION), Failure::Fatal);
         assert_eq!(classify_state(&SqlState::UNDEFINED_TABLE), Failure::Fatal);
     }

@@ -26,6 +26,7 @@ mod committer;
 mod failure;
 mod listener;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -48,9 +49,9 @@ use crate::event::{self, ChainHash, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::schema::{self, SchemaError};
 use crate::store::{
-    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
-    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, corrupt_id,
-    lease_failure, stored_hash,
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, Elapsed, EventPage, LeaseGrant, LogChange,
+    LogStore, RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit,
+    check_batch, checkpoint_hash, corrupt_id, lease_failure, stored_hash,
 };
 
 const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
@@ -66,6 +67,7 @@ const SQL_SHARD_STATE: &str = include_str!("sql/shard_state.sql");
 const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
 const SQL_READ_RANGE: &str = include_str!("sql/read_range.sql");
 const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
+const SQL_CHECKPOINT_TARGET: &str = include_str!("sql/checkpoint_target.sql");
 const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
 const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
 const SQL_LOCK_SHARD_FOR_SNAPSHOT: &str = include_str!("sql/lock_shard_for_snapshot.sql");
@@ -86,6 +88,9 @@ pub struct PgStoreConfig {
     pub pool_size: usize,
     /// Group committers (see [`defaults::COMMITTERS`]).
     pub committers: usize,
+    /// Deadline of a statement or an append transaction (see
+    /// [`defaults::DATABASE_TIMEOUT`]).
+    pub timeout: Duration,
 }
 
 impl PgStoreConfig {
@@ -97,6 +102,7 @@ impl PgStoreConfig {
             tls: DatabaseTls::Prefer,
             pool_size: defaults::POOL_SIZE,
             committers: defaults::COMMITTERS,
+            timeout: defaults::DATABASE_TIMEOUT,
         }
     }
 
@@ -107,6 +113,7 @@ impl PgStoreConfig {
             tls: config.tls.clone(),
             pool_size: config.pool_size,
             committers: config.committers,
+            timeout: config.timeout,
         }
     }
 }
@@ -120,6 +127,8 @@ pub struct PgStore {
 
 struct Inner {
     pool: Pool,
+    /// Deadline of each operation once it holds a connection.
+    timeout: Duration,
     committers: Vec<mpsc::UnboundedSender<Pending>>,
     pending_events: Arc<AtomicUsize>,
     changes: broadcast::Sender<LogChange>,
@@ -130,6 +139,72 @@ struct Inner {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").field("pool", &self.inner.pool.status()).finish_non_exhaustive()
+    }
+}
+
+/// A pooled connection lent to one operation. [`Conn::release`] gives it
+/// back once the operation finished with nothing in flight; dropped without
+/// it (the operation's deadline passed mid-statement, so the future was
+/// cancelled), it closes instead: whatever it was doing (a statement, a
+/// half-sent transaction holding locks) is unknown, and it must not serve
+/// anyone else in that state.
+pub(crate) struct Conn(Option<deadpool_postgres::Object>);
+
+impl Conn {
+    /// Takes a connection from the pool (bounded by the pool's timeouts).
+    pub(crate) async fn get(pool: &Pool) -> Result<Conn, StoreError> {
+        pool.get().await.map(|client| Conn(Some(client))).map_err(pool_error)
+    }
+
+    /// Lends a connection already taken from the pool.
+    pub(crate) fn lend(client: deadpool_postgres::Object) -> Conn {
+        Conn(Some(client))
+    }
+
+    /// Returns the connection to the pool.
+    pub(crate) fn release(mut self) {
+        drop(self.0.take());
+    }
+
+    /// Closes the connection instead of pooling it.
+    pub(crate) fn discard(self) {
+        drop(self);
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("a connection is held until released")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("a connection is held until released")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// Runs `operation` (which takes its own connection) with a deadline: past
+/// `after` it is cancelled, its connection closed (see [`Conn`]), and the
+/// caller told the store is unavailable ([`Elapsed`]).
+pub(crate) async fn within<T>(
+    what: &'static str,
+    after: Duration,
+    operation: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(after, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable { what, source: Box::new(Elapsed { after }) }),
     }
 }
 
@@ -234,6 +309,7 @@ impl PgStore {
             let (queue, receiver) = mpsc::unbounded_channel();
             let committer = Committer {
                 pool: pool.clone(),
+                timeout: config.timeout,
                 prediction: Default::default(),
                 changes: changes.clone(),
                 pending_events: pending_events.clone(),
@@ -243,7 +319,8 @@ impl PgStore {
         }
         tasks.spawn(listener::run(connection, connector, changes.clone(), cancel.clone()));
         tasks.close();
-        Ok(PgStore { inner: Arc::new(Inner { pool, committers, pending_events, changes, cancel, tasks }) })
+        let timeout = config.timeout;
+        Ok(PgStore { inner: Arc::new(Inner { pool, timeout, committers, pending_events, changes, cancel, tasks }) })
     }
 
     /// The connection pool (for statistics).
@@ -251,8 +328,17 @@ impl PgStore {
         &self.inner.pool
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.inner.pool.get().await.map_err(pool_error)
+    async fn client(&self) -> Result<Conn, StoreError> {
+        Conn::get(&self.inner.pool).await
+    }
+
+    /// Runs `operation` within the store's deadline.
+    fn within<'a, T: Send + 'a>(
+        &self,
+        what: &'static str,
+        operation: impl Future<Output = Result<T, StoreError>> + Send + 'a,
+    ) -> StoreFuture<'a, T> {
+        Box::pin(within(what, self.inner.timeout, operation))
     }
 
     async fn query(
@@ -262,8 +348,14 @@ impl PgStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         let client = self.client().await?;
-        let statement = client.prepare_cached(sql).await.map_err(|err| store_error(what, err))?;
-        client.query(&statement, params).await.map_err(|err| store_error(what, err))
+        let rows = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query(&statement, params).await
+        }
+        .await
+        .map_err(|err| store_error(what, err));
+        client.release();
+        rows
     }
 
     async fn query_opt(
@@ -303,7 +395,7 @@ impl LogStore for PgStore {
     }
 
     fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
-        Box::pin(async move {
+        self.within("acquire a shard", async move {
             let ttl = millis(ttl)?;
             let granted =
                 self.query_opt("acquire a shard", SQL_ACQUIRE_SHARD, &[&shard.as_str(), &owner.as_str(), &ttl]).await?;
@@ -321,7 +413,7 @@ impl LogStore for PgStore {
     }
 
     fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
-        Box::pin(async move {
+        self.within("renew a shard", async move {
             let ttl = millis(ttl)?;
             let epoch_db = to_db("epoch", epoch.0)?;
             let renewed = self
@@ -335,25 +427,26 @@ impl LogStore for PgStore {
     }
 
     fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
-        Box::pin(async move {
+        self.within("release a shard", async move {
             let epoch = to_db("epoch", epoch.0)?;
             let client = self.client().await?;
-            let statement =
-                client.prepare_cached(SQL_RELEASE_SHARD).await.map_err(|err| store_error("release a shard", err))?;
-            let released = client
-                .execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch])
-                .await
-                .map_err(|err| store_error("release a shard", err))?;
-            Ok(released == 1)
+            let released = async {
+                let statement = client.prepare_cached(SQL_RELEASE_SHARD).await?;
+                client.execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch]).await
+            }
+            .await
+            .map_err(|err| store_error("release a shard", err));
+            client.release();
+            Ok(released? == 1)
         })
     }
 
     fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>> {
-        Box::pin(async move { self.state(&shard).await })
+        self.within("read a shard", async move { self.state(&shard).await })
     }
 
     fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>> {
-        Box::pin(async move {
+        self.within("list shards", async move {
             self.query("list shards", SQL_LIST_SHARDS, &[&prefix]).await?.iter().map(shard_state).collect()
         })
     }
@@ -364,8 +457,9 @@ impl LogStore for PgStore {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
-        Box::pin(async move {
+        self.within("read events", async move {
             if from.0 == 0 {
                 return Err(InvalidInput::new("from_sequence", "sequences start at 1").into());
             }
@@ -375,8 +469,13 @@ impl LogStore for PgStore {
                 None => i64::MAX,
             };
             let limit_db = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1);
+            let bytes_db = i64::try_from(max_bytes).unwrap_or(i64::MAX);
             let rows = self
-                .query("read events", SQL_READ_RANGE, &[&shard.as_str(), &from_db_value, &to_db_value, &limit_db])
+                .query(
+                    "read events",
+                    SQL_READ_RANGE,
+                    &[&shard.as_str(), &from_db_value, &to_db_value, &limit_db, &bytes_db],
+                )
                 .await?;
             let Some(first) = rows.first() else { return Err(StoreError::UnknownShard { shard }) };
             let head = Sequence(from_db(col(first, "head_sequence")?)?);
@@ -405,21 +504,14 @@ impl LogStore for PgStore {
                     hash: Bytes::from(hash),
                 });
             }
-            let anchor = match anchor {
-                Some(hash) => hash,
-                // The event before `from` is not stored: it was trimmed (the
-                // low-water anchor), or `from` is 1 (zero hash; the
-                // low-water anchor is zero then too). If it is missing for
-                // another reason the first event fails verification.
-                None if from == low => stored_hash(col(first, "low_prev_hash")?, "low_prev_hash")?,
-                None => ChainHash::ZERO,
-            };
-            Ok(EventPage { shard, from, anchor, events: event::link(anchor, stored), head, low })
+            let low_prev_hash = stored_hash(col(first, "low_prev_hash")?, "low_prev_hash")?;
+            let cut = stored.iter().map(|row| row.body.len()).sum::<usize>() >= max_bytes.max(1);
+            Ok(EventPage::assemble(shard, from, to, limit, anchor, stored, (head, low, low_prev_hash), cut))
         })
     }
 
     fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {
-        Box::pin(async move {
+        self.within("find a sequence by time", async move {
             let row = self.query_opt("find a sequence by time", SQL_SEQUENCE_AT, &[&shard.as_str(), &since]).await?;
             row.map(|row| Ok(Sequence(from_db(col(&row, "sequence")?)?))).transpose()
         })
@@ -430,43 +522,42 @@ impl LogStore for PgStore {
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
-        Box::pin(async move {
-            let sequence_db = to_db("sequence", sequence.0)?;
-            let state = self.query_opt("read a shard", SQL_SHARD_STATE, &[&shard.as_str()]).await?;
-            let Some(state) = state else { return Err(StoreError::UnknownShard { shard }) };
-            let head = Sequence(from_db(col(&state, "head_sequence")?)?);
-            if sequence > head {
-                return Err(InvalidInput::new(
-                    "sequence",
-                    format!("{sequence} is past the head {head} of shard {shard}; commit only what was delivered"),
-                )
-                .into());
-            }
-            let client = self.client().await?;
+        self.within("commit a checkpoint", async move {
             let what = "commit a checkpoint";
-            let lookup = client.prepare_cached(SQL_SHARD_NO).await.map_err(|err| store_error(what, err))?;
-            let shard_no: i32 = client
-                .query_one(&lookup, &[&shard.as_str()])
-                .await
-                .map_err(|err| store_error(what, err))?
-                .try_get(0)
-                .map_err(|err| store_error(what, err))?;
-            let upsert = client.prepare_cached(SQL_COMMIT_CHECKPOINT).await.map_err(|err| store_error(what, err))?;
-            let moved = client
-                .query_opt(&upsert, &[&subscriber.as_str(), &shard_no, &sequence_db])
-                .await
-                .map_err(|err| store_error(what, err))?;
+            let sequence_db = to_db("sequence", sequence.0)?;
+            let target = self.query_opt(what, SQL_CHECKPOINT_TARGET, &[&shard.as_str(), &sequence_db]).await?;
+            let Some(target) = target else { return Err(StoreError::UnknownShard { shard }) };
+            let shard_no: i32 = col(&target, "shard_no")?;
+            let recorded = checkpoint_hash(
+                &subscriber,
+                &shard,
+                sequence,
+                hash,
+                &CheckpointTarget {
+                    head: Sequence(from_db(col(&target, "head_sequence")?)?),
+                    low: Sequence(from_db(col(&target, "low_sequence")?)?),
+                    low_prev_hash: stored_hash(col(&target, "low_prev_hash")?, "low_prev_hash")?,
+                    stored: col::<Option<Vec<u8>>>(&target, "hash")?
+                        .map(|stored| stored_hash(stored, "hash"))
+                        .transpose()?,
+                },
+            )?;
+            let recorded_db = recorded.as_ref().map(|hash| hash.as_bytes().as_slice());
+            let moved = self
+                .query_opt(what, SQL_COMMIT_CHECKPOINT, &[&subscriber.as_str(), &shard_no, &sequence_db, &recorded_db])
+                .await?;
             if let Some(row) = moved {
                 let checkpoint = Checkpoint {
                     subscriber,
                     shard,
                     sequence: Sequence(from_db(col(&row, "sequence")?)?),
                     updated_at: col(&row, "updated_at")?,
+                    hash: col::<Option<Vec<u8>>>(&row, "hash")?.map(|hash| stored_hash(hash, "hash")).transpose()?,
                 };
                 return Ok(CheckpointCommit { checkpoint, moved: true });
             }
-            drop(client);
             let current =
                 self.checkpoints(Some(subscriber), vec![shard]).await?.into_iter().next().ok_or_else(|| {
                     StoreError::Internal { what, source: "a checkpoint that refused to move is missing".into() }
@@ -476,7 +567,7 @@ impl LogStore for PgStore {
     }
 
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {
-        Box::pin(async move {
+        self.within("read checkpoints", async move {
             let subscriber_name = subscriber.as_ref().map(SubscriberId::as_str);
             let shard_names: Vec<&str> = shards.iter().map(ShardId::as_str).collect();
             let rows = self.query("read checkpoints", SQL_READ_CHECKPOINTS, &[&subscriber_name, &shard_names]).await?;
@@ -487,6 +578,7 @@ impl LogStore for PgStore {
                         shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
                         sequence: Sequence(from_db(col(row, "sequence")?)?),
                         updated_at: col(row, "updated_at")?,
+                        hash: col::<Option<Vec<u8>>>(row, "hash")?.map(|hash| stored_hash(hash, "hash")).transpose()?,
                     })
                 })
                 .collect()
@@ -494,63 +586,76 @@ impl LogStore for PgStore {
     }
 
     fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {
-        Box::pin(async move {
+        self.within("store a snapshot", async move {
             let what = "store a snapshot";
             let sequence_db = to_db("sequence", sequence.0)?;
             let epoch_db = to_db("epoch", epoch.0)?;
             let mut client = self.client().await?;
-            let txn = client.transaction().await.map_err(|err| store_error(what, err))?;
-            let lock = txn.prepare_cached(SQL_LOCK_SHARD_FOR_SNAPSHOT).await.map_err(|err| store_error(what, err))?;
-            let row =
-                txn.query_opt(&lock, &[&shard.as_str(), &sequence_db]).await.map_err(|err| store_error(what, err))?;
-            let Some(row) = row else { return Err(StoreError::UnknownShard { shard }) };
-            let current = Epoch(from_db(col(&row, "epoch")?)?);
-            if col::<Option<String>>(&row, "owner")?.is_none() {
-                return Err(StoreError::NoLease { shard });
-            }
-            if current != epoch {
-                return Err(StoreError::StaleEpoch { shard, given: epoch, current });
-            }
-            let head = Sequence(from_db(col(&row, "head_sequence")?)?);
-            let low = Sequence(from_db(col(&row, "low_sequence")?)?);
-            if sequence.0 == 0 || sequence > head {
-                return Err(InvalidInput::new(
-                    "sequence",
-                    format!("{sequence} is outside the log of shard {shard} (1 through the head {head})"),
-                )
-                .into());
-            }
-            let hash = if sequence.next() == low {
-                stored_hash(col(&row, "low_prev_hash")?, "low_prev_hash")?
-            } else if sequence < low {
-                return Err(StoreError::Trimmed { shard, low });
-            } else {
-                match col::<Option<Vec<u8>>>(&row, "event_hash")? {
-                    Some(hash) => stored_hash(hash, "hash")?,
-                    None => {
-                        return Err(event::CorruptEvent {
-                            shard,
-                            sequence,
-                            reason: "missing from the stored log".into(),
-                        }
-                        .into());
-                    }
+            let outcome = async {
+                let txn = client.transaction().await.map_err(|err| store_error(what, err))?;
+                let lock =
+                    txn.prepare_cached(SQL_LOCK_SHARD_FOR_SNAPSHOT).await.map_err(|err| store_error(what, err))?;
+                let row = txn
+                    .query_opt(&lock, &[&shard.as_str(), &sequence_db])
+                    .await
+                    .map_err(|err| store_error(what, err))?;
+                let Some(row) = row else { return Err(StoreError::UnknownShard { shard }) };
+                let current = Epoch(from_db(col(&row, "epoch")?)?);
+                if col::<Option<String>>(&row, "owner")?.is_none() {
+                    return Err(StoreError::NoLease { shard });
                 }
-            };
-            let shard_no: i32 = col(&row, "shard_no")?;
-            let upsert = txn.prepare_cached(SQL_UPSERT_SNAPSHOT).await.map_err(|err| store_error(what, err))?;
-            let stored = txn
-                .query_one(&upsert, &[&shard_no, &sequence_db, &epoch_db, &data.as_ref(), &hash.as_bytes().as_slice()])
-                .await
-                .map_err(|err| store_error(what, err))?;
-            let created_at = col(&stored, "created_at")?;
-            txn.commit().await.map_err(|err| store_error(what, err))?;
-            Ok(Snapshot { shard, sequence, data, hash, created_at })
+                if current != epoch {
+                    return Err(StoreError::StaleEpoch { shard, given: epoch, current });
+                }
+                let head = Sequence(from_db(col(&row, "head_sequence")?)?);
+                let low = Sequence(from_db(col(&row, "low_sequence")?)?);
+                if sequence.0 == 0 || sequence > head {
+                    return Err(InvalidInput::new(
+                        "sequence",
+                        format!("{sequence} is outside the log of shard {shard} (1 through the head {head})"),
+                    )
+                    .into());
+                }
+                let hash = if sequence.next() == low {
+                    stored_hash(col(&row, "low_prev_hash")?, "low_prev_hash")?
+                } else if sequence < low {
+                    return Err(StoreError::Trimmed { shard, low });
+                } else {
+                    match col::<Option<Vec<u8>>>(&row, "event_hash")? {
+                        Some(hash) => stored_hash(hash, "hash")?,
+                        None => {
+                            return Err(event::CorruptEvent {
+                                shard,
+                                sequence,
+                                reason: "missing from the stored log".into(),
+                            }
+                            .into());
+                        }
+                    }
+                };
+                let shard_no: i32 = col(&row, "shard_no")?;
+                let upsert = txn.prepare_cached(SQL_UPSERT_SNAPSHOT).await.map_err(|err| store_error(what, err))?;
+                let stored = txn
+                    .query_one(
+                        &upsert,
+                        &[&shard_no, &sequence_db, &epoch_db, &data.as_ref(), &hash.as_bytes().as_slice()],
+                    )
+                    .await
+                    .map_err(|err| store_error(what, err))?;
+                let created_at = col(&stored, "created_at")?;
+                txn.commit().await.map_err(|err| store_error(what, err))?;
+                Ok(Snapshot { shard, sequence, data, hash, created_at })
+            }
+            .await;
+            // Whatever the outcome, the transaction ended (a refusal rolls
+            // it back as it drops): the connection may serve others.
+            client.release();
+            outcome
         })
     }
 
     fn snapshot(&self, shard: ShardId, at_or_below: Option<Sequence>) -> StoreFuture<'_, Option<Snapshot>> {
-        Box::pin(async move {
+        self.within("read a snapshot", async move {
             let below = match at_or_below {
                 Some(sequence) => to_db("at_or_below", sequence.0)?,
                 None => i64::MAX,
@@ -570,32 +675,41 @@ impl LogStore for PgStore {
     }
 
     fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
-        Box::pin(async move {
+        Box::pin(within("apply retention", defaults::RETENTION_TIMEOUT, async move {
             let what = "apply retention";
             let max_age = millis(policy.checkpoint_max_age)?;
             let mut client = self.client().await?;
-            let txn = client.transaction().await.map_err(|err| store_error(what, err))?;
-            let plan = txn.prepare_cached(SQL_RETENTION_PLAN).await.map_err(|err| store_error(what, err))?;
-            let row = txn.query_opt(&plan, &[&shard.as_str(), &max_age]).await.map_err(|err| store_error(what, err))?;
-            let Some(row) = row else { return Err(StoreError::UnknownShard { shard }) };
-            let low = Sequence(from_db(col(&row, "low_sequence")?)?);
-            let snapshot: Option<i64> = col(&row, "newest_snapshot")?;
-            let checkpoint: Option<i64> = col(&row, "oldest_checkpoint")?;
-            let Some(snapshot) = snapshot else { return Ok(RetentionOutcome { deleted: 0, low }) };
-            let through = match checkpoint {
-                Some(checkpoint) => snapshot.min(checkpoint),
-                None => snapshot,
-            };
-            if from_db(through)? < low.0 {
-                return Ok(RetentionOutcome { deleted: 0, low });
+            let outcome = async {
+                let txn = client.transaction().await.map_err(|err| store_error(what, err))?;
+                let plan = txn.prepare_cached(SQL_RETENTION_PLAN).await.map_err(|err| store_error(what, err))?;
+                let row =
+                    txn.query_opt(&plan, &[&shard.as_str(), &max_age]).await.map_err(|err| store_error(what, err))?;
+                let Some(row) = row else { return Err(StoreError::UnknownShard { shard }) };
+                let low = Sequence(from_db(col(&row, "low_sequence")?)?);
+                let snapshot: Option<i64> = col(&row, "newest_snapshot")?;
+                let checkpoint: Option<i64> = col(&row, "oldest_checkpoint")?;
+                let Some(snapshot) = snapshot else { return Ok(RetentionOutcome { deleted: 0, low }) };
+                let through = match checkpoint {
+                    Some(checkpoint) => snapshot.min(checkpoint),
+                    None => snapshot,
+                };
+                if from_db(through)? < low.0 {
+                    return Ok(RetentionOutcome { deleted: 0, low });
+                }
+                let shard_no: i32 = col(&row, "shard_no")?;
+                let trim = txn.prepare_cached(SQL_RETENTION_TRIM).await.map_err(|err| store_error(what, err))?;
+                let trimmed =
+                    txn.query_one(&trim, &[&shard_no, &through]).await.map_err(|err| store_error(what, err))?;
+                let deleted: i64 = col(&trimmed, "deleted")?;
+                txn.commit().await.map_err(|err| store_error(what, err))?;
+                Ok(RetentionOutcome { deleted: from_db(deleted)?, low: Sequence(from_db(through)? + 1) })
             }
-            let shard_no: i32 = col(&row, "shard_no")?;
-            let trim = txn.prepare_cached(SQL_RETENTION_TRIM).await.map_err(|err| store_error(what, err))?;
-            let trimmed = txn.query_one(&trim, &[&shard_no, &through]).await.map_err(|err| store_error(what, err))?;
-            let deleted: i64 = col(&trimmed, "deleted")?;
-            txn.commit().await.map_err(|err| store_error(what, err))?;
-            Ok(RetentionOutcome { deleted: from_db(deleted)?, low: Sequence(from_db(through)? + 1) })
-        })
+            .await;
+            // Whatever the outcome, the transaction ended (a refusal rolls
+            // it back as it drops): the connection may serve others.
+            client.release();
+            outcome
+        }))
     }
 
     fn changes(&self) -> broadcast::Receiver<LogChange> {
@@ -611,9 +725,6 @@ impl LogStore for PgStore {
         })
     }
 }
-
-/// Looks a shard's number up by id.
-const SQL_SHARD_NO: &str = "SELECT shard_no FROM shards WHERE shard_id = $1";
 
 /// Spreads shards over committers by a stable hash of the id.
 fn committer_index(shard: &ShardId, committers: usize) -> usize {

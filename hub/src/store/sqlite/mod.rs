@@ -4,7 +4,7 @@
 //! **What is stored**: the same as in PostgreSQL (see
 //! [`super::postgres`]): shards with their lease, head and low-water mark,
 //! hash-chained events, producer batch records, checkpoints and snapshots,
-//! in one database file (schema in `V0001__log.sql` beside this file,
+//! in one database file (schema in `V0001__log.sql` and later beside this file,
 //! versioned with `PRAGMA user_version`, applied at open).
 //!
 //! **Source of truth**: the file, alone. It is durable before an append is
@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::defaults;
@@ -41,15 +41,15 @@ use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
 use crate::store::decision::{ShardView, decide};
 use crate::store::{
-    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
-    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch, copy_error,
-    corrupt_id, count_mismatch, lease_failure, stored_hash,
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
+    RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
+    checkpoint_hash, copy_error, corrupt_id, count_mismatch, lease_failure, stored_hash,
 };
 use crate::telemetry::{self, DbOperation};
 
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied.
 /// Forward-only, like the PostgreSQL ones: never edit a landed entry.
-const MIGRATIONS: &[&str] = &[include_str!("V0001__log.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("V0001__log.sql"), include_str!("V0002__checkpoint_hash.sql")];
 
 /// Errors opening the store.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,27 @@ pub enum SqliteOpenError {
     /// The store's thread could not be started.
     #[error("cannot start the SQLite store thread")]
     Thread(#[source] std::io::Error),
+    /// The file (or its directory) cannot be written by this process.
+    #[error(
+        "the embedded SQLite store {} is read-only for this process; the hub must write it (check the file's \
+         and its directory's owner and permissions, and that the volume is mounted read-write)",
+        path.display()
+    )]
+    ReadOnly {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// [`SqliteStore::open_existing`] found no file: a store is never
+    /// created by a command that only reads it (a mistyped path would
+    /// otherwise verify an empty store and report success).
+    #[error(
+        "the embedded SQLite store {} does not exist; check --sqlite-path (this command never creates a store)",
+        path.display()
+    )]
+    Missing {
+        /// The path given.
+        path: PathBuf,
+    },
 }
 
 /// Work for the store thread.
@@ -132,10 +153,21 @@ impl SqliteStore {
     /// Opens (creating if needed) the store in `path`, takes its exclusive
     /// lock, brings its schema up to date and starts its thread.
     pub async fn open(path: impl Into<PathBuf>) -> Result<SqliteStore, SqliteOpenError> {
-        let path = path.into();
+        Self::open_with(path.into(), true).await
+    }
+
+    /// Opens the store in `path` like [`SqliteStore::open`], but refuses a
+    /// file that does not exist ([`SqliteOpenError::Missing`]) instead of
+    /// creating an empty store: for commands that inspect a store, such as
+    /// `omnirelay-hub verify`.
+    pub async fn open_existing(path: impl Into<PathBuf>) -> Result<SqliteStore, SqliteOpenError> {
+        Self::open_with(path.into(), false).await
+    }
+
+    async fn open_with(path: PathBuf, create: bool) -> Result<SqliteStore, SqliteOpenError> {
         let opened = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || open_connection(&path))
+            tokio::task::spawn_blocking(move || open_connection(&path, create))
                 .await
                 .map_err(|err| SqliteOpenError::Thread(std::io::Error::other(err)))??
         };
@@ -166,6 +198,23 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// Caps the file at `pages` pages (SQLite's `max_page_count`; never
+    /// below its current size, so 1 means "as it is now") and returns the
+    /// cap: writes that would grow it past the cap fail exactly as on a full
+    /// disk ("database or disk is full"). For failure drills and tests; a
+    /// large `pages` lifts the cap.
+    #[doc(hidden)]
+    pub async fn cap_pages(&self, pages: u64) -> Result<u64, StoreError> {
+        // SQLite reads 0 as "no change".
+        let pages = pages.max(1);
+        self.run(move |db| {
+            db.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |row| row.get::<_, i64>(0))
+                .map(|cap| cap as u64)
+                .map_err(|e| sql_error("cap the store's size", e))
+        })
+        .await
+    }
+
     fn send(&self, command: Command) -> Result<(), StoreError> {
         let commands = self.inner.commands.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match commands.as_ref() {
@@ -180,6 +229,18 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFuture<'static, T> {
+        self.run_within(defaults::DATABASE_TIMEOUT, op)
+    }
+
+    /// [`SqliteStore::run`] with a deadline on the answer: a thread stuck in
+    /// the file system (a hung volume) leaves callers UNAVAILABLE instead of
+    /// waiting with it. The operation itself still runs, in order, when the
+    /// thread gets to it, so a retried append after it is recognised.
+    fn run_within<T: Send + 'static>(
+        &self,
+        after: Duration,
+        op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
         let (reply, answer) = oneshot::channel();
         let sent = self.send(Command::Run(Box::new(move |connection| {
             // The caller may have gone away; nothing to undo.
@@ -187,13 +248,24 @@ impl SqliteStore {
         })));
         Box::pin(async move {
             sent?;
-            answer.await.unwrap_or(Err(StoreError::Closed))
+            answer_within(after, answer).await
         })
     }
 }
 
+/// Waits for the store thread's answer, at most `after`.
+async fn answer_within<T>(after: Duration, answer: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(after, answer).await {
+        Ok(answer) => answer.unwrap_or(Err(StoreError::Closed)),
+        Err(_) => Err(StoreError::Unavailable {
+            what: "wait for the embedded store",
+            source: Box::new(crate::store::Elapsed { after }),
+        }),
+    }
+}
+
 /// Opens the file, takes the exclusive lock and migrates.
-fn open_connection(path: &Path) -> Result<Connection, SqliteOpenError> {
+fn open_connection(path: &Path, create: bool) -> Result<Connection, SqliteOpenError> {
     let open_error = |source: rusqlite::Error| {
         if is_busy(&source) {
             SqliteOpenError::Locked { path: path.to_path_buf() }
@@ -201,7 +273,19 @@ fn open_connection(path: &Path) -> Result<Connection, SqliteOpenError> {
             SqliteOpenError::Open { path: path.to_path_buf(), source }
         }
     };
-    let mut connection = Connection::open(path).map_err(open_error)?;
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    } else if !path.is_file() {
+        return Err(SqliteOpenError::Missing { path: path.to_path_buf() });
+    }
+    let mut connection = Connection::open_with_flags(path, flags).map_err(open_error)?;
+    // SQLite quietly opens a file it may not write read-only; every later
+    // step would then fail with a lock or I/O error code that names neither
+    // the file's permissions nor the file.
+    if connection.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
+        return Err(SqliteOpenError::ReadOnly { path: path.to_path_buf() });
+    }
     // Fail at once when another store holds the file, instead of waiting.
     connection.busy_timeout(Duration::ZERO).map_err(open_error)?;
     // Exclusive locking mode: the lock taken below is kept until the
@@ -232,8 +316,10 @@ fn is_busy(err: &rusqlite::Error) -> bool {
     matches!(err.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
 }
 
-/// Maps a SQLite failure: a full disk, I/O errors and a busy file are
-/// outages the caller may retry; anything else is a bug or corruption.
+/// Maps a SQLite failure: a full disk, a file turned read-only, I/O errors
+/// and a busy file are outages the caller may retry (and that heal without a
+/// restart once the operator fixed them); anything else is a bug or
+/// corruption.
 fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
     let outage = matches!(
         err.sqlite_error_code(),
@@ -241,6 +327,7 @@ fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
             ErrorCode::DatabaseBusy
                 | ErrorCode::DatabaseLocked
                 | ErrorCode::DiskFull
+                | ErrorCode::ReadOnly
                 | ErrorCode::SystemIoFailure
                 | ErrorCode::CannotOpen
                 | ErrorCode::OutOfMemory
@@ -311,7 +398,7 @@ impl StoreThread {
         let results = match outcome {
             Ok(results) => results,
             Err(err) => {
-                tracing::error!(batches = group.len(), error = %err, "embedded store append failed");
+                tracing::error!(batches = group.len(), error = %crate::error::causes(&err), "embedded store append failed");
                 group.iter().map(|_| Err(copy_error(&err))).collect()
             }
         };
@@ -357,6 +444,14 @@ fn commit_group(
     for pending in group {
         let savepoint = txn.savepoint().map_err(|e| sql_error(what, e))?;
         let result = apply_batch(&savepoint, &pending.batch);
+        // A full disk or an I/O error may make SQLite roll the whole
+        // transaction back by itself: then the group failed, with that
+        // batch's cause (not the "no transaction is active" of what follows).
+        if let Err(err @ StoreError::Unavailable { .. }) = &result
+            && savepoint.is_autocommit()
+        {
+            return Err(copy_error(err));
+        }
         match &result {
             Ok(BatchOutcome::Written { .. }) => savepoint.commit().map_err(|e| sql_error(what, e))?,
             // Rejected or failed batches roll back to the savepoint when it
@@ -535,7 +630,7 @@ impl LogStore for SqliteStore {
             }
             Ok(answer)
         })();
-        Box::pin(async move { queued?.await.unwrap_or(Err(StoreError::Closed)) })
+        Box::pin(async move { answer_within(defaults::DATABASE_TIMEOUT, queued?).await })
     }
 
     fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
@@ -640,6 +735,7 @@ impl LogStore for SqliteStore {
         from: Sequence,
         to: Option<Sequence>,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
         self.run(move |db| {
             let what = "read events";
@@ -670,6 +766,9 @@ impl LogStore for SqliteStore {
             let mut rows = statement.query(params![number, from_value, to_value, fetch]).map_err(sql)?;
             let mut anchor = None;
             let mut stored = Vec::new();
+            // Bodies read so far; rows are fetched lazily, so stopping here
+            // reads no more.
+            let mut bytes = 0usize;
             while let Some(row) = rows.next().map_err(sql)? {
                 let sequence = Sequence(from_db(row.get(0).map_err(sql)?)?);
                 let hash: Vec<u8> = row.get(4).map_err(sql)?;
@@ -677,7 +776,7 @@ impl LogStore for SqliteStore {
                     anchor = Some(ChainHash::from_slice(&hash).unwrap_or(ChainHash::ZERO));
                     continue;
                 }
-                if stored.len() == limit {
+                if stored.len() == limit || bytes >= max_bytes.max(1) {
                     break;
                 }
                 stored.push(StoredRow {
@@ -687,21 +786,19 @@ impl LogStore for SqliteStore {
                     body: Bytes::from(row.get::<_, Vec<u8>>(3).map_err(sql)?),
                     hash: Bytes::from(hash),
                 });
+                bytes = bytes.saturating_add(stored.last().map_or(0, |row: &StoredRow| row.body.len()));
             }
-            let anchor = match anchor {
-                Some(hash) => hash,
-                // Not stored: trimmed (the low-water anchor) or before 1.
-                None if from == state.low => state.low_prev_hash,
-                None => ChainHash::ZERO,
-            };
-            Ok(EventPage {
+            let cut = bytes >= max_bytes.max(1);
+            Ok(EventPage::assemble(
                 shard,
                 from,
+                to,
+                limit,
                 anchor,
-                events: event::link(anchor, stored),
-                head: state.lease.head,
-                low: state.low,
-            })
+                stored,
+                (state.lease.head, state.low, state.low_prev_hash),
+                cut,
+            ))
         })
     }
 
@@ -726,44 +823,58 @@ impl LogStore for SqliteStore {
         subscriber: SubscriberId,
         shard: ShardId,
         sequence: Sequence,
+        hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
         self.run(move |db| {
             let what = "commit a checkpoint";
             let sql = |e| sql_error(what, e);
             let sequence_value = to_db("sequence", sequence.0)?;
             let Some(state) = read_state(db, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
-            let head = state.lease.head;
-            if sequence > head {
-                return Err(InvalidInput::new(
-                    "sequence",
-                    format!("{sequence} is past the head {head} of shard {shard}; commit only what was delivered"),
-                )
-                .into());
-            }
             let number = shard_no(db, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
+            let stored: Option<Vec<u8>> = db
+                .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                .map_err(sql)?
+                .query_row(params![number, sequence_value], |row| row.get(0))
+                .optional()
+                .map_err(sql)?;
+            let target = CheckpointTarget {
+                head: state.lease.head,
+                low: state.low,
+                low_prev_hash: state.low_prev_hash,
+                stored: stored.map(|stored| stored_hash(stored, "hash")).transpose()?,
+            };
+            let recorded = checkpoint_hash(&subscriber, &shard, sequence, hash, &target)?;
             let moved = db
                 .prepare_cached(
-                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at, hash) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
                      ON CONFLICT (subscriber_id, shard_no) DO UPDATE \
-                     SET sequence = excluded.sequence, updated_at = excluded.updated_at \
+                     SET sequence = excluded.sequence, updated_at = excluded.updated_at, hash = excluded.hash \
                      WHERE checkpoints.sequence < excluded.sequence",
                 )
                 .map_err(sql)?
-                .execute(params![subscriber.as_str(), number, sequence_value, micros(SystemTime::now())])
+                .execute(params![
+                    subscriber.as_str(),
+                    number,
+                    sequence_value,
+                    micros(SystemTime::now()),
+                    recorded.as_ref().map(|hash| &hash.as_bytes()[..]),
+                ])
                 .map_err(sql)?
                 == 1;
-            let (stored, updated_at): (i64, i64) = db
+            let (stored, updated_at, hash): (i64, i64, Option<Vec<u8>>) = db
                 .prepare_cached(
-                    "SELECT sequence, updated_at FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
+                    "SELECT sequence, updated_at, hash FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
                 )
                 .map_err(sql)?
-                .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?)))
+                .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .map_err(sql)?;
             let checkpoint = Checkpoint {
                 subscriber,
                 shard,
                 sequence: Sequence(from_db(stored)?),
                 updated_at: from_micros(updated_at),
+                hash: hash.map(|hash| stored_hash(hash, "hash")).transpose()?,
             };
             Ok(CheckpointCommit { checkpoint, moved })
         })
@@ -775,7 +886,7 @@ impl LogStore for SqliteStore {
             let sql = |e| sql_error(what, e);
             let mut statement = db
                 .prepare_cached(
-                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at \
+                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at, c.hash \
                      FROM checkpoints c JOIN shards s ON s.shard_no = c.shard_no \
                      WHERE (?1 IS NULL OR c.subscriber_id = ?1) ORDER BY c.subscriber_id, s.shard_id",
                 )
@@ -792,6 +903,11 @@ impl LogStore for SqliteStore {
                     shard,
                     sequence: Sequence(from_db(row.get(2).map_err(sql)?)?),
                     updated_at: from_micros(row.get(3).map_err(sql)?),
+                    hash: row
+                        .get::<_, Option<Vec<u8>>>(4)
+                        .map_err(sql)?
+                        .map(|hash| stored_hash(hash, "hash"))
+                        .transpose()?,
                 });
             }
             Ok(found)
@@ -893,7 +1009,7 @@ impl LogStore for SqliteStore {
     }
 
     fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
-        self.run(move |db| {
+        self.run_within(defaults::RETENTION_TIMEOUT, move |db| {
             let what = "apply retention";
             let sql = |e| sql_error(what, e);
             let oldest_counted = micros(SystemTime::now()).saturating_sub(duration_micros(policy.checkpoint_max_age)?);
@@ -981,7 +1097,7 @@ impl crate::health::Probe for SqliteStore {
         Box::pin(async move {
             let result = answer.await.map(drop);
             telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
-            result.map_err(|err| crate::health::NotReady::Unreachable(err.to_string()))
+            result.map_err(|err| crate::health::NotReady::Unreachable(crate::error::causes(&err)))
         })
     }
 }
@@ -1034,8 +1150,10 @@ mod tests {
 
     #[test]
     fn the_schema_has_one_migration_per_version() {
-        assert_eq!(MIGRATIONS.len(), 1);
+        assert_eq!(MIGRATIONS.len(), 2);
         let connection = Connection::open_in_memory().expect("in-memory database");
-        connection.execute_batch(MIGRATIONS[0]).expect("the schema should apply to an empty database");
+        for migration in MIGRATIONS {
+            connection.execute_batch(migration).expect("each migration should apply after the ones before it");
+        }
     }
 }

@@ -1,7 +1,7 @@
 -- Checkpoints of subscriber $1 (all when NULL) on shards $2 (all when empty).
 --
 -- Concurrency contract: a plain read of committed state; no lock.
-SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at
+SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at, c.hash
 FROM checkpoints c
 JOIN shards s ON s.shard_no = c.shard_no
 WHERE ($1::text IS NULL OR c.subscriber_id = $1)
