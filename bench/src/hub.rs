@@ -10,6 +10,7 @@
 // The report on standard output is what a benchmark produces.
 #![allow(clippy::print_stdout)]
 
+use omnirelay_proto::raw::RawEvent;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -501,7 +502,7 @@ async fn hub_appends(
         let shard = format!("bench.r{round}.p{producer}");
         let epoch = acquire(&mut client, &shard).await?;
         let window = window.clone();
-        let template: Vec<rpb::ReplicationEvent> = (0..batch as u64).map(sample_event).collect();
+        let template: Vec<RawEvent> = (0..batch as u64).map(|n| RawEvent::encode(&sample_event(n))).collect();
         workers.push(tokio::spawn(async move {
             let (requests, outbound) = mpsc::channel(in_flight);
             let mut responses =
@@ -584,6 +585,7 @@ async fn fan_out(
             while let Some(frame) = frames.next().await {
                 if let Some(pb::subscribe_response::Frame::Events(batch)) = frame?.frame {
                     for event in batch.events {
+                        let event = event.decode()?;
                         if event.sequence != last + 1 {
                             bail!("subscriber saw {} after {last}", event.sequence);
                         }
@@ -607,7 +609,7 @@ async fn fan_out(
     // The shard's owner appends 10-event batches with 8 in flight.
     let (requests, outbound) = mpsc::channel(64);
     let mut responses = client.append(tokio_stream::wrappers::ReceiverStream::new(outbound)).await?.into_inner();
-    let template: Vec<rpb::ReplicationEvent> = (0..10).map(sample_event).collect();
+    let template: Vec<RawEvent> = (0..10).map(|n| RawEvent::encode(&sample_event(n))).collect();
     let started = Instant::now();
     let mut producer_seq = 0u64;
     let mut outstanding = 0;

@@ -13,17 +13,21 @@ pub const MAX_NAME_BYTES: usize = 200;
 /// under a millisecond per thousand and bounds what one request can pin.
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 
-/// Largest encoded event. Events are queue mutations, usually a few hundred
-/// bytes; an item body belongs in object storage past this size.
-pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Largest stored event: the contracts' one limit
+/// ([`omnirelay_proto::limits::MAX_EVENT_BYTES`], 1.25 MiB), which leaves an
+/// item body of 1 MiB (the client's limit) room for its envelope, so
+/// nothing a node accepts is refused here.
+pub const MAX_EVENT_BYTES: usize = omnirelay_proto::limits::MAX_EVENT_BYTES;
 
-/// Largest snapshot. A queue snapshot of a few hundred thousand items fits;
-/// it travels in one gRPC message, so it also sets the message limit below.
-pub const MAX_SNAPSHOT_BYTES: usize = 32 * 1024 * 1024;
+/// Largest snapshot ([`omnirelay_proto::limits::MAX_SNAPSHOT_BYTES`]). A
+/// queue snapshot of a few hundred thousand items fits; it travels in one
+/// gRPC message, so it also sets the message limit below.
+pub const MAX_SNAPSHOT_BYTES: usize = omnirelay_proto::limits::MAX_SNAPSHOT_BYTES;
 
 /// Largest gRPC message the hub encodes or decodes: a full snapshot plus its
-/// frame, or a maximal batch. Clients must raise their own limit to match.
-pub const MAX_MESSAGE_BYTES: usize = MAX_SNAPSHOT_BYTES + 1024 * 1024;
+/// frame, or a maximal batch ([`omnirelay_proto::limits::MAX_MESSAGE_BYTES`]).
+/// Clients must raise their own limit to match.
+pub const MAX_MESSAGE_BYTES: usize = omnirelay_proto::limits::MAX_MESSAGE_BYTES;
 
 /// Most events one group commit writes. Large enough that 64 producers'
 /// batches share a transaction (the point of group commit), small enough

@@ -523,7 +523,7 @@ impl Follower {
     async fn send_events(
         &self,
         position: &mut Position,
-        events: Vec<crate::proto::replication::v1::ReplicationEvent>,
+        events: Vec<crate::proto::raw::RawEvent>,
         last: &LogEvent,
         room: Option<&mut Reservation>,
     ) -> Delivered {

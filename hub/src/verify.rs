@@ -7,7 +7,7 @@
 use crate::defaults;
 use crate::event::{ChainHash, CorruptEvent};
 use crate::ids::{Sequence, ShardId};
-use crate::proto::replication::v1 as rpb;
+use crate::proto::raw::RawEvent;
 use crate::store::{EventPage, LogStore, StoreError};
 use crate::wire;
 
@@ -15,7 +15,7 @@ use crate::wire;
 /// ([`EventPage::verify`]: no hole, every link and hash), and decodes each
 /// event into the form served to clients, which fails for a body that does
 /// not decode. Returns the first corrupt event otherwise.
-pub fn decode_page(page: &EventPage) -> Result<Vec<rpb::ReplicationEvent>, CorruptEvent> {
+pub fn decode_page(page: &EventPage) -> Result<Vec<RawEvent>, CorruptEvent> {
     page.verify()?;
     page.events.iter().map(|event| wire::event(&page.shard, event)).collect()
 }

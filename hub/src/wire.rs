@@ -14,6 +14,7 @@ use crate::ids::{
     Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, ShardPattern, SubscriberId,
 };
 use crate::proto::hub::v1 as pb;
+use crate::proto::raw::{self, RawEvent};
 use crate::proto::replication::v1 as rpb;
 use crate::store::{AppendAck, AppendBatch, Checkpoint, ShardLease, Snapshot};
 
@@ -22,8 +23,7 @@ use crate::store::{AppendAck, AppendBatch, Checkpoint, ShardLease, Snapshot};
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
 /// Validates an append request into a batch: ids, sizes, and every event
-/// (which gets the batch's shard id and its log-assigned fields cleared, then
-/// is encoded canonically as the stored body).
+/// (see `new_event` for how its stored body is made from the bytes sent).
 pub fn append_batch(request: pb::AppendRequest) -> Result<AppendBatch, InvalidInput> {
     let shard = ShardId::parse(request.shard_id)?;
     let producer = ProducerId::parse(request.producer_id)?;
@@ -52,48 +52,80 @@ pub fn append_batch(request: pb::AppendRequest) -> Result<AppendBatch, InvalidIn
     })
 }
 
-fn new_event(shard: &ShardId, index: usize, mut event: rpb::ReplicationEvent) -> Result<NewEvent, InvalidInput> {
+/// Fields of a `ReplicationEvent` the log assigns: sequence, epoch,
+/// prev_hash and hash. Dropped from what a producer sent; added when an
+/// event is served.
+const LOG_ASSIGNED_FIELDS: [u32; 4] = [2, 3, 8, 9];
+
+/// The `shard_id` field of a `ReplicationEvent`.
+const SHARD_ID_FIELD: u32 = 1;
+
+/// Validates one event (it must decode, name the batch's shard or none,
+/// say what happened, and carry its time) and makes its stored body: the
+/// bytes the producer sent, fields this build does not know included,
+/// without the fields the log assigns, with the batch's `shard_id` first.
+/// A producer that encodes canonically and names its shard (as the client
+/// does) gets its bytes stored as they are, without a copy.
+fn new_event(shard: &ShardId, index: usize, raw: RawEvent) -> Result<NewEvent, InvalidInput> {
+    let received = raw.into_bytes();
+    let invalid = |field: &'static str, reason: String| InvalidInput::new(field, format!("event {index} {reason}"));
+    let event = rpb::ReplicationEvent::decode(received.clone())
+        .map_err(|err| invalid("events", format!("does not decode: {err}")))?;
+    let fields = raw::fields(&received).map_err(|err| invalid("events", format!("does not parse: {err}")))?;
     if !event.shard_id.is_empty() && event.shard_id != shard.as_str() {
-        return Err(InvalidInput::new(
+        return Err(invalid(
             "events.shard_id",
-            format!("event {index} names shard {:?} but the batch is for {shard}", event.shard_id),
+            format!("names shard {:?} but the batch is for {shard}", event.shard_id),
         ));
     }
     if event.event.is_none() {
-        return Err(InvalidInput::new("events.event", format!("event {index} says nothing happened (no event set)")));
+        return Err(invalid("events.event", "says nothing happened (no event set)".to_string()));
     }
     let recorded_at = match &event.recorded_at {
         Some(at) => timestamp("events.recorded_at", at)?,
-        None => return Err(InvalidInput::new("events.recorded_at", format!("event {index} has no recorded_at"))),
+        None => return Err(invalid("events.recorded_at", "has no recorded_at".to_string())),
     };
-    event.shard_id = shard.as_str().to_string();
-    event.sequence = 0;
-    event.epoch = 0;
-    event.prev_hash = Bytes::new();
-    event.hash = Bytes::new();
-    let body = Bytes::from(event.encode_to_vec());
+    let as_is = fields
+        .first()
+        .is_some_and(|first| first.tag == SHARD_ID_FIELD && first.value == Some(shard.as_str().as_bytes()))
+        && fields[1..].iter().all(|f| f.tag != SHARD_ID_FIELD && !LOG_ASSIGNED_FIELDS.contains(&f.tag));
+    let body = if as_is {
+        received
+    } else {
+        let mut body = Vec::with_capacity(received.len() + shard.as_str().len() + 2);
+        prost::encoding::string::encode(SHARD_ID_FIELD, &shard.as_str().to_string(), &mut body);
+        for field in &fields {
+            if field.tag != SHARD_ID_FIELD && !LOG_ASSIGNED_FIELDS.contains(&field.tag) {
+                body.extend_from_slice(field.bytes);
+            }
+        }
+        Bytes::from(body)
+    };
     if body.len() > defaults::MAX_EVENT_BYTES {
-        return Err(InvalidInput::new(
+        return Err(invalid(
             "events",
-            format!("event {index} encodes to {} bytes; the limit is {}", body.len(), defaults::MAX_EVENT_BYTES),
+            format!("encodes to {} bytes; the limit is {}", body.len(), defaults::MAX_EVENT_BYTES),
         ));
     }
     Ok(NewEvent { recorded_at, body })
 }
 
-/// The wire form of a stored event: its body with the log-assigned fields
-/// filled in. A body that does not decode is corrupt.
-pub fn event(shard: &ShardId, event: &LogEvent) -> Result<rpb::ReplicationEvent, CorruptEvent> {
-    let mut decoded = rpb::ReplicationEvent::decode(event.body.clone()).map_err(|err| CorruptEvent {
+/// The wire form of a stored event: its body as stored, followed by the
+/// fields the log assigned (a decoder merges them in). The body must decode,
+/// or the event is corrupt: readers never serve what they could not read.
+pub fn event(shard: &ShardId, event: &LogEvent) -> Result<RawEvent, CorruptEvent> {
+    rpb::ReplicationEvent::decode(event.body.clone()).map_err(|err| CorruptEvent {
         shard: shard.clone(),
         sequence: event.sequence,
         reason: format!("its body does not decode: {err}"),
     })?;
-    decoded.sequence = event.sequence.0;
-    decoded.epoch = event.epoch.0;
-    decoded.prev_hash = Bytes::copy_from_slice(event.prev_hash.as_bytes());
-    decoded.hash = Bytes::copy_from_slice(event.hash.as_bytes());
-    Ok(decoded)
+    let mut served = Vec::with_capacity(event.body.len() + 2 * (32 + 2) + 2 * 11);
+    served.extend_from_slice(&event.body);
+    prost::encoding::uint64::encode(2, &event.sequence.0, &mut served);
+    prost::encoding::uint64::encode(3, &event.epoch.0, &mut served);
+    prost::encoding::bytes::encode(8, &event.prev_hash.as_bytes().to_vec(), &mut served);
+    prost::encoding::bytes::encode(9, &event.hash.as_bytes().to_vec(), &mut served);
+    Ok(RawEvent::from_bytes(Bytes::from(served)))
 }
 
 /// The wire form of an acknowledgement.
@@ -282,6 +314,10 @@ mod tests {
     }
 
     fn request(events: Vec<rpb::ReplicationEvent>) -> pb::AppendRequest {
+        raw_request(events.iter().map(RawEvent::encode).collect())
+    }
+
+    fn raw_request(events: Vec<RawEvent>) -> pb::AppendRequest {
         pb::AppendRequest {
             expected_first_sequence: 0,
             batch_id: 1,
@@ -311,7 +347,7 @@ mod tests {
     fn served_events_carry_the_log_fields_and_match_the_documented_hash() {
         let batch = append_batch(request(vec![completed("")])).expect("valid");
         let stored = chain(ChainHash::ZERO, Sequence(1), Epoch(2), &batch.events);
-        let served = event(&batch.shard, &stored[0]).expect("decodes");
+        let served = event(&batch.shard, &stored[0]).expect("decodes").decode().expect("an ordinary message");
         assert_eq!((served.sequence, served.epoch), (1, 2));
         assert_eq!(served.prev_hash.as_ref(), &[0u8; 32]);
         // A client recomputes the hash from the served message alone.
@@ -322,6 +358,34 @@ mod tests {
         body.hash = Bytes::new();
         let recomputed = ChainHash::compute(&ChainHash::ZERO, Sequence(1), Epoch(2), &body.encode_to_vec());
         assert_eq!(served.hash.as_ref(), recomputed.as_bytes());
+    }
+
+    #[test]
+    fn fields_this_build_does_not_know_are_stored_hashed_and_served() {
+        // A newer producer adds field 50; the hub stores and hashes the bytes
+        // it received (without the log's fields), and serves them back.
+        let mut sent = completed("resourcelease.users").encode_to_vec();
+        prost::encoding::string::encode(50, &"from a newer producer".to_string(), &mut sent);
+        prost::encoding::uint64::encode(2, &77, &mut sent); // a forged sequence, dropped
+        let batch = append_batch(raw_request(vec![RawEvent::from_bytes(Bytes::from(sent.clone()))])).expect("valid");
+        let body = &batch.events[0].body;
+        let tags: Vec<u32> = raw::fields(body).expect("parses").iter().map(|f| f.tag).collect();
+        assert!(tags.contains(&50), "the unknown field is stored: {tags:?}");
+        assert!(!tags.contains(&2), "the log's fields are not: {tags:?}");
+        assert_eq!(body.as_ref(), &sent[..sent.len() - 2], "otherwise the bytes are as sent");
+        let stored = chain(ChainHash::ZERO, Sequence(1), Epoch(2), &batch.events);
+        assert_eq!(stored[0].hash, ChainHash::compute(&ChainHash::ZERO, Sequence(1), Epoch(2), body));
+        let served = event(&batch.shard, &stored[0]).expect("serves");
+        assert!(served.as_slice().starts_with(body), "served as stored, the log's fields after");
+        let served_tags: Vec<u32> = raw::fields(served.as_slice()).expect("parses").iter().map(|f| f.tag).collect();
+        assert!(served_tags.contains(&50));
+    }
+
+    #[test]
+    fn a_canonical_event_naming_its_shard_is_stored_without_a_copy() {
+        let sent = Bytes::from(completed("resourcelease.users").encode_to_vec());
+        let batch = append_batch(raw_request(vec![RawEvent::from_bytes(sent.clone())])).expect("valid");
+        assert_eq!(batch.events[0].body.as_ptr(), sent.as_ptr(), "the very bytes received");
     }
 
     #[test]

@@ -198,7 +198,7 @@ async fn bad_input_is_answered_naming_the_field_and_changes_nothing() {
     let mut appender = Appender::open(&mut client).await;
 
     let mut no_time = batch(shard, "p", 1, epoch, &["a"]);
-    no_time.events[0].recorded_at = None;
+    support::reshape(&mut no_time.events[0], |event| event.recorded_at = None);
     let cases = vec![
         (pb::AppendRequest { shard_id: String::new(), ..batch(shard, "p", 1, epoch, &["a"]) }, "shard_id"),
         (batch(shard, "p", 1, epoch, &[]), "events"),

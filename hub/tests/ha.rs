@@ -41,7 +41,7 @@ async fn consume(
         };
         match message {
             Ok(Some(pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Events(batch)) })) => {
-                for event in batch.events {
+                for event in support::decoded(&batch.events) {
                     seen.push(event.sequence);
                     if seen.len() % every == 0 {
                         let committed = client

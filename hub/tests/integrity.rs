@@ -86,7 +86,7 @@ async fn a_row_corrupted_in_sql_is_detected_by_readers_and_by_verify() {
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(30), frames.message()).await.expect("a frame within 30 s") {
             Ok(Some(pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Events(batch)) })) => {
-                delivered.extend(batch.events.into_iter().map(|e| e.sequence));
+                delivered.extend(support::decoded(&batch.events).into_iter().map(|e| e.sequence));
             }
             Ok(Some(_)) => {}
             Ok(None) => panic!("the stream ended without reporting the corruption"),
@@ -213,7 +213,7 @@ async fn read(
     client
         .read_range(pb::ReadRangeRequest { shard_id: shard.into(), from_sequence: from, to_sequence: to, limit: 0 })
         .await
-        .map(|response| response.into_inner().events.iter().map(|e| e.sequence).collect())
+        .map(|response| support::decoded(&response.into_inner().events).iter().map(|e| e.sequence).collect())
         .map_err(|status| (status.code(), status.message().to_string()))
 }
 
@@ -238,7 +238,7 @@ async fn subscribe_until_failure(
     loop {
         match tokio::time::timeout(Duration::from_secs(30), frames.message()).await.expect("a frame within 30 s") {
             Ok(Some(pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Events(batch)) })) => {
-                delivered.extend(batch.events.into_iter().map(|e| e.sequence));
+                delivered.extend(support::decoded(&batch.events).into_iter().map(|e| e.sequence));
             }
             Ok(Some(_)) => {}
             Ok(None) => panic!("the stream ended without reporting the corruption"),
@@ -330,6 +330,7 @@ async fn a_consistently_rewritten_tail_is_caught_by_checkpoints_and_saved_anchor
         .expect("read")
         .into_inner()
         .events;
+    let received = support::decoded(&received);
     let committed = client
         .commit_checkpoint(pb::CommitCheckpointRequest {
             subscriber_id: "sink".into(),
@@ -380,7 +381,10 @@ async fn a_consistently_rewritten_tail_is_caught_by_checkpoints_and_saved_anchor
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(30), frames.message()).await.expect("a frame within 30 s") {
             Ok(Some(pb::SubscribeResponse { frame: Some(pb::subscribe_response::Frame::Events(batch)) })) => {
-                panic!("forged events were served: {:?}", batch.events.iter().map(|e| e.sequence).collect::<Vec<_>>())
+                panic!(
+                    "forged events were served: {:?}",
+                    support::decoded(&batch.events).iter().map(|e| e.sequence).collect::<Vec<_>>()
+                )
             }
             Ok(Some(_)) => {}
             Ok(None) => panic!("the stream ended without reporting the forgery"),

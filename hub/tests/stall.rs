@@ -26,7 +26,7 @@ async fn logged_items(hub: &TestHub, shard: &str) -> Vec<(u64, String)> {
         .await
         .expect("read the log")
         .into_inner();
-    read.events.iter().map(|event| (event.sequence, item_of(event))).collect()
+    crate::support::decoded(&read.events).iter().map(|event| (event.sequence, item_of(event))).collect()
 }
 
 #[tokio::test]

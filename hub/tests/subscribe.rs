@@ -45,7 +45,7 @@ impl Subscription {
         while events.len() < n {
             assert!(tokio::time::Instant::now() < deadline, "only {} of {n} events within 30 s", events.len());
             match self.frame().await {
-                pb::subscribe_response::Frame::Events(batch) => events.extend(batch.events),
+                pb::subscribe_response::Frame::Events(batch) => events.extend(support::decoded(&batch.events)),
                 pb::subscribe_response::Frame::Progress(_) => {}
                 pb::subscribe_response::Frame::Snapshot(frame) => panic!("unexpected snapshot {frame:?}"),
             }
@@ -163,7 +163,10 @@ async fn subscriptions_start_from_a_time_or_from_the_latest_event() {
     let mut appender = Appender::open(&mut client).await;
     let mut old = batch(shard, "p", 1, epoch, &["old-1", "old-2"]);
     for event in &mut old.events {
-        event.recorded_at = Some(omnirelay_hub::wire::to_timestamp(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)));
+        support::reshape(event, |event| {
+            event.recorded_at =
+                Some(omnirelay_hub::wire::to_timestamp(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)));
+        });
     }
     ack(appender.append(old).await);
     append_items(&mut appender, shard, epoch, 2..=3).await;
@@ -281,7 +284,10 @@ async fn a_subscriber_whose_checkpoint_was_trimmed_gets_the_snapshot_then_the_ta
         .await
         .expect("replay")
         .into_inner();
-    assert_eq!((sequences(&replay.events), replay.low_sequence, replay.head_sequence), (vec![7, 8, 9], 7, 11));
+    assert_eq!(
+        (sequences(&support::decoded(&replay.events)), replay.low_sequence, replay.head_sequence),
+        (vec![7, 8, 9], 7, 11)
+    );
     hub.stop().await;
     store.close().await.expect("close");
 }
@@ -308,7 +314,9 @@ async fn a_slow_subscriber_slows_neither_appends_nor_other_subscribers_and_still
     let mut appender = Appender::open(&mut client).await;
     for seq in 1..=total as u64 {
         let mut request = batch(shard, "p", seq, epoch, &[&format!("item-{seq}")]);
-        request.events[0].metadata.insert("padding".into(), padding.clone());
+        support::reshape(&mut request.events[0], |event| {
+            event.metadata.insert("padding".into(), padding.clone());
+        });
         ack(appender.append(request).await);
     }
     let fast_seen = fast.events(total).await;
@@ -465,7 +473,9 @@ async fn stalled_and_slow_subscribers_stay_within_the_memory_budget_while_others
         let items: Vec<&str> = items.iter().map(String::as_str).collect();
         let mut request = batch(shard, "p", seq, epoch, &items);
         for event in &mut request.events {
-            event.metadata.insert("padding".into(), padding.clone());
+            support::reshape(event, |event| {
+                event.metadata.insert("padding".into(), padding.clone());
+            });
         }
         ack(appender.append(request).await);
     }

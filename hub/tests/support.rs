@@ -1,6 +1,7 @@
 //! Shared setup: migrated databases, stores, in-process hub replicas and
 //! clients.
 
+use omnirelay_hub::proto::raw::RawEvent;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -203,7 +204,7 @@ pub(crate) fn batch(shard: &str, producer: &str, producer_seq: u64, epoch: u64, 
         producer_id: producer.into(),
         producer_seq,
         epoch,
-        events: items.iter().map(|item| event(item)).collect(),
+        events: items.iter().map(|item| RawEvent::encode(&event(item))).collect(),
     }
 }
 
@@ -268,4 +269,16 @@ impl HubProcess {
     pub(crate) async fn client(&self) -> HubClient<Channel> {
         client(self.address).await
     }
+}
+
+/// Served events decoded (what any client does with them).
+pub(crate) fn decoded(events: &[RawEvent]) -> Vec<rpb::ReplicationEvent> {
+    events.iter().map(|event| event.decode().expect("a served event decodes")).collect()
+}
+
+/// Rewrites a raw event through its decoded form (tests that shape events).
+pub(crate) fn reshape(event: &mut RawEvent, change: impl FnOnce(&mut rpb::ReplicationEvent)) {
+    let mut decoded = event.decode().expect("the test's own event decodes");
+    change(&mut decoded);
+    *event = RawEvent::encode(&decoded);
 }

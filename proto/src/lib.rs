@@ -53,11 +53,12 @@ pub mod hub {
     /// Version 1 of the hub contracts.
     pub mod v1 {
         #![allow(unreachable_pub, clippy::all)]
-        tonic::include_proto!("omnirelay.hub.v1");
+        include!(concat!(env!("OUT_DIR"), "/hub/omnirelay.hub.v1.rs"));
     }
 }
 
 pub mod limits;
+pub mod raw;
 
 /// The encoded `FileDescriptorSet` of every OmniRelay contract, for gRPC
 /// server reflection and for tools that list the procedures.

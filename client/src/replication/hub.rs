@@ -37,6 +37,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use omnirelay_proto::hub::v1 as pb;
 use omnirelay_proto::limits::MAX_MESSAGE_BYTES;
+use omnirelay_proto::raw::RawEvent;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -318,20 +319,15 @@ fn unary_error(what: &'static str, status: &tonic::Status) -> ReplicationError {
 
 impl Replicator for HubReplicator {
     fn publish(&self, batch: &Batch) -> PublishFuture {
-        let mut sequence = batch.first;
+        // Encoded canonically with the shard named and the log's fields
+        // unset: the hub stores these bytes as they are.
         let events = batch
             .events
             .iter()
             .map(|event| {
-                let encoded = wire::event(sequence, event);
-                sequence = sequence.after(1);
-                encoded
-            })
-            .map(|mut event| {
-                // The log assigns these; the event's own shard is the batch's.
-                event.sequence = 0;
-                event.shard_id.clear();
-                event
+                let mut encoded = wire::event(Sequence::ZERO, event);
+                encoded.sequence = 0;
+                RawEvent::encode(&encoded)
             })
             .collect();
         let request = pb::AppendRequest {
@@ -436,6 +432,9 @@ impl Replicator for HubReplicator {
             }
             let mut events = Vec::with_capacity(response.events.len());
             for event in response.events {
+                let event = event.decode().map_err(|error| {
+                    ReplicationError::Corrupt(format!("shard {shard}: an event of the log does not decode: {error}"))
+                })?;
                 let link = ChainLink { prev_hash: event.prev_hash.clone(), hash: event.hash.clone() };
                 let event = wire::event_from_pb(event).map_err(|error| {
                     ReplicationError::Corrupt(format!("shard {shard}: an event of the log does not decode: {error}"))

@@ -370,7 +370,9 @@ async fn a_replica_with_stalled_subscribers_stays_within_its_memory_budget() {
         let items: Vec<&str> = items.iter().map(String::as_str).collect();
         let mut request = support::batch(shard, "p", seq, epoch, &items);
         for event in &mut request.events {
-            event.metadata.insert("padding".into(), padding.clone());
+            support::reshape(event, |event| {
+                event.metadata.insert("padding".into(), padding.clone());
+            });
         }
         support::ack(appender.append(request).await);
     };

@@ -97,7 +97,7 @@ impl Hub {
             producer_id: "ops-test".into(),
             producer_seq: 1,
             epoch,
-            events: vec![event],
+            events: vec![omnirelay_proto::raw::RawEvent::encode(&event)],
             expected_first_sequence: 0,
         };
         let mut answers =
