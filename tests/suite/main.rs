@@ -3,5 +3,6 @@
 //! Every test provisions what it needs through the harness in `src/`
 //! (throwaway PostgreSQL and Redis); none skips when a server is missing.
 
+mod durable;
 mod harness;
 mod ops;

@@ -172,6 +172,10 @@ struct NamespaceReplication {
     lag_events: u64,
     /// Sequence of the newest snapshot this node wrote to the log.
     snapshot_sequence: u64,
+    /// SHA-256 (hex) of the queue's canonical state encoding, as decided:
+    /// two nodes (or one before a crash and after its rebuild) whose queues
+    /// hold the same state show the same digest.
+    state_digest: String,
     /// Items waiting, leased and dead-lettered (what a replay rebuilds).
     pending: u64,
     /// Items leased.
@@ -203,6 +207,7 @@ async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
                 durable_sequence: replication.durable.get(),
                 lag_events: replication.decided.get().saturating_sub(replication.durable.get()),
                 snapshot_sequence: replication.snapshot.get(),
+                state_digest: hosted.queue.inspect(state_digest).await,
                 pending: stats.pending,
                 active: stats.active,
                 dead_letters: stats.dead_letters,
@@ -211,6 +216,11 @@ async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
         );
     }
     Json(serde_json::json!({ "node_id": node.node_id.to_string(), "namespaces": namespaces })).into_response()
+}
+
+fn state_digest(state: &crate::queue::QueueState) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &state.encode());
+    digest.as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// `/healthz`: the process runs and answers.

@@ -1,0 +1,504 @@
+//! The durable mesh, end to end with real processes: a hub on the harness's
+//! PostgreSQL and `omnirelay node --hub` sidecars, killed with SIGKILL and
+//! started again. What a caller was told is done must still be done after
+//! any of them dies; what it was not told may or may not have happened, but
+//! is never duplicated.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use omnirelay_proto::hub::v1 as hub_pb;
+use omnirelay_proto::resourcelease::v1 as pb;
+use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// Bound on waiting for a process, a probe or a recovery (a hang guard, not
+/// a performance claim): debug builds on a loaded two-core machine.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+const SHARD: &str = "resourcelease.durable";
+
+/// A child process whose stderr is kept for failure messages.
+struct Process {
+    child: Child,
+    log: tokio::task::JoinHandle<String>,
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Process {
+        command.kill_on_drop(true).stdout(Stdio::null()).stderr(Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OMNIRELAY_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command.spawn().expect("the binary should start");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let log = tokio::spawn(async move {
+            let mut log = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            log
+        });
+        Process { child, log }
+    }
+
+    /// SIGKILL, and the log so far.
+    async fn kill(mut self) -> String {
+        self.child.kill().await.expect("kill -9");
+        self.log.await.unwrap_or_default()
+    }
+}
+
+/// `omnirelay-hub` on PostgreSQL, on a given gRPC port (so nodes find it
+/// again after a restart).
+struct Hub {
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    process: Process,
+}
+
+impl Hub {
+    async fn start(binary: &Path, url: &str, grpc: u16) -> Hub {
+        let migrated = Command::new(binary)
+            .args(["migrate", "--database-url", url, "--database-tls", "disable"])
+            .output()
+            .await
+            .expect("run omnirelay-hub migrate");
+        assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+        let admin = free_port();
+        let mut command = Command::new(binary);
+        command
+            .args(["--listen", &format!("127.0.0.1:{grpc}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--database-url", url, "--database-tls", "disable"]);
+        let hub = Hub {
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            process: Process::spawn(command),
+        };
+        wait_for_ok(hub.admin, "/readyz").await;
+        hub
+    }
+
+    async fn client(&self) -> hub_pb::hub_client::HubClient<Channel> {
+        let channel =
+            Channel::from_shared(format!("http://{}", self.grpc)).expect("URI").connect().await.expect("connect");
+        hub_pb::hub_client::HubClient::new(channel)
+    }
+}
+
+/// `omnirelay node --hub`, trusting callers on loopback to name themselves.
+struct Node {
+    rpc: SocketAddr,
+    control: SocketAddr,
+    process: Process,
+}
+
+impl Node {
+    async fn start(binary: &Path, dir: &Path, hub: SocketAddr) -> Node {
+        let (rpc, control) = (free_port(), free_port());
+        let authz = dir.join("authz.json");
+        std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
+            .expect("write the authorization table");
+        let mut command = Command::new(binary);
+        command
+            .current_dir(dir)
+            .args([
+                "node",
+                "--listen",
+                &format!("127.0.0.1:{rpc}"),
+                "--control-listen",
+                &format!("127.0.0.1:{control}"),
+            ])
+            .args(["--node-id", "node-a", "--namespace", SHARD, "--trusted-proxy", "127.0.0.1"])
+            .args(["--hub", &format!("http://{hub}")])
+            // A short shard lease: a restarted node waits for the dead
+            // one's lease to lapse (it holds the same id, so it may take
+            // it over at once; the short TTL bounds the other cases).
+            .args(["--shard-lease-ttl-ms", "3000"])
+            .arg("--authorization-file")
+            .arg(&authz);
+        let node = Node {
+            rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
+            control: SocketAddr::from(([127, 0, 0, 1], control)),
+            process: Process::spawn(command),
+        };
+        wait_for_ok(node.control, "/readyz").await;
+        node
+    }
+
+    async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
+        let channel =
+            Channel::from_shared(format!("http://{}", self.rpc)).expect("URI").connect().await.expect("connect");
+        pb::resource_lease_client::ResourceLeaseClient::new(channel)
+    }
+
+    /// The namespace's replication state (`/omnirelay/control/replication`).
+    async fn replication(&self) -> serde_json::Value {
+        let (_, body) = http_get(self.control, "/omnirelay/control/replication").await.expect("diagnostics");
+        let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        all["namespaces"][SHARD].clone()
+    }
+}
+
+/// A request as the loopback principal `ops`, with a deadline.
+fn call<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-client-principal", "ops".parse().expect("ASCII"));
+    request.set_timeout(Duration::from_secs(5));
+    request
+}
+
+fn payload(request_id: &str) -> pb::ItemPayload {
+    pb::ItemPayload {
+        resource_type: "invoice".into(),
+        resource_id: request_id.into(),
+        request_id: request_id.into(),
+        body: format!("body of {request_id}").into_bytes().into(),
+        ..Default::default()
+    }
+}
+
+async fn enqueue(
+    client: &mut pb::resource_lease_client::ResourceLeaseClient<Channel>,
+    id: &str,
+) -> Result<pb::EnqueueResponse, tonic::Status> {
+    client
+        .enqueue(call(pb::EnqueueRequest { namespace: SHARD.into(), payload: Some(payload(id)), ..Default::default() }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn lease(client: &mut pb::resource_lease_client::ResourceLeaseClient<Channel>, owner: &str) -> pb::WorkItem {
+    client
+        .lease(call(pb::LeaseRequest { namespace: SHARD.into(), owner: owner.into(), ..Default::default() }))
+        .await
+        .expect("lease")
+        .into_inner()
+        .item
+        .expect("an item is pending")
+}
+
+async fn stats(client: &mut pb::resource_lease_client::ResourceLeaseClient<Channel>) -> pb::StatsResponse {
+    client.stats(call(pb::StatsRequest { namespace: SHARD.into() })).await.expect("stats").into_inner()
+}
+
+/// Every Enqueued event of the shard's log, by request id, read from the hub.
+async fn logged_enqueues(hub: &Hub) -> BTreeMap<String, usize> {
+    let mut client = hub.client().await;
+    let mut counts = BTreeMap::new();
+    let mut from = 1;
+    loop {
+        let page = client
+            .read_range(hub_pb::ReadRangeRequest {
+                shard_id: SHARD.into(),
+                from_sequence: from,
+                to_sequence: 0,
+                limit: 0,
+            })
+            .await
+            .expect("read the log")
+            .into_inner();
+        if page.events.is_empty() {
+            return counts;
+        }
+        for event in &page.events {
+            let event = event.decode().expect("a logged event decodes");
+            from = event.sequence + 1;
+            if let Some(omnirelay_proto::replication::v1::replication_event::Event::Enqueued(enqueued)) = event.event {
+                let id = enqueued.item.and_then(|item| item.payload).map(|p| p.request_id).unwrap_or_default();
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
+    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let mut client = node.client().await;
+
+    let mut acknowledged = BTreeMap::new();
+    for n in 0..40 {
+        let id = format!("req-{n}");
+        let answer = enqueue(&mut client, &id).await.expect("the hub is up: every enqueue is acknowledged");
+        acknowledged.insert(id, answer.item_id);
+    }
+    let held = lease(&mut client, "worker-1").await;
+    let handle = held.lease.clone().expect("a lease handle");
+    let done = lease(&mut client, "worker-1").await;
+    client
+        .complete(call(pb::CompleteRequest {
+            namespace: SHARD.into(),
+            handle: done.lease.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("complete");
+    let failed = lease(&mut client, "worker-1").await;
+    client
+        .fail(call(pb::FailRequest {
+            namespace: SHARD.into(),
+            handle: failed.lease.clone(),
+            error: "flaky".into(),
+            requeue_delay: Some(prost_types::Duration { seconds: 0, nanos: 0 }),
+            ..Default::default()
+        }))
+        .await
+        .expect("fail");
+    let before = stats(&mut client).await;
+    let digest_before = node.replication().await["state_digest"].clone();
+    assert!(digest_before.is_string(), "{digest_before}");
+
+    // More enqueues, then SIGKILL mid-stream: whichever were acknowledged
+    // must survive; the others may or may not have.
+    let mut racing = node.client().await;
+    let burst = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for n in 40..400 {
+            let id = format!("req-{n}");
+            if let Ok(answer) = enqueue(&mut racing, &id).await {
+                acked.push((id, answer.item_id));
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    node.process.kill().await;
+    let raced = burst.await.expect("join");
+    let raced_acks = raced.len();
+    acknowledged.extend(raced);
+
+    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let mut client = node.client().await;
+    // Every acknowledged enqueue is there: enqueueing it again finds it.
+    for (id, item_id) in &acknowledged {
+        let again = enqueue(&mut client, id).await.expect("enqueue again");
+        assert!(again.deduplicated, "{id} was acknowledged before the crash but is gone");
+        assert_eq!(&again.item_id, item_id, "{id} came back as another item");
+    }
+    // Nothing was written twice.
+    let logged = logged_enqueues(&hub).await;
+    assert!(logged.values().all(|count| *count == 1), "an enqueue was logged twice: {logged:?}");
+    for id in acknowledged.keys() {
+        assert_eq!(logged.get(id), Some(&1), "{id} is not in the log");
+    }
+    // The lease granted before the crash keeps its fencing token.
+    client
+        .heartbeat(call(pb::HeartbeatRequest {
+            namespace: SHARD.into(),
+            handle: Some(handle.clone()),
+            ..Default::default()
+        }))
+        .await
+        .expect("the pre-crash token heartbeats");
+    client
+        .complete(call(pb::CompleteRequest { namespace: SHARD.into(), handle: Some(handle), ..Default::default() }))
+        .await
+        .expect("the pre-crash token completes its item");
+    let after = stats(&mut client).await;
+    assert_eq!(after.active, before.active - 1, "one lease was completed since");
+    assert_eq!(
+        after.pending + after.active,
+        before.pending + before.active - 1 + (logged.len() - 40) as u64,
+        "every logged enqueue is pending or leased ({raced_acks} of the racing ones were acknowledged)"
+    );
+    let _ = node.process.kill().await;
+    drop(hub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_rebuilds_the_state_it_had_byte_for_byte() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
+    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let mut client = node.client().await;
+    for n in 0..25 {
+        enqueue(&mut client, &format!("req-{n}")).await.expect("enqueue");
+    }
+    for _ in 0..5 {
+        lease(&mut client, "worker-1").await;
+    }
+    let before = node.replication().await;
+    let after_kill = {
+        node.process.kill().await;
+        let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+        let replication = node.replication().await;
+        let _ = node.process.kill().await;
+        replication
+    };
+    assert_eq!(after_kill["last_sequence"], before["last_sequence"]);
+    assert_eq!(after_kill["state_digest"], before["state_digest"], "the rebuilt state is the state before the crash");
+    assert!(after_kill["epoch"].as_u64() > before["epoch"].as_u64(), "the restarted node took a new epoch");
+    drop(hub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hub_loses_nothing_the_node_acknowledged() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let grpc = free_port();
+    let hub = Hub::start(&binaries.hub, db.url(), grpc).await;
+    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let mut racing = node.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = std::sync::Arc::clone(&stop);
+    // Enqueues without pause until told to stop: before, while and after the
+    // hub is down.
+    let burst = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut refused = 0;
+        let mut longest = Duration::ZERO;
+        let mut n = 0;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let id = format!("req-{n}");
+            n += 1;
+            let started = tokio::time::Instant::now();
+            let answer = enqueue(&mut racing, &id).await;
+            longest = longest.max(started.elapsed());
+            match answer {
+                Ok(answer) => acked.push((id, answer.item_id)),
+                Err(_) => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        (acked, refused, longest)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.process.kill().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let hub = Hub::start(&binaries.hub, db.url(), grpc).await;
+    // The node noticed, waited and serves again.
+    eventually("the node serves again", HANG_GUARD, || async {
+        let replication = node.replication().await;
+        if replication["status"] == "serving" && replication["lag_events"] == 0 {
+            Ok(())
+        } else {
+            Err(replication.to_string())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acknowledged, refused, longest) = burst.await.expect("join");
+    // A call in flight when the hub died either waited for it (the node
+    // retries with the same producer sequence) or ran out of its deadline.
+    assert!(
+        refused > 0 || longest >= Duration::from_secs(1),
+        "no enqueue met the dead hub (longest {longest:?}, none refused)"
+    );
+    assert!(acknowledged.len() > 10, "enqueues were acknowledged ({})", acknowledged.len());
+    let mut client = node.client().await;
+    for (id, item_id) in &acknowledged {
+        let again = enqueue(&mut client, id).await.expect("enqueue again");
+        assert!(again.deduplicated && &again.item_id == item_id, "{id} was acknowledged but is gone");
+    }
+    let logged = logged_enqueues(&hub).await;
+    assert!(logged.values().all(|count| *count == 1), "an enqueue was logged twice: {logged:?}");
+    let _ = node.process.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_shard_was_taken_over_fences_itself_and_serves_again_once_it_is_back() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
+    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let mut client = node.client().await;
+    enqueue(&mut client, "req-0").await.expect("enqueue");
+
+    // Another owner takes the shard: the node's lease is released under it
+    // and granted to an intruder with a new epoch.
+    let mut hub_client = hub.client().await;
+    let epoch = node.replication().await["epoch"].as_u64().expect("an epoch");
+    let released = hub_client
+        .release_shard(hub_pb::ReleaseShardRequest { shard_id: SHARD.into(), owner: "node-a".into(), epoch })
+        .await
+        .expect("release")
+        .into_inner();
+    assert!(released.released);
+    let intruder = hub_client
+        .acquire_shard(hub_pb::AcquireShardRequest {
+            shard_id: SHARD.into(),
+            owner: "intruder".into(),
+            ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+        })
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert!(intruder.granted, "{intruder:?}");
+    let head = intruder.lease.as_ref().expect("lease").head_sequence;
+
+    // The node's next batch carries its old epoch: the hub refuses it, the
+    // node fences the shard and answers UNAVAILABLE, and nothing is written.
+    let refused = enqueue(&mut client, "req-1").await.expect_err("the epoch is stale");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let replication = node.replication().await;
+    assert_eq!(replication["status"], "fenced", "{replication}");
+    let (status, ready) = http_get(node.control, "/readyz").await.expect("readyz");
+    assert_eq!(status, 503, "{ready}");
+    let lease = hub_client
+        .acquire_shard(hub_pb::AcquireShardRequest { shard_id: SHARD.into(), owner: "probe".into(), ttl: None })
+        .await
+        .expect("read the lease")
+        .into_inner();
+    assert_eq!(lease.lease.expect("lease").head_sequence, head, "the refused batch wrote nothing");
+
+    // The intruder leaves; the node takes the shard back and serves.
+    hub_client
+        .release_shard(hub_pb::ReleaseShardRequest {
+            shard_id: SHARD.into(),
+            owner: "intruder".into(),
+            epoch: intruder.lease.expect("lease").epoch,
+        })
+        .await
+        .expect("release");
+    eventually("the node serves again", HANG_GUARD, || async {
+        let replication = node.replication().await;
+        if replication["status"] == "serving" { Ok(()) } else { Err(replication.to_string()) }
+    })
+    .await;
+    enqueue(&mut client, "req-1").await.expect("served again");
+    let _ = node.process.kill().await;
+}
+
+/// GETs `path` over plain HTTP/1.1 and returns the status and body.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|err| format!("connect: {err}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|err| format!("write: {err}"))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.map_err(|err| format!("read: {err}"))?;
+    let response = String::from_utf8(response).map_err(|err| format!("not UTF-8: {err}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no header end")?;
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).ok_or("no status")?;
+    Ok((status, body.to_string()))
+}
+
+/// Waits until `GET path` answers 200, within the hang guard.
+async fn wait_for_ok(addr: SocketAddr, path: &str) {
+    eventually(&format!("GET {path} answers 200"), HANG_GUARD, || async {
+        match http_get(addr, path).await {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
