@@ -304,7 +304,7 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
         .await
         .expect("the pre-crash token heartbeats");
     client
-        .complete(call(pb::CompleteRequest { namespace: SHARD.into(), handle: Some(handle), ..Default::default() }))
+        .complete(call(pb::CompleteRequest { namespace: SHARD.into(), handle: Some(handle) }))
         .await
         .expect("the pre-crash token completes its item");
     let after = stats(&mut client).await;
