@@ -239,11 +239,7 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
     let handle = held.lease.clone().expect("a lease handle");
     let done = lease(&mut client, "worker-1").await;
     client
-        .complete(call(pb::CompleteRequest {
-            namespace: SHARD.into(),
-            handle: done.lease.clone(),
-            ..Default::default()
-        }))
+        .complete(call(pb::CompleteRequest { namespace: SHARD.into(), handle: done.lease.clone() }))
         .await
         .expect("complete");
     let failed = lease(&mut client, "worker-1").await;
