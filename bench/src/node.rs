@@ -298,6 +298,7 @@ canned! {
     drain: DrainRequest => DrainResponse,
     resume: ResumeRequest => ResumeResponse,
     restore: RestoreRequest => RestoreResponse,
+    purge_drained: PurgeDrainedRequest => PurgeDrainedResponse,
     list_dead_letters: ListDeadLettersRequest => ListDeadLettersResponse,
     get_dead_letter: GetDeadLetterRequest => GetDeadLetterResponse,
     redrive_dead_letter: RedriveDeadLetterRequest => RedriveDeadLetterResponse,

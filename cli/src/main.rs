@@ -93,6 +93,18 @@ enum Command {
         #[arg(long)]
         snapshot: PathBuf,
     },
+    /// Drops a drain snapshot's items from the drained source queue once
+    /// they were restored elsewhere, so resuming it cannot serve them twice.
+    PurgeDrained {
+        #[command(flatten)]
+        target: Target,
+        /// The drained namespace (the source).
+        #[arg(long, default_value = "resourcelease")]
+        namespace: String,
+        /// The snapshot file written by `drain`.
+        #[arg(long)]
+        snapshot: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -216,13 +228,76 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print(output, &response, |v| format!("resumed: {}\n", v["resumed"]));
         }
         Command::Restore { target, namespace, snapshot } => {
-            let text = std::fs::read(&snapshot).with_context(|| format!("read {}", snapshot.display()))?;
-            let snapshot: Value = serde_json::from_slice(&text).context("the snapshot file is not JSON")?;
-            let response = target.call(&namespace, "restore", &json!({ "snapshot": snapshot })).await?;
-            print(output, &response, |v| format!("restored {} items, skipped {}\n", v["restored"], v["skipped"]));
+            let snapshot = read_snapshot(&snapshot)?;
+            // One call must stay under the node's restore limit (16 MiB):
+            // larger snapshots go in several calls, each atomic, and items a
+            // call already restored are skipped by the next attempt.
+            let chunks = restore_chunks(&snapshot);
+            let (mut restored, mut skipped) = (0, 0);
+            for chunk in &chunks {
+                let response = target.call(&namespace, "restore", &json!({ "snapshot": chunk })).await?;
+                restored += response["restored"].as_u64().unwrap_or(0);
+                skipped += response["skipped"].as_u64().unwrap_or(0);
+            }
+            let summary = json!({ "restored": restored, "skipped": skipped, "calls": chunks.len() });
+            print(output, &summary, |v| format!("restored {} items, skipped {}\n", v["restored"], v["skipped"]));
+        }
+        Command::PurgeDrained { target, namespace, snapshot } => {
+            let snapshot = read_snapshot(&snapshot)?;
+            let ids: Vec<Value> = snapshot["items"]
+                .as_array()
+                .context("the snapshot has no items")?
+                .iter()
+                .map(|item| item["item_id"].clone())
+                .collect();
+            let (mut purged, mut skipped) = (0, 0);
+            for chunk in ids.chunks(omnirelay_client::defaults::PURGE_DRAINED_MAX) {
+                let response = target.call(&namespace, "purge_drained", &json!({ "item_ids": chunk })).await?;
+                purged += response["purged"].as_u64().unwrap_or(0);
+                skipped += response["skipped"].as_u64().unwrap_or(0);
+            }
+            let summary = json!({ "purged": purged, "skipped": skipped });
+            print(output, &summary, |v| format!("purged {} items, skipped {}\n", v["purged"], v["skipped"]));
         }
     }
     Ok(())
+}
+
+fn read_snapshot(path: &std::path::Path) -> anyhow::Result<Value> {
+    let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&text).context("the snapshot file is not JSON")
+}
+
+/// Splits a drain snapshot into snapshots whose JSON stays under the
+/// node's restore limit, keeping the items' order (an item larger than the
+/// limit goes alone, and the node names it in its refusal).
+fn restore_chunks(snapshot: &Value) -> Vec<Value> {
+    // Room for the envelope and JSON's own overhead.
+    let limit = omnirelay_client::middleware::defaults::MAX_RESTORE_REQUEST_BYTES - 64 * 1024;
+    let items = snapshot["items"].as_array().cloned().unwrap_or_default();
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let size = item.to_string().len() + 1;
+        if !chunk.is_empty() && bytes + size > limit {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(item);
+    }
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+        .into_iter()
+        .map(|items| {
+            let mut part = snapshot.clone();
+            part["items"] = Value::Array(items);
+            part
+        })
+        .collect()
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -256,4 +331,28 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         let _ = tokio::task::spawn_blocking(move || guard.shutdown()).await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_snapshot_is_restored_in_calls_under_the_limit_keeping_its_order() {
+        let body = "x".repeat(6 * 1024 * 1024);
+        let items: Vec<Value> =
+            (0..5).map(|n| json!({ "item_id": n.to_string(), "payload": { "body": body } })).collect();
+        let snapshot = json!({ "namespace": "resourcelease", "sequence": 9, "items": items });
+        let chunks = restore_chunks(&snapshot);
+        assert!(chunks.len() >= 3, "{} calls", chunks.len());
+        let limit = omnirelay_client::middleware::defaults::MAX_RESTORE_REQUEST_BYTES;
+        let mut ids = Vec::new();
+        for chunk in &chunks {
+            assert!(chunk.to_string().len() < limit, "a call of {} bytes", chunk.to_string().len());
+            assert_eq!(chunk["sequence"], 9, "each call carries the snapshot's envelope");
+            ids.extend(chunk["items"].as_array().expect("items").iter().map(|i| i["item_id"].clone()));
+        }
+        assert_eq!(ids, (0..5).map(|n| json!(n.to_string())).collect::<Vec<_>>());
+        assert_eq!(restore_chunks(&json!({ "items": [] })).len(), 1, "an empty snapshot is one call");
+    }
 }

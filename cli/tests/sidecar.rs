@@ -462,6 +462,7 @@ async fn the_http_json_examples_of_the_mesh_node_guide_hold() {
         "drain",
         "resume",
         "restore",
+        "purge_drained",
         "list_dead_letters",
         "get_dead_letter",
         "redrive_dead_letter",

@@ -45,6 +45,8 @@ pub enum Procedure {
     Resume,
     /// `Restore`.
     Restore,
+    /// `PurgeDrained`.
+    PurgeDrained,
     /// `ListDeadLetters`.
     ListDeadLetters,
     /// `GetDeadLetter`.
@@ -61,7 +63,7 @@ pub enum Procedure {
 
 impl Procedure {
     /// Every RPC of the service, in the order of the service definition.
-    pub const ALL: [Procedure; 14] = [
+    pub const ALL: [Procedure; 15] = [
         Procedure::Enqueue,
         Procedure::Lease,
         Procedure::Heartbeat,
@@ -70,6 +72,7 @@ impl Procedure {
         Procedure::Drain,
         Procedure::Resume,
         Procedure::Restore,
+        Procedure::PurgeDrained,
         Procedure::ListDeadLetters,
         Procedure::GetDeadLetter,
         Procedure::RedriveDeadLetter,
@@ -80,7 +83,7 @@ impl Procedure {
 
     /// The calls: every procedure but [`Session`](Procedure::Session). The
     /// authorization table's vocabulary and the HTTP/JSON paths.
-    pub const CALLS: [Procedure; 13] = [
+    pub const CALLS: [Procedure; 14] = [
         Procedure::Enqueue,
         Procedure::Lease,
         Procedure::Heartbeat,
@@ -89,6 +92,7 @@ impl Procedure {
         Procedure::Drain,
         Procedure::Resume,
         Procedure::Restore,
+        Procedure::PurgeDrained,
         Procedure::ListDeadLetters,
         Procedure::GetDeadLetter,
         Procedure::RedriveDeadLetter,
@@ -117,6 +121,7 @@ impl Procedure {
             Procedure::Drain => "Drain",
             Procedure::Resume => "Resume",
             Procedure::Restore => "Restore",
+            Procedure::PurgeDrained => "PurgeDrained",
             Procedure::ListDeadLetters => "ListDeadLetters",
             Procedure::GetDeadLetter => "GetDeadLetter",
             Procedure::RedriveDeadLetter => "RedriveDeadLetter",
@@ -139,6 +144,7 @@ impl Procedure {
             Procedure::Drain => "drain",
             Procedure::Resume => "resume",
             Procedure::Restore => "restore",
+            Procedure::PurgeDrained => "purge_drained",
             Procedure::ListDeadLetters => "list_dead_letters",
             Procedure::GetDeadLetter => "get_dead_letter",
             Procedure::RedriveDeadLetter => "redrive_dead_letter",

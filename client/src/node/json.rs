@@ -653,6 +653,14 @@ message! {
     RedriveDeadLetterResponse {
         item_id: String,
     }
+    PurgeDrainedRequest {
+        namespace: String,
+        item_ids: Vec<String>,
+    }
+    PurgeDrainedResponse {
+        purged: u32,
+        skipped: u32,
+    }
     PurgeDeadLettersRequest {
         namespace: String,
         item_ids: Vec<String>,
@@ -698,6 +706,8 @@ top_level!(
     GetDeadLetterResponse,
     RedriveDeadLetterRequest,
     RedriveDeadLetterResponse,
+    PurgeDrainedRequest,
+    PurgeDrainedResponse,
     PurgeDeadLettersRequest,
     PurgeDeadLettersResponse,
     StatsRequest,

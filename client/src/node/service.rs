@@ -264,6 +264,22 @@ impl NodeInner {
         Ok(pb::PurgeDeadLettersResponse { purged: hosted.queue.purge_dead_letters(&cx.caller, which).await? })
     }
 
+    async fn purge_drained(
+        &self,
+        cx: &CallContext,
+        request: pb::PurgeDrainedRequest,
+    ) -> Result<pb::PurgeDrainedResponse> {
+        let hosted = self.hosted(&request.namespace)?;
+        let ids = request
+            .item_ids
+            .iter()
+            .enumerate()
+            .map(|(index, id)| wire::item_id_from_pb(&format!("item_ids[{index}]"), id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = hosted.queue.purge_drained(&cx.caller, &ids).await?;
+        Ok(pb::PurgeDrainedResponse { purged: done.purged, skipped: done.skipped })
+    }
+
     async fn stats(&self, _cx: &CallContext, request: pb::StatsRequest) -> Result<pb::StatsResponse> {
         let hosted = self.hosted(&request.namespace)?;
         let stats = hosted.queue.stats().await?;
@@ -375,6 +391,7 @@ procedures! {
     ListDeadLetters => list_dead_letters(ListDeadLettersRequest) -> ListDeadLettersResponse,
     GetDeadLetter => get_dead_letter(GetDeadLetterRequest) -> GetDeadLetterResponse,
     RedriveDeadLetter => redrive_dead_letter(RedriveDeadLetterRequest) -> RedriveDeadLetterResponse,
+    PurgeDrained => purge_drained(PurgeDrainedRequest) -> PurgeDrainedResponse,
     PurgeDeadLetters => purge_dead_letters(PurgeDeadLettersRequest) -> PurgeDeadLettersResponse,
     Stats => stats(StatsRequest) -> StatsResponse,
 }

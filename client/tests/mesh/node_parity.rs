@@ -563,6 +563,54 @@ fn table() -> Vec<Step> {
             |m| json!({"namespace": U, "snapshot": m.get("d1")["snapshot"]}),
             OK,
         ),
+        // the source drops what was restored elsewhere
+        call(
+            "purge drained items from a queue that is not draining",
+            Who::Operator,
+            PurgeDrained,
+            |m| json!({"namespace": N, "item_ids": [m.get("d1")["snapshot"]["items"][0]["item_id"]]}),
+            E(FailedPrecondition, "not draining"),
+        ),
+        call(
+            "purge drained items as a worker, who may not",
+            Who::Worker1,
+            PurgeDrained,
+            |m| json!({"namespace": N, "item_ids": [m.get("d1")["snapshot"]["items"][0]["item_id"]]}),
+            E(PermissionDenied, "purge_drained"),
+        ),
+        call(
+            "drain again",
+            Who::Operator,
+            Drain,
+            |_| json!({"namespace": N, "mode": "DRAIN_MODE_HAND_BACK", "wait_timeout": "0s"}),
+            OK,
+        ),
+        call(
+            "purge drained with a malformed id",
+            Who::Operator,
+            PurgeDrained,
+            |_| json!({"namespace": N, "item_ids": ["bad"]}),
+            E(InvalidArgument, "item_ids[0]"),
+        ),
+        keep(
+            call(
+                "purge the items restored elsewhere",
+                Who::Operator,
+                PurgeDrained,
+                |m| {
+                    let ids: Vec<Value> = m.get("d1")["snapshot"]["items"]
+                        .as_array()
+                        .expect("items")
+                        .iter()
+                        .map(|item| item["item_id"].clone())
+                        .collect();
+                    json!({"namespace": N, "item_ids": ids})
+                },
+                OK,
+            ),
+            "purged",
+        ),
+        call("resume after the purge", Who::Operator, Resume, |_| json!({"namespace": N}), OK),
         // backpressure on the small queue
         call(
             "enqueue up to the high watermark",
@@ -767,6 +815,7 @@ async fn every_transport_answers_every_procedure_identically() {
     assert_eq!(find("fail into the dead-letter list").value()["outcome"], "FAIL_OUTCOME_DEAD_LETTERED");
     assert_eq!(find("restore into another namespace").value()["restored"], 1);
     assert_eq!(find("restore it again skips what is there").value()["skipped"], 1);
+    assert_eq!(find("purge the items restored elsewhere").value()["purged"], 1, "the restored item left its source");
     assert_eq!(find("resume a queue that is not draining").value()["resumed"], false);
     let Outcome::Err { backpressure: Some(signal), .. } = find("enqueue under backpressure") else {
         panic!("backpressure carries its signal");

@@ -254,6 +254,7 @@ pub(crate) enum Req {
     Drain(pb::DrainRequest),
     Resume(pb::ResumeRequest),
     Restore(pb::RestoreRequest),
+    PurgeDrained(pb::PurgeDrainedRequest),
     ListDeadLetters(pb::ListDeadLettersRequest),
     GetDeadLetter(pb::GetDeadLetterRequest),
     RedriveDeadLetter(pb::RedriveDeadLetterRequest),
@@ -312,6 +313,12 @@ macro_rules! each_request {
                 type $response = pb::RestoreResponse;
                 $body
             }
+            Req::PurgeDrained($message) => {
+                let $procedure = Procedure::PurgeDrained;
+                #[allow(dead_code)]
+                type $response = pb::PurgeDrainedResponse;
+                $body
+            }
             Req::ListDeadLetters($message) => {
                 let $procedure = Procedure::ListDeadLetters;
                 #[allow(dead_code)]
@@ -360,6 +367,9 @@ impl Req {
             Procedure::Drain => Req::Drain(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}"))),
             Procedure::Resume => Req::Resume(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}"))),
             Procedure::Restore => Req::Restore(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}"))),
+            Procedure::PurgeDrained => {
+                Req::PurgeDrained(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}")))
+            }
             Procedure::ListDeadLetters => {
                 Req::ListDeadLetters(json::decode(&bytes).unwrap_or_else(|err| panic!("{err}: {value}")))
             }
