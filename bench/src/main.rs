@@ -18,11 +18,17 @@
 //!   `OMNIRELAY_BENCH_REDIS_URL` (default `redis://127.0.0.1:6379/`; a
 //!   connection per worker, or one shared) and a canned-answer tonic server
 //!   in the same run (see `node.rs`).
+//! - `node-durable [seconds]`: the cycle through one node replicating to a
+//!   hub on durable PostgreSQL at 1, 8 and 64 workers, against a PostgreSQL
+//!   SKIP LOCKED queue on the same cluster, with CPU per cycle of the node,
+//!   the hub and PostgreSQL; then the recovery time of a queue whose log
+//!   holds a million events (see `durable.rs`).
 
 /// The process allocator (see the workspace `Cargo.toml` for why).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod durable;
 mod hub;
 mod node;
 
@@ -50,12 +56,15 @@ fn main() {
         "queue" => queue(cycles.unwrap_or(1_000_000)),
         "queue-cycles" => queue_cycles(cycles.unwrap_or(100_000)),
         "hub" => hub_scenario(&all[1..]),
+        "node-durable" => durable::run(cycles.unwrap_or(10)),
         "node" => {
             let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
             node::run(cycles.unwrap_or(5), &url)
         }
         _ => {
-            eprintln!("usage: omnirelay-bench <queue|queue-cycles|hub|node> [options]; see bench/README.md");
+            eprintln!(
+                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable> [options]; see bench/README.md"
+            );
             eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);
         }

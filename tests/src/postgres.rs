@@ -187,7 +187,7 @@ impl PgCluster {
 
     /// The postmaster (from `postmaster.pid`) and its children (from
     /// `/proc`), postmaster first.
-    fn server_pids(&self) -> Result<Vec<u32>> {
+    pub fn server_pids(&self) -> Result<Vec<u32>> {
         let pid_file = self.data_dir().join("postmaster.pid");
         let text = std::fs::read_to_string(&pid_file).map_err(|source| io("read postmaster.pid", source))?;
         let postmaster: u32 = text.lines().next().and_then(|line| line.trim().parse().ok()).ok_or_else(|| {

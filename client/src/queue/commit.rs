@@ -545,6 +545,7 @@ impl Shared {
             core.open_first = core.state.last_sequence().after(1);
             core.open_landing = Some(Arc::new(Landing::default()));
         }
+        let dead_letters_before = core.state.dead_letters();
         let Core { fresh, open, open_bytes, state, .. } = core;
         let mut sequence = state.last_sequence();
         for event in fresh.events.drain(..) {
@@ -553,7 +554,7 @@ impl Shared {
             apply_accepted(self, state, sequence, event.clone());
             open.push(event);
         }
-        self.applied(core);
+        self.applied(core, dead_letters_before);
         self.update_lag(core);
         Ticket::Pending(Arc::clone(core.open_landing.as_ref().expect("the open batch has a landing")))
     }
@@ -561,6 +562,7 @@ impl Shared {
     /// Applies the fresh batch's events in order, emptying it.
     #[inline]
     fn apply_fresh(&self, core: &mut Core) {
+        let dead_letters_before = core.state.dead_letters();
         let Core { fresh, state, .. } = core;
         let mut sequence = state.last_sequence();
         if fresh.events.len() == 1 {
@@ -573,16 +575,19 @@ impl Shared {
                 apply_accepted(self, state, sequence, event);
             }
         }
-        self.applied(core);
+        self.applied(core, dead_letters_before);
     }
 
-    /// After a batch was applied: gauges and waiters.
+    /// After a batch was applied: gauges (the dead-letter gauge only when
+    /// its count changed, which most batches do not) and waiters.
     #[inline]
-    fn applied(&self, core: &Core) {
+    fn applied(&self, core: &Core, dead_letters_before: u64) {
         let state = &core.state;
         self.metrics.pending.set(state.pending() as f64);
         self.metrics.active.set(state.active() as f64);
-        self.metrics.dead_letters.set(state.dead_letters() as f64);
+        if state.dead_letters() != dead_letters_before {
+            self.metrics.dead_letters.set(state.dead_letters() as f64);
+        }
         if self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0 {
             self.changed.notify_waiters();
         }
