@@ -288,6 +288,65 @@ async fn skip_locked_worker(
     })
 }
 
+/// Appends per second by `producers` producers on one shard, each with one
+/// 1-event batch in flight, through [`HubReplicator`]s (the node's path to
+/// the hub without the node).
+async fn hub_ceiling(hub: std::net::SocketAddr, producers: usize, step: Duration) -> anyhow::Result<f64> {
+    use omnirelay_client::replication::{Batch, Replicator};
+    let shard = ShardId::from(format!("resourcelease.ceiling{producers}"));
+    let replicator = Arc::new(
+        HubReplicator::new(HubReplicatorConfig::new([HubEndpoint::new(format!("http://{hub}"))]))
+            .map_err(|err| anyhow::anyhow!("{err}"))?,
+    );
+    let grant = replicator.acquire_shard(&shard, "ceiling", Duration::from_secs(600)).await?;
+    // One producer, as a node is one producer per shard: the producers
+    // share its sequence counter and take turns, keeping `producers`
+    // batches in flight.
+    let state = Arc::new(tokio::sync::Mutex::new((1u64, grant.head)));
+    let end = Instant::now() + step;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let (replicator, shard, state) = (Arc::clone(&replicator), shard.clone(), Arc::clone(&state));
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let origin = Arc::new(omnirelay_client::queue::Origin {
+                shard: shard.clone(),
+                principal: "bench".into(),
+                peer: "bench".into(),
+            });
+            while Instant::now() < end {
+                let answer = {
+                    let mut state = state.lock().await;
+                    let batch = Batch {
+                        shard: shard.clone(),
+                        producer: omnirelay_client::ProducerId::from("ceiling"),
+                        producer_seq: state.0,
+                        epoch: grant.epoch,
+                        first: state.1.after(1),
+                        events: vec![omnirelay_client::queue::Event {
+                            origin: Arc::clone(&origin),
+                            recorded_at: omnirelay_client::clock::Timestamp::EPOCH,
+                            kind: omnirelay_client::queue::EventKind::Resumed,
+                        }],
+                    };
+                    state.0 += 1;
+                    state.1 = state.1.after(1);
+                    replicator.publish(&batch)
+                };
+                answer.await.expect("the hub accepts the ceiling's batches");
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
 pub(crate) fn run(seconds: u64) {
     if let Err(error) = scenario(Duration::from_secs(seconds)) {
         eprintln!("benchmark failed: {error:#}");
@@ -338,6 +397,7 @@ fn scenario(step: Duration) -> anyhow::Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut ratios = HashMap::new();
+    let mut baselines = HashMap::new();
     for workers in [1usize, 8, 64] {
         main.block_on(stats.batch_execute("CHECKPOINT"))?;
         let baseline = main.block_on(measure(&cluster, &stats, clients.handle(), workers, step, {
@@ -351,18 +411,30 @@ fn scenario(step: Duration) -> anyhow::Result<()> {
         }));
         print("node -> hub -> PostgreSQL", workers, &durable, Some(baseline.rate));
         ratios.insert(workers, durable.rate / baseline.rate);
+        baselines.insert(workers, baseline.rate);
     }
     println!();
     println!(
         "node / SKIP LOCKED: {:.2} at 8 workers (target >= 3), {:.2} at 64 workers (target >= 5)",
         ratios[&8], ratios[&64]
     );
+    // The ceiling of the layer below: the hub alone, each producer waiting
+    // for its batch's acknowledgement before the next (as a worker waits
+    // for each of its three calls). A cycle is three such appends.
+    println!();
+    println!(
+        "| ceiling: hub appends, 1 event per batch, 1 in flight per producer | producers | appends/s | cycles/s at most (appends / 3) | vs SKIP LOCKED cycles |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (producers, baseline) in [(8usize, baselines[&8]), (64, baselines[&64])] {
+        let appends = hubs.block_on(hub_ceiling(hub_address, producers, step))?;
+        println!("| hub only | {producers} | {appends:.0} | {:.0} | {:.2}x |", appends / 3.0, appends / 3.0 / baseline);
+    }
     drop(node);
 
     // Recovery: a log of a million events (with the node's default snapshot
     // interval), then a new node's time from start to serving.
-    let (config, replicator) = node_config(hub_address);
-    let mut config = config;
+    let (mut config, replicator) = nodes.block_on(async { node_config(hub_address) });
     config.queues[0].shard = ShardId::from("resourcelease.recovery");
     config.queues[0].node = PeerId::from("bench-node");
     let replicator = Arc::new(replicator);

@@ -274,17 +274,34 @@ pub fn render_backpressure(value: &Value) -> String {
 pub fn render_replication(value: &Value) -> String {
     let mut out = format!("node {}\n", value["node_id"].as_str().unwrap_or(""));
     out.push_str(&format!(
-        "{:<32} {:<14} {:>10} {:>9} {:>9} {:>8} {:>12} {:>9}\n",
-        "NAMESPACE", "REPLICATOR", "LAST_SEQ", "IN_DOUBT", "PENDING", "ACTIVE", "DEAD_LETTERS", "DRAINING"
+        "{:<32} {:<10} {:<20} {:>6} {:>10} {:>10} {:>8} {:>9} {:>8} {:>12} {:>9}\n",
+        "NAMESPACE",
+        "REPLICATOR",
+        "STATUS",
+        "EPOCH",
+        "LAST_SEQ",
+        "DURABLE",
+        "LAG",
+        "PENDING",
+        "ACTIVE",
+        "DEAD_LETTERS",
+        "DRAINING"
     ));
     for (namespace, state) in value["namespaces"].as_object().into_iter().flatten() {
         let number = |key: &str| state[key].as_u64().map_or_else(|| state[key].to_string(), |n| n.to_string());
+        let status = match state["fence"]["reason"].as_str() {
+            Some(reason) => format!("fenced:{reason}"),
+            None => state["status"].as_str().unwrap_or("").to_string(),
+        };
         out.push_str(&format!(
-            "{:<32} {:<14} {:>10} {:>9} {:>9} {:>8} {:>12} {:>9}\n",
+            "{:<32} {:<10} {:<20} {:>6} {:>10} {:>10} {:>8} {:>9} {:>8} {:>12} {:>9}\n",
             namespace,
             state["replicator"].as_str().unwrap_or(""),
+            status,
+            number("epoch"),
             number("last_sequence"),
-            number("in_doubt"),
+            number("durable_sequence"),
+            number("lag_events"),
             number("pending"),
             number("active"),
             number("dead_letters"),
@@ -303,7 +320,8 @@ mod tests {
         let value = serde_json::json!({
             "node_id": "n1",
             "namespaces": {"resourcelease.users": {
-                "replicator": "in-memory", "last_sequence": 7, "in_doubt": 0,
+                "replicator": "hub", "status": "fenced", "fence": {"reason": "stale_epoch", "detail": "x"},
+                "epoch": 3, "last_sequence": 7, "durable_sequence": 6, "lag_events": 1,
                 "pending": 2, "active": 1, "dead_letters": 0, "draining": false
             }}
         });
@@ -311,7 +329,10 @@ mod tests {
         assert!(!text.contains('{'), "{text}");
         let row = text.lines().nth(2).expect("a row per namespace");
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells, ["resourcelease.users", "in-memory", "7", "0", "2", "1", "0", "no"]);
+        assert_eq!(
+            cells,
+            ["resourcelease.users", "hub", "fenced:stale_epoch", "3", "7", "6", "1", "2", "1", "0", "no"]
+        );
     }
 
     #[test]
