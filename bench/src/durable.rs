@@ -8,6 +8,9 @@
 //! of its own with named threads, so their CPU is read apart from
 //! `/proc/self/task/*`; PostgreSQL's is read from its processes.
 
+// A benchmark prints its figures.
+#![allow(clippy::print_stdout)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
