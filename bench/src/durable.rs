@@ -36,12 +36,33 @@ const NAMESPACE: &str = "resourcelease.durable";
 const RECOVERY_EVENTS: u64 = 1_000_000;
 
 /// CPU of the threads whose name starts with a prefix, and of PostgreSQL.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Cpu {
     node: Duration,
     hub: Duration,
     clients: Duration,
     postgres: Duration,
+    /// Per PostgreSQL process: backends come and go between readings.
+    postgres_pids: HashMap<u32, Duration>,
+}
+
+impl Cpu {
+    /// What was spent from `before` to `self`; a PostgreSQL process that
+    /// started in between counts from zero, one that ended is not seen.
+    fn since(&self, before: &Cpu) -> Cpu {
+        let postgres = self
+            .postgres_pids
+            .iter()
+            .map(|(pid, spent)| spent.saturating_sub(before.postgres_pids.get(pid).copied().unwrap_or_default()))
+            .sum();
+        Cpu {
+            node: self.node.saturating_sub(before.node),
+            hub: self.hub.saturating_sub(before.hub),
+            clients: self.clients.saturating_sub(before.clients),
+            postgres,
+            postgres_pids: HashMap::new(),
+        }
+    }
 }
 
 fn ticks(stat: &str) -> Option<Duration> {
@@ -72,6 +93,7 @@ fn read_cpu(cluster: &PgCluster) -> Cpu {
     for pid in cluster.server_pids().unwrap_or_default() {
         if let Some(spent) = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| ticks(&s)) {
             cpu.postgres += spent;
+            cpu.postgres_pids.insert(pid, spent);
         }
     }
     cpu
@@ -175,12 +197,7 @@ where
         rate: all.len() as f64 / duration.as_secs_f64(),
         p50: at(0.5).unwrap_or_default(),
         p99: at(0.99).unwrap_or_default(),
-        cpu: Cpu {
-            node: cpu_after.node.saturating_sub(cpu_before.node),
-            hub: cpu_after.hub.saturating_sub(cpu_before.hub),
-            clients: cpu_after.clients.saturating_sub(cpu_before.clients),
-            postgres: cpu_after.postgres.saturating_sub(cpu_before.postgres),
-        },
+        cpu: cpu_after.since(&cpu_before),
         transactions: xact_after.saturating_sub(xact_before),
     }
 }

@@ -67,6 +67,10 @@ struct Hub {
 
 impl Hub {
     async fn start(binary: &Path, url: &str, grpc: u16) -> Hub {
+        Self::start_with(binary, url, grpc, &[]).await
+    }
+
+    async fn start_with(binary: &Path, url: &str, grpc: u16, extra: &[&str]) -> Hub {
         let migrated = Command::new(binary)
             .args(["migrate", "--database-url", url, "--database-tls", "disable"])
             .output()
@@ -77,7 +81,8 @@ impl Hub {
         let mut command = Command::new(binary);
         command
             .args(["--listen", &format!("127.0.0.1:{grpc}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--database-url", url, "--database-tls", "disable"]);
+            .args(["--database-url", url, "--database-tls", "disable"])
+            .args(extra);
         let hub = Hub {
             grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
@@ -103,6 +108,13 @@ struct Node {
 
 impl Node {
     async fn start(binary: &Path, dir: &Path, hub: SocketAddr) -> Node {
+        let node = Self::spawn(binary, dir, &format!("http://{hub}"), &[]);
+        wait_for_ok(node.control, "/readyz").await;
+        node
+    }
+
+    /// A node on the hub endpoints `hubs`, not yet waited for.
+    fn spawn(binary: &Path, dir: &Path, hubs: &str, extra: &[&str]) -> Node {
         let (rpc, control) = (free_port(), free_port());
         let authz = dir.join("authz.json");
         std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
@@ -118,20 +130,19 @@ impl Node {
                 &format!("127.0.0.1:{control}"),
             ])
             .args(["--node-id", "node-a", "--namespace", SHARD, "--trusted-proxy", "127.0.0.1"])
-            .args(["--hub", &format!("http://{hub}")])
+            .args(["--hub", hubs])
+            .args(extra)
             // A short shard lease: a restarted node waits for the dead
             // one's lease to lapse (it holds the same id, so it may take
             // it over at once; the short TTL bounds the other cases).
             .args(["--shard-lease-ttl-ms", "3000"])
             .arg("--authorization-file")
             .arg(&authz);
-        let node = Node {
+        Node {
             rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
             control: SocketAddr::from(([127, 0, 0, 1], control)),
             process: Process::spawn(command),
-        };
-        wait_for_ok(node.control, "/readyz").await;
-        node
+        }
     }
 
     async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
@@ -473,6 +484,108 @@ async fn a_node_whose_shard_was_taken_over_fences_itself_and_serves_again_once_i
     .await;
     enqueue(&mut client, "req-1").await.expect("served again");
     let _ = node.process.kill().await;
+}
+
+/// A throwaway CA: (CA PEM, issuer).
+fn ca() -> (String, rcgen::CertifiedIssuer<'static, rcgen::KeyPair>) {
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "omnirelay durable test ca");
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    let issuer = rcgen::CertifiedIssuer::self_signed(params, key).expect("CA certificate");
+    (issuer.pem(), issuer)
+}
+
+/// A leaf certificate with `sans`: (certificate, key) PEM.
+fn leaf(ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, sans: Vec<rcgen::SanType>) -> (String, String) {
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = sans;
+    let key = rcgen::KeyPair::generate().expect("leaf key");
+    let cert = params.signed_by(&key, ca).expect("signing");
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_a_mutual_tls_hub_past_a_dead_endpoint() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (ca_pem, ca) = ca();
+    let (hub_cert, hub_key) = leaf(
+        &ca,
+        vec![
+            rcgen::SanType::DnsName("localhost".try_into().expect("DNS name")),
+            rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+        ],
+    );
+    let (node_cert, node_key) =
+        leaf(&ca, vec![rcgen::SanType::URI("spiffe://durable.test/node-a".try_into().expect("URI"))]);
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write a PEM file");
+        path.display().to_string()
+    };
+    let (ca_file, hub_cert_file, hub_key_file) =
+        (file("ca.pem", &ca_pem), file("hub.pem", &hub_cert), file("hub.key", &hub_key));
+    let (node_cert_file, node_key_file) = (file("node.pem", &node_cert), file("node.key", &node_key));
+    let hub = Hub::start_with(
+        &binaries.hub,
+        db.url(),
+        free_port(),
+        &["--tls-cert", &hub_cert_file, "--tls-key", &hub_key_file, "--tls-client-ca", &ca_file],
+    )
+    .await;
+    // The first endpoint has nothing listening: the node moves on to the
+    // second, over mutual TLS.
+    let hubs = format!("https://localhost:{},https://localhost:{}", free_port(), hub.grpc.port());
+    let tls =
+        ["--hub-ca", ca_file.as_str(), "--hub-cert", node_cert_file.as_str(), "--hub-key", node_key_file.as_str()];
+    let node = Node::spawn(&binaries.omnirelay, dir.path(), &hubs, &tls);
+    wait_for_ok(node.control, "/readyz").await;
+    let mut client = node.client().await;
+    enqueue(&mut client, "req-tls").await.expect("an enqueue through the mutual-TLS hub");
+    assert_eq!(logged_enqueues_tls(&hub, &ca_pem, &node_cert, &node_key).await, 1);
+    let _ = node.process.kill().await;
+
+    // Without a client certificate the hub refuses the connection: the node
+    // never serves, and says why.
+    let dir2 = tempfile::tempdir().expect("temporary directory");
+    let stranger = Node::spawn(&binaries.omnirelay, dir2.path(), &hubs, &["--hub-ca", ca_file.as_str()]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = http_get(stranger.control, "/readyz").await.expect("readyz");
+    assert_eq!(status, 503, "a node the hub does not trust must not serve: {body}");
+    let log = stranger.process.kill().await;
+    assert!(log.contains("failed to acquire the shard"), "{log}");
+}
+
+/// Enqueued events in the log, read over mutual TLS.
+async fn logged_enqueues_tls(hub: &Hub, ca: &str, cert: &str, key: &str) -> usize {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{}", hub.grpc.port()))
+        .expect("URI")
+        .tls_config(tls)
+        .expect("TLS")
+        .connect()
+        .await
+        .expect("connect over mutual TLS");
+    let mut client = hub_pb::hub_client::HubClient::new(channel);
+    let page = client
+        .read_range(hub_pb::ReadRangeRequest { shard_id: SHARD.into(), from_sequence: 1, to_sequence: 0, limit: 0 })
+        .await
+        .expect("read the log")
+        .into_inner();
+    page.events
+        .iter()
+        .filter(|event| {
+            matches!(
+                event.decode().expect("decodes").event,
+                Some(omnirelay_proto::replication::v1::replication_event::Event::Enqueued(_))
+            )
+        })
+        .count()
 }
 
 /// GETs `path` over plain HTTP/1.1 and returns the status and body.
