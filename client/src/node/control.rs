@@ -159,7 +159,7 @@ struct NamespaceReplication {
     /// `serving`, or `fenced` until the shard is rebuilt from its log.
     status: &'static str,
     /// Why the shard is fenced (`recovering`, `stale_epoch`, `unavailable`,
-    /// `rejected`, `diverged`, `lease_lost`), and what happened.
+    /// `rejected`, `diverged`, `lease_lost`, `released`), and what happened.
     fence: Option<serde_json::Value>,
     /// The shard epoch this node's batches carry.
     epoch: u64,

@@ -1,7 +1,7 @@
 //! Shard ownership: each hosted namespace is served only while this node
 //! holds the shard's lease on the log, under the lease's epoch.
 //!
-//! One [`ShardOwner`] task per namespace:
+//! One `ShardOwner` task per namespace:
 //!
 //! 1. **Acquire** the shard's lease (`owner` = the node id). Every grant
 //!    bumps the epoch, which fences out anything an earlier holder (or an
@@ -306,7 +306,7 @@ async fn stop(queue: &Queue, replicator: &dyn Replicator, owner: &PeerId, epoch:
 }
 
 async fn release(replicator: &dyn Replicator, queue: &Queue, owner: &PeerId, epoch: Epoch) {
-    queue.fence(Fence::new(FenceReason::LeaseLost, "the node is stopping and released the shard"));
+    queue.fence(Fence::new(FenceReason::Released, "the node is stopping and released the shard"));
     match bounded(replicator.release_shard(queue.shard(), owner.as_str(), epoch)).await {
         Ok(true) => tracing::info!(shard = %queue.shard(), epoch = %epoch, "released the shard"),
         Ok(false) => tracing::info!(shard = %queue.shard(), epoch = %epoch, "the shard was no longer ours to release"),

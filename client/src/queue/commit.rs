@@ -73,19 +73,22 @@ pub enum FenceReason {
     /// The log assigned other sequences than the queue predicted, so the
     /// queue's state is not the log's.
     Diverged,
-    /// The shard's lease was lost, given up, or could not be renewed in time.
+    /// The shard's lease was lost, or could not be renewed in time.
     LeaseLost,
+    /// The node gave the shard up (it is stopping, or handing it over).
+    Released,
 }
 
 impl FenceReason {
     /// Every reason.
-    pub const ALL: [FenceReason; 6] = [
+    pub const ALL: [FenceReason; 7] = [
         FenceReason::Recovering,
         FenceReason::StaleEpoch,
         FenceReason::Unavailable,
         FenceReason::Rejected,
         FenceReason::Diverged,
         FenceReason::LeaseLost,
+        FenceReason::Released,
     ];
 
     /// The stable name (metric label, logs, diagnostics).
@@ -97,6 +100,7 @@ impl FenceReason {
             FenceReason::Rejected => "rejected",
             FenceReason::Diverged => "diverged",
             FenceReason::LeaseLost => "lease_lost",
+            FenceReason::Released => "released",
         }
     }
 }
@@ -664,13 +668,17 @@ impl Shared {
         if let Some(existing) = &core.fence {
             return Ticket::Fenced(existing.clone());
         }
-        tracing::warn!(
-            shard = %self.config.shard,
-            reason = fence.reason.as_str(),
-            detail = %fence.detail,
-            in_flight = core.in_flight.len(),
-            "shard fenced; it serves again once rebuilt from its log"
-        );
+        if matches!(fence.reason, FenceReason::Recovering | FenceReason::Released) {
+            tracing::info!(shard = %self.config.shard, reason = fence.reason.as_str(), detail = %fence.detail, "shard not serving");
+        } else {
+            tracing::warn!(
+                shard = %self.config.shard,
+                reason = fence.reason.as_str(),
+                detail = %fence.detail,
+                in_flight = core.in_flight.len(),
+                "shard fenced; it serves again once rebuilt from its log"
+            );
+        }
         ::metrics::counter!(metrics::REPLICATION_FENCED, metrics::SHARD_LABEL => self.config.shard.to_string(), "reason" => fence.reason.as_str())
             .increment(1);
         core.generation += 1;

@@ -592,7 +592,7 @@ pub trait LogStore: Send + Sync + 'static {
     /// - A new batch with `expected_first` set is written only if that is the
     ///   shard's next sequence; otherwise it fails with
     ///   [`StoreError::HeadMismatch`]. The checks run in the order of
-    ///   [`decision::decide`].
+    ///   the shared decision function (`store::decision::decide`).
     /// - Ordering: the batch is queued when `append` is called, not when the
     ///   future is first polled, so batches appended by one caller one after
     ///   the other are committed in that order even when their futures are
