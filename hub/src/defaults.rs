@@ -96,6 +96,14 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_millis(200);
 /// Longest lease: a dead owner blocks its shard until the lease lapses.
 pub const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 
+/// Leases a `ListShardLeases` page holds when the request names no limit:
+/// a mesh's member leases and shard owners fit in one page.
+pub const LIST_LEASES_LIMIT: usize = 1_000;
+
+/// Most leases one `ListShardLeases` page may hold (about 1 MB of answer at
+/// 100-byte ids).
+pub const MAX_LIST_LEASES_LIMIT: usize = 10_000;
+
 /// Events a `ReadRange` returns when the request names no limit.
 pub const READ_RANGE_LIMIT: usize = 1_000;
 

@@ -164,6 +164,30 @@ impl pb::hub_server::Hub for HubService {
         Ok(Response::new(pb::ReleaseShardResponse { released }))
     }
 
+    async fn list_shard_leases(
+        &self,
+        request: Request<pb::ListShardLeasesRequest>,
+    ) -> Result<Response<pb::ListShardLeasesResponse>, Status> {
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => defaults::LIST_LEASES_LIMIT,
+            limit => usize::try_from(limit).unwrap_or(usize::MAX).min(defaults::MAX_LIST_LEASES_LIMIT),
+        };
+        let now = std::time::SystemTime::now();
+        let shards = self.store.list_shards(request.prefix).await.map_err(HubError::from)?;
+        let mut held = shards
+            .iter()
+            .map(|state| &state.lease)
+            .filter(|lease| request.after.is_empty() || lease.shard.as_str() > request.after.as_str())
+            .filter(|lease| lease.owner.is_some() && lease.expires_at.is_some_and(|at| at > now));
+        let leases: Vec<_> = held.by_ref().take(limit).map(wire::lease).collect();
+        let next_after = match (held.next(), leases.last()) {
+            (Some(_), Some(last)) => last.shard_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListShardLeasesResponse { leases, next_after }))
+    }
+
     async fn read_range(
         &self,
         request: Request<pb::ReadRangeRequest>,

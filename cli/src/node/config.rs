@@ -15,7 +15,7 @@ use omnirelay_client::middleware::{
     AuthorizationConfig, AuthorizationTable, ClientCertPolicy, JwtVerifier, MiddlewareConfig, PrincipalConfig,
     TrustedProxies,
 };
-use omnirelay_client::node::{NodeConfig, RateLimits};
+use omnirelay_client::node::{Assignment, NodeConfig, RateLimits};
 use serde::{Deserialize, Serialize};
 
 /// Where the sidecar listens when nothing says otherwise: loopback, so a
@@ -171,6 +171,12 @@ pub struct NodeArgs {
     /// milliseconds [default: 10000].
     #[arg(long, env = "OMNIRELAY_NODE_SHARD_LEASE_TTL_MS")]
     pub shard_lease_ttl_ms: Option<u64>,
+    /// Which namespaces this node tries to own: `rendezvous` spreads them
+    /// over the live nodes sharing the replicator (membership through member
+    /// leases on the log); `every` makes this node own all of them, with any
+    /// other node configured alike as a hot standby [default: rendezvous].
+    #[arg(long, env = "OMNIRELAY_NODE_ASSIGNMENT")]
+    pub assignment: Option<String>,
     /// OTLP/gRPC collector for spans, e.g. http://otel-collector:4317.
     #[arg(long, env = "OMNIRELAY_NODE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -298,6 +304,8 @@ pub struct OwnershipFile {
     pub snapshot_every_events: Option<u64>,
     /// Longest time between snapshots of a shard that changed.
     pub snapshot_every_ms: Option<u64>,
+    /// `rendezvous` or `every` (see `--assignment`).
+    pub assignment: Option<String>,
 }
 
 /// JWT settings (`[jwt]`).
@@ -533,6 +541,12 @@ impl SidecarConfig {
             hub,
             ownership: OwnershipFile {
                 lease_ttl_ms: args.shard_lease_ttl_ms.or(file.ownership.lease_ttl_ms),
+                assignment: Some(
+                    args.assignment
+                        .clone()
+                        .or_else(|| file.ownership.assignment.clone())
+                        .unwrap_or_else(|| Assignment::Rendezvous.as_str().to_string()),
+                ),
                 ..file.ownership
             },
             otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
@@ -585,6 +599,9 @@ impl SidecarConfig {
         }
         if let Some(every) = self.ownership.snapshot_every_ms {
             ownership.snapshot_every = Duration::from_millis(every);
+        }
+        if let Some(assignment) = &self.ownership.assignment {
+            ownership.assignment = assignment.parse().map_err(|err| anyhow::anyhow!("ownership.assignment: {err}"))?;
         }
         match self.replicator {
             ReplicatorKind::Hub if self.hub.endpoints.is_empty() => {

@@ -156,7 +156,9 @@ fn transitions(
 struct NamespaceReplication {
     /// The replicator the queue publishes to.
     replicator: String,
-    /// `serving`, or `fenced` until the shard is rebuilt from its log.
+    /// `serving`; `fenced` while a shard assigned here is not (yet) rebuilt
+    /// from its log; `standby` while another node is assigned the shard
+    /// (see the mesh membership in `docs/mesh-node.md`).
     status: &'static str,
     /// Why the shard is fenced (`recovering`, `stale_epoch`, `unavailable`,
     /// `rejected`, `diverged`, `lease_lost`, `released`), and what happened.
@@ -190,14 +192,20 @@ struct NamespaceReplication {
 /// the shard serves, its epoch, and how far the log has acknowledged it.
 async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
     let mut namespaces = BTreeMap::new();
+    let assigned = node.assigned.borrow().clone().unwrap_or_default();
     for (shard, hosted) in &node.queues {
         let stats = hosted.queue.stats_now();
         let replication = hosted.queue.replication();
+        let status = match (&replication.fence, assigned.contains(shard)) {
+            (None, _) => "serving",
+            (Some(_), true) => "fenced",
+            (Some(_), false) => "standby",
+        };
         namespaces.insert(
             shard.to_string(),
             NamespaceReplication {
                 replicator: node.replicator_kind.clone(),
-                status: if replication.fence.is_some() { "fenced" } else { "serving" },
+                status,
                 fence: replication
                     .fence
                     .as_ref()
@@ -215,7 +223,12 @@ async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
             },
         );
     }
-    Json(serde_json::json!({ "node_id": node.node_id.to_string(), "namespaces": namespaces })).into_response()
+    Json(serde_json::json!({
+        "node_id": node.node_id.to_string(),
+        "assigned": assigned.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "namespaces": namespaces,
+    }))
+    .into_response()
 }
 
 fn state_digest(state: &crate::queue::QueueState) -> String {
@@ -228,17 +241,22 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// `/readyz`: 200 while every hosted namespace serves; 503 naming the
-/// namespaces that do not (not yet rebuilt from the log, or fenced), and 503
-/// once the node is stopping, so load balancers stop sending calls before
-/// connections close.
+/// `/readyz`: 200 while every namespace assigned to this node serves (all
+/// hosted ones unless the mesh spreads them); 503 before the node knows its
+/// share, naming the assigned namespaces that do not serve (not yet rebuilt
+/// from the log, or fenced), and once the node is stopping, so load
+/// balancers stop sending calls before connections close.
 async fn readyz(State(node): State<Arc<NodeInner>>) -> Response {
     if node.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
     }
+    let Some(assigned) = node.assigned.borrow().clone() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "joining the mesh\n").into_response();
+    };
     let mut fenced: Vec<String> = node
         .queues
         .iter()
+        .filter(|(shard, _)| assigned.contains(*shard))
         .filter_map(|(shard, hosted)| {
             hosted.queue.replication().fence.map(|fence| format!("{shard} ({})", fence.reason.as_str()))
         })

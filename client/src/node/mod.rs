@@ -59,6 +59,7 @@ pub mod defaults;
 mod error;
 pub mod json;
 mod limiter;
+pub mod membership;
 pub mod ownership;
 pub mod serve;
 mod service;
@@ -77,6 +78,7 @@ use tokio_util::sync::CancellationToken;
 pub use control::{BACKPRESSURE_PATH, BACKPRESSURE_STREAM_PATH, LEASE_HEALTH_PATH, REPLICATION_PATH};
 pub use error::{NodeError, Result};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
+pub use membership::Assignment;
 pub use ownership::OwnershipConfig;
 pub use serve::ServeError;
 pub use service::LeaseService;
@@ -150,6 +152,10 @@ impl NodeConfig {
         if self.node_id.as_str().trim().is_empty() {
             return Err(NodeConfigError::new("node_id", "must not be blank"));
         }
+        if self.ownership.assignment == Assignment::Rendezvous {
+            membership::check_member_id(self.node_id.as_str())
+                .map_err(|reason| NodeConfigError::new("node_id", reason))?;
+        }
         if self.queues.is_empty() {
             return Err(NodeConfigError::new("queues", "a node hosts at least one namespace"));
         }
@@ -213,6 +219,9 @@ pub(crate) struct NodeInner {
     pub(crate) node_id: PeerId,
     /// Namespaces in a map keyed by shard: looked up on every call.
     pub(crate) queues: HashMap<ShardId, Hosted>,
+    /// The namespaces this node is assigned (see [`membership`]); `None`
+    /// until the first assignment.
+    pub(crate) assigned: membership::Assigned,
     pub(crate) tracker: PeerLeaseHealthTracker,
     pub(crate) replicator_kind: String,
     pub(crate) prometheus: Option<PrometheusHandle>,
@@ -282,7 +291,7 @@ impl NodeBuilder {
         let mut queues = HashMap::with_capacity(config.queues.len());
         let mut limiters = HashMap::with_capacity(config.queues.len());
         let mut sweepers = Vec::with_capacity(config.queues.len());
-        let mut owners = Vec::with_capacity(config.queues.len());
+        let mut owned = Vec::with_capacity(config.queues.len());
         for (index, mut queue_config) in config.queues.drain(..).enumerate() {
             queue_config.node = config.node_id.clone();
             let shard = queue_config.shard.clone();
@@ -299,15 +308,12 @@ impl NodeBuilder {
             let queue =
                 builder.build().map_err(|err| NodeConfigError::new(format!("queues[{index}]"), err.to_string()))?;
             sweepers.push(Sweeper::spawn(queue.clone(), config.sweep_interval));
-            owners.push(ownership::ShardOwner::spawn(
-                queue.clone(),
-                Arc::clone(&replicator),
-                config.node_id.clone(),
-                config.ownership,
-            ));
+            owned.push(queue.clone());
             limiters.insert(shard.clone(), limiter);
             queues.insert(shard, Hosted { queue, diagnostics });
         }
+        let (assigner, assigned) =
+            membership::Assigner::spawn(owned, Arc::clone(&replicator), config.node_id.clone(), config.ownership);
         let deadlines = config.middleware.deadlines;
         let limits = config.middleware.limits;
         let limiters = NamespaceRateLimitLayer::new(limiters);
@@ -315,6 +321,7 @@ impl NodeBuilder {
         let inner = Arc::new(NodeInner {
             node_id: config.node_id,
             queues,
+            assigned,
             tracker,
             replicator_kind,
             prometheus: self.prometheus,
@@ -325,7 +332,7 @@ impl NodeBuilder {
             limits,
         });
         tracing::info!(node = %inner.node_id, namespaces = inner.queues.len(), "mesh node built");
-        Ok(Node { inner, layer, sweepers: Mutex::new(sweepers), owners: Mutex::new(owners) })
+        Ok(Node { inner, layer, sweepers: Mutex::new(sweepers), assigner: Mutex::new(Some(assigner)) })
     }
 }
 
@@ -335,7 +342,7 @@ pub struct Node {
     inner: Arc<NodeInner>,
     layer: MeshLayer<NamespaceRateLimitLayer>,
     sweepers: Mutex<Vec<Sweeper>>,
-    owners: Mutex<Vec<ownership::ShardOwner>>,
+    assigner: Mutex<Option<membership::Assigner>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -358,6 +365,12 @@ impl Node {
     /// The queue of a hosted namespace.
     pub fn queue(&self, namespace: &ShardId) -> Option<&Queue> {
         self.inner.queues.get(namespace).map(|hosted| &hosted.queue)
+    }
+
+    /// The namespaces this node is assigned now, in name order (empty until
+    /// its first assignment). See [`membership`].
+    pub fn assigned(&self) -> Vec<ShardId> {
+        self.inner.assigned.borrow().iter().flatten().cloned().collect()
     }
 
     /// The hosted namespaces, in name order.
@@ -472,10 +485,17 @@ impl Node {
         self.inner.stopping.clone().cancelled_owned()
     }
 
-    /// Resolves once every hosted namespace serves (its owner holds the
-    /// shard's lease and rebuilt it from the log).
+    /// Resolves once the node knows its share of the namespaces (all of
+    /// them under [`Assignment::Every`]) and every namespace of that share
+    /// serves (its owner holds the shard's lease and rebuilt it from the
+    /// log).
     pub async fn serving(&self) {
-        for hosted in self.inner.queues.values() {
+        let mut assigned = self.inner.assigned.clone();
+        let Ok(share) = assigned.wait_for(Option::is_some).await.map(|share| share.clone().unwrap_or_default()) else {
+            return;
+        };
+        for shard in share {
+            let Some(hosted) = self.inner.queues.get(&shard) else { continue };
             let mut status = hosted.queue.status();
             // Ends early only if the queue is gone, which it is not while
             // the node lives.
@@ -483,9 +503,10 @@ impl Node {
         }
     }
 
-    /// Marks the node as stopping, stops every sweeper, then every shard
-    /// owner (each lets its decided events become durable, writes a last
-    /// snapshot, and releases the shard's lease), waiting for them.
+    /// Marks the node as stopping, stops every sweeper, leaves the mesh
+    /// (releases its member lease), then stops every shard owner (each lets
+    /// its decided events become durable, writes a last snapshot, and
+    /// releases the shard's lease), waiting for them.
     /// Idempotent.
     pub async fn shutdown(&self) {
         self.inner.stopping.cancel();
@@ -493,10 +514,9 @@ impl Node {
         for sweeper in sweepers {
             sweeper.shutdown().await;
         }
-        let owners: Vec<ownership::ShardOwner> =
-            std::mem::take(&mut *self.owners.lock().unwrap_or_else(|e| e.into_inner()));
-        for owner in owners {
-            owner.shutdown().await;
+        let assigner = self.assigner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(assigner) = assigner {
+            assigner.shutdown().await;
         }
         tracing::info!(node = %self.inner.node_id, "mesh node stopped");
     }

@@ -43,8 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{
-    Appended, Batch, ChainLink, LogPage, LoggedEvent, PublishFuture, ReplicationError, Replicator, ReplicatorFuture,
-    ShardGrant, StoredSnapshot,
+    Appended, Batch, ChainLink, HeldLease, LogPage, LoggedEvent, MAX_HELD_LEASES, PublishFuture, ReplicationError,
+    Replicator, ReplicatorFuture, ShardGrant, StoredSnapshot,
 };
 use crate::ids::{Epoch, Sequence, ShardId};
 use crate::metrics;
@@ -360,6 +360,32 @@ impl Replicator for HubReplicator {
                 self.call("acquire the shard", |mut client| async move { client.acquire_shard(request).await }).await?;
             let lease = response.lease.unwrap_or_default();
             Ok(grant(response.granted, &lease, ttl))
+        })
+    }
+
+    fn held_leases(&self, prefix: &str) -> ReplicatorFuture<'_, Vec<HeldLease>> {
+        let prefix = prefix.to_string();
+        Box::pin(async move {
+            let mut held = Vec::new();
+            let mut after = String::new();
+            loop {
+                let request = pb::ListShardLeasesRequest { prefix: prefix.clone(), after, limit: 0 };
+                let page = self
+                    .call("list shard leases", |mut client| async move { client.list_shard_leases(request).await })
+                    .await?;
+                for lease in page.leases {
+                    held.push(HeldLease {
+                        shard: ShardId::new(lease.shard_id),
+                        owner: lease.owner,
+                        epoch: Epoch::new(lease.epoch),
+                    });
+                }
+                if page.next_after.is_empty() || held.len() >= MAX_HELD_LEASES {
+                    held.truncate(MAX_HELD_LEASES);
+                    return Ok(held);
+                }
+                after = page.next_after;
+            }
         })
     }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{
-    Appended, Batch, LogPage, LoggedEvent, PublishFuture, ReplicationError, Replicator, ReplicatorFuture, ShardGrant,
-    StoredSnapshot,
+    Appended, Batch, HeldLease, LogPage, LoggedEvent, MAX_HELD_LEASES, PublishFuture, ReplicationError, Replicator,
+    ReplicatorFuture, ShardGrant, StoredSnapshot,
 };
 use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
 use crate::queue::{Event, SequencedEvent};
@@ -418,6 +418,25 @@ impl Replicator for InMemoryReplicator {
             log.expires_at = None;
         }
         Box::pin(std::future::ready(Ok(released)))
+    }
+
+    fn held_leases(&self, prefix: &str) -> ReplicatorFuture<'_, Vec<HeldLease>> {
+        let state = self.lock();
+        let mut held: Vec<_> = state
+            .shards
+            .iter()
+            .filter(|log| log.shard.as_str().starts_with(prefix))
+            .filter_map(|log| {
+                log.live_holder().map(|owner| HeldLease {
+                    shard: log.shard.clone(),
+                    owner: owner.to_string(),
+                    epoch: log.epoch,
+                })
+            })
+            .collect();
+        held.sort_by(|a, b| a.shard.as_str().cmp(b.shard.as_str()));
+        held.truncate(MAX_HELD_LEASES);
+        Box::pin(std::future::ready(Ok(held)))
     }
 
     fn read_log(&self, shard: &ShardId, after: Sequence, limit: usize) -> ReplicatorFuture<'_, LogPage> {

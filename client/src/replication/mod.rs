@@ -160,6 +160,21 @@ pub struct ShardGrant {
     pub ttl: Option<Duration>,
 }
 
+/// Most leases [`Replicator::held_leases`] returns: a mesh's member leases
+/// and the shards they own, with room; a bound on one answer's memory.
+pub const MAX_HELD_LEASES: usize = 10_000;
+
+/// A shard lease held now, as [`Replicator::held_leases`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLease {
+    /// The shard.
+    pub shard: ShardId,
+    /// Its holder.
+    pub owner: String,
+    /// The epoch of the holder's grant.
+    pub epoch: Epoch,
+}
+
 /// The chain link of a logged event: its hash and its predecessor's. A
 /// reader checks that each event's `prev_hash` is the hash of the event
 /// before it (and the first one's is the hash a snapshot was taken at).
@@ -282,6 +297,19 @@ pub trait Replicator: Send + Sync + 'static {
     /// Gives the lease up so another owner can take it at once; false when
     /// `owner` did not hold it at `epoch`.
     fn release_shard(&self, shard: &ShardId, owner: &str, epoch: Epoch) -> ReplicatorFuture<'_, bool>;
+
+    /// The leases held now (granted, not released, not expired) on shards
+    /// whose id starts with `prefix`, in shard-id order: who owns what, and,
+    /// through the nodes' member leases, which nodes are alive (see
+    /// `node::membership`). At most [`MAX_HELD_LEASES`] are returned. Logs
+    /// that no other node shares answer [`ReplicationError::Rejected`], the
+    /// default.
+    fn held_leases(&self, prefix: &str) -> ReplicatorFuture<'_, Vec<HeldLease>> {
+        let _ = prefix;
+        Box::pin(std::future::ready(Err(ReplicationError::Rejected(
+            "this replicator keeps no leases shared with other nodes".into(),
+        ))))
+    }
 
     /// Up to `limit` events of the shard after `after`, in order. Fails with
     /// [`ReplicationError::Trimmed`] when events right after `after` were

@@ -2,6 +2,7 @@
 //! real tonic server, OTLP export to a fake collector, and a real node on
 //! 127.0.0.1:0 (parity of the transports, peer eviction, TLS, diagnostics).
 
+mod membership;
 mod node_diagnostics;
 mod node_eviction;
 mod node_lifecycle;

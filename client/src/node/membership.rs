@@ -1,0 +1,439 @@
+//! Which node serves which namespace: membership through the log's leases,
+//! and rendezvous hashing over the live members.
+//!
+//! With [`Assignment::Every`] the node tries to own every namespace it
+//! hosts: one node serves them all, and a second node configured alike is a
+//! hot standby whose owners take each shard once the first node's lease
+//! lapses or is released.
+//!
+//! With [`Assignment::Rendezvous`] the namespaces spread over the live
+//! nodes:
+//!
+//! 1. **Membership.** Each node holds a *member lease* on the log, on the
+//!    shard `omnirelay.members/<node id>` ([`MEMBER_PREFIX`]) with itself as
+//!    owner, acquired when it starts, renewed like a shard lease and
+//!    released when it stops. The live members are the holders of the
+//!    member leases the log lists ([`Replicator::held_leases`]): no static
+//!    peer list, and a node that dies leaves the list when its lease lapses
+//!    (the lease TTL), judged by the log's clock.
+//! 2. **Assignment.** Every [`MEMBERSHIP_POLL`] the node lists the members
+//!    and gives each namespace to the member with the highest
+//!    [`rendezvous_score`]; a node that joins or leaves moves only the
+//!    namespaces it wins or held.
+//! 3. **Handover.** A namespace that moves away is stopped here the graceful
+//!    way (decided events made durable, a last snapshot, the shard lease
+//!    released; see [`ownership`](super::ownership)) in the background, and
+//!    its new owner, which keeps asking for the lease every
+//!    [`HELD_RETRY`](super::ownership::HELD_RETRY), takes it at once. A
+//!    namespace that moves here gets a shard owner, which acquires the
+//!    lease (a new epoch) and rebuilds the queue from the log.
+//!
+//! Safety never rests on two nodes agreeing on the member list: a shard is
+//! written only under its lease's current epoch, which the log checks on
+//! every batch, and an owner that cannot renew stops serving before its
+//! lease can lapse. Membership only decides who *tries* to own a shard.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::ownership::{CLOCK_DRIFT_MARGIN, LOG_CALL_TIMEOUT, OwnershipConfig, ShardOwner};
+use crate::ids::{Epoch, PeerId, ShardId};
+use crate::queue::Queue;
+use crate::replication::{ReplicationError, Replicator};
+
+/// Shard-id prefix of the member leases: `omnirelay.members/<node id>`.
+/// Outside the namespace grammar (`resourcelease(.segment)*`), so no queue
+/// can collide with it.
+pub const MEMBER_PREFIX: &str = "omnirelay.members/";
+
+/// How often a node lists the live members and recomputes its share.
+/// Detection of a dead node is bounded by the lease TTL plus this; one
+/// second keeps failover within the TTL + 1 s target for one cheap read
+/// per node per second.
+pub const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
+
+/// Longest a node id may be under rendezvous assignment: the member lease's
+/// shard id (prefix plus id) must fit the log's 200-byte shard ids.
+pub const MAX_MEMBER_ID_LEN: usize = 128;
+
+/// How a node decides which of its namespaces it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Assignment {
+    /// Try to own every hosted namespace (one node, or hot standbys).
+    #[default]
+    Every,
+    /// Spread the namespaces over the live members by rendezvous hashing.
+    Rendezvous,
+}
+
+impl Assignment {
+    /// `every` or `rendezvous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assignment::Every => "every",
+            Assignment::Rendezvous => "rendezvous",
+        }
+    }
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "every" => Ok(Assignment::Every),
+            "rendezvous" => Ok(Assignment::Rendezvous),
+            other => Err(format!("unknown assignment {other:?} (expected every or rendezvous)")),
+        }
+    }
+}
+
+/// Checks a node id for use in a member lease: printable ASCII without
+/// spaces, at most [`MAX_MEMBER_ID_LEN`] bytes.
+pub fn check_member_id(id: &str) -> Result<(), &'static str> {
+    if id.len() > MAX_MEMBER_ID_LEN {
+        return Err("longer than 128 bytes");
+    }
+    if !id.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces under rendezvous assignment");
+    }
+    Ok(())
+}
+
+/// The rendezvous score of `member` for `shard`: 64-bit FNV-1a over the
+/// member id's bytes, one `0xff` byte (which no id contains), and the
+/// shard id's bytes, then the SplitMix64 finalizer to spread the bits.
+/// Stable across versions and easy to compute in any language, so a client
+/// can find a shard's owner from the member list alone.
+pub fn rendezvous_score(member: &str, shard: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for byte in member.bytes().chain(std::iter::once(0xff)).chain(shard.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+/// The member that owns `shard`: the highest [`rendezvous_score`], ties
+/// going to the greater id. `None` without members.
+pub fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    members.into_iter().max_by_key(|member| (rendezvous_score(member, shard), *member))
+}
+
+/// What the node is assigned now: `None` until the first assignment.
+pub(crate) type Assigned = watch::Receiver<Option<BTreeSet<ShardId>>>;
+
+/// The task that keeps the node's member lease and its shard owners.
+#[derive(Debug)]
+pub(crate) struct Assigner {
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+struct Context {
+    queues: BTreeMap<ShardId, Queue>,
+    replicator: Arc<dyn Replicator>,
+    node_id: PeerId,
+    config: OwnershipConfig,
+    assigned: watch::Sender<Option<BTreeSet<ShardId>>>,
+}
+
+impl Assigner {
+    /// Starts assigning `queues` to this node; the receiver follows what it
+    /// is assigned.
+    pub(crate) fn spawn(
+        queues: Vec<Queue>,
+        replicator: Arc<dyn Replicator>,
+        node_id: PeerId,
+        config: OwnershipConfig,
+    ) -> (Self, Assigned) {
+        let (assigned, receiver) = watch::channel(None);
+        let context = Context {
+            queues: queues.into_iter().map(|queue| (queue.shard().clone(), queue)).collect(),
+            replicator,
+            node_id,
+            config,
+            assigned,
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(context, cancel.clone()));
+        (Self { cancel, task: Some(task) }, receiver)
+    }
+
+    /// Stops every shard owner (each hands its shard over) and leaves the
+    /// membership; waits for both.
+    pub(crate) async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take()
+            && let Err(error) = task.await
+        {
+            tracing::warn!(error = %error, "shard assignment task ended abnormally");
+        }
+    }
+}
+
+impl Drop for Assigner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn run(context: Context, cancel: CancellationToken) {
+    match context.config.assignment {
+        Assignment::Every => every(context, cancel).await,
+        Assignment::Rendezvous => rendezvous(context, cancel).await,
+    }
+}
+
+async fn every(context: Context, cancel: CancellationToken) {
+    let mut owners = Vec::with_capacity(context.queues.len());
+    for queue in context.queues.values() {
+        owners.push(ShardOwner::spawn(
+            queue.clone(),
+            Arc::clone(&context.replicator),
+            context.node_id.clone(),
+            context.config,
+        ));
+    }
+    context.assigned.send_replace(Some(context.queues.keys().cloned().collect()));
+    cancel.cancelled().await;
+    futures_util::future::join_all(owners.into_iter().map(ShardOwner::shutdown)).await;
+}
+
+/// The node's member lease.
+struct Member {
+    shard: ShardId,
+    /// The grant: its epoch and when the call that confirmed it last
+    /// started.
+    held: Option<(Epoch, Instant)>,
+}
+
+impl Member {
+    /// Acquires the member lease when not held, renews it when due, and
+    /// drops it when it was lost or can no longer be confirmed in time.
+    async fn keep(&mut self, replicator: &dyn Replicator, node_id: &PeerId, config: &OwnershipConfig) {
+        let now = Instant::now();
+        match self.held {
+            None => match bounded(replicator.acquire_shard(&self.shard, node_id.as_str(), config.lease_ttl)).await {
+                Ok(grant) if grant.granted => {
+                    tracing::info!(node = %node_id, epoch = %grant.epoch, "joined the mesh");
+                    self.held = Some((grant.epoch, now));
+                }
+                Ok(grant) => {
+                    tracing::warn!(node = %node_id, holder = %grant.owner, "the member lease is held by someone else");
+                }
+                Err(error) => tracing::warn!(node = %node_id, error = %error, "failed to join the mesh; retrying"),
+            },
+            Some((epoch, confirmed)) if now.duration_since(confirmed) >= config.renew_every => {
+                match bounded(replicator.renew_shard(&self.shard, node_id.as_str(), epoch, config.lease_ttl)).await {
+                    Ok(_) => self.held = Some((epoch, now)),
+                    Err(ReplicationError::Unavailable(error)) => {
+                        tracing::warn!(node = %node_id, error = %error, "failed to renew the member lease; retrying");
+                        if now.duration_since(confirmed) >= config.lease_ttl.saturating_sub(CLOCK_DRIFT_MARGIN) {
+                            self.held = None;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(node = %node_id, error = %error, "lost the member lease; joining again");
+                        self.held = None;
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    async fn leave(&mut self, replicator: &dyn Replicator, node_id: &PeerId) {
+        if let Some((epoch, _)) = self.held.take() {
+            match bounded(replicator.release_shard(&self.shard, node_id.as_str(), epoch)).await {
+                Ok(_) => tracing::info!(node = %node_id, "left the mesh"),
+                Err(error) => tracing::warn!(node = %node_id, error = %error, "failed to release the member lease"),
+            }
+        }
+    }
+}
+
+async fn rendezvous(context: Context, cancel: CancellationToken) {
+    let Context { queues, replicator, node_id, config, assigned } = context;
+    let mut member = Member { shard: ShardId::new(format!("{MEMBER_PREFIX}{node_id}")), held: None };
+    let mut owners: HashMap<ShardId, ShardOwner> = HashMap::new();
+    // Shards being handed over: not restarted here until their owner ended.
+    let mut handovers: JoinSet<ShardId> = JoinSet::new();
+    let mut leaving: BTreeSet<ShardId> = BTreeSet::new();
+    let mut polls = tokio::time::interval(MEMBERSHIP_POLL);
+    polls.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(ended) = handovers.join_next(), if !handovers.is_empty() => {
+                if let Ok(shard) = ended {
+                    leaving.remove(&shard);
+                }
+                continue;
+            }
+            _ = polls.tick() => {}
+        }
+        member.keep(&*replicator, &node_id, &config).await;
+        if member.held.is_none() {
+            // Not a member now: keep the current owners (each guards its own
+            // lease) and ask again next time.
+            continue;
+        }
+        let members = match bounded(replicator.held_leases(MEMBER_PREFIX)).await {
+            Ok(leases) => leases
+                .into_iter()
+                .filter(|lease| lease.shard.as_str().strip_prefix(MEMBER_PREFIX) == Some(lease.owner.as_str()))
+                .map(|lease| lease.owner)
+                .collect::<BTreeSet<_>>(),
+            Err(error) => {
+                tracing::warn!(node = %node_id, error = %error, "failed to list the mesh members; keeping the current assignment");
+                continue;
+            }
+        };
+        let mut members = members;
+        members.insert(node_id.to_string());
+        let mine: BTreeSet<ShardId> = queues
+            .keys()
+            .filter(|shard| {
+                rendezvous_owner(shard.as_str(), members.iter().map(String::as_str)) == Some(node_id.as_str())
+            })
+            .cloned()
+            .collect();
+        let moved: Vec<ShardId> = owners.keys().filter(|shard| !mine.contains(*shard)).cloned().collect();
+        for shard in moved {
+            if let Some(owner) = owners.remove(&shard) {
+                tracing::info!(node = %node_id, shard = %shard, "handing the shard over to its new owner");
+                leaving.insert(shard.clone());
+                handovers.spawn(async move {
+                    owner.shutdown().await;
+                    shard
+                });
+            }
+        }
+        for shard in &mine {
+            if !owners.contains_key(shard) && !leaving.contains(shard) {
+                tracing::info!(node = %node_id, shard = %shard, members = members.len(), "taking the shard");
+                let queue = queues[shard].clone();
+                owners
+                    .insert(shard.clone(), ShardOwner::spawn(queue, Arc::clone(&replicator), node_id.clone(), config));
+            }
+        }
+        assigned.send_if_modified(|current| {
+            let changed = current.as_ref() != Some(&mine);
+            *current = Some(mine);
+            changed
+        });
+    }
+    // Leave first, so the other members start taking this node's shards at
+    // their next poll while its owners hand them over.
+    member.leave(&*replicator, &node_id).await;
+    futures_util::future::join_all(owners.into_values().map(ShardOwner::shutdown)).await;
+    while handovers.join_next().await.is_some() {}
+}
+
+/// A log call bounded by [`LOG_CALL_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, ReplicationError>>,
+) -> Result<T, ReplicationError> {
+    match tokio::time::timeout(LOG_CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(ReplicationError::Unavailable(format!("no answer within {LOG_CALL_TIMEOUT:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node-{i}")).collect()
+    }
+
+    fn owners(shards: &[String], members: &[String]) -> Vec<String> {
+        shards
+            .iter()
+            .map(|shard| rendezvous_owner(shard, members.iter().map(String::as_str)).expect("members").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_score_is_the_documented_function() {
+        // Fixed values: a change to the function would move every shard of
+        // every mesh during a rolling upgrade, so it must not change.
+        assert_eq!(
+            rendezvous_score("node-a", "resourcelease.orders"),
+            rendezvous_score("node-a", "resourcelease.orders")
+        );
+        assert_ne!(
+            rendezvous_score("node-a", "resourcelease.orders"),
+            rendezvous_score("node-b", "resourcelease.orders")
+        );
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(rendezvous_score("ab", "c"), rendezvous_score("a", "bc"));
+        // Computed independently (Python, from the doc comment's
+        // definition), as a client in another language would.
+        assert_eq!(rendezvous_score("node-a", "resourcelease.orders"), 0xc9ee_b4f7_0e44_5b53);
+        assert_eq!(rendezvous_score("", ""), 0x4f2d_b50f_1240_40cd);
+    }
+
+    #[test]
+    fn shards_spread_over_members_and_a_leaving_member_moves_only_its_own() {
+        let shards: Vec<String> = (0..300).map(|i| format!("resourcelease.q{i}")).collect();
+        let three = members(3);
+        let before = owners(&shards, &three);
+        for member in &three {
+            let count = before.iter().filter(|owner| *owner == member).count();
+            assert!((60..=140).contains(&count), "{member} owns {count} of 300");
+        }
+        let two: Vec<String> = three.iter().filter(|m| *m != "node-1").cloned().collect();
+        let after = owners(&shards, &two);
+        for ((shard, old), new) in shards.iter().zip(&before).zip(&after) {
+            if old != "node-1" {
+                assert_eq!(old, new, "{shard} moved although its owner stayed");
+            } else {
+                assert_ne!(new, "node-1");
+            }
+        }
+        // A joining member takes only shards it wins, from whoever had them.
+        let four = members(4);
+        let joined = owners(&shards, &four);
+        for (old, new) in before.iter().zip(&joined) {
+            assert!(new == old || new == "node-3", "{old} -> {new}");
+        }
+        assert!(joined.iter().any(|owner| owner == "node-3"));
+    }
+
+    #[test]
+    fn no_members_no_owner_and_ties_are_stable() {
+        assert_eq!(rendezvous_owner("resourcelease.x", std::iter::empty()), None);
+        let members = ["b", "a", "c"];
+        let one = rendezvous_owner("resourcelease.x", members);
+        let other = rendezvous_owner("resourcelease.x", ["c", "b", "a"]);
+        assert_eq!(one, other, "the order of the member list does not matter");
+    }
+
+    #[test]
+    fn member_ids_must_fit_a_shard_id() {
+        assert!(check_member_id("node-a.pod.cluster.local:7000").is_ok());
+        assert!(check_member_id("has space").is_err());
+        assert!(check_member_id(&"x".repeat(129)).is_err());
+        assert!(check_member_id("é").is_err());
+    }
+
+    #[test]
+    fn assignments_parse() {
+        assert_eq!("rendezvous".parse::<Assignment>(), Ok(Assignment::Rendezvous));
+        assert_eq!("every".parse::<Assignment>(), Ok(Assignment::Every));
+        assert!("random".parse::<Assignment>().unwrap_err().contains("random"));
+    }
+}
