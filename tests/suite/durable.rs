@@ -19,18 +19,18 @@ use tonic::transport::Channel;
 
 /// Bound on waiting for a process, a probe or a recovery (a hang guard, not
 /// a performance claim): debug builds on a loaded two-core machine.
-const HANG_GUARD: Duration = Duration::from_secs(60);
+pub(crate) const HANG_GUARD: Duration = Duration::from_secs(60);
 
 const SHARD: &str = "resourcelease.durable";
 
 /// A child process whose stderr is kept for failure messages.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     log: tokio::task::JoinHandle<String>,
 }
 
 impl Process {
-    fn spawn(mut command: Command) -> Process {
+    pub(crate) fn spawn(mut command: Command) -> Process {
         command.kill_on_drop(true).stdout(Stdio::null()).stderr(Stdio::piped());
         for (name, _) in std::env::vars() {
             if name.starts_with("OMNIRELAY_") {
@@ -51,7 +51,7 @@ impl Process {
     }
 
     /// SIGKILL, and the log so far.
-    async fn kill(mut self) -> String {
+    pub(crate) async fn kill(mut self) -> String {
         self.child.kill().await.expect("kill -9");
         self.log.await.unwrap_or_default()
     }
@@ -59,14 +59,14 @@ impl Process {
 
 /// `omnirelay-hub` on PostgreSQL, on a given gRPC port (so nodes find it
 /// again after a restart).
-struct Hub {
-    grpc: SocketAddr,
+pub(crate) struct Hub {
+    pub(crate) grpc: SocketAddr,
     admin: SocketAddr,
     process: Process,
 }
 
 impl Hub {
-    async fn start(binary: &Path, url: &str, grpc: u16) -> Hub {
+    pub(crate) async fn start(binary: &Path, url: &str, grpc: u16) -> Hub {
         Self::start_with(binary, url, grpc, &[]).await
     }
 
@@ -92,7 +92,7 @@ impl Hub {
         hub
     }
 
-    async fn client(&self) -> hub_pb::hub_client::HubClient<Channel> {
+    pub(crate) async fn client(&self) -> hub_pb::hub_client::HubClient<Channel> {
         let channel =
             Channel::from_shared(format!("http://{}", self.grpc)).expect("URI").connect().await.expect("connect");
         hub_pb::hub_client::HubClient::new(channel)
@@ -160,14 +160,14 @@ impl Node {
 }
 
 /// A request as the loopback principal `ops`, with a deadline.
-fn call<T>(message: T) -> tonic::Request<T> {
+pub(crate) fn call<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("x-client-principal", "ops".parse().expect("ASCII"));
     request.set_timeout(Duration::from_secs(5));
     request
 }
 
-fn payload(request_id: &str) -> pb::ItemPayload {
+pub(crate) fn payload(request_id: &str) -> pb::ItemPayload {
     pb::ItemPayload {
         resource_type: "invoice".into(),
         resource_id: request_id.into(),
@@ -589,7 +589,7 @@ async fn logged_enqueues_tls(hub: &Hub, ca: &str, cert: &str, key: &str) -> usiz
 }
 
 /// GETs `path` over plain HTTP/1.1 and returns the status and body.
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|err| format!("connect: {err}"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.map_err(|err| format!("write: {err}"))?;
@@ -602,7 +602,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String>
 }
 
 /// Waits until `GET path` answers 200, within the hang guard.
-async fn wait_for_ok(addr: SocketAddr, path: &str) {
+pub(crate) async fn wait_for_ok(addr: SocketAddr, path: &str) {
     eventually(&format!("GET {path} answers 200"), HANG_GUARD, || async {
         match http_get(addr, path).await {
             Ok((200, _)) => Ok(()),

@@ -5,4 +5,5 @@
 
 mod durable;
 mod harness;
+mod mesh;
 mod ops;

@@ -1,0 +1,226 @@
+//! The mesh with real processes: `omnirelay node` sidecars on one hub
+//! spread their namespaces by rendezvous hashing over the members the hub
+//! lists, and when one is killed with SIGKILL its namespaces move to the
+//! survivors with every acknowledged item, and leases it granted stay
+//! valid under their fencing tokens.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use omnirelay_proto::resourcelease::v1 as pb;
+use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
+use tokio::process::Command;
+use tonic::transport::Channel;
+
+use crate::durable::{HANG_GUARD, Hub, Process, call, http_get, payload};
+
+const NAMESPACES: [&str; 6] = [
+    "resourcelease.mesh.a",
+    "resourcelease.mesh.b",
+    "resourcelease.mesh.c",
+    "resourcelease.mesh.d",
+    "resourcelease.mesh.e",
+    "resourcelease.mesh.f",
+];
+
+/// The nodes' shard and member lease TTL: short, so the test waits little
+/// for a dead node's leases to lapse.
+const TTL_MS: u64 = 2_000;
+
+/// The owner of `shard` among `members`, computed from the rendezvous
+/// function as `docs/mesh-node.md` defines it (as a client in any language
+/// would): 64-bit FNV-1a over the member id, one 0xff byte and the shard
+/// id, then the SplitMix64 finalizer; the highest score wins, ties to the
+/// greater id.
+fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let score = |member: &str| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in member.bytes().chain([0xff]).chain(shard.bytes()) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        hash ^ (hash >> 31)
+    };
+    members.into_iter().max_by_key(|member| (score(member), *member))
+}
+
+/// A sidecar of the mesh.
+struct MeshNode {
+    id: String,
+    rpc: SocketAddr,
+    control: SocketAddr,
+    process: Option<Process>,
+}
+
+impl MeshNode {
+    fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr) -> MeshNode {
+        let (rpc, control) = (free_port(), free_port());
+        let authz = dir.join("authz.json");
+        std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
+            .expect("write the authorization table");
+        let mut command = Command::new(binary);
+        command
+            .current_dir(dir)
+            .args(["node", "--listen", &format!("127.0.0.1:{rpc}")])
+            .args(["--control-listen", &format!("127.0.0.1:{control}")])
+            .args(["--node-id", id, "--namespace", &NAMESPACES.join(","), "--trusted-proxy", "127.0.0.1"])
+            .args(["--hub", &format!("http://{hub}"), "--assignment", "rendezvous"])
+            .args(["--shard-lease-ttl-ms", &TTL_MS.to_string()])
+            .arg("--authorization-file")
+            .arg(&authz);
+        MeshNode {
+            id: id.to_string(),
+            rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
+            control: SocketAddr::from(([127, 0, 0, 1], control)),
+            process: Some(Process::spawn(command)),
+        }
+    }
+
+    async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
+        let channel =
+            Channel::from_shared(format!("http://{}", self.rpc)).expect("URI").connect().await.expect("connect");
+        pb::resource_lease_client::ResourceLeaseClient::new(channel)
+    }
+
+    /// Namespace -> status (`serving`, `fenced`, `standby`), or an error
+    /// while the node does not answer.
+    async fn statuses(&self) -> Result<BTreeMap<String, String>, String> {
+        let (_, body) = http_get(self.control, "/omnirelay/control/replication").await?;
+        let all: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
+        let namespaces = all["namespaces"].as_object().ok_or("no namespaces")?;
+        Ok(namespaces
+            .iter()
+            .map(|(ns, state)| (ns.clone(), state["status"].as_str().unwrap_or_default().to_string()))
+            .collect())
+    }
+}
+
+/// Waits until every namespace is served by exactly the node rendezvous
+/// hashing gives it among `nodes` (and by no other), and returns
+/// namespace -> node id.
+async fn converged(nodes: &[&MeshNode]) -> BTreeMap<String, String> {
+    let ids: Vec<&str> = nodes.iter().map(|node| node.id.as_str()).collect();
+    let expected: BTreeMap<String, String> = NAMESPACES
+        .iter()
+        .map(|ns| (ns.to_string(), rendezvous_owner(ns, ids.iter().copied()).expect("members").to_string()))
+        .collect();
+    eventually("every namespace served by its rendezvous owner only", HANG_GUARD, || async {
+        let mut serving: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for node in nodes {
+            for (ns, status) in node.statuses().await? {
+                if status == "serving" {
+                    serving.entry(ns).or_default().push(node.id.clone());
+                }
+            }
+        }
+        for (ns, servers) in &serving {
+            assert!(servers.len() <= 1, "{ns} is served by {servers:?} at once");
+        }
+        let now: BTreeMap<String, String> =
+            serving.into_iter().map(|(ns, mut servers)| (ns, servers.remove(0))).collect();
+        if now == expected { Ok(now) } else { Err(format!("serving {now:?}, expected {expected:?}")) }
+    })
+    .await
+}
+
+fn node_by<'a>(nodes: &[&'a MeshNode], id: &str) -> &'a MeshNode {
+    nodes.iter().find(|node| node.id == id).expect("a known node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_leases() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
+    let mut nodes: Vec<MeshNode> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|id| MeshNode::spawn(&binaries.omnirelay, dir.path(), id, hub.grpc))
+        .collect();
+    let owners = converged(&nodes.iter().collect::<Vec<_>>()).await;
+
+    // Five acknowledged items per namespace, through each one's owner.
+    for (ns, owner) in &owners {
+        let mut client = node_by(&nodes.iter().collect::<Vec<_>>(), owner).client().await;
+        for n in 0..5 {
+            let request = pb::EnqueueRequest {
+                namespace: ns.clone(),
+                payload: Some(payload(&format!("{ns}-{n}"))),
+                ..Default::default()
+            };
+            client.enqueue(call(request)).await.expect("the owner acknowledges the enqueue");
+        }
+    }
+    // The victim owns the most namespaces; a worker holds a lease on one.
+    let victim = ["node-1", "node-2", "node-3"]
+        .into_iter()
+        .max_by_key(|id| owners.values().filter(|owner| owner.as_str() == *id).count())
+        .expect("three nodes")
+        .to_string();
+    let victim_ns: Vec<String> =
+        owners.iter().filter(|(_, owner)| **owner == victim).map(|(ns, _)| ns.clone()).collect();
+    assert!(!victim_ns.is_empty(), "{victim} owns namespaces: {owners:?}");
+    let leased_ns = victim_ns[0].clone();
+    let mut victim_client = node_by(&nodes.iter().collect::<Vec<_>>(), &victim).client().await;
+    let held = victim_client
+        .lease(call(pb::LeaseRequest { namespace: leased_ns.clone(), owner: "worker-1".into(), ..Default::default() }))
+        .await
+        .expect("lease")
+        .into_inner()
+        .item
+        .expect("an item");
+    let handle = held.lease.clone().expect("a lease handle");
+
+    // SIGKILL the victim.
+    let position = nodes.iter().position(|node| node.id == victim).expect("the victim");
+    let killed = nodes.remove(position);
+    let killed_at = Instant::now();
+    let log = killed.process.expect("running").kill().await;
+    let survivors: Vec<&MeshNode> = nodes.iter().collect();
+    let after = converged(&survivors).await;
+    let failover = killed_at.elapsed();
+    eprintln!(
+        "failover after SIGKILL of {victim} ({} namespaces): {failover:?} with a {TTL_MS} ms TTL",
+        victim_ns.len()
+    );
+    for (ns, owner) in &after {
+        if !victim_ns.contains(ns) {
+            assert_eq!(&owners[ns], owner, "{ns} moved although its owner lives");
+        }
+    }
+
+    // Every acknowledged item is on the new owners; the lease the dead node
+    // granted is still held, and its worker completes it at the new owner.
+    for (ns, owner) in &after {
+        let mut client = node_by(&survivors, owner).client().await;
+        let stats = client.stats(call(pb::StatsRequest { namespace: ns.clone() })).await.expect("stats").into_inner();
+        let (pending, active) = if *ns == leased_ns { (4, 1) } else { (5, 0) };
+        assert_eq!((stats.pending, stats.active), (pending, active), "{ns} on {owner}; victim log:\n{log}");
+    }
+    let new_owner = node_by(&survivors, &after[&leased_ns]);
+    let mut client = new_owner.client().await;
+    client
+        .complete(call(pb::CompleteRequest { namespace: leased_ns.clone(), handle: Some(handle) }))
+        .await
+        .expect("a lease granted by the dead owner completes at the new one");
+    let stats =
+        client.stats(call(pb::StatsRequest { namespace: leased_ns.clone() })).await.expect("stats").into_inner();
+    assert_eq!((stats.pending, stats.active), (4, 0));
+
+    // The killed node comes back: it takes back what rendezvous gives it,
+    // handed over gracefully by the survivors, with nothing lost.
+    nodes.push(MeshNode::spawn(&binaries.omnirelay, dir.path(), &victim, hub.grpc));
+    let back = converged(&nodes.iter().collect::<Vec<_>>()).await;
+    assert_eq!(back, owners, "the same members give the same assignment");
+    let mut pending = 0;
+    for (ns, owner) in &back {
+        let mut client = node_by(&nodes.iter().collect::<Vec<_>>(), owner).client().await;
+        pending +=
+            client.stats(call(pb::StatsRequest { namespace: ns.clone() })).await.expect("stats").into_inner().pending;
+    }
+    assert_eq!(pending, 5 * NAMESPACES.len() as u64 - 1);
+}
