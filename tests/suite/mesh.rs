@@ -127,6 +127,24 @@ async fn converged(nodes: &[&MeshNode]) -> BTreeMap<String, String> {
     .await
 }
 
+/// POSTs `body` as the loopback principal `ops`; the status and the head.
+async fn http_post_head(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nx-client-principal: ops\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let response = String::from_utf8_lossy(&response).to_string();
+    let head = response.split("\r\n\r\n").next().unwrap_or_default().to_string();
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, head)
+}
+
 fn node_by<'a>(nodes: &[&'a MeshNode], id: &str) -> &'a MeshNode {
     nodes.iter().find(|node| node.id == id).expect("a known node")
 }
@@ -142,6 +160,35 @@ async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_l
         .map(|id| MeshNode::spawn(&binaries.omnirelay, dir.path(), id, hub.grpc))
         .collect();
     let owners = converged(&nodes.iter().collect::<Vec<_>>()).await;
+
+    // A node that does not own a namespace names its owner: gRPC with
+    // UNAVAILABLE and metadata, HTTP/JSON with 421 and headers.
+    let all: Vec<&MeshNode> = nodes.iter().collect();
+    let (ns, owner) = owners.iter().next().expect("six namespaces");
+    let owner_node = node_by(&all, owner);
+    let other = all.iter().find(|node| node.id != *owner).expect("another node");
+    let refused = other
+        .client()
+        .await
+        .enqueue(call(pb::EnqueueRequest {
+            namespace: ns.clone(),
+            payload: Some(payload("misrouted")),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("a non-owner refuses");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.metadata().get("omnirelay-owner").and_then(|v| v.to_str().ok()), Some(owner.as_str()));
+    let address = format!("http://{}", owner_node.rpc);
+    assert_eq!(refused.metadata().get("omnirelay-owner-address").and_then(|v| v.to_str().ok()), Some(address.as_str()));
+    let (status, head) = http_post_head(
+        other.rpc,
+        &format!("/resourcelease/v1/{ns}/enqueue"),
+        r#"{"payload": {"resource_type": "t", "resource_id": "r"}}"#,
+    )
+    .await;
+    assert_eq!(status, 421, "{head}");
+    assert!(head.to_ascii_lowercase().contains(&format!("omnirelay-owner-address: {address}")), "{head}");
 
     // Five acknowledged items per namespace, through each one's owner.
     for (ns, owner) in &owners {

@@ -78,6 +78,11 @@ pub struct NodeArgs {
     /// Separate address for the diagnostics endpoints.
     #[arg(long, env = "OMNIRELAY_NODE_CONTROL_LISTEN")]
     pub control_listen: Option<SocketAddr>,
+    /// The URL other nodes send callers to for this node's namespaces
+    /// (`omnirelay-owner-address`) [default: the listen address with http://
+    /// or https://, unless it is a wildcard address].
+    #[arg(long, env = "OMNIRELAY_NODE_ADVERTISE")]
+    pub advertise: Option<String>,
     /// This node's peer id [default: $HOSTNAME, else omnirelay-node].
     #[arg(long, env = "OMNIRELAY_NODE_ID")]
     pub node_id: Option<String>,
@@ -332,6 +337,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// Diagnostics address.
     pub control_listen: Option<SocketAddr>,
+    /// The URL other nodes redirect callers to.
+    pub advertise: Option<String>,
     /// Peer id.
     pub node_id: Option<String>,
     /// Namespaces to host (besides those of `[[queues]]`).
@@ -397,6 +404,9 @@ pub struct SidecarConfig {
     pub listen: SocketAddr,
     /// Separate diagnostics address.
     pub control_listen: Option<SocketAddr>,
+    /// The URL other nodes redirect callers to (none for a wildcard listen
+    /// address without `--advertise`).
+    pub advertise: Option<String>,
     /// Peer id.
     pub node_id: String,
     /// One entry per hosted namespace, every option resolved.
@@ -497,9 +507,16 @@ impl SidecarConfig {
         } else {
             ReplicatorKind::Hub
         });
+        let listen: SocketAddr =
+            args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default"));
+        let tls = args.tls_cert.is_some() || file.tls.cert.is_some();
+        let advertise = args.advertise.clone().or(file.advertise.clone()).or_else(|| {
+            (!listen.ip().is_unspecified()).then(|| format!("{}://{listen}", if tls { "https" } else { "http" }))
+        });
         Ok(Self {
-            listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default")),
+            listen,
             control_listen: args.control_listen.or(file.control_listen),
+            advertise,
             node_id: args
                 .node_id
                 .clone()
@@ -586,6 +603,7 @@ impl SidecarConfig {
         config.rate_limits = RateLimits { normal: self.rate_limits.0, backpressure: self.rate_limits.1 };
         config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         config.health = self.health.clone();
+        config.advertise = self.advertise.clone();
         let ownership = &mut config.ownership;
         if let Some(ttl) = self.ownership.lease_ttl_ms {
             ownership.lease_ttl = Duration::from_millis(ttl);

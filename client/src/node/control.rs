@@ -192,7 +192,7 @@ struct NamespaceReplication {
 /// the shard serves, its epoch, and how far the log has acknowledged it.
 async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
     let mut namespaces = BTreeMap::new();
-    let assigned = node.assigned.borrow().clone().unwrap_or_default();
+    let assigned = node.assigned.borrow().as_ref().map(|view| view.mine.clone()).unwrap_or_default();
     for (shard, hosted) in &node.queues {
         let stats = hosted.queue.stats_now();
         let replication = hosted.queue.replication();
@@ -250,7 +250,7 @@ async fn readyz(State(node): State<Arc<NodeInner>>) -> Response {
     if node.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
     }
-    let Some(assigned) = node.assigned.borrow().clone() else {
+    let Some(assigned) = node.assigned.borrow().as_ref().map(|view| view.mine.clone()) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "joining the mesh\n").into_response();
     };
     let mut fenced: Vec<String> = node

@@ -10,6 +10,13 @@ use crate::ids::{PeerId, Principal, ShardId};
 use crate::queue::QueueError;
 use crate::wire::{self, WireError};
 
+/// Metadata (gRPC) and header (HTTP/JSON) naming the node id that owns a
+/// namespace, on a call that reached another node.
+pub const OWNER_HEADER: &str = "omnirelay-owner";
+
+/// Metadata and header with the owner's advertised address (a URL).
+pub const OWNER_ADDRESS_HEADER: &str = "omnirelay-owner-address";
+
 /// Results of node calls.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
@@ -19,6 +26,19 @@ pub enum NodeError {
     /// The namespace is valid but this node hosts no queue for it.
     #[error("namespace {0} is not hosted by this node")]
     UnknownNamespace(ShardId),
+    /// Another node of the mesh is assigned the namespace. gRPC: UNAVAILABLE
+    /// with the owner in the `omnirelay-owner` and
+    /// `omnirelay-owner-address` metadata; HTTP/JSON: 421 Misdirected
+    /// Request with the same headers.
+    #[error("namespace {namespace} is served by node {owner}{}", address.as_deref().map(|a| format!(" at {a}")).unwrap_or_default())]
+    NotOwner {
+        /// The namespace.
+        namespace: ShardId,
+        /// The node id of its owner.
+        owner: String,
+        /// The address the owner advertised, if it did.
+        address: Option<String>,
+    },
     /// The call reached the service without a caller: the service runs
     /// outside the mesh middleware, which binds one to every call.
     #[error("no caller was bound to the call (the node must run behind its middleware)")]
@@ -58,6 +78,7 @@ impl NodeError {
     pub fn code(&self) -> ErrorCode {
         match self {
             NodeError::UnknownNamespace(_) => ErrorCode::NotFound,
+            NodeError::NotOwner { .. } => ErrorCode::Unavailable,
             NodeError::NoCaller => ErrorCode::Unauthenticated,
             NodeError::NotACall(_) => ErrorCode::NotFound,
             NodeError::OwnerNotBound { .. } => ErrorCode::PermissionDenied,
@@ -70,6 +91,18 @@ impl NodeError {
     pub fn status(&self) -> tonic::Status {
         match self {
             NodeError::Queue(error) => wire::status(error),
+            NodeError::NotOwner { owner, address, .. } => {
+                let mut status = tonic::Status::new(self.code().grpc(), self.to_string());
+                // Ids and addresses are printable ASCII (checked when the
+                // member lease is read), so both are valid metadata.
+                if let Ok(value) = owner.parse() {
+                    status.metadata_mut().insert(OWNER_HEADER, value);
+                }
+                if let Some(Ok(value)) = address.as_deref().map(str::parse) {
+                    status.metadata_mut().insert(OWNER_ADDRESS_HEADER, value);
+                }
+                status
+            }
             other => tonic::Status::new(other.code().grpc(), other.to_string()),
         }
     }
@@ -83,6 +116,16 @@ impl NodeError {
                 .map(|signal| serde_json::json!({ "backpressure": super::json::signal(&wire::signal(signal)) })),
             _ => None,
         };
-        crate::middleware::http_error_response(self.code(), &self.to_string(), details)
+        let mut response = crate::middleware::http_error_response(self.code(), &self.to_string(), details);
+        if let NodeError::NotOwner { owner, address, .. } = self {
+            *response.status_mut() = http::StatusCode::MISDIRECTED_REQUEST;
+            if let Ok(value) = http::HeaderValue::from_str(owner) {
+                response.headers_mut().insert(OWNER_HEADER, value);
+            }
+            if let Some(Ok(value)) = address.as_deref().map(http::HeaderValue::from_str) {
+                response.headers_mut().insert(OWNER_ADDRESS_HEADER, value);
+            }
+        }
+        response
     }
 }

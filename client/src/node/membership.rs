@@ -100,8 +100,24 @@ pub fn check_member_id(id: &str) -> Result<(), &'static str> {
     if id.len() > MAX_MEMBER_ID_LEN {
         return Err("longer than 128 bytes");
     }
-    if !id.bytes().all(|byte| byte.is_ascii_graphic()) {
-        return Err("must be printable ASCII without spaces under rendezvous assignment");
+    if !id.bytes().all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'*' | b',' | b';' | b'@')) {
+        return Err("must be printable ASCII without spaces, '*', ',', ';' or '@' under rendezvous assignment");
+    }
+    Ok(())
+}
+
+/// Longest advertised address: the member lease's owner (`id@address`)
+/// must fit the log's 200-byte owner ids.
+pub const MAX_ADVERTISE_LEN: usize = 200 - MAX_MEMBER_ID_LEN - 1;
+
+/// Checks an advertised address: printable ASCII without spaces, '*', ','
+/// or ';', at most [`MAX_ADVERTISE_LEN`] bytes.
+pub fn check_advertise(address: &str) -> Result<(), &'static str> {
+    if address.is_empty() || address.len() > MAX_ADVERTISE_LEN {
+        return Err("must be 1 to 71 bytes long");
+    }
+    if !address.bytes().all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'*' | b',' | b';')) {
+        return Err("must be printable ASCII without spaces, '*', ',' or ';'");
     }
     Ok(())
 }
@@ -130,8 +146,50 @@ pub fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a s
     members.into_iter().max_by_key(|member| (rendezvous_score(member, shard), *member))
 }
 
+/// What a node knows of the mesh after its latest assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct View {
+    /// The namespaces assigned to this node.
+    pub(crate) mine: BTreeSet<ShardId>,
+    /// Under rendezvous assignment, the live members by id, with the address
+    /// each advertised; empty under [`Assignment::Every`].
+    pub(crate) members: BTreeMap<String, Option<String>>,
+}
+
+impl View {
+    /// The member another node's namespace belongs to, with its advertised
+    /// address; `None` when the namespace is this node's, or under
+    /// [`Assignment::Every`].
+    pub(crate) fn elsewhere(&self, shard: &ShardId) -> Option<(&str, Option<&str>)> {
+        if self.members.is_empty() || self.mine.contains(shard) {
+            return None;
+        }
+        let owner = rendezvous_owner(shard.as_str(), self.members.keys().map(String::as_str))?;
+        Some((owner, self.members.get(owner).and_then(Option::as_deref)))
+    }
+}
+
 /// What the node is assigned now: `None` until the first assignment.
-pub(crate) type Assigned = watch::Receiver<Option<BTreeSet<ShardId>>>;
+pub(crate) type Assigned = watch::Receiver<Option<View>>;
+
+/// The owner string of a member lease: the node id, then `@` and the
+/// address it advertises, if any.
+pub fn member_owner(node_id: &str, advertise: Option<&str>) -> String {
+    match advertise {
+        Some(address) => format!("{node_id}@{address}"),
+        None => node_id.to_string(),
+    }
+}
+
+/// A member lease's node id and advertised address, from its shard id and
+/// owner; `None` when the two do not match (not a member lease).
+pub fn parse_member(shard: &str, owner: &str) -> Option<(String, Option<String>)> {
+    let id = shard.strip_prefix(MEMBER_PREFIX)?;
+    match owner.strip_prefix(id)? {
+        "" => Some((id.to_string(), None)),
+        rest => rest.strip_prefix('@').map(|address| (id.to_string(), Some(address.to_string()))),
+    }
+}
 
 /// The task that keeps the node's member lease and its shard owners.
 #[derive(Debug)]
@@ -144,8 +202,9 @@ struct Context {
     queues: BTreeMap<ShardId, Queue>,
     replicator: Arc<dyn Replicator>,
     node_id: PeerId,
+    advertise: Option<String>,
     config: OwnershipConfig,
-    assigned: watch::Sender<Option<BTreeSet<ShardId>>>,
+    assigned: watch::Sender<Option<View>>,
 }
 
 impl Assigner {
@@ -155,6 +214,7 @@ impl Assigner {
         queues: Vec<Queue>,
         replicator: Arc<dyn Replicator>,
         node_id: PeerId,
+        advertise: Option<String>,
         config: OwnershipConfig,
     ) -> (Self, Assigned) {
         let (assigned, receiver) = watch::channel(None);
@@ -162,6 +222,7 @@ impl Assigner {
             queues: queues.into_iter().map(|queue| (queue.shard().clone(), queue)).collect(),
             replicator,
             node_id,
+            advertise,
             config,
             assigned,
         };
@@ -205,7 +266,9 @@ async fn every(context: Context, cancel: CancellationToken) {
             context.config,
         ));
     }
-    context.assigned.send_replace(Some(context.queues.keys().cloned().collect()));
+    context
+        .assigned
+        .send_replace(Some(View { mine: context.queues.keys().cloned().collect(), members: BTreeMap::new() }));
     cancel.cancelled().await;
     futures_util::future::join_all(owners.into_iter().map(ShardOwner::shutdown)).await;
 }
@@ -213,6 +276,8 @@ async fn every(context: Context, cancel: CancellationToken) {
 /// The node's member lease.
 struct Member {
     shard: ShardId,
+    /// The lease's owner: the node id, and the address it advertises.
+    owner: String,
     /// The grant: its epoch and when the call that confirmed it last
     /// started.
     held: Option<(Epoch, Instant)>,
@@ -224,7 +289,7 @@ impl Member {
     async fn keep(&mut self, replicator: &dyn Replicator, node_id: &PeerId, config: &OwnershipConfig) {
         let now = Instant::now();
         match self.held {
-            None => match bounded(replicator.acquire_shard(&self.shard, node_id.as_str(), config.lease_ttl)).await {
+            None => match bounded(replicator.acquire_shard(&self.shard, &self.owner, config.lease_ttl)).await {
                 Ok(grant) if grant.granted => {
                     tracing::info!(node = %node_id, epoch = %grant.epoch, "joined the mesh");
                     self.held = Some((grant.epoch, now));
@@ -235,7 +300,7 @@ impl Member {
                 Err(error) => tracing::warn!(node = %node_id, error = %error, "failed to join the mesh; retrying"),
             },
             Some((epoch, confirmed)) if now.duration_since(confirmed) >= config.renew_every => {
-                match bounded(replicator.renew_shard(&self.shard, node_id.as_str(), epoch, config.lease_ttl)).await {
+                match bounded(replicator.renew_shard(&self.shard, &self.owner, epoch, config.lease_ttl)).await {
                     Ok(_) => self.held = Some((epoch, now)),
                     Err(ReplicationError::Unavailable(error)) => {
                         tracing::warn!(node = %node_id, error = %error, "failed to renew the member lease; retrying");
@@ -255,7 +320,7 @@ impl Member {
 
     async fn leave(&mut self, replicator: &dyn Replicator, node_id: &PeerId) {
         if let Some((epoch, _)) = self.held.take() {
-            match bounded(replicator.release_shard(&self.shard, node_id.as_str(), epoch)).await {
+            match bounded(replicator.release_shard(&self.shard, &self.owner, epoch)).await {
                 Ok(_) => tracing::info!(node = %node_id, "left the mesh"),
                 Err(error) => tracing::warn!(node = %node_id, error = %error, "failed to release the member lease"),
             }
@@ -264,8 +329,12 @@ impl Member {
 }
 
 async fn rendezvous(context: Context, cancel: CancellationToken) {
-    let Context { queues, replicator, node_id, config, assigned } = context;
-    let mut member = Member { shard: ShardId::new(format!("{MEMBER_PREFIX}{node_id}")), held: None };
+    let Context { queues, replicator, node_id, advertise, config, assigned } = context;
+    let mut member = Member {
+        shard: ShardId::new(format!("{MEMBER_PREFIX}{node_id}")),
+        owner: member_owner(node_id.as_str(), advertise.as_deref()),
+        held: None,
+    };
     let mut owners: HashMap<ShardId, ShardOwner> = HashMap::new();
     // Shards being handed over: not restarted here until their owner ended.
     let mut handovers: JoinSet<ShardId> = JoinSet::new();
@@ -289,23 +358,21 @@ async fn rendezvous(context: Context, cancel: CancellationToken) {
             // lease) and ask again next time.
             continue;
         }
-        let members = match bounded(replicator.held_leases(MEMBER_PREFIX)).await {
+        let mut members = match bounded(replicator.held_leases(MEMBER_PREFIX)).await {
             Ok(leases) => leases
-                .into_iter()
-                .filter(|lease| lease.shard.as_str().strip_prefix(MEMBER_PREFIX) == Some(lease.owner.as_str()))
-                .map(|lease| lease.owner)
-                .collect::<BTreeSet<_>>(),
+                .iter()
+                .filter_map(|lease| parse_member(lease.shard.as_str(), &lease.owner))
+                .collect::<BTreeMap<_, _>>(),
             Err(error) => {
                 tracing::warn!(node = %node_id, error = %error, "failed to list the mesh members; keeping the current assignment");
                 continue;
             }
         };
-        let mut members = members;
-        members.insert(node_id.to_string());
+        members.insert(node_id.to_string(), advertise.clone());
         let mine: BTreeSet<ShardId> = queues
             .keys()
             .filter(|shard| {
-                rendezvous_owner(shard.as_str(), members.iter().map(String::as_str)) == Some(node_id.as_str())
+                rendezvous_owner(shard.as_str(), members.keys().map(String::as_str)) == Some(node_id.as_str())
             })
             .cloned()
             .collect();
@@ -328,9 +395,10 @@ async fn rendezvous(context: Context, cancel: CancellationToken) {
                     .insert(shard.clone(), ShardOwner::spawn(queue, Arc::clone(&replicator), node_id.clone(), config));
             }
         }
+        let view = View { mine, members };
         assigned.send_if_modified(|current| {
-            let changed = current.as_ref() != Some(&mine);
-            *current = Some(mine);
+            let changed = current.as_ref() != Some(&view);
+            *current = Some(view);
             changed
         });
     }
@@ -431,9 +499,25 @@ mod tests {
     }
 
     #[test]
+    fn member_leases_carry_the_advertised_address() {
+        let owner = member_owner("node-1", Some("http://10.0.0.1:7000"));
+        assert_eq!(owner, "node-1@http://10.0.0.1:7000");
+        assert_eq!(
+            parse_member("omnirelay.members/node-1", &owner),
+            Some(("node-1".into(), Some("http://10.0.0.1:7000".into())))
+        );
+        assert_eq!(parse_member("omnirelay.members/node-1", "node-1"), Some(("node-1".into(), None)));
+        assert_eq!(parse_member("omnirelay.members/node-1", "node-10"), None);
+        assert_eq!(parse_member("resourcelease.x", "node-1"), None);
+        assert!(check_advertise("http://10.0.0.1:7000").is_ok());
+        assert!(check_advertise(&"h".repeat(72)).is_err());
+        assert!(check_member_id("a@b").is_err(), "'@' separates the id from the address");
+    }
+
+    #[test]
     fn assignments_parse() {
         assert_eq!("rendezvous".parse::<Assignment>(), Ok(Assignment::Rendezvous));
         assert_eq!("every".parse::<Assignment>(), Ok(Assignment::Every));
-        assert!("random".parse::<Assignment>().unwrap_err().contains("random"));
+        assert!("random".parse::<Assignment>().expect_err("unknown").contains("random"));
     }
 }

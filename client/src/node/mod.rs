@@ -76,7 +76,7 @@ use omnirelay_proto::resourcelease::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 pub use control::{BACKPRESSURE_PATH, BACKPRESSURE_STREAM_PATH, LEASE_HEALTH_PATH, REPLICATION_PATH};
-pub use error::{NodeError, Result};
+pub use error::{NodeError, OWNER_ADDRESS_HEADER, OWNER_HEADER, Result};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
 pub use membership::Assignment;
 pub use ownership::OwnershipConfig;
@@ -129,6 +129,11 @@ pub struct NodeConfig {
     pub sweep_interval: Duration,
     /// Shard leases and snapshots (see [`ownership`]).
     pub ownership: OwnershipConfig,
+    /// The URL callers reach this node's RPC listener at (e.g.
+    /// `http://10.0.0.7:7000`), published with its member lease so other
+    /// nodes can redirect calls for its namespaces here (see
+    /// [`membership`]).
+    pub advertise: Option<String>,
 }
 
 impl NodeConfig {
@@ -143,6 +148,7 @@ impl NodeConfig {
             rate_limits: RateLimits::default(),
             sweep_interval: crate::defaults::SWEEP_INTERVAL,
             ownership: OwnershipConfig::default(),
+            advertise: None,
         }
     }
 
@@ -155,6 +161,9 @@ impl NodeConfig {
         if self.ownership.assignment == Assignment::Rendezvous {
             membership::check_member_id(self.node_id.as_str())
                 .map_err(|reason| NodeConfigError::new("node_id", reason))?;
+        }
+        if let Some(address) = &self.advertise {
+            membership::check_advertise(address).map_err(|reason| NodeConfigError::new("advertise", reason))?;
         }
         if self.queues.is_empty() {
             return Err(NodeConfigError::new("queues", "a node hosts at least one namespace"));
@@ -312,8 +321,13 @@ impl NodeBuilder {
             limiters.insert(shard.clone(), limiter);
             queues.insert(shard, Hosted { queue, diagnostics });
         }
-        let (assigner, assigned) =
-            membership::Assigner::spawn(owned, Arc::clone(&replicator), config.node_id.clone(), config.ownership);
+        let (assigner, assigned) = membership::Assigner::spawn(
+            owned,
+            Arc::clone(&replicator),
+            config.node_id.clone(),
+            config.advertise.clone(),
+            config.ownership,
+        );
         let deadlines = config.middleware.deadlines;
         let limits = config.middleware.limits;
         let limiters = NamespaceRateLimitLayer::new(limiters);
@@ -370,7 +384,7 @@ impl Node {
     /// The namespaces this node is assigned now, in name order (empty until
     /// its first assignment). See [`membership`].
     pub fn assigned(&self) -> Vec<ShardId> {
-        self.inner.assigned.borrow().iter().flatten().cloned().collect()
+        self.inner.assigned.borrow().iter().flat_map(|view| view.mine.iter()).cloned().collect()
     }
 
     /// The hosted namespaces, in name order.
@@ -491,7 +505,11 @@ impl Node {
     /// log).
     pub async fn serving(&self) {
         let mut assigned = self.inner.assigned.clone();
-        let Ok(share) = assigned.wait_for(Option::is_some).await.map(|share| share.clone().unwrap_or_default()) else {
+        let Ok(share) = assigned
+            .wait_for(Option::is_some)
+            .await
+            .map(|view| view.as_ref().map(|view| view.mine.clone()).unwrap_or_default())
+        else {
             return;
         };
         for shard in share {

@@ -105,11 +105,22 @@ fn owned_handle(cx: &CallContext, handle: Option<&pb::OwnershipHandle>) -> Resul
 
 impl NodeInner {
     /// The queue of a request's namespace: malformed is INVALID_ARGUMENT
-    /// naming `namespace`, valid but not hosted here NOT_FOUND.
+    /// naming `namespace`, valid but not hosted here NOT_FOUND, assigned to
+    /// another node of the mesh [`NodeError::NotOwner`].
     fn hosted(&self, namespace: &str) -> Result<&Hosted> {
         let shard = parse_namespace("namespace", namespace)
             .map_err(|err| NodeError::invalid("namespace", err.to_string().trim_start_matches("namespace: ")))?;
-        self.queues.get(&shard).ok_or(NodeError::UnknownNamespace(shard))
+        let hosted = self.queues.get(&shard).ok_or_else(|| NodeError::UnknownNamespace(shard.clone()))?;
+        if let Some(view) = &*self.assigned.borrow()
+            && let Some((owner, address)) = view.elsewhere(&shard)
+        {
+            return Err(NodeError::NotOwner {
+                namespace: shard,
+                owner: owner.to_string(),
+                address: address.map(str::to_string),
+            });
+        }
+        Ok(hosted)
     }
 
     pub(crate) async fn enqueue(&self, cx: &CallContext, request: pb::EnqueueRequest) -> Result<pb::EnqueueResponse> {
