@@ -72,6 +72,7 @@ pub mod defaults;
 pub mod error;
 pub mod health;
 pub mod ids;
+pub mod mesh;
 pub mod metrics;
 pub mod middleware;
 pub mod node;
