@@ -23,12 +23,18 @@
 //!   SKIP LOCKED queue on the same cluster, with CPU per cycle of the node,
 //!   the hub and PostgreSQL; then the recovery time of a queue whose log
 //!   holds a million events (see `durable.rs`).
+//! - `failover [rounds]`: a mesh of two nodes on a hub on durable
+//!   PostgreSQL; the time from a crash of one node (and from a graceful
+//!   shutdown) until the other serves its namespaces, split into detection,
+//!   acquisition, replay and first answer, with the default and a 2 s lease
+//!   TTL (see `failover.rs`).
 
 /// The process allocator (see the workspace `Cargo.toml` for why).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod durable;
+mod failover;
 mod hub;
 mod node;
 
@@ -57,13 +63,14 @@ fn main() {
         "queue-cycles" => queue_cycles(cycles.unwrap_or(100_000)),
         "hub" => hub_scenario(&all[1..]),
         "node-durable" => durable::run(cycles.unwrap_or(10)),
+        "failover" => failover::run(cycles.unwrap_or(3) as usize),
         "node" => {
             let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
             node::run(cycles.unwrap_or(5), &url)
         }
         _ => {
             eprintln!(
-                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable> [options]; see bench/README.md"
+                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable|failover> [options]; see bench/README.md"
             );
             eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);

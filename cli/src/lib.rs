@@ -19,5 +19,6 @@
 //! ```
 
 pub mod control;
+pub mod demo;
 pub mod node;
 pub mod telemetry;

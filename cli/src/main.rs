@@ -38,6 +38,11 @@ enum Command {
     Contracts,
     /// Runs a standalone mesh node (the sidecar).
     Node(Box<NodeArgs>),
+    /// Runs a hub and three nodes in this process with producers and
+    /// workers, kills the busiest node midway, and checks that nothing
+    /// acknowledged was lost, no item was owned twice and the replayed
+    /// state equals the survivors' (exit code 1 if not).
+    Demo(omnirelay_cli::demo::DemoArgs),
     /// Peer health as a node sees it.
     Leases {
         #[command(subcommand)]
@@ -170,6 +175,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Node(args) => run_node(*args).await?,
+        Command::Demo(args) => {
+            if !omnirelay_cli::demo::run(args).await? {
+                std::process::exit(1);
+            }
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             let mut script = Vec::new();

@@ -9,7 +9,9 @@
 //!   most [`MAX_REDIRECTS`] times in a row.
 //! - **Retries within the deadline.** UNAVAILABLE without an owner (a shard
 //!   being handed over or rebuilt, a node that died, a connection that
-//!   failed) is retried with exponential backoff and jitter from
+//!   failed), and a call cut off by its connection failing mid-flight
+//!   (UNKNOWN or CANCELLED raised by the transport, not by a node), are
+//!   retried with exponential backoff and jitter from
 //!   [`RETRY_MIN`] to [`RETRY_MAX`], on the next node when the connection
 //!   itself failed, until the call's deadline ([`CALL_DEADLINE`] by
 //!   default) passes. Every other code is the answer.
@@ -237,7 +239,10 @@ impl ResourceLeaseClient {
                     tonic::Status::deadline_exceeded(format!("no answer for {namespace} within {:?}", self.deadline))
                 }
             };
-            if status.code() != tonic::Code::Unavailable {
+            let retryable = status.code() == tonic::Code::Unavailable
+                || (matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+                    && is_transport_failure(&status));
+            if !retryable {
                 return Err(status);
             }
             if let Some(owner) = header(&status, OWNER_ADDRESS_HEADER)

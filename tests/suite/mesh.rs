@@ -293,3 +293,20 @@ async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_l
     }
     assert_eq!(pending, 5 * NAMESPACES.len() as u64 - 1 + victim_ns.len() as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_kills_a_node_and_every_check_passes() {
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let output = Command::new(&binaries.omnirelay)
+        .args(["demo", "--seconds", "6", "--lease-ttl-ms", "2000"])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run omnirelay demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches("  PASS  ").count(), 4, "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    assert!(stdout.contains("killed"), "{stdout}");
+}
