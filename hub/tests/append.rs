@@ -441,12 +441,12 @@ async fn held_shard_leases_are_listed_by_prefix_in_pages() {
     let hub = TestHub::start(db.url()).await;
     let mut client = hub.client().await;
     for node in ["a", "b", "c"] {
-        acquire(&mut client, &format!("omnirelay.members/{node}"), node, LONG).await;
+        acquire(&mut client, &format!("omnirelay.members.{node}"), node, LONG).await;
     }
-    let released = acquire(&mut client, "omnirelay.members/gone", "gone", LONG).await;
+    let released = acquire(&mut client, "omnirelay.members.gone", "gone", LONG).await;
     client
         .release_shard(pb::ReleaseShardRequest {
-            shard_id: "omnirelay.members/gone".into(),
+            shard_id: "omnirelay.members.gone".into(),
             owner: "gone".into(),
             epoch: released,
         })
@@ -454,29 +454,29 @@ async fn held_shard_leases_are_listed_by_prefix_in_pages() {
         .expect("release");
     acquire(&mut client, "resourcelease.other", "a", LONG).await;
     // A lease that lapses: listed while held, gone once expired.
-    acquire(&mut client, "omnirelay.members/brief", "brief", Duration::from_secs(1)).await;
+    acquire(&mut client, "omnirelay.members.brief", "brief", Duration::from_secs(1)).await;
 
     let list = |after: &str, limit: u32| pb::ListShardLeasesRequest {
-        prefix: "omnirelay.members/".into(),
+        prefix: "omnirelay.members.".into(),
         after: after.into(),
         limit,
     };
     let all = client.list_shard_leases(list("", 0)).await.expect("list").into_inner();
     let ids: Vec<_> = all.leases.iter().map(|lease| lease.shard_id.as_str()).collect();
-    assert_eq!(ids, ["omnirelay.members/a", "omnirelay.members/b", "omnirelay.members/brief", "omnirelay.members/c"]);
+    assert_eq!(ids, ["omnirelay.members.a", "omnirelay.members.b", "omnirelay.members.brief", "omnirelay.members.c"]);
     assert_eq!(all.leases[1].owner, "b");
     assert!(all.next_after.is_empty());
 
     let first = client.list_shard_leases(list("", 2)).await.expect("page 1").into_inner();
     assert_eq!(first.leases.len(), 2);
-    assert_eq!(first.next_after, "omnirelay.members/b");
+    assert_eq!(first.next_after, "omnirelay.members.b");
     let second = client.list_shard_leases(list(&first.next_after, 2)).await.expect("page 2").into_inner();
     let ids: Vec<_> = second.leases.iter().map(|lease| lease.shard_id.as_str()).collect();
-    assert_eq!(ids, ["omnirelay.members/brief", "omnirelay.members/c"]);
+    assert_eq!(ids, ["omnirelay.members.brief", "omnirelay.members.c"]);
 
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let later = client.list_shard_leases(list("", 0)).await.expect("list").into_inner();
     let ids: Vec<_> = later.leases.iter().map(|lease| lease.shard_id.as_str()).collect();
-    assert_eq!(ids, ["omnirelay.members/a", "omnirelay.members/b", "omnirelay.members/c"]);
+    assert_eq!(ids, ["omnirelay.members.a", "omnirelay.members.b", "omnirelay.members.c"]);
     hub.stop().await;
 }

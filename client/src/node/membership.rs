@@ -10,7 +10,7 @@
 //! nodes:
 //!
 //! 1. **Membership.** Each node holds a *member lease* on the log, on the
-//!    shard `omnirelay.members/<node id>` ([`MEMBER_PREFIX`]) with itself as
+//!    shard `omnirelay.members.<node id>` ([`MEMBER_PREFIX`]) with itself as
 //!    owner, acquired when it starts, renewed like a shard lease and
 //!    released when it stops. The live members are the holders of the
 //!    member leases the log lists ([`Replicator::held_leases`]): no static
@@ -47,10 +47,10 @@ use crate::ids::{Epoch, PeerId, ShardId};
 use crate::queue::Queue;
 use crate::replication::{ReplicationError, Replicator};
 
-/// Shard-id prefix of the member leases: `omnirelay.members/<node id>`.
+/// Shard-id prefix of the member leases: `omnirelay.members.<node id>`.
 /// Outside the namespace grammar (`resourcelease(.segment)*`), so no queue
 /// can collide with it.
-pub const MEMBER_PREFIX: &str = "omnirelay.members/";
+pub const MEMBER_PREFIX: &str = "omnirelay.members.";
 
 /// How often a node lists the live members and recomputes its share.
 /// Detection of a dead node is bounded by the lease TTL plus this; one
@@ -503,11 +503,11 @@ mod tests {
         let owner = member_owner("node-1", Some("http://10.0.0.1:7000"));
         assert_eq!(owner, "node-1@http://10.0.0.1:7000");
         assert_eq!(
-            parse_member("omnirelay.members/node-1", &owner),
+            parse_member("omnirelay.members.node-1", &owner),
             Some(("node-1".into(), Some("http://10.0.0.1:7000".into())))
         );
-        assert_eq!(parse_member("omnirelay.members/node-1", "node-1"), Some(("node-1".into(), None)));
-        assert_eq!(parse_member("omnirelay.members/node-1", "node-10"), None);
+        assert_eq!(parse_member("omnirelay.members.node-1", "node-1"), Some(("node-1".into(), None)));
+        assert_eq!(parse_member("omnirelay.members.node-1", "node-10"), None);
         assert_eq!(parse_member("resourcelease.x", "node-1"), None);
         assert!(check_advertise("http://10.0.0.1:7000").is_ok());
         assert!(check_advertise(&"h".repeat(72)).is_err());
