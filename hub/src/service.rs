@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use crate::access::{Guard, HubProcedure};
 use crate::defaults;
 use crate::error::{self, HubError};
 use crate::event::ChainHash;
@@ -35,6 +36,9 @@ pub struct HubService {
     subscriptions: Subscriptions,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Who may call what (see [`crate::access`]); every RPC asks it before
+    /// reading or writing anything.
+    guard: Arc<Guard>,
 }
 
 impl HubService {
@@ -45,8 +49,9 @@ impl HubService {
         subscriptions: Subscriptions,
         cancel: CancellationToken,
         tasks: TaskTracker,
+        guard: Arc<Guard>,
     ) -> Self {
-        Self { store, counters, writes, subscriptions, cancel, tasks }
+        Self { store, counters, writes, subscriptions, cancel, tasks, guard }
     }
 }
 
@@ -61,19 +66,30 @@ impl pb::hub_server::Hub for HubService {
     type SubscribeStream = SubscribeStream;
 
     async fn append(&self, request: Request<Streaming<pb::AppendRequest>>) -> Result<Response<AppendStream>, Status> {
+        // The stream names its shards batch by batch: the caller is bound
+        // here, and each batch's shard is authorized as it is read.
+        let caller = self.guard.authenticate(&request)?;
         let inbound = request.into_inner();
+        let access = (self.guard.clone(), caller);
         let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
         // The stream's task keeps the request's span (method, principal), so
         // its logs say who was appending.
         self.tasks.spawn(
-            serve_appends(self.store.clone(), self.writes.clone(), inbound, out, self.cancel.clone())
+            serve_appends(self.store.clone(), self.writes.clone(), inbound, out, self.cancel.clone(), access)
                 .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let selection = wire::selection(request.into_inner()).map_err(HubError::from)?;
+        for shard in &selection.shards {
+            self.guard.authorize_subscriber(&caller, HubProcedure::Subscribe, &selection.subscriber, shard)?;
+        }
+        if let Some(pattern) = &selection.pattern {
+            self.guard.authorize_pattern(&caller, &selection.subscriber, pattern)?;
+        }
         Ok(Response::new(Box::pin(self.subscriptions.start(selection).await?)))
     }
 
@@ -81,9 +97,11 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::CommitCheckpointRequest>,
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let subscriber = wire::subscriber(request.subscriber_id).map_err(HubError::from)?;
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize_subscriber(&caller, HubProcedure::CommitCheckpoint, &subscriber, &shard)?;
         let hash = match request.hash.len() {
             0 => None,
             _ => Some(ChainHash::from_slice(&request.hash).ok_or_else(|| {
@@ -108,6 +126,7 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::GetCheckpointsRequest>,
     ) -> Result<Response<pb::GetCheckpointsResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let subscriber = if request.subscriber_id.is_empty() {
             None
@@ -120,6 +139,7 @@ impl pb::hub_server::Hub for HubService {
             .map(|id| wire::shard("shard_ids", id))
             .collect::<Result<Vec<_>, _>>()
             .map_err(HubError::from)?;
+        self.guard.authorize_checkpoints(&caller, subscriber.as_ref(), &shards)?;
         let checkpoints = self.store.checkpoints(subscriber, shards).await.map_err(HubError::from)?;
         Ok(Response::new(pb::GetCheckpointsResponse {
             checkpoints: checkpoints.iter().map(wire::checkpoint).collect(),
@@ -130,11 +150,17 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::AcquireShardRequest>,
     ) -> Result<Response<pb::AcquireShardResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::AcquireShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
         let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
-        let grant = self.store.acquire_shard(shard, owner, ttl).await.map_err(HubError::from)?;
+        let grant = self
+            .store
+            .acquire_shard_as(shard, owner, Some(caller.principal.clone()), ttl)
+            .await
+            .map_err(HubError::from)?;
         if grant.granted {
             tracing::info!(shard = %grant.lease.shard, epoch = %grant.lease.epoch, "granted a shard lease");
         }
@@ -145,11 +171,17 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::RenewShardRequest>,
     ) -> Result<Response<pb::RenewShardResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::RenewShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
         let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
-        let lease = self.store.renew_shard(shard, owner, Epoch(request.epoch), ttl).await.map_err(HubError::from)?;
+        let lease = self
+            .store
+            .renew_shard_as(shard, owner, Some(caller.principal.clone()), Epoch(request.epoch), ttl)
+            .await
+            .map_err(HubError::from)?;
         Ok(Response::new(pb::RenewShardResponse { lease: Some(wire::lease(&lease)) }))
     }
 
@@ -157,10 +189,16 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::ReleaseShardRequest>,
     ) -> Result<Response<pb::ReleaseShardResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::ReleaseShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
-        let released = self.store.release_shard(shard, owner, Epoch(request.epoch)).await.map_err(HubError::from)?;
+        let released = self
+            .store
+            .release_shard_as(shard, owner, Some(caller.principal.clone()), Epoch(request.epoch))
+            .await
+            .map_err(HubError::from)?;
         Ok(Response::new(pb::ReleaseShardResponse { released }))
     }
 
@@ -168,8 +206,10 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::ReadRangeRequest>,
     ) -> Result<Response<pb::ReadRangeResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::ReadRange, &shard)?;
         if request.from_sequence == 0 {
             return Err(HubError::from(InvalidInput::new("from_sequence", "sequences start at 1")).into());
         }
@@ -202,8 +242,10 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::PutSnapshotRequest>,
     ) -> Result<Response<pb::PutSnapshotResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::PutSnapshot, &shard)?;
         if request.data.len() > defaults::MAX_SNAPSHOT_BYTES {
             return Err(HubError::from(InvalidInput::new(
                 "data",
@@ -223,8 +265,10 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::GetSnapshot, &shard)?;
         let below = (request.at_or_below != 0).then_some(Sequence(request.at_or_below));
         let snapshot = self.store.snapshot(shard, below).await.map_err(HubError::from)?;
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: snapshot.map(|s| wire::snapshot(&s, true)) }))
@@ -236,15 +280,30 @@ impl pb::hub_server::Hub for HubService {
 /// [`defaults::APPEND_STREAM_IN_FLIGHT`] awaiting their commit, and answers
 /// each as soon as it is durable or rejected. A rejected batch is answered
 /// and the stream stays open.
+///
+/// A frame that does not decode (or is over the message size limit) ends
+/// the stream, since nothing after it can be trusted to be the producer's
+/// next batch: reading stops, every batch already taken is still answered,
+/// and then the stream ends with INVALID_ARGUMENT naming the frame (its
+/// position on the stream and the batch before it). Ending with OK there
+/// would tell the producer everything was delivered. A batch for a shard
+/// the caller may not append to ends the stream the same way, with
+/// PERMISSION_DENIED; nothing of it is written.
 async fn serve_appends(
     store: Arc<dyn LogStore>,
     writes: Arc<WriteHealth>,
     mut inbound: Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
     cancel: CancellationToken,
+    (guard, caller): (Arc<Guard>, omnirelay_identity::Caller),
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut reading = true;
+    // Frames read so far, and the batch id of the last one, to name a bad
+    // frame; the status the stream ends with once what was taken is answered.
+    let mut frames: u64 = 0;
+    let mut last_batch: Option<u64> = None;
+    let mut ending: Option<Status> = None;
     loop {
         let can_read = reading && in_flight.len() < defaults::APPEND_STREAM_IN_FLIGHT;
         tokio::select! {
@@ -254,10 +313,22 @@ async fn serve_appends(
             }
             message = inbound.message(), if can_read => match message {
                 Ok(Some(request)) => {
+                    frames += 1;
+                    last_batch = Some(request.batch_id);
                     let batch_id = request.batch_id;
                     let shard_id = request.shard_id.clone();
-                    match wire::append_batch(request) {
-                        Ok(batch) => {
+                    let checked = wire::append_batch(request).map(|batch| {
+                        let allowed = guard.authorize(&caller, HubProcedure::Append, &batch.shard);
+                        (batch, allowed)
+                    });
+                    match checked {
+                        Ok((_, Err(denied))) => {
+                            // Like a bad frame: what was taken is answered,
+                            // then the stream ends with the refusal.
+                            reading = false;
+                            ending = Some(denied);
+                        }
+                        Ok((batch, Ok(()))) => {
                             let received = Instant::now();
                             let pending = store.append(batch);
                             in_flight.push(pending.map(move |result| {
@@ -279,8 +350,17 @@ async fn serve_appends(
                 }
                 Ok(None) => reading = false,
                 Err(status) => {
-                    tracing::debug!(error = %status, "append stream broke; its queued batches still commit");
-                    return;
+                    reading = false;
+                    match bad_frame(&status, frames + 1, last_batch) {
+                        Some(refusal) => {
+                            tracing::warn!(error = %refusal.message(), "ending an append stream on a bad frame");
+                            ending = Some(refusal);
+                        }
+                        None => {
+                            tracing::debug!(error = %status, "append stream broke; its queued batches still commit");
+                            ending = Some(status);
+                        }
+                    }
                 }
             },
             Some((batch_id, shard_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -293,7 +373,32 @@ async fn serve_appends(
                     return;
                 }
             }
-            else => return,
+            else => {
+                if let Some(status) = ending {
+                    let _ = out.send(Err(status)).await;
+                }
+                return;
+            }
         }
     }
+}
+
+/// The INVALID_ARGUMENT an append stream ends with when frame number
+/// `frame` (counting from 1) failed to decode or was over the size limit;
+/// `None` when `status` is not about the frame (the connection broke).
+/// tonic reports an undecodable frame as INTERNAL and an oversized one as
+/// OUT_OF_RANGE (or RESOURCE_EXHAUSTED); neither is the hub's fault.
+fn bad_frame(status: &Status, frame: u64, last_batch: Option<u64>) -> Option<Status> {
+    use tonic::Code;
+    if !matches!(status.code(), Code::Internal | Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument) {
+        return None;
+    }
+    let after = match last_batch {
+        Some(batch_id) => format!("the frame after batch_id {batch_id}"),
+        None => "the stream's first frame".to_string(),
+    };
+    Some(Status::invalid_argument(format!(
+        "append stream frame {frame} ({after}): {}; every batch before it was answered, nothing after it was read",
+        status.message()
+    )))
 }

@@ -40,6 +40,7 @@ macro_rules! log_store_contract {
             empty_batches_are_rejected,
             reads_return_linked_events_that_verify,
             leases_renew_release_and_report_the_head,
+            a_lease_is_bound_to_the_principal_that_took_it,
             checkpoints_never_move_backwards,
             checkpoints_record_and_check_the_hash_of_their_event,
             snapshots_are_tied_to_the_log,
@@ -375,7 +376,7 @@ pub async fn leases_renew_release_and_report_the_head<S: LogStore>(store: &S) {
     let err = store.renew_shard(s.clone(), owner("a"), Epoch(epoch.0 - 1), LONG).await.expect_err("old epoch");
     assert!(matches!(err, StoreError::StaleEpoch { current, .. } if current == epoch), "unexpected {err:?}");
     let err = store.renew_shard(s.clone(), owner("b"), epoch, LONG).await.expect_err("not the owner");
-    assert!(matches!(err, StoreError::NoLease { .. }), "unexpected {err:?}");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
     let err = store.renew_shard(shard("contract.none"), owner("a"), epoch, LONG).await.expect_err("unknown");
     assert!(matches!(err, StoreError::UnknownShard { .. }), "unexpected {err:?}");
 
@@ -391,6 +392,40 @@ pub async fn leases_renew_release_and_report_the_head<S: LogStore>(store: &S) {
     assert!(next.granted);
     assert_eq!((next.lease.epoch, next.lease.head), (Epoch(epoch.0 + 1), Sequence(3)));
     assert_eq!(next.lease.owner, Some(owner("b")));
+}
+
+/// A lease taken by a principal is renewed, released and re-acquired under
+/// its owner id by that principal only; nothing changes on a refusal. A
+/// lease that records no principal (from before they were recorded) is
+/// adopted by the first principal that renews it.
+pub async fn a_lease_is_bound_to_the_principal_that_took_it<S: LogStore>(store: &S) {
+    use crate::principal::Principal;
+    let s = shard("contract.bound");
+    let (alice, mallory) = (Some(Principal::new("spiffe://t/alice")), Some(Principal::new("spiffe://t/mallory")));
+    let granted = store.acquire_shard_as(s.clone(), owner("node-a"), alice.clone(), LONG).await.expect("acquire");
+    let epoch = granted.lease.epoch;
+    let stolen = store.acquire_shard_as(s.clone(), owner("node-a"), mallory.clone(), LONG).await.expect("attempt");
+    assert!(!stolen.granted, "a live lease is not granted again under its owner id to another principal");
+    assert_eq!(stolen.lease.epoch, epoch, "and the epoch did not move");
+    let err =
+        store.renew_shard_as(s.clone(), owner("node-a"), mallory.clone(), epoch, LONG).await.expect_err("mallory");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
+    let err = store.renew_shard(s.clone(), owner("node-a"), epoch, LONG).await.expect_err("no principal");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
+    assert!(!store.release_shard_as(s.clone(), owner("node-a"), mallory.clone(), epoch).await.expect("release"));
+    let state = store.shard_state(s.clone()).await.expect("state").expect("exists");
+    assert_eq!((state.lease.owner, state.lease.epoch), (Some(owner("node-a")), epoch), "nothing changed");
+    store.renew_shard_as(s.clone(), owner("node-a"), alice.clone(), epoch, LONG).await.expect("alice renews");
+    let again = store.acquire_shard_as(s.clone(), owner("node-a"), alice.clone(), LONG).await.expect("re-acquire");
+    assert!(again.granted && again.lease.epoch == Epoch(epoch.0 + 1));
+    assert!(store.release_shard_as(s.clone(), owner("node-a"), alice, again.lease.epoch).await.expect("release"));
+    // Free again: anyone may take it, and an unbound lease is adopted.
+    let unbound = store.acquire_shard(s.clone(), owner("node-b"), LONG).await.expect("acquire");
+    assert!(unbound.granted);
+    let epoch = unbound.lease.epoch;
+    store.renew_shard_as(s.clone(), owner("node-b"), mallory.clone(), epoch, LONG).await.expect("adopted");
+    let err = store.renew_shard(s.clone(), owner("node-b"), epoch, LONG).await.expect_err("now bound");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
 }
 
 /// Checkpoints only move forward, never past the head, and say when they
@@ -412,7 +447,7 @@ pub async fn checkpoints_never_move_backwards<S: LogStore>(store: &S) {
         assert_eq!(stay.checkpoint.sequence, Sequence(5));
     }
     let err = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(11), None).await.expect_err("past head");
-    assert!(matches!(&err, StoreError::Invalid(input) if input.field == "sequence"), "unexpected {err:?}");
+    assert!(matches!(&err, StoreError::PastHead { field: "sequence", .. }), "unexpected {err:?}");
     let err = store
         .commit_checkpoint(subscriber("sink"), shard("contract.none"), Sequence(0), None)
         .await
@@ -478,7 +513,7 @@ pub async fn snapshots_are_tied_to_the_log<S: LogStore>(store: &S) {
     assert!(matches!(err, StoreError::StaleEpoch { .. }), "unexpected {err:?}");
     for bad in [0, 7] {
         let err = store.put_snapshot(s.clone(), Sequence(bad), epoch, Bytes::new()).await.expect_err("outside");
-        assert!(matches!(&err, StoreError::Invalid(input) if input.field == "sequence"), "unexpected {err:?}");
+        assert!(matches!(&err, StoreError::PastHead { field: "sequence", .. }), "unexpected {err:?}");
     }
 
     let newest = store.snapshot(s.clone(), None).await.expect("get").expect("exists");

@@ -47,6 +47,7 @@ use crate::database;
 use crate::defaults;
 use crate::event::{self, ChainHash, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::principal::Principal;
 use crate::schema::{self, SchemaError};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, Elapsed, EventPage, LeaseGrant, LogChange,
@@ -394,11 +395,19 @@ impl LogStore for PgStore {
         })
     }
 
-    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
+    fn acquire_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, LeaseGrant> {
         self.within("acquire a shard", async move {
             let ttl = millis(ttl)?;
-            let granted =
-                self.query_opt("acquire a shard", SQL_ACQUIRE_SHARD, &[&shard.as_str(), &owner.as_str(), &ttl]).await?;
+            let principal = principal.as_ref().map(Principal::as_str);
+            let granted = self
+                .query_opt("acquire a shard", SQL_ACQUIRE_SHARD, &[&shard.as_str(), &owner.as_str(), &ttl, &principal])
+                .await?;
             match granted {
                 Some(row) => Ok(LeaseGrant { granted: true, lease: lease(&row)? }),
                 None => {
@@ -412,12 +421,24 @@ impl LogStore for PgStore {
         })
     }
 
-    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
+    fn renew_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> StoreFuture<'_, ShardLease> {
         self.within("renew a shard", async move {
             let ttl = millis(ttl)?;
             let epoch_db = to_db("epoch", epoch.0)?;
+            let principal = principal.as_ref().map(Principal::as_str);
             let renewed = self
-                .query_opt("renew a shard", SQL_RENEW_SHARD, &[&shard.as_str(), &owner.as_str(), &epoch_db, &ttl])
+                .query_opt(
+                    "renew a shard",
+                    SQL_RENEW_SHARD,
+                    &[&shard.as_str(), &owner.as_str(), &epoch_db, &ttl, &principal],
+                )
                 .await?;
             match renewed {
                 Some(row) => lease(&row),
@@ -426,13 +447,20 @@ impl LogStore for PgStore {
         })
     }
 
-    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
+    fn release_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+    ) -> StoreFuture<'_, bool> {
         self.within("release a shard", async move {
             let epoch = to_db("epoch", epoch.0)?;
+            let principal = principal.as_ref().map(Principal::as_str);
             let client = self.client().await?;
             let released = async {
                 let statement = client.prepare_cached(SQL_RELEASE_SHARD).await?;
-                client.execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch]).await
+                client.execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch, &principal]).await
             }
             .await
             .map_err(|err| store_error("release a shard", err));
