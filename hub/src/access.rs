@@ -23,7 +23,8 @@
 //!      "hub_roles": ["producer"], "shards": ["resourcelease", "resourcelease.*"]},
 //!     {"name": "billing", "principals": ["spiffe://prod.example/ns/billing/sink"],
 //!      "hub_roles": ["subscriber"], "shards": ["resourcelease.billing"], "subscribers": ["billing"]}
-//!   ]
+//!   ],
+//!   "limits": {"append_streams": 256, "subscriptions": 256}
 //! }
 //! ```
 //!
@@ -45,6 +46,7 @@ use omnirelay_identity::{
 use serde::Deserialize;
 use tonic::Status;
 
+use crate::defaults;
 use crate::ids::{ShardId, ShardPattern, SubscriberId};
 use crate::transport::ConnectionInfo;
 
@@ -220,6 +222,41 @@ pub struct AccessConfig {
     /// The grants; none means every call is denied.
     #[serde(default)]
     pub grants: Vec<GrantConfig>,
+    /// Per-principal limits; the defaults when unset.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Per-principal limits as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open append streams per principal per replica
+    /// ([`defaults::MAX_APPEND_STREAMS_PER_PRINCIPAL`] when unset).
+    #[serde(default)]
+    pub append_streams: Option<usize>,
+    /// Open subscriptions per principal per replica
+    /// ([`defaults::MAX_SUBSCRIPTIONS_PER_PRINCIPAL`] when unset).
+    #[serde(default)]
+    pub subscriptions: Option<usize>,
+}
+
+/// Per-principal limits, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open append streams per principal per replica.
+    pub append_streams: usize,
+    /// Open subscriptions per principal per replica.
+    pub subscriptions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            append_streams: defaults::MAX_APPEND_STREAMS_PER_PRINCIPAL,
+            subscriptions: defaults::MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +287,7 @@ pub struct Access {
     principal: PrincipalConfig,
     has_sources: bool,
     table: grants::Table<HubRole, GrantScope>,
+    limits: Limits,
 }
 
 impl Access {
@@ -351,7 +389,18 @@ impl Access {
                 extra: GrantScope { subscribers },
             });
         }
-        Ok(Self { principal, has_sources, table: grants::Table::new(rules) })
+        let mut limits = Limits::default();
+        for (field, given, limit) in [
+            ("limits.append_streams", config.limits.append_streams, &mut limits.append_streams),
+            ("limits.subscriptions", config.limits.subscriptions, &mut limits.subscriptions),
+        ] {
+            match given {
+                Some(0) => return Err(ConfigError::new(field, "must be at least 1")),
+                Some(given) => *limit = given,
+                None => {}
+            }
+        }
+        Ok(Self { principal, has_sources, table: grants::Table::new(rules), limits })
     }
 
     /// True when bearer tokens or trusted proxies can identify callers.
@@ -363,10 +412,12 @@ impl Access {
     pub fn grants(&self) -> usize {
         self.table.len()
     }
-}
 
-/// The caller of one request, as the hub bound it.
-pub type HubCaller = Caller;
+    /// The per-principal limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
 
 /// Enforces [`Access`] on every Hub RPC.
 #[derive(Debug, Clone)]
@@ -393,6 +444,11 @@ impl Guard {
     /// True in protected mode (no identity configured).
     pub fn is_protected(&self) -> bool {
         self.protected
+    }
+
+    /// The per-principal limits the service enforces.
+    pub fn limits(&self) -> Limits {
+        self.access.limits()
     }
 
     /// In protected mode, refuses a listening address that is not loopback;

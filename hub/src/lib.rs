@@ -24,8 +24,9 @@
 //! - Security: [`access`] binds every call to a principal (mutual TLS,
 //!   bearer tokens, trusted proxies; the identity layer shared with the
 //!   node, `omnirelay-identity`) and checks it against the hub roles, or
-//!   serves local callers only in protected mode; [`decoding`] answers
-//!   undecodable requests INVALID_ARGUMENT.
+//!   serves local callers only in protected mode; [`quota`] bounds the
+//!   streams each principal holds open; [`decoding`] answers undecodable
+//!   requests INVALID_ARGUMENT.
 //! - Operations: [`tls`] and [`transport`] accept TLS and mutual-TLS
 //!   connections and attach the caller's [`principal`]; [`health`] and
 //!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
@@ -70,6 +71,7 @@ pub mod event;
 pub mod health;
 pub mod ids;
 pub mod principal;
+pub mod quota;
 pub mod schema;
 mod server;
 pub mod service;

@@ -22,6 +22,7 @@ use crate::event::ChainHash;
 use crate::health::WriteHealth;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
+use crate::quota::StreamQuota;
 use crate::store::LogStore;
 use crate::subscribe::Subscriptions;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
@@ -39,6 +40,10 @@ pub struct HubService {
     /// Who may call what (see [`crate::access`]); every RPC asks it before
     /// reading or writing anything.
     guard: Arc<Guard>,
+    /// Open append streams per principal.
+    append_streams: Arc<StreamQuota>,
+    /// Open subscriptions per principal.
+    subscription_streams: Arc<StreamQuota>,
 }
 
 impl HubService {
@@ -51,7 +56,18 @@ impl HubService {
         tasks: TaskTracker,
         guard: Arc<Guard>,
     ) -> Self {
-        Self { store, counters, writes, subscriptions, cancel, tasks, guard }
+        let limits = guard.limits();
+        Self {
+            store,
+            counters,
+            writes,
+            subscriptions,
+            cancel,
+            tasks,
+            guard,
+            append_streams: StreamQuota::new("append streams", limits.append_streams),
+            subscription_streams: StreamQuota::new("subscriptions", limits.subscriptions),
+        }
     }
 }
 
@@ -69,14 +85,20 @@ impl pb::hub_server::Hub for HubService {
         // The stream names its shards batch by batch: the caller is bound
         // here, and each batch's shard is authorized as it is read.
         let caller = self.guard.authenticate(&request)?;
+        let permit = self.append_streams.acquire(&caller.principal)?;
         let inbound = request.into_inner();
         let access = (self.guard.clone(), caller);
         let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
+        let (store, writes, cancel) = (self.store.clone(), self.writes.clone(), self.cancel.clone());
         // The stream's task keeps the request's span (method, principal), so
         // its logs say who was appending.
         self.tasks.spawn(
-            serve_appends(self.store.clone(), self.writes.clone(), inbound, out, self.cancel.clone(), access)
-                .instrument(tracing::Span::current()),
+            async move {
+                // The stream counts against its principal until it ends.
+                let _permit = permit;
+                serve_appends(store, writes, inbound, out, cancel, access).await;
+            }
+            .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
@@ -90,7 +112,14 @@ impl pb::hub_server::Hub for HubService {
         if let Some(pattern) = &selection.pattern {
             self.guard.authorize_pattern(&caller, &selection.subscriber, pattern)?;
         }
-        Ok(Response::new(Box::pin(self.subscriptions.start(selection).await?)))
+        let permit = self.subscription_streams.acquire(&caller.principal)?;
+        let frames = self.subscriptions.start(selection).await?;
+        // The subscription counts against its principal until its stream
+        // is dropped (it ended, or the subscriber went away).
+        Ok(Response::new(Box::pin(frames.map(move |frame| {
+            let _held = &permit;
+            frame
+        }))))
     }
 
     async fn commit_checkpoint(
@@ -139,10 +168,25 @@ impl pb::hub_server::Hub for HubService {
             .map(|id| wire::shard("shard_ids", id))
             .collect::<Result<Vec<_>, _>>()
             .map_err(HubError::from)?;
+        let limit = match request.page_size as usize {
+            0 => defaults::CHECKPOINTS_PAGE,
+            size => size.min(defaults::MAX_CHECKPOINTS_PAGE),
+        };
+        let after = wire::checkpoint_page_token(&request.page_token).map_err(HubError::from)?;
         self.guard.authorize_checkpoints(&caller, subscriber.as_ref(), &shards)?;
-        let checkpoints = self.store.checkpoints(subscriber, shards).await.map_err(HubError::from)?;
+        // One more than the page: whether there is a next page is known
+        // without another query.
+        let mut checkpoints =
+            self.store.checkpoint_page(subscriber, shards, after, limit + 1).await.map_err(HubError::from)?;
+        let next_page_token = if checkpoints.len() > limit {
+            checkpoints.truncate(limit);
+            checkpoints.last().map(wire::next_checkpoint_page_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::GetCheckpointsResponse {
             checkpoints: checkpoints.iter().map(wire::checkpoint).collect(),
+            next_page_token,
         }))
     }
 

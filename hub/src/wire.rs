@@ -186,6 +186,25 @@ pub fn subscriber(value: String) -> Result<SubscriberId, InvalidInput> {
     SubscriberId::parse(value)
 }
 
+/// Where a page of `GetCheckpoints` goes on from: `None` for an empty
+/// token, else the `(subscriber, shard)` pair the token names. Tokens are
+/// `subscriber,shard`, which no id can be confused with (ids never hold ',').
+pub fn checkpoint_page_token(token: &str) -> Result<Option<(SubscriberId, ShardId)>, InvalidInput> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || InvalidInput::new("page_token", "not a token this hub answered; pass next_page_token as it came");
+    let (subscriber, shard) = token.split_once(',').ok_or_else(invalid)?;
+    let subscriber = SubscriberId::parse(subscriber).map_err(|_| invalid())?;
+    let shard = ShardId::parse(shard).map_err(|_| invalid())?;
+    Ok(Some((subscriber, shard)))
+}
+
+/// The `next_page_token` after `last`, the last checkpoint of a page.
+pub fn next_checkpoint_page_token(last: &Checkpoint) -> String {
+    format!("{},{}", last.subscriber, last.shard)
+}
+
 /// A lease length from `ttl`: the default when unset, else within bounds.
 pub fn lease_ttl(ttl: Option<prost_types::Duration>) -> Result<Duration, InvalidInput> {
     let Some(ttl) = ttl else { return Ok(defaults::LEASE_TTL) };

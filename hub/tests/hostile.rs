@@ -217,3 +217,57 @@ async fn renewing_or_releasing_another_holders_lease_is_aborted_and_changes_noth
     assert_eq!((row.get::<_, Option<String>>(0).as_deref(), row.get::<_, i64>(1)), (Some("node-a"), epoch as i64));
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn get_checkpoints_answers_in_pages_and_refuses_a_forged_token() {
+    let db = support::migrated_db().await;
+    let hub = TestHub::start(db.url()).await;
+    let mut client = hub.client().await;
+    let shard = "resourcelease.paged";
+    let epoch = acquire(&mut client, shard, "node-a", LONG).await;
+    let mut appender = Appender::open(&mut client).await;
+    ack(appender.append(batch(shard, "p", 1, epoch, &["a"])).await);
+    for sink in ["s1", "s2", "s3", "s4", "s5"] {
+        client
+            .commit_checkpoint(pb::CommitCheckpointRequest {
+                subscriber_id: sink.into(),
+                shard_id: shard.into(),
+                sequence: 1,
+                hash: Bytes::new(),
+            })
+            .await
+            .expect("commit");
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .get_checkpoints(pb::GetCheckpointsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        assert!(page.checkpoints.len() <= 2);
+        seen.extend(page.checkpoints.iter().map(|c| c.subscriber_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        (pages, seen),
+        (3, vec!["s1", "s2", "s3", "s4", "s5"].into_iter().map(String::from).collect::<Vec<_>>())
+    );
+    let status = client
+        .get_checkpoints(pb::GetCheckpointsRequest { page_token: "no-comma".into(), ..Default::default() })
+        .await
+        .expect_err("a forged token");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with("page_token:"), "{}", status.message());
+    hub.stop().await;
+}

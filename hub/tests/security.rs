@@ -41,6 +41,10 @@ fn principal(role: HubRole) -> &'static str {
 }
 
 async fn secure_hub(db: &TestDb) -> SecureHub {
+    secure_hub_with(db, json!({})).await
+}
+
+async fn secure_hub_with(db: &TestDb, limits: serde_json::Value) -> SecureHub {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let pair = rcgen::KeyPair::generate().expect("an EC key");
     let public = dir.path().join("jwt.pem");
@@ -53,7 +57,8 @@ async fn secure_hub(db: &TestDb) -> SecureHub {
             {"name": "sinks", "principals": [principal(HubRole::Subscriber)], "hub_roles": ["subscriber"], "shards": ["resourcelease.*"], "subscribers": ["sink"]},
             {"name": "readers", "principals": [principal(HubRole::Reader)], "hub_roles": ["reader"], "shards": ["*"]},
             {"name": "operators", "principals": [principal(HubRole::Operator)], "hub_roles": ["operator"], "shards": ["*"]}
-        ]
+        ],
+        "limits": limits
     });
     let access = Access::from_json(&access.to_string()).expect("a valid access file");
     let config = Config { retention_interval: None, access, ..Config::for_postgres(db.url()).expect("a valid URL") };
@@ -144,7 +149,11 @@ async fn call(
             answered(client.commit_checkpoint(request(message, credential)).await.map(drop))
         }
         HubProcedure::GetCheckpoints => {
-            let message = pb::GetCheckpointsRequest { subscriber_id: "sink".into(), shard_ids: vec![shard] };
+            let message = pb::GetCheckpointsRequest {
+                subscriber_id: "sink".into(),
+                shard_ids: vec![shard],
+                ..Default::default()
+            };
             answered(client.get_checkpoints(request(message, credential)).await.map(drop))
         }
         HubProcedure::AcquireShard => {
@@ -328,7 +337,7 @@ async fn subscribers_use_their_own_ids_and_only_operators_list_everyone() {
     };
     let status = client.commit_checkpoint(request(other, &sink)).await.expect_err("another subscriber's id");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    let everyone = pb::GetCheckpointsRequest { subscriber_id: String::new(), shard_ids: Vec::new() };
+    let everyone = pb::GetCheckpointsRequest::default();
     let status = client.get_checkpoints(request(everyone.clone(), &sink)).await.expect_err("every subscriber");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     let ops = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Operator))));
@@ -367,9 +376,175 @@ async fn protected_mode_refuses_to_listen_beyond_loopback() {
     let epoch = support::acquire(&mut client, SHARD, "node-a", LONG).await;
     let mut appender = support::Appender::open(&mut client).await;
     support::ack(appender.append(batch(SHARD, "p", 1, epoch, &["a"])).await);
-    client
-        .get_checkpoints(pb::GetCheckpointsRequest { subscriber_id: String::new(), shard_ids: Vec::new() })
-        .await
-        .expect("a local caller is an operator too");
+    client.get_checkpoints(pb::GetCheckpointsRequest::default()).await.expect("a local caller is an operator too");
     hub.stop().await;
+}
+
+/// What the serving hub's PostgreSQL role is granted, as `docs/security.md`
+/// gives it (`{role}` stands for the role's name): data on the hub's tables,
+/// the identity sequence, the schema history to read; nothing else.
+const LEAST_PRIVILEGE: &str = "
+    GRANT USAGE ON SCHEMA public TO {role};
+    GRANT SELECT, INSERT, UPDATE, DELETE ON shards, events, producer_batches, checkpoints, snapshots TO {role};
+    GRANT USAGE ON SEQUENCE shards_shard_no_seq TO {role};
+    GRANT SELECT ON refinery_schema_history TO {role};
+    GRANT EXECUTE ON FUNCTION omnirelay_fence_refused(bigint, bigint) TO {role};
+";
+
+#[tokio::test]
+async fn the_hub_serves_with_the_least_privilege_role_and_cannot_change_the_schema() {
+    let db = support::migrated_db().await;
+    let role = format!("{}_hub", db.name());
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'hub' NOSUPERUSER NOCREATEDB NOCREATEROLE;
+             REVOKE ALL ON DATABASE {db} FROM PUBLIC;
+             GRANT CONNECT ON DATABASE {db} TO {role};
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             {grants}",
+            db = db.name(),
+            grants = LEAST_PRIVILEGE.replace("{role}", &role),
+        ))
+        .await
+        .expect("create the hub's role");
+    let url = db.url().replacen("://postgres@", &format!("://{role}:hub@"), 1);
+    assert_ne!(url, db.url(), "the harness URL names the superuser: {}", db.url());
+
+    // As that role, DDL fails: the schema changes only through `migrate`.
+    let (as_hub, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect as the role");
+    tokio::spawn(connection);
+    let superuser: bool = as_hub
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .expect("read the role")
+        .get(0);
+    assert!(!superuser);
+    for ddl in ["CREATE TABLE intruder (x int)", "ALTER TABLE shards ADD COLUMN x int", "DROP TABLE events"] {
+        as_hub.batch_execute(ddl).await.expect_err(ddl);
+    }
+
+    // Everything a replica does works: serve, append, subscribe, checkpoint,
+    // snapshot, read, retention.
+    let config = Config { retention_interval: None, ..Config::for_postgres(&url).expect("a valid URL") };
+    let hub = TestHub::start_with(config).await;
+    let mut client = hub.client().await;
+    let epoch = support::acquire(&mut client, SHARD, "node-a", LONG).await;
+    let mut appender = support::Appender::open(&mut client).await;
+    support::ack(appender.append(batch(SHARD, "p", 1, epoch, &["a", "b", "c"])).await);
+    let mut subscription = client
+        .subscribe(pb::SubscribeRequest {
+            subscriber_id: "sink".into(),
+            shard_ids: vec![SHARD.into()],
+            start: Some(pb::StartPosition { position: Some(pb::start_position::Position::AfterSequence(0)) }),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    tokio::time::timeout(LONG, subscription.message()).await.expect("a frame in time").expect("a frame");
+    client
+        .commit_checkpoint(pb::CommitCheckpointRequest {
+            subscriber_id: "sink".into(),
+            shard_id: SHARD.into(),
+            sequence: 3,
+            hash: Bytes::new(),
+        })
+        .await
+        .expect("commit a checkpoint");
+    client
+        .put_snapshot(pb::PutSnapshotRequest {
+            shard_id: SHARD.into(),
+            sequence: 2,
+            data: Bytes::from_static(b"s"),
+            epoch,
+        })
+        .await
+        .expect("store a snapshot");
+    let page = client
+        .read_range(pb::ReadRangeRequest { shard_id: SHARD.into(), from_sequence: 1, to_sequence: 0, limit: 0 })
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(page.events.len(), 3);
+    let store =
+        omnirelay_hub::store::postgres::PgStore::open(omnirelay_hub::store::postgres::PgStoreConfig::new(url.clone()))
+            .await
+            .expect("the store opens as the role");
+    use omnirelay_hub::store::LogStore as _;
+    let shard = omnirelay_hub::ids::ShardId::parse(SHARD).expect("valid");
+    let trimmed = store
+        .apply_retention(shard.clone(), omnirelay_hub::store::RetentionPolicy { checkpoint_max_age: LONG })
+        .await
+        .expect("retention runs as the role");
+    assert!(trimmed.deleted > 0, "events below the snapshot trimmed: {trimmed:?}");
+    client
+        .release_shard(pb::ReleaseShardRequest { shard_id: SHARD.into(), owner: "node-a".into(), epoch })
+        .await
+        .expect("release");
+    store.close().await.expect("close");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_principal_at_its_stream_limits_is_refused_and_others_are_served() {
+    let db = support::migrated_db().await;
+    let secure = secure_hub_with(&db, json!({"append_streams": 2, "subscriptions": 2})).await;
+    let mut client = secure.hub.client().await;
+    let sink = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Subscriber))));
+    let producer = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Producer))));
+    let subscribe = |credential: &Credential| {
+        request(
+            pb::SubscribeRequest {
+                subscriber_id: "sink".into(),
+                shard_ids: vec![SHARD.into()],
+                start: Some(pb::StartPosition { position: Some(pb::start_position::Position::AfterSequence(0)) }),
+                ..Default::default()
+            },
+            credential,
+        )
+    };
+    let first = client.subscribe(subscribe(&sink)).await.expect("one");
+    let _second = client.subscribe(subscribe(&sink)).await.expect("two");
+    let refused = client.subscribe(subscribe(&sink)).await.map(drop).expect_err("three");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("2 open subscriptions"), "{}", refused.message());
+    // Closing one frees its place (once the hub notices the stream is gone).
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..100 {
+        match client.subscribe(subscribe(&sink)).await {
+            Ok(stream) => {
+                reopened = Some(stream);
+                break;
+            }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    }
+    assert!(reopened.is_some(), "a closed subscription frees its place");
+
+    let open_append = |credential: &Credential| {
+        let (frames, outbound) = tokio::sync::mpsc::channel::<pb::AppendRequest>(1);
+        (frames, request(tokio_stream::wrappers::ReceiverStream::new(outbound), credential))
+    };
+    let (_a, first) = open_append(&producer);
+    let _one = client.append(first).await.expect("one append stream");
+    let (_b, second) = open_append(&producer);
+    let _two = client.append(second).await.expect("two append streams");
+    let (_c, third) = open_append(&producer);
+    let refused = client.append(third).await.map(drop).expect_err("three append streams");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("2 open append streams"), "{}", refused.message());
+    // Another principal is served meanwhile.
+    let reader = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Reader))));
+    client
+        .get_snapshot(request(pb::GetSnapshotRequest { shard_id: SHARD.into(), at_or_below: 0 }, &reader))
+        .await
+        .map(drop)
+        .or_else(|status| if status.code() == tonic::Code::NotFound { Ok(()) } else { Err(status) })
+        .expect("another principal is served");
+    secure.hub.stop().await;
 }

@@ -128,6 +128,16 @@ impl LogStore for Metered {
         timed(DbOperation::Checkpoint, self.inner.checkpoints(subscriber, shards))
     }
 
+    fn checkpoint_page(
+        &self,
+        subscriber: Option<SubscriberId>,
+        shards: Vec<ShardId>,
+        after: Option<(SubscriberId, ShardId)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Checkpoint>> {
+        timed(DbOperation::Checkpoint, self.inner.checkpoint_page(subscriber, shards, after, limit))
+    }
+
     fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {
         timed(DbOperation::Snapshot, self.inner.put_snapshot(shard, sequence, epoch, data))
     }

@@ -732,6 +732,37 @@ pub trait LogStore: Send + Sync + 'static {
     /// shards or all (empty), ordered by subscriber then shard.
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>>;
 
+    /// One page of [`LogStore::checkpoints`]: at most `limit` of them, after
+    /// the `(subscriber, shard)` pair `after` when given, ordered by
+    /// subscriber then shard in byte order. The provided implementation
+    /// filters the whole list, which is right for a store that orders by
+    /// bytes (SQLite); PostgreSQL orders by collation unless told, and reads
+    /// one page with a keyset query instead.
+    fn checkpoint_page(
+        &self,
+        subscriber: Option<SubscriberId>,
+        shards: Vec<ShardId>,
+        after: Option<(SubscriberId, ShardId)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Checkpoint>> {
+        let all = self.checkpoints(subscriber, shards);
+        Box::pin(async move {
+            let mut all = all.await?;
+            all.sort_by(|a, b| {
+                (a.subscriber.as_str(), a.shard.as_str()).cmp(&(b.subscriber.as_str(), b.shard.as_str()))
+            });
+            Ok(all
+                .into_iter()
+                .filter(|c| {
+                    after.as_ref().is_none_or(|(subscriber, shard)| {
+                        (c.subscriber.as_str(), c.shard.as_str()) > (subscriber.as_str(), shard.as_str())
+                    })
+                })
+                .take(limit)
+                .collect())
+        })
+    }
+
     /// Stores a snapshot taken at `sequence` by the owner at `epoch` (stale
     /// epochs are rejected like appends). `sequence` must be stored or be the
     /// last trimmed one (at least `low - 1`), at least 1 and at most the
