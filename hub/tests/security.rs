@@ -548,3 +548,61 @@ async fn a_principal_at_its_stream_limits_is_refused_and_others_are_served() {
         .expect("another principal is served");
     secure.hub.stop().await;
 }
+
+/// A caller opens a thousand subscriptions over several connections and
+/// never reads one: the replica keeps at most its per-principal limit open,
+/// refuses the rest naming the limit, stays within its subscription memory,
+/// and serves other callers meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_unread_subscriptions_stay_bounded_and_others_are_served() {
+    let db = support::migrated_db().await;
+    let secure = secure_hub(&db).await;
+    let sink = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Subscriber))));
+    let mut opened = Vec::new();
+    let mut refused = 0;
+    for _connection in 0..8 {
+        let mut client = support::client(secure.hub.address).await;
+        for _ in 0..125 {
+            let message = pb::SubscribeRequest {
+                subscriber_id: "sink".into(),
+                shard_ids: vec![SHARD.into()],
+                start: Some(pb::StartPosition { position: Some(pb::start_position::Position::AfterSequence(0)) }),
+                ..Default::default()
+            };
+            match client.subscribe(request(message, &sink)).await {
+                Ok(stream) => opened.push(stream),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert!(status.message().contains("subscriptions"), "{}", status.message());
+                    refused += 1;
+                }
+            }
+        }
+    }
+    let limit = omnirelay_hub::defaults::MAX_SUBSCRIPTIONS_PER_PRINCIPAL;
+    assert_eq!((opened.len(), refused), (limit, 1_000 - limit));
+    let memory = &secure.hub.memory;
+    assert!(memory.peak() <= memory.limit(), "{} of {}", memory.peak(), memory.limit());
+    // Others are served while those streams sit unread.
+    let mut client = secure.hub.client().await;
+    let producer = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Producer))));
+    let granted = client
+        .acquire_shard(request(
+            pb::AcquireShardRequest { shard_id: SHARD.into(), owner: "node-a".into(), ttl: None },
+            &producer,
+        ))
+        .await
+        .expect("the producer is served")
+        .into_inner();
+    assert!(granted.granted);
+    let reader = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Reader))));
+    client
+        .read_range(request(
+            pb::ReadRangeRequest { shard_id: SHARD.into(), from_sequence: 1, to_sequence: 0, limit: 0 },
+            &reader,
+        ))
+        .await
+        .expect("the reader is served");
+    drop(opened);
+    secure.hub.stop().await;
+}

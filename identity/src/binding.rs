@@ -248,3 +248,42 @@ pub fn normalize(source_name: &'static str, raw: &str) -> Result<Principal, Cred
     };
     Ok(Principal::new(normalized))
 }
+
+/// Arbitrary credentials: binding answers a caller or an error, and never
+/// panics, whatever the headers and the token hold.
+#[cfg(test)]
+mod arbitrary_input {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn headers_and_tokens_never_panic(authorization in proptest::collection::vec(any::<u8>(), 0..300),
+                                          proxied in proptest::collection::vec(any::<u8>(), 0..300),
+                                          token in "[A-Za-z0-9_.=-]{0,300}") {
+            let key = jsonwebtoken::DecodingKey::from_secret(b"k");
+            let verifier = JwtVerifier::new(jsonwebtoken::Algorithm::HS256, key, "iss", "aud").expect("valid");
+            let _ = verifier.verify(&token);
+            let config = PrincipalConfig::new()
+                .jwt(verifier)
+                .trusted_proxies(TrustedProxies::parse(&["127.0.0.1"]).expect("valid"));
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = http::HeaderValue::from_bytes(&authorization) {
+                headers.insert(http::header::AUTHORIZATION, value);
+            }
+            if let Ok(value) = http::HeaderValue::from_bytes(&proxied) {
+                headers.insert(CLIENT_PRINCIPAL_HEADER, value);
+            }
+            let connection = ConnectionInfo { remote_addr: Some(([127, 0, 0, 1], 4000).into()), client_certs: None };
+            let _ = config.authenticate(&headers, &connection);
+        }
+
+        #[test]
+        fn proxy_lists_never_panic(entry in ".{0,48}") {
+            let _ = TrustedProxies::parse(&[entry]);
+        }
+    }
+}
