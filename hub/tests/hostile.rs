@@ -131,6 +131,35 @@ async fn an_undecodable_append_frame_ends_the_stream_on_the_embedded_store_too()
 }
 
 #[tokio::test]
+async fn a_frame_over_the_size_limit_ends_the_stream_with_invalid_argument_after_the_batches_before_it() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = Config { retention_interval: None, ..Config::for_sqlite(dir.path().join("hub.db")) };
+    let hub = TestHub::start_with(config).await;
+    let mut client = hub.client().await;
+    let shard = "resourcelease.oversized";
+    let epoch = acquire(&mut client, shard, "node-a", LONG).await;
+    let mut grpc = raw_grpc(hub.address).await.max_encoding_message_size(usize::MAX);
+    grpc.ready().await.expect("the channel should be ready");
+    let (frames, outbound) = mpsc::channel::<Bytes>(4);
+    frames.send(Bytes::from(batch(shard, "p", 1, epoch, &["a"]).encode_to_vec())).await.expect("queued");
+    frames.send(Bytes::from(vec![0u8; omnirelay_hub::defaults::MAX_MESSAGE_BYTES + 1])).await.expect("queued");
+    let path = http::uri::PathAndQuery::from_static("/omnirelay.hub.v1.Hub/Append");
+    let mut answers = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(outbound)), path, RawCodec::<pb::AppendResponse>::default())
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let first =
+        tokio::time::timeout(LONG, answers.message()).await.expect("in time").expect("answered").expect("a frame");
+    assert_eq!(ack(first.result.expect("a result")).first_sequence, 1);
+    let status = tokio::time::timeout(LONG, answers.message()).await.expect("in time").expect_err("not an OK end");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("frame 2"), "{}", status.message());
+    drop(frames);
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn an_undecodable_unary_request_is_invalid_argument_not_internal() {
     let db = support::migrated_db().await;
     let hub = TestHub::start(db.url()).await;
