@@ -22,6 +22,10 @@ COPY --from=build /src/target/release/omnirelay-hub /usr/local/bin/omnirelay-hub
 # chart mounts a volume here.
 COPY --from=build --chown=65532:65532 /out/var/lib/omnirelay /var/lib/omnirelay
 WORKDIR /var/lib/omnirelay
+# A container listens on every address, so the hub needs an identity to
+# start: mutual TLS (OMNIRELAY_HUB_TLS_*) and/or an access file
+# (OMNIRELAY_HUB_ACCESS); without one it stays in protected mode, which
+# refuses a non-loopback listen (docs/security.md).
 ENV OMNIRELAY_HUB_LISTEN=0.0.0.0:7400 \
     OMNIRELAY_HUB_ADMIN_LISTEN=0.0.0.0:7401 \
     OMNIRELAY_HUB_SQLITE_PATH=/var/lib/omnirelay/omnirelay-hub.db \

@@ -84,11 +84,9 @@ string_id!(
     PeerId
 );
 
-string_id!(
-    /// A normalized caller identity (`rpc.principal`), e.g. a SPIFFE URI from
-    /// a client certificate or a JWT subject.
-    Principal
-);
+/// A normalized caller identity (`rpc.principal`): the identity layer's,
+/// shared with the hub.
+pub use omnirelay_identity::Principal;
 
 /// Position of an event in a shard's log: gapless, starting at 1, assigned by
 /// the replicator. `Sequence::ZERO` means "before the first event".

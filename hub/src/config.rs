@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::access::Access;
 use crate::defaults;
 
 /// Errors in a combination of settings; each names the flags involved.
@@ -67,6 +68,10 @@ pub enum ConfigError {
         /// The subcommand.
         command: &'static str,
     },
+    /// The access file (`--access`) is unreadable or invalid; the error
+    /// names the field.
+    #[error("--access: {0}")]
+    Access(omnirelay_identity::ConfigError),
     /// A CA file with a mode that does not verify certificates.
     #[error("--database-ca-file is only used with --database-tls verify-full (got {mode})")]
     DatabaseCaUnused {
@@ -162,6 +167,12 @@ pub struct ServeArgs {
     /// TLS for the gRPC service.
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    /// Access file (JSON): bearer tokens, trusted proxies and the grants of
+    /// hub roles (see docs/security.md). Without it and without
+    /// --tls-client-ca the hub runs in protected mode: local callers only.
+    #[arg(long, env = "OMNIRELAY_HUB_ACCESS", value_name = "PATH")]
+    pub access: Option<PathBuf>,
 
     /// How often this replica trims events below the retention floor (the
     /// older of a shard's newest snapshot and its oldest live checkpoint);
@@ -617,6 +628,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// TLS of the gRPC service; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
+    /// How callers are identified and what they may do; with no identity
+    /// source and no mutual TLS the hub is in protected mode.
+    pub access: Access,
     /// How often retention runs on this replica; `None` disables it here.
     pub retention_interval: Option<Duration>,
     /// Age after which a checkpoint stops holding back retention.
@@ -717,6 +731,10 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             store: self.store.validate()?,
             tls: self.tls.validate()?,
+            access: match &self.access {
+                Some(path) => Access::from_file(path).map_err(ConfigError::Access)?,
+                None => Access::none(),
+            },
             retention_interval: self.retention_interval.0,
             checkpoint_max_age: self.checkpoint_max_age.0,
             health_interval: self.health_interval.0,
@@ -793,6 +811,7 @@ impl Config {
             admin_listen: ephemeral,
             store,
             tls: None,
+            access: Access::none(),
             retention_interval: Some(defaults::RETENTION_INTERVAL),
             checkpoint_max_age: defaults::CHECKPOINT_MAX_AGE,
             health_interval: defaults::HEALTH_INTERVAL,
@@ -838,11 +857,21 @@ impl Config {
             retention_interval = %Interval(self.retention_interval),
             checkpoint_max_age = %HumanDuration(self.checkpoint_max_age),
             tls = %self.tls_summary(),
+            access = %self.access_summary(),
             health_interval = %HumanDuration(self.health_interval),
             shutdown_grace = %HumanDuration(self.shutdown_grace),
             subscription_memory = %ByteSize(self.subscription_memory),
             "effective configuration"
         );
+    }
+
+    fn access_summary(&self) -> String {
+        let mutual = self.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
+        if mutual || self.access.has_identity_source() {
+            format!("{} grants", self.access.grants())
+        } else {
+            "protected mode (no identity configured: loopback callers only)".to_string()
+        }
     }
 
     fn tls_summary(&self) -> String {
@@ -878,6 +907,7 @@ impl fmt::Display for Config {
             StoreConfig::Sqlite { path } => writeln!(f, "sqlite-path = {}", path.display())?,
         }
         writeln!(f, "tls = {}", self.tls_summary())?;
+        writeln!(f, "access = {}", self.access_summary())?;
         writeln!(f, "retention-interval = {}", Interval(self.retention_interval))?;
         writeln!(f, "checkpoint-max-age = {}", HumanDuration(self.checkpoint_max_age))?;
         writeln!(f, "health-interval = {}", HumanDuration(self.health_interval))?;

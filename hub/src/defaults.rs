@@ -344,3 +344,23 @@ pub const FEED_IDLE_RETIRE: Duration = Duration::from_secs(60);
 /// subscription fails as unavailable: twice the pool timeout, so one slow
 /// connection attempt does not fail it.
 pub const FEED_START_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Append streams one principal may hold open on one replica. A node opens
+/// one per hub endpoint it writes through; 256 leaves room for many
+/// processes sharing an identity while stopping one caller from holding
+/// thousands of streams (each with its in-flight window) on a replica.
+pub const MAX_APPEND_STREAMS_PER_PRINCIPAL: usize = 256;
+
+/// Subscriptions one principal may hold open on one replica. Each takes
+/// at least `SUBSCRIPTION_OVERHEAD_BYTES` of the shared subscription
+/// memory; 256 of them is half the default budget, so one principal cannot
+/// starve every other subscriber of the replica.
+pub const MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 256;
+
+/// Checkpoints in one `GetCheckpoints` answer when the caller names no page
+/// size: about 100 KiB of response, far below the message limit.
+pub const CHECKPOINTS_PAGE: usize = 1_000;
+
+/// Most checkpoints in one `GetCheckpoints` answer, whatever the caller
+/// asks: about 1 MiB of response.
+pub const MAX_CHECKPOINTS_PAGE: usize = 10_000;

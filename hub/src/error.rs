@@ -89,7 +89,9 @@ impl From<HubError> for tonic::Status {
             }
             HubError::Store(store) => match store {
                 StoreError::Invalid(input) => Status::invalid_argument(input.to_string()),
-                StoreError::StaleEpoch { .. } => Status::aborted(store.to_string()),
+                // The proto promises ABORTED for a lease the caller lost.
+                StoreError::StaleEpoch { .. } | StoreError::NotHolder { .. } => Status::aborted(store.to_string()),
+                StoreError::PastHead { .. } => Status::out_of_range(store.to_string()),
                 StoreError::UnknownShard { .. } => Status::not_found(store.to_string()),
                 StoreError::NoLease { .. }
                 | StoreError::OutOfOrder { .. }

@@ -21,6 +21,12 @@
 //!   chains.
 //! - [`store::sqlite::SqliteStore`] is the embedded default store (one
 //!   replica, one file), held to the same contract as PostgreSQL.
+//! - Security: [`access`] binds every call to a principal (mutual TLS,
+//!   bearer tokens, trusted proxies; the identity layer shared with the
+//!   node, `omnirelay-identity`) and checks it against the hub roles, or
+//!   serves local callers only in protected mode; [`quota`] bounds the
+//!   streams each principal holds open; [`decoding`] answers undecodable
+//!   requests INVALID_ARGUMENT.
 //! - Operations: [`tls`] and [`transport`] accept TLS and mutual-TLS
 //!   connections and attach the caller's [`principal`]; [`health`] and
 //!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
@@ -53,16 +59,19 @@
 //! assert!(verify(&shard, Sequence(1), &ChainHash::ZERO, &events).is_ok());
 //! ```
 
+pub mod access;
 pub mod admin;
 mod budget;
 pub mod config;
 pub mod database;
+pub mod decoding;
 pub mod defaults;
 pub mod error;
 pub mod event;
 pub mod health;
 pub mod ids;
 pub mod principal;
+pub mod quota;
 pub mod schema;
 mod server;
 pub mod service;

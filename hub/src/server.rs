@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::Guard;
 use crate::admin;
 use crate::budget::Budget;
 use crate::config::{Config, StoreConfig};
@@ -40,6 +41,8 @@ pub struct Hub {
     /// What all subscriptions of the replica may hold.
     budget: Budget,
     config: Config,
+    /// Who may call what; protected mode without an identity.
+    guard: Arc<Guard>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -83,7 +86,10 @@ impl Hub {
         let counters = Arc::new(HubCounters::default());
         let budget = Budget::new(config.subscription_memory);
         let tail = Tail::start(store.clone(), counters.clone(), &budget);
+        let mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some());
+        let guard = Arc::new(Guard::new(config.access.clone(), mutual_tls));
         Hub {
+            guard,
             store,
             probe,
             tls: None,
@@ -131,6 +137,7 @@ impl Hub {
             subscriptions,
             self.cancel.clone(),
             self.tasks.clone(),
+            self.guard.clone(),
         ))
         .max_decoding_message_size(defaults::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(defaults::MAX_MESSAGE_BYTES)
@@ -162,6 +169,10 @@ impl Hub {
     ) -> anyhow::Result<()> {
         let grpc_address = listener.local_addr().context("read the gRPC listening address")?;
         let admin_address = admin.local_addr().context("read the admin listening address")?;
+        if let Err(err) = self.guard.check_listen(grpc_address) {
+            self.close().await;
+            return Err(err).context("start serving");
+        }
         let tls = match &self.tls {
             None => "off",
             Some(tls) if tls.is_mutual() => "mutual",

@@ -15,12 +15,14 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
+use crate::access::{Guard, HubProcedure};
 use crate::defaults;
 use crate::error::{self, HubError};
 use crate::event::ChainHash;
 use crate::health::WriteHealth;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
+use crate::quota::StreamQuota;
 use crate::store::LogStore;
 use crate::subscribe::Subscriptions;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
@@ -35,6 +37,13 @@ pub struct HubService {
     subscriptions: Subscriptions,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Who may call what (see [`crate::access`]); every RPC asks it before
+    /// reading or writing anything.
+    guard: Arc<Guard>,
+    /// Open append streams per principal.
+    append_streams: Arc<StreamQuota>,
+    /// Open subscriptions per principal.
+    subscription_streams: Arc<StreamQuota>,
 }
 
 impl HubService {
@@ -45,8 +54,20 @@ impl HubService {
         subscriptions: Subscriptions,
         cancel: CancellationToken,
         tasks: TaskTracker,
+        guard: Arc<Guard>,
     ) -> Self {
-        Self { store, counters, writes, subscriptions, cancel, tasks }
+        let limits = guard.limits();
+        Self {
+            store,
+            counters,
+            writes,
+            subscriptions,
+            cancel,
+            tasks,
+            guard,
+            append_streams: StreamQuota::new("append streams", limits.append_streams),
+            subscription_streams: StreamQuota::new("subscriptions", limits.subscriptions),
+        }
     }
 }
 
@@ -61,29 +82,55 @@ impl pb::hub_server::Hub for HubService {
     type SubscribeStream = SubscribeStream;
 
     async fn append(&self, request: Request<Streaming<pb::AppendRequest>>) -> Result<Response<AppendStream>, Status> {
+        // The stream names its shards batch by batch: the caller is bound
+        // here, and each batch's shard is authorized as it is read.
+        let caller = self.guard.authenticate(&request)?;
+        let permit = self.append_streams.acquire(&caller.principal)?;
         let inbound = request.into_inner();
+        let access = (self.guard.clone(), caller);
         let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
+        let (store, writes, cancel) = (self.store.clone(), self.writes.clone(), self.cancel.clone());
         // The stream's task keeps the request's span (method, principal), so
         // its logs say who was appending.
         self.tasks.spawn(
-            serve_appends(self.store.clone(), self.writes.clone(), inbound, out, self.cancel.clone())
-                .instrument(tracing::Span::current()),
+            async move {
+                // The stream counts against its principal until it ends.
+                let _permit = permit;
+                serve_appends(store, writes, inbound, out, cancel, access).await;
+            }
+            .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let selection = wire::selection(request.into_inner()).map_err(HubError::from)?;
-        Ok(Response::new(Box::pin(self.subscriptions.start(selection).await?)))
+        for shard in &selection.shards {
+            self.guard.authorize_subscriber(&caller, HubProcedure::Subscribe, &selection.subscriber, shard)?;
+        }
+        if let Some(pattern) = &selection.pattern {
+            self.guard.authorize_pattern(&caller, &selection.subscriber, pattern)?;
+        }
+        let permit = self.subscription_streams.acquire(&caller.principal)?;
+        let frames = self.subscriptions.start(selection).await?;
+        // The subscription counts against its principal until its stream
+        // is dropped (it ended, or the subscriber went away).
+        Ok(Response::new(Box::pin(frames.map(move |frame| {
+            let _held = &permit;
+            frame
+        }))))
     }
 
     async fn commit_checkpoint(
         &self,
         request: Request<pb::CommitCheckpointRequest>,
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let subscriber = wire::subscriber(request.subscriber_id).map_err(HubError::from)?;
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize_subscriber(&caller, HubProcedure::CommitCheckpoint, &subscriber, &shard)?;
         let hash = match request.hash.len() {
             0 => None,
             _ => Some(ChainHash::from_slice(&request.hash).ok_or_else(|| {
@@ -108,6 +155,7 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::GetCheckpointsRequest>,
     ) -> Result<Response<pb::GetCheckpointsResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let subscriber = if request.subscriber_id.is_empty() {
             None
@@ -120,9 +168,25 @@ impl pb::hub_server::Hub for HubService {
             .map(|id| wire::shard("shard_ids", id))
             .collect::<Result<Vec<_>, _>>()
             .map_err(HubError::from)?;
-        let checkpoints = self.store.checkpoints(subscriber, shards).await.map_err(HubError::from)?;
+        let limit = match request.page_size as usize {
+            0 => defaults::CHECKPOINTS_PAGE,
+            size => size.min(defaults::MAX_CHECKPOINTS_PAGE),
+        };
+        let after = wire::checkpoint_page_token(&request.page_token).map_err(HubError::from)?;
+        self.guard.authorize_checkpoints(&caller, subscriber.as_ref(), &shards)?;
+        // One more than the page: whether there is a next page is known
+        // without another query.
+        let mut checkpoints =
+            self.store.checkpoint_page(subscriber, shards, after, limit + 1).await.map_err(HubError::from)?;
+        let next_page_token = if checkpoints.len() > limit {
+            checkpoints.truncate(limit);
+            checkpoints.last().map(wire::next_checkpoint_page_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::GetCheckpointsResponse {
             checkpoints: checkpoints.iter().map(wire::checkpoint).collect(),
+            next_page_token,
         }))
     }
 
@@ -130,11 +194,17 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::AcquireShardRequest>,
     ) -> Result<Response<pb::AcquireShardResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::AcquireShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
         let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
-        let grant = self.store.acquire_shard(shard, owner, ttl).await.map_err(HubError::from)?;
+        let grant = self
+            .store
+            .acquire_shard_as(shard, owner, Some(caller.principal.clone()), ttl)
+            .await
+            .map_err(HubError::from)?;
         if grant.granted {
             tracing::info!(shard = %grant.lease.shard, epoch = %grant.lease.epoch, "granted a shard lease");
         }
@@ -145,11 +215,17 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::RenewShardRequest>,
     ) -> Result<Response<pb::RenewShardResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::RenewShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
         let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
-        let lease = self.store.renew_shard(shard, owner, Epoch(request.epoch), ttl).await.map_err(HubError::from)?;
+        let lease = self
+            .store
+            .renew_shard_as(shard, owner, Some(caller.principal.clone()), Epoch(request.epoch), ttl)
+            .await
+            .map_err(HubError::from)?;
         Ok(Response::new(pb::RenewShardResponse { lease: Some(wire::lease(&lease)) }))
     }
 
@@ -157,10 +233,16 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::ReleaseShardRequest>,
     ) -> Result<Response<pb::ReleaseShardResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::ReleaseShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
-        let released = self.store.release_shard(shard, owner, Epoch(request.epoch)).await.map_err(HubError::from)?;
+        let released = self
+            .store
+            .release_shard_as(shard, owner, Some(caller.principal.clone()), Epoch(request.epoch))
+            .await
+            .map_err(HubError::from)?;
         Ok(Response::new(pb::ReleaseShardResponse { released }))
     }
 
@@ -168,6 +250,8 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::ListShardLeasesRequest>,
     ) -> Result<Response<pb::ListShardLeasesResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
+        self.guard.authorize_listing(&caller, HubProcedure::ListShardLeases)?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => defaults::LIST_LEASES_LIMIT,
@@ -179,7 +263,9 @@ impl pb::hub_server::Hub for HubService {
             .iter()
             .map(|state| &state.lease)
             .filter(|lease| request.after.is_empty() || lease.shard.as_str() > request.after.as_str())
-            .filter(|lease| lease.owner.is_some() && lease.expires_at.is_some_and(|at| at > now));
+            .filter(|lease| lease.owner.is_some() && lease.expires_at.is_some_and(|at| at > now))
+            // Only the shards the caller may read.
+            .filter(|lease| self.guard.may(&caller, HubProcedure::ListShardLeases, &lease.shard));
         let leases: Vec<_> = held.by_ref().take(limit).map(wire::lease).collect();
         let next_after = match (held.next(), leases.last()) {
             (Some(_), Some(last)) => last.shard_id.clone(),
@@ -192,8 +278,10 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::ReadRangeRequest>,
     ) -> Result<Response<pb::ReadRangeResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::ReadRange, &shard)?;
         if request.from_sequence == 0 {
             return Err(HubError::from(InvalidInput::new("from_sequence", "sequences start at 1")).into());
         }
@@ -226,8 +314,10 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::PutSnapshotRequest>,
     ) -> Result<Response<pb::PutSnapshotResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::PutSnapshot, &shard)?;
         if request.data.len() > defaults::MAX_SNAPSHOT_BYTES {
             return Err(HubError::from(InvalidInput::new(
                 "data",
@@ -247,8 +337,10 @@ impl pb::hub_server::Hub for HubService {
         &self,
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let caller = self.guard.authenticate(&request)?;
         let request = request.into_inner();
         let shard = wire::shard("shard_id", request.shard_id).map_err(HubError::from)?;
+        self.guard.authorize(&caller, HubProcedure::GetSnapshot, &shard)?;
         let below = (request.at_or_below != 0).then_some(Sequence(request.at_or_below));
         let snapshot = self.store.snapshot(shard, below).await.map_err(HubError::from)?;
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: snapshot.map(|s| wire::snapshot(&s, true)) }))
@@ -260,15 +352,30 @@ impl pb::hub_server::Hub for HubService {
 /// [`defaults::APPEND_STREAM_IN_FLIGHT`] awaiting their commit, and answers
 /// each as soon as it is durable or rejected. A rejected batch is answered
 /// and the stream stays open.
+///
+/// A frame that does not decode (or is over the message size limit) ends
+/// the stream, since nothing after it can be trusted to be the producer's
+/// next batch: reading stops, every batch already taken is still answered,
+/// and then the stream ends with INVALID_ARGUMENT naming the frame (its
+/// position on the stream and the batch before it). Ending with OK there
+/// would tell the producer everything was delivered. A batch for a shard
+/// the caller may not append to ends the stream the same way, with
+/// PERMISSION_DENIED; nothing of it is written.
 async fn serve_appends(
     store: Arc<dyn LogStore>,
     writes: Arc<WriteHealth>,
     mut inbound: Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
     cancel: CancellationToken,
+    (guard, caller): (Arc<Guard>, omnirelay_identity::Caller),
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut reading = true;
+    // Frames read so far, and the batch id of the last one, to name a bad
+    // frame; the status the stream ends with once what was taken is answered.
+    let mut frames: u64 = 0;
+    let mut last_batch: Option<u64> = None;
+    let mut ending: Option<Status> = None;
     loop {
         let can_read = reading && in_flight.len() < defaults::APPEND_STREAM_IN_FLIGHT;
         tokio::select! {
@@ -278,10 +385,22 @@ async fn serve_appends(
             }
             message = inbound.message(), if can_read => match message {
                 Ok(Some(request)) => {
+                    frames += 1;
+                    last_batch = Some(request.batch_id);
                     let batch_id = request.batch_id;
                     let shard_id = request.shard_id.clone();
-                    match wire::append_batch(request) {
-                        Ok(batch) => {
+                    let checked = wire::append_batch(request).map(|batch| {
+                        let allowed = guard.authorize(&caller, HubProcedure::Append, &batch.shard);
+                        (batch, allowed)
+                    });
+                    match checked {
+                        Ok((_, Err(denied))) => {
+                            // Like a bad frame: what was taken is answered,
+                            // then the stream ends with the refusal.
+                            reading = false;
+                            ending = Some(denied);
+                        }
+                        Ok((batch, Ok(()))) => {
                             let received = Instant::now();
                             let pending = store.append(batch);
                             in_flight.push(pending.map(move |result| {
@@ -303,8 +422,17 @@ async fn serve_appends(
                 }
                 Ok(None) => reading = false,
                 Err(status) => {
-                    tracing::debug!(error = %status, "append stream broke; its queued batches still commit");
-                    return;
+                    reading = false;
+                    match bad_frame(&status, frames + 1, last_batch) {
+                        Some(refusal) => {
+                            tracing::warn!(error = %refusal.message(), "ending an append stream on a bad frame");
+                            ending = Some(refusal);
+                        }
+                        None => {
+                            tracing::debug!(error = %status, "append stream broke; its queued batches still commit");
+                            ending = Some(status);
+                        }
+                    }
                 }
             },
             Some((batch_id, shard_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -317,7 +445,32 @@ async fn serve_appends(
                     return;
                 }
             }
-            else => return,
+            else => {
+                if let Some(status) = ending {
+                    let _ = out.send(Err(status)).await;
+                }
+                return;
+            }
         }
     }
+}
+
+/// The INVALID_ARGUMENT an append stream ends with when frame number
+/// `frame` (counting from 1) failed to decode or was over the size limit;
+/// `None` when `status` is not about the frame (the connection broke).
+/// tonic reports an undecodable frame as INTERNAL and an oversized one as
+/// OUT_OF_RANGE (or RESOURCE_EXHAUSTED); neither is the hub's fault.
+fn bad_frame(status: &Status, frame: u64, last_batch: Option<u64>) -> Option<Status> {
+    use tonic::Code;
+    if !matches!(status.code(), Code::Internal | Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument) {
+        return None;
+    }
+    let after = match last_batch {
+        Some(batch_id) => format!("the frame after batch_id {batch_id}"),
+        None => "the stream's first frame".to_string(),
+    };
+    Some(Status::invalid_argument(format!(
+        "append stream frame {frame} ({after}): {}; every batch before it was answered, nothing after it was read",
+        status.message()
+    )))
 }

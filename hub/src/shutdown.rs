@@ -95,6 +95,8 @@ pub async fn serve_grpc(
         // Every call, the Hub's and the health service's alike, runs in one
         // request span (exported over OTLP when configured).
         .trace_fn(telemetry::request_span)
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
+        .layer(crate::decoding::DecodeErrorsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             transport::incoming(listener, tls, cut.clone()),

@@ -231,7 +231,18 @@ impl Subscriptions {
         };
         let cursor = match selection.start {
             Start::Checkpoint => checkpoints.get(&shard).map_or(Sequence::ZERO, |(sequence, _)| *sequence),
-            Start::After(sequence) => sequence,
+            // Past the head is refused like a checkpoint past the head: the
+            // follower would wait for sequences the shard's own appends
+            // never reach and deliver nothing. A shard found later by a
+            // pattern starts from its beginning instead.
+            Start::After(_) if discovered_later => Sequence::ZERO,
+            Start::After(sequence) => {
+                let head = head().await?;
+                if sequence > head {
+                    return Err(StoreError::PastHead { field: "start.after_sequence", shard, sequence, head }.into());
+                }
+                sequence
+            }
             // A shard created after the subscription started: all of it is new.
             Start::Latest if discovered_later => Sequence::ZERO,
             Start::Latest => head().await?,

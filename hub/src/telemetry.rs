@@ -171,12 +171,14 @@ impl AppendOutcome {
             StoreError::StaleEpoch { .. } => AppendOutcome::StaleEpoch,
             // A shard nobody ever acquired has no lease holder either: the
             // producer's remedy (acquire the shard) is the same.
-            StoreError::NoLease { .. } | StoreError::UnknownShard { .. } => AppendOutcome::NoLease,
+            StoreError::NoLease { .. } | StoreError::NotHolder { .. } | StoreError::UnknownShard { .. } => {
+                AppendOutcome::NoLease
+            }
             StoreError::OutOfOrder { .. } => AppendOutcome::OutOfOrder,
             StoreError::HeadMismatch { .. } => AppendOutcome::HeadMismatch,
             // Appending below the retention floor is a request that can never
             // succeed as sent.
-            StoreError::Invalid(_) | StoreError::Trimmed { .. } => AppendOutcome::Invalid,
+            StoreError::Invalid(_) | StoreError::Trimmed { .. } | StoreError::PastHead { .. } => AppendOutcome::Invalid,
             StoreError::Unavailable { .. } | StoreError::Overloaded { .. } | StoreError::Closed => {
                 AppendOutcome::Unavailable
             }

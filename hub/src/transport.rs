@@ -27,7 +27,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::defaults;
-use crate::principal::{Principal, PrincipalError};
+use omnirelay_identity::{ClientCertChain, CredentialError};
+
+use crate::principal::Principal;
 use crate::telemetry;
 use crate::tls::ServerTls;
 
@@ -36,8 +38,12 @@ use crate::tls::ServerTls;
 pub struct ConnectionInfo {
     /// The client's address.
     pub remote_addr: SocketAddr,
-    /// The authenticated caller; `Some` exactly when mutual TLS is on.
+    /// The certificate's principal (its single URI SAN); `Some` exactly
+    /// when mutual TLS is on.
     pub principal: Option<Principal>,
+    /// The verified client certificate chain, leaf first, under mutual TLS:
+    /// what the identity layer binds a caller from (see [`crate::access`]).
+    pub client_certs: Option<ClientCertChain>,
 }
 
 /// The principal of the connection a request arrived on, if authenticated.
@@ -173,7 +179,7 @@ enum HandshakeError {
     #[error("mutual TLS is on but the client presented no certificate")]
     NoClientCertificate,
     #[error("no principal in the client certificate")]
-    Principal(#[source] PrincipalError),
+    Principal(#[source] CredentialError),
 }
 
 impl HandshakeError {
@@ -235,7 +241,7 @@ impl Acceptor {
                         }
                         match &self.tls {
                             None => {
-                                let info = ConnectionInfo { remote_addr: remote, principal: None };
+                                let info = ConnectionInfo { remote_addr: remote, principal: None, client_certs: None };
                                 return Connection::new(Io::Plain(stream), info, &self.cut);
                             }
                             Some(tls) => {
@@ -265,18 +271,22 @@ async fn handshake(
         .await
         .map_err(|_| HandshakeError::Timeout)?
         .map_err(HandshakeError::Tls)?;
-    let principal = if tls.is_mutual() {
-        let certificate = stream
+    let (principal, client_certs) = if tls.is_mutual() {
+        let chain = stream
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|chain| chain.first())
+            .filter(|chain| !chain.is_empty())
             .ok_or(HandshakeError::NoClientCertificate)?;
-        Some(Principal::from_certificate(certificate).map_err(HandshakeError::Principal)?)
+        let chain = ClientCertChain::new(Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect()));
+        // The identity layer's rule, the node's too: the single URI SAN.
+        let leaf = chain.leaf().ok_or(HandshakeError::NoClientCertificate)?;
+        let uri = omnirelay_identity::mtls::certificate_san_uri(leaf).map_err(HandshakeError::Principal)?;
+        (Some(Principal::new(uri)), Some(chain))
     } else {
-        None
+        (None, None)
     };
-    Ok(Connection::new(Io::Tls(Box::new(stream)), ConnectionInfo { remote_addr: remote, principal }, cut))
+    Ok(Connection::new(Io::Tls(Box::new(stream)), ConnectionInfo { remote_addr: remote, principal, client_certs }, cut))
 }
 
 /// Displays an error with its sources, `a: b: c`.

@@ -186,6 +186,25 @@ pub fn subscriber(value: String) -> Result<SubscriberId, InvalidInput> {
     SubscriberId::parse(value)
 }
 
+/// Where a page of `GetCheckpoints` goes on from: `None` for an empty
+/// token, else the `(subscriber, shard)` pair the token names. Tokens are
+/// `subscriber,shard`, which no id can be confused with (ids never hold ',').
+pub fn checkpoint_page_token(token: &str) -> Result<Option<(SubscriberId, ShardId)>, InvalidInput> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || InvalidInput::new("page_token", "not a token this hub answered; pass next_page_token as it came");
+    let (subscriber, shard) = token.split_once(',').ok_or_else(invalid)?;
+    let subscriber = SubscriberId::parse(subscriber).map_err(|_| invalid())?;
+    let shard = ShardId::parse(shard).map_err(|_| invalid())?;
+    Ok(Some((subscriber, shard)))
+}
+
+/// The `next_page_token` after `last`, the last checkpoint of a page.
+pub fn next_checkpoint_page_token(last: &Checkpoint) -> String {
+    format!("{},{}", last.subscriber, last.shard)
+}
+
 /// A lease length from `ttl`: the default when unset, else within bounds.
 pub fn lease_ttl(ttl: Option<prost_types::Duration>) -> Result<Duration, InvalidInput> {
     let Some(ttl) = ttl else { return Ok(defaults::LEASE_TTL) };
@@ -436,5 +455,55 @@ mod tests {
         let err = lease_ttl(Some(prost_types::Duration { seconds: 0, nanos: 1_000 })).expect_err("too short");
         assert_eq!(err.field, "ttl");
         assert!(lease_ttl(Some(prost_types::Duration { seconds: -5, nanos: 0 })).is_err());
+    }
+}
+
+/// Arbitrary bytes where the network puts them: every decoder and validator
+/// answers (a value or an error naming the field) and never panics. A
+/// stable-toolchain stand-in for the `cargo fuzz` targets issue 11 asks for.
+#[cfg(test)]
+mod arbitrary_input {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn append_frames_and_events_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..512),
+                                                event in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(request) = pb::AppendRequest::decode(Bytes::from(frame)) {
+                let _ = append_batch(request);
+            }
+            let request = pb::AppendRequest {
+                expected_first_sequence: 0,
+                batch_id: 1,
+                shard_id: "resourcelease.users".into(),
+                producer_id: "node-a".into(),
+                producer_seq: 1,
+                epoch: 1,
+                events: vec![RawEvent::from_bytes(Bytes::from(event))],
+            };
+            if let Err(err) = append_batch(request) {
+                prop_assert!(err.field.starts_with("events"), "{err}");
+            }
+        }
+
+        #[test]
+        fn unary_requests_and_page_tokens_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256),
+                                                      token in ".{0,64}") {
+            if let Ok(request) = pb::SubscribeRequest::decode(Bytes::from(bytes.clone())) {
+                let _ = selection(request);
+            }
+            if let Ok(request) = pb::AcquireShardRequest::decode(Bytes::from(bytes)) {
+                let _ = shard("shard_id", request.shard_id);
+                let _ = owner(request.owner);
+                let _ = lease_ttl(request.ttl);
+            }
+            if let Err(err) = checkpoint_page_token(&token) {
+                prop_assert_eq!(err.field, "page_token");
+            }
+        }
     }
 }

@@ -243,7 +243,7 @@ async fn bad_input_is_answered_naming_the_field_and_changes_nothing() {
         })
         .await
         .expect_err("past the head");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
     assert!(err.message().starts_with("sequence:"), "{}", err.message());
     let err = client
         .put_snapshot(pb::PutSnapshotRequest { shard_id: shard.into(), sequence: 5, data: Bytes::new(), epoch })

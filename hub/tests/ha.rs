@@ -107,7 +107,11 @@ async fn a_subscriber_resumes_on_another_replica_from_its_checkpoint_after_a_rep
 
     let mut client = survivor.client().await;
     let checkpoint = client
-        .get_checkpoints(pb::GetCheckpointsRequest { subscriber_id: "sink".into(), shard_ids: vec![shard.into()] })
+        .get_checkpoints(pb::GetCheckpointsRequest {
+            subscriber_id: "sink".into(),
+            shard_ids: vec![shard.into()],
+            ..Default::default()
+        })
         .await
         .expect("read the checkpoint")
         .into_inner()

@@ -144,7 +144,7 @@ async fn after_a_checkpoint_commit_a_resumed_subscriber_never_sees_an_event_agai
     let mut resumed = Subscription::open(&mut client, request("sink", &[shard], from_checkpoint)).await;
     assert_eq!(sequences(&resumed.events(5).await), vec![8, 9, 10, 11, 12]);
     let stored = client
-        .get_checkpoints(pb::GetCheckpointsRequest { subscriber_id: "sink".into(), shard_ids: vec![] })
+        .get_checkpoints(pb::GetCheckpointsRequest { subscriber_id: "sink".into(), ..Default::default() })
         .await
         .expect("read checkpoints")
         .into_inner();

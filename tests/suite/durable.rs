@@ -528,11 +528,17 @@ async fn a_node_reaches_a_mutual_tls_hub_past_a_dead_endpoint() {
     let (ca_file, hub_cert_file, hub_key_file) =
         (file("ca.pem", &ca_pem), file("hub.pem", &hub_cert), file("hub.key", &hub_key));
     let (node_cert_file, node_key_file) = (file("node.pem", &node_cert), file("node.key", &node_key));
+    // Mutual TLS identifies callers, so the hub enforces its grants: the
+    // node's certificate may own and read back every shard.
+    let access = file(
+        "access.json",
+        r#"{"grants": [{"principals": ["spiffe://durable.test/node-a"], "hub_roles": ["producer"], "shards": ["*"]}]}"#,
+    );
     let hub = Hub::start_with(
         &binaries.hub,
         db.url(),
         free_port(),
-        &["--tls-cert", &hub_cert_file, "--tls-key", &hub_key_file, "--tls-client-ca", &ca_file],
+        &["--tls-cert", &hub_cert_file, "--tls-key", &hub_key_file, "--tls-client-ca", &ca_file, "--access", &access],
     )
     .await;
     // The first endpoint has nothing listening: the node moves on to the

@@ -37,6 +37,8 @@ use http::Request;
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
+use omnirelay_identity::grants;
+
 use super::error::{ConfigError, CredentialError};
 use super::principal::Caller;
 use super::{BoxError, MiddlewareError, Procedure, RpcRoute};
@@ -70,34 +72,14 @@ pub struct AuthorizationConfig {
     pub rules: Vec<RuleConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum PrincipalPattern {
-    Any,
-    Exact(String),
-    Prefix(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ShardPattern {
-    Any,
-    Exact(ShardId),
-    /// Stored with the trailing dot: `resourcelease.`.
-    Below(String),
-}
-
-#[derive(Debug, Clone)]
-struct Rule {
-    name: String,
-    principals: Vec<PrincipalPattern>,
-    roles: Vec<String>,
-    procedures: Vec<Procedure>,
-    shards: Vec<ShardPattern>,
-}
-
 /// A validated authorization table. The empty table denies everything.
+///
+/// The rules and their matching are the identity layer's
+/// ([`omnirelay_identity::grants::Table`], shared with the hub); the
+/// vocabulary, the node's procedures, is this module's.
 #[derive(Debug, Clone, Default)]
 pub struct AuthorizationTable {
-    rules: Vec<Rule>,
+    table: grants::Table<Procedure>,
 }
 
 impl AuthorizationTable {
@@ -118,31 +100,7 @@ impl AuthorizationTable {
         let mut rules = Vec::with_capacity(config.rules.len());
         for (i, rule) in config.rules.iter().enumerate() {
             let at = |field: &str| format!("rules[{i}].{field}");
-            if rule.principals.is_empty() && rule.roles.is_empty() {
-                return Err(ConfigError::new(at("principals"), "a rule needs at least one principal or role"));
-            }
-            let mut principals = Vec::with_capacity(rule.principals.len());
-            for (j, pattern) in rule.principals.iter().enumerate() {
-                principals.push(match pattern.as_str() {
-                    "*" => PrincipalPattern::Any,
-                    "" => return Err(ConfigError::new(at(&format!("principals[{j}]")), "must not be empty")),
-                    p => match p.strip_suffix('*') {
-                        Some(prefix) if !prefix.contains('*') => PrincipalPattern::Prefix(prefix.to_string()),
-                        None if !p.contains('*') => PrincipalPattern::Exact(p.to_string()),
-                        _ => {
-                            return Err(ConfigError::new(
-                                at(&format!("principals[{j}]")),
-                                "'*' is only allowed at the end of a principal pattern",
-                            ));
-                        }
-                    },
-                });
-            }
-            for (j, role) in rule.roles.iter().enumerate() {
-                if role.trim().is_empty() {
-                    return Err(ConfigError::new(at(&format!("roles[{j}]")), "must not be empty"));
-                }
-            }
+            let subjects = grants::Subjects::parse(&format!("rules[{i}]"), &rule.principals, &rule.roles)?;
             if rule.procedures.is_empty() {
                 return Err(ConfigError::new(at("procedures"), "a rule needs at least one procedure (or \"*\")"));
             }
@@ -173,50 +131,24 @@ impl AuthorizationTable {
             let mut shards = Vec::with_capacity(rule.shards.len());
             for (j, pattern) in rule.shards.iter().enumerate() {
                 let field = at(&format!("shards[{j}]"));
-                shards.push(match pattern.strip_suffix(".*") {
-                    _ if pattern == "*" => ShardPattern::Any,
-                    Some(base) => {
-                        let base =
-                            parse_namespace(&field, base).map_err(|e| ConfigError::new(&field, e.to_string()))?;
-                        ShardPattern::Below(format!("{base}."))
-                    }
-                    None if pattern.is_empty() => return Err(ConfigError::new(field, "must not be empty")),
-                    None => ShardPattern::Exact(
-                        parse_namespace(&field, pattern).map_err(|e| ConfigError::new(&field, e.to_string()))?,
-                    ),
-                });
+                shards.push(grants::NamePattern::parse(&field, pattern, |name| {
+                    parse_namespace(&field, name).map(|id| id.to_string()).map_err(|e| e.to_string())
+                })?);
             }
-            rules.push(Rule {
+            rules.push(grants::Rule {
                 name: rule.name.clone().unwrap_or_else(|| format!("rules[{i}]")),
-                principals,
-                roles: rule.roles.clone(),
-                procedures,
+                subjects,
+                permissions: procedures,
                 shards,
+                extra: (),
             });
         }
-        Ok(Self { rules })
+        Ok(Self { table: grants::Table::new(rules) })
     }
 
     /// True when some rule allows `caller` to call `procedure` on `namespace`.
     pub fn allows(&self, caller: &Caller, procedure: Procedure, namespace: &ShardId) -> bool {
-        self.rules.iter().any(|rule| {
-            let subject = rule.principals.iter().any(|p| match p {
-                PrincipalPattern::Any => true,
-                PrincipalPattern::Exact(exact) => caller.principal.as_str() == exact,
-                PrincipalPattern::Prefix(prefix) => caller.principal.as_str().starts_with(prefix.as_str()),
-            }) || rule.roles.iter().any(|r| caller.roles.contains(r));
-            let allowed = subject
-                && rule.procedures.contains(&procedure)
-                && rule.shards.iter().any(|s| match s {
-                    ShardPattern::Any => true,
-                    ShardPattern::Exact(exact) => namespace == exact,
-                    ShardPattern::Below(prefix) => namespace.as_str().starts_with(prefix.as_str()),
-                });
-            if allowed {
-                tracing::trace!(rule = %rule.name, principal = %caller.principal, "call allowed");
-            }
-            allowed
-        })
+        self.table.allows(caller, procedure, namespace.as_str())
     }
 
     /// [`allows`](Self::allows), as PERMISSION_DENIED when not.

@@ -25,17 +25,5 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// any one call can pin resources.
 pub const MAX_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Leeway for JWT `exp` and `nbf`, absorbing clock skew between the issuer and
-/// this node. 30 s is well above NTP-synchronized skew and far below any
-/// sensible token lifetime.
-pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
-
-/// Longest bearer token read from `authorization`. Real tokens are under
-/// 2 KiB; the bound stops a caller from making us parse megabytes before the
-/// signature check fails.
-pub const MAX_BEARER_TOKEN_LEN: usize = 8 * 1024;
-
-/// Longest principal accepted from any source (SAN URI, JWT `sub`, proxy
-/// header). SPIFFE IDs are capped at 2048 bytes; 512 is plenty for ours and
-/// keeps events and logs compact.
-pub const MAX_PRINCIPAL_LEN: usize = 512;
+/// The credential limits live with the identity layer, shared with the hub.
+pub use omnirelay_identity::defaults::{JWT_LEEWAY, MAX_BEARER_TOKEN_LEN, MAX_PRINCIPAL_LEN};

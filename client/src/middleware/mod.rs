@@ -37,7 +37,8 @@
 
 mod authz;
 mod body;
-pub mod connection;
+/// The connection a request came on (the identity layer's, shared with the hub).
+pub use omnirelay_identity::connection;
 mod deadline;
 pub mod defaults;
 mod error;

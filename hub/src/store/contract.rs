@@ -40,7 +40,9 @@ macro_rules! log_store_contract {
             empty_batches_are_rejected,
             reads_return_linked_events_that_verify,
             leases_renew_release_and_report_the_head,
+            a_lease_is_bound_to_the_principal_that_took_it,
             checkpoints_never_move_backwards,
+            checkpoint_pages_follow_byte_order,
             checkpoints_record_and_check_the_hash_of_their_event,
             snapshots_are_tied_to_the_log,
             retention_trims_below_the_older_of_snapshot_and_checkpoint,
@@ -375,7 +377,7 @@ pub async fn leases_renew_release_and_report_the_head<S: LogStore>(store: &S) {
     let err = store.renew_shard(s.clone(), owner("a"), Epoch(epoch.0 - 1), LONG).await.expect_err("old epoch");
     assert!(matches!(err, StoreError::StaleEpoch { current, .. } if current == epoch), "unexpected {err:?}");
     let err = store.renew_shard(s.clone(), owner("b"), epoch, LONG).await.expect_err("not the owner");
-    assert!(matches!(err, StoreError::NoLease { .. }), "unexpected {err:?}");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
     let err = store.renew_shard(shard("contract.none"), owner("a"), epoch, LONG).await.expect_err("unknown");
     assert!(matches!(err, StoreError::UnknownShard { .. }), "unexpected {err:?}");
 
@@ -391,6 +393,75 @@ pub async fn leases_renew_release_and_report_the_head<S: LogStore>(store: &S) {
     assert!(next.granted);
     assert_eq!((next.lease.epoch, next.lease.head), (Epoch(epoch.0 + 1), Sequence(3)));
     assert_eq!(next.lease.owner, Some(owner("b")));
+}
+
+/// A lease taken by a principal is renewed, released and re-acquired under
+/// its owner id by that principal only; nothing changes on a refusal. A
+/// lease that records no principal (from before they were recorded) is
+/// adopted by the first principal that renews it.
+pub async fn a_lease_is_bound_to_the_principal_that_took_it<S: LogStore>(store: &S) {
+    use crate::principal::Principal;
+    let s = shard("contract.bound");
+    let (alice, mallory) = (Some(Principal::new("spiffe://t/alice")), Some(Principal::new("spiffe://t/mallory")));
+    let granted = store.acquire_shard_as(s.clone(), owner("node-a"), alice.clone(), LONG).await.expect("acquire");
+    let epoch = granted.lease.epoch;
+    let stolen = store.acquire_shard_as(s.clone(), owner("node-a"), mallory.clone(), LONG).await.expect("attempt");
+    assert!(!stolen.granted, "a live lease is not granted again under its owner id to another principal");
+    assert_eq!(stolen.lease.epoch, epoch, "and the epoch did not move");
+    let err =
+        store.renew_shard_as(s.clone(), owner("node-a"), mallory.clone(), epoch, LONG).await.expect_err("mallory");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
+    let err = store.renew_shard(s.clone(), owner("node-a"), epoch, LONG).await.expect_err("no principal");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
+    assert!(!store.release_shard_as(s.clone(), owner("node-a"), mallory.clone(), epoch).await.expect("release"));
+    let state = store.shard_state(s.clone()).await.expect("state").expect("exists");
+    assert_eq!((state.lease.owner, state.lease.epoch), (Some(owner("node-a")), epoch), "nothing changed");
+    store.renew_shard_as(s.clone(), owner("node-a"), alice.clone(), epoch, LONG).await.expect("alice renews");
+    let again = store.acquire_shard_as(s.clone(), owner("node-a"), alice.clone(), LONG).await.expect("re-acquire");
+    assert!(again.granted && again.lease.epoch == Epoch(epoch.0 + 1));
+    assert!(store.release_shard_as(s.clone(), owner("node-a"), alice, again.lease.epoch).await.expect("release"));
+    // Free again: anyone may take it, and an unbound lease is adopted.
+    let unbound = store.acquire_shard(s.clone(), owner("node-b"), LONG).await.expect("acquire");
+    assert!(unbound.granted);
+    let epoch = unbound.lease.epoch;
+    store.renew_shard_as(s.clone(), owner("node-b"), mallory.clone(), epoch, LONG).await.expect("adopted");
+    let err = store.renew_shard(s.clone(), owner("node-b"), epoch, LONG).await.expect_err("now bound");
+    assert!(matches!(err, StoreError::NotHolder { .. }), "unexpected {err:?}");
+}
+
+/// Pages of checkpoints come in byte order of (subscriber, shard), so the
+/// pair a page ended on is where the next one starts, whatever the
+/// database's collation ("B" sorts before "a" in bytes, after it in most
+/// locales); a subscriber and a shard filter apply to every page.
+pub async fn checkpoint_pages_follow_byte_order<S: LogStore>(store: &S) {
+    let s = shard("contract.pages");
+    let other = shard("contract.pages.other");
+    let epoch = acquire(store, &s, "node").await;
+    acquire(store, &other, "node").await;
+    store.append(batch(&s, "p", 1, epoch, events("e", 3, 0))).await.expect("append");
+    for name in ["c", "a", "B"] {
+        store.commit_checkpoint(subscriber(name), s.clone(), Sequence(1), None).await.expect("commit");
+        store.commit_checkpoint(subscriber(name), other.clone(), Sequence(0), None).await.expect("commit");
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.checkpoint_page(None, vec![s.clone()], after.clone(), 1).await.expect("a page");
+        let Some(last) = page.last() else { break };
+        assert_eq!(page.len(), 1);
+        seen.push(last.subscriber.to_string());
+        after = Some((last.subscriber.clone(), last.shard.clone()));
+    }
+    assert_eq!(seen, ["B", "a", "c"], "byte order, every checkpoint once");
+    let page = store.checkpoint_page(Some(subscriber("a")), Vec::new(), None, 10).await.expect("a page");
+    let shards: Vec<String> = page.iter().map(|c| c.shard.to_string()).collect();
+    assert_eq!(shards, ["contract.pages", "contract.pages.other"]);
+    let page = store.checkpoint_page(None, Vec::new(), Some((subscriber("a"), other.clone())), 2).await.expect("page");
+    let pairs: Vec<(String, String)> = page.iter().map(|c| (c.subscriber.to_string(), c.shard.to_string())).collect();
+    assert_eq!(
+        pairs,
+        [("c".to_string(), "contract.pages".to_string()), ("c".to_string(), "contract.pages.other".to_string())]
+    );
 }
 
 /// Checkpoints only move forward, never past the head, and say when they
@@ -412,7 +483,7 @@ pub async fn checkpoints_never_move_backwards<S: LogStore>(store: &S) {
         assert_eq!(stay.checkpoint.sequence, Sequence(5));
     }
     let err = store.commit_checkpoint(subscriber("sink"), s.clone(), Sequence(11), None).await.expect_err("past head");
-    assert!(matches!(&err, StoreError::Invalid(input) if input.field == "sequence"), "unexpected {err:?}");
+    assert!(matches!(&err, StoreError::PastHead { field: "sequence", .. }), "unexpected {err:?}");
     let err = store
         .commit_checkpoint(subscriber("sink"), shard("contract.none"), Sequence(0), None)
         .await

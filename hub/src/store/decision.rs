@@ -39,10 +39,17 @@ pub(crate) fn decide(batch: &AppendBatch, shard: ShardView, latest: Option<Produ
         if batch.producer_seq <= latest {
             return Err(InvalidInput::new(
                 "producer_seq",
+                // Only what is known: the store cannot tell a number the
+                // producer skipped (it started above it) from one whose
+                // record retention dropped, so it claims neither.
                 format!(
                     "{} is not after producer {}'s latest batch {latest} on shard {}, and no batch {} of it is \
-                     recorded (it was never written, or its record was trimmed); nothing was written",
-                    batch.producer_seq, batch.producer, batch.shard, batch.producer_seq
+                     on record; producer sequences only move forward, the next is {}; nothing was written",
+                    batch.producer_seq,
+                    batch.producer,
+                    batch.shard,
+                    batch.producer_seq,
+                    latest.0 + 1
                 ),
             )
             .into());
@@ -114,7 +121,7 @@ mod tests {
     fn a_number_at_or_below_the_latest_without_a_record_is_named_honestly() {
         let refused = decide(&batch(5, 3, None), SHARD, Some(ProducerSeq(10))).expect_err("refused");
         let message = refused.to_string();
-        assert!(message.contains("producer_seq") && message.contains("never written"), "{message}");
-        assert!(!message.contains("was already used"), "{message}");
+        assert!(message.contains("producer_seq") && message.contains("the next is 11"), "{message}");
+        assert!(!message.contains("was already used") && !message.contains("trimmed"), "{message}");
     }
 }

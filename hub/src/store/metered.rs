@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 
 use crate::event::ChainHash;
 use crate::ids::{Epoch, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::principal::Principal;
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
     RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture,
@@ -59,16 +60,35 @@ impl LogStore for Metered {
         self.inner.append(batch)
     }
 
-    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
-        timed(DbOperation::ShardLease, self.inner.acquire_shard(shard, owner, ttl))
+    fn acquire_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, LeaseGrant> {
+        timed(DbOperation::ShardLease, self.inner.acquire_shard_as(shard, owner, principal, ttl))
     }
 
-    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
-        timed(DbOperation::ShardLease, self.inner.renew_shard(shard, owner, epoch, ttl))
+    fn renew_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> StoreFuture<'_, ShardLease> {
+        timed(DbOperation::ShardLease, self.inner.renew_shard_as(shard, owner, principal, epoch, ttl))
     }
 
-    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
-        timed(DbOperation::ShardLease, self.inner.release_shard(shard, owner, epoch))
+    fn release_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+    ) -> StoreFuture<'_, bool> {
+        timed(DbOperation::ShardLease, self.inner.release_shard_as(shard, owner, principal, epoch))
     }
 
     fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>> {
@@ -106,6 +126,16 @@ impl LogStore for Metered {
 
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {
         timed(DbOperation::Checkpoint, self.inner.checkpoints(subscriber, shards))
+    }
+
+    fn checkpoint_page(
+        &self,
+        subscriber: Option<SubscriberId>,
+        shards: Vec<ShardId>,
+        after: Option<(SubscriberId, ShardId)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Checkpoint>> {
+        timed(DbOperation::Checkpoint, self.inner.checkpoint_page(subscriber, shards, after, limit))
     }
 
     fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {

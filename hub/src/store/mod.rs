@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 
 use crate::event::{ChainHash, CorruptEvent, LogEvent, NewEvent};
 use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::principal::Principal;
 
 #[cfg(feature = "contract-tests")]
 pub mod contract;
@@ -318,6 +319,29 @@ pub enum StoreError {
         /// Shard.
         shard: ShardId,
     },
+    /// The shard's lease is held by another owner than the caller's (or,
+    /// with principals, under another principal): a renew or release by a
+    /// non-holder. Nothing changed.
+    #[error("shard {shard}: the lease at epoch {epoch} is held by another owner; acquire the shard first")]
+    NotHolder {
+        /// Shard.
+        shard: ShardId,
+        /// The shard's current epoch.
+        epoch: Epoch,
+    },
+    /// A position past the shard's head (a checkpoint, or where a
+    /// subscription starts): nothing there was delivered yet.
+    #[error("{field}: {sequence} is past the head {head} of shard {shard}; only delivered events can be named")]
+    PastHead {
+        /// The request field at fault.
+        field: &'static str,
+        /// Shard.
+        shard: ShardId,
+        /// The sequence named.
+        sequence: Sequence,
+        /// The shard's head.
+        head: Sequence,
+    },
     /// The shard does not exist (no lease was ever acquired on it).
     #[error("shard {shard} does not exist")]
     UnknownShard {
@@ -601,19 +625,60 @@ pub trait LogStore: Send + Sync + 'static {
 
     /// Grants the shard's lease to `owner` for `ttl` when it is free, expired
     /// (by the store's clock) or already held by `owner`; every grant bumps
-    /// the epoch. Creates the shard on first use.
-    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant>;
+    /// the epoch. Creates the shard on first use. The lease is unbound: see
+    /// [`LogStore::acquire_shard_as`].
+    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
+        self.acquire_shard_as(shard, owner, None, ttl)
+    }
+
+    /// [`LogStore::acquire_shard`] bound to `principal`: the lease records
+    /// the principal that took it, and a live lease already held by `owner`
+    /// is granted again only to the same principal (or when it records none:
+    /// a lease from before principals were recorded). Only that principal
+    /// may then renew or release it.
+    fn acquire_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, LeaseGrant>;
 
     /// Extends the lease held by `owner` at `epoch` to `ttl` from now. Fails
-    /// with [`StoreError::StaleEpoch`] when the epoch moved on and with
-    /// [`StoreError::NoLease`] when the lease was released or is held by
-    /// someone else. A lease that lapsed but was not taken over can still be
+    /// with [`StoreError::StaleEpoch`] when the epoch moved on, with
+    /// [`StoreError::NotHolder`] when someone else holds it and with
+    /// [`StoreError::NoLease`] when the lease was released. A lease that lapsed but was not taken over can still be
     /// renewed: the epoch, not the expiry, fences writers.
-    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease>;
+    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
+        self.renew_shard_as(shard, owner, None, epoch, ttl)
+    }
+
+    /// [`LogStore::renew_shard`] by `principal`: a lease taken by another
+    /// principal fails with [`StoreError::NotHolder`] and is not extended.
+    fn renew_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> StoreFuture<'_, ShardLease>;
 
     /// Frees the lease held by `owner` at `epoch`; false (and no change)
     /// when the caller did not hold it.
-    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool>;
+    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
+        self.release_shard_as(shard, owner, None, epoch)
+    }
+
+    /// [`LogStore::release_shard`] by `principal`: false (and no change)
+    /// for a lease taken by another principal.
+    fn release_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+    ) -> StoreFuture<'_, bool>;
 
     /// Reads one shard's state; `None` when the shard does not exist.
     fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>>;
@@ -647,7 +712,7 @@ pub trait LogStore: Send + Sync + 'static {
 
     /// Moves a subscriber's checkpoint forward to `sequence`; never backwards
     /// (the answer says whether it moved). Fails with
-    /// [`StoreError::Invalid`] when `sequence` is past the shard's head.
+    /// [`StoreError::PastHead`] when `sequence` is past the shard's head.
     ///
     /// The checkpoint records the chain hash of the event at `sequence`:
     /// `hash` when the subscriber sent one, else the log's. A given `hash`
@@ -666,6 +731,37 @@ pub trait LogStore: Send + Sync + 'static {
     /// Reads checkpoints: of one subscriber or all (`None`), on the listed
     /// shards or all (empty), ordered by subscriber then shard.
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>>;
+
+    /// One page of [`LogStore::checkpoints`]: at most `limit` of them, after
+    /// the `(subscriber, shard)` pair `after` when given, ordered by
+    /// subscriber then shard in byte order. The provided implementation
+    /// filters the whole list, which is right for a store that orders by
+    /// bytes (SQLite); PostgreSQL orders by collation unless told, and reads
+    /// one page with a keyset query instead.
+    fn checkpoint_page(
+        &self,
+        subscriber: Option<SubscriberId>,
+        shards: Vec<ShardId>,
+        after: Option<(SubscriberId, ShardId)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Checkpoint>> {
+        let all = self.checkpoints(subscriber, shards);
+        Box::pin(async move {
+            let mut all = all.await?;
+            all.sort_by(|a, b| {
+                (a.subscriber.as_str(), a.shard.as_str()).cmp(&(b.subscriber.as_str(), b.shard.as_str()))
+            });
+            Ok(all
+                .into_iter()
+                .filter(|c| {
+                    after.as_ref().is_none_or(|(subscriber, shard)| {
+                        (c.subscriber.as_str(), c.shard.as_str()) > (subscriber.as_str(), shard.as_str())
+                    })
+                })
+                .take(limit)
+                .collect())
+        })
+    }
 
     /// Stores a snapshot taken at `sequence` by the owner at `epoch` (stale
     /// epochs are rejected like appends). `sequence` must be stored or be the
@@ -724,6 +820,7 @@ pub(crate) fn lease_failure(state: Result<Option<ShardState>>, shard: ShardId, e
         Ok(Some(state)) if state.lease.epoch != epoch => {
             StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch }
         }
+        Ok(Some(state)) if state.lease.owner.is_some() => StoreError::NotHolder { shard, epoch: state.lease.epoch },
         Ok(Some(_)) => StoreError::NoLease { shard },
         Err(err) => err,
     }
@@ -810,11 +907,7 @@ pub(crate) fn checkpoint_hash(
     target: &CheckpointTarget,
 ) -> Result<Option<ChainHash>> {
     if sequence > target.head {
-        return Err(InvalidInput::new(
-            "sequence",
-            format!("{sequence} is past the head {} of shard {shard}; commit only what was delivered", target.head),
-        )
-        .into());
+        return Err(StoreError::PastHead { field: "sequence", shard: shard.clone(), sequence, head: target.head });
     }
     let logged = if sequence.0 == 0 {
         Some(ChainHash::ZERO)

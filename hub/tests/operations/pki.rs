@@ -40,6 +40,18 @@ impl Pki {
         Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
     }
 
+    /// A leaf certificate like [`Pki::issue`] that expired in 2001.
+    pub(super) fn issue_expired(&self, sans: Vec<SanType>) -> Issued {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "expired");
+        params.subject_alt_names = sans;
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let key = KeyPair::generate().expect("leaf key generation should work");
+        let cert = params.signed_by(&key, &self.ca).expect("signing should work");
+        Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
+
     /// A server certificate for `localhost` and 127.0.0.1.
     pub(super) fn server(&self) -> Issued {
         self.issue("hub-server", vec![dns("localhost"), SanType::IpAddress([127, 0, 0, 1].into())])

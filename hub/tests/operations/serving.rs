@@ -233,7 +233,13 @@ async fn with_mutual_tls_the_hub_serves_certified_callers_only() {
         key: pki.write("server.key", &server.key_pem),
         client_ca: Some(pki.write("clients.pem", &pki.ca_pem())),
     };
-    let replica = Replica::start(Config { tls: Some(tls), ..Config::for_sqlite(dir.path().join("hub.db")) }).await;
+    // Mutual TLS identifies callers, so the grants are enforced.
+    let access = omnirelay_hub::access::Access::from_json(
+        r#"{"grants": [{"principals": ["spiffe://test/sa/dispatcher"], "hub_roles": ["producer"], "shards": ["*"]}]}"#,
+    )
+    .expect("a valid access file");
+    let replica =
+        Replica::start(Config { tls: Some(tls), access, ..Config::for_sqlite(dir.path().join("hub.db")) }).await;
 
     let dispatcher = pki.issue("dispatcher", vec![uri("spiffe://test/sa/dispatcher")]);
     let channel = tls_channel(replica.grpc, &pki.ca_pem(), Some(&dispatcher)).await.expect("TLS connect");
@@ -250,6 +256,17 @@ async fn with_mutual_tls_the_hub_serves_certified_callers_only() {
     let mut client = HubClient::new(channel);
     let epoch = support::acquire(&mut client, "mtls.shard", "node", Duration::from_secs(60)).await;
     assert_eq!(one_event(&mut client, "mtls.shard", 1, epoch).await.first_sequence, 1);
+
+    // A certificate from the CA whose principal has no grant is identified,
+    // then denied, and changes nothing.
+    let stranger = pki.issue("stranger", vec![uri("spiffe://test/sa/stranger")]);
+    let channel = tls_channel(replica.grpc, &pki.ca_pem(), Some(&stranger)).await.expect("TLS connect");
+    let denied = HubClient::new(channel)
+        .renew_shard(pb::RenewShardRequest { shard_id: "mtls.shard".into(), owner: "node".into(), epoch, ttl: None })
+        .await
+        .expect_err("no grant, no renewal");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("spiffe://test/sa/stranger"), "{}", denied.message());
 
     let anonymous = tls_channel(replica.grpc, &pki.ca_pem(), None).await;
     let refused = match anonymous {

@@ -110,13 +110,18 @@ async fn mutual_tls_accepts_a_client_of_the_client_ca_and_binds_its_uri_principa
     assert_eq!(info.remote_addr.ip(), std::net::Ipv4Addr::LOCALHOST);
 }
 
+/// The identity layer's rule, the node's too: exactly one URI SAN. A DNS
+/// name identifies a host, not a workload, and two URIs are ambiguous.
 #[tokio::test]
-async fn mutual_tls_uses_the_dns_san_when_there_is_no_uri_san() {
+async fn mutual_tls_refuses_a_certificate_without_exactly_one_uri_san() {
     let pki = Pki::new("hub test ca");
     let server = serve(Some(server_tls(&pki, Some(&pki.ca_pem())).await)).await;
-    let client = pki.issue("cn-is-ignored", vec![dns("worker-7.queues.test")]);
-    health_check(server.addr, &pki.ca_pem(), Some(&client)).await.expect("the client should get in");
-    assert_eq!(principals(&server), vec![Some(Principal::new("worker-7.queues.test"))]);
+    let dns_only = pki.issue("cn-is-ignored", vec![dns("worker-7.queues.test")]);
+    let err = health_check(server.addr, &pki.ca_pem(), Some(&dns_only)).await.expect_err("no URI SAN, no entry");
+    assert!(principals(&server).is_empty(), "no request should reach the service: {err}");
+    let two = pki.issue("two", vec![uri("spiffe://test/sa/a"), uri("spiffe://test/sa/b")]);
+    let err = health_check(server.addr, &pki.ca_pem(), Some(&two)).await.expect_err("two URI SANs, no entry");
+    assert!(principals(&server).is_empty(), "no request should reach the service: {err}");
 }
 
 #[tokio::test]
@@ -134,6 +139,15 @@ async fn mutual_tls_refuses_a_certificate_from_another_ca() {
     let server = serve(Some(server_tls(&pki, Some(&pki.ca_pem())).await)).await;
     let intruder = intruder_ca.issue("intruder", vec![uri("spiffe://test/sa/dispatcher")]);
     let err = health_check(server.addr, &pki.ca_pem(), Some(&intruder)).await.expect_err("wrong CA, no entry");
+    assert!(principals(&server).is_empty(), "no request should reach the service: {err}");
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_an_expired_certificate() {
+    let pki = Pki::new("hub test ca");
+    let server = serve(Some(server_tls(&pki, Some(&pki.ca_pem())).await)).await;
+    let expired = pki.issue_expired(vec![uri("spiffe://test/sa/dispatcher")]);
+    let err = health_check(server.addr, &pki.ca_pem(), Some(&expired)).await.expect_err("expired, no entry");
     assert!(principals(&server).is_empty(), "no request should reach the service: {err}");
 }
 

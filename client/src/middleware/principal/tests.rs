@@ -13,6 +13,9 @@ use super::*;
 use crate::ErrorCode;
 use crate::middleware::connection::ClientCertChain;
 use crate::middleware::test_pki::{San, TestCa};
+use http::HeaderMap;
+use omnirelay_identity::CredentialError;
+use omnirelay_identity::binding::normalize;
 
 const ISSUER: &str = "https://sts.omnirelay.example";
 const AUDIENCE: &str = "omnirelay-mesh";

@@ -47,6 +47,7 @@ use crate::database;
 use crate::defaults;
 use crate::event::{self, ChainHash, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::principal::Principal;
 use crate::schema::{self, SchemaError};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, Elapsed, EventPage, LeaseGrant, LogChange,
@@ -70,6 +71,7 @@ const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
 const SQL_CHECKPOINT_TARGET: &str = include_str!("sql/checkpoint_target.sql");
 const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
 const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
+const SQL_READ_CHECKPOINT_PAGE: &str = include_str!("sql/read_checkpoint_page.sql");
 const SQL_LOCK_SHARD_FOR_SNAPSHOT: &str = include_str!("sql/lock_shard_for_snapshot.sql");
 const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
 const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
@@ -394,11 +396,19 @@ impl LogStore for PgStore {
         })
     }
 
-    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
+    fn acquire_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, LeaseGrant> {
         self.within("acquire a shard", async move {
             let ttl = millis(ttl)?;
-            let granted =
-                self.query_opt("acquire a shard", SQL_ACQUIRE_SHARD, &[&shard.as_str(), &owner.as_str(), &ttl]).await?;
+            let principal = principal.as_ref().map(Principal::as_str);
+            let granted = self
+                .query_opt("acquire a shard", SQL_ACQUIRE_SHARD, &[&shard.as_str(), &owner.as_str(), &ttl, &principal])
+                .await?;
             match granted {
                 Some(row) => Ok(LeaseGrant { granted: true, lease: lease(&row)? }),
                 None => {
@@ -412,12 +422,24 @@ impl LogStore for PgStore {
         })
     }
 
-    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
+    fn renew_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> StoreFuture<'_, ShardLease> {
         self.within("renew a shard", async move {
             let ttl = millis(ttl)?;
             let epoch_db = to_db("epoch", epoch.0)?;
+            let principal = principal.as_ref().map(Principal::as_str);
             let renewed = self
-                .query_opt("renew a shard", SQL_RENEW_SHARD, &[&shard.as_str(), &owner.as_str(), &epoch_db, &ttl])
+                .query_opt(
+                    "renew a shard",
+                    SQL_RENEW_SHARD,
+                    &[&shard.as_str(), &owner.as_str(), &epoch_db, &ttl, &principal],
+                )
                 .await?;
             match renewed {
                 Some(row) => lease(&row),
@@ -426,13 +448,20 @@ impl LogStore for PgStore {
         })
     }
 
-    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
+    fn release_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+    ) -> StoreFuture<'_, bool> {
         self.within("release a shard", async move {
             let epoch = to_db("epoch", epoch.0)?;
+            let principal = principal.as_ref().map(Principal::as_str);
             let client = self.client().await?;
             let released = async {
                 let statement = client.prepare_cached(SQL_RELEASE_SHARD).await?;
-                client.execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch]).await
+                client.execute(&statement, &[&shard.as_str(), &owner.as_str(), &epoch, &principal]).await
             }
             .await
             .map_err(|err| store_error("release a shard", err));
@@ -571,17 +600,31 @@ impl LogStore for PgStore {
             let subscriber_name = subscriber.as_ref().map(SubscriberId::as_str);
             let shard_names: Vec<&str> = shards.iter().map(ShardId::as_str).collect();
             let rows = self.query("read checkpoints", SQL_READ_CHECKPOINTS, &[&subscriber_name, &shard_names]).await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(Checkpoint {
-                        subscriber: SubscriberId::parse(col::<String>(row, "subscriber_id")?).map_err(corrupt_id)?,
-                        shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
-                        sequence: Sequence(from_db(col(row, "sequence")?)?),
-                        updated_at: col(row, "updated_at")?,
-                        hash: col::<Option<Vec<u8>>>(row, "hash")?.map(|hash| stored_hash(hash, "hash")).transpose()?,
-                    })
-                })
-                .collect()
+            rows.iter().map(checkpoint_row).collect()
+        })
+    }
+
+    fn checkpoint_page(
+        &self,
+        subscriber: Option<SubscriberId>,
+        shards: Vec<ShardId>,
+        after: Option<(SubscriberId, ShardId)>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Checkpoint>> {
+        self.within("read checkpoints", async move {
+            let subscriber_name = subscriber.as_ref().map(SubscriberId::as_str);
+            let shard_names: Vec<&str> = shards.iter().map(ShardId::as_str).collect();
+            let after_subscriber = after.as_ref().map(|(subscriber, _)| subscriber.as_str());
+            let after_shard = after.as_ref().map(|(_, shard)| shard.as_str());
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = self
+                .query(
+                    "read checkpoints",
+                    SQL_READ_CHECKPOINT_PAGE,
+                    &[&subscriber_name, &shard_names, &after_subscriber, &after_shard, &limit],
+                )
+                .await?;
+            rows.iter().map(checkpoint_row).collect()
         })
     }
 
@@ -755,6 +798,18 @@ pub(crate) fn from_db(value: i64) -> Result<u64, StoreError> {
 
 fn millis(duration: Duration) -> Result<i64, StoreError> {
     i64::try_from(duration.as_millis()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
+}
+
+/// A checkpoint as `read_checkpoints.sql` and `read_checkpoint_page.sql`
+/// return it.
+fn checkpoint_row(row: &tokio_postgres::Row) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        subscriber: SubscriberId::parse(col::<String>(row, "subscriber_id")?).map_err(corrupt_id)?,
+        shard: ShardId::parse(col::<String>(row, "shard_id")?).map_err(corrupt_id)?,
+        sequence: Sequence(from_db(col(row, "sequence")?)?),
+        updated_at: col(row, "updated_at")?,
+        hash: col::<Option<Vec<u8>>>(row, "hash")?.map(|hash| stored_hash(hash, "hash")).transpose()?,
+    })
 }
 
 fn lease(row: &Row) -> Result<ShardLease, StoreError> {

@@ -39,6 +39,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::defaults;
 use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::principal::Principal;
 use crate::store::decision::{ShardView, decide};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
@@ -49,7 +50,11 @@ use crate::telemetry::{self, DbOperation};
 
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied.
 /// Forward-only, like the PostgreSQL ones: never edit a landed entry.
-const MIGRATIONS: &[&str] = &[include_str!("V0001__log.sql"), include_str!("V0002__checkpoint_hash.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("V0001__log.sql"),
+    include_str!("V0002__checkpoint_hash.sql"),
+    include_str!("V0003__lease_principal.sql"),
+];
 
 /// Errors opening the store.
 #[derive(Debug, thiserror::Error)]
@@ -633,8 +638,15 @@ impl LogStore for SqliteStore {
         Box::pin(async move { answer_within(defaults::DATABASE_TIMEOUT, queued?).await })
     }
 
-    fn acquire_shard(&self, shard: ShardId, owner: OwnerId, ttl: Duration) -> StoreFuture<'_, LeaseGrant> {
+    fn acquire_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, LeaseGrant> {
         self.run(move |db| {
+            let principal = principal.as_ref().map(Principal::as_str);
             let what = "acquire a shard";
             let sql = |e| sql_error(what, e);
             let now = micros(SystemTime::now());
@@ -643,25 +655,43 @@ impl LogStore for SqliteStore {
             let granted = match read_state(&txn, &shard)? {
                 None => {
                     txn.prepare_cached(
-                        "INSERT INTO shards (shard_id, epoch, owner, lease_expires_at, head_hash, low_prev_hash, created_at) \
-                         VALUES (?1, 1, ?2, ?3, ?4, ?4, ?5)",
+                        "INSERT INTO shards (shard_id, epoch, owner, lease_expires_at, head_hash, low_prev_hash, created_at, \
+                         owner_principal) VALUES (?1, 1, ?2, ?3, ?4, ?4, ?5, ?6)",
                     )
                     .map_err(sql)?
-                    .execute(params![shard.as_str(), owner.as_str(), expires, &ChainHash::ZERO.as_bytes()[..], now])
+                    .execute(params![
+                        shard.as_str(),
+                        owner.as_str(),
+                        expires,
+                        &ChainHash::ZERO.as_bytes()[..],
+                        now,
+                        principal
+                    ])
                     .map_err(sql)?;
                     true
                 }
                 Some(state) => {
+                    // The same rule as acquire_shard.sql: a live lease goes
+                    // again to its owner id only under the principal that
+                    // took it (or when it records none).
+                    let taken_by: Option<String> = txn
+                        .prepare_cached("SELECT owner_principal FROM shards WHERE shard_id = ?1")
+                        .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)))
+                        .map_err(sql)?;
+                    let same_principal = taken_by.is_none() || taken_by.as_deref() == principal;
                     let free = match (&state.lease.owner, state.lease.expires_at) {
                         (None, _) | (_, None) => true,
-                        (Some(holder), Some(expires_at)) => holder == &owner || micros(expires_at) <= now,
+                        (Some(holder), Some(expires_at)) => {
+                            (holder == &owner && same_principal) || micros(expires_at) <= now
+                        }
                     };
                     if free {
                         txn.prepare_cached(
-                            "UPDATE shards SET epoch = epoch + 1, owner = ?2, lease_expires_at = ?3 WHERE shard_id = ?1",
+                            "UPDATE shards SET epoch = epoch + 1, owner = ?2, lease_expires_at = ?3, owner_principal = ?4 \
+                             WHERE shard_id = ?1",
                         )
                         .map_err(sql)?
-                        .execute(params![shard.as_str(), owner.as_str(), expires])
+                        .execute(params![shard.as_str(), owner.as_str(), expires, principal])
                         .map_err(sql)?;
                     }
                     free
@@ -674,16 +704,26 @@ impl LogStore for SqliteStore {
         })
     }
 
-    fn renew_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch, ttl: Duration) -> StoreFuture<'_, ShardLease> {
+    fn renew_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+        ttl: Duration,
+    ) -> StoreFuture<'_, ShardLease> {
         self.run(move |db| {
             let what = "renew a shard";
+            let principal = principal.as_ref().map(Principal::as_str);
             let expires = micros(SystemTime::now()).saturating_add(duration_micros(ttl)?);
             let renewed = db
                 .prepare_cached(
-                    "UPDATE shards SET lease_expires_at = ?4 WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3",
+                    "UPDATE shards SET lease_expires_at = ?4, owner_principal = coalesce(owner_principal, ?5) \
+                     WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3 \
+                     AND (owner_principal IS NULL OR owner_principal = ?5)",
                 )
                 .map_err(|e| sql_error(what, e))?
-                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, expires])
+                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, expires, principal])
                 .map_err(|e| sql_error(what, e))?;
             if renewed == 1 {
                 read_state(db, &shard)?
@@ -695,14 +735,23 @@ impl LogStore for SqliteStore {
         })
     }
 
-    fn release_shard(&self, shard: ShardId, owner: OwnerId, epoch: Epoch) -> StoreFuture<'_, bool> {
+    fn release_shard_as(
+        &self,
+        shard: ShardId,
+        owner: OwnerId,
+        principal: Option<Principal>,
+        epoch: Epoch,
+    ) -> StoreFuture<'_, bool> {
         self.run(move |db| {
+            let principal = principal.as_ref().map(Principal::as_str);
             let released = db
                 .prepare_cached(
-                    "UPDATE shards SET owner = NULL, lease_expires_at = NULL WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3",
+                    "UPDATE shards SET owner = NULL, owner_principal = NULL, lease_expires_at = NULL \
+                     WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3 \
+                     AND (owner_principal IS NULL OR owner_principal = ?4)",
                 )
                 .map_err(|e| sql_error("release a shard", e))?
-                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?])
+                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, principal])
                 .map_err(|e| sql_error("release a shard", e))?;
             Ok(released == 1)
         })
@@ -1150,7 +1199,7 @@ mod tests {
 
     #[test]
     fn the_schema_has_one_migration_per_version() {
-        assert_eq!(MIGRATIONS.len(), 2);
+        assert_eq!(MIGRATIONS.len(), 3);
         let connection = Connection::open_in_memory().expect("in-memory database");
         for migration in MIGRATIONS {
             connection.execute_batch(migration).expect("each migration should apply after the ones before it");

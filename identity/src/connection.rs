@@ -17,7 +17,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 /// verified it. Transports insert it only after their TLS handshake checked
 /// the chain against the configured client CA: the middleware reads the
 /// identity from it but never re-verifies it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertChain(Arc<Vec<CertificateDer<'static>>>);
 
 impl ClientCertChain {

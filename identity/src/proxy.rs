@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use crate::middleware::error::ConfigError;
+use crate::error::ConfigError;
 
 /// Header carrying the principal a trusted proxy authenticated.
 pub const CLIENT_PRINCIPAL_HEADER: &str = "x-client-principal";

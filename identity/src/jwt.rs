@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
+pub use jsonwebtoken::Algorithm;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::middleware::defaults::{JWT_LEEWAY, MAX_BEARER_TOKEN_LEN};
-use crate::middleware::error::{ConfigError, CredentialError};
+use crate::defaults::{JWT_LEEWAY, MAX_BEARER_TOKEN_LEN};
+use crate::error::{ConfigError, CredentialError};
 
 /// Claim holding the caller's roles unless configured otherwise.
 pub const DEFAULT_ROLES_CLAIM: &str = "roles";
