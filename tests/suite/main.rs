@@ -4,5 +4,6 @@
 //! (throwaway PostgreSQL and Redis); none skips when a server is missing.
 
 mod durable;
+mod effects;
 mod harness;
 mod ops;
