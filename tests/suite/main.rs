@@ -6,4 +6,5 @@
 mod durable;
 mod effects;
 mod harness;
+mod objectstore;
 mod ops;

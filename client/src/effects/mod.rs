@@ -39,6 +39,12 @@ pub use coordinator::{
 };
 pub use fs::FileSystemStateStore;
 pub use memory::InMemoryStateStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStateStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStateStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStateStore;
 
 use crate::clock::Timestamp;
 

@@ -26,12 +26,15 @@
 //! (feature `sqlite`, on by default) keeps a durable log in a local file for
 //! a single node without a hub; [`CompositeReplicator`] mirrors an
 //! authoritative log to others; [`ShardedReplicator`] gives each shard its
-//! own log. Every one of them passes the [contract suite](contract).
+//! own log; `ObjectStoreReplicator` (feature `object-store`) keeps logs as
+//! segment objects in a directory or S3. Every one of them passes the [contract suite](contract).
 
 pub mod composite;
 pub mod contract;
 pub mod hub;
 mod memory;
+#[cfg(feature = "object-store")]
+pub mod objectstore;
 #[cfg(test)]
 pub(crate) mod scripted;
 pub mod sharded;
@@ -47,6 +50,8 @@ use bytes::Bytes;
 pub use composite::{CompositeReplicator, MirrorMode};
 pub use hub::{HubConfigError, HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
 pub use memory::{InMemoryReplicator, PublishFault};
+#[cfg(feature = "object-store")]
+pub use objectstore::ObjectStoreReplicator;
 pub use sharded::ShardedReplicator;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOpenError, SqliteReplicator, SqliteReplicatorConfig};
