@@ -681,3 +681,31 @@ async fn wait_for_ok(addr: SocketAddr, path: &str) {
     })
     .await;
 }
+
+/// The hub replicator against the same contract suite as every other
+/// replicator, on a real hub on the harness's PostgreSQL: the in-memory
+/// log the queue's tests use is held to what the production log does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_replicator_keeps_the_replicator_contract() {
+    use std::sync::Arc;
+
+    use omnirelay_client::replication::contract::{self, Durability};
+    use omnirelay_client::replication::{HubEndpoint, HubReplicator, HubReplicatorConfig, Replicator};
+
+    let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
+    let db = omnirelay_tests::TestDb::new().await;
+    let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
+    let endpoint = format!("http://{}", hub.grpc);
+    contract::check(
+        || {
+            let endpoint = endpoint.clone();
+            async move {
+                let config = HubReplicatorConfig::new([HubEndpoint::new(endpoint)]);
+                Arc::new(HubReplicator::new(config).expect("a hub replicator")) as Arc<dyn Replicator>
+            }
+        },
+        Durability::Durable,
+    )
+    .await;
+    drop(hub);
+}

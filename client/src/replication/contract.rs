@@ -22,6 +22,9 @@
 //! # }
 //! ```
 //!
+//! Every case writes as its shard's lease holder, as a queue does (the hub
+//! refuses writes to a shard nobody holds).
+//!
 //! What is checked, per shard:
 //! - sequences are gapless from 1, in publish order, also for batches
 //!   published before the previous ones were answered (a queue pipelines
@@ -152,15 +155,31 @@ fn shard(case: &str) -> ShardId {
     ShardId::from(format!("contract.{case}"))
 }
 
+/// Takes `shard`'s lease for the suite's writer and returns its epoch:
+/// every case writes as the shard's owner, as a queue does (some logs, the
+/// hub among them, refuse writes to a shard nobody holds).
+async fn own(log: &dyn Replicator, shard: &ShardId) -> Epoch {
+    let grant = log.acquire_shard(shard, "contract-writer", Duration::from_secs(60)).await.expect("acquire the shard");
+    assert!(grant.granted, "{shard}: a free shard is granted");
+    grant.epoch
+}
+
+/// `batch` stamped with `epoch`.
+fn at(epoch: Epoch, mut batch: Batch) -> Batch {
+    batch.epoch = epoch;
+    batch
+}
+
 async fn head(log: &dyn Replicator, shard: &ShardId) -> Sequence {
     log.read_log(shard, Sequence::ZERO, 1).await.expect("read the head").head
 }
 
 async fn gapless_and_ordered(log: &dyn Replicator) {
     let shard = shard("gapless");
+    let epoch = own(log, &shard).await;
     let mut from = 1;
     for (producer_seq, count) in [(1, 1), (2, 3), (3, 2), (4, 5)] {
-        let appended = log.publish(&batch(&shard, "p", producer_seq, from, count)).await.expect("publish");
+        let appended = log.publish(&at(epoch, batch(&shard, "p", producer_seq, from, count))).await.expect("publish");
         assert_eq!(appended.first, Sequence::new(from), "sequences must be gapless from 1");
         assert_eq!((appended.count, appended.deduplicated), (count, false));
         assert_eq!(appended.last(), Sequence::new(from + count - 1));
@@ -168,18 +187,19 @@ async fn gapless_and_ordered(log: &dyn Replicator) {
     }
     assert_eq!(numbers(log, &shard, 0, 100).await, (1..from).collect::<Vec<_>>());
     // Another producer continues the same sequence.
-    let other = log.publish(&batch(&shard, "q", 7, from, 2)).await.expect("another producer");
+    let other = log.publish(&at(epoch, batch(&shard, "q", 7, from, 2))).await.expect("another producer");
     assert_eq!(other.first, Sequence::new(from));
     assert_eq!(head(log, &shard).await, Sequence::new(from + 1));
 }
 
 async fn pipelined_batches_keep_their_order(log: &dyn Replicator) {
     let shard = shard("pipelined");
+    let epoch = own(log, &shard).await;
     // Published one after another before any answer is awaited, each
     // expecting its place: the log must take them in publish order.
     let futures: Vec<_> = (0..8u64)
         .map(|i| {
-            let mut b = batch(&shard, "p", i + 1, i * 3 + 1, 3);
+            let mut b = at(epoch, batch(&shard, "p", i + 1, i * 3 + 1, 3));
             b.first = Sequence::new(i * 3 + 1);
             log.publish(&b)
         })
@@ -193,15 +213,16 @@ async fn pipelined_batches_keep_their_order(log: &dyn Replicator) {
 
 async fn retries_are_recognised(log: &dyn Replicator) {
     let shard = shard("retries");
-    let first = log.publish(&batch(&shard, "p", 1, 1, 2)).await.expect("publish");
-    let retry = log.publish(&batch(&shard, "p", 1, 1, 2)).await.expect("a retry is answered");
+    let epoch = own(log, &shard).await;
+    let first = log.publish(&at(epoch, batch(&shard, "p", 1, 1, 2))).await.expect("publish");
+    let retry = log.publish(&at(epoch, batch(&shard, "p", 1, 1, 2))).await.expect("a retry is answered");
     assert_eq!((retry.first, retry.count, retry.deduplicated), (first.first, 2, true), "a retry repeats the answer");
     // Still recognised after another producer wrote.
-    log.publish(&batch(&shard, "q", 1, 3, 1)).await.expect("another producer");
-    let late = log.publish(&batch(&shard, "p", 1, 1, 2)).await.expect("a late retry is answered");
+    log.publish(&at(epoch, batch(&shard, "q", 1, 3, 1))).await.expect("another producer");
+    let late = log.publish(&at(epoch, batch(&shard, "p", 1, 1, 2))).await.expect("a late retry is answered");
     assert_eq!((late.first, late.deduplicated), (Sequence::new(1), true));
     // A retry with an expectation that no longer holds is still a retry.
-    let mut expecting = batch(&shard, "p", 1, 1, 2);
+    let mut expecting = at(epoch, batch(&shard, "p", 1, 1, 2));
     expecting.first = Sequence::new(1);
     assert_eq!(log.publish(&expecting).await.map(|a| a.deduplicated), Ok(true));
     assert_eq!(numbers(log, &shard, 0, 100).await, vec![1, 2, 3], "a retry wrote something");
@@ -209,31 +230,33 @@ async fn retries_are_recognised(log: &dyn Replicator) {
 
 async fn producer_sequences_do_not_skip(log: &dyn Replicator) {
     let shard = shard("producer-seq");
+    let epoch = own(log, &shard).await;
     // A producer's first batch may carry any number.
-    log.publish(&batch(&shard, "p", 41, 1, 1)).await.expect("first batch");
-    let skipped = log.publish(&batch(&shard, "p", 43, 2, 1)).await;
+    log.publish(&at(epoch, batch(&shard, "p", 41, 1, 1))).await.expect("first batch");
+    let skipped = log.publish(&at(epoch, batch(&shard, "p", 43, 2, 1))).await;
     assert!(matches!(skipped, Err(ReplicationError::Rejected(_))), "a skipped producer sequence: {skipped:?}");
-    let older = log.publish(&batch(&shard, "p", 40, 2, 1)).await;
+    let older = log.publish(&at(epoch, batch(&shard, "p", 40, 2, 1))).await;
     assert!(matches!(older, Err(ReplicationError::Rejected(_))), "an older producer sequence: {older:?}");
     // The refused number was not consumed.
-    let next = log.publish(&batch(&shard, "p", 42, 2, 1)).await.expect("the next number");
+    let next = log.publish(&at(epoch, batch(&shard, "p", 42, 2, 1))).await.expect("the next number");
     assert_eq!(next.first, Sequence::new(2));
     assert_eq!(numbers(log, &shard, 0, 100).await, vec![1, 2]);
 }
 
 async fn expected_first_sequence_is_enforced(log: &dyn Replicator) {
     let shard = shard("expected-first");
-    let mut b = batch(&shard, "p", 1, 1, 2);
+    let epoch = own(log, &shard).await;
+    let mut b = at(epoch, batch(&shard, "p", 1, 1, 2));
     b.first = Sequence::new(1);
     log.publish(&b).await.expect("the expected first sequence");
-    let mut ahead = batch(&shard, "p", 2, 3, 1);
+    let mut ahead = at(epoch, batch(&shard, "p", 2, 3, 1));
     ahead.first = Sequence::new(4);
     let refused = log.publish(&ahead).await;
     assert!(matches!(refused, Err(ReplicationError::Rejected(_))), "a batch after a gap: {refused:?}");
-    let mut behind = batch(&shard, "p", 2, 3, 1);
+    let mut behind = at(epoch, batch(&shard, "p", 2, 3, 1));
     behind.first = Sequence::new(2);
     assert!(matches!(log.publish(&behind).await, Err(ReplicationError::Rejected(_))), "a batch over written events");
-    let mut right = batch(&shard, "p", 2, 3, 1);
+    let mut right = at(epoch, batch(&shard, "p", 2, 3, 1));
     right.first = Sequence::new(3);
     assert_eq!(log.publish(&right).await.map(|a| a.first), Ok(Sequence::new(3)));
     assert_eq!(numbers(log, &shard, 0, 100).await, vec![1, 2, 3], "a refused batch wrote something");
@@ -242,14 +265,16 @@ async fn expected_first_sequence_is_enforced(log: &dyn Replicator) {
 async fn epochs_fence_writers(log: &dyn Replicator) {
     let shard = shard("epochs");
     let ttl = Duration::from_secs(30);
-    // A shard never granted accepts epoch zero.
-    log.publish(&batch(&shard, "p", 1, 1, 1)).await.expect("epoch zero before any grant");
+    let first = log.acquire_shard(&shard, "node-z", ttl).await.expect("acquire");
+    log.publish(&at(first.epoch, batch(&shard, "p", 1, 1, 1))).await.expect("the holder's epoch is accepted");
+    assert!(log.release_shard(&shard, "node-z", first.epoch).await.expect("release"));
     let grant = log.acquire_shard(&shard, "node-a", ttl).await.expect("acquire");
     assert!(grant.granted, "a free shard is granted");
     assert_eq!((grant.owner.as_str(), grant.head), ("node-a", Sequence::new(1)));
+    assert!(grant.epoch > first.epoch, "a grant bumps the epoch");
     assert!(grant.epoch > Epoch::ZERO, "a grant bumps the epoch");
-    let zero = log.publish(&batch(&shard, "p", 2, 2, 1)).await;
-    assert!(matches!(zero, Err(ReplicationError::StaleEpoch { .. })), "epoch zero after a grant: {zero:?}");
+    let old = log.publish(&at(first.epoch, batch(&shard, "p", 2, 2, 1))).await;
+    assert!(matches!(old, Err(ReplicationError::StaleEpoch { .. })), "the previous grant's epoch: {old:?}");
     let mut held = batch(&shard, "a", 1, 2, 2);
     held.epoch = grant.epoch;
     log.publish(&held).await.expect("the holder's epoch is accepted");
@@ -327,9 +352,10 @@ async fn snapshots(log: &dyn Replicator) {
 
 async fn reads(log: &dyn Replicator) {
     let shard = shard("reads");
+    let epoch = own(log, &shard).await;
     let unknown = log.read_log(&ShardId::from("contract.never-written"), Sequence::ZERO, 10).await.expect("read");
     assert!(unknown.events.is_empty() && unknown.head == Sequence::ZERO, "an unknown shard reads as empty");
-    log.publish(&batch(&shard, "p", 1, 1, 10)).await.expect("publish");
+    log.publish(&at(epoch, batch(&shard, "p", 1, 1, 10))).await.expect("publish");
     let page = log.read_log(&shard, Sequence::new(3), 4).await.expect("read");
     let sequences: Vec<u64> = page.events.iter().map(|e| e.event.sequence.get()).collect();
     assert_eq!(sequences, vec![4, 5, 6, 7], "a read starts after `after` and stops at `limit`");
@@ -340,7 +366,8 @@ async fn reads(log: &dyn Replicator) {
     assert_eq!(numbers(log, &shard, 0, 1).await, numbers(log, &shard, 0, 1000).await);
     // Shards are independent logs.
     let neighbour = ShardId::from("contract.reads/neighbour");
-    let other = log.publish(&batch(&neighbour, "p", 1, 100, 1)).await.expect("publish");
+    let neighbour_epoch = own(log, &neighbour).await;
+    let other = log.publish(&at(neighbour_epoch, batch(&neighbour, "p", 1, 100, 1))).await.expect("publish");
     assert_eq!(other.first, Sequence::new(1), "each shard has its own sequence");
     assert_eq!(numbers(log, &neighbour, 0, 10).await, vec![100]);
     assert_eq!(head(log, &shard).await, Sequence::new(10));
