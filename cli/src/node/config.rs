@@ -763,6 +763,27 @@ mod tests {
             let err = config.node_config().expect_err(text);
             assert!(format!("{err:#}").starts_with(key), "{text}: {err:#}");
         }
+        let sqlite_cases = [
+            ("replicator = \"sqlite\"", "replicator_path"),
+            ("replicator_path = \"/tmp/log.sqlite\"", "replicator_path"),
+            ("replicator = \"sqlite\"\nreplicator_path = \"x\"\n[hub]\nendpoints = [\"http://h:1\"]", "replicator"),
+        ];
+        for (text, key) in sqlite_cases {
+            let config = SidecarConfig::merge(&NodeArgs::default(), file(text)).expect("merges");
+            let err = config.node_config().expect_err(text);
+            assert!(format!("{err:#}").starts_with(key), "{text}: {err:#}");
+        }
+        let sqlite = SidecarConfig::merge(
+            &NodeArgs { replicator_path: Some("/tmp/flag.sqlite".into()), ..NodeArgs::default() },
+            file("replicator = \"sqlite\"\nreplicator_path = \"/tmp/file.sqlite\""),
+        )
+        .expect("merges");
+        assert_eq!(
+            sqlite.replicator_path.as_deref(),
+            Some(std::path::Path::new("/tmp/flag.sqlite")),
+            "flags beat the file"
+        );
+        sqlite.node_config().expect("a sqlite replicator with its file is valid");
         let unknown: Result<FileConfig, _> = toml::from_str("lissten = \"127.0.0.1:1\"");
         assert!(unknown.expect_err("unknown key").to_string().contains("lissten"));
     }
