@@ -8,7 +8,10 @@
 //!   restore, dead letters) become [`queue::Event`]s, which are applied only
 //!   after the queue's [`Replicator`] accepted them. Replaying the events
 //!   ([`QueueState::replay`]) rebuilds the exact state.
-//! - [`replication`]: the [`Replicator`] trait and the [`InMemoryReplicator`].
+//! - [`replication`]: the [`Replicator`] trait, its contract suite and its
+//!   implementations (in memory, the hub, SQLite, composite, sharded).
+//! - [`effects`]: deterministic effect capture: state stores (in memory, file
+//!   system, SQLite, PostgreSQL, Redis) and the [`effects::EffectCoordinator`].
 //! - [`backpressure`]: watermark signals, listeners, diagnostics and a
 //!   backpressure-aware tower concurrency limit.
 //! - [`clock`]: injected time ([`TokioClock`] by default, [`ManualClock`] for
@@ -69,6 +72,7 @@ pub mod backpressure;
 pub mod chooser;
 pub mod clock;
 pub mod defaults;
+pub mod effects;
 pub mod error;
 pub mod health;
 pub mod ids;

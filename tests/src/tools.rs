@@ -38,38 +38,7 @@ impl PythonTools {
     /// environment. Installing downloads about 80 MB from PyPI the first
     /// time; later runs reuse it while the requirements are unchanged.
     pub fn ensure() -> Result<Self> {
-        let target = target_dir();
-        std::fs::create_dir_all(&target).map_err(|source| io("create the target folder", source))?;
-        let lock = std::fs::File::create(target.join("ops-venv.lock"))
-            .map_err(|source| io("create the environment's lock file", source))?;
-        lock.lock().map_err(|source| io("lock the Python environment", source))?;
-        let venv = target.join("ops-venv");
-        let python = venv.join("bin").join("python");
-        let marker = venv.join("omnirelay-requirements.txt");
-        if is_executable(&python) && std::fs::read_to_string(&marker).is_ok_and(|installed| installed == REQUIREMENTS) {
-            return Ok(Self { python });
-        }
-        let python3 =
-            path_dirs().into_iter().map(|dir| dir.join("python3")).find(|p| is_executable(p)).ok_or_else(|| {
-                process(
-                    "find python3",
-                    "python3 is not on PATH. Fix: `apt-get install python3 python3-venv` (scripts/test does)".into(),
-                )
-            })?;
-        let _ = std::fs::remove_dir_all(&venv);
-        run(
-            Command::new(&python3).args(["-m", "venv"]).arg(&venv),
-            "create a Python virtual environment (python3 -m venv; Debian needs python3-venv)",
-        )?;
-        let requirements = target.join("ops-requirements.txt");
-        std::fs::write(&requirements, REQUIREMENTS).map_err(|source| io("write the requirements", source))?;
-        run(
-            Command::new(venv.join("bin").join("pip"))
-                .args(["install", "--disable-pip-version-check", "--quiet", "-r"])
-                .arg(&requirements),
-            "install helm/tests/requirements.txt from PyPI into target/ops-venv",
-        )?;
-        std::fs::write(&marker, REQUIREMENTS).map_err(|source| io("mark the environment installed", source))?;
+        let python = ensure_venv("ops", REQUIREMENTS, "helm/tests/requirements.txt")?;
         Ok(Self { python })
     }
 
@@ -89,6 +58,46 @@ impl PythonTools {
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
+}
+
+/// Creates (once, under a file lock, in `target/{name}-venv`) or reuses a
+/// Python virtual environment with `requirements` installed from PyPI
+/// (`source` names them in errors); returns its interpreter. The
+/// environment is rebuilt when the requirements change.
+pub(crate) fn ensure_venv(name: &str, requirements: &str, source: &str) -> Result<PathBuf> {
+    let target = target_dir();
+    std::fs::create_dir_all(&target).map_err(|source| io("create the target folder", source))?;
+    let lock = std::fs::File::create(target.join(format!("{name}-venv.lock")))
+        .map_err(|source| io("create the environment's lock file", source))?;
+    lock.lock().map_err(|source| io("lock the Python environment", source))?;
+    let venv = target.join(format!("{name}-venv"));
+    let python = venv.join("bin").join("python");
+    let marker = venv.join("omnirelay-requirements.txt");
+    if is_executable(&python) && std::fs::read_to_string(&marker).is_ok_and(|installed| installed == requirements) {
+        return Ok(python);
+    }
+    let python3 =
+        path_dirs().into_iter().map(|dir| dir.join("python3")).find(|p| is_executable(p)).ok_or_else(|| {
+            process(
+                "find python3",
+                "python3 is not on PATH. Fix: `apt-get install python3 python3-venv` (scripts/test does)".into(),
+            )
+        })?;
+    let _ = std::fs::remove_dir_all(&venv);
+    run(
+        Command::new(&python3).args(["-m", "venv"]).arg(&venv),
+        "create a Python virtual environment (python3 -m venv; Debian needs python3-venv)",
+    )?;
+    let file = target.join(format!("{name}-requirements.txt"));
+    std::fs::write(&file, requirements).map_err(|source| io("write the requirements", source))?;
+    run(
+        Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--disable-pip-version-check", "--quiet", "-r"])
+            .arg(&file),
+        &format!("install {source} from PyPI into target/{name}-venv"),
+    )?;
+    std::fs::write(&marker, requirements).map_err(|source| io("mark the environment installed", source))?;
+    Ok(python)
 }
 
 /// Prometheus' programs, from Debian's `prometheus` package.

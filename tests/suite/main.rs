@@ -4,6 +4,8 @@
 //! (throwaway PostgreSQL and Redis); none skips when a server is missing.
 
 mod durable;
+mod effects;
 mod harness;
 mod mesh;
+mod objectstore;
 mod ops;

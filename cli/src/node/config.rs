@@ -48,6 +48,10 @@ pub enum ReplicatorKind {
     /// Process memory, bounded per shard: everything is lost when the node
     /// stops (tests, trying things out; the default without a hub).
     Memory,
+    /// A local SQLite file (`replicator_path`): durable on this node alone,
+    /// for a single node without a hub. A restarted node rebuilds its
+    /// queues from the file; events covered by a snapshot are trimmed.
+    Sqlite,
 }
 
 /// Log line format.
@@ -159,6 +163,10 @@ pub struct NodeArgs {
     /// given, else memory].
     #[arg(long, value_enum, env = "OMNIRELAY_NODE_REPLICATOR")]
     pub replicator: Option<ReplicatorKind>,
+    /// The SQLite log file of `--replicator sqlite` (created if missing;
+    /// one node per file).
+    #[arg(long, env = "OMNIRELAY_NODE_REPLICATOR_PATH")]
+    pub replicator_path: Option<PathBuf>,
     /// CA bundle (PEM) that signs the hub's certificate (https endpoints).
     #[arg(long, env = "OMNIRELAY_NODE_HUB_CA")]
     pub hub_ca: Option<PathBuf>,
@@ -377,6 +385,8 @@ pub struct FileConfig {
     pub health: Option<HealthConfig>,
     /// Where events go.
     pub replicator: Option<ReplicatorKind>,
+    /// The SQLite log file (`replicator = "sqlite"`).
+    pub replicator_path: Option<PathBuf>,
     /// The replication hub.
     #[serde(default)]
     pub hub: HubFile,
@@ -431,6 +441,8 @@ pub struct SidecarConfig {
     pub health: HealthConfig,
     /// Where events go.
     pub replicator: ReplicatorKind,
+    /// The SQLite log file (`replicator = "sqlite"`).
+    pub replicator_path: Option<PathBuf>,
     /// The replication hub.
     pub hub: HubFile,
     /// Shard leases and snapshots.
@@ -555,6 +567,7 @@ impl SidecarConfig {
             }),
             health: file.health.unwrap_or_default(),
             replicator: hub_kind,
+            replicator_path: args.replicator_path.clone().or(file.replicator_path),
             hub,
             ownership: OwnershipFile {
                 lease_ttl_ms: args.shard_lease_ttl_ms.or(file.ownership.lease_ttl_ms),
@@ -628,6 +641,15 @@ impl SidecarConfig {
             ReplicatorKind::Memory if !self.hub.endpoints.is_empty() => {
                 bail!("replicator: \"memory\" cannot be combined with hub endpoints; drop --hub or the replicator")
             }
+            ReplicatorKind::Sqlite if !self.hub.endpoints.is_empty() => {
+                bail!("replicator: \"sqlite\" cannot be combined with hub endpoints; drop --hub or the replicator")
+            }
+            ReplicatorKind::Sqlite if self.replicator_path.is_none() => {
+                bail!("replicator_path: the sqlite replicator needs its file (--replicator-path FILE)")
+            }
+            ReplicatorKind::Hub | ReplicatorKind::Memory if self.replicator_path.is_some() => {
+                bail!("replicator_path: only the sqlite replicator has a file; add --replicator sqlite")
+            }
             _ => {}
         }
         if self.hub.cert.is_some() != self.hub.key.is_some() {
@@ -638,7 +660,7 @@ impl SidecarConfig {
     }
 
     /// The replicator the node's queues write to: the hub (TLS files read
-    /// here), or bounded process memory.
+    /// here), a local SQLite file, or bounded process memory.
     pub async fn replicator(&self) -> anyhow::Result<(std::sync::Arc<dyn omnirelay_client::Replicator>, &'static str)> {
         use omnirelay_client::replication::{HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
         match self.replicator {
@@ -648,6 +670,15 @@ impl SidecarConfig {
                 )),
                 "in-memory",
             )),
+            ReplicatorKind::Sqlite => {
+                use omnirelay_client::replication::{SqliteReplicator, SqliteReplicatorConfig};
+                let path = self.replicator_path.clone().context("replicator_path: missing")?;
+                let config = SqliteReplicatorConfig { trim_below_snapshots: true };
+                let replicator = SqliteReplicator::open_with(&path, config)
+                    .await
+                    .with_context(|| format!("replicator_path: open {}", path.display()))?;
+                Ok((std::sync::Arc::new(replicator), "sqlite"))
+            }
             ReplicatorKind::Hub => {
                 let read = |what: &str, path: &PathBuf| {
                     std::fs::read(path).with_context(|| format!("{what}: read {}", path.display()))
@@ -767,6 +798,27 @@ mod tests {
             let err = config.node_config().expect_err(text);
             assert!(format!("{err:#}").starts_with(key), "{text}: {err:#}");
         }
+        let sqlite_cases = [
+            ("replicator = \"sqlite\"", "replicator_path"),
+            ("replicator_path = \"/tmp/log.sqlite\"", "replicator_path"),
+            ("replicator = \"sqlite\"\nreplicator_path = \"x\"\n[hub]\nendpoints = [\"http://h:1\"]", "replicator"),
+        ];
+        for (text, key) in sqlite_cases {
+            let config = SidecarConfig::merge(&NodeArgs::default(), file(text)).expect("merges");
+            let err = config.node_config().expect_err(text);
+            assert!(format!("{err:#}").starts_with(key), "{text}: {err:#}");
+        }
+        let sqlite = SidecarConfig::merge(
+            &NodeArgs { replicator_path: Some("/tmp/flag.sqlite".into()), ..NodeArgs::default() },
+            file("replicator = \"sqlite\"\nreplicator_path = \"/tmp/file.sqlite\""),
+        )
+        .expect("merges");
+        assert_eq!(
+            sqlite.replicator_path.as_deref(),
+            Some(std::path::Path::new("/tmp/flag.sqlite")),
+            "flags beat the file"
+        );
+        sqlite.node_config().expect("a sqlite replicator with its file is valid");
         let unknown: Result<FileConfig, _> = toml::from_str("lissten = \"127.0.0.1:1\"");
         assert!(unknown.expect_err("unknown key").to_string().contains("lissten"));
     }

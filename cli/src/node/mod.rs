@@ -21,7 +21,9 @@ pub use config::{FileConfig, NodeArgs, SidecarConfig};
 /// resolves.
 ///
 /// Events go to the replication hub when `--hub` names it (durable: a
-/// restarted node rebuilds every queue from the hub's log), else to a
+/// restarted node rebuilds every queue from the hub's log), to a local
+/// SQLite file with `--replicator sqlite --replicator-path FILE` (durable on
+/// this node alone: a restarted node rebuilds from the file), else to a
 /// bounded in-memory replicator (the queues live as long as the process).
 pub async fn run(
     config: SidecarConfig,

@@ -496,9 +496,28 @@ impl Replicator for HubReplicator {
     fn put_snapshot(&self, shard: &ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> ReplicatorFuture<'_, ()> {
         let request =
             pb::PutSnapshotRequest { shard_id: shard.to_string(), sequence: sequence.get(), data, epoch: epoch.get() };
+        let shard = shard.clone();
         Box::pin(async move {
-            self.call("store the snapshot", |mut client| async move { client.put_snapshot(request).await }).await?;
-            Ok(())
+            let (index, mut client) = self.client();
+            match tokio::time::timeout(REQUEST_TIMEOUT, client.put_snapshot(request)).await {
+                Ok(Ok(_)) => Ok(()),
+                // ABORTED: the epoch moved on, as for renewals and appends.
+                Ok(Err(status)) if status.code() == tonic::Code::Aborted => {
+                    Err(ReplicationError::StaleEpoch { shard, given: epoch, current: Epoch::ZERO })
+                }
+                Ok(Err(status)) => {
+                    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                        self.inner.rotate_from(index);
+                    }
+                    Err(unary_error("store the snapshot", &status))
+                }
+                Err(_) => {
+                    self.inner.rotate_from(index);
+                    Err(ReplicationError::Unavailable(format!(
+                        "store the snapshot: no answer within {REQUEST_TIMEOUT:?}"
+                    )))
+                }
+            }
         })
     }
 }

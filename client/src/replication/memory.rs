@@ -510,6 +510,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn passes_the_replicator_contract() {
+        let log = Arc::new(InMemoryReplicator::new());
+        crate::replication::contract::check(
+            || {
+                let log = Arc::clone(&log);
+                async move { log as Arc<dyn Replicator> }
+            },
+            crate::replication::contract::Durability::Volatile,
+        )
+        .await;
+    }
+
+    #[tokio::test]
     async fn sequences_are_gapless_per_shard_and_retries_are_recognised() {
         let replicator = InMemoryReplicator::new();
         let first = replicator.publish(&batch("a", 1, 2)).await.expect("publish");

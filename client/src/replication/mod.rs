@@ -22,12 +22,24 @@
 //! The trait is object safe: queues hold an `Arc<dyn Replicator>`.
 //! [`InMemoryReplicator`] keeps logs in memory for tests, development and
 //! benchmarks (and can inject failures); [`HubReplicator`] streams batches to
-//! the replication hub over gRPC, the production path.
+//! the replication hub over gRPC, the production path; `SqliteReplicator`
+//! (feature `sqlite`, on by default) keeps a durable log in a local file for
+//! a single node without a hub; [`CompositeReplicator`] mirrors an
+//! authoritative log to others; [`ShardedReplicator`] gives each shard its
+//! own log; `ObjectStoreReplicator` (feature `object-store`) keeps logs as
+//! segment objects in a directory or S3. Every one of them passes the [contract suite](contract).
 
+pub mod composite;
+pub mod contract;
 pub mod hub;
 mod memory;
+#[cfg(feature = "object-store")]
+pub mod objectstore;
 #[cfg(test)]
 pub(crate) mod scripted;
+pub mod sharded;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,8 +47,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use composite::{CompositeReplicator, MirrorMode};
 pub use hub::{HubConfigError, HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
 pub use memory::{InMemoryReplicator, PublishFault};
+#[cfg(feature = "object-store")]
+pub use objectstore::ObjectStoreReplicator;
+pub use sharded::ShardedReplicator;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteOpenError, SqliteReplicator, SqliteReplicatorConfig};
 
 use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
 use crate::queue::{Event, SequencedEvent};
@@ -275,7 +293,8 @@ pub enum ReplicationError {
 ///   hub);
 /// - bump the epoch on every grant of a shard's lease.
 ///
-/// The contract suite in `client/tests` runs every implementation.
+/// The [contract suite](contract) checks every implementation against these
+/// rules.
 pub trait Replicator: Send + Sync + 'static {
     /// Appends `batch` to its shard's log.
     fn publish(&self, batch: &Batch) -> PublishFuture;
