@@ -187,7 +187,8 @@ pub struct NodeArgs {
     /// Which namespaces this node tries to own: `rendezvous` spreads them
     /// over the live nodes sharing the replicator (membership through member
     /// leases on the log); `every` makes this node own all of them, with any
-    /// other node configured alike as a hot standby [default: rendezvous].
+    /// other node configured alike as a hot standby [default: rendezvous
+    /// with the hub replicator, every with the others].
     #[arg(long, env = "OMNIRELAY_NODE_ASSIGNMENT")]
     pub assignment: Option<String>,
     /// OTLP/gRPC collector for spans, e.g. http://otel-collector:4317.
@@ -571,12 +572,15 @@ impl SidecarConfig {
             hub,
             ownership: OwnershipFile {
                 lease_ttl_ms: args.shard_lease_ttl_ms.or(file.ownership.lease_ttl_ms),
-                assignment: Some(
-                    args.assignment
-                        .clone()
-                        .or_else(|| file.ownership.assignment.clone())
-                        .unwrap_or_else(|| Assignment::Rendezvous.as_str().to_string()),
-                ),
+                assignment: Some(args.assignment.clone().or_else(|| file.ownership.assignment.clone()).unwrap_or_else(
+                    || {
+                        // Only the hub is shared between nodes; a node on
+                        // its own log owns all of its namespaces.
+                        if hub_kind == ReplicatorKind::Hub { Assignment::Rendezvous } else { Assignment::Every }
+                            .as_str()
+                            .to_string()
+                    },
+                )),
                 ..file.ownership
             },
             otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
