@@ -246,7 +246,7 @@ pub type Result<T, E = SinkError> = std::result::Result<T, E>;
 ///   there (a batch whose outcome was unknown is handed over again);
 /// - return [`SinkError::Transient`] only for failures a retry of the same
 ///   batch may cure.
-pub trait ReplicationSink: Send + 'static {
+pub trait ReplicationSink: Send + Sync + 'static {
     /// How this sink keeps its position.
     fn delivery(&self) -> Delivery;
 
