@@ -6,3 +6,4 @@
 mod durable;
 mod harness;
 mod ops;
+mod sinks;

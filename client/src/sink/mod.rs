@@ -84,6 +84,7 @@ mod ndjson;
 #[cfg(feature = "postgres")]
 pub mod projection;
 mod subscriber;
+pub mod webhook;
 
 use std::future::Future;
 

@@ -118,11 +118,7 @@ impl ReplicationSink for ProjectionSink {
         for event in &fresh {
             statements.extend(effects(&self.projection, &batch.shard, event, &upsert)?);
         }
-        // Pipelined: sent in order on the one connection, answered in order.
-        let results = futures_util::future::join_all(statements.iter().map(|s| s.run(&tx))).await;
-        for result in results {
-            result.map_err(|err| pg("apply an event", err))?;
-        }
+        pipeline(&tx, statements, "apply an event").await?;
         store_checkpoint(&tx, &self.projection, &batch.shard, last.sequence, &last.hash).await?;
         tx.commit().await.map_err(|err| pg("commit a batch", err))
     }
@@ -154,9 +150,7 @@ impl ReplicationSink for ProjectionSink {
                 statements.push(item_row(&self.projection, &snapshot.shard, item, "dead_lettered", sequence, &upsert)?);
             }
         }
-        for result in futures_util::future::join_all(statements.iter().map(|s| s.run(&tx))).await {
-            result.map_err(|err| pg("apply the snapshot", err))?;
-        }
+        pipeline(&tx, statements, "apply the snapshot").await?;
         store_checkpoint(&tx, &self.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash).await?;
         tx.commit().await.map_err(|err| pg("commit the snapshot", err))
     }
@@ -215,6 +209,7 @@ enum StatementSql {
 }
 
 impl Statement {
+    /// Runs the statement (prepared first by [`pipeline`]).
     async fn run(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, tokio_postgres::Error> {
         let params: Vec<&(dyn ToSql + Sync)> = self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         match &self.sql {
@@ -222,6 +217,27 @@ impl Statement {
             StatementSql::Text(sql) => tx.execute(*sql, &params).await,
         }
     }
+}
+
+/// Runs `statements` in order, pipelined on the transaction's connection.
+/// Every statement is prepared first (from the connection's cache after the
+/// first batch): an unprepared one takes a round trip to prepare before it
+/// is sent, and the statements after it would overtake it.
+async fn pipeline(
+    tx: &deadpool_postgres::Transaction<'_>,
+    mut statements: Vec<Statement>,
+    what: &str,
+) -> Result<(), SinkError> {
+    for statement in &mut statements {
+        if let StatementSql::Text(sql) = statement.sql {
+            let prepared = tx.prepare_cached(sql).await.map_err(|err| pg("prepare a statement", err))?;
+            statement.sql = StatementSql::Prepared(prepared);
+        }
+    }
+    for result in futures_util::future::join_all(statements.iter().map(|s| s.run(tx))).await {
+        result.map_err(|err| pg(what, err))?;
+    }
+    Ok(())
 }
 
 /// The statements that apply one event to the items table.
