@@ -20,6 +20,7 @@ use omnirelay_client::ShardId;
 use omnirelay_client::replication::{HubEndpoint, HubTls};
 use omnirelay_client::sink::chain::ShardChain;
 use omnirelay_client::sink::projection::ProjectionSink;
+use omnirelay_client::sink::webhook::{WebhookConfig, WebhookSink};
 use omnirelay_client::sink::{
     FsyncPolicy, NdjsonConfig, NdjsonSink, ReplicationSink, Selection, SinkEvent, Subscriber, SubscriberConfig,
     SubscriberProgress, json,
@@ -145,6 +146,28 @@ pub enum SinkCommand {
         #[arg(long, env = "OMNIRELAY_SINK_PROJECTION", default_value = "default")]
         projection: String,
     },
+    /// POSTs each batch as JSON to an HTTP endpoint, with retries and a
+    /// dead-letter file (at least once).
+    Webhook {
+        /// The subscription.
+        #[command(flatten)]
+        common: SinkArgs,
+        /// The endpoint, `http://...` or `https://...`.
+        #[arg(long, env = "OMNIRELAY_SINK_URL")]
+        url: String,
+        /// File (NDJSON) of the batches the endpoint refused.
+        #[arg(long, env = "OMNIRELAY_SINK_DEAD_LETTER")]
+        dead_letter: PathBuf,
+        /// Extra header, `name: value` (repeat).
+        #[arg(long = "header", env = "OMNIRELAY_SINK_HEADERS", value_delimiter = '\n', hide_env_values = true)]
+        headers: Vec<String>,
+        /// CA bundle (PEM) for an https endpoint (the system's roots when absent).
+        #[arg(long, env = "OMNIRELAY_SINK_CA_FILE")]
+        ca_file: Option<PathBuf>,
+        /// POSTs per batch before the runtime backs off and tries again later.
+        #[arg(long, env = "OMNIRELAY_SINK_ATTEMPTS", default_value_t = sink::webhook::ATTEMPTS)]
+        attempts: u32,
+    },
 }
 
 /// `--fsync`.
@@ -176,12 +199,48 @@ pub async fn run(command: SinkCommand, json: bool, stop: impl Future<Output = ()
             let sink = NdjsonSink::open(files).await.context("open the NDJSON files")?;
             drive(&common, sink, json, stop).await
         }
+        SinkCommand::Webhook { common, url, dead_letter, headers, ca_file, attempts } => {
+            let mut config = WebhookConfig::new(url, dead_letter);
+            config.attempts = attempts;
+            for header in headers {
+                let (name, value) =
+                    header.split_once(':').with_context(|| format!("--header {header:?}: use `name: value`"))?;
+                config.headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
+            if config.url.starts_with("https://") {
+                config.tls = Some(std::sync::Arc::new(webhook_tls(ca_file.as_deref())?));
+            }
+            let sink = WebhookSink::new(config)?;
+            drive(&common, sink, json, stop).await
+        }
         SinkCommand::Postgres { common, database_url, projection } => {
             let pool = ProjectionSink::pool(&database_url, 2, sink::defaults::REQUEST_TIMEOUT)?;
             let sink = ProjectionSink::open(pool, projection).await.context("open the projection")?;
             drive(&common, sink, json, stop).await
         }
     }
+}
+
+/// TLS for an https webhook: the CA file's roots, else the system's.
+fn webhook_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("read --ca-file {}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.add(cert.with_context(|| format!("--ca-file {}: not PEM", path.display()))?)?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "--ca-file {}: no certificate in it", path.display());
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 async fn drive<S: ReplicationSink>(
@@ -202,10 +261,15 @@ async fn drive<S: ReplicationSink>(
     let mut run = tokio::spawn(subscriber.run(cancel.clone()));
     let mut ticks = tokio::time::interval(PROGRESS_EVERY);
     tokio::pin!(stop);
+    let mut stopping = false;
     let ended = loop {
         tokio::select! {
             ended = &mut run => break ended,
-            () = &mut stop => cancel.cancel(),
+            // Polled once only: a finished future must not be polled again.
+            () = &mut stop, if !stopping => {
+                stopping = true;
+                cancel.cancel();
+            }
             _ = ticks.tick() => report(&progress.borrow_and_update(), json),
         }
     };

@@ -566,3 +566,87 @@ async fn the_webhook_retries_dead_letters_refusals_and_loses_nothing() {
     }
     assert_eq!(all, (1..=10).collect::<Vec<_>>(), "every event delivered or dead-lettered, once, in order");
 }
+
+#[tokio::test]
+async fn omnirelay_tail_and_sink_run_as_processes() {
+    use tokio::io::AsyncBufReadExt as _;
+    let binaries = tokio::task::spawn_blocking(omnirelay_tests::WorkspaceBinaries::build)
+        .await
+        .expect("no panic")
+        .expect("build the binaries");
+    let db = migrated_db().await;
+    let hub = TestHub::start(db.url()).await;
+    let shard = "resourcelease.sink-cli";
+    let (queue, _replicator) = queue(&hub, shard).await;
+    enqueue(&queue, 0, 10).await;
+    let url = hub.endpoint().url;
+    let command = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(&binaries.omnirelay);
+        command.args(args).kill_on_drop(true).stdout(std::process::Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OMNIRELAY_") {
+                command.env_remove(name);
+            }
+        }
+        command
+    };
+
+    // `tail` from the start prints each event as one JSON line.
+    let mut tail =
+        command(&["tail", shard, "--hub", &url, "--after", "0", "--output", "json"]).spawn().expect("start tail");
+    let mut out = tokio::io::BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    let mut sequences = Vec::new();
+    while sequences.len() < 10 {
+        let line = tokio::time::timeout(HANG_GUARD, out.next_line()).await.expect("a line in time").expect("read");
+        let line: Value = serde_json::from_str(&line.expect("tail keeps running")).expect("a JSON line");
+        assert_eq!(line["shard"], shard);
+        sequences.push(line["sequence"].as_u64().expect("sequence"));
+    }
+    assert_eq!(sequences, (1..=10).collect::<Vec<_>>());
+    tail.kill().await.expect("stop tail");
+
+    // `sink ndjson` writes the files, and commits its checkpoint on SIGTERM.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let dir_arg = dir.path().to_str().expect("UTF-8 path").to_string();
+    let mut sink = command(&[
+        "sink",
+        "ndjson",
+        "--hub",
+        &url,
+        "--subscriber",
+        "cli-sink",
+        "--shard",
+        shard,
+        "--dir",
+        &dir_arg,
+        "--checkpoint-ms",
+        "100",
+    ])
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start the sink");
+    let mut errors = tokio::io::BufReader::new(sink.stderr.take().expect("stderr")).lines();
+    let log = tokio::spawn(async move {
+        let mut log = String::new();
+        while let Ok(Some(line)) = errors.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let path = dir.path().to_path_buf();
+    eventually("the sink writes ten lines", HANG_GUARD, || {
+        let count = if path.exists() { lines(&path).len() } else { 0 };
+        async move { if count == 10 { Ok(()) } else { Err(format!("{count} lines")) } }
+    })
+    .await;
+    let pid = sink.id().expect("a running sink").to_string();
+    let killed = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("run kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(HANG_GUARD, sink.wait()).await.expect("the sink stops").expect("wait");
+    let log = log.await.expect("the log task");
+    assert!(status.success(), "a clean stop: {status}\n{log}");
+    assert!(log.contains("delivered 10"), "progress is shown:\n{log}");
+    let checkpoint = hub_checkpoint(&hub, "cli-sink", shard).await.expect("a checkpoint");
+    assert_eq!(checkpoint.sequence, 10);
+}
