@@ -23,6 +23,9 @@
 //!   SKIP LOCKED queue on the same cluster, with CPU per cycle of the node,
 //!   the hub and PostgreSQL; then the recovery time of a queue whose log
 //!   holds a million events (see `durable.rs`).
+//! - `sinks [events]`: one subscriber runtime into the PostgreSQL projection
+//!   (exactly once) against `COPY` of the same rows, and into the NDJSON
+//!   sink against `cat` of the same bytes (see `sinks.rs`).
 
 /// The process allocator (see the workspace `Cargo.toml` for why).
 #[global_allocator]
@@ -31,6 +34,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod durable;
 mod hub;
 mod node;
+mod sinks;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -57,13 +61,14 @@ fn main() {
         "queue-cycles" => queue_cycles(cycles.unwrap_or(100_000)),
         "hub" => hub_scenario(&all[1..]),
         "node-durable" => durable::run(cycles.unwrap_or(10)),
+        "sinks" => sinks::run(cycles.unwrap_or(100_000)),
         "node" => {
             let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
             node::run(cycles.unwrap_or(5), &url)
         }
         _ => {
             eprintln!(
-                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable> [options]; see bench/README.md"
+                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable|sinks> [options]; see bench/README.md"
             );
             eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);
