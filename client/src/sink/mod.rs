@@ -80,7 +80,7 @@ pub mod chain;
 pub mod defaults;
 pub mod json;
 pub mod metrics;
-mod ndjson;
+pub mod ndjson;
 #[cfg(feature = "postgres")]
 pub mod projection;
 mod subscriber;
