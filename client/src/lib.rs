@@ -31,7 +31,8 @@
 //! - [`sink`]: consumers of shard logs: the [`ReplicationSink`] trait, the
 //!   [`sink::Subscriber`] runtime that feeds one from a hub subscription
 //!   (ordered, verified, checkpointed, resumed after failover), and the
-//!   NDJSON file sink and (feature `postgres`) the PostgreSQL projection.
+//!   NDJSON file and webhook sinks and (feature `postgres`) the PostgreSQL
+//!   projection.
 //!
 //! ```
 //! use std::sync::Arc;

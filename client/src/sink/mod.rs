@@ -48,6 +48,15 @@
 //! Either way the sink's checkpoint is never ahead of its effects, and the
 //! log is never skipped.
 //!
+//! # Shipped sinks
+//!
+//! - [`NdjsonSink`]: JSON lines in rotated files, with an fsync policy (at
+//!   least once).
+//! - [`webhook::WebhookSink`]: one HTTP POST per batch, with retries, backoff
+//!   and a dead-letter file (at least once).
+//! - `projection::ProjectionSink` (feature `postgres`): a PostgreSQL table of
+//!   every queue's current items (exactly once).
+//!
 //! # Memory and deadlines
 //!
 //! The runtime holds one frame of the hub's stream at a time (at most
