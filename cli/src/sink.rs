@@ -20,6 +20,7 @@ use omnirelay_client::ShardId;
 use omnirelay_client::replication::{HubEndpoint, HubTls};
 use omnirelay_client::sink::chain::ShardChain;
 use omnirelay_client::sink::projection::ProjectionSink;
+use omnirelay_client::sink::projection::lineage::LineageSink;
 use omnirelay_client::sink::webhook::{WebhookConfig, WebhookSink};
 use omnirelay_client::sink::{
     FsyncPolicy, NdjsonConfig, NdjsonSink, ReplicationSink, Selection, SinkEvent, Subscriber, SubscriberConfig,
@@ -146,6 +147,19 @@ pub enum SinkCommand {
         #[arg(long, env = "OMNIRELAY_SINK_PROJECTION", default_value = "default")]
         projection: String,
     },
+    /// Records who did what to which resource in a PostgreSQL table
+    /// (exactly once).
+    Lineage {
+        /// The subscription.
+        #[command(flatten)]
+        common: SinkArgs,
+        /// The lineage's database (plain connections).
+        #[arg(long, env = "OMNIRELAY_SINK_DATABASE_URL")]
+        database_url: String,
+        /// Name of the lineage (several may share a database).
+        #[arg(long, env = "OMNIRELAY_SINK_LINEAGE", default_value = "default")]
+        lineage: String,
+    },
     /// POSTs each batch as JSON to an HTTP endpoint, with retries and a
     /// dead-letter file (at least once).
     Webhook {
@@ -197,6 +211,11 @@ pub async fn run(command: SinkCommand, json: bool, stop: impl Future<Output = ()
                 },
             };
             let sink = NdjsonSink::open(files).await.context("open the NDJSON files")?;
+            drive(&common, sink, json, stop).await
+        }
+        SinkCommand::Lineage { common, database_url, lineage } => {
+            let pool = ProjectionSink::pool(&database_url, 2, sink::defaults::REQUEST_TIMEOUT)?;
+            let sink = LineageSink::open(pool, lineage).await.context("open the lineage")?;
             drive(&common, sink, json, stop).await
         }
         SinkCommand::Webhook { common, url, dead_letter, headers, ca_file, attempts } => {

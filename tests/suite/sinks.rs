@@ -650,3 +650,49 @@ async fn omnirelay_tail_and_sink_run_as_processes() {
     let checkpoint = hub_checkpoint(&hub, "cli-sink", shard).await.expect("a checkpoint");
     assert_eq!(checkpoint.sequence, 10);
 }
+
+#[tokio::test]
+async fn the_lineage_records_who_did_what_to_each_resource_once() {
+    use omnirelay_client::sink::projection::lineage::LineageSink;
+    let db = migrated_db().await;
+    let hub = TestHub::start(db.url()).await;
+    let shard = "resourcelease.sink-lineage";
+    let (queue, _replicator) = queue(&hub, shard).await;
+    busy_queue(&queue, 0).await;
+    let head = queue.replication().durable.get();
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let selection = Selection::Shards(vec![shard.into()]);
+    for subscriber in ["lineage", "lineage-again"] {
+        // The second subscriber id has no hub checkpoint: the whole log is
+        // sent again, and the lineage adds nothing twice.
+        let sink = LineageSink::open(pool.clone(), "audit").await.expect("open the lineage");
+        let running = spawn(config(subscriber, vec![hub.endpoint()], selection.clone()), sink);
+        running.reaches(shard, head).await;
+        running.stop().await.expect("a clean stop");
+    }
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT kind, principal, owner FROM omnirelay_lineage \
+             WHERE lineage = 'audit' AND resource_type = 'user' AND resource_id = '0' ORDER BY sequence, ordinal",
+            &[],
+        )
+        .await
+        .expect("query the lineage");
+    let rows: Vec<(String, String, Option<String>)> =
+        rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        rows,
+        [
+            ("enqueued".to_string(), "spiffe://test/producer".to_string(), None),
+            ("leased".to_string(), "spiffe://test/worker".to_string(), Some("worker-1".to_string())),
+            ("completed".to_string(), "spiffe://test/worker".to_string(), None),
+        ]
+    );
+    let total: i64 = client
+        .query_one("SELECT count(DISTINCT sequence) FROM omnirelay_lineage WHERE lineage = 'audit'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(total as u64, head, "one event, one set of rows");
+}

@@ -35,6 +35,8 @@ use crate::ids::{Sequence, ShardId};
 const SCHEMA: &str = include_str!("schema.sql");
 const UPSERT_ITEM: &str = include_str!("upsert_item.sql");
 
+pub mod lineage;
+
 /// Keeps a table of current items per queue, exactly once. See the
 /// [module docs](self).
 pub struct ProjectionSink {
@@ -158,7 +160,7 @@ impl ReplicationSink for ProjectionSink {
 
 /// Locks the shard's checkpoint row (creating it at 0) and returns its
 /// sequence.
-async fn lock_checkpoint(
+pub(crate) async fn lock_checkpoint(
     tx: &deadpool_postgres::Transaction<'_>,
     projection: &str,
     shard: &ShardId,
@@ -180,7 +182,7 @@ async fn lock_checkpoint(
     Ok(Sequence::new(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
 }
 
-async fn store_checkpoint(
+pub(crate) async fn store_checkpoint(
     tx: &deadpool_postgres::Transaction<'_>,
     projection: &str,
     shard: &ShardId,
@@ -198,12 +200,12 @@ async fn store_checkpoint(
 }
 
 /// One statement of a batch, with its parameters owned.
-struct Statement {
-    sql: StatementSql,
-    params: Vec<Box<dyn ToSql + Sync + Send>>,
+pub(crate) struct Statement {
+    pub(crate) sql: StatementSql,
+    pub(crate) params: Vec<Box<dyn ToSql + Sync + Send>>,
 }
 
-enum StatementSql {
+pub(crate) enum StatementSql {
     Prepared(tokio_postgres::Statement),
     Text(&'static str),
 }
@@ -223,7 +225,7 @@ impl Statement {
 /// Every statement is prepared first (from the connection's cache after the
 /// first batch): an unprepared one takes a round trip to prepare before it
 /// is sent, and the statements after it would overtake it.
-async fn pipeline(
+pub(crate) async fn pipeline(
     tx: &deadpool_postgres::Transaction<'_>,
     mut statements: Vec<Statement>,
     what: &str,
@@ -373,14 +375,14 @@ fn item_row(
     Ok(Statement { sql: StatementSql::Prepared(upsert.clone()), params })
 }
 
-fn time(at: Option<&Timestamp>) -> Option<SystemTime> {
+pub(crate) fn time(at: Option<&Timestamp>) -> Option<SystemTime> {
     let at = at?;
     let seconds = u64::try_from(at.seconds).ok()?;
     let nanos = u32::try_from(at.nanos).ok()?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
 }
 
-fn sequence_param(sequence: Sequence) -> i64 {
+pub(crate) fn sequence_param(sequence: Sequence) -> i64 {
     i64::try_from(sequence.get()).unwrap_or(i64::MAX)
 }
 
@@ -388,7 +390,7 @@ fn sequence_param(sequence: Sequence) -> i64 {
 /// gone or a serialization failure or deadlock may pass on retry (the
 /// batch is retried whole; the checkpoint row makes that safe); a refused
 /// statement (a constraint, a missing table, a permission) will not.
-fn pg(what: &str, err: impl Into<PgFailure>) -> SinkError {
+pub(crate) fn pg(what: &str, err: impl Into<PgFailure>) -> SinkError {
     match err.into() {
         PgFailure::Pool(message) => SinkError::Transient(format!("{what}: {message}")),
         PgFailure::Db(err) => {
@@ -413,7 +415,7 @@ fn pg(what: &str, err: impl Into<PgFailure>) -> SinkError {
 }
 
 /// A failure of the pool or of the database.
-enum PgFailure {
+pub(crate) enum PgFailure {
     Pool(String),
     Db(tokio_postgres::Error),
 }
