@@ -55,7 +55,9 @@
 //! - [`webhook::WebhookSink`]: one HTTP POST per batch, with retries, backoff
 //!   and a dead-letter file (at least once).
 //! - `projection::ProjectionSink` (feature `postgres`): a PostgreSQL table of
-//!   every queue's current items (exactly once).
+//!   every queue's current items (exactly once), and
+//!   `projection::lineage::LineageSink`: who did what to which resource
+//!   (exactly once).
 //!
 //! # Memory and deadlines
 //!
