@@ -28,6 +28,9 @@
 //!   shutdown) until the other serves its namespaces, split into detection,
 //!   acquisition, replay and first answer, with the default and a 2 s lease
 //!   TTL (see `failover.rs`).
+//! - `sinks [events]`: one subscriber runtime into the PostgreSQL projection
+//!   (exactly once) against `COPY` of the same rows, and into the NDJSON
+//!   sink against `cat` of the same bytes (see `sinks.rs`).
 
 /// The process allocator (see the workspace `Cargo.toml` for why).
 #[global_allocator]
@@ -37,6 +40,7 @@ mod durable;
 mod failover;
 mod hub;
 mod node;
+mod sinks;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -64,13 +68,14 @@ fn main() {
         "hub" => hub_scenario(&all[1..]),
         "node-durable" => durable::run(cycles.unwrap_or(10)),
         "failover" => failover::run(cycles.unwrap_or(3) as usize),
+        "sinks" => sinks::run(cycles.unwrap_or(100_000)),
         "node" => {
             let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
             node::run(cycles.unwrap_or(5), &url)
         }
         _ => {
             eprintln!(
-                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable|failover> [options]; see bench/README.md"
+                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable|failover|sinks> [options]; see bench/README.md"
             );
             eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);

@@ -7,6 +7,8 @@
 //!   TOML file, `OMNIRELAY_NODE_*` variables and flags ([`node::run`]).
 //! - [`control`]: operator commands against a node's diagnostics
 //!   endpoints (`leases health`, `backpressure watch`, `replication`).
+//! - [`sink`]: `omnirelay sink <kind>` (a sink on a hub subscription, as a
+//!   process) and `omnirelay tail <shard>`.
 //! - [`telemetry`]: log output and optional OTLP span export.
 //!
 //! ```
@@ -21,4 +23,5 @@
 pub mod control;
 pub mod demo;
 pub mod node;
+pub mod sink;
 pub mod telemetry;

@@ -80,6 +80,14 @@ enum Command {
         #[arg(long, default_value = "resourcelease")]
         namespace: String,
     },
+    /// Runs a sink on a hub subscription until interrupted (see `docs/sinks.md`).
+    Sink {
+        #[command(subcommand)]
+        kind: omnirelay_cli::sink::SinkCommand,
+    },
+    /// Prints a shard's events as they are appended (`--output json`: one
+    /// JSON object per line).
+    Tail(omnirelay_cli::sink::TailArgs),
     /// Prints a shell completion script, e.g. `omnirelay completions bash >
     /// /etc/bash_completion.d/omnirelay`.
     Completions {
@@ -180,6 +188,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Sink { kind } => {
+            omnirelay_cli::telemetry::init(omnirelay_cli::node::config::LogFormat::Text, None)?;
+            omnirelay_cli::sink::run(kind, output == Output::Json, stop_signal()).await?;
+        }
+        Command::Tail(args) => omnirelay_cli::sink::tail(args, output == Output::Json, stop_signal()).await?,
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             let mut script = Vec::new();
@@ -308,6 +321,14 @@ fn restore_chunks(snapshot: &Value) -> Vec<Value> {
             part
         })
         .collect()
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    match omnirelay_cli::node::signal().await {
+        Ok(signal) => tracing::info!(signal, "received a stop signal"),
+        Err(err) => tracing::error!(error = %err, "failed to listen for stop signals; stopping"),
+    }
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {

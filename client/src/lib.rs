@@ -31,6 +31,11 @@
 //!   HTTP/JSON behind the middleware, peer health wired to every queue,
 //!   per-namespace backpressure limits, diagnostics endpoints, and a
 //!   plain or mutual-TLS accept loop ([`node::Node`]).
+//! - [`sink`]: consumers of shard logs: the [`ReplicationSink`] trait, the
+//!   [`sink::Subscriber`] runtime that feeds one from a hub subscription
+//!   (ordered, verified, checkpointed, resumed after failover), and the
+//!   NDJSON file and webhook sinks and (feature `postgres`) the PostgreSQL
+//!   projection.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -83,6 +88,7 @@ pub mod node;
 pub mod queue;
 pub mod replication;
 pub mod shard;
+pub mod sink;
 pub mod wire;
 
 pub use backpressure::{BackpressureListener, BackpressureSignal};
@@ -94,3 +100,4 @@ pub use ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, ProducerId, Sequ
 pub use omnirelay_proto as proto;
 pub use queue::{Queue, QueueConfig, QueueError, QueueState};
 pub use replication::{InMemoryReplicator, Replicator};
+pub use sink::ReplicationSink;

@@ -9,3 +9,4 @@ mod harness;
 mod mesh;
 mod objectstore;
 mod ops;
+mod sinks;

@@ -1,0 +1,436 @@
+//! The PostgreSQL projection: a table of every queue's current items,
+//! kept exactly once (feature `postgres`).
+//!
+//! `omnirelay_projection_items` holds one row per item in a queue, pending,
+//! leased or dead-lettered, with its payload, attempt, lease and last error;
+//! an item leaves the table when it is completed or purged.
+//! `omnirelay_projection_checkpoints` holds, per projection and shard, the
+//! last sequence applied and its chain hash. Both are created when the sink
+//! opens (`schema.sql`); the projection's name tells several projections in
+//! one database apart.
+//!
+//! Exactly once: each batch is one transaction that locks the shard's
+//! checkpoint row, skips the events at or below the stored sequence, applies
+//! the rest (its statements pipelined on the connection, in order) and
+//! stores the batch's last sequence and hash. A batch the runtime hands over
+//! again after a failure of unknown outcome is therefore applied once, and
+//! the projection is always the queue's state as of its checkpoint. The
+//! table is the source of truth for the projection's position; the hub
+//! checkpoint follows it.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use omnirelay_proto::Timestamp;
+use omnirelay_proto::replication::v1 as rpb;
+use omnirelay_proto::replication::v1::replication_event::Event as Kind;
+use omnirelay_proto::resourcelease::v1 as pb;
+use tokio_postgres::types::ToSql;
+
+use super::{Delivery, ReplicationSink, SinkBatch, SinkCheckpoint, SinkError, SinkEvent, SinkSnapshot};
+use crate::ids::{Sequence, ShardId};
+
+const SCHEMA: &str = include_str!("schema.sql");
+const UPSERT_ITEM: &str = include_str!("upsert_item.sql");
+
+pub mod lineage;
+
+/// Keeps a table of current items per queue, exactly once. See the
+/// [module docs](self).
+pub struct ProjectionSink {
+    pool: Pool,
+    projection: String,
+}
+
+impl std::fmt::Debug for ProjectionSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionSink").field("projection", &self.projection).finish_non_exhaustive()
+    }
+}
+
+impl ProjectionSink {
+    /// A projection named `projection` on `pool`'s database; creates its
+    /// tables if missing.
+    pub async fn open(pool: Pool, projection: impl Into<String>) -> Result<Self, SinkError> {
+        let projection = projection.into();
+        if projection.trim().is_empty() {
+            return Err(SinkError::Config { field: "projection".into(), reason: "must not be empty".into() });
+        }
+        let client = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        client.batch_execute(SCHEMA).await.map_err(|err| pg("create the projection's tables", err))?;
+        Ok(Self { pool, projection })
+    }
+
+    /// A pool of up to `size` plain (non-TLS) connections to `url`, each
+    /// attempt to get or create one bounded by `timeout`.
+    pub fn pool(url: &str, size: usize, timeout: Duration) -> Result<Pool, SinkError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|err| SinkError::Config {
+            field: "database_url".into(),
+            reason: format!("not a PostgreSQL URL: {err}"),
+        })?;
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        Pool::builder(manager)
+            .max_size(size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|err| SinkError::Config { field: "database_url".into(), reason: err.to_string() })
+    }
+}
+
+impl ReplicationSink for ProjectionSink {
+    fn delivery(&self) -> Delivery {
+        Delivery::ExactlyOnce
+    }
+
+    async fn checkpoints(&mut self) -> Result<Vec<SinkCheckpoint>, SinkError> {
+        let client = self.pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        let rows = client
+            .query(
+                "SELECT shard, sequence, hash FROM omnirelay_projection_checkpoints WHERE projection = $1",
+                &[&self.projection],
+            )
+            .await
+            .map_err(|err| pg("read the projection's checkpoints", err))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let hash: Vec<u8> = row.get(2);
+                SinkCheckpoint {
+                    shard: ShardId::from(row.get::<_, String>(0)),
+                    sequence: Sequence::new(u64::try_from(row.get::<_, i64>(1)).unwrap_or(0)),
+                    hash: (!hash.is_empty()).then(|| Bytes::from(hash)),
+                }
+            })
+            .collect())
+    }
+
+    async fn deliver(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
+        let mut client = self.pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        let tx = client.transaction().await.map_err(|err| pg("begin a transaction", err))?;
+        let stored = lock_checkpoint(&tx, &self.projection, &batch.shard).await?;
+        let fresh: Vec<&SinkEvent> = batch.events.iter().filter(|e| e.sequence > stored).collect();
+        let Some(last) = fresh.last() else { return Ok(()) };
+        let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
+        let mut statements = Vec::new();
+        for event in &fresh {
+            statements.extend(effects(&self.projection, &batch.shard, event, &upsert)?);
+        }
+        pipeline(&tx, statements, "apply an event").await?;
+        store_checkpoint(&tx, &self.projection, &batch.shard, last.sequence, &last.hash).await?;
+        tx.commit().await.map_err(|err| pg("commit a batch", err))
+    }
+
+    async fn apply_snapshot(&mut self, snapshot: &SinkSnapshot) -> Result<(), SinkError> {
+        let mut client = self.pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        let tx = client.transaction().await.map_err(|err| pg("begin a transaction", err))?;
+        let stored = lock_checkpoint(&tx, &self.projection, &snapshot.shard).await?;
+        if stored >= snapshot.sequence {
+            return Ok(());
+        }
+        tx.execute(
+            "DELETE FROM omnirelay_projection_items WHERE projection = $1 AND shard = $2",
+            &[&self.projection, &snapshot.shard.as_str()],
+        )
+        .await
+        .map_err(|err| pg("clear the shard's items", err))?;
+        let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
+        let mut statements = Vec::new();
+        let sequence = snapshot.sequence.get();
+        for queued in &snapshot.state.items {
+            if let Some(item) = &queued.item {
+                let state = if item.lease.is_some() { "leased" } else { "pending" };
+                statements.push(item_row(&self.projection, &snapshot.shard, item, state, sequence, &upsert)?);
+            }
+        }
+        for dead in &snapshot.state.dead_letters {
+            if let Some(item) = dead.dead_letter.as_ref().and_then(|d| d.item.as_ref()) {
+                statements.push(item_row(&self.projection, &snapshot.shard, item, "dead_lettered", sequence, &upsert)?);
+            }
+        }
+        pipeline(&tx, statements, "apply the snapshot").await?;
+        store_checkpoint(&tx, &self.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash).await?;
+        tx.commit().await.map_err(|err| pg("commit the snapshot", err))
+    }
+}
+
+/// Locks the shard's checkpoint row (creating it at 0) and returns its
+/// sequence.
+pub(crate) async fn lock_checkpoint(
+    tx: &deadpool_postgres::Transaction<'_>,
+    projection: &str,
+    shard: &ShardId,
+) -> Result<Sequence, SinkError> {
+    tx.execute(
+        "INSERT INTO omnirelay_projection_checkpoints (projection, shard, sequence, hash) VALUES ($1, $2, 0, '') \
+         ON CONFLICT DO NOTHING",
+        &[&projection, &shard.as_str()],
+    )
+    .await
+    .map_err(|err| pg("create the checkpoint row", err))?;
+    let row = tx
+        .query_one(
+            "SELECT sequence FROM omnirelay_projection_checkpoints WHERE projection = $1 AND shard = $2 FOR UPDATE",
+            &[&projection, &shard.as_str()],
+        )
+        .await
+        .map_err(|err| pg("lock the checkpoint row", err))?;
+    Ok(Sequence::new(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
+}
+
+pub(crate) async fn store_checkpoint(
+    tx: &deadpool_postgres::Transaction<'_>,
+    projection: &str,
+    shard: &ShardId,
+    sequence: Sequence,
+    hash: &Bytes,
+) -> Result<(), SinkError> {
+    tx.execute(
+        "UPDATE omnirelay_projection_checkpoints SET sequence = $3, hash = $4, updated_at = now() \
+         WHERE projection = $1 AND shard = $2",
+        &[&projection, &shard.as_str(), &sequence_param(sequence), &hash.as_ref()],
+    )
+    .await
+    .map_err(|err| pg("store the checkpoint", err))?;
+    Ok(())
+}
+
+/// One statement of a batch, with its parameters owned.
+pub(crate) struct Statement {
+    pub(crate) sql: StatementSql,
+    pub(crate) params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+pub(crate) enum StatementSql {
+    Prepared(tokio_postgres::Statement),
+    Text(&'static str),
+}
+
+impl Statement {
+    /// Runs the statement (prepared first by [`pipeline`]).
+    async fn run(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, tokio_postgres::Error> {
+        let params: Vec<&(dyn ToSql + Sync)> = self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+        match &self.sql {
+            StatementSql::Prepared(statement) => tx.execute(statement, &params).await,
+            StatementSql::Text(sql) => tx.execute(*sql, &params).await,
+        }
+    }
+}
+
+/// Runs `statements` in order, pipelined on the transaction's connection.
+/// Every statement is prepared first (from the connection's cache after the
+/// first batch): an unprepared one takes a round trip to prepare before it
+/// is sent, and the statements after it would overtake it.
+pub(crate) async fn pipeline(
+    tx: &deadpool_postgres::Transaction<'_>,
+    mut statements: Vec<Statement>,
+    what: &str,
+) -> Result<(), SinkError> {
+    for statement in &mut statements {
+        if let StatementSql::Text(sql) = statement.sql {
+            let prepared = tx.prepare_cached(sql).await.map_err(|err| pg("prepare a statement", err))?;
+            statement.sql = StatementSql::Prepared(prepared);
+        }
+    }
+    for result in futures_util::future::join_all(statements.iter().map(|s| s.run(tx))).await {
+        result.map_err(|err| pg(what, err))?;
+    }
+    Ok(())
+}
+
+/// The statements that apply one event to the items table.
+fn effects(
+    projection: &str,
+    shard: &ShardId,
+    event: &SinkEvent,
+    upsert: &tokio_postgres::Statement,
+) -> Result<Vec<Statement>, SinkError> {
+    let seq = event.sequence.get();
+    let key = |id: &str| -> Vec<Box<dyn ToSql + Sync + Send>> {
+        vec![Box::new(projection.to_string()), Box::new(shard.to_string()), Box::new(id.to_string())]
+    };
+    let update = |sql: &'static str, id: &str, mut rest: Vec<Box<dyn ToSql + Sync + Send>>| {
+        let mut params = key(id);
+        params.append(&mut rest);
+        Statement { sql: StatementSql::Text(sql), params }
+    };
+    let seq_param = || -> Box<dyn ToSql + Sync + Send> { Box::new(sequence_param(Sequence::new(seq))) };
+    let statements = match &event.event.event {
+        Some(Kind::Enqueued(e)) => match &e.item {
+            Some(item) => vec![item_row(projection, shard, item, "pending", seq, upsert)?],
+            None => Vec::new(),
+        },
+        Some(Kind::Restored(e)) => e
+            .items
+            .iter()
+            .map(|item| item_row(projection, shard, item, "pending", seq, upsert))
+            .collect::<Result<_, _>>()?,
+        Some(Kind::Leased(e)) => vec![update(
+            "UPDATE omnirelay_projection_items SET state = 'leased', attempt = $4, lease_id = $5, owner = $6, \
+             fencing_token = $7, lease_expires_at = $8, updated_sequence = $7 \
+             WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            vec![
+                Box::new(i32::try_from(e.attempt).unwrap_or(i32::MAX)),
+                Box::new(e.lease_id.clone()),
+                Box::new(e.owner.clone()),
+                seq_param(),
+                Box::new(time(e.expires_at.as_ref())),
+            ],
+        )],
+        Some(Kind::Heartbeat(e)) => vec![update(
+            "UPDATE omnirelay_projection_items SET lease_expires_at = $4, updated_sequence = $5 \
+             WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            vec![Box::new(time(e.expires_at.as_ref())), seq_param()],
+        )],
+        Some(Kind::Completed(e)) => vec![update(
+            "DELETE FROM omnirelay_projection_items WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            Vec::new(),
+        )],
+        Some(Kind::Failed(e)) => vec![update(
+            "UPDATE omnirelay_projection_items SET last_error = $4, updated_sequence = $5 \
+             WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            vec![Box::new(e.error.clone()), seq_param()],
+        )],
+        Some(Kind::Requeued(e)) => vec![update(
+            "UPDATE omnirelay_projection_items SET state = 'pending', not_before = $4, owner = NULL, lease_id = NULL, \
+             lease_expires_at = NULL, updated_sequence = $5 WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            vec![Box::new(time(e.not_before.as_ref())), seq_param()],
+        )],
+        Some(Kind::DeadLettered(e)) => vec![update(
+            "UPDATE omnirelay_projection_items SET state = 'dead_lettered', owner = NULL, lease_id = NULL, \
+             lease_expires_at = NULL, updated_sequence = $4 WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            vec![seq_param()],
+        )],
+        Some(Kind::Redriven(e)) => vec![update(
+            "UPDATE omnirelay_projection_items SET state = 'pending', attempt = 0, not_before = $4, \
+             last_error = '', updated_sequence = $5 WHERE projection = $1 AND shard = $2 AND item_id = $3",
+            &e.item_id,
+            vec![Box::new(time(e.not_before.as_ref())), seq_param()],
+        )],
+        Some(Kind::DeadLettersPurged(rpb::DeadLettersPurged { item_ids }))
+        | Some(Kind::DrainedPurged(rpb::DrainedPurged { item_ids })) => vec![Statement {
+            sql: StatementSql::Text(
+                "DELETE FROM omnirelay_projection_items WHERE projection = $1 AND shard = $2 AND item_id = ANY($3)",
+            ),
+            params: vec![Box::new(projection.to_string()), Box::new(shard.to_string()), Box::new(item_ids.clone())],
+        }],
+        // The lease's end is recorded by the Requeued or DeadLettered event
+        // that follows; the rest change no item.
+        Some(Kind::Expired(_))
+        | Some(Kind::DrainStarted(_))
+        | Some(Kind::Drained(_))
+        | Some(Kind::Resumed(_))
+        | Some(Kind::BackpressureChanged(_))
+        | None => Vec::new(),
+    };
+    Ok(statements)
+}
+
+/// The upsert of a whole item row.
+fn item_row(
+    projection: &str,
+    shard: &ShardId,
+    item: &pb::WorkItem,
+    state: &'static str,
+    sequence: u64,
+    upsert: &tokio_postgres::Statement,
+) -> Result<Statement, SinkError> {
+    let payload = item.payload.clone().unwrap_or_default();
+    let attributes: HashMap<&String, &String> = payload.attributes.iter().collect();
+    let attributes = serde_json::to_string(&attributes)
+        .map_err(|err| SinkError::Fatal(format!("render the attributes of item {}: {err}", item.item_id)))?;
+    let lease = item.lease.as_ref();
+    let params: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+        Box::new(projection.to_string()),
+        Box::new(shard.to_string()),
+        Box::new(item.item_id.clone()),
+        Box::new(state),
+        Box::new(payload.resource_type),
+        Box::new(payload.resource_id),
+        Box::new(payload.partition_key),
+        Box::new(payload.request_id),
+        Box::new(attributes),
+        Box::new(payload.body.to_vec()),
+        Box::new(item.priority),
+        Box::new(i32::try_from(item.attempt).unwrap_or(i32::MAX)),
+        Box::new(time(item.enqueued_at.as_ref())),
+        Box::new(time(item.not_before.as_ref())),
+        Box::new(lease.map(|l| l.owner.clone())),
+        Box::new(lease.map(|l| l.lease_id.clone())),
+        Box::new(lease.map(|l| i64::try_from(l.fencing_token).unwrap_or(i64::MAX))),
+        Box::new(lease.and_then(|l| time(l.expires_at.as_ref()))),
+        Box::new(item.last_error.clone()),
+        Box::new(sequence_param(Sequence::new(sequence))),
+    ];
+    Ok(Statement { sql: StatementSql::Prepared(upsert.clone()), params })
+}
+
+pub(crate) fn time(at: Option<&Timestamp>) -> Option<SystemTime> {
+    let at = at?;
+    let seconds = u64::try_from(at.seconds).ok()?;
+    let nanos = u32::try_from(at.nanos).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+}
+
+pub(crate) fn sequence_param(sequence: Sequence) -> i64 {
+    i64::try_from(sequence.get()).unwrap_or(i64::MAX)
+}
+
+/// PostgreSQL failures, classified once by SQLSTATE: a connection that is
+/// gone or a serialization failure or deadlock may pass on retry (the
+/// batch is retried whole; the checkpoint row makes that safe); a refused
+/// statement (a constraint, a missing table, a permission) will not.
+pub(crate) fn pg(what: &str, err: impl Into<PgFailure>) -> SinkError {
+    match err.into() {
+        PgFailure::Pool(message) => SinkError::Transient(format!("{what}: {message}")),
+        PgFailure::Db(err) => {
+            let state = err.code().map(|c| c.code().to_string());
+            let transient = match state.as_deref() {
+                None => true, // no SQLSTATE: the connection failed
+                Some(code) => {
+                    code.starts_with("08") // connection exception
+                        || code.starts_with("53") // insufficient resources
+                        || code.starts_with("57") // operator intervention (shutdown, cancel)
+                        || code == "40001" // serialization failure
+                        || code == "40P01" // deadlock
+                }
+            };
+            let message = match err.as_db_error() {
+                Some(db) => format!("{what}: {} ({})", db.message(), db.code().code()),
+                None => format!("{what}: {err}"),
+            };
+            if transient { SinkError::Transient(message) } else { SinkError::Fatal(message) }
+        }
+    }
+}
+
+/// A failure of the pool or of the database.
+pub(crate) enum PgFailure {
+    Pool(String),
+    Db(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for PgFailure {
+    fn from(err: tokio_postgres::Error) -> Self {
+        PgFailure::Db(err)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgFailure {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => PgFailure::Db(err),
+            other => PgFailure::Pool(other.to_string()),
+        }
+    }
+}
