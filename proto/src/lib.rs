@@ -115,7 +115,7 @@ mod tests {
     #[test]
     fn every_service_is_listed() {
         let procedures = procedures();
-        for (service, count) in [("omnirelay.resourcelease.v1.ResourceLease", 14), ("omnirelay.hub.v1.Hub", 10)] {
+        for (service, count) in [("omnirelay.resourcelease.v1.ResourceLease", 15), ("omnirelay.hub.v1.Hub", 11)] {
             assert_eq!(procedures.iter().filter(|(s, _)| s == service).count(), count, "{service}");
         }
     }
