@@ -140,6 +140,9 @@ async fn readiness_follows_postgres_stopping_and_starting_again() {
     // The pool replaced its dead connections: appends work again.
     let mut client = support::client(replica.grpc).await;
     let epoch = support::acquire(&mut client, "ready.shard", "node", Duration::from_secs(60)).await;
+    // The recorder is process-wide: other tests in this process count
+    // too, so counters are compared before and after this test's append.
+    let (_, before) = http::get(replica.admin, "/metrics").await.expect("/metrics should answer");
     assert_eq!(one_event(&mut client, "ready.shard", 1, epoch).await.first_sequence, 1);
 
     let (status, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics should answer");
@@ -168,7 +171,8 @@ async fn readiness_follows_postgres_stopping_and_starting_again() {
     let pool_max = format!("{} {}", telemetry::DB_POOL_MAX, omnirelay_hub::defaults::POOL_SIZE);
     assert!(metrics.contains(&pool_max), "{metrics}");
     assert!(metrics.contains("omnirelay_hub_ready 1"), "{metrics}");
-    assert!(metrics.contains("omnirelay_hub_append_batches_total{outcome=\"appended\"} 1"), "{metrics}");
+    let appended = "omnirelay_hub_append_batches_total{outcome=\"appended\"}";
+    assert!(counter(&metrics, appended) - counter(&before, appended) >= 1.0, "{metrics}");
     // Probes failed while PostgreSQL was down, and were counted.
     assert!(!metrics.contains("omnirelay_hub_db_errors_total{operation=\"probe\"} 0"), "{metrics}");
     replica.stop().await;
@@ -180,13 +184,20 @@ async fn the_embedded_store_serves_and_records_metrics() {
     let replica = Replica::start(Config::for_sqlite(dir.path().join("hub.db"))).await;
     wait_for(&replica, 200, 1).await;
     let mut client = support::client(replica.grpc).await;
+    // Counters are process-wide (other tests in this process count too):
+    // compare before and after this test's calls.
+    let (_, before) = http::get(replica.admin, "/metrics").await.expect("/metrics");
     let epoch = support::acquire(&mut client, "embedded.shard", "node", Duration::from_secs(60)).await;
     assert_eq!(one_event(&mut client, "embedded.shard", 1, epoch).await.last_sequence, 1);
     let (_, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics");
-    assert!(metrics.contains("omnirelay_hub_append_batches_total{outcome=\"appended\"} 1"), "{metrics}");
-    assert!(metrics.contains("omnirelay_hub_db_latency_seconds_count{operation=\"append\"} 1"), "{metrics}");
-    assert!(metrics.contains("omnirelay_hub_append_latency_seconds_count 1"), "{metrics}");
-    assert!(metrics.contains("omnirelay_hub_db_latency_seconds_count{operation=\"shard_lease\"} 1"), "{metrics}");
+    for series in [
+        "omnirelay_hub_append_batches_total{outcome=\"appended\"}",
+        "omnirelay_hub_db_latency_seconds_count{operation=\"append\"}",
+        "omnirelay_hub_append_latency_seconds_count",
+        "omnirelay_hub_db_latency_seconds_count{operation=\"shard_lease\"}",
+    ] {
+        assert!(counter(&metrics, series) - counter(&before, series) >= 1.0, "{series}:\n{metrics}");
+    }
     // A subscriber that caught up has no lag.
     let mut subscription = client
         .subscribe(pb::SubscribeRequest {
