@@ -116,11 +116,17 @@ impl Prepared {
             }
             value
         };
-        let mut env = Vec::new();
+        let mut env: Vec<(String, String)> = Vec::new();
         for var in container["env"].as_array().into_iter().flatten() {
             let name = var["name"].as_str().expect("an env name").to_string();
             let value = if let Some(value) = var["value"].as_str() {
-                map(value)
+                // Kubernetes expands `$(NAME)` with variables defined
+                // earlier in the list.
+                let mut value = map(value);
+                for (earlier, earlier_value) in &env {
+                    value = value.replace(&format!("$({earlier})"), earlier_value.as_str());
+                }
+                value
             } else if let Some(reference) = var["valueFrom"]["secretKeyRef"].as_object() {
                 let key = (
                     reference["name"].as_str().expect("a Secret name").to_string(),
@@ -134,6 +140,8 @@ impl Prepared {
             } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                 match field {
                     "metadata.name" => POD_NAME.to_string(),
+                    // The pod runs on loopback here.
+                    "status.podIP" => "127.0.0.1".to_string(),
                     other => panic!("{name} reads the pod's {other}, which the test does not supply"),
                 }
             } else {
