@@ -196,17 +196,7 @@ fn scenario(rounds: usize) -> anyhow::Result<()> {
         for round in 1..=rounds {
             // A victim joins, takes its share, is filled, and crashes.
             let victims = runtime("victim");
-            let victim = victims.block_on(async {
-                let victim = node(VICTIM, hub_address, ttl, &namespaces)?;
-                let joined = Instant::now();
-                while !(victim.assigned().len() == PER_NODE && survivor_serves_only_its_own(&survivor, &moved)) {
-                    anyhow::ensure!(joined.elapsed() < ROUND_GUARD, "the victim never took its share");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                tokio::time::timeout(ROUND_GUARD, victim.serving()).await.context("the victim serves")?;
-                fill(&victim, &moved).await?;
-                anyhow::Ok(victim)
-            })?;
+            let victim = victims.block_on(join_and_fill(&survivor, hub_address, ttl, &namespaces, &moved))?;
             let crashed = Instant::now();
             victims.shutdown_background();
             drop(victim);
@@ -215,17 +205,7 @@ fn scenario(rounds: usize) -> anyhow::Result<()> {
 
             // Graceful: a victim joins, takes its share, and leaves.
             let victims = runtime("victim");
-            let leaving = victims.block_on(async {
-                let victim = node(VICTIM, hub_address, ttl, &namespaces)?;
-                let joined = Instant::now();
-                while !(victim.assigned().len() == PER_NODE && survivor_serves_only_its_own(&survivor, &moved)) {
-                    anyhow::ensure!(joined.elapsed() < ROUND_GUARD, "the victim never took its share");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                tokio::time::timeout(ROUND_GUARD, victim.serving()).await.context("the victim serves")?;
-                fill(&victim, &moved).await?;
-                anyhow::Ok(victim)
-            })?;
+            let leaving = victims.block_on(join_and_fill(&survivor, hub_address, ttl, &namespaces, &moved))?;
             let started = Instant::now();
             let leave = victims.spawn(async move { leaving.shutdown().await });
             let split = survivors.block_on(watch(&survivor, &observer, &moved, started, false))?;
@@ -236,6 +216,26 @@ fn scenario(rounds: usize) -> anyhow::Result<()> {
         survivors.block_on(survivor.shutdown());
     }
     Ok(())
+}
+
+/// Starts the victim, waits until it took its share from the survivor and
+/// serves it, and fills its namespaces.
+async fn join_and_fill(
+    survivor: &Node,
+    hub: std::net::SocketAddr,
+    ttl: Duration,
+    namespaces: &[String],
+    moved: &[String],
+) -> anyhow::Result<Node> {
+    let victim = node(VICTIM, hub, ttl, namespaces)?;
+    let joined = Instant::now();
+    while !(victim.assigned().len() == PER_NODE && survivor_serves_only_its_own(survivor, moved)) {
+        anyhow::ensure!(joined.elapsed() < ROUND_GUARD, "the victim never took its share");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::timeout(ROUND_GUARD, victim.serving()).await.context("the victim serves")?;
+    fill(&victim, moved).await?;
+    Ok(victim)
 }
 
 /// True once the survivor no longer serves the namespaces it handed over.

@@ -42,7 +42,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::ownership::{CLOCK_DRIFT_MARGIN, LOG_CALL_TIMEOUT, OwnershipConfig, ShardOwner};
+use super::ownership::{CLOCK_DRIFT_MARGIN, OwnershipConfig, ShardOwner, bounded};
 use crate::ids::{Epoch, PeerId, ShardId};
 use crate::queue::Queue;
 use crate::replication::{ReplicationError, Replicator};
@@ -407,16 +407,6 @@ async fn rendezvous(context: Context, cancel: CancellationToken) {
     member.leave(&*replicator, &node_id).await;
     futures_util::future::join_all(owners.into_values().map(ShardOwner::shutdown)).await;
     while handovers.join_next().await.is_some() {}
-}
-
-/// A log call bounded by [`LOG_CALL_TIMEOUT`].
-async fn bounded<T>(
-    call: impl std::future::Future<Output = Result<T, ReplicationError>>,
-) -> Result<T, ReplicationError> {
-    match tokio::time::timeout(LOG_CALL_TIMEOUT, call).await {
-        Ok(result) => result,
-        Err(_) => Err(ReplicationError::Unavailable(format!("no answer within {LOG_CALL_TIMEOUT:?}"))),
-    }
 }
 
 #[cfg(test)]

@@ -333,7 +333,7 @@ async fn release(replicator: &dyn Replicator, queue: &Queue, owner: &PeerId, epo
 }
 
 /// A log call bounded by [`LOG_CALL_TIMEOUT`].
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     call: impl std::future::Future<Output = Result<T, ReplicationError>>,
 ) -> Result<T, ReplicationError> {
     match tokio::time::timeout(LOG_CALL_TIMEOUT, call).await {
