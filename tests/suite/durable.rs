@@ -13,9 +13,11 @@ use std::time::Duration;
 use omnirelay_proto::hub::v1 as hub_pb;
 use omnirelay_proto::resourcelease::v1 as pb;
 use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
+
+use crate::http::http_get;
 
 /// Bound on waiting for a process, a probe or a recovery (a hang guard, not
 /// a performance claim): debug builds on a loaded two-core machine.
@@ -664,19 +666,6 @@ async fn logged_enqueues_tls(hub: &Hub, ca: &str, cert: &str, key: &str) -> usiz
             )
         })
         .count()
-}
-
-/// GETs `path` over plain HTTP/1.1 and returns the status and body.
-pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|err| format!("connect: {err}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|err| format!("write: {err}"))?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.map_err(|err| format!("read: {err}"))?;
-    let response = String::from_utf8(response).map_err(|err| format!("not UTF-8: {err}"))?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or("no header end")?;
-    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).ok_or("no status")?;
-    Ok((status, body.to_string()))
 }
 
 /// Waits until `GET path` answers 200, within the hang guard.

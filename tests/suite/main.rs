@@ -6,6 +6,7 @@
 mod durable;
 mod effects;
 mod harness;
+mod http;
 mod mesh;
 mod objectstore;
 mod ops;

@@ -17,7 +17,8 @@ use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
 use tokio::process::Command;
 use tonic::transport::Channel;
 
-use crate::durable::{HANG_GUARD, Hub, Process, call, http_get, payload};
+use crate::durable::{HANG_GUARD, Hub, Process, call, payload};
+use crate::http::http_get;
 
 const NAMESPACES: [&str; 6] = [
     "resourcelease.mesh.a",
