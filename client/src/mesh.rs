@@ -218,10 +218,7 @@ impl ResourceLeaseClient {
                     self.deadline
                 )));
             }
-            let channel = match self.channel(&address) {
-                Ok(channel) => channel,
-                Err(status) => return Err(status),
-            };
+            let channel = self.channel(&address)?;
             let mut outgoing = tonic::Request::new(request.clone());
             outgoing.set_timeout(remaining);
             for (key, value) in &self.metadata {
