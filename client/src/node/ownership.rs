@@ -37,7 +37,7 @@ use super::membership::Assignment;
 use crate::defaults;
 use crate::ids::{Epoch, PeerId};
 use crate::queue::{Fence, FenceReason, Queue, ShardStatus};
-use crate::replication::{ReplicationError, Replicator};
+use crate::replication::{ReplicationError, Replicator, ShardGrant};
 
 /// Longest a single call to the log (acquire, renew, release, a snapshot)
 /// may take before it counts as failed: far above a healthy round trip,
@@ -85,6 +85,13 @@ pub struct OwnershipConfig {
     /// Which namespaces the node tries to own (see
     /// [`membership`](super::membership)).
     pub assignment: Assignment,
+    /// Whether the owner stops serving when it cannot confirm a renewal
+    /// within the TTL less [`CLOCK_DRIFT_MARGIN`]. Always true in service;
+    /// only the failure drill turns it off (with
+    /// [`Unfenced`](crate::replication::unfenced::Unfenced)) to prove that
+    /// its checker notices what fencing prevents.
+    #[doc(hidden)]
+    pub self_fence: bool,
 }
 
 impl Default for OwnershipConfig {
@@ -95,6 +102,7 @@ impl Default for OwnershipConfig {
             snapshot_every_events: defaults::SNAPSHOT_EVERY_EVENTS,
             snapshot_every: defaults::SNAPSHOT_EVERY,
             assignment: Assignment::Every,
+            self_fence: true,
         }
     }
 }
@@ -152,6 +160,10 @@ impl Drop for ShardOwner {
 }
 
 type SnapshotFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A renewal in flight: when it was asked, and the log's answer.
+type RenewalFuture<'a> =
+    Pin<Box<dyn std::future::Future<Output = (Instant, Result<ShardGrant, ReplicationError>)> + Send + 'a>>;
 
 async fn own(
     queue: Queue,
@@ -257,6 +269,10 @@ async fn serve(
     checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_snapshot = Instant::now();
     let mut snapshotting: Option<SnapshotFuture> = None;
+    // The renewal in flight, raced against `safe_until`: a renewal that
+    // hangs (a partition stalls the connection) must not hold the owner
+    // past the moment it has to stop serving.
+    let mut renewing: Option<RenewalFuture<'_>> = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Served::Stopped,
@@ -265,16 +281,24 @@ async fn serve(
                     return Served::Fenced;
                 }
             }
-            () = tokio::time::sleep_until(safe_until) => {
+            () = tokio::time::sleep_until(safe_until), if config.self_fence => {
                 queue.fence(Fence::new(
                     FenceReason::LeaseLost,
                     format!("no renewal of epoch {epoch} was confirmed within the lease TTL less the clock-drift margin"),
                 ));
                 return Served::Fenced;
             }
-            _ = renewals.tick() => {
-                let asked = Instant::now();
-                match bounded(replicator.renew_shard(&shard, owner.as_str(), epoch, config.lease_ttl)).await {
+            _ = renewals.tick(), if renewing.is_none() => {
+                let shard = shard.clone();
+                renewing = Some(Box::pin(async move {
+                    let asked = Instant::now();
+                    (asked, bounded(replicator.renew_shard(&shard, owner.as_str(), epoch, config.lease_ttl)).await)
+                }));
+            }
+            (asked, renewed) = async { renewing.as_mut().expect("polled only while renewing").await },
+                if renewing.is_some() => {
+                renewing = None;
+                match renewed {
                     Ok(_) => safe_until = asked + config.lease_ttl.saturating_sub(CLOCK_DRIFT_MARGIN),
                     Err(ReplicationError::Unavailable(error)) => {
                         tracing::warn!(shard = %shard, error = %error, "failed to renew the shard lease; retrying");
@@ -347,5 +371,109 @@ async fn pause(cancel: &CancellationToken, duration: Duration) -> bool {
     tokio::select! {
         () = cancel.cancelled() => true,
         () = tokio::time::sleep(duration) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::InMemoryReplicator;
+    use crate::ids::{Sequence, ShardId};
+    use crate::queue::{FenceReason, QueueConfig};
+    use crate::replication::{Batch, HeldLease, LogPage, PublishFuture, ReplicatorFuture, StoredSnapshot};
+
+    /// A log whose renewals never answer once `stalled` is set, as through
+    /// a partition that stalls the connection without an error.
+    struct StallingRenewals {
+        log: InMemoryReplicator,
+        stalled: AtomicBool,
+    }
+
+    impl Replicator for StallingRenewals {
+        fn publish(&self, batch: &Batch) -> PublishFuture {
+            self.log.publish(batch)
+        }
+        fn acquire_shard(&self, shard: &ShardId, owner: &str, ttl: Duration) -> ReplicatorFuture<'_, ShardGrant> {
+            self.log.acquire_shard(shard, owner, ttl)
+        }
+        fn renew_shard(
+            &self,
+            shard: &ShardId,
+            owner: &str,
+            epoch: Epoch,
+            ttl: Duration,
+        ) -> ReplicatorFuture<'_, ShardGrant> {
+            if self.stalled.load(Ordering::SeqCst) {
+                return Box::pin(std::future::pending());
+            }
+            self.log.renew_shard(shard, owner, epoch, ttl)
+        }
+        fn release_shard(&self, shard: &ShardId, owner: &str, epoch: Epoch) -> ReplicatorFuture<'_, bool> {
+            self.log.release_shard(shard, owner, epoch)
+        }
+        fn held_leases(&self, prefix: &str) -> ReplicatorFuture<'_, Vec<HeldLease>> {
+            self.log.held_leases(prefix)
+        }
+        fn read_log(&self, shard: &ShardId, after: Sequence, limit: usize) -> ReplicatorFuture<'_, LogPage> {
+            self.log.read_log(shard, after, limit)
+        }
+        fn latest_snapshot(&self, shard: &ShardId) -> ReplicatorFuture<'_, Option<StoredSnapshot>> {
+            self.log.latest_snapshot(shard)
+        }
+        fn put_snapshot(
+            &self,
+            shard: &ShardId,
+            sequence: Sequence,
+            epoch: Epoch,
+            data: Bytes,
+        ) -> ReplicatorFuture<'_, ()> {
+            self.log.put_snapshot(shard, sequence, epoch, data)
+        }
+    }
+
+    /// Found by the failure drill: a renewal that hangs (longer than the
+    /// TTL allows: [`LOG_CALL_TIMEOUT`] is 3 s, the drill's TTL 2 s) must not
+    /// hold the owner past its deadline. The owner fences at TTL less the
+    /// clock-drift margin after its last confirmed renewal, while the
+    /// renewal is still in flight. Tokio's paused clock makes the instant
+    /// exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_renewal_does_not_delay_the_self_fence() {
+        let log = Arc::new(StallingRenewals { log: InMemoryReplicator::new(), stalled: AtomicBool::new(false) });
+        let config = OwnershipConfig {
+            lease_ttl: Duration::from_secs(2),
+            renew_every: Duration::from_millis(600),
+            ..OwnershipConfig::default()
+        };
+        let queue =
+            Queue::builder(QueueConfig::new("resourcelease.stall", "node-a"), log.clone() as Arc<dyn Replicator>)
+                .recovering()
+                .build()
+                .expect("a valid queue");
+        let owner = ShardOwner::spawn(queue.clone(), log.clone(), PeerId::from("node-a"), config);
+        let mut status = queue.status();
+        while !matches!(*status.borrow_and_update(), ShardStatus::Serving { .. }) {
+            status.changed().await.expect("the owner runs");
+        }
+        // Two renewals confirmed, then the connection stalls just after
+        // the second one.
+        tokio::time::sleep(Duration::from_millis(1_250)).await;
+        log.stalled.store(true, Ordering::SeqCst);
+        let last_confirmed = Instant::now() - Duration::from_millis(50);
+        while !matches!(*status.borrow_and_update(), ShardStatus::Fenced(_)) {
+            status.changed().await.expect("the owner runs");
+        }
+        let fenced_after = last_confirmed.elapsed();
+        assert!(
+            fenced_after <= config.lease_ttl - CLOCK_DRIFT_MARGIN,
+            "fenced {fenced_after:?} after the last confirmed renewal; the lease is safe only for {:?}",
+            config.lease_ttl - CLOCK_DRIFT_MARGIN
+        );
+        assert_eq!(queue.replication().fence.map(|fence| fence.reason), Some(FenceReason::LeaseLost));
+        owner.shutdown().await;
     }
 }
