@@ -10,6 +10,8 @@
 //! - [`TestRedis`] runs a private `redis-server`, or namespaces keys on the
 //!   server named by `OMNIRELAY_TEST_REDIS_URL`.
 //! - [`TestS3`] runs a private S3-compatible server (`moto`, from PyPI).
+//! - [`FaultProxy`] sits between a client and a server and stalls or
+//!   resets their connections on demand (a network partition).
 //! - [`eventually`] waits, with a bound, for a condition instead of sleeping.
 //! - [`PythonTools`] (Helm's SDK and Kubernetes' schemas in a cached virtual
 //!   environment), [`PrometheusTools`] (`prometheus`, `promtool`) and
@@ -31,6 +33,7 @@
 mod binaries;
 mod eventually;
 mod postgres;
+mod proxy;
 mod redis;
 mod s3;
 mod tools;
@@ -38,6 +41,7 @@ mod tools;
 pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_binaries, find_redis_server};
 pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually};
 pub use postgres::{DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, TestDb};
+pub use proxy::{Fault, FaultProxy, PROXY_BUFFER, PROXY_CONNECT_TIMEOUT};
 pub use redis::{REDIS_URL_ENV, TestRedis};
 pub use s3::TestS3;
 pub use tools::{PrometheusTools, PythonTools, WorkspaceBinaries, free_port, target_dir, workspace_root, write_file};

@@ -52,6 +52,11 @@ impl Process {
         Process { child, log }
     }
 
+    /// The process id (for signals such as SIGSTOP).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("a running child has a pid")
+    }
+
     /// SIGKILL, and the log so far.
     pub(crate) async fn kill(mut self) -> String {
         self.child.kill().await.expect("kill -9");
@@ -63,8 +68,8 @@ impl Process {
 /// again after a restart).
 pub(crate) struct Hub {
     pub(crate) grpc: SocketAddr,
-    admin: SocketAddr,
-    process: Process,
+    pub(crate) admin: SocketAddr,
+    pub(crate) process: Process,
 }
 
 impl Hub {
@@ -72,7 +77,7 @@ impl Hub {
         Self::start_with(binary, url, grpc, &[]).await
     }
 
-    async fn start_with(binary: &Path, url: &str, grpc: u16, extra: &[&str]) -> Hub {
+    pub(crate) async fn start_with(binary: &Path, url: &str, grpc: u16, extra: &[&str]) -> Hub {
         let migrated = Command::new(binary)
             .args(["migrate", "--database-url", url, "--database-tls", "disable"])
             .output()

@@ -31,14 +31,14 @@ const NAMESPACES: [&str; 6] = [
 
 /// The nodes' shard and member lease TTL: short, so the test waits little
 /// for a dead node's leases to lapse.
-const TTL_MS: u64 = 2_000;
+pub(crate) const TTL_MS: u64 = 2_000;
 
 /// The owner of `shard` among `members`, computed from the rendezvous
 /// function as `docs/mesh-node.md` defines it (as a client in any language
 /// would): 64-bit FNV-1a over the member id, one 0xff byte and the shard
 /// id, then the SplitMix64 finalizer; the highest score wins, ties to the
 /// greater id.
-fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let score = |member: &str| {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in member.bytes().chain([0xff]).chain(shard.bytes()) {
@@ -53,16 +53,31 @@ fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a str>)
 }
 
 /// A sidecar of the mesh.
-struct MeshNode {
-    id: String,
-    rpc: SocketAddr,
-    control: SocketAddr,
-    process: Option<Process>,
+pub(crate) struct MeshNode {
+    pub(crate) id: String,
+    pub(crate) rpc: SocketAddr,
+    pub(crate) control: SocketAddr,
+    pub(crate) process: Option<Process>,
 }
 
 impl MeshNode {
+    /// A node of this suite's mesh ([`NAMESPACES`]) on one hub.
     fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr) -> MeshNode {
-        let (rpc, control) = (free_port(), free_port());
+        Self::spawn_with(binary, dir, id, &format!("http://{hub}"), &NAMESPACES, (free_port(), free_port()), &[])
+    }
+
+    /// A node hosting `namespaces` on the hub endpoints `hubs`
+    /// (comma-separated URLs), listening on `(rpc, control)` ports, with
+    /// `extra` flags, not yet waited for.
+    pub(crate) fn spawn_with(
+        binary: &Path,
+        dir: &Path,
+        id: &str,
+        hubs: &str,
+        namespaces: &[&str],
+        (rpc, control): (u16, u16),
+        extra: &[&str],
+    ) -> MeshNode {
         let authz = dir.join("authz.json");
         std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
             .expect("write the authorization table");
@@ -71,9 +86,10 @@ impl MeshNode {
             .current_dir(dir)
             .args(["node", "--listen", &format!("127.0.0.1:{rpc}")])
             .args(["--control-listen", &format!("127.0.0.1:{control}")])
-            .args(["--node-id", id, "--namespace", &NAMESPACES.join(","), "--trusted-proxy", "127.0.0.1"])
-            .args(["--hub", &format!("http://{hub}"), "--assignment", "rendezvous"])
+            .args(["--node-id", id, "--namespace", &namespaces.join(","), "--trusted-proxy", "127.0.0.1"])
+            .args(["--hub", hubs, "--assignment", "rendezvous"])
             .args(["--shard-lease-ttl-ms", &TTL_MS.to_string()])
+            .args(extra)
             .arg("--authorization-file")
             .arg(&authz);
         MeshNode {
@@ -84,7 +100,7 @@ impl MeshNode {
         }
     }
 
-    async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
+    pub(crate) async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
         let channel =
             Channel::from_shared(format!("http://{}", self.rpc)).expect("URI").connect().await.expect("connect");
         pb::resource_lease_client::ResourceLeaseClient::new(channel)
@@ -92,7 +108,7 @@ impl MeshNode {
 
     /// Namespace -> status (`serving`, `fenced`, `standby`), or an error
     /// while the node does not answer.
-    async fn statuses(&self) -> Result<BTreeMap<String, String>, String> {
+    pub(crate) async fn statuses(&self) -> Result<BTreeMap<String, String>, String> {
         let (_, body) = http_get(self.control, "/omnirelay/control/replication").await?;
         let all: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
         let namespaces = all["namespaces"].as_object().ok_or("no namespaces")?;
@@ -103,12 +119,17 @@ impl MeshNode {
     }
 }
 
-/// Waits until every namespace is served by exactly the node rendezvous
-/// hashing gives it among `nodes` (and by no other), and returns
+/// Waits until every one of [`NAMESPACES`] is served by exactly the node
+/// rendezvous hashing gives it among `nodes` (and by no other), and returns
 /// namespace -> node id.
 async fn converged(nodes: &[&MeshNode]) -> BTreeMap<String, String> {
+    converged_on(nodes, &NAMESPACES).await
+}
+
+/// [`converged`] for `namespaces`.
+pub(crate) async fn converged_on(nodes: &[&MeshNode], namespaces: &[&str]) -> BTreeMap<String, String> {
     let ids: Vec<&str> = nodes.iter().map(|node| node.id.as_str()).collect();
-    let expected: BTreeMap<String, String> = NAMESPACES
+    let expected: BTreeMap<String, String> = namespaces
         .iter()
         .map(|ns| (ns.to_string(), rendezvous_owner(ns, ids.iter().copied()).expect("members").to_string()))
         .collect();

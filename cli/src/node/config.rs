@@ -197,6 +197,11 @@ pub struct NodeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "OMNIRELAY_NODE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// TEST ONLY, NEVER IN SERVICE: acknowledge writes the log refused and
+    /// never self-fence, so a stale owner keeps answering. The failure
+    /// drill uses it to prove its checker sees what fencing prevents.
+    #[arg(long, hide = true)]
+    pub unsafe_disable_fencing: bool,
 }
 
 /// Queue options as the file writes them (`[queue]` for every namespace,
@@ -452,6 +457,8 @@ pub struct SidecarConfig {
     pub otlp_endpoint: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Test only: see `NodeArgs::unsafe_disable_fencing`.
+    pub unsafe_disable_fencing: bool,
 }
 
 impl SidecarConfig {
@@ -585,6 +592,7 @@ impl SidecarConfig {
             },
             otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            unsafe_disable_fencing: args.unsafe_disable_fencing,
         })
     }
 

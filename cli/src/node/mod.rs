@@ -31,7 +31,7 @@ pub async fn run(
     control: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let node_config = config.node_config()?;
+    let mut node_config = config.node_config()?;
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(
             TlsAcceptorConfig::load(cert, key, config.tls.client_ca.as_deref()).await.context("load the TLS files")?,
@@ -42,7 +42,15 @@ pub async fn run(
     if config.authorization.rules.is_empty() {
         tracing::warn!("the authorization table has no rules: every call will be refused (default deny)");
     }
-    let (replicator, kind) = config.replicator().await?;
+    let (mut replicator, kind) = config.replicator().await?;
+    if config.unsafe_disable_fencing {
+        tracing::error!(
+            "--unsafe-disable-fencing: this node acknowledges writes the log refused and never fences itself; \
+             it exists for the failure drill only and loses data"
+        );
+        replicator = Arc::new(omnirelay_client::replication::unfenced::Unfenced::new(replicator));
+        node_config.ownership.self_fence = false;
+    }
     if kind == "in-memory" {
         tracing::warn!("no replication hub configured (--hub): queues live in this process's memory only");
     }

@@ -40,6 +40,8 @@ pub(crate) mod scripted;
 pub mod sharded;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[doc(hidden)]
+pub mod unfenced;
 
 use std::future::Future;
 use std::pin::Pin;
