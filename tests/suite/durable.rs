@@ -487,7 +487,7 @@ async fn a_killed_hub_loses_nothing_the_node_acknowledged() {
         refused > 0 || longest >= Duration::from_secs(1),
         "no enqueue met the dead hub (longest {longest:?}, none refused)"
     );
-    assert!(acknowledged.len() > 10, "enqueues were acknowledged ({})", acknowledged.len());
+    assert!(!acknowledged.is_empty(), "no enqueue was acknowledged");
     let mut client = node.client().await;
     for (id, item_id) in &acknowledged {
         let again = enqueue(&mut client, id).await.expect("enqueue again");

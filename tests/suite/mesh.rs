@@ -109,12 +109,20 @@ impl MeshNode {
     /// Namespace -> status (`serving`, `fenced`, `standby`), or an error
     /// while the node does not answer.
     pub(crate) async fn statuses(&self) -> Result<BTreeMap<String, String>, String> {
+        Ok(self.epochs().await?.into_iter().map(|(ns, (status, _))| (ns, status)).collect())
+    }
+
+    /// Namespace -> (status, the shard epoch the node's batches carry).
+    async fn epochs(&self) -> Result<BTreeMap<String, (String, u64)>, String> {
         let (_, body) = http_get(self.control, "/omnirelay/control/replication").await?;
         let all: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
         let namespaces = all["namespaces"].as_object().ok_or("no namespaces")?;
         Ok(namespaces
             .iter()
-            .map(|(ns, state)| (ns.clone(), state["status"].as_str().unwrap_or_default().to_string()))
+            .map(|(ns, state)| {
+                let status = state["status"].as_str().unwrap_or_default().to_string();
+                (ns.clone(), (status, state["epoch"].as_u64().unwrap_or_default()))
+            })
             .collect())
     }
 }
@@ -134,19 +142,34 @@ pub(crate) async fn converged_on(nodes: &[&MeshNode], namespaces: &[&str]) -> BT
         .map(|ns| (ns.to_string(), rendezvous_owner(ns, ids.iter().copied()).expect("members").to_string()))
         .collect();
     eventually("every namespace served by its rendezvous owner only", HANG_GUARD, || async {
-        let mut serving: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // The nodes are asked one after the other, so a handover that
+        // completes between two answers shows the old owner, then the new
+        // one (a higher epoch), both serving. A node asked later that still
+        // serves under a *lower* epoch than one seen earlier overlapped
+        // with its successor: that is two owners at once.
+        let mut serving: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
         for node in nodes {
-            for (ns, status) in node.statuses().await? {
+            for (ns, (status, epoch)) in node.epochs().await? {
                 if status == "serving" {
-                    serving.entry(ns).or_default().push(node.id.clone());
+                    serving.entry(ns).or_default().push((node.id.clone(), epoch));
                 }
             }
         }
         for (ns, servers) in &serving {
-            assert!(servers.len() <= 1, "{ns} is served by {servers:?} at once");
+            for (index, (later, epoch)) in servers.iter().enumerate() {
+                for (earlier, newer) in &servers[..index] {
+                    assert!(
+                        epoch >= newer,
+                        "{ns} is served by {later} under epoch {epoch} after {earlier} served it under epoch {newer}"
+                    );
+                }
+            }
+        }
+        if serving.values().any(|servers| servers.len() > 1) {
+            return Err(format!("a handover is under way: {serving:?}"));
         }
         let now: BTreeMap<String, String> =
-            serving.into_iter().map(|(ns, mut servers)| (ns, servers.remove(0))).collect();
+            serving.into_iter().map(|(ns, mut servers)| (ns, servers.remove(0).0)).collect();
         if now == expected { Ok(now) } else { Err(format!("serving {now:?}, expected {expected:?}")) }
     })
     .await

@@ -192,7 +192,8 @@ struct NamespaceReplication {
 /// the shard serves, its epoch, and how far the log has acknowledged it.
 async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
     let mut namespaces = BTreeMap::new();
-    let assigned = node.assigned.borrow().as_ref().map(|view| view.mine.clone()).unwrap_or_default();
+    let (assigned, following) =
+        node.assigned.borrow().as_ref().map(|view| (view.mine.clone(), view.following.clone())).unwrap_or_default();
     for (shard, hosted) in &node.queues {
         let stats = hosted.queue.stats_now();
         let replication = hosted.queue.replication();
@@ -226,6 +227,7 @@ async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
     Json(serde_json::json!({
         "node_id": node.node_id.to_string(),
         "assigned": assigned.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "following": following.iter().map(|(shard, sequence)| (shard.to_string(), *sequence)).collect::<BTreeMap<_, _>>(),
         "namespaces": namespaces,
     }))
     .into_response()

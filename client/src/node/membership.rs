@@ -42,6 +42,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use super::follower::Follower;
 use super::ownership::{CLOCK_DRIFT_MARGIN, OwnershipConfig, ShardOwner, bounded};
 use crate::ids::{Epoch, PeerId, ShardId};
 use crate::queue::Queue;
@@ -146,6 +147,15 @@ pub fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item = &'a s
     members.into_iter().max_by_key(|member| (rendezvous_score(member, shard), *member))
 }
 
+/// The member that takes `shard` over when its owner leaves: the second in
+/// the same order. It keeps a warm copy of the shard (a standby follower).
+/// `None` with fewer than two members.
+pub fn rendezvous_standby<'a>(shard: &str, members: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let members: Vec<&'a str> = members.into_iter().collect();
+    let owner = rendezvous_owner(shard, members.iter().copied())?;
+    rendezvous_owner(shard, members.into_iter().filter(|member| *member != owner))
+}
+
 /// What a node knows of the mesh after its latest assignment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct View {
@@ -154,6 +164,10 @@ pub(crate) struct View {
     /// Under rendezvous assignment, the live members by id, with the address
     /// each advertised; empty under [`Assignment::Every`].
     pub(crate) members: BTreeMap<String, Option<String>>,
+    /// The namespaces this node follows as the standby (next owner), with
+    /// the sequence each copy had reached at the latest poll (zero: not
+    /// built yet).
+    pub(crate) following: BTreeMap<ShardId, u64>,
 }
 
 impl View {
@@ -264,11 +278,14 @@ async fn every(context: Context, cancel: CancellationToken) {
             Arc::clone(&context.replicator),
             context.node_id.clone(),
             context.config,
+            None,
         ));
     }
-    context
-        .assigned
-        .send_replace(Some(View { mine: context.queues.keys().cloned().collect(), members: BTreeMap::new() }));
+    context.assigned.send_replace(Some(View {
+        mine: context.queues.keys().cloned().collect(),
+        members: BTreeMap::new(),
+        following: BTreeMap::new(),
+    }));
     cancel.cancelled().await;
     futures_util::future::join_all(owners.into_iter().map(ShardOwner::shutdown)).await;
 }
@@ -336,6 +353,7 @@ async fn rendezvous(context: Context, cancel: CancellationToken) {
         held: None,
     };
     let mut owners: HashMap<ShardId, ShardOwner> = HashMap::new();
+    let mut followers: HashMap<ShardId, Follower> = HashMap::new();
     // Shards being handed over: not restarted here until their owner ended.
     let mut handovers: JoinSet<ShardId> = JoinSet::new();
     let mut leaving: BTreeSet<ShardId> = BTreeSet::new();
@@ -389,13 +407,36 @@ async fn rendezvous(context: Context, cancel: CancellationToken) {
         }
         for shard in &mine {
             if !owners.contains_key(shard) && !leaving.contains(shard) {
-                tracing::info!(node = %node_id, shard = %shard, members = members.len(), "taking the shard");
+                // The standby copy, when this node followed the shard.
+                let warm = match followers.remove(shard) {
+                    Some(follower) => follower.into_state().await,
+                    None => None,
+                };
+                tracing::info!(
+                    node = %node_id,
+                    shard = %shard,
+                    members = members.len(),
+                    warm = warm.is_some(),
+                    "taking the shard"
+                );
                 let queue = queues[shard].clone();
-                owners
-                    .insert(shard.clone(), ShardOwner::spawn(queue, Arc::clone(&replicator), node_id.clone(), config));
+                let owner = ShardOwner::spawn(queue, Arc::clone(&replicator), node_id.clone(), config, warm);
+                owners.insert(shard.clone(), owner);
             }
         }
-        let view = View { mine, members };
+        let standby: BTreeSet<ShardId> = queues
+            .keys()
+            .filter(|shard| {
+                rendezvous_standby(shard.as_str(), members.keys().map(String::as_str)) == Some(node_id.as_str())
+            })
+            .cloned()
+            .collect();
+        followers.retain(|shard, _| standby.contains(shard));
+        for shard in &standby {
+            followers.entry(shard.clone()).or_insert_with(|| Follower::spawn(Arc::clone(&replicator), shard.clone()));
+        }
+        let following = followers.iter().map(|(shard, follower)| (shard.clone(), follower.sequence())).collect();
+        let view = View { mine, members, following };
         assigned.send_if_modified(|current| {
             let changed = current.as_ref() != Some(&view);
             *current = Some(view);

@@ -57,6 +57,7 @@
 mod control;
 pub mod defaults;
 mod error;
+pub mod follower;
 pub mod json;
 mod limiter;
 pub mod membership;

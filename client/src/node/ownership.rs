@@ -7,7 +7,8 @@
 //!    bumps the epoch, which fences out anything an earlier holder (or an
 //!    earlier incarnation of this node) still has on its way to the log.
 //! 2. **Recover**: rebuild the queue from the log (newest snapshot plus the
-//!    tail) and serve it under the new epoch. Until then the queue answers
+//!    tail, or a standby follower's warm copy plus the events after it) and
+//!    serve it under the new epoch. Until then the queue answers
 //!    UNAVAILABLE.
 //! 3. **Serve**: renew the lease every `renew_every`; write a snapshot
 //!    after `snapshot_every_events` durable events, or `snapshot_every`
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::membership::Assignment;
 use crate::defaults;
 use crate::ids::{Epoch, PeerId};
-use crate::queue::{Fence, FenceReason, Queue, ShardStatus};
+use crate::queue::{Fence, FenceReason, Queue, Rebuilt, ShardStatus};
 use crate::replication::{ReplicationError, Replicator, ShardGrant};
 
 /// Longest a single call to the log (acquire, renew, release, a snapshot)
@@ -134,10 +135,18 @@ pub(crate) struct ShardOwner {
 }
 
 impl ShardOwner {
-    /// Starts owning `queue`'s shard through `replicator` as `owner`.
-    pub(crate) fn spawn(queue: Queue, replicator: Arc<dyn Replicator>, owner: PeerId, config: OwnershipConfig) -> Self {
+    /// Starts owning `queue`'s shard through `replicator` as `owner`; the
+    /// first rebuild starts from `warm`, a standby follower's copy, when
+    /// there is one (see [`follower`](super::follower)).
+    pub(crate) fn spawn(
+        queue: Queue,
+        replicator: Arc<dyn Replicator>,
+        owner: PeerId,
+        config: OwnershipConfig,
+        warm: Option<Rebuilt>,
+    ) -> Self {
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(own(queue, replicator, owner, config, cancel.clone()));
+        let task = tokio::spawn(own(queue, replicator, owner, config, warm, cancel.clone()));
         Self { cancel, task: Some(task) }
     }
 
@@ -170,6 +179,7 @@ async fn own(
     replicator: Arc<dyn Replicator>,
     owner: PeerId,
     config: OwnershipConfig,
+    mut warm: Option<Rebuilt>,
     cancel: CancellationToken,
 ) {
     let shard = queue.shard().clone();
@@ -216,7 +226,7 @@ async fn own(
                 release(&*replicator, &queue, &owner, epoch).await;
                 return;
             }
-            recovered = queue.recover(epoch) => recovered,
+            recovered = queue.recover_from(epoch, warm.take()) => recovered,
         };
         if let Err(error) = recovered {
             tracing::warn!(shard = %shard, error = %error, "failed to rebuild the shard from its log; retrying");
@@ -454,7 +464,7 @@ mod tests {
                 .recovering()
                 .build()
                 .expect("a valid queue");
-        let owner = ShardOwner::spawn(queue.clone(), log.clone(), PeerId::from("node-a"), config);
+        let owner = ShardOwner::spawn(queue.clone(), log.clone(), PeerId::from("node-a"), config, None);
         let mut status = queue.status();
         while !matches!(*status.borrow_and_update(), ShardStatus::Serving { .. }) {
             status.changed().await.expect("the owner runs");

@@ -44,7 +44,7 @@ pub use item::{
     AttemptOutcome, AttemptRecord, DeadLetter, DeadLetterReason, DrainMode, DrainSnapshot, Lease, LeaseHandle, Payload,
     WorkItem,
 };
-pub use recovery::{Rebuilt, recover};
+pub use recovery::{Rebuilt, catch_up, recover};
 pub(crate) use state::Completion;
 pub use state::{ApplyError, QueueState};
 pub use sweeper::Sweeper;
@@ -1180,10 +1180,36 @@ impl Queue {
     /// previous incarnation still on its way); leases granted before keep
     /// their fencing tokens. The queue is fenced while it rebuilds.
     pub async fn recover(&self, epoch: Epoch) -> Result<Recovered> {
+        self.recover_from(epoch, None).await
+    }
+
+    /// [`recover`](Self::recover), starting from `warm`: a copy of the
+    /// shard's state that a standby follower kept up to date from the same
+    /// log (see [`catch_up`]), so only the events after it are replayed.
+    /// Falls back to a full rebuild when the copy cannot be caught up (its
+    /// tail was trimmed, or it does not hold together).
+    pub async fn recover_from(&self, epoch: Epoch, warm: Option<Rebuilt>) -> Result<Recovered> {
         let shared = &self.shared;
         self.fence(Fence::new(FenceReason::Recovering, "rebuilding from the shard's log"));
         let started = tokio::time::Instant::now();
-        let rebuilt = recover(&*shared.replicator, &shared.config.shard).await.map_err(QueueError::Replication)?;
+        let shard = &shared.config.shard;
+        let caught_up = match warm {
+            Some(mut warm) if warm.state.shard() == shard => {
+                warm.replayed = 0;
+                match catch_up(&*shared.replicator, shard, &mut warm).await {
+                    Ok(_) => Some(warm),
+                    Err(error) => {
+                        tracing::warn!(shard = %shard, error = %error, "the standby copy could not be caught up; rebuilding from the snapshot");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let rebuilt = match caught_up {
+            Some(rebuilt) => rebuilt,
+            None => recover(&*shared.replicator, shard).await.map_err(QueueError::Replication)?,
+        };
         let recovered = Recovered {
             sequence: rebuilt.state.last_sequence(),
             snapshot: rebuilt.snapshot,

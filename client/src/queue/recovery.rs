@@ -36,7 +36,7 @@ const GENESIS_HASH: [u8; 32] = [0; 32];
 /// snapshot plus every event after it, each checked (see the module docs).
 pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Rebuilt, ReplicationError> {
     let corrupt = |what: String| ReplicationError::Corrupt(format!("shard {shard}: {what}"));
-    let (mut state, snapshot, mut last_hash) = match replicator.latest_snapshot(shard).await? {
+    let mut rebuilt = match replicator.latest_snapshot(shard).await? {
         Some(snapshot) => {
             let state = QueueState::decode(&snapshot.data)
                 .map_err(|error| corrupt(format!("the snapshot at {} does not decode: {error}", snapshot.sequence)))?;
@@ -50,11 +50,31 @@ pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Reb
                     state.last_sequence()
                 )));
             }
-            (state, snapshot.sequence, snapshot.hash)
+            Rebuilt { state, snapshot: snapshot.sequence, replayed: 0, last_hash: snapshot.hash }
         }
-        None => (QueueState::new(shard.clone()), Sequence::ZERO, None),
+        None => {
+            Rebuilt { state: QueueState::new(shard.clone()), snapshot: Sequence::ZERO, replayed: 0, last_hash: None }
+        }
     };
-    let mut replayed = 0;
+    catch_up(replicator, shard, &mut rebuilt).await?;
+    Ok(rebuilt)
+}
+
+/// Applies every event of `shard`'s log after `rebuilt`'s state, checked as
+/// [`recover`] checks them, and returns how many were applied (also added
+/// to `rebuilt.replayed`). A standby follower calls it again and again to
+/// keep a warm copy of a shard it may take over; a new owner calls it once
+/// on that copy, so a takeover replays only the short tail. The state is
+/// consistent between pages; after an error it must be dropped (rebuild
+/// with [`recover`]): a trimmed tail answers [`ReplicationError::Trimmed`].
+pub async fn catch_up(
+    replicator: &dyn Replicator,
+    shard: &ShardId,
+    rebuilt: &mut Rebuilt,
+) -> Result<u64, ReplicationError> {
+    let corrupt = |what: String| ReplicationError::Corrupt(format!("shard {shard}: {what}"));
+    let Rebuilt { state, replayed, last_hash, .. } = rebuilt;
+    let mut applied = 0;
     loop {
         let page = replicator.read_log(shard, state.last_sequence(), RECOVERY_PAGE_EVENTS).await?;
         if page.events.is_empty() {
@@ -74,7 +94,7 @@ pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Reb
                 return Err(corrupt(format!("expected event {expected} next, the log returned {sequence}")));
             }
             if let Some(link) = logged.link {
-                let previous = match (&last_hash, sequence.get()) {
+                let previous = match (&*last_hash, sequence.get()) {
                     (Some(hash), _) => Some(hash.as_ref()),
                     (None, 1) => Some(GENESIS_HASH.as_slice()),
                     (None, _) => None,
@@ -84,14 +104,15 @@ pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Reb
                 {
                     return Err(corrupt(format!("event {sequence} does not link to the event before it")));
                 }
-                last_hash = Some(link.hash);
+                *last_hash = Some(link.hash);
             }
             state.apply(sequence, logged.event.event).map_err(|error| corrupt(format!("replay failed: {error}")))?;
-            replayed += 1;
+            *replayed += 1;
+            applied += 1;
         }
         if state.last_sequence() >= page.head {
             break;
         }
     }
-    Ok(Rebuilt { state, snapshot, replayed, last_hash })
+    Ok(applied)
 }
