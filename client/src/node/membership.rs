@@ -54,10 +54,12 @@ use crate::replication::{ReplicationError, Replicator};
 pub const MEMBER_PREFIX: &str = "omnirelay.members.";
 
 /// How often a node lists the live members and recomputes its share.
-/// Detection of a dead node is bounded by the lease TTL plus this; one
-/// second keeps failover within the TTL + 1 s target for one cheap read
-/// per node per second.
-pub const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
+/// Detection of a dead node is bounded by the lease TTL plus this, and a
+/// graceful handover by this plus one [`HELD_RETRY`](super::ownership::HELD_RETRY)
+/// plus the leaver's last snapshot: half a second keeps a handover within
+/// its one-second target (at one second, rounds of the failover benchmark
+/// took up to 1.18 s), for two cheap reads per node per second.
+pub const MEMBERSHIP_POLL: Duration = Duration::from_millis(500);
 
 /// Longest a node id may be under rendezvous assignment: the member lease's
 /// shard id (prefix plus id) must fit the log's 200-byte shard ids.
