@@ -35,17 +35,77 @@ struct Mesh {
     client: pb::resource_lease_client::ResourceLeaseClient<Channel>,
 }
 
+const NODE_PRINCIPAL: &str = "spiffe://ops.test/node";
+const OPERATOR_PRINCIPAL: &str = "spiffe://ops.test/operator";
+
+/// A throwaway CA and certificates for the hub (127.0.0.1), the node and
+/// an operator, as PEM files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "omnirelay ops test ca");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().expect("key")).expect("CA");
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write a PEM file");
+        write("ca.pem", &ca.pem());
+        let leaf = |name: &str, sans: Vec<rcgen::SanType>| {
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = sans;
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &ca).expect("signing");
+            write(&format!("{name}.pem"), &cert.pem());
+            write(&format!("{name}.key"), &key.serialize_pem());
+        };
+        leaf("hub", vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())]);
+        leaf("node", vec![rcgen::SanType::URI(NODE_PRINCIPAL.try_into().expect("URI"))]);
+        leaf("operator", vec![rcgen::SanType::URI(OPERATOR_PRINCIPAL.try_into().expect("URI"))]);
+        leaf("stranger", vec![rcgen::SanType::URI("spiffe://ops.test/stranger".try_into().expect("URI"))]);
+        Pki { dir }
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.file(name).display().to_string()
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.file(name)).expect("read a PEM file")
+    }
+}
+
 /// Serves a hub on its SQLite log `db` until the sender fires.
 async fn start_hub(
     db: &std::path::Path,
+    pki: Option<&Pki>,
 ) -> (SocketAddr, (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>)) {
-    let hub = omnirelay_hub::Hub::open(omnirelay_hub::Config {
+    let mut config = omnirelay_hub::Config {
         retention_interval: None,
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..omnirelay_hub::Config::for_sqlite(db)
-    })
-    .await
-    .expect("open the hub");
+    };
+    if let Some(pki) = pki {
+        config.tls = Some(omnirelay_hub::config::TlsFiles {
+            cert: pki.file("hub.pem"),
+            key: pki.file("hub.key"),
+            client_ca: Some(pki.file("ca.pem")),
+        });
+        config.access = omnirelay_hub::access::Access::from_json(&format!(
+            r#"{{"grants": [
+                {{"principals": ["{NODE_PRINCIPAL}"], "hub_roles": ["producer"], "shards": ["*"]}},
+                {{"principals": ["{OPERATOR_PRINCIPAL}"], "hub_roles": ["operator"], "shards": ["*"]}}
+            ]}}"#
+        ))
+        .expect("the access table");
+    }
+    let hub = omnirelay_hub::Hub::open(config).await.expect("open the hub");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -63,15 +123,21 @@ impl Mesh {
         let _ = stop.send(());
         serving.await.expect("the hub task").expect("the hub stopped cleanly");
         change(&self.hub_db);
-        let (address, stop) = start_hub(&self.hub_db).await;
+        let (address, stop) = start_hub(&self.hub_db, None).await;
         self.hub = address;
         self.hub_stop = Some(stop);
     }
 
     async fn start(namespace: &str) -> Mesh {
+        Self::start_with(namespace, None).await
+    }
+
+    /// A hub and a node; with `pki`, the hub serves mutual TLS and the node
+    /// presents its certificate.
+    async fn start_with(namespace: &str, pki: Option<&Pki>) -> Mesh {
         let dir = tempfile::tempdir().expect("temp dir");
         let hub_db = dir.path().join("hub.db");
-        let (hub_addr, hub_stop) = start_hub(&hub_db).await;
+        let (hub_addr, hub_stop) = start_hub(&hub_db, pki).await;
 
         let mut config = NodeConfig::new("node-ops");
         config.queues = vec![QueueConfig::new(namespace, "node-ops")];
@@ -84,8 +150,14 @@ impl Mesh {
             .expect("authorization table"),
             ..MiddlewareConfig::default()
         };
-        let replicator = HubReplicator::new(HubReplicatorConfig::new([HubEndpoint::new(format!("http://{hub_addr}"))]))
-            .expect("hub replicator");
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let mut hub_config = HubReplicatorConfig::new([HubEndpoint::new(format!("{scheme}://{hub_addr}"))]);
+        hub_config.tls = pki.map(|pki| omnirelay_client::replication::HubTls {
+            ca_pem: pki.read("ca.pem"),
+            identity: Some((pki.read("node.pem"), pki.read("node.key"))),
+            domain: None,
+        });
+        let replicator = HubReplicator::new(hub_config).expect("hub replicator");
         let node = Arc::new(Node::builder(config).replicator(Arc::new(replicator), "hub").build().expect("node"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let node_addr = listener.local_addr().expect("addr");
@@ -456,4 +528,38 @@ async fn dead_letters_and_queue_items_are_shown_redriven_and_purged() {
     args.extend(target);
     let (code, _, err) = omnirelay(&args).await;
     assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_commands_reach_a_mutual_tls_hub_with_an_operator_certificate() {
+    const NS: &str = "resourcelease.tls";
+    let pki = Pki::new();
+    let mut mesh = Mesh::start_with(NS, Some(&pki)).await;
+    let first = mesh.enqueue(NS, "a").await;
+    let second = mesh.enqueue(NS, "b").await;
+    let head = mesh.last_sequence(NS).await;
+    let hub = format!("https://{}", mesh.hub);
+    let (ca, cert, key) = (pki.path("ca.pem"), pki.path("operator.pem"), pki.path("operator.key"));
+    let tls = ["--hub", hub.as_str(), "--hub-ca", ca.as_str(), "--hub-cert", cert.as_str(), "--hub-key", key.as_str()];
+
+    let mut args = vec!["verify", NS];
+    args.extend(tls);
+    let verified = omnirelay_json(&args).await;
+    assert_eq!((verified["result"].as_str(), verified["events"].as_u64()), (Some("intact"), Some(head)), "{verified}");
+    let mut args = vec!["inspect", NS];
+    args.extend(tls);
+    let now = omnirelay_json(&args).await;
+    assert_eq!(ids(&now["state"]["pending_items"], false), [first, second].into_iter().collect(), "{now}");
+
+    // A certificate the access table grants nothing: refused, so not
+    // verified (neither intact nor corrupt).
+    let (other_cert, other_key) = (pki.path("stranger.pem"), pki.path("stranger.key"));
+    let stranger = ["verify", NS, "--hub", &hub, "--hub-ca", &ca, "--hub-cert", &other_cert, "--hub-key", &other_key];
+    let (code, out, err) = omnirelay(&stranger).await;
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(out.contains("PermissionDenied"), "{out}");
+    // Without a client certificate the hub does not even take the call.
+    let (code, out, err) = omnirelay(&["verify", NS, "--hub", &hub, "--hub-ca", &ca]).await;
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(out.contains("UNVERIFIED"), "{out}");
 }
