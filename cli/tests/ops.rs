@@ -396,7 +396,20 @@ async fn inspect_at_a_point_of_the_log_shows_what_the_queue_held_then() {
         })
         .await
         .expect("commit a checkpoint");
+    hub_client
+        .commit_checkpoint(hub_pb::CommitCheckpointRequest {
+            subscriber_id: "current".into(),
+            shard_id: NS.into(),
+            sequence: head,
+            hash: Default::default(),
+        })
+        .await
+        .expect("commit a checkpoint at the head");
     let lag = omnirelay_json(&["subscribers", "lag", "--hub", &hub, "--shard", NS]).await;
+    let caught_up = &lag["checkpoints"][1];
+    assert_eq!(caught_up["subscriber"], "current", "{lag}");
+    assert_eq!((caught_up["head"].as_u64(), caught_up["lag_events"].as_u64()), (Some(head), Some(0)), "{lag}");
+    assert_eq!(caught_up["lag_seconds"].as_f64(), Some(0.0), "{lag}");
     let row = &lag["checkpoints"][0];
     assert_eq!(row["subscriber"], "audit", "{lag}");
     assert_eq!(row["head"], head, "{lag}");
