@@ -34,6 +34,17 @@ pub struct QueueArgs {
     pub namespace: String,
 }
 
+/// Some dead letters by id, or all of them.
+#[derive(Debug, Clone, Args)]
+pub struct Which {
+    /// Item ids (or --all).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub item_ids: Vec<String>,
+    /// Every dead letter of the queue.
+    #[arg(long)]
+    pub all: bool,
+}
+
 /// `omnirelay dead-letters ...`.
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
@@ -60,24 +71,18 @@ pub enum DeadLettersCommand {
         /// The queue.
         #[command(flatten)]
         queue: QueueArgs,
-        /// Item ids (or --all).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        item_ids: Vec<String>,
-        /// Every dead letter of the queue.
-        #[arg(long)]
-        all: bool,
+        /// Which dead letters.
+        #[command(flatten)]
+        which: Which,
     },
     /// Deletes dead letters for good.
     Purge {
         /// The queue.
         #[command(flatten)]
         queue: QueueArgs,
-        /// Item ids (or --all).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        item_ids: Vec<String>,
-        /// Every dead letter of the queue.
-        #[arg(long)]
-        all: bool,
+        /// Which dead letters.
+        #[command(flatten)]
+        which: Which,
     },
 }
 
@@ -129,8 +134,17 @@ pub async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<Outcome
             let text = render_dead_letter(&letter);
             Ok(Outcome::ok(letter, text))
         }
-        DeadLettersCommand::Redrive { queue, item_ids, all } => {
-            let ids = if all { all_ids(&queue).await? } else { item_ids };
+        DeadLettersCommand::Redrive { queue, which } => {
+            let ids = if which.all {
+                list(&queue, usize::MAX)
+                    .await?
+                    .0
+                    .iter()
+                    .map(|letter| text(&letter["item"], "item_id").to_string())
+                    .collect()
+            } else {
+                which.item_ids
+            };
             let bar = progress_bar(ids.len() as u64, "redrive");
             let mut redriven = Vec::new();
             let mut failed = Vec::new();
@@ -149,7 +163,7 @@ pub async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<Outcome
             let code = u8::from(!failed.is_empty());
             Ok(Outcome { json: json!({ "redriven": redriven, "failed": failed }), text: out, code })
         }
-        DeadLettersCommand::Purge { queue, item_ids, all } => {
+        DeadLettersCommand::Purge { queue, which: Which { item_ids, all } } => {
             if all {
                 let response =
                     queue.target.call(&queue.namespace, "purge_dead_letters", &json!({ "all": true })).await?;
@@ -175,12 +189,14 @@ pub async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<Outcome
 }
 
 /// Up to `limit` dead letters, following the node's pages; and whether
-/// more are left.
+/// more are left. `usize::MAX` reads them all (the list is bounded by the
+/// queue's capacity).
 async fn list(queue: &QueueArgs, limit: usize) -> anyhow::Result<(Vec<Value>, bool)> {
     let mut letters = Vec::new();
     let mut token = String::new();
     loop {
-        let page_size = DEAD_LETTER_PAGE.min(u32::try_from(limit - letters.len() + 1).unwrap_or(u32::MAX));
+        let page_size =
+            DEAD_LETTER_PAGE.min(u32::try_from((limit - letters.len()).saturating_add(1)).unwrap_or(u32::MAX));
         let response = queue
             .target
             .call(&queue.namespace, "list_dead_letters", &json!({ "page_size": page_size, "page_token": token }))
@@ -193,25 +209,6 @@ async fn list(queue: &QueueArgs, limit: usize) -> anyhow::Result<(Vec<Value>, bo
         }
         if token.is_empty() {
             return Ok((letters, false));
-        }
-    }
-}
-
-/// Every dead letter's id (the list is bounded by the queue's capacity).
-async fn all_ids(queue: &QueueArgs) -> anyhow::Result<Vec<String>> {
-    let mut ids = Vec::new();
-    let mut token = String::new();
-    loop {
-        let response = queue
-            .target
-            .call(&queue.namespace, "list_dead_letters", &json!({ "page_size": DEAD_LETTER_PAGE, "page_token": token }))
-            .await?;
-        for letter in response["dead_letters"].as_array().into_iter().flatten() {
-            ids.push(text(&letter["item"], "item_id").to_string());
-        }
-        token = text(&response, "next_page_token").to_string();
-        if token.is_empty() {
-            return Ok(ids);
         }
     }
 }
