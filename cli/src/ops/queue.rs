@@ -109,19 +109,7 @@ pub async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<Outcome
         DeadLettersCommand::List { queue, limit } => {
             let (letters, more) = list(&queue, limit).await?;
             let json = json!({ "namespace": queue.namespace, "dead_letters": letters, "more": more });
-            let mut out =
-                format!("{:<28} {:>8} {:<14} {:<30} LAST_ERROR\n", "ITEM_ID", "ATTEMPTS", "REASON", "DEAD_LETTERED_AT");
-            for letter in &letters {
-                let item = &letter["item"];
-                out.push_str(&format!(
-                    "{:<28} {:>8} {:<14} {:<30} {}\n",
-                    text(item, "item_id"),
-                    item["attempt"].as_u64().unwrap_or(0),
-                    text(letter, "reason"),
-                    text(letter, "dead_lettered_at"),
-                    text(item, "last_error"),
-                ));
-            }
+            let mut out = dead_letter_table(&letters, "");
             if more {
                 out.push_str(&format!("(more than {limit}; raise --limit)\n"));
             }
@@ -211,6 +199,24 @@ async fn list(queue: &QueueArgs, limit: usize) -> anyhow::Result<(Vec<Value>, bo
             return Ok((letters, false));
         }
     }
+}
+
+/// Dead letters as a table, each line after `indent`.
+fn dead_letter_table(letters: &[Value], indent: &str) -> String {
+    let mut out =
+        format!("{indent}{:<28} {:>8} {:<14} {:<30} LAST_ERROR\n", "ITEM_ID", "ATTEMPTS", "REASON", "DEAD_LETTERED_AT");
+    for letter in letters {
+        let item = &letter["item"];
+        out.push_str(&format!(
+            "{indent}{:<28} {:>8} {:<14} {:<30} {}\n",
+            text(item, "item_id"),
+            item["attempt"].as_u64().unwrap_or(0),
+            text(letter, "reason"),
+            text(letter, "dead_lettered_at"),
+            text(item, "last_error"),
+        ));
+    }
+    out
 }
 
 /// A dead letter with its attempt history, as text.
@@ -320,21 +326,8 @@ pub fn render_queue(view: &Value) -> String {
         ));
     }
     out.push_str(&format!("\ndead letters{}\n", note(listed("dead_letter_items"), count("dead_letters"))));
-    out.push_str(&format!(
-        "  {:<28} {:>8} {:<14} {:<30} LAST_ERROR\n",
-        "ITEM_ID", "ATTEMPTS", "REASON", "DEAD_LETTERED_AT"
-    ));
-    for letter in view["dead_letter_items"].as_array().into_iter().flatten() {
-        let item = &letter["item"];
-        out.push_str(&format!(
-            "  {:<28} {:>8} {:<14} {:<30} {}\n",
-            text(item, "item_id"),
-            item["attempt"].as_u64().unwrap_or(0),
-            text(letter, "reason"),
-            text(letter, "dead_lettered_at"),
-            text(item, "last_error"),
-        ));
-    }
+    let letters = view["dead_letter_items"].as_array().cloned().unwrap_or_default();
+    out.push_str(&dead_letter_table(&letters, "  "));
     out
 }
 
