@@ -366,6 +366,8 @@ async fn inspect_at_a_point_of_the_log_shows_what_the_queue_held_then() {
     let (code, text, err) = omnirelay(&["inspect", NS, "--hub", &hub, "--at", &snapshot.to_string()]).await;
     assert_eq!(code, 0, "{err}");
     assert!(text.contains(&format!("snapshot at {snapshot}")) && text.contains(&first.item_id), "{text}");
+    let (code, out, _) = omnirelay(&["inspect", "resourcelease.missing", "--hub", &hub]).await;
+    assert_eq!(code, 3, "no such shard: {out}");
     let (code, _, err) = omnirelay(&["inspect", NS, "--hub", &hub, "--at", "yesterday"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("--at"), "{err}");

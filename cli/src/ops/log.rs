@@ -310,7 +310,8 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<Outcome> {
     loop {
         let page = match read_range(&mut client, &shard, from, head.unwrap_or(0), VERIFY_PAGE_EVENTS).await {
             Ok(page) => page,
-            Err(status) if status.code() == tonic::Code::OutOfRange && head.is_some() => break,
+            // Nothing after the position: the walk is at the head.
+            Err(status) if status.code() == tonic::Code::OutOfRange => break,
             Err(status) => {
                 bar.finish_and_clear();
                 return Ok(classify(status));
@@ -341,7 +342,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<Outcome> {
         from = chain.position().get() + 1;
     }
     bar.finish_and_clear();
-    let head = head.unwrap_or(0);
+    let head = head.unwrap_or(chain.position().get());
     let hash = chain.hash().map(|hash| hash.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap_or_default();
     let json = json!({
         "shard": shard, "result": "intact", "events": checked, "head": head, "head_hash": hash,
