@@ -24,6 +24,10 @@ const BINARY: &str = env!("CARGO_BIN_EXE_omnirelay");
 /// not a performance claim: debug builds on a loaded machine).
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
+/// How often the retention test's hub trims its log (the default is a
+/// minute; the test waits for the trim, it does not time it).
+const RETENTION_EVERY: Duration = Duration::from_millis(100);
+
 /// A hub and a node, served in this process until the test ends.
 struct Mesh {
     _dir: tempfile::TempDir,
@@ -85,9 +89,10 @@ impl Pki {
 async fn start_hub(
     db: &std::path::Path,
     pki: Option<&Pki>,
+    retention: Option<Duration>,
 ) -> (SocketAddr, (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>)) {
     let mut config = omnirelay_hub::Config {
-        retention_interval: None,
+        retention_interval: retention,
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..omnirelay_hub::Config::for_sqlite(db)
     };
@@ -123,21 +128,21 @@ impl Mesh {
         let _ = stop.send(());
         serving.await.expect("the hub task").expect("the hub stopped cleanly");
         change(&self.hub_db);
-        let (address, stop) = start_hub(&self.hub_db, None).await;
+        let (address, stop) = start_hub(&self.hub_db, None, None).await;
         self.hub = address;
         self.hub_stop = Some(stop);
     }
 
     async fn start(namespace: &str) -> Mesh {
-        Self::start_with(namespace, None).await
+        Self::start_with(namespace, None, None).await
     }
 
     /// A hub and a node; with `pki`, the hub serves mutual TLS and the node
     /// presents its certificate.
-    async fn start_with(namespace: &str, pki: Option<&Pki>) -> Mesh {
+    async fn start_with(namespace: &str, pki: Option<&Pki>, retention: Option<Duration>) -> Mesh {
         let dir = tempfile::tempdir().expect("temp dir");
         let hub_db = dir.path().join("hub.db");
-        let (hub_addr, hub_stop) = start_hub(&hub_db, pki).await;
+        let (hub_addr, hub_stop) = start_hub(&hub_db, pki, retention).await;
 
         let mut config = NodeConfig::new("node-ops");
         config.queues = vec![QueueConfig::new(namespace, "node-ops")];
@@ -549,7 +554,7 @@ async fn dead_letters_and_queue_items_are_shown_redriven_and_purged() {
 async fn the_hub_commands_reach_a_mutual_tls_hub_with_an_operator_certificate() {
     const NS: &str = "resourcelease.tls";
     let pki = Pki::new();
-    let mut mesh = Mesh::start_with(NS, Some(&pki)).await;
+    let mut mesh = Mesh::start_with(NS, Some(&pki), None).await;
     let first = mesh.enqueue(NS, "a").await;
     let second = mesh.enqueue(NS, "b").await;
     let head = mesh.last_sequence(NS).await;
@@ -577,4 +582,52 @@ async fn the_hub_commands_reach_a_mutual_tls_hub_with_an_operator_certificate() 
     let (code, out, err) = omnirelay(&["verify", NS, "--hub", &hub, "--hub-ca", &ca]).await;
     assert_eq!(code, 4, "{out}{err}");
     assert!(out.contains("UNVERIFIED"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_inspect_start_from_the_snapshot_once_retention_trimmed_the_log() {
+    const NS: &str = "resourcelease.trimmed";
+    let mut mesh = Mesh::start_with(NS, None, Some(RETENTION_EVERY)).await;
+    let hub = mesh.hub_url();
+    let mut pending = BTreeSet::new();
+    for name in ["a", "b", "c"] {
+        pending.insert(mesh.enqueue(NS, name).await);
+    }
+    let leased = mesh.lease(NS, "worker-1").await;
+    pending.remove(&leased.item_id);
+    let queue = mesh.node.queue(&ShardId::new(NS)).expect("hosted");
+    let snapshot = queue.write_snapshot().await.expect("snapshot").expect("a snapshot was written").get();
+    let at_snapshot = Held { pending: pending.clone(), leased: [leased.item_id.clone()].into(), dead: BTreeSet::new() };
+    pending.insert(mesh.enqueue(NS, "d").await);
+    let head = mesh.last_sequence(NS).await;
+
+    let channel = Channel::from_shared(hub.clone()).expect("URI").connect().await.expect("connect");
+    let hub_client = hub_pb::hub_client::HubClient::new(channel);
+    omnirelay_tests::eventually("retention trims the events before the snapshot", HANG_GUARD, || {
+        let mut client = hub_client.clone();
+        async move {
+            let request = hub_pb::ReadRangeRequest { shard_id: NS.into(), from_sequence: 1, to_sequence: 0, limit: 1 };
+            match client.read_range(request).await {
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    let verified = omnirelay_json(&["verify", NS, "--hub", &hub]).await;
+    assert_eq!(verified["result"], "intact", "{verified}");
+    assert_eq!(
+        (verified["from_snapshot"].as_bool(), verified["head"].as_u64()),
+        (Some(true), Some(head)),
+        "{verified}"
+    );
+    let report = omnirelay_json(&["inspect", NS, "--hub", &hub, "--at", &snapshot.to_string()]).await;
+    assert_eq!(Held::of(&report["state"]), at_snapshot, "{report}");
+    let report = omnirelay_json(&["inspect", NS, "--hub", &hub]).await;
+    assert_eq!(report["snapshot"], snapshot, "{report}");
+    assert_eq!(Held::of(&report["state"]).pending, pending, "{report}");
+    let (code, _, err) = omnirelay(&["inspect", NS, "--hub", &hub, "--at", "1"]).await;
+    assert_ne!(code, 0, "a point before the snapshot cannot be rebuilt once trimmed");
+    assert!(err.contains("trimmed"), "{err}");
 }
