@@ -631,3 +631,29 @@ async fn verify_and_inspect_start_from_the_snapshot_once_retention_trimmed_the_l
     assert_ne!(code, 0, "a point before the snapshot cannot be rebuilt once trimmed");
     assert!(err.contains("trimmed"), "{err}");
 }
+
+#[test]
+fn the_readme_lists_every_command() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("read README.md");
+    let table = readme
+        .split("## Operate it")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README's command table");
+    let help = std::process::Command::new(BINARY).arg("--help").output().expect("run omnirelay --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .expect("a command list")
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert!(commands.len() > 10, "{help}");
+    for command in commands {
+        assert!(table.contains(&format!("`{command}")), "the README's table has no `{command}`");
+    }
+}

@@ -144,10 +144,14 @@ fn is_corrupt(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Internal && status.message().contains("omnirelay-hub verify")
 }
 
-fn recorded_at(event: &omnirelay_proto::raw::RawEvent) -> Option<u64> {
-    let event = event.decode().ok()?;
-    let time = event.recorded_at?;
+/// Nanoseconds since the epoch of a protobuf timestamp (`None` before 1970
+/// or past 2554).
+fn nanos(time: &omnirelay_proto::Timestamp) -> Option<u64> {
     u64::try_from(time.seconds).ok()?.checked_mul(1_000_000_000)?.checked_add(u64::try_from(time.nanos).ok()?)
+}
+
+fn recorded_at(event: &omnirelay_proto::raw::RawEvent) -> Option<u64> {
+    nanos(&event.decode().ok()?.recorded_at?)
 }
 
 fn now_nanos() -> u64 {
@@ -209,10 +213,7 @@ pub async fn subscribers(command: SubscribersCommand) -> anyhow::Result<Outcome>
 /// seconds (now minus the recording time of the oldest unprocessed event;
 /// zero when caught up).
 async fn lag_of(client: &mut pb::hub_client::HubClient<Channel>, checkpoint: &pb::Checkpoint, now: u64) -> Value {
-    let updated = checkpoint
-        .updated_at
-        .as_ref()
-        .map(|t| rfc3339(u64::try_from(t.seconds).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.nanos).unwrap_or(0)));
+    let updated = checkpoint.updated_at.as_ref().and_then(nanos).map(rfc3339);
     let mut row = json!({
         "subscriber": checkpoint.subscriber_id,
         "shard": checkpoint.shard_id,
@@ -370,10 +371,7 @@ pub async fn snapshot(command: SnapshotCommand) -> anyhow::Result<Outcome> {
             code: EXIT_NO_SUCH_SHARD,
         });
     };
-    let created = snapshot
-        .created_at
-        .as_ref()
-        .map(|t| rfc3339(u64::try_from(t.seconds).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.nanos).unwrap_or(0)));
+    let created = snapshot.created_at.as_ref().and_then(nanos).map(rfc3339);
     let hash: String = snapshot.hash.iter().map(|b| format!("{b:02x}")).collect();
     let state = QueueState::decode(&snapshot.data).ok();
     if let Some(path) = &out {
@@ -466,8 +464,8 @@ async fn snapshot_before(
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => snapshot
                         .created_at
                         .as_ref()
-                        .and_then(|t| u64::try_from(t.seconds).ok())
-                        .is_some_and(|seconds| seconds.saturating_add(1) * 1_000_000_000 <= time.as_unix_nanos()),
+                        .and_then(nanos)
+                        .is_some_and(|created| created <= time.as_unix_nanos()),
                     Err(status) => bail!("read the log: {} ({:?})", status.message(), status.code()),
                 };
                 if fits {
