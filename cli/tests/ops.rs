@@ -626,6 +626,7 @@ async fn verify_and_inspect_start_from_the_snapshot_once_retention_trimmed_the_l
     assert_eq!(Held::of(&report["state"]), at_snapshot, "{report}");
     let report = omnirelay_json(&["inspect", NS, "--hub", &hub]).await;
     assert_eq!(report["snapshot"], snapshot, "{report}");
+    assert_eq!((report["sequence"].as_u64(), report["head"].as_u64()), (Some(head), Some(head)), "{report}");
     assert_eq!(Held::of(&report["state"]).pending, pending, "{report}");
     let (code, _, err) = omnirelay(&["inspect", NS, "--hub", &hub, "--at", "1"]).await;
     assert_ne!(code, 0, "a point before the snapshot cannot be rebuilt once trimmed");

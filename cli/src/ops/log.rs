@@ -502,12 +502,19 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<Outcome> {
     let snapshot = snapshot_before(&mut client, &args.shard, until).await?;
     let from = snapshot.as_ref().map_or(0, |snapshot| snapshot.sequence.get());
     let replicator = args.hub.replicator()?;
-    let target = match until {
+    let target = |head: u64| match until {
         Until::Sequence(sequence) => sequence.get().min(head.max(from)),
         Until::Head | Until::Time(_) => head,
     };
-    let bar = progress_bar(target.saturating_sub(from), "replay");
-    let mut progress = |step: ReplayProgress| bar.set_position(step.at.get().saturating_sub(from));
+    let bar = progress_bar(target(head).saturating_sub(from), "replay");
+    // The first read may not have seen the head (a trimmed start): each
+    // page of the replay reports it.
+    let mut head = head;
+    let mut progress = |step: ReplayProgress| {
+        head = head.max(step.head.get());
+        bar.set_length(target(head).saturating_sub(from));
+        bar.set_position(step.at.get().saturating_sub(from));
+    };
     let rebuilt = replay(&replicator, &shard, snapshot, until, &mut progress)
         .await
         .with_context(|| format!("replay shard {shard}"))?;
