@@ -7,6 +7,9 @@
 //!   TOML file, `OMNIRELAY_NODE_*` variables and flags ([`node::run`]).
 //! - [`control`]: operator commands against a node's diagnostics
 //!   endpoints (`leases health`, `backpressure watch`, `replication`).
+//! - [`ops`]: dead letters and queue items on a node; subscriber lag,
+//!   chain verification, snapshots and time travel (`inspect --at`) on the
+//!   hub.
 //! - [`sink`]: `omnirelay sink <kind>` (a sink on a hub subscription, as a
 //!   process) and `omnirelay tail <shard>`.
 //! - [`telemetry`]: log output and optional OTLP span export.
@@ -23,5 +26,6 @@
 pub mod control;
 pub mod demo;
 pub mod node;
+pub mod ops;
 pub mod sink;
 pub mod telemetry;

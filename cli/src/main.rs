@@ -106,6 +106,33 @@ enum Command {
         #[arg(long)]
         snapshot: PathBuf,
     },
+    /// Dead letters of a node's queue: list, show (with the attempt
+    /// history), redrive, purge.
+    DeadLetters {
+        #[command(subcommand)]
+        command: omnirelay_cli::ops::queue::DeadLettersCommand,
+    },
+    /// A node's queue: counts, pending, leased and dead-lettered items.
+    Queue {
+        #[command(subcommand)]
+        command: omnirelay_cli::ops::queue::QueueCommand,
+    },
+    /// Subscribers' checkpoints on the hub and how far behind they are.
+    Subscribers {
+        #[command(subcommand)]
+        command: omnirelay_cli::ops::log::SubscribersCommand,
+    },
+    /// Checks a shard's hash chain on the hub (exit status 0 intact, 1
+    /// corrupt, 3 no such shard, 4 could not be verified).
+    Verify(omnirelay_cli::ops::log::VerifyArgs),
+    /// Snapshots of a shard on the hub.
+    Snapshot {
+        #[command(subcommand)]
+        command: omnirelay_cli::ops::log::SnapshotCommand,
+    },
+    /// Time travel: a queue's state at a sequence or a time of its log,
+    /// replayed from the hub (newest snapshot before it, then the events).
+    Inspect(omnirelay_cli::ops::log::InspectArgs),
     /// Drops a drain snapshot's items from the drained source queue once
     /// they were restored elsewhere, so resuming it cannot serve them twice.
     PurgeDrained {
@@ -183,6 +210,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Node(args) => run_node(*args).await?,
+        Command::DeadLetters { command } => finish(output, omnirelay_cli::ops::queue::dead_letters(command).await?),
+        Command::Queue { command } => finish(output, omnirelay_cli::ops::queue::queue(command).await?),
+        Command::Subscribers { command } => finish(output, omnirelay_cli::ops::log::subscribers(command).await?),
+        Command::Verify(args) => finish(output, omnirelay_cli::ops::log::verify(args).await?),
+        Command::Snapshot { command } => finish(output, omnirelay_cli::ops::log::snapshot(command).await?),
+        Command::Inspect(args) => finish(output, omnirelay_cli::ops::log::inspect(args).await?),
         Command::Demo(args) => {
             if !omnirelay_cli::demo::run(args).await? {
                 std::process::exit(1);
@@ -257,11 +290,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // call already restored are skipped by the next attempt.
             let chunks = restore_chunks(&snapshot);
             let (mut restored, mut skipped) = (0, 0);
+            let total = chunks.iter().map(|chunk| chunk["items"].as_array().map_or(0, Vec::len) as u64).sum();
+            let bar = omnirelay_cli::ops::progress_bar(total, "restore");
             for chunk in &chunks {
                 let response = target.call(&namespace, "restore", &json!({ "snapshot": chunk })).await?;
                 restored += response["restored"].as_u64().unwrap_or(0);
                 skipped += response["skipped"].as_u64().unwrap_or(0);
+                bar.inc(chunk["items"].as_array().map_or(0, Vec::len) as u64);
             }
+            bar.finish_and_clear();
             let summary = json!({ "restored": restored, "skipped": skipped, "calls": chunks.len() });
             print(output, &summary, |v| format!("restored {} items, skipped {}\n", v["restored"], v["skipped"]));
         }
@@ -284,6 +321,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints an operator command's outcome and ends the process with its
+/// status when that is not 0.
+fn finish(output: Output, outcome: omnirelay_cli::ops::Outcome) {
+    let text = outcome.text;
+    print(output, &outcome.json, |_| text);
+    if outcome.code != 0 {
+        std::process::exit(i32::from(outcome.code));
+    }
 }
 
 fn read_snapshot(path: &std::path::Path) -> anyhow::Result<Value> {

@@ -61,6 +61,20 @@ impl HubArgs {
         self.hub.iter().map(HubEndpoint::new).collect()
     }
 
+    /// A gRPC client of the first endpoint (connected on first use), for
+    /// the operator commands that read the hub.
+    pub fn client(&self) -> anyhow::Result<pb::hub_client::HubClient<tonic::transport::Channel>> {
+        let endpoint = self.endpoints().into_iter().next().context("--hub: name at least one endpoint")?;
+        hub_client(&endpoint, self.tls()?.as_ref())
+    }
+
+    /// A hub replicator on these endpoints, for replaying a shard's log.
+    pub fn replicator(&self) -> anyhow::Result<omnirelay_client::replication::HubReplicator> {
+        let mut config = omnirelay_client::replication::HubReplicatorConfig::new(self.endpoints());
+        config.tls = self.tls()?;
+        Ok(omnirelay_client::replication::HubReplicator::new(config)?)
+    }
+
     fn tls(&self) -> anyhow::Result<Option<HubTls>> {
         let Some(ca) = &self.hub_ca else { return Ok(None) };
         let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("read {}", path.display()));
@@ -374,24 +388,7 @@ async fn tail_session(
     position: &mut Option<ShardChain>,
     json: bool,
 ) -> Result<(), TailError> {
-    let mut built = tonic::transport::Endpoint::from_shared(endpoint.url.clone())
-        .map_err(|err| TailError::Fatal(anyhow::anyhow!("{:?} is not a valid URL: {err}", endpoint.url)))?
-        .connect_timeout(sink::defaults::CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(sink::defaults::KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(sink::defaults::KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    if let Some(tls) = tls {
-        let mut config = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
-        if let Some((cert, key)) = &tls.identity {
-            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
-        }
-        if let Some(domain) = &tls.domain {
-            config = config.domain_name(domain.clone());
-        }
-        built = built.tls_config(config).map_err(|err| TailError::Fatal(err.into()))?;
-    }
-    let mut client = pb::hub_client::HubClient::new(built.connect_lazy()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = hub_client(endpoint, tls).map_err(TailError::Fatal)?;
     let start = match position {
         Some(chain) => pb::start_position::Position::AfterSequence(chain.position().get()),
         None => pb::start_position::Position::Latest(true),
@@ -443,6 +440,32 @@ async fn tail_session(
             Some(pb::subscribe_response::Frame::Progress(_)) | None => {}
         }
     }
+}
+
+/// A gRPC client of one hub endpoint, over TLS when `tls` is given,
+/// connected on first use.
+fn hub_client(
+    endpoint: &HubEndpoint,
+    tls: Option<&HubTls>,
+) -> anyhow::Result<pb::hub_client::HubClient<tonic::transport::Channel>> {
+    let mut built = tonic::transport::Endpoint::from_shared(endpoint.url.clone())
+        .map_err(|err| anyhow::anyhow!("--hub {:?} is not a valid URL: {err}", endpoint.url))?
+        .connect_timeout(sink::defaults::CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(sink::defaults::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(sink::defaults::KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &tls.domain {
+            config = config.domain_name(domain.clone());
+        }
+        built = built.tls_config(config)?;
+    }
+    Ok(pb::hub_client::HubClient::new(built.connect_lazy()).max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 fn print_events(events: &[SinkEvent], as_json: bool) {

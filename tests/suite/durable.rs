@@ -23,7 +23,7 @@ use crate::http::http_get;
 /// a performance claim): debug builds on a loaded two-core machine.
 pub(crate) const HANG_GUARD: Duration = Duration::from_secs(60);
 
-const SHARD: &str = "resourcelease.durable";
+pub(crate) const SHARD: &str = "resourcelease.durable";
 
 /// A child process whose stderr is kept for failure messages.
 pub(crate) struct Process {
@@ -107,14 +107,14 @@ impl Hub {
 }
 
 /// `omnirelay node --hub`, trusting callers on loopback to name themselves.
-struct Node {
-    rpc: SocketAddr,
-    control: SocketAddr,
+pub(crate) struct Node {
+    pub(crate) rpc: SocketAddr,
+    pub(crate) control: SocketAddr,
     process: Process,
 }
 
 impl Node {
-    async fn start(binary: &Path, dir: &Path, hub: SocketAddr) -> Node {
+    pub(crate) async fn start(binary: &Path, dir: &Path, hub: SocketAddr) -> Node {
         let node = Self::spawn(binary, dir, &format!("http://{hub}"), &[]);
         wait_for_ok(node.control, "/readyz").await;
         node
@@ -167,7 +167,7 @@ impl Node {
         }
     }
 
-    async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
+    pub(crate) async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
         let channel =
             Channel::from_shared(format!("http://{}", self.rpc)).expect("URI").connect().await.expect("connect");
         pb::resource_lease_client::ResourceLeaseClient::new(channel)

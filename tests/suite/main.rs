@@ -3,6 +3,7 @@
 //! Every test provisions what it needs through the harness in `src/`
 //! (throwaway PostgreSQL and Redis); none skips when a server is missing.
 
+mod cli;
 mod drill;
 mod durable;
 mod effects;

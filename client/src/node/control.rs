@@ -30,6 +30,14 @@ pub const BACKPRESSURE_PATH: &str = "/omnirelay/control/backpressure";
 pub const BACKPRESSURE_STREAM_PATH: &str = "/omnirelay/control/backpressure/stream";
 /// Path of the replication status per namespace.
 pub const REPLICATION_PATH: &str = "/omnirelay/control/replication";
+/// Path of one queue's items: `?namespace=...&limit=...` (see
+/// [`queue_view`]).
+pub const QUEUE_PATH: &str = "/omnirelay/control/queue";
+
+/// Most items of each kind (pending, leased, dead-lettered) one answer of
+/// [`QUEUE_PATH`] lists: an operator's view, bounded so that a deep queue
+/// costs the node one bounded response, not its whole state in JSON.
+pub const MAX_QUEUE_VIEW_ITEMS: usize = 1_000;
 
 pub(crate) fn router(node: Arc<NodeInner>) -> Router {
     Router::new()
@@ -37,6 +45,7 @@ pub(crate) fn router(node: Arc<NodeInner>) -> Router {
         .route(BACKPRESSURE_PATH, get(backpressure))
         .route(BACKPRESSURE_STREAM_PATH, get(backpressure_stream))
         .route(REPLICATION_PATH, get(replication))
+        .route(QUEUE_PATH, get(queue))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -148,6 +157,80 @@ fn transitions(
             event = receiver.recv() => event,
         }?;
         Some((Ok(event), (receiver, stopping)))
+    })
+}
+
+/// Query of [`QUEUE_PATH`].
+#[derive(Debug, Deserialize)]
+struct QueueQuery {
+    namespace: String,
+    limit: Option<usize>,
+}
+
+/// `/omnirelay/control/queue?namespace=...`: the queue's counts and its
+/// first items of each kind ([`queue_view`]), as this node holds them.
+async fn queue(State(node): State<Arc<NodeInner>>, Query(query): Query<QueueQuery>) -> Response {
+    let Some(hosted) = node.queues.get(&ShardId::new(query.namespace.as_str())) else {
+        let message = format!("namespace {} is not hosted by this node", query.namespace);
+        return crate::middleware::http_error_response(crate::ErrorCode::NotFound, &message, None).into_response();
+    };
+    let limit = query.limit.unwrap_or(MAX_QUEUE_VIEW_ITEMS).min(MAX_QUEUE_VIEW_ITEMS);
+    let mut body = hosted.queue.inspect(|state| queue_view(state, limit)).await;
+    body["node_id"] = serde_json::Value::String(node.node_id.to_string());
+    body["status"] =
+        serde_json::Value::from(if hosted.queue.replication().fence.is_none() { "serving" } else { "fenced" });
+    Json(body).into_response()
+}
+
+/// A queue state as operators read it: the counts, then the first `limit`
+/// pending items (queue order), leased items (with their lease: owner,
+/// fencing token, expiry) and dead letters (oldest first, with their
+/// attempt history), each in the HTTP/JSON form of `WorkItem` and
+/// `DeadLetter` without the payload's body and attributes (the producer's
+/// data stays out of diagnostics). The node's [`QUEUE_PATH`] and the
+/// CLI's `inspect` (a state replayed from the log) print the same form.
+pub fn queue_view(state: &crate::queue::QueueState, limit: usize) -> serde_json::Value {
+    use omnirelay_proto::resourcelease::v1 as pb;
+    let strip = |mut item: pb::WorkItem| {
+        if let Some(payload) = item.payload.as_mut() {
+            payload.body = Default::default();
+            payload.attributes.clear();
+        }
+        item
+    };
+    let pending: Vec<pb::WorkItem> =
+        state.pending_items().into_iter().take(limit).map(|item| strip(wire::work_item(item))).collect();
+    let leased: Vec<pb::WorkItem> =
+        state.leased_items().into_iter().take(limit).map(|item| strip(wire::work_item(item))).collect();
+    let dead: Vec<pb::DeadLetter> = state
+        .dead_letter_items(limit)
+        .into_iter()
+        .map(|letter| {
+            let mut letter = wire::dead_letter(letter);
+            letter.item = letter.item.map(strip);
+            letter
+        })
+        .collect();
+    let items = serde_json::from_slice::<serde_json::Value>(&json::encode(&pb::DrainResponse {
+        snapshot: Some(pb::DrainSnapshot { items: pending, in_flight: leased, ..Default::default() }),
+    }))
+    .unwrap_or_default();
+    let dead = serde_json::from_slice::<serde_json::Value>(&json::encode(&pb::ListDeadLettersResponse {
+        dead_letters: dead,
+        next_page_token: String::new(),
+    }))
+    .unwrap_or_default();
+    serde_json::json!({
+        "namespace": state.shard().as_str(),
+        "last_sequence": state.last_sequence().get(),
+        "pending": state.pending(),
+        "active": state.active(),
+        "dead_letters": state.dead_letters(),
+        "draining": state.draining().is_some(),
+        "limit": limit,
+        "pending_items": items["snapshot"]["items"],
+        "leased_items": items["snapshot"]["in_flight"],
+        "dead_letter_items": dead["dead_letters"],
     })
 }
 

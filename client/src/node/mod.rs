@@ -18,6 +18,7 @@
 //! - [`Node::control_router`]: diagnostics outside the RPC stack:
 //!   `/omnirelay/control/lease-health`, `/omnirelay/control/backpressure`
 //!   (and `/stream`, server-sent events), `/omnirelay/control/replication`,
+//!   `/omnirelay/control/queue` (one queue's items, [`queue_view`]),
 //!   `/healthz`, `/readyz`, `/metrics`.
 //! - [`Node::router`]: both on one router; [`Node::serve`] runs it on a
 //!   listener (plain or TLS, see [`serve`]) until a shutdown future resolves,
@@ -76,7 +77,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use omnirelay_proto::resourcelease::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-pub use control::{BACKPRESSURE_PATH, BACKPRESSURE_STREAM_PATH, LEASE_HEALTH_PATH, REPLICATION_PATH};
+pub use control::{
+    BACKPRESSURE_PATH, BACKPRESSURE_STREAM_PATH, LEASE_HEALTH_PATH, MAX_QUEUE_VIEW_ITEMS, QUEUE_PATH, REPLICATION_PATH,
+    queue_view,
+};
 pub use error::{NodeError, OWNER_ADDRESS_HEADER, OWNER_HEADER, Result};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
 pub use membership::Assignment;

@@ -44,7 +44,7 @@ pub use item::{
     AttemptOutcome, AttemptRecord, DeadLetter, DeadLetterReason, DrainMode, DrainSnapshot, Lease, LeaseHandle, Payload,
     WorkItem,
 };
-pub use recovery::{Rebuilt, catch_up, recover};
+pub use recovery::{Rebuilt, ReplayProgress, Until, catch_up, recover, replay};
 pub(crate) use state::Completion;
 pub use state::{ApplyError, QueueState};
 pub use sweeper::Sweeper;

@@ -12,9 +12,10 @@
 use bytes::Bytes;
 
 use super::QueueState;
+use crate::clock::Timestamp;
 use crate::defaults::RECOVERY_PAGE_EVENTS;
 use crate::ids::{Sequence, ShardId};
-use crate::replication::{ReplicationError, Replicator};
+use crate::replication::{ReplicationError, Replicator, StoredSnapshot};
 
 /// A state rebuilt from a shard's log.
 #[derive(Debug, Clone)]
@@ -35,8 +36,46 @@ const GENESIS_HASH: [u8; 32] = [0; 32];
 /// Rebuilds `shard`'s queue state from `replicator`'s log: the newest
 /// snapshot plus every event after it, each checked (see the module docs).
 pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Rebuilt, ReplicationError> {
+    let snapshot = replicator.latest_snapshot(shard).await?;
+    replay(replicator, shard, snapshot, Until::Head, &mut |_| {}).await
+}
+
+/// Where a [`replay`] stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// After the last event of the log.
+    Head,
+    /// After this sequence (or the head, if the log is shorter).
+    Sequence(Sequence),
+    /// After the last event recorded at or before this time; the queue
+    /// records events in sequence order, so the first event recorded later
+    /// ends the replay.
+    Time(Timestamp),
+}
+
+/// What a [`replay`] reports after each page of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayProgress {
+    /// The last sequence applied so far.
+    pub at: Sequence,
+    /// The log's head when the page was read.
+    pub head: Sequence,
+}
+
+/// Rebuilds `shard`'s queue state as it was at `until`: `snapshot` (which
+/// must not be past `until`; none means from an empty queue) plus the
+/// events after it up to `until`, each checked as [`recover`] checks them.
+/// `progress` is called after every page. This is what [`recover`] and the
+/// operator CLI's time travel (`omnirelay inspect --at`) share.
+pub async fn replay(
+    replicator: &dyn Replicator,
+    shard: &ShardId,
+    snapshot: Option<StoredSnapshot>,
+    until: Until,
+    progress: &mut (dyn FnMut(ReplayProgress) + Send),
+) -> Result<Rebuilt, ReplicationError> {
     let corrupt = |what: String| ReplicationError::Corrupt(format!("shard {shard}: {what}"));
-    let mut rebuilt = match replicator.latest_snapshot(shard).await? {
+    let mut rebuilt = match snapshot {
         Some(snapshot) => {
             let state = QueueState::decode(&snapshot.data)
                 .map_err(|error| corrupt(format!("the snapshot at {} does not decode: {error}", snapshot.sequence)))?;
@@ -56,7 +95,7 @@ pub async fn recover(replicator: &dyn Replicator, shard: &ShardId) -> Result<Reb
             Rebuilt { state: QueueState::new(shard.clone()), snapshot: Sequence::ZERO, replayed: 0, last_hash: None }
         }
     };
-    catch_up(replicator, shard, &mut rebuilt).await?;
+    advance(replicator, shard, &mut rebuilt, until, progress).await?;
     Ok(rebuilt)
 }
 
@@ -72,11 +111,29 @@ pub async fn catch_up(
     shard: &ShardId,
     rebuilt: &mut Rebuilt,
 ) -> Result<u64, ReplicationError> {
+    advance(replicator, shard, rebuilt, Until::Head, &mut |_| {}).await
+}
+
+/// The replay loop of [`replay`] and [`catch_up`]: applies the events after
+/// `rebuilt`'s state up to `until`; returns how many.
+async fn advance(
+    replicator: &dyn Replicator,
+    shard: &ShardId,
+    rebuilt: &mut Rebuilt,
+    until: Until,
+    progress: &mut (dyn FnMut(ReplayProgress) + Send),
+) -> Result<u64, ReplicationError> {
     let corrupt = |what: String| ReplicationError::Corrupt(format!("shard {shard}: {what}"));
     let Rebuilt { state, replayed, last_hash, .. } = rebuilt;
     let mut applied = 0;
-    loop {
-        let page = replicator.read_log(shard, state.last_sequence(), RECOVERY_PAGE_EVENTS).await?;
+    'pages: loop {
+        let limit = match until {
+            Until::Sequence(last) if last <= state.last_sequence() => break,
+            Until::Sequence(last) => RECOVERY_PAGE_EVENTS
+                .min(usize::try_from(last.get() - state.last_sequence().get()).unwrap_or(usize::MAX)),
+            Until::Head | Until::Time(_) => RECOVERY_PAGE_EVENTS,
+        };
+        let page = replicator.read_log(shard, state.last_sequence(), limit).await?;
         if page.events.is_empty() {
             if state.last_sequence() < page.head {
                 return Err(corrupt(format!(
@@ -88,6 +145,12 @@ pub async fn catch_up(
             break;
         }
         for logged in page.events {
+            if let Until::Time(time) = until
+                && logged.event.event.recorded_at > time
+            {
+                progress(ReplayProgress { at: state.last_sequence(), head: page.head });
+                break 'pages;
+            }
             let expected = state.last_sequence().after(1);
             let sequence = logged.event.sequence;
             if sequence != expected {
@@ -110,6 +173,7 @@ pub async fn catch_up(
             *replayed += 1;
             applied += 1;
         }
+        progress(ReplayProgress { at: state.last_sequence(), head: page.head });
         if state.last_sequence() >= page.head {
             break;
         }

@@ -365,6 +365,11 @@ impl QueueState {
         entries.into_iter().map(|entry| &entry.item).collect()
     }
 
+    /// The first `limit` dead letters, oldest first.
+    pub fn dead_letter_items(&self, limit: usize) -> Vec<&DeadLetter> {
+        self.dead_letters_page(None, limit).into_iter().map(|(_, letter)| letter).collect()
+    }
+
     /// Dead letters after `after_order` in dead-letter order, at most
     /// `limit`, with the order of each (the page token).
     pub(crate) fn dead_letters_page(&self, after_order: Option<u64>, limit: usize) -> Vec<(u64, &DeadLetter)> {

@@ -1032,3 +1032,37 @@ async fn stale_index_entries_are_skipped_and_compacted() {
     assert_eq!(f.queue.next_expiry().await, None);
     f.assert_replay_matches().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_stops_at_a_sequence_or_a_time_from_a_snapshot_or_the_start() {
+    let start = Timestamp::from_unix_nanos(1_000_000_000_000);
+    let clock = crate::clock::ManualClock::new(start);
+    let f = fixture_with(|_| {}, |builder| builder.clock(clock.clone()));
+    let shard = f.queue.shard().clone();
+    let first = f.enqueue("1").await;
+    let after_first = f.queue.stats().await.expect("stats").last_sequence;
+    clock.advance(Duration::from_secs(10));
+    let second = f.enqueue("2").await;
+    let snapshot_at = f.queue.write_snapshot().await.expect("snapshot").expect("written");
+    clock.advance(Duration::from_secs(10));
+    let third = f.enqueue("3").await;
+    let pending = |state: &QueueState| state.pending_items().iter().map(|item| item.id).collect::<Vec<_>>();
+
+    let at_first =
+        replay(&*f.replicator, &shard, None, Until::Sequence(after_first), &mut |_| {}).await.expect("replay");
+    assert_eq!((pending(&at_first.state), at_first.state.last_sequence()), (vec![first], after_first));
+    let between = start.saturating_add(Duration::from_secs(5));
+    let by_time = replay(&*f.replicator, &shard, None, Until::Time(between), &mut |_| {}).await.expect("replay");
+    assert_eq!(by_time.state.encode(), at_first.state.encode(), "the event recorded later is left out");
+
+    let snapshot = f.replicator.latest_snapshot(&shard).await.expect("read").expect("a snapshot");
+    assert_eq!(snapshot.sequence, snapshot_at);
+    let mut reports = Vec::new();
+    let head = replay(&*f.replicator, &shard, Some(snapshot), Until::Head, &mut |step| reports.push(step))
+        .await
+        .expect("replay");
+    assert_eq!(pending(&head.state), vec![first, second, third]);
+    assert_eq!((head.snapshot, head.replayed), (snapshot_at, 1), "only the event after the snapshot is replayed");
+    assert_eq!(head.state.encode(), f.queue.encode_state().await, "up to the head is the live state");
+    assert_eq!(reports.last().map(|step| step.at), Some(head.state.last_sequence()), "progress reaches the end");
+}
