@@ -31,7 +31,7 @@
 //!   connections and attach the caller's [`principal`]; [`health`] and
 //!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
 //!   `/metrics`; [`telemetry`] holds the metric catalog; [`shutdown`] owns the
-//!   graceful stop; [`database`] connects to PostgreSQL over TLS.
+//!   graceful stop; [`store::postgres::pool`] connects to PostgreSQL over TLS.
 //!
 //! Running a replica on the embedded store until Ctrl-C:
 //!
@@ -63,7 +63,6 @@ pub mod access;
 pub mod admin;
 mod budget;
 pub mod config;
-pub mod database;
 pub mod decoding;
 pub mod defaults;
 pub mod error;

@@ -2,7 +2,7 @@
 //! cluster with `ssl = on`.
 
 use omnirelay_hub::config::{DatabaseTls, DatabaseUrl, PostgresConfig};
-use omnirelay_hub::database::{DatabaseError, connect_pool};
+use omnirelay_hub::store::postgres::pool::{DatabaseError, connect_pool};
 use omnirelay_tests::{PgCluster, PgOptions, PgServerTls};
 
 use super::pki::{Issued, Pki, dns};

@@ -25,6 +25,7 @@
 mod committer;
 mod failure;
 mod listener;
+pub mod pool;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,7 +44,6 @@ use tokio_util::task::TaskTracker;
 use self::committer::{Committer, Pending};
 use self::failure::{pool_error, store_error};
 use crate::config::{DatabaseTls, PostgresConfig};
-use crate::database;
 use crate::defaults;
 use crate::event::{self, ChainHash, StoredRow};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
@@ -83,7 +83,7 @@ const SQL_RETENTION_TRIM: &str = include_str!("sql/retention_trim.sql");
 pub struct PgStoreConfig {
     /// Connection URL, e.g. `postgres://hub@db:5432/omnirelay`.
     pub url: String,
-    /// TLS to the server (see [`crate::database`]); every connection of the
+    /// TLS to the server (see [`pool`]); every connection of the
     /// store, pooled or listening, uses it.
     pub tls: DatabaseTls,
     /// Pooled connections (see [`defaults::POOL_SIZE`]).
@@ -252,8 +252,8 @@ async fn tls_setup(
     mut config: tokio_postgres::Config,
     tls: &DatabaseTls,
 ) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
-    database::apply_tls_mode(&mut config, tls);
-    let connector = database::tls_connector(tls)
+    pool::apply_tls_mode(&mut config, tls);
+    let connector = pool::tls_connector(tls)
         .await
         .map_err(|err| StoreError::Internal { what: "configure TLS to PostgreSQL", source: Box::new(err) })?;
     Ok((config, connector))
