@@ -34,13 +34,8 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use super::Conn;
+use super::conn::{Conn, col, from_db, to_db};
 use super::failure::{Failure, classify};
-use super::{
-    SQL_ADVANCE_HEADS, SQL_COPY_EVENTS, SQL_INSERT_EVENTS, SQL_INSERT_PRODUCER_BATCHES, SQL_LOCK_SHARDS,
-    SQL_PRODUCER_BATCHES,
-};
-use super::{col, from_db, to_db};
 use crate::defaults;
 use crate::event::{self, ChainHash, LogEvent};
 use crate::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
@@ -49,6 +44,13 @@ use crate::store::{
     AppendAck, AppendBatch, Elapsed, Fault, LogChange, StoreError, copy_error, count_mismatch, stored_hash,
 };
 use crate::telemetry;
+
+const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
+const SQL_PRODUCER_BATCHES: &str = include_str!("sql/producer_batches.sql");
+const SQL_INSERT_EVENTS: &str = include_str!("sql/insert_events.sql");
+const SQL_COPY_EVENTS: &str = include_str!("sql/copy_events.sql");
+const SQL_INSERT_PRODUCER_BATCHES: &str = include_str!("sql/insert_producer_batches.sql");
+const SQL_ADVANCE_HEADS: &str = include_str!("sql/advance_heads.sql");
 
 /// A batch waiting for its group commit.
 pub(crate) struct Pending {
