@@ -22,6 +22,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::access::Access;
 use crate::defaults;
+pub use crate::store::postgres::DatabaseTls;
+use crate::store::postgres::PgStoreConfig;
 
 /// Errors in a combination of settings; each names the flags involved.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -671,6 +673,17 @@ pub struct PostgresConfig {
 }
 
 impl PostgresConfig {
+    /// The PostgreSQL store's own configuration for these validated settings.
+    pub fn store_config(&self) -> PgStoreConfig {
+        PgStoreConfig {
+            url: self.url.expose().to_string(),
+            tls: self.tls.clone(),
+            pool_size: self.pool_size,
+            committers: self.committers,
+            timeout: self.timeout,
+        }
+    }
+
     /// A configuration for `url` with the defaults: no TLS settings beyond
     /// `prefer`, the default pool size. For tests and tools.
     pub fn new(url: &str) -> Result<Self> {
@@ -684,26 +697,10 @@ impl PostgresConfig {
     }
 }
 
-/// TLS to PostgreSQL, validated: `VerifyFull` carries its CA.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DatabaseTls {
-    /// Plain TCP.
-    Disable,
-    /// TLS when offered, unverified.
-    Prefer,
-    /// TLS always, unverified.
-    Require,
-    /// TLS always, verified against the CA in this PEM file.
-    VerifyFull {
-        /// PEM file of the CA.
-        ca_file: PathBuf,
-    },
-}
-
-impl DatabaseTls {
+impl From<&DatabaseTls> for DatabaseTlsMode {
     /// The mode's name as the flag spells it.
-    pub fn mode(&self) -> DatabaseTlsMode {
-        match self {
+    fn from(tls: &DatabaseTls) -> Self {
+        match tls {
             DatabaseTls::Disable => DatabaseTlsMode::Disable,
             DatabaseTls::Prefer => DatabaseTlsMode::Prefer,
             DatabaseTls::Require => DatabaseTlsMode::Require,
@@ -837,7 +834,7 @@ impl Config {
         let (store, database_tls, pool_size, committers, database_timeout) = match &self.store {
             StoreConfig::Postgres(pg) => (
                 format!("postgres {}", pg.url),
-                pg.tls.mode().to_string(),
+                DatabaseTlsMode::from(&pg.tls).to_string(),
                 pg.pool_size.to_string(),
                 pg.committers.to_string(),
                 HumanDuration(pg.timeout).to_string(),
@@ -896,7 +893,7 @@ impl fmt::Display for Config {
         match &self.store {
             StoreConfig::Postgres(pg) => {
                 writeln!(f, "database-url = {}", pg.url)?;
-                writeln!(f, "database-tls = {}", pg.tls.mode())?;
+                writeln!(f, "database-tls = {}", DatabaseTlsMode::from(&pg.tls))?;
                 if let DatabaseTls::VerifyFull { ca_file } = &pg.tls {
                     writeln!(f, "database-ca-file = {}", ca_file.display())?;
                 }

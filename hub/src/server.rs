@@ -21,7 +21,7 @@ use crate::proto::hub::v1::hub_server::HubServer;
 use crate::service::HubService;
 use crate::shutdown::{self, GrpcServing};
 use crate::store::metered::Metered;
-use crate::store::postgres::{PgStore, PgStoreConfig};
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{LogStore, RetentionPolicy};
 use crate::subscribe::Subscriptions;
@@ -60,9 +60,7 @@ impl Hub {
         };
         let (store, probe): (Arc<dyn LogStore>, Arc<dyn Probe>) = match &config.store {
             StoreConfig::Postgres(postgres) => {
-                let store = PgStore::open(PgStoreConfig::from_config(postgres))
-                    .await
-                    .context("open the PostgreSQL log store")?;
+                let store = PgStore::open(postgres.store_config()).await.context("open the PostgreSQL log store")?;
                 let store = Arc::new(store);
                 (store.clone(), store)
             }

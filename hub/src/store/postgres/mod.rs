@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -45,9 +45,10 @@ use self::committer::{Committer, Pending};
 pub(crate) use self::conn::Conn;
 use self::conn::{col, from_db, to_db, within};
 use self::failure::{pool_error, store_error};
-use crate::config::{DatabaseTls, PostgresConfig};
+pub use self::pool::{DatabaseTls, PgStoreConfig};
 use crate::defaults;
 use crate::event::{self, ChainHash, StoredRow};
+use crate::health::{NotReady, Probe, ProbeFuture};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::principal::Principal;
 use crate::schema::{self, SchemaError};
@@ -56,6 +57,7 @@ use crate::store::{
     RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
     checkpoint_hash, corrupt_id, lease_failure, stored_hash,
 };
+use crate::telemetry::{self, DbOperation};
 
 const SQL_ACQUIRE_SHARD: &str = include_str!("sql/acquire_shard.sql");
 const SQL_RENEW_SHARD: &str = include_str!("sql/renew_shard.sql");
@@ -73,48 +75,6 @@ const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
 const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
 const SQL_RETENTION_PLAN: &str = include_str!("sql/retention_plan.sql");
 const SQL_RETENTION_TRIM: &str = include_str!("sql/retention_trim.sql");
-
-/// How to reach the database and how much of it to use.
-#[derive(Debug, Clone)]
-pub struct PgStoreConfig {
-    /// Connection URL, e.g. `postgres://hub@db:5432/omnirelay`.
-    pub url: String,
-    /// TLS to the server (see [`pool`]); every connection of the
-    /// store, pooled or listening, uses it.
-    pub tls: DatabaseTls,
-    /// Pooled connections (see [`defaults::POOL_SIZE`]).
-    pub pool_size: usize,
-    /// Group committers (see [`defaults::COMMITTERS`]).
-    pub committers: usize,
-    /// Deadline of a statement or an append transaction (see
-    /// [`defaults::DATABASE_TIMEOUT`]).
-    pub timeout: Duration,
-}
-
-impl PgStoreConfig {
-    /// A configuration with the default sizes and TLS when the server
-    /// offers it (`prefer`, libpq's default).
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            tls: DatabaseTls::Prefer,
-            pool_size: defaults::POOL_SIZE,
-            committers: defaults::COMMITTERS,
-            timeout: defaults::DATABASE_TIMEOUT,
-        }
-    }
-
-    /// The store configuration for the hub's validated PostgreSQL settings.
-    pub fn from_config(config: &PostgresConfig) -> Self {
-        Self {
-            url: config.url.expose().to_string(),
-            tls: config.tls.clone(),
-            pool_size: config.pool_size,
-            committers: config.committers,
-            timeout: config.timeout,
-        }
-    }
-}
 
 /// The PostgreSQL [`LogStore`]. Cheap to clone; clones share the pool,
 /// committers and listener.
@@ -140,43 +100,6 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// The parsed connection settings shared by the pool and the listener.
-fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|err| InvalidInput::new("database_url", format!("is not a valid PostgreSQL URL: {err}")))?;
-    if config.get_application_name().is_none() {
-        config.application_name("omnirelay-hub");
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(defaults::POOL_TIMEOUT);
-    }
-    // Detects a silently dead server (a cut network) on idle pooled
-    // connections and on the listener.
-    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    Ok(config)
-}
-
-/// Builds a connection pool, with TLS as configured.
-fn pool(config: tokio_postgres::Config, tls: MakeRustlsConnect, size: usize) -> Result<Pool, StoreError> {
-    let manager = Manager::from_config(
-        config,
-        tls,
-        // Fast: a broken connection is detected by the next statement, which
-        // fails as unavailable; a per-checkout test query would cost a round
-        // trip on every append group.
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
-    );
-    Pool::builder(manager)
-        .max_size(size.max(1))
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(defaults::POOL_TIMEOUT))
-        .create_timeout(Some(defaults::POOL_TIMEOUT))
-        .recycle_timeout(Some(defaults::POOL_TIMEOUT))
-        .build()
-        .map_err(|err| StoreError::Internal { what: "build the connection pool", source: Box::new(err) })
-}
-
 /// Prepares the connection settings and the TLS connector for `tls`.
 async fn tls_setup(
     mut config: tokio_postgres::Config,
@@ -197,7 +120,7 @@ pub async fn connect_client(url: &str) -> Result<tokio_postgres::Client, StoreEr
 
 /// Connects one client outside the pool with the given TLS mode.
 pub async fn connect_client_with(url: &str, tls: &DatabaseTls) -> Result<tokio_postgres::Client, StoreError> {
-    let (config, connector) = tls_setup(connection_config(url)?, tls).await?;
+    let (config, connector) = tls_setup(pool::connection_config(url)?, tls).await?;
     let (client, connection) =
         config.connect(connector).await.map_err(|err| store_error("connect to PostgreSQL", err))?;
     tokio::spawn(async move {
@@ -226,8 +149,9 @@ impl PgStore {
     /// `omnirelay-hub migrate`), and starts the committers and the
     /// notification listener.
     pub async fn open(config: PgStoreConfig) -> Result<PgStore, StoreError> {
-        let (connection, connector) = tls_setup(connection_config(&config.url)?, &config.tls).await?;
-        let pool = pool(connection.clone(), connector.clone(), config.pool_size)?;
+        let (connection, connector) = tls_setup(pool::connection_config(&config.url)?, &config.tls).await?;
+        let pool = pool::build_pool(connection.clone(), connector.clone(), config.pool_size)
+            .map_err(|err| StoreError::Internal { what: "build the connection pool", source: Box::new(err) })?;
         {
             let client = pool.get().await.map_err(pool_error)?;
             schema::check(&client).await?;
@@ -749,4 +673,37 @@ impl From<SchemaError> for StoreError {
             other => StoreError::Schema(Box::new(other)),
         }
     }
+}
+
+/// The PostgreSQL store is ready when a pooled connection answers and the
+/// database carries the schema this build needs.
+impl Probe for PgStore {
+    fn check(&self) -> ProbeFuture<'_> {
+        Box::pin(probe(self.pool()))
+    }
+
+    fn record_gauges(&self) {
+        pool::record_pool_gauges(self.pool());
+    }
+}
+
+async fn probe(pool: &Pool) -> Result<(), NotReady> {
+    let started = std::time::Instant::now();
+    let result = async {
+        // The whole chain: the pool's "error creating a new object: db
+        // error" says nothing without PostgreSQL's own message after it.
+        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::error::causes(&err)))?;
+        // A probe cut short by its timeout closes its connection rather
+        // than pool it with a query in flight.
+        let client = Conn::lend(client);
+        schema::check(&client).await.map_err(|err| match err {
+            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::error::causes(&source)),
+            other => NotReady::Schema(other.to_string()),
+        })?;
+        client.release();
+        Ok(())
+    }
+    .await;
+    telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
+    result
 }

@@ -1,8 +1,11 @@
-//! Connecting to PostgreSQL: the connection pool and TLS to the server.
+//! Connecting to PostgreSQL: the store's own configuration
+//! ([`PgStoreConfig`], into which the hub's flags convert at the edge), the
+//! connection pool and TLS to the server.
 //!
-//! [`connect_pool`] builds the deadpool pool every PostgreSQL code path of
-//! the hub shares, with rustls (aws-lc-rs) for TLS in the modes of
-//! `--database-tls`, named after libpq's `sslmode`:
+//! [`build_pool`] builds the deadpool pool the store uses ([`connect_pool`]
+//! builds the same for tools and tests), with rustls (aws-lc-rs) for TLS in
+//! the modes of [`DatabaseTls`] (`--database-tls`), named after libpq's
+//! `sslmode`:
 //!
 //! | mode | TLS | certificate checked |
 //! |---|---|---|
@@ -17,9 +20,11 @@
 //! so a hub starts (not ready) while the database is down and becomes ready
 //! when it comes back.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -28,12 +33,56 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{DatabaseTls, PostgresConfig};
 use crate::defaults;
-use crate::health::{NotReady, Probe, ProbeFuture};
-use crate::schema::{self, SchemaError};
-use crate::store::postgres::PgStore;
-use crate::telemetry::{self, DbOperation};
+use crate::ids::InvalidInput;
+use crate::telemetry;
+
+/// TLS to PostgreSQL, validated: `VerifyFull` carries its CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTls {
+    /// Plain TCP.
+    Disable,
+    /// TLS when offered, unverified.
+    Prefer,
+    /// TLS always, unverified.
+    Require,
+    /// TLS always, verified against the CA in this PEM file.
+    VerifyFull {
+        /// PEM file of the CA.
+        ca_file: PathBuf,
+    },
+}
+
+/// How to reach the database and how much of it to use.
+#[derive(Debug, Clone)]
+pub struct PgStoreConfig {
+    /// Connection URL, e.g. `postgres://hub@db:5432/omnirelay`.
+    pub url: String,
+    /// TLS to the server (see the module documentation); every connection of the
+    /// store, pooled or listening, uses it.
+    pub tls: DatabaseTls,
+    /// Pooled connections (see [`defaults::POOL_SIZE`]).
+    pub pool_size: usize,
+    /// Group committers (see [`defaults::COMMITTERS`]).
+    pub committers: usize,
+    /// Deadline of a statement or an append transaction (see
+    /// [`defaults::DATABASE_TIMEOUT`]).
+    pub timeout: Duration,
+}
+
+impl PgStoreConfig {
+    /// A configuration with the default sizes and TLS when the server
+    /// offers it (`prefer`, libpq's default).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            tls: DatabaseTls::Prefer,
+            pool_size: defaults::POOL_SIZE,
+            committers: defaults::COMMITTERS,
+            timeout: defaults::DATABASE_TIMEOUT,
+        }
+    }
+}
 
 /// Errors building the pool (not connecting: that happens on first use).
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +107,9 @@ pub enum DatabaseError {
     /// rustls refused the client configuration.
     #[error("cannot configure TLS to PostgreSQL")]
     Tls(#[source] rustls::Error),
+    /// The connection URL does not parse.
+    #[error(transparent)]
+    Url(#[from] InvalidInput),
     /// deadpool refused the pool settings.
     #[error("cannot build the PostgreSQL pool")]
     Pool(#[source] deadpool_postgres::BuildError),
@@ -79,29 +131,47 @@ pub fn apply_tls_mode(config: &mut tokio_postgres::Config, tls: &DatabaseTls) {
     });
 }
 
-/// Builds a pool for `config` (outside a store: tools and tests);
-/// connections open on first use.
-pub async fn connect_pool(config: &PostgresConfig) -> Result<Pool, DatabaseError> {
-    let mut pg = config.url.to_pg_config();
-    pg.connect_timeout(defaults::POOL_TIMEOUT);
+/// Builds a pool for `config` (outside a store: tools and tests), exactly
+/// as the store builds its own; connections open on first use.
+pub async fn connect_pool(config: &PgStoreConfig) -> Result<Pool, DatabaseError> {
+    let mut pg = connection_config(&config.url)?;
     apply_tls_mode(&mut pg, &config.tls);
-    if pg.get_application_name().is_none() {
-        // Shows the hub's sessions in pg_stat_activity.
-        pg.application_name("omnirelay-hub");
+    build_pool(pg, tls_connector(&config.tls).await?, config.pool_size)
+}
+
+/// The parsed connection settings shared by the pool and the listener.
+pub fn connection_config(url: &str) -> Result<tokio_postgres::Config, InvalidInput> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|err| InvalidInput::new("database_url", format!("is not a valid PostgreSQL URL: {err}")))?;
+    if config.get_application_name().is_none() {
+        config.application_name("omnirelay-hub");
     }
-    let tls = tls_connector(&config.tls).await?;
-    // Fast recycling: a connection the server closed (restart, failover) is
-    // detected by its closed socket; a verifying query on every checkout
-    // would add a round trip to every append.
-    let manager = Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(defaults::POOL_TIMEOUT);
+    }
+    // Detects a silently dead server (a cut network) on idle pooled
+    // connections and on the listener.
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    Ok(config)
+}
+
+/// Builds a connection pool, with TLS as configured.
+pub fn build_pool(config: tokio_postgres::Config, tls: MakeRustlsConnect, size: usize) -> Result<Pool, DatabaseError> {
+    let manager = Manager::from_config(
+        config,
+        tls,
+        // Fast: a broken connection is detected by the next statement, which
+        // fails as unavailable; a per-checkout test query would cost a round
+        // trip on every append group.
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
     Pool::builder(manager)
-        .max_size(config.pool_size)
+        .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
-        .timeouts(Timeouts {
-            wait: Some(defaults::POOL_TIMEOUT),
-            create: Some(defaults::POOL_TIMEOUT),
-            recycle: Some(defaults::POOL_TIMEOUT),
-        })
+        .wait_timeout(Some(defaults::POOL_TIMEOUT))
+        .create_timeout(Some(defaults::POOL_TIMEOUT))
+        .recycle_timeout(Some(defaults::POOL_TIMEOUT))
         .build()
         .map_err(DatabaseError::Pool)
 }
@@ -183,37 +253,4 @@ impl ServerCertVerifier for EncryptOnly {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// The PostgreSQL store is ready when a pooled connection answers and the
-/// database carries the schema this build needs.
-impl Probe for PgStore {
-    fn check(&self) -> ProbeFuture<'_> {
-        Box::pin(probe(self.pool()))
-    }
-
-    fn record_gauges(&self) {
-        record_pool_gauges(self.pool());
-    }
-}
-
-async fn probe(pool: &Pool) -> Result<(), NotReady> {
-    let started = std::time::Instant::now();
-    let result = async {
-        // The whole chain: the pool's "error creating a new object: db
-        // error" says nothing without PostgreSQL's own message after it.
-        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::error::causes(&err)))?;
-        // A probe cut short by its timeout closes its connection rather
-        // than pool it with a query in flight.
-        let client = crate::store::postgres::Conn::lend(client);
-        schema::check(&client).await.map_err(|err| match err {
-            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::error::causes(&source)),
-            other => NotReady::Schema(other.to_string()),
-        })?;
-        client.release();
-        Ok(())
-    }
-    .await;
-    telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
-    result
 }
