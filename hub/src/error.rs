@@ -5,6 +5,7 @@ use crate::event::CorruptEvent;
 use crate::ids::InvalidInput;
 use crate::proto::hub::v1 as pb;
 use crate::store::StoreError;
+pub use crate::store::causes;
 use crate::telemetry::AppendOutcome;
 
 /// Failures of a hub request.
@@ -45,24 +46,6 @@ pub enum HubError {
 
 /// Result type of hub requests.
 pub type Result<T, E = HubError> = std::result::Result<T, E>;
-
-/// An error and its sources as one line, `outer: inner: innermost`, for
-/// logs and operators (never for clients: driver text may name tables or
-/// files). A source whose text the previous one already ends with is
-/// skipped, so wrappers that repeat their cause do not print it twice.
-pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = err.to_string();
-    let mut next = err.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !line.ends_with(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        next = cause.source();
-    }
-    line
-}
 
 /// What a client is told of an outage: what failed and the kind of fault,
 /// in fixed words.
@@ -117,17 +100,9 @@ impl From<HubError> for tonic::Status {
 
 /// The per-batch error answered on an append stream (the stream stays open).
 pub fn append_error(err: &StoreError) -> pb::AppendError {
-    use pb::AppendErrorCode as Code;
-    let code = match AppendOutcome::of_error(err) {
-        AppendOutcome::StaleEpoch => Code::StaleEpoch,
-        AppendOutcome::NoLease => Code::NoLease,
-        AppendOutcome::OutOfOrder => Code::OutOfOrder,
-        AppendOutcome::HeadMismatch => Code::HeadMismatch,
-        AppendOutcome::Invalid => Code::Invalid,
-        AppendOutcome::Unavailable => Code::Unavailable,
-        // Successes never reach here; `of_error` never returns them.
-        AppendOutcome::Failed | AppendOutcome::Appended | AppendOutcome::Duplicate => Code::Internal,
-    };
+    // The one classification the metric label uses too; `of_error` never
+    // returns a success, whose code is `None`.
+    let code = AppendOutcome::of_error(err).code().unwrap_or(pb::AppendErrorCode::Internal);
     let current_epoch = match err {
         StoreError::StaleEpoch { current, .. } => current.0,
         _ => 0,
@@ -191,24 +166,58 @@ mod tests {
 
     #[test]
     fn append_errors_and_the_outcome_label_classify_alike() {
-        use crate::ids::Sequence;
+        use crate::ids::{ProducerId, ProducerSeq, Sequence};
+        let producer = ProducerId::parse("node-a/1").expect("valid");
         let errors = [
             StoreError::StaleEpoch { shard: shard(), given: Epoch(1), current: Epoch(3) },
             StoreError::NoLease { shard: shard() },
+            StoreError::NotHolder { shard: shard(), epoch: Epoch(2) },
             StoreError::UnknownShard { shard: shard() },
+            StoreError::OutOfOrder { shard: shard(), producer, given: ProducerSeq(7), expected: ProducerSeq(5) },
+            StoreError::HeadMismatch { shard: shard(), expected: Sequence(12), head: Sequence(10) },
             StoreError::Trimmed { shard: shard(), low: Sequence(10) },
+            StoreError::PastHead { field: "from", shard: shard(), sequence: Sequence(11), head: Sequence(10) },
             StoreError::Invalid(InvalidInput::new("events", "must not be empty")),
+            StoreError::Overloaded { pending: 10 },
             StoreError::Closed,
             StoreError::Unavailable { what: "append", source: "gone".into() },
+            StoreError::Internal { what: "append", source: "a bug".into() },
         ];
         for err in errors {
+            let outcome = AppendOutcome::of_error(&err);
             let code = pb::AppendErrorCode::try_from(append_error(&err).code).expect("a known code");
-            let label = AppendOutcome::of_error(&err).label();
+            assert_eq!(Some(code), outcome.code(), "{err}: the answer's code is the outcome's");
             let expected = match code {
                 pb::AppendErrorCode::Internal => "failed",
                 other => other.as_str_name().trim_start_matches("APPEND_ERROR_CODE_"),
             };
-            assert_eq!(label, expected.to_ascii_lowercase(), "{err}");
+            assert_eq!(outcome.label(), expected.to_ascii_lowercase(), "{err}");
+        }
+    }
+
+    /// Every outcome, its metric label and its wire code, in one table: the
+    /// label is the code's name (`failed` for INTERNAL), and only the two
+    /// successes have no code.
+    #[test]
+    fn every_append_outcome_has_a_label_that_names_its_code() {
+        use pb::AppendErrorCode as Code;
+        let table = [
+            (AppendOutcome::Appended, "appended", None),
+            (AppendOutcome::Duplicate, "duplicate", None),
+            (AppendOutcome::StaleEpoch, "stale_epoch", Some(Code::StaleEpoch)),
+            (AppendOutcome::NoLease, "no_lease", Some(Code::NoLease)),
+            (AppendOutcome::OutOfOrder, "out_of_order", Some(Code::OutOfOrder)),
+            (AppendOutcome::HeadMismatch, "head_mismatch", Some(Code::HeadMismatch)),
+            (AppendOutcome::Invalid, "invalid", Some(Code::Invalid)),
+            (AppendOutcome::Unavailable, "unavailable", Some(Code::Unavailable)),
+            (AppendOutcome::Failed, "failed", Some(Code::Internal)),
+        ];
+        assert_eq!(table.map(|(outcome, ..)| outcome), AppendOutcome::ALL, "the table lists every outcome");
+        for (outcome, label, code) in table {
+            assert_eq!((outcome.label(), outcome.code()), (label, code), "{outcome:?}");
+            if let Some(code) = code.filter(|code| *code != Code::Internal) {
+                assert_eq!(code.as_str_name(), format!("APPEND_ERROR_CODE_{}", label.to_ascii_uppercase()));
+            }
         }
     }
 

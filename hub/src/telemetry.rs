@@ -1,6 +1,13 @@
-//! Logs and metrics: the hub's metric catalog (names in one place), the
-//! Prometheus recorder behind `/metrics`, the counters tests and benchmarks
-//! read in-process, and the tracing subscriber the binary installs.
+//! Logs and metrics: the hub's metric catalog (names in one place) and its
+//! label vocabularies ([`AppendOutcome`], [`DbOperation`], [`ReadPurpose`],
+//! [`Fault`]), the recording functions, the Prometheus recorder behind
+//! `/metrics`, the counters tests and benchmarks read in-process, and the
+//! tracing subscriber the binary installs.
+//!
+//! Telemetry sits below the store: it names no store type, and the store
+//! classifies its own results into these vocabularies
+//! ([`AppendOutcome::of`], [`Fault::of`]) and records through the functions
+//! here.
 //!
 //! Names follow DESIGN.md §7: `omnirelay_hub_*`, base units (seconds),
 //! counters end in `_total`.
@@ -43,9 +50,9 @@ use std::time::Duration;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use omnirelay_proto::hub::v1::AppendErrorCode;
 
 use crate::config::{LogArgs, LogFormat};
-use crate::store::{AppendAck, Fault, StoreError};
 
 /// Batches answered, by outcome.
 pub const APPEND_BATCHES: &str = "omnirelay_hub_append_batches_total";
@@ -154,36 +161,20 @@ impl AppendOutcome {
         AppendOutcome::Failed,
     ];
 
-    /// The outcome of an answered batch.
-    pub fn of(result: &Result<AppendAck, StoreError>) -> Self {
-        match result {
-            Ok(ack) if ack.duplicate => AppendOutcome::Duplicate,
-            Ok(_) => AppendOutcome::Appended,
-            Err(err) => AppendOutcome::of_error(err),
-        }
-    }
-
-    /// How a refused or failed batch ended: the one classification of
-    /// append failures, shared by the metric label and the error code the
-    /// producer is answered with ([`crate::error::append_error`]).
-    pub fn of_error(err: &StoreError) -> Self {
-        match err {
-            StoreError::StaleEpoch { .. } => AppendOutcome::StaleEpoch,
-            // A shard nobody ever acquired has no lease holder either: the
-            // producer's remedy (acquire the shard) is the same.
-            StoreError::NoLease { .. } | StoreError::NotHolder { .. } | StoreError::UnknownShard { .. } => {
-                AppendOutcome::NoLease
-            }
-            StoreError::OutOfOrder { .. } => AppendOutcome::OutOfOrder,
-            StoreError::HeadMismatch { .. } => AppendOutcome::HeadMismatch,
-            // Appending below the retention floor is a request that can never
-            // succeed as sent.
-            StoreError::Invalid(_) | StoreError::Trimmed { .. } | StoreError::PastHead { .. } => AppendOutcome::Invalid,
-            StoreError::Unavailable { .. } | StoreError::Overloaded { .. } | StoreError::Closed => {
-                AppendOutcome::Unavailable
-            }
-            StoreError::Corrupt(_) | StoreError::Schema(_) | StoreError::Internal { .. } => AppendOutcome::Failed,
-        }
+    /// The error code a producer is answered with for this outcome
+    /// (`AppendError.code`); `None` for the two that are not errors.
+    /// [`AppendOutcome::Failed`] is `INTERNAL`.
+    pub fn code(self) -> Option<AppendErrorCode> {
+        Some(match self {
+            AppendOutcome::Appended | AppendOutcome::Duplicate => return None,
+            AppendOutcome::StaleEpoch => AppendErrorCode::StaleEpoch,
+            AppendOutcome::NoLease => AppendErrorCode::NoLease,
+            AppendOutcome::OutOfOrder => AppendErrorCode::OutOfOrder,
+            AppendOutcome::HeadMismatch => AppendErrorCode::HeadMismatch,
+            AppendOutcome::Invalid => AppendErrorCode::Invalid,
+            AppendOutcome::Unavailable => AppendErrorCode::Unavailable,
+            AppendOutcome::Failed => AppendErrorCode::Internal,
+        })
     }
 
     /// The label value.
@@ -199,6 +190,76 @@ impl AppendOutcome {
             AppendOutcome::Unavailable => "unavailable",
             AppendOutcome::Failed => "failed",
         }
+    }
+}
+
+/// What kind of outage made a store operation fail as
+/// [`StoreError::Unavailable`](crate::store::StoreError::Unavailable): a closed set, so answers to clients can
+/// name it with fixed text (never a driver's message) and metrics can label
+/// it. The full cause goes to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// The disk under the database is full (SQLite's "database or disk is
+    /// full", PostgreSQL's `disk_full`).
+    DiskFull,
+    /// The database cannot be written: a read-only file, or a PostgreSQL
+    /// server in read-only mode (a standby).
+    ReadOnly,
+    /// The database reported an I/O error.
+    Io,
+    /// The database did not answer within its deadline.
+    Timeout,
+    /// The database cannot be reached, or is shutting down or starting up.
+    Unreachable,
+    /// The database is out of connections or memory.
+    Exhausted,
+    /// Anything else.
+    Other,
+}
+
+impl Fault {
+    /// Every fault, to pre-register metric series.
+    pub const ALL: [Fault; 7] = [
+        Fault::DiskFull,
+        Fault::ReadOnly,
+        Fault::Io,
+        Fault::Timeout,
+        Fault::Unreachable,
+        Fault::Exhausted,
+        Fault::Other,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::DiskFull => "disk_full",
+            Fault::ReadOnly => "read_only",
+            Fault::Io => "io",
+            Fault::Timeout => "timeout",
+            Fault::Unreachable => "unreachable",
+            Fault::Exhausted => "exhausted",
+            Fault::Other => "other",
+        }
+    }
+
+    /// The cause as told to clients and operators.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fault::DiskFull => "database or disk is full",
+            Fault::ReadOnly => "the database is read-only",
+            Fault::Io => "the database had an I/O error",
+            Fault::Timeout => "the database did not answer in time",
+            Fault::Unreachable => "the database cannot be reached",
+            Fault::Exhausted => "the database is out of connections or memory",
+            Fault::Other => "the database failed",
+        }
+    }
+
+    /// Whether this fault stops writes while reads may still work, so that
+    /// a replica seeing it on appends is not ready even though its read
+    /// probe passes.
+    pub fn blocks_writes(self) -> bool {
+        matches!(self, Fault::DiskFull | Fault::ReadOnly | Fault::Io)
     }
 }
 
@@ -380,9 +441,8 @@ pub(crate) fn append_predicted(written: bool) {
     metrics::counter!(APPEND_PREDICTIONS, LABEL_OUTCOME => outcome).increment(1);
 }
 
-/// Records one answered batch.
-pub(crate) fn batch_answered(result: &Result<AppendAck, StoreError>, events: usize) {
-    let outcome = AppendOutcome::of(result);
+/// Records one answered batch of `events` events.
+pub(crate) fn batch_answered(outcome: AppendOutcome, events: usize) {
     if outcome == AppendOutcome::Appended {
         metrics::counter!(APPEND_EVENTS).increment(events as u64);
     }

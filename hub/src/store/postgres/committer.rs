@@ -307,7 +307,7 @@ impl Committer {
                     source: "its original was rejected in the same group".into(),
                 }),
             };
-            telemetry::batch_answered(&result, pending.batch.events.len());
+            telemetry::batch_answered(telemetry::AppendOutcome::of(&result), pending.batch.events.len());
             // The caller may have gone away; its batch is committed regardless.
             let _ = pending.reply.send(result);
         }
@@ -325,7 +325,7 @@ impl Committer {
         for pending in group {
             self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
             let result = Err(copy_error(err));
-            telemetry::batch_answered(&result, pending.batch.events.len());
+            telemetry::batch_answered(telemetry::AppendOutcome::of(&result), pending.batch.events.len());
             let _ = pending.reply.send(result);
         }
     }

@@ -420,7 +420,7 @@ impl StoreThread {
                 }
                 BatchOutcome::Duplicate(ack) => ack,
             });
-            telemetry::batch_answered(&answer, pending.batch.events.len());
+            telemetry::batch_answered(telemetry::AppendOutcome::of(&answer), pending.batch.events.len());
             let _ = pending.reply.send(answer);
         }
         for (shard, events) in appended {
