@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         }
     };
     // The span exporter's channel lives on the runtime.
-    let otlp = match runtime.block_on(async { telemetry::init_tracing(&cli.log) }) {
+    let otlp = match runtime.block_on(async { telemetry::traces::init_tracing(&cli.log) }) {
         Ok(otlp) => otlp,
         Err(err) => {
             #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.

@@ -94,7 +94,7 @@ pub async fn serve_grpc(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         // Every call, the Hub's and the health service's alike, runs in one
         // request span (exported over OTLP when configured).
-        .trace_fn(telemetry::request_span)
+        .trace_fn(telemetry::traces::request_span)
         // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
         .layer(crate::decoding::DecodeErrorsLayer)
         .add_routes(routes)
