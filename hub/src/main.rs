@@ -12,7 +12,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use omnirelay_hub::config::{Cli, Command, ConfigError, ServeArgs, StoreConfig, VerifyArgs};
+use omnirelay_hub::config::flags::{Cli, Command, ServeArgs, VerifyArgs};
+use omnirelay_hub::config::{ConfigError, StoreConfig};
 use omnirelay_hub::store::LogStore;
 use omnirelay_hub::store::postgres::{self, PgStore};
 use omnirelay_hub::store::sqlite::SqliteStore;

@@ -2,7 +2,7 @@
 //! tracing subscriber the binary installs (`--log`, `--log-format`), with
 //! span export over OTLP/gRPC when `--otlp-endpoint` is set.
 
-use crate::config::{LogArgs, LogFormat};
+use crate::config::flags::{LogArgs, LogFormat};
 
 /// Reads W3C trace context (`traceparent`, `tracestate`) from request headers.
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
