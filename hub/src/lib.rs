@@ -59,31 +59,24 @@
 //! assert!(verify(&shard, Sequence(1), &ChainHash::ZERO, &events).is_ok());
 //! ```
 
-pub mod access;
-pub mod admin;
-mod budget;
+pub mod api;
 pub mod config;
-pub mod decoding;
 pub mod defaults;
-pub mod error;
-pub mod event;
-pub mod health;
-pub mod ids;
-pub mod principal;
-pub mod quota;
-pub mod schema;
-mod server;
-pub mod service;
-pub mod shutdown;
+pub mod fanout;
+pub mod log;
+pub mod replica;
+pub mod security;
 pub mod store;
-mod subscribe;
-mod tail;
 pub mod telemetry;
-pub mod tls;
-pub mod transport;
-pub mod verify;
-pub mod wire;
 
+// The public paths other crates name (`omnirelay_hub::ids::ShardId`, ...).
+pub use api::{decoding, error, service, wire};
 pub use config::Config;
+pub(crate) use fanout::{budget, subscribe, tail};
+pub use log::{event, ids, verify};
 pub use omnirelay_proto as proto;
+pub(crate) use replica::server;
+pub use replica::{admin, health, shutdown};
+pub use security::{access, principal, quota, tls, transport};
 pub use server::{Hub, SubscriptionMemory, run};
+pub use store::postgres::schema;

@@ -27,6 +27,7 @@ mod conn;
 mod failure;
 mod listener;
 pub mod pool;
+pub mod schema;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -46,12 +47,12 @@ pub(crate) use self::conn::Conn;
 use self::conn::{col, from_db, to_db, within};
 use self::failure::{pool_error, store_error};
 pub use self::pool::{DatabaseTls, PgStoreConfig};
+use self::schema::SchemaError;
 use crate::defaults;
 use crate::event::{self, ChainHash, StoredRow};
 use crate::health::{NotReady, Probe, ProbeFuture};
 use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::principal::Principal;
-use crate::schema::{self, SchemaError};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
     RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
