@@ -62,7 +62,7 @@
 pub mod api;
 pub mod config;
 pub mod defaults;
-pub mod fanout;
+mod fanout;
 pub mod log;
 pub mod replica;
 pub mod security;
@@ -72,11 +72,9 @@ pub mod telemetry;
 // The public paths other crates name (`omnirelay_hub::ids::ShardId`, ...).
 pub use api::{decoding, error, service, wire};
 pub use config::Config;
-pub(crate) use fanout::{budget, subscribe, tail};
 pub use log::{event, ids, verify};
 pub use omnirelay_proto as proto;
-pub(crate) use replica::server;
+pub use replica::server::{Hub, SubscriptionMemory, run};
 pub use replica::{admin, health, shutdown};
 pub use security::{access, principal, quota, tls, transport};
-pub use server::{Hub, SubscriptionMemory, run};
 pub use store::postgres::schema;

@@ -7,7 +7,7 @@
 //! whose request fails to decode is answered before the handler runs, with
 //! the status in the response headers ("trailers only"); this layer rewrites
 //! exactly that answer. Streams are handled where they are read (see the
-//! append stream in [`crate::service`]).
+//! append stream in [`crate::api::service`]).
 
 use std::task::{Context, Poll};
 

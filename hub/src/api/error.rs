@@ -1,8 +1,8 @@
 //! The hub's service-boundary error, and the one place that maps errors to
 //! `tonic::Status` and to per-batch append errors.
 
-use crate::event::CorruptEvent;
-use crate::ids::InvalidInput;
+use crate::log::event::CorruptEvent;
+use crate::log::ids::InvalidInput;
 use crate::proto::hub::v1 as pb;
 use crate::store::StoreError;
 pub use crate::store::causes;
@@ -140,7 +140,7 @@ pub fn invalid_batch(err: &InvalidInput) -> pb::AppendError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{Epoch, ShardId};
+    use crate::log::ids::{Epoch, ShardId};
 
     fn shard() -> ShardId {
         ShardId::parse("resourcelease.users").expect("valid")
@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn append_errors_and_the_outcome_label_classify_alike() {
-        use crate::ids::{ProducerId, ProducerSeq, Sequence};
+        use crate::log::ids::{ProducerId, ProducerSeq, Sequence};
         let producer = ProducerId::parse("node-a/1").expect("valid");
         let errors = [
             StoreError::StaleEpoch { shard: shard(), given: Epoch(1), current: Epoch(3) },

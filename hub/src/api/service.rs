@@ -1,6 +1,6 @@
 //! The `omnirelay.hub.v1.Hub` gRPC service: request handling on top of the
 //! store, the live tail and subscriptions. Conversions live in
-//! [`crate::wire`], error mapping in [`crate::error`].
+//! [`crate::api::wire`], error mapping in [`crate::api::error`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,18 +15,19 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use crate::access::{Guard, HubProcedure};
+use crate::api::error::{self, HubError};
+use crate::api::wire;
 use crate::defaults;
-use crate::error::{self, HubError};
-use crate::event::ChainHash;
-use crate::health::WriteHealth;
-use crate::ids::{Epoch, InvalidInput, Sequence};
+use crate::fanout::subscribe::Subscriptions;
+use crate::log::event::ChainHash;
+use crate::log::ids::{Epoch, InvalidInput, Sequence};
+use crate::log::verify;
 use crate::proto::hub::v1 as pb;
-use crate::quota::StreamQuota;
+use crate::replica::health::WriteHealth;
+use crate::security::access::{Guard, HubProcedure};
+use crate::security::quota::StreamQuota;
 use crate::store::LogStore;
-use crate::subscribe::Subscriptions;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
-use crate::{verify, wire};
 
 /// The Hub service of one replica.
 #[derive(Clone)]
@@ -37,7 +38,7 @@ pub struct HubService {
     subscriptions: Subscriptions,
     cancel: CancellationToken,
     tasks: TaskTracker,
-    /// Who may call what (see [`crate::access`]); every RPC asks it before
+    /// Who may call what (see [`crate::security::access`]); every RPC asks it before
     /// reading or writing anything.
     guard: Arc<Guard>,
     /// Open append streams per principal.

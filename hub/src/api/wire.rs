@@ -9,8 +9,8 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::defaults;
-use crate::event::{CorruptEvent, LogEvent, NewEvent};
-use crate::ids::{
+use crate::log::event::{CorruptEvent, LogEvent, NewEvent};
+use crate::log::ids::{
     Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, ShardPattern, SubscriberId,
 };
 use crate::proto::hub::v1 as pb;
@@ -316,7 +316,7 @@ fn duration(field: &'static str, value: &prost_types::Duration) -> Result<Durati
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ChainHash, chain};
+    use crate::log::event::{ChainHash, chain};
 
     fn completed(shard: &str) -> rpb::ReplicationEvent {
         rpb::ReplicationEvent {

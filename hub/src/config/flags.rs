@@ -11,8 +11,8 @@ use super::{
     ByteSize, Config, ConfigError, DatabaseTls, DatabaseTlsMode, DatabaseUrl, HumanDuration, Interval, PostgresConfig,
     Result, StoreConfig, TlsFiles,
 };
-use crate::access::Access;
 use crate::defaults;
+use crate::security::access::Access;
 
 /// The `omnirelay-hub` command line.
 ///
@@ -66,7 +66,7 @@ pub struct VerifyArgs {
     /// `resourcelease.users@1200=9f86d0...`. Repeatable. A log rewritten
     /// with every hash recomputed still chains; it no longer matches this.
     #[arg(long = "anchor", value_name = "SHARD@SEQUENCE=HASH")]
-    pub anchors: Vec<crate::verify::Anchor>,
+    pub anchors: Vec<crate::log::verify::Anchor>,
 }
 
 impl Cli {

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 
-use crate::access::Access;
 use crate::defaults;
+use crate::security::access::Access;
 pub use crate::store::postgres::DatabaseTls;
 use crate::store::postgres::PgStoreConfig;
 

@@ -13,7 +13,7 @@
 //!
 //! Frames go into the subscription's [`outbox::Outbox`], which the gRPC
 //! stream drains; its size in bytes is bounded per subscription and by the
-//! replica's subscription memory budget (see [`crate::budget`]). A client
+//! replica's subscription memory budget (see [`crate::fanout::budget`]). A client
 //! that reads slowly fills its outbox: its followers then stop taking live
 //! events (holding none) and catch up from the store page by page as room
 //! frees, which stalls only that subscription. One that falls furthest
@@ -34,16 +34,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::outbox::{Outbox, Pushed, Reservation};
-use crate::budget::{Budget, Grant};
+use crate::api::error::HubError;
+use crate::api::wire::{self, Selection, Start};
 use crate::defaults;
-use crate::error::HubError;
-use crate::event::{ChainHash, CorruptEvent, LogEvent};
-use crate::ids::{Sequence, ShardId};
+use crate::fanout::budget::{Budget, Grant};
+use crate::fanout::tail::{Feed, Tail, TailChunk};
+use crate::log::event::{ChainHash, CorruptEvent, LogEvent};
+use crate::log::ids::{Sequence, ShardId};
 use crate::proto::hub::v1 as pb;
 use crate::store::{LogStore, StoreError};
-use crate::tail::{Feed, Tail, TailChunk};
 use crate::telemetry::{self, HubCounters, ReadPurpose, SubscriberLag};
-use crate::wire::{self, Selection, Start};
 
 /// The subscription side of a hub replica.
 #[derive(Clone)]
@@ -96,7 +96,7 @@ impl Subscriptions {
         // The subscription's share of the budget, before anything is built:
         // a replica whose budget is held by open subscriptions refuses more.
         let outbox = Outbox::new(&self.budget, selection.subscriber.clone());
-        let memory_error = |exhausted: crate::budget::Exhausted| HubError::SubscriptionMemory {
+        let memory_error = |exhausted: crate::fanout::budget::Exhausted| HubError::SubscriptionMemory {
             wanted: exhausted.wanted,
             limit: exhausted.limit,
         };

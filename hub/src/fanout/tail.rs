@@ -29,10 +29,10 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::budget::{Account, Budget, Grant};
 use crate::defaults;
-use crate::event::{ChainHash, CorruptEvent, LogEvent};
-use crate::ids::{Sequence, ShardId};
+use crate::fanout::budget::{Account, Budget, Grant};
+use crate::log::event::{ChainHash, CorruptEvent, LogEvent};
+use crate::log::ids::{Sequence, ShardId};
 use crate::store::{LogChange, LogStore, StoreError};
 use crate::telemetry::{HubCounters, ReadPurpose};
 
@@ -471,8 +471,8 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::event::{NewEvent, chain};
-    use crate::ids::Epoch;
+    use crate::log::event::{NewEvent, chain};
+    use crate::log::ids::Epoch;
 
     fn feed() -> Feed {
         feed_named("resourcelease.t")

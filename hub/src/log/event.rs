@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::ids::{Epoch, Sequence, ShardId};
+use crate::log::ids::{Epoch, Sequence, ShardId};
 
 /// A SHA-256 chain hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -4,12 +4,12 @@
 //! checks, an event that `ReadRange` or `Subscribe` would refuse never
 //! verifies `ok`.
 
+use crate::api::wire;
 use crate::defaults;
-use crate::event::{ChainHash, CorruptEvent};
-use crate::ids::{Sequence, ShardId};
+use crate::log::event::{ChainHash, CorruptEvent};
+use crate::log::ids::{Sequence, ShardId};
 use crate::proto::raw::RawEvent;
 use crate::store::{EventPage, LogStore, StoreError};
-use crate::wire;
 
 /// Checks a page as every reader does before serving it
 /// ([`EventPage::verify`]: no hole, every link and hash), and decodes each

@@ -22,7 +22,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use crate::replica::health::Health;
 
 /// How often histogram samples are folded into buckets between scrapes, so
 /// an unscraped replica's memory stays bounded (the exporter's own default).
@@ -96,7 +96,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::{NotReady, Probe, ProbeFuture};
+    use crate::replica::health::{NotReady, Probe, ProbeFuture};
     use crate::telemetry;
     use axum::body::Body;
     use http_body_util::BodyExt as _;

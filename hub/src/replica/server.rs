@@ -11,23 +11,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::Guard;
-use crate::admin;
-use crate::budget::Budget;
+use crate::api::service::HubService;
 use crate::config::{Config, StoreConfig};
 use crate::defaults;
-use crate::health::{Health, Probe, WriteHealth};
+use crate::fanout::budget::Budget;
+use crate::fanout::subscribe::Subscriptions;
+use crate::fanout::tail::Tail;
 use crate::proto::hub::v1::hub_server::HubServer;
-use crate::service::HubService;
-use crate::shutdown::{self, GrpcServing};
+use crate::replica::admin;
+use crate::replica::health::{Health, Probe, WriteHealth};
+use crate::replica::shutdown::{self, GrpcServing};
+use crate::security::access::Guard;
+use crate::security::tls::ServerTls;
 use crate::store::metered::Metered;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{LogStore, RetentionPolicy};
-use crate::subscribe::Subscriptions;
-use crate::tail::Tail;
 use crate::telemetry::{self, HubCounters};
-use crate::tls::ServerTls;
 
 /// A hub replica, ready to serve.
 pub struct Hub {
@@ -144,7 +144,7 @@ impl Hub {
     /// Serves until `shutdown` resolves: gRPC on `listener` (with TLS as
     /// configured, and the standard health service), the admin HTTP server
     /// on `--admin-listen`, background retention; then shuts down in the
-    /// order [`crate::shutdown`] describes and closes the store.
+    /// order [`crate::replica::shutdown`] describes and closes the store.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let admin = match TcpListener::bind(self.config.admin_listen).await {
             Ok(admin) => admin,

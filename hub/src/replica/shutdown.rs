@@ -21,9 +21,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
-use crate::tls::ServerTls;
-use crate::{telemetry, transport};
+use crate::replica::health::Health;
+use crate::security::tls::ServerTls;
+use crate::security::transport;
+use crate::telemetry;
 
 /// HTTP/2 keepalive ping interval on gRPC connections: a client that
 /// vanished without closing (a killed pod, a dropped NAT entry) is noticed
@@ -96,7 +97,7 @@ pub async fn serve_grpc(
         // request span (exported over OTLP when configured).
         .trace_fn(telemetry::traces::request_span)
         // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
-        .layer(crate::decoding::DecodeErrorsLayer)
+        .layer(crate::api::decoding::DecodeErrorsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             transport::incoming(listener, tls, cut.clone()),

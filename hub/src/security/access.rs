@@ -47,8 +47,8 @@ use serde::Deserialize;
 use tonic::Status;
 
 use crate::defaults;
-use crate::ids::{ShardId, ShardPattern, SubscriberId};
-use crate::transport::ConnectionInfo;
+use crate::log::ids::{ShardId, ShardPattern, SubscriberId};
+use crate::security::transport::ConnectionInfo;
 
 /// The principal of a loopback caller of a hub in protected mode.
 pub const LOCAL_PRINCIPAL: &str = "local";

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tonic::Status;
 
-use crate::principal::Principal;
+use crate::security::principal::Principal;
 
 /// Open streams of one kind, counted per principal.
 #[derive(Debug)]

@@ -5,8 +5,8 @@
 //! configuration: TLS 1.2 and 1.3 with rustls' safe defaults, ALPN `h2`, and,
 //! when a client CA is configured, a client certificate that is required and
 //! must chain to that CA. The accept loop that uses it lives in
-//! [`crate::transport`]; the caller's identity taken from the verified
-//! client certificate in [`crate::principal`].
+//! [`crate::security::transport`]; the caller's identity taken from the verified
+//! client certificate in [`crate::security::principal`].
 //!
 //! Every error names the flag and the file it came from, so an operator sees
 //! `--tls-key /etc/hub/key.pem: no private key found` and not a bare parse

@@ -29,9 +29,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::defaults;
 use omnirelay_identity::{ClientCertChain, CredentialError};
 
-use crate::principal::Principal;
+use crate::security::principal::Principal;
+use crate::security::tls::ServerTls;
 use crate::telemetry;
-use crate::tls::ServerTls;
 
 /// What the hub knows about the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub struct ConnectionInfo {
     /// when mutual TLS is on.
     pub principal: Option<Principal>,
     /// The verified client certificate chain, leaf first, under mutual TLS:
-    /// what the identity layer binds a caller from (see [`crate::access`]).
+    /// what the identity layer binds a caller from (see [`crate::security::access`]).
     pub client_certs: Option<ClientCertChain>,
 }
 

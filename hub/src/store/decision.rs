@@ -8,8 +8,8 @@
 //! acknowledgement whatever the shard looks like now.
 
 use super::{AppendBatch, StoreError};
-use crate::ids::Epoch;
-use crate::ids::{InvalidInput, ProducerSeq, Sequence};
+use crate::log::ids::Epoch;
+use crate::log::ids::{InvalidInput, ProducerSeq, Sequence};
 
 /// The shard as the deciding transaction sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +74,8 @@ pub(crate) fn decide(batch: &AppendBatch, shard: ShardView, latest: Option<Produ
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::NewEvent;
-    use crate::ids::{ProducerId, ShardId};
+    use crate::log::event::NewEvent;
+    use crate::log::ids::{ProducerId, ShardId};
 
     fn batch(producer_seq: u64, epoch: u64, expected_first: Option<u64>) -> AppendBatch {
         AppendBatch {

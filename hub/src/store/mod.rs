@@ -24,9 +24,9 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
-use crate::event::{ChainHash, CorruptEvent, LogEvent, NewEvent};
-use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
+use crate::log::event::{ChainHash, CorruptEvent, LogEvent, NewEvent};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::security::principal::Principal;
 use crate::telemetry::AppendOutcome;
 pub use crate::telemetry::Fault;
 
@@ -158,7 +158,7 @@ impl EventPage {
         to: Option<Sequence>,
         limit: usize,
         anchor: Option<ChainHash>,
-        rows: Vec<crate::event::StoredRow>,
+        rows: Vec<crate::log::event::StoredRow>,
         state: (Sequence, Sequence, ChainHash),
         cut: bool,
     ) -> EventPage {
@@ -182,7 +182,7 @@ impl EventPage {
             _ => end.min(by_limit),
         };
         EventPage {
-            events: crate::event::link(anchor, rows),
+            events: crate::log::event::link(anchor, rows),
             shard,
             from,
             anchor,
@@ -200,7 +200,7 @@ impl EventPage {
     /// corrupt (or missing) sequence; every event before it is valid.
     ///
     /// A body that does not decode is the one check left to the readers
-    /// that decode it (see [`crate::verify::decode_page`]).
+    /// that decode it (see [`crate::log::verify::decode_page`]).
     pub fn verify(&self) -> Result<(), CorruptEvent> {
         if self.anchor_missing {
             return Err(CorruptEvent {
@@ -209,7 +209,7 @@ impl EventPage {
                 reason: format!("missing from the stored log (the head is {})", self.head),
             });
         }
-        crate::event::verify(&self.shard, self.from, &self.anchor, &self.events)?;
+        crate::log::event::verify(&self.shard, self.from, &self.anchor, &self.events)?;
         let held = self.events.len() as u64;
         if self.through >= self.from && held < self.through.0 - self.from.0 + 1 {
             return Err(CorruptEvent {
@@ -409,7 +409,7 @@ pub enum StoreError {
     },
     /// The database does not carry the schema this build needs (at start-up).
     #[error(transparent)]
-    Schema(Box<crate::schema::SchemaError>),
+    Schema(Box<crate::store::postgres::schema::SchemaError>),
     /// The store is shutting down and accepts no more work.
     #[error("the log store is shutting down")]
     Closed,

@@ -403,7 +403,7 @@ impl HubCounters {
 pub(crate) struct SubscriberLag(metrics::Gauge);
 
 impl SubscriberLag {
-    pub(crate) fn new(subscriber: &crate::ids::SubscriberId, shard: &crate::ids::ShardId) -> Self {
+    pub(crate) fn new(subscriber: &crate::log::ids::SubscriberId, shard: &crate::log::ids::ShardId) -> Self {
         Self(metrics::gauge!(
             SUBSCRIBER_LAG_EVENTS,
             LABEL_SUBSCRIBER => subscriber.to_string(),
@@ -412,7 +412,7 @@ impl SubscriberLag {
     }
 
     /// Records the events between the shard's head and the last delivered.
-    pub(crate) fn set(&self, head: crate::ids::Sequence, delivered: crate::ids::Sequence) {
+    pub(crate) fn set(&self, head: crate::log::ids::Sequence, delivered: crate::log::ids::Sequence) {
         self.0.set(head.0.saturating_sub(delivered.0) as f64);
     }
 }

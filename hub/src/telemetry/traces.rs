@@ -33,7 +33,7 @@ pub fn request_span<B>(request: &http::Request<B>) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
-        rpc.principal = crate::transport::http_principal(request).map(tracing::field::display),
+        rpc.principal = crate::security::transport::http_principal(request).map(tracing::field::display),
     );
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(request.headers()))

@@ -30,9 +30,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::{Account, Budget, Evict, Exhausted, Grant};
 use crate::defaults;
-use crate::ids::SubscriberId;
+use crate::fanout::budget::{Account, Budget, Evict, Exhausted, Grant};
+use crate::log::ids::SubscriberId;
 use crate::proto::hub::v1 as pb;
 use crate::telemetry;
 

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{Conn, col, from_db, to_db};
 use super::failure::{Failure, classify};
 use crate::defaults;
-use crate::event::{self, ChainHash, LogEvent};
-use crate::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
+use crate::log::event::{self, ChainHash, LogEvent};
+use crate::log::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
 use crate::store::decision::{ShardView, decide};
 use crate::store::{
     AppendAck, AppendBatch, Elapsed, Fault, LogChange, StoreError, copy_error, count_mismatch, stored_hash,

@@ -9,7 +9,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::FromSql;
 
 use super::failure::pool_error;
-use crate::ids::InvalidInput;
+use crate::log::ids::InvalidInput;
 use crate::store::{Elapsed, StoreError};
 
 /// A pooled connection lent to one operation. [`Conn::release`] gives it

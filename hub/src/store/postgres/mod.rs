@@ -49,10 +49,10 @@ use self::failure::{pool_error, store_error};
 pub use self::pool::{DatabaseTls, PgStoreConfig};
 use self::schema::SchemaError;
 use crate::defaults;
-use crate::event::{self, ChainHash, StoredRow};
-use crate::health::{NotReady, Probe, ProbeFuture};
-use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
+use crate::log::event::{self, ChainHash, StoredRow};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::replica::health::{NotReady, Probe, ProbeFuture};
+use crate::security::principal::Principal;
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
     RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
@@ -693,12 +693,12 @@ async fn probe(pool: &Pool) -> Result<(), NotReady> {
     let result = async {
         // The whole chain: the pool's "error creating a new object: db
         // error" says nothing without PostgreSQL's own message after it.
-        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::error::causes(&err)))?;
+        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::api::error::causes(&err)))?;
         // A probe cut short by its timeout closes its connection rather
         // than pool it with a query in flight.
         let client = Conn::lend(client);
         schema::check(&client).await.map_err(|err| match err {
-            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::error::causes(&source)),
+            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::api::error::causes(&source)),
             other => NotReady::Schema(other.to_string()),
         })?;
         client.release();

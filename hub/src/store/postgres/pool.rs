@@ -34,7 +34,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::defaults;
-use crate::ids::InvalidInput;
+use crate::log::ids::InvalidInput;
 use crate::telemetry;
 
 /// TLS to PostgreSQL, validated: `VerifyFull` carries its CA.

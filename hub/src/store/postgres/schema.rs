@@ -72,8 +72,8 @@ pub fn fingerprint() -> String {
         runner.get_migrations().iter().map(|m| format!("{}{}{:x}", m.version(), m.name(), m.checksum())).collect();
     parts.sort();
     let joined = parts.join("/");
-    let hash = crate::event::ChainHash::compute(
-        &crate::event::ChainHash::ZERO,
+    let hash = crate::log::event::ChainHash::compute(
+        &crate::log::event::ChainHash::ZERO,
         Default::default(),
         Default::default(),
         joined.as_bytes(),

@@ -37,9 +37,9 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 use tokio::sync::{broadcast, oneshot};
 
 use crate::defaults;
-use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
-use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
+use crate::log::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::security::principal::Principal;
 use crate::store::decision::{ShardView, decide};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
@@ -403,7 +403,7 @@ impl StoreThread {
         let results = match outcome {
             Ok(results) => results,
             Err(err) => {
-                tracing::error!(batches = group.len(), error = %crate::error::causes(&err), "embedded store append failed");
+                tracing::error!(batches = group.len(), error = %crate::api::error::causes(&err), "embedded store append failed");
                 group.iter().map(|_| Err(copy_error(&err))).collect()
             }
         };
@@ -1136,8 +1136,8 @@ impl LogStore for SqliteStore {
     }
 }
 
-impl crate::health::Probe for SqliteStore {
-    fn check(&self) -> crate::health::ProbeFuture<'_> {
+impl crate::replica::health::Probe for SqliteStore {
+    fn check(&self) -> crate::replica::health::ProbeFuture<'_> {
         let started = Instant::now();
         let answer = self.run(|db| {
             db.query_row("SELECT count(*) FROM shards", [], |row| row.get::<_, i64>(0))
@@ -1146,7 +1146,7 @@ impl crate::health::Probe for SqliteStore {
         Box::pin(async move {
             let result = answer.await.map(drop);
             telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
-            result.map_err(|err| crate::health::NotReady::Unreachable(crate::error::causes(&err)))
+            result.map_err(|err| crate::replica::health::NotReady::Unreachable(crate::api::error::causes(&err)))
         })
     }
 }
