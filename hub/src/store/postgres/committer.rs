@@ -39,7 +39,7 @@ use super::failure::{Failure, classify};
 use crate::defaults;
 use crate::log::event::{self, ChainHash, LogEvent};
 use crate::log::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
-use crate::store::decision::{ShardView, decide};
+use crate::store::decision::{ShardView, Verdict, decide};
 use crate::store::{
     AppendAck, AppendBatch, Elapsed, Fault, LogChange, StoreError, copy_error, count_mismatch, stored_hash,
 };
@@ -402,16 +402,14 @@ async fn locking_statements<'b>(
                 latest.entry(key).or_insert(seq);
             }
         }
-        let decision = match record_ack(record.copied()).map_err(GroupError::Store)? {
-            Some(ack) => match check_count(batch, &ack) {
-                Ok(()) => Decision::Duplicate(ack),
-                Err(err) => Decision::Reject(err),
-            },
-            None => match planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)) {
-                Some(&earlier) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
-                Some(&earlier) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
-                None => plan(batch, shards.get_mut(&batch.shard), latest.get(&key).copied()),
-            },
+        let recorded = record_ack(record.copied()).map_err(GroupError::Store)?;
+        let earlier = planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)).copied();
+        let decision = match (recorded, earlier) {
+            // The same batch twice in one group: the later copy is answered
+            // like the first (a retry racing its original).
+            (None, Some(earlier)) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
+            (None, Some(earlier)) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
+            (recorded, _) => plan(batch, shards.get_mut(&batch.shard), recorded, latest.get(&key).copied()),
         };
         if let Decision::Write { .. } = decision {
             latest.insert(key, batch.producer_seq);
@@ -539,7 +537,7 @@ impl Prediction {
             if batch.producer_seq.0 != last.0.checked_add(1)? {
                 return None;
             }
-            let decision = plan(batch, shards.get_mut(&batch.shard), Some(last));
+            let decision = plan(batch, shards.get_mut(&batch.shard), None, Some(last));
             if !matches!(decision, Decision::Write { .. }) {
                 return None;
             }
@@ -695,18 +693,27 @@ async fn copy_events(client: &deadpool_postgres::Client, rows: &EventRows<'_>) -
     Ok(())
 }
 
-/// Decides a batch that is neither a known nor an in-group retry.
-fn plan(batch: &AppendBatch, shard: Option<&mut LockedShard>, latest: Option<ProducerSeq>) -> Decision {
-    let Some(shard) = shard else { return Decision::Reject(StoreError::NoLease { shard: batch.shard.clone() }) };
-    let view = ShardView { held: shard.held, epoch: shard.epoch, head: shard.head };
-    if let Err(refused) = decide(batch, view, latest) {
-        return Decision::Reject(refused);
+/// Decides a batch that is not an in-group retry (see [`decide`]) and, when
+/// it is written, chains its events and moves the locked shard's head.
+fn plan(
+    batch: &AppendBatch,
+    shard: Option<&mut LockedShard>,
+    recorded: Option<AppendAck>,
+    latest: Option<ProducerSeq>,
+) -> Decision {
+    let view = shard.as_ref().map(|shard| ShardView { held: shard.held, epoch: shard.epoch, head: shard.head });
+    match decide(batch, view, recorded, latest) {
+        Err(refused) => Decision::Reject(refused),
+        Ok(Verdict::Duplicate(ack)) => Decision::Duplicate(ack),
+        Ok(Verdict::Write) => {
+            let shard = shard.expect("decide writes only to a shard that exists");
+            let events = event::chain(shard.head_hash, shard.head.next(), batch.epoch, &batch.events);
+            let last = &events[events.len() - 1];
+            shard.head = last.sequence;
+            shard.head_hash = last.hash;
+            Decision::Write { shard_no: shard.shard_no, epoch: batch.epoch, events }
+        }
     }
-    let events = event::chain(shard.head_hash, shard.head.next(), batch.epoch, &batch.events);
-    let last = &events[events.len() - 1];
-    shard.head = last.sequence;
-    shard.head_hash = last.hash;
-    Decision::Write { shard_no: shard.shard_no, epoch: batch.epoch, events }
 }
 
 /// The acknowledgement recorded for a batch, if the lookup found one.
@@ -720,11 +727,6 @@ fn record_ack(row: Option<&tokio_postgres::Row>) -> Result<Option<AppendAck>, St
         duplicate: true,
         last_hash: hash_col(row, "last_hash")?,
     }))
-}
-
-fn check_count(batch: &AppendBatch, ack: &AppendAck) -> Result<(), StoreError> {
-    let written = (ack.last.0 - ack.first.0 + 1) as usize;
-    if written == batch.events.len() { Ok(()) } else { Err(count_mismatch(batch, written)) }
 }
 
 fn hash_col(row: &tokio_postgres::Row, name: &'static str) -> Result<ChainHash, StoreError> {

@@ -40,11 +40,11 @@ use crate::defaults;
 use crate::log::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
 use crate::log::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
 use crate::security::principal::Principal;
-use crate::store::decision::{ShardView, decide};
+use crate::store::decision::{ShardView, Verdict, decide};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
     RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
-    checkpoint_hash, copy_error, corrupt_id, count_mismatch, lease_failure, stored_hash,
+    checkpoint_hash, copy_error, corrupt_id, lease_failure, stored_hash,
 };
 use crate::telemetry::{self, DbOperation};
 
@@ -495,43 +495,47 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
         })
         .optional()
         .map_err(sql)?;
-    let Some((shard_no, epoch, owner, head, head_hash)) = shard else {
-        return Err(StoreError::NoLease { shard: batch.shard.clone() });
-    };
-
-    let known = db
-        .prepare_cached(
-            "SELECT first_sequence, last_sequence, last_hash FROM producer_batches \
-             WHERE shard_no = ?1 AND producer_id = ?2 AND producer_seq = ?3",
-        )
-        .map_err(sql)?
-        .query_row(params![shard_no, batch.producer.as_str(), producer_seq], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?))
-        })
-        .optional()
-        .map_err(sql)?;
-    if let Some((first, last, hash)) = known {
-        let ack = AppendAck {
-            first: Sequence(from_db(first)?),
-            last: Sequence(from_db(last)?),
-            duplicate: true,
-            last_hash: stored_hash(hash, "last_hash")?,
-        };
-        let written = (ack.last.0 - ack.first.0 + 1) as usize;
-        if written != batch.events.len() {
-            return Err(count_mismatch(batch, written));
+    let mut view = None;
+    let mut recorded = None;
+    let mut latest = None;
+    if let Some((shard_no, epoch, owner, head, _)) = &shard {
+        view =
+            Some(ShardView { held: owner.is_some(), epoch: Epoch(from_db(*epoch)?), head: Sequence(from_db(*head)?) });
+        recorded = db
+            .prepare_cached(
+                "SELECT first_sequence, last_sequence, last_hash FROM producer_batches \
+                 WHERE shard_no = ?1 AND producer_id = ?2 AND producer_seq = ?3",
+            )
+            .map_err(sql)?
+            .query_row(params![shard_no, batch.producer.as_str(), producer_seq], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?))
+            })
+            .optional()
+            .map_err(sql)?
+            .map(|(first, last, hash)| {
+                Ok::<_, StoreError>(AppendAck {
+                    first: Sequence(from_db(first)?),
+                    last: Sequence(from_db(last)?),
+                    duplicate: true,
+                    last_hash: stored_hash(hash, "last_hash")?,
+                })
+            })
+            .transpose()?;
+        if recorded.is_none() {
+            let max: Option<i64> = db
+                .prepare_cached(
+                    "SELECT max(producer_seq) FROM producer_batches WHERE shard_no = ?1 AND producer_id = ?2",
+                )
+                .map_err(sql)?
+                .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
+                .map_err(sql)?;
+            latest = max.map(|latest| from_db(latest).map(ProducerSeq)).transpose()?;
         }
+    }
+    if let Verdict::Duplicate(ack) = decide(batch, view, recorded, latest)? {
         return Ok(BatchOutcome::Duplicate(ack));
     }
-
-    let latest: Option<i64> = db
-        .prepare_cached("SELECT max(producer_seq) FROM producer_batches WHERE shard_no = ?1 AND producer_id = ?2")
-        .map_err(sql)?
-        .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
-        .map_err(sql)?;
-    let latest = latest.map(|latest| from_db(latest).map(ProducerSeq)).transpose()?;
-    let view = ShardView { held: owner.is_some(), epoch: Epoch(from_db(epoch)?), head: Sequence(from_db(head)?) };
-    decide(batch, view, latest)?;
+    let (shard_no, epoch, _, head, head_hash) = shard.expect("decide writes only to a shard that exists");
 
     let head = Sequence(from_db(head)?);
     let events = event::chain(stored_hash(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
