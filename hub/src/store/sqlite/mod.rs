@@ -48,6 +48,36 @@ use crate::store::{
 };
 use crate::telemetry::{self, DbOperation};
 
+// The store's statements, each file opening with its concurrency contract.
+const SQL_APPEND_SHARD: &str = include_str!("sql/append_shard.sql");
+const SQL_APPEND_RECORD: &str = include_str!("sql/append_record.sql");
+const SQL_APPEND_LATEST: &str = include_str!("sql/append_latest.sql");
+const SQL_APPEND_EVENT: &str = include_str!("sql/append_event.sql");
+const SQL_APPEND_RECORD_INSERT: &str = include_str!("sql/append_record_insert.sql");
+const SQL_APPEND_HEAD: &str = include_str!("sql/append_head.sql");
+const SQL_SHARD_NO: &str = include_str!("sql/shard_no.sql");
+const SQL_ACQUIRE_NEW: &str = include_str!("sql/acquire_new.sql");
+const SQL_ACQUIRE_PRINCIPAL: &str = include_str!("sql/acquire_principal.sql");
+const SQL_ACQUIRE_TAKE: &str = include_str!("sql/acquire_take.sql");
+const SQL_RENEW_SHARD: &str = include_str!("sql/renew_shard.sql");
+const SQL_RELEASE_SHARD: &str = include_str!("sql/release_shard.sql");
+const SQL_READ_RANGE: &str = include_str!("sql/read_range.sql");
+const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
+const SQL_EVENT_HASH: &str = include_str!("sql/event_hash.sql");
+const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
+const SQL_READ_CHECKPOINT: &str = include_str!("sql/read_checkpoint.sql");
+const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
+const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
+const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
+const SQL_RETENTION_PLAN: &str = include_str!("sql/retention_plan.sql");
+const SQL_RETENTION_LOW: &str = include_str!("sql/retention_low.sql");
+const SQL_RETENTION_SNAPSHOTS: &str = include_str!("sql/retention_snapshots.sql");
+const SQL_RETENTION_RECORDS: &str = include_str!("sql/retention_records.sql");
+const SQL_RETENTION_EVENTS: &str = include_str!("sql/retention_events.sql");
+const SQL_PROBE: &str = include_str!("sql/probe.sql");
+const SQL_SHARD_STATE: &str = include_str!("sql/shard_state.sql");
+const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
+
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied.
 /// Forward-only, like the PostgreSQL ones: never edit a landed entry.
 const MIGRATIONS: &[&str] = &[
@@ -482,7 +512,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
     let sql = |e| sql_error(what, e);
     let producer_seq = to_db("producer_seq", batch.producer_seq.0)?;
     let shard = db
-        .prepare_cached("SELECT shard_no, epoch, owner, head_sequence, head_hash FROM shards WHERE shard_id = ?1")
+        .prepare_cached(SQL_APPEND_SHARD)
         .map_err(sql)?
         .query_row(params![batch.shard.as_str()], |row| {
             Ok((
@@ -502,10 +532,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
         view =
             Some(ShardView { held: owner.is_some(), epoch: Epoch(from_db(*epoch)?), head: Sequence(from_db(*head)?) });
         recorded = db
-            .prepare_cached(
-                "SELECT first_sequence, last_sequence, last_hash FROM producer_batches \
-                 WHERE shard_no = ?1 AND producer_id = ?2 AND producer_seq = ?3",
-            )
+            .prepare_cached(SQL_APPEND_RECORD)
             .map_err(sql)?
             .query_row(params![shard_no, batch.producer.as_str(), producer_seq], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?))
@@ -523,9 +550,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
             .transpose()?;
         if recorded.is_none() {
             let max: Option<i64> = db
-                .prepare_cached(
-                    "SELECT max(producer_seq) FROM producer_batches WHERE shard_no = ?1 AND producer_id = ?2",
-                )
+                .prepare_cached(SQL_APPEND_LATEST)
                 .map_err(sql)?
                 .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
                 .map_err(sql)?;
@@ -539,11 +564,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
 
     let head = Sequence(from_db(head)?);
     let events = event::chain(stored_hash(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
-    let mut insert = db
-        .prepare_cached(
-            "INSERT INTO events (shard_no, sequence, epoch, recorded_at, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .map_err(sql)?;
+    let mut insert = db.prepare_cached(SQL_APPEND_EVENT).map_err(sql)?;
     for event in &events {
         insert
             .execute(params![
@@ -557,24 +578,21 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
             .map_err(sql)?;
     }
     let (first, last) = (&events[0], &events[events.len() - 1]);
-    db.prepare_cached(
-        "INSERT INTO producer_batches (shard_no, producer_id, producer_seq, first_sequence, last_sequence, last_hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .map_err(sql)?
-    .execute(params![
-        shard_no,
-        batch.producer.as_str(),
-        producer_seq,
-        to_db("sequence", first.sequence.0)?,
-        to_db("sequence", last.sequence.0)?,
-        &last.hash.as_bytes()[..],
-    ])
-    .map_err(sql)?;
+    db.prepare_cached(SQL_APPEND_RECORD_INSERT)
+        .map_err(sql)?
+        .execute(params![
+            shard_no,
+            batch.producer.as_str(),
+            producer_seq,
+            to_db("sequence", first.sequence.0)?,
+            to_db("sequence", last.sequence.0)?,
+            &last.hash.as_bytes()[..],
+        ])
+        .map_err(sql)?;
     // The fence again, in the statement that moves the head: with one
     // connection nothing can have changed, but the write states its rule.
     let moved = db
-        .prepare_cached("UPDATE shards SET head_sequence = ?2, head_hash = ?3 WHERE shard_no = ?1 AND epoch = ?4")
+        .prepare_cached(SQL_APPEND_HEAD)
         .map_err(sql)?
         .execute(params![shard_no, to_db("sequence", last.sequence.0)?, &last.hash.as_bytes()[..], epoch])
         .map_err(sql)?;
@@ -585,10 +603,7 @@ fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, Sto
     Ok(BatchOutcome::Written { ack, events })
 }
 
-const SELECT_SHARD: &str = "SELECT shard_id, owner, epoch, head_sequence, lease_expires_at, head_hash, \
-                            low_sequence, low_prev_hash FROM shards";
-
-/// A shard row as read by [`SELECT_SHARD`].
+/// A shard row as read by `shard_state.sql` and `list_shards.sql`.
 fn shard_state(row: &rusqlite::Row<'_>) -> Result<ShardState, StoreError> {
     let what = "decode a shard";
     let get = |e| sql_error(what, e);
@@ -609,8 +624,7 @@ fn shard_state(row: &rusqlite::Row<'_>) -> Result<ShardState, StoreError> {
 
 fn read_state(db: &Connection, shard: &ShardId) -> Result<Option<ShardState>, StoreError> {
     let what = "read a shard";
-    let mut statement =
-        db.prepare_cached(&format!("{SELECT_SHARD} WHERE shard_id = ?1")).map_err(|e| sql_error(what, e))?;
+    let mut statement = db.prepare_cached(SQL_SHARD_STATE).map_err(|e| sql_error(what, e))?;
     let mut rows = statement.query(params![shard.as_str()]).map_err(|e| sql_error(what, e))?;
     match rows.next().map_err(|e| sql_error(what, e))? {
         Some(row) => Ok(Some(shard_state(row)?)),
@@ -619,7 +633,7 @@ fn read_state(db: &Connection, shard: &ShardId) -> Result<Option<ShardState>, St
 }
 
 fn shard_no(db: &Connection, shard: &ShardId) -> Result<Option<i64>, StoreError> {
-    db.prepare_cached("SELECT shard_no FROM shards WHERE shard_id = ?1")
+    db.prepare_cached(SQL_SHARD_NO)
         .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)).optional())
         .map_err(|e| sql_error("look up a shard", e))
 }
@@ -658,20 +672,17 @@ impl LogStore for SqliteStore {
             let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
             let granted = match read_state(&txn, &shard)? {
                 None => {
-                    txn.prepare_cached(
-                        "INSERT INTO shards (shard_id, epoch, owner, lease_expires_at, head_hash, low_prev_hash, created_at, \
-                         owner_principal) VALUES (?1, 1, ?2, ?3, ?4, ?4, ?5, ?6)",
-                    )
-                    .map_err(sql)?
-                    .execute(params![
-                        shard.as_str(),
-                        owner.as_str(),
-                        expires,
-                        &ChainHash::ZERO.as_bytes()[..],
-                        now,
-                        principal
-                    ])
-                    .map_err(sql)?;
+                    txn.prepare_cached(SQL_ACQUIRE_NEW)
+                        .map_err(sql)?
+                        .execute(params![
+                            shard.as_str(),
+                            owner.as_str(),
+                            expires,
+                            &ChainHash::ZERO.as_bytes()[..],
+                            now,
+                            principal
+                        ])
+                        .map_err(sql)?;
                     true
                 }
                 Some(state) => {
@@ -679,7 +690,7 @@ impl LogStore for SqliteStore {
                     // again to its owner id only under the principal that
                     // took it (or when it records none).
                     let taken_by: Option<String> = txn
-                        .prepare_cached("SELECT owner_principal FROM shards WHERE shard_id = ?1")
+                        .prepare_cached(SQL_ACQUIRE_PRINCIPAL)
                         .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)))
                         .map_err(sql)?;
                     let same_principal = taken_by.is_none() || taken_by.as_deref() == principal;
@@ -690,19 +701,18 @@ impl LogStore for SqliteStore {
                         }
                     };
                     if free {
-                        txn.prepare_cached(
-                            "UPDATE shards SET epoch = epoch + 1, owner = ?2, lease_expires_at = ?3, owner_principal = ?4 \
-                             WHERE shard_id = ?1",
-                        )
-                        .map_err(sql)?
-                        .execute(params![shard.as_str(), owner.as_str(), expires, principal])
-                        .map_err(sql)?;
+                        txn.prepare_cached(SQL_ACQUIRE_TAKE)
+                            .map_err(sql)?
+                            .execute(params![shard.as_str(), owner.as_str(), expires, principal])
+                            .map_err(sql)?;
                     }
                     free
                 }
             };
-            let state = read_state(&txn, &shard)?
-                .ok_or_else(|| StoreError::Internal { what, source: "the shard vanished after its row was written".into() })?;
+            let state = read_state(&txn, &shard)?.ok_or_else(|| StoreError::Internal {
+                what,
+                source: "the shard vanished after its row was written".into(),
+            })?;
             txn.commit().map_err(sql)?;
             Ok(LeaseGrant { granted, lease: state.lease })
         })
@@ -721,11 +731,7 @@ impl LogStore for SqliteStore {
             let principal = principal.as_ref().map(Principal::as_str);
             let expires = micros(SystemTime::now()).saturating_add(duration_micros(ttl)?);
             let renewed = db
-                .prepare_cached(
-                    "UPDATE shards SET lease_expires_at = ?4, owner_principal = coalesce(owner_principal, ?5) \
-                     WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3 \
-                     AND (owner_principal IS NULL OR owner_principal = ?5)",
-                )
+                .prepare_cached(SQL_RENEW_SHARD)
                 .map_err(|e| sql_error(what, e))?
                 .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, expires, principal])
                 .map_err(|e| sql_error(what, e))?;
@@ -749,11 +755,7 @@ impl LogStore for SqliteStore {
         self.run(move |db| {
             let principal = principal.as_ref().map(Principal::as_str);
             let released = db
-                .prepare_cached(
-                    "UPDATE shards SET owner = NULL, owner_principal = NULL, lease_expires_at = NULL \
-                     WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3 \
-                     AND (owner_principal IS NULL OR owner_principal = ?4)",
-                )
+                .prepare_cached(SQL_RELEASE_SHARD)
                 .map_err(|e| sql_error("release a shard", e))?
                 .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, principal])
                 .map_err(|e| sql_error("release a shard", e))?;
@@ -770,9 +772,7 @@ impl LogStore for SqliteStore {
             let what = "list shards";
             // substr compares bytes, like PostgreSQL's starts_with; LIKE would
             // treat '%' and '_' in ids as wildcards.
-            let mut statement = db
-                .prepare_cached(&format!("{SELECT_SHARD} WHERE substr(shard_id, 1, length(?1)) = ?1 ORDER BY shard_id"))
-                .map_err(|e| sql_error(what, e))?;
+            let mut statement = db.prepare_cached(SQL_LIST_SHARDS).map_err(|e| sql_error(what, e))?;
             let mut rows = statement.query(params![prefix]).map_err(|e| sql_error(what, e))?;
             let mut shards = Vec::new();
             while let Some(row) = rows.next().map_err(|e| sql_error(what, e))? {
@@ -810,12 +810,7 @@ impl LogStore for SqliteStore {
             }
             let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
             let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1) + 1;
-            let mut statement = txn
-                .prepare_cached(
-                    "SELECT sequence, epoch, recorded_at, body, hash FROM events \
-                     WHERE shard_no = ?1 AND sequence >= ?2 - 1 AND sequence <= ?3 ORDER BY sequence LIMIT ?4",
-                )
-                .map_err(sql)?;
+            let mut statement = txn.prepare_cached(SQL_READ_RANGE).map_err(sql)?;
             let mut rows = statement.query(params![number, from_value, to_value, fetch]).map_err(sql)?;
             let mut anchor = None;
             let mut stored = Vec::new();
@@ -859,10 +854,7 @@ impl LogStore for SqliteStore {
         self.run(move |db| {
             let what = "find a sequence by time";
             let found: Option<i64> = db
-                .prepare_cached(
-                    "SELECT e.sequence FROM shards s JOIN events e ON e.shard_no = s.shard_no \
-                     WHERE s.shard_id = ?1 AND e.recorded_at >= ?2 ORDER BY e.sequence LIMIT 1",
-                )
+                .prepare_cached(SQL_SEQUENCE_AT)
                 .map_err(|e| sql_error(what, e))?
                 .query_row(params![shard.as_str(), micros(since)], |row| row.get(0))
                 .optional()
@@ -885,7 +877,7 @@ impl LogStore for SqliteStore {
             let Some(state) = read_state(db, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
             let number = shard_no(db, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
             let stored: Option<Vec<u8>> = db
-                .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                .prepare_cached(SQL_EVENT_HASH)
                 .map_err(sql)?
                 .query_row(params![number, sequence_value], |row| row.get(0))
                 .optional()
@@ -898,13 +890,7 @@ impl LogStore for SqliteStore {
             };
             let recorded = checkpoint_hash(&subscriber, &shard, sequence, hash, &target)?;
             let moved = db
-                .prepare_cached(
-                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at, hash) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (subscriber_id, shard_no) DO UPDATE \
-                     SET sequence = excluded.sequence, updated_at = excluded.updated_at, hash = excluded.hash \
-                     WHERE checkpoints.sequence < excluded.sequence",
-                )
+                .prepare_cached(SQL_COMMIT_CHECKPOINT)
                 .map_err(sql)?
                 .execute(params![
                     subscriber.as_str(),
@@ -916,9 +902,7 @@ impl LogStore for SqliteStore {
                 .map_err(sql)?
                 == 1;
             let (stored, updated_at, hash): (i64, i64, Option<Vec<u8>>) = db
-                .prepare_cached(
-                    "SELECT sequence, updated_at, hash FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
-                )
+                .prepare_cached(SQL_READ_CHECKPOINT)
                 .map_err(sql)?
                 .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .map_err(sql)?;
@@ -937,13 +921,7 @@ impl LogStore for SqliteStore {
         self.run(move |db| {
             let what = "read checkpoints";
             let sql = |e| sql_error(what, e);
-            let mut statement = db
-                .prepare_cached(
-                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at, c.hash \
-                     FROM checkpoints c JOIN shards s ON s.shard_no = c.shard_no \
-                     WHERE (?1 IS NULL OR c.subscriber_id = ?1) ORDER BY c.subscriber_id, s.shard_id",
-                )
-                .map_err(sql)?;
+            let mut statement = db.prepare_cached(SQL_READ_CHECKPOINTS).map_err(sql)?;
             let mut rows = statement.query(params![subscriber.as_ref().map(SubscriberId::as_str)]).map_err(sql)?;
             let mut found = Vec::new();
             while let Some(row) = rows.next().map_err(sql)? {
@@ -996,7 +974,7 @@ impl LogStore for SqliteStore {
                 return Err(StoreError::Trimmed { shard, low: state.low });
             } else {
                 let stored: Option<Vec<u8>> = txn
-                    .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                    .prepare_cached(SQL_EVENT_HASH)
                     .map_err(sql)?
                     .query_row(params![number, sequence_value], |row| row.get(0))
                     .optional()
@@ -1011,14 +989,17 @@ impl LogStore for SqliteStore {
                 }
             };
             let created_at = SystemTime::now();
-            txn.prepare_cached(
-                "INSERT INTO snapshots (shard_no, sequence, epoch, data, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                 ON CONFLICT (shard_no, sequence) DO UPDATE \
-                 SET epoch = excluded.epoch, data = excluded.data, hash = excluded.hash, created_at = excluded.created_at",
-            )
-            .map_err(sql)?
-            .execute(params![number, sequence_value, epoch_value, &data[..], &hash.as_bytes()[..], micros(created_at)])
-            .map_err(sql)?;
+            txn.prepare_cached(SQL_UPSERT_SNAPSHOT)
+                .map_err(sql)?
+                .execute(params![
+                    number,
+                    sequence_value,
+                    epoch_value,
+                    &data[..],
+                    &hash.as_bytes()[..],
+                    micros(created_at)
+                ])
+                .map_err(sql)?;
             txn.commit().map_err(sql)?;
             Ok(Snapshot { shard, sequence, data, hash, created_at: from_micros(micros(created_at)) })
         })
@@ -1032,11 +1013,7 @@ impl LogStore for SqliteStore {
                 None => i64::MAX,
             };
             let row = db
-                .prepare_cached(
-                    "SELECT sn.sequence, sn.data, sn.hash, sn.created_at FROM snapshots sn \
-                     JOIN shards s ON s.shard_no = sn.shard_no \
-                     WHERE s.shard_id = ?1 AND sn.sequence <= ?2 ORDER BY sn.sequence DESC LIMIT 1",
-                )
+                .prepare_cached(SQL_READ_SNAPSHOT)
                 .map_err(|e| sql_error(what, e))?
                 .query_row(params![shard.as_str(), below], |row| {
                     Ok((
@@ -1071,10 +1048,7 @@ impl LogStore for SqliteStore {
             let low = state.low;
             let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
             let (snapshot, checkpoint): (Option<i64>, Option<i64>) = txn
-                .prepare_cached(
-                    "SELECT (SELECT max(sequence) FROM snapshots WHERE shard_no = ?1), \
-                            (SELECT min(sequence) FROM checkpoints WHERE shard_no = ?1 AND updated_at >= ?2)",
-                )
+                .prepare_cached(SQL_RETENTION_PLAN)
                 .map_err(sql)?
                 .query_row(params![number, oldest_counted], |row| Ok((row.get(0)?, row.get(1)?)))
                 .map_err(sql)?;
@@ -1084,30 +1058,13 @@ impl LogStore for SqliteStore {
                 return Ok(RetentionOutcome { deleted: 0, low });
             }
             // The anchor hash is read before event `through` is deleted.
-            txn.prepare_cached(
-                "UPDATE shards SET low_sequence = ?2 + 1, \
-                 low_prev_hash = (SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2) WHERE shard_no = ?1",
-            )
-            .map_err(sql)?
-            .execute(params![number, through])
-            .map_err(sql)?;
-            txn.prepare_cached("DELETE FROM snapshots WHERE shard_no = ?1 AND sequence < ?2")
-                .map_err(sql)?
-                .execute(params![number, through])
-                .map_err(sql)?;
+            txn.prepare_cached(SQL_RETENTION_LOW).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
+            txn.prepare_cached(SQL_RETENTION_SNAPSHOTS).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
             // Each producer's latest record survives, so its retries are
             // still recognised after the events are gone.
-            txn.prepare_cached(
-                "DELETE FROM producer_batches WHERE shard_no = ?1 AND last_sequence <= ?2 \
-                 AND producer_seq < (SELECT max(l.producer_seq) FROM producer_batches l \
-                                     WHERE l.shard_no = producer_batches.shard_no \
-                                       AND l.producer_id = producer_batches.producer_id)",
-            )
-            .map_err(sql)?
-            .execute(params![number, through])
-            .map_err(sql)?;
+            txn.prepare_cached(SQL_RETENTION_RECORDS).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
             let deleted = txn
-                .prepare_cached("DELETE FROM events WHERE shard_no = ?1 AND sequence <= ?2")
+                .prepare_cached(SQL_RETENTION_EVENTS)
                 .map_err(sql)?
                 .execute(params![number, through])
                 .map_err(sql)?;
@@ -1144,7 +1101,7 @@ impl crate::replica::health::Probe for SqliteStore {
     fn check(&self) -> crate::replica::health::ProbeFuture<'_> {
         let started = Instant::now();
         let answer = self.run(|db| {
-            db.query_row("SELECT count(*) FROM shards", [], |row| row.get::<_, i64>(0))
+            db.query_row(SQL_PROBE, [], |row| row.get::<_, i64>(0))
                 .map_err(|e| sql_error("probe the embedded store", e))
         });
         Box::pin(async move {
