@@ -121,7 +121,7 @@ impl WriteHealth {
             }
             Err(err) => {
                 let Some(fault) = err.fault().filter(|fault| fault.blocks_writes()) else { return };
-                let cause = crate::api::error::causes(err);
+                let cause = crate::store::causes(err);
                 if failed.is_none() {
                     tracing::warn!(fault = fault.label(), error = %cause, "appends fail: the store cannot write");
                     self.changed.notify_one();

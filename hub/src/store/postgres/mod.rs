@@ -693,12 +693,12 @@ async fn probe(pool: &Pool) -> Result<(), NotReady> {
     let result = async {
         // The whole chain: the pool's "error creating a new object: db
         // error" says nothing without PostgreSQL's own message after it.
-        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::api::error::causes(&err)))?;
+        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::store::causes(&err)))?;
         // A probe cut short by its timeout closes its connection rather
         // than pool it with a query in flight.
         let client = Conn::lend(client);
         schema::check(&client).await.map_err(|err| match err {
-            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::api::error::causes(&source)),
+            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::store::causes(&source)),
             other => NotReady::Schema(other.to_string()),
         })?;
         client.release();

@@ -30,32 +30,29 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
+mod rows;
+mod thread;
+
+use self::rows::{duration_micros, from_db, from_micros, micros, read_state, shard_no, shard_state, sql_error, to_db};
+use self::thread::{Command, Pending, StoreThread};
 use crate::defaults;
-use crate::log::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
-use crate::log::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::log::event::{ChainHash, CorruptEvent, StoredRow};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::security::principal::Principal;
-use crate::store::decision::{ShardView, Verdict, decide};
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
     RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
-    checkpoint_hash, copy_error, corrupt_id, lease_failure, stored_hash,
+    checkpoint_hash, corrupt_id, lease_failure, stored_hash,
 };
 use crate::telemetry::{self, DbOperation};
 
 // The store's statements, each file opening with its concurrency contract.
-const SQL_APPEND_SHARD: &str = include_str!("sql/append_shard.sql");
-const SQL_APPEND_RECORD: &str = include_str!("sql/append_record.sql");
-const SQL_APPEND_LATEST: &str = include_str!("sql/append_latest.sql");
-const SQL_APPEND_EVENT: &str = include_str!("sql/append_event.sql");
-const SQL_APPEND_RECORD_INSERT: &str = include_str!("sql/append_record_insert.sql");
-const SQL_APPEND_HEAD: &str = include_str!("sql/append_head.sql");
-const SQL_SHARD_NO: &str = include_str!("sql/shard_no.sql");
 const SQL_ACQUIRE_NEW: &str = include_str!("sql/acquire_new.sql");
 const SQL_ACQUIRE_PRINCIPAL: &str = include_str!("sql/acquire_principal.sql");
 const SQL_ACQUIRE_TAKE: &str = include_str!("sql/acquire_take.sql");
@@ -75,7 +72,6 @@ const SQL_RETENTION_SNAPSHOTS: &str = include_str!("sql/retention_snapshots.sql"
 const SQL_RETENTION_RECORDS: &str = include_str!("sql/retention_records.sql");
 const SQL_RETENTION_EVENTS: &str = include_str!("sql/retention_events.sql");
 const SQL_PROBE: &str = include_str!("sql/probe.sql");
-const SQL_SHARD_STATE: &str = include_str!("sql/shard_state.sql");
 const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
 
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied.
@@ -147,19 +143,6 @@ pub enum SqliteOpenError {
         /// The path given.
         path: PathBuf,
     },
-}
-
-/// Work for the store thread.
-enum Command {
-    /// An append, group-committed with the appends queued right behind it.
-    Append(Pending),
-    /// Any other operation.
-    Run(Box<dyn FnOnce(&mut Connection) + Send>),
-}
-
-struct Pending {
-    batch: AppendBatch,
-    reply: oneshot::Sender<Result<AppendAck, StoreError>>,
 }
 
 /// The embedded SQLite [`LogStore`]. Cheap to clone; clones share the
@@ -349,293 +332,6 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, SqliteOpenEr
 
 fn is_busy(err: &rusqlite::Error) -> bool {
     matches!(err.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
-}
-
-/// Maps a SQLite failure: a full disk, a file turned read-only, I/O errors
-/// and a busy file are outages the caller may retry (and that heal without a
-/// restart once the operator fixed them); anything else is a bug or
-/// corruption.
-fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
-    let outage = matches!(
-        err.sqlite_error_code(),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::DiskFull
-                | ErrorCode::ReadOnly
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen
-                | ErrorCode::OutOfMemory
-        )
-    );
-    if outage {
-        StoreError::Unavailable { what, source: Box::new(err) }
-    } else {
-        StoreError::Internal { what, source: Box::new(err) }
-    }
-}
-
-/// The thread owning the connection.
-struct StoreThread {
-    connection: Connection,
-    changes: broadcast::Sender<LogChange>,
-    pending_events: Arc<AtomicUsize>,
-}
-
-impl StoreThread {
-    fn run(mut self, queue: mpsc::Receiver<Command>) {
-        let mut next = None;
-        loop {
-            let command = match next.take() {
-                Some(command) => command,
-                // Ends once every sender is gone (the store closed) and the
-                // queue is drained: queued appends still commit.
-                None => match queue.recv() {
-                    Ok(command) => command,
-                    Err(_) => break,
-                },
-            };
-            match command {
-                Command::Run(op) => op(&mut self.connection),
-                Command::Append(first) => {
-                    let mut events = first.batch.events.len();
-                    let mut group = vec![first];
-                    while group.len() < defaults::MAX_GROUP_BATCHES && events < defaults::MAX_GROUP_EVENTS {
-                        match queue.try_recv() {
-                            Ok(Command::Append(pending)) => {
-                                events += pending.batch.events.len();
-                                group.push(pending);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.commit(group);
-                }
-            }
-        }
-        // Dropping the connection releases the file's lock.
-        if let Err((_, err)) = self.connection.close() {
-            tracing::warn!(error = %err, "closing the embedded SQLite store failed");
-        }
-    }
-
-    /// Commits a group of appends in one transaction and answers each.
-    fn commit(&mut self, group: Vec<Pending>) {
-        let started = Instant::now();
-        let event_count: usize = group.iter().map(|p| p.batch.events.len()).sum();
-        let outcome = commit_group(&mut self.connection, &group);
-        telemetry::record_db_operation(DbOperation::Append, started.elapsed(), outcome.is_ok());
-        telemetry::group_committed(group.len(), event_count, started.elapsed());
-        let results = match outcome {
-            Ok(results) => results,
-            Err(err) => {
-                tracing::error!(batches = group.len(), error = %crate::api::error::causes(&err), "embedded store append failed");
-                group.iter().map(|_| Err(copy_error(&err))).collect()
-            }
-        };
-        let mut appended: Vec<(ShardId, Vec<LogEvent>)> = Vec::new();
-        for (pending, result) in group.into_iter().zip(results) {
-            self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
-            let answer = result.map(|outcome| match outcome {
-                BatchOutcome::Written { ack, events } => {
-                    match appended.iter_mut().find(|(shard, _)| *shard == pending.batch.shard) {
-                        Some((_, run)) => run.extend(events),
-                        None => appended.push((pending.batch.shard.clone(), events)),
-                    }
-                    ack
-                }
-                BatchOutcome::Duplicate(ack) => ack,
-            });
-            telemetry::batch_answered(telemetry::AppendOutcome::of(&answer), pending.batch.events.len());
-            let _ = pending.reply.send(answer);
-        }
-        for (shard, events) in appended {
-            let head = events[events.len() - 1].sequence;
-            // No receivers just means nobody follows the live tail.
-            let _ = self.changes.send(LogChange::Appended { shard, head, events: Some(Arc::from(events)) });
-        }
-    }
-}
-
-/// What happened to one batch of a group.
-enum BatchOutcome {
-    Written { ack: AppendAck, events: Vec<LogEvent> },
-    Duplicate(AppendAck),
-}
-
-/// Runs a group's transaction; the outer error means nothing was committed.
-fn commit_group(
-    connection: &mut Connection,
-    group: &[Pending],
-) -> Result<Vec<Result<BatchOutcome, StoreError>>, StoreError> {
-    let what = "commit an append group";
-    let mut txn =
-        connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(what, e))?;
-    let mut results = Vec::with_capacity(group.len());
-    for pending in group {
-        let savepoint = txn.savepoint().map_err(|e| sql_error(what, e))?;
-        let result = apply_batch(&savepoint, &pending.batch);
-        // A full disk or an I/O error may make SQLite roll the whole
-        // transaction back by itself: then the group failed, with that
-        // batch's cause (not the "no transaction is active" of what follows).
-        if let Err(err @ StoreError::Unavailable { .. }) = &result
-            && savepoint.is_autocommit()
-        {
-            return Err(copy_error(err));
-        }
-        match &result {
-            Ok(BatchOutcome::Written { .. }) => savepoint.commit().map_err(|e| sql_error(what, e))?,
-            // Rejected or failed batches roll back to the savepoint when it
-            // drops; the rest of the group is unaffected.
-            _ => drop(savepoint),
-        }
-        results.push(result);
-    }
-    if results.iter().any(|r| matches!(r, Ok(BatchOutcome::Written { .. }))) {
-        txn.commit().map_err(|e| sql_error(what, e))?;
-    } else {
-        // Nothing to write: no fsync.
-        txn.rollback().map_err(|e| sql_error(what, e))?;
-    }
-    Ok(results)
-}
-
-/// Decides and, when valid, writes one batch, in the order the PostgreSQL
-/// store decides: a known batch is a duplicate (whatever the epoch now),
-/// then the lease and epoch fence, then producer-sequence order.
-fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, StoreError> {
-    let what = "append a batch";
-    let sql = |e| sql_error(what, e);
-    let producer_seq = to_db("producer_seq", batch.producer_seq.0)?;
-    let shard = db
-        .prepare_cached(SQL_APPEND_SHARD)
-        .map_err(sql)?
-        .query_row(params![batch.shard.as_str()], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, Option<String>>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, Vec<u8>>(4)?,
-            ))
-        })
-        .optional()
-        .map_err(sql)?;
-    let mut view = None;
-    let mut recorded = None;
-    let mut latest = None;
-    if let Some((shard_no, epoch, owner, head, _)) = &shard {
-        view =
-            Some(ShardView { held: owner.is_some(), epoch: Epoch(from_db(*epoch)?), head: Sequence(from_db(*head)?) });
-        recorded = db
-            .prepare_cached(SQL_APPEND_RECORD)
-            .map_err(sql)?
-            .query_row(params![shard_no, batch.producer.as_str(), producer_seq], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?))
-            })
-            .optional()
-            .map_err(sql)?
-            .map(|(first, last, hash)| {
-                Ok::<_, StoreError>(AppendAck {
-                    first: Sequence(from_db(first)?),
-                    last: Sequence(from_db(last)?),
-                    duplicate: true,
-                    last_hash: stored_hash(hash, "last_hash")?,
-                })
-            })
-            .transpose()?;
-        if recorded.is_none() {
-            let max: Option<i64> = db
-                .prepare_cached(SQL_APPEND_LATEST)
-                .map_err(sql)?
-                .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
-                .map_err(sql)?;
-            latest = max.map(|latest| from_db(latest).map(ProducerSeq)).transpose()?;
-        }
-    }
-    if let Verdict::Duplicate(ack) = decide(batch, view, recorded, latest)? {
-        return Ok(BatchOutcome::Duplicate(ack));
-    }
-    let (shard_no, epoch, _, head, head_hash) = shard.expect("decide writes only to a shard that exists");
-
-    let head = Sequence(from_db(head)?);
-    let events = event::chain(stored_hash(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
-    let mut insert = db.prepare_cached(SQL_APPEND_EVENT).map_err(sql)?;
-    for event in &events {
-        insert
-            .execute(params![
-                shard_no,
-                to_db("sequence", event.sequence.0)?,
-                epoch,
-                micros(event.recorded_at),
-                &event.body[..],
-                &event.hash.as_bytes()[..],
-            ])
-            .map_err(sql)?;
-    }
-    let (first, last) = (&events[0], &events[events.len() - 1]);
-    db.prepare_cached(SQL_APPEND_RECORD_INSERT)
-        .map_err(sql)?
-        .execute(params![
-            shard_no,
-            batch.producer.as_str(),
-            producer_seq,
-            to_db("sequence", first.sequence.0)?,
-            to_db("sequence", last.sequence.0)?,
-            &last.hash.as_bytes()[..],
-        ])
-        .map_err(sql)?;
-    // The fence again, in the statement that moves the head: with one
-    // connection nothing can have changed, but the write states its rule.
-    let moved = db
-        .prepare_cached(SQL_APPEND_HEAD)
-        .map_err(sql)?
-        .execute(params![shard_no, to_db("sequence", last.sequence.0)?, &last.hash.as_bytes()[..], epoch])
-        .map_err(sql)?;
-    if moved != 1 {
-        return Err(StoreError::Internal { what, source: "the epoch fence refused the head update".into() });
-    }
-    let ack = AppendAck { first: first.sequence, last: last.sequence, duplicate: false, last_hash: last.hash };
-    Ok(BatchOutcome::Written { ack, events })
-}
-
-/// A shard row as read by `shard_state.sql` and `list_shards.sql`.
-fn shard_state(row: &rusqlite::Row<'_>) -> Result<ShardState, StoreError> {
-    let what = "decode a shard";
-    let get = |e| sql_error(what, e);
-    let lease = ShardLease {
-        shard: ShardId::parse(row.get::<_, String>(0).map_err(get)?).map_err(corrupt_id)?,
-        owner: row.get::<_, Option<String>>(1).map_err(get)?.map(OwnerId::parse).transpose().map_err(corrupt_id)?,
-        epoch: Epoch(from_db(row.get(2).map_err(get)?)?),
-        head: Sequence(from_db(row.get(3).map_err(get)?)?),
-        expires_at: row.get::<_, Option<i64>>(4).map_err(get)?.map(from_micros),
-    };
-    Ok(ShardState {
-        lease,
-        head_hash: stored_hash(row.get(5).map_err(get)?, "head_hash")?,
-        low: Sequence(from_db(row.get(6).map_err(get)?)?),
-        low_prev_hash: stored_hash(row.get(7).map_err(get)?, "low_prev_hash")?,
-    })
-}
-
-fn read_state(db: &Connection, shard: &ShardId) -> Result<Option<ShardState>, StoreError> {
-    let what = "read a shard";
-    let mut statement = db.prepare_cached(SQL_SHARD_STATE).map_err(|e| sql_error(what, e))?;
-    let mut rows = statement.query(params![shard.as_str()]).map_err(|e| sql_error(what, e))?;
-    match rows.next().map_err(|e| sql_error(what, e))? {
-        Some(row) => Ok(Some(shard_state(row)?)),
-        None => Ok(None),
-    }
-}
-
-fn shard_no(db: &Connection, shard: &ShardId) -> Result<Option<i64>, StoreError> {
-    db.prepare_cached(SQL_SHARD_NO)
-        .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)).optional())
-        .map_err(|e| sql_error("look up a shard", e))
 }
 
 impl LogStore for SqliteStore {
@@ -1107,46 +803,15 @@ impl crate::replica::health::Probe for SqliteStore {
         Box::pin(async move {
             let result = answer.await.map(drop);
             telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
-            result.map_err(|err| crate::replica::health::NotReady::Unreachable(crate::api::error::causes(&err)))
+            result.map_err(|err| crate::replica::health::NotReady::Unreachable(crate::store::causes(&err)))
         })
     }
 }
 
-/// A counter as stored; values beyond `i64::MAX` cannot be stored.
-fn to_db(field: &'static str, value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| InvalidInput::new(field, format!("{value} is out of range")).into())
-}
-
-/// A stored counter; the schema's checks keep them non-negative.
-fn from_db(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Internal {
-        what: "decode a stored row",
-        source: format!("negative counter {value}").into(),
-    })
-}
-
-/// Microseconds since the Unix epoch (negative before it), saturating.
-fn micros(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |m| -m),
-    }
-}
-
-fn from_micros(micros: i64) -> SystemTime {
-    if micros >= 0 {
-        UNIX_EPOCH + Duration::from_micros(micros as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
-    }
-}
-
-fn duration_micros(duration: Duration) -> Result<i64, StoreError> {
-    i64::try_from(duration.as_micros()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     #[test]
