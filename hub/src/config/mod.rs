@@ -23,6 +23,7 @@ use clap::ValueEnum;
 
 use crate::defaults;
 use crate::security::access::Access;
+pub use crate::security::tls::TlsFiles;
 pub use crate::store::postgres::DatabaseTls;
 use crate::store::postgres::PgStoreConfig;
 
@@ -436,17 +437,6 @@ impl From<&DatabaseTls> for DatabaseTlsMode {
             DatabaseTls::VerifyFull { .. } => DatabaseTlsMode::VerifyFull,
         }
     }
-}
-
-/// PEM files of the gRPC service's TLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// Server certificate chain.
-    pub cert: PathBuf,
-    /// The certificate's private key.
-    pub key: PathBuf,
-    /// CA(s) for client certificates; `Some` turns on mutual TLS.
-    pub client_ca: Option<PathBuf>,
 }
 
 impl Config {

@@ -19,7 +19,16 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-use crate::config::TlsFiles;
+/// PEM files of the gRPC service's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// The certificate's private key.
+    pub key: PathBuf,
+    /// CA(s) for client certificates; `Some` turns on mutual TLS.
+    pub client_ca: Option<PathBuf>,
+}
 
 /// Errors building the gRPC service's TLS configuration.
 #[derive(Debug, thiserror::Error)]
