@@ -1,37 +1,44 @@
 //! The OmniRelay replication hub: a stateless gRPC service that owns every
 //! shard's ordered, fenced, hash-chained event log.
 //!
-//! Overview:
+//! Overview, by folder (an append goes [`api`] -> [`store`] -> `fanout`; a
+//! shard lease [`api`] -> [`store`]):
 //!
 //! - [`run`] serves one replica until a shutdown signal; [`Hub`] does the
-//!   same in steps (open, mount the [`service`] on your own router, serve,
-//!   close). [`Config`] (built from the flags in [`config`]) says which
-//!   store, which ports, which TLS.
-//! - [`store::LogStore`] is the storage boundary; [`store::postgres::PgStore`]
+//!   same in steps (open, mount the [`api::service`] on your own router,
+//!   serve, close). [`Config`] (built from the flags in [`config::flags`])
+//!   says which store, which ports, which TLS.
+//! - [`log`] is the domain: shard, producer, subscriber and owner ids,
+//!   sequences and epochs ([`log::ids`]), events and their chain hash
+//!   ([`log::event`]), and the walk of shards' hash chains ([`log::verify`]).
+//! - [`store::LogStore`] is the storage boundary; `store::decision` is the
+//!   append decision both stores call; [`store::postgres::PgStore`]
 //!   implements it on PostgreSQL (group commit, the epoch fence judged by
-//!   PostgreSQL, dedupe by producer sequence, the hash chain, LISTEN/NOTIFY).
-//!   `store::contract` (feature `contract-tests`) is the suite every store
-//!   passes.
-//! - [`ids`] and [`event`] are the domain: shard, producer, subscriber and
-//!   owner ids, sequences and epochs, events and their chain hash;
-//!   [`wire`] converts them to and from the protobuf contracts, and
-//!   [`error`] maps failures to gRPC statuses.
-//! - [`schema`] applies the migrations in `migrations/` and checks a
-//!   database's schema version at start-up; [`verify`] walks shards' hash
-//!   chains.
-//! - [`store::sqlite::SqliteStore`] is the embedded default store (one
-//!   replica, one file), held to the same contract as PostgreSQL.
-//! - Security: [`access`] binds every call to a principal (mutual TLS,
-//!   bearer tokens, trusted proxies; the identity layer shared with the
-//!   node, `omnirelay-identity`) and checks it against the hub roles, or
-//!   serves local callers only in protected mode; [`quota`] bounds the
-//!   streams each principal holds open; [`decoding`] answers undecodable
-//!   requests INVALID_ARGUMENT.
-//! - Operations: [`tls`] and [`transport`] accept TLS and mutual-TLS
-//!   connections and attach the caller's [`principal`]; [`health`] and
-//!   [`admin`] report readiness (gRPC health, `/healthz`, `/readyz`) and
-//!   `/metrics`; [`telemetry`] holds the metric catalog; [`shutdown`] owns the
-//!   graceful stop; [`database`] connects to PostgreSQL over TLS.
+//!   PostgreSQL, dedupe by producer sequence, the hash chain, LISTEN/NOTIFY;
+//!   its own configuration and pool in [`store::postgres::pool`], the
+//!   migrations of `migrations/` in [`store::postgres::schema`]);
+//!   [`store::sqlite::SqliteStore`] is the embedded default store (one
+//!   replica, one file), held to the same contract. `store::contract`
+//!   (feature `contract-tests`) is the suite every store passes.
+//! - [`api`] is the gRPC surface: [`api::wire`] converts the domain to and
+//!   from the protobuf contracts, [`api::error`] maps failures to gRPC
+//!   statuses, [`api::decoding`] answers undecodable requests
+//!   INVALID_ARGUMENT. `fanout` carries committed events to subscribers (the
+//!   live tail, subscriptions, their memory budget).
+//! - [`security`]: [`security::tls`] and [`security::transport`] accept TLS
+//!   and mutual-TLS connections and attach the caller's
+//!   [`security::principal`]; [`security::access`] binds every call to a
+//!   principal (mutual TLS, bearer tokens, trusted proxies; the identity
+//!   layer shared with the node, `omnirelay-identity`) and checks it against
+//!   the hub roles, or serves local callers only in protected mode;
+//!   [`security::quota`] bounds the streams each principal holds open.
+//! - [`replica`]: [`replica::health`] and [`replica::admin`] report readiness
+//!   (gRPC health, `/healthz`, `/readyz`) and `/metrics`;
+//!   [`replica::shutdown`] owns the graceful stop. [`telemetry`] holds the
+//!   metric catalog and its label vocabularies, below the store;
+//!   [`telemetry::traces`] the request span and OTLP export.
+//! - The modules other crates name keep their paths at the root
+//!   ([`ids`], [`event`], [`wire`], [`telemetry`], [`schema`], ...).
 //!
 //! Running a replica on the embedded store until Ctrl-C:
 //!
@@ -59,32 +66,22 @@
 //! assert!(verify(&shard, Sequence(1), &ChainHash::ZERO, &events).is_ok());
 //! ```
 
-pub mod access;
-pub mod admin;
-mod budget;
+pub mod api;
 pub mod config;
-pub mod database;
-pub mod decoding;
 pub mod defaults;
-pub mod error;
-pub mod event;
-pub mod health;
-pub mod ids;
-pub mod principal;
-pub mod quota;
-pub mod schema;
-mod server;
-pub mod service;
-pub mod shutdown;
+mod fanout;
+pub mod log;
+pub mod replica;
+pub mod security;
 pub mod store;
-mod subscribe;
-mod tail;
 pub mod telemetry;
-pub mod tls;
-pub mod transport;
-pub mod verify;
-pub mod wire;
 
+// The public paths other crates name (`omnirelay_hub::ids::ShardId`, ...).
+pub use api::{decoding, error, service, wire};
 pub use config::Config;
+pub use log::{event, ids, verify};
 pub use omnirelay_proto as proto;
-pub use server::{Hub, SubscriptionMemory, run};
+pub use replica::server::{Hub, SubscriptionMemory, run};
+pub use replica::{admin, health, shutdown};
+pub use security::{access, principal, quota, tls, transport};
+pub use store::postgres::schema;

@@ -12,9 +12,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use omnirelay_hub::config::{Cli, Command, ConfigError, ServeArgs, StoreConfig, VerifyArgs};
+use omnirelay_hub::config::flags::{Cli, Command, ServeArgs, VerifyArgs};
+use omnirelay_hub::config::{ConfigError, StoreConfig};
 use omnirelay_hub::store::LogStore;
-use omnirelay_hub::store::postgres::{self, PgStore, PgStoreConfig};
+use omnirelay_hub::store::postgres::{self, PgStore};
 use omnirelay_hub::store::sqlite::SqliteStore;
 use omnirelay_hub::{shutdown, telemetry, verify};
 
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
     // The span exporter's channel lives on the runtime.
-    let otlp = match runtime.block_on(async { telemetry::init_tracing(&cli.log) }) {
+    let otlp = match runtime.block_on(async { telemetry::traces::init_tracing(&cli.log) }) {
         Ok(otlp) => otlp,
         Err(err) => {
             #[allow(clippy::print_stderr)] // No logger yet: this is how the error gets out.
@@ -86,7 +87,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Migrate(args)) => {
-            let config = PgStoreConfig::from_config(&args.validate_postgres("migrate")?);
+            let config = args.validate_postgres("migrate")?.store_config();
             let report = postgres::migrate_with(&config).await.context("migrate the database")?;
             tracing::info!(version = report.version, applied = ?report.applied, "schema is up to date");
             Ok(ExitCode::SUCCESS)
@@ -108,7 +109,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 async fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let store: Box<dyn LogStore> = match args.store.validate()? {
         StoreConfig::Postgres(config) => {
-            Box::new(PgStore::open(PgStoreConfig::from_config(&config)).await.context("open the PostgreSQL log store")?)
+            Box::new(PgStore::open(config.store_config()).await.context("open the PostgreSQL log store")?)
         }
         StoreConfig::Sqlite { path } => {
             // Never create a store to verify it: a typo must fail, not pass.

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::event::{self, ChainHash, NewEvent};
-use crate::ids::{Epoch, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::log::event::{self, ChainHash, NewEvent};
+use crate::log::ids::{Epoch, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
 use crate::store::{AppendAck, AppendBatch, LogChange, LogStore, RetentionPolicy, StoreError};
 
 /// Generates one `#[tokio::test]` per contract case, each calling
@@ -400,7 +400,7 @@ pub async fn leases_renew_release_and_report_the_head<S: LogStore>(store: &S) {
 /// lease that records no principal (from before they were recorded) is
 /// adopted by the first principal that renews it.
 pub async fn a_lease_is_bound_to_the_principal_that_took_it<S: LogStore>(store: &S) {
-    use crate::principal::Principal;
+    use crate::security::principal::Principal;
     let s = shard("contract.bound");
     let (alice, mallory) = (Some(Principal::new("spiffe://t/alice")), Some(Principal::new("spiffe://t/mallory")));
     let granted = store.acquire_shard_as(s.clone(), owner("node-a"), alice.clone(), LONG).await.expect("acquire");

@@ -1,15 +1,49 @@
-//! The append decision: whether a batch that is not a known retry may be
-//! written to its shard, judged against the shard as the writing
-//! transaction sees it. Pure (no database): both stores call it on the rows
-//! they locked, in the same order of checks, so they refuse alike.
+//! The append decision: what becomes of a batch, judged against the shard
+//! and the producer's records as the writing transaction sees them. Pure (no
+//! database): both stores call [`decide`] on the rows they read or locked,
+//! so they answer alike, and every outcome is unit-tested here.
 //!
-//! A retry of a batch already written is recognised before this (by its
-//! `(producer, producer_seq)` record) and answered with the original
-//! acknowledgement whatever the shard looks like now.
+//! A retry of a batch already written (its `(producer, producer_seq)` is on
+//! record) is answered with the original acknowledgement whatever the shard
+//! looks like now; anything else is checked against the lease, the epoch,
+//! the producer's sequence and the expected head, in that order.
 
-use super::{AppendBatch, StoreError};
-use crate::ids::Epoch;
-use crate::ids::{InvalidInput, ProducerSeq, Sequence};
+use super::{AppendAck, AppendBatch, StoreError, count_mismatch};
+use crate::log::ids::Epoch;
+use crate::log::ids::{InvalidInput, ProducerSeq, Sequence};
+
+/// What to do with a batch the store may answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Write it after the shard's head.
+    Write,
+    /// A retry of a batch already written: answer the original
+    /// acknowledgement (marked duplicate), write nothing.
+    Duplicate(AppendAck),
+}
+
+/// Decides a batch: `shard` is the shard's row (`None`: no such shard),
+/// `recorded` the acknowledgement recorded for the batch's
+/// `(producer, producer_seq)`, `latest` the producer's newest recorded batch
+/// on the shard. A known retry must resend as many events as were written;
+/// everything else goes through [`check`]. Nothing is written on an error.
+pub(crate) fn decide(
+    batch: &AppendBatch,
+    shard: Option<ShardView>,
+    recorded: Option<AppendAck>,
+    latest: Option<ProducerSeq>,
+) -> Result<Verdict, StoreError> {
+    if let Some(ack) = recorded {
+        let written = (ack.last.0 - ack.first.0 + 1) as usize;
+        if written != batch.events.len() {
+            return Err(count_mismatch(batch, written));
+        }
+        return Ok(Verdict::Duplicate(AppendAck { duplicate: true, ..ack }));
+    }
+    let Some(shard) = shard else { return Err(StoreError::NoLease { shard: batch.shard.clone() }) };
+    check(batch, shard, latest)?;
+    Ok(Verdict::Write)
+}
 
 /// The shard as the deciding transaction sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,13 +56,13 @@ pub(crate) struct ShardView {
     pub(crate) head: Sequence,
 }
 
-/// Decides a batch that is not a known retry, checking in this order:
+/// Checks a batch that is not a known retry, in this order:
 /// the lease is held; the batch's epoch is the shard's; the producer
 /// sequence follows the producer's latest (a producer's first batch may
 /// carry any number); the batch's expected first sequence, when set, is the
 /// shard's next. `latest` is the producer's newest recorded batch on the
 /// shard. Nothing is written on a refusal.
-pub(crate) fn decide(batch: &AppendBatch, shard: ShardView, latest: Option<ProducerSeq>) -> Result<(), StoreError> {
+pub(crate) fn check(batch: &AppendBatch, shard: ShardView, latest: Option<ProducerSeq>) -> Result<(), StoreError> {
     if !shard.held {
         return Err(StoreError::NoLease { shard: batch.shard.clone() });
     }
@@ -74,8 +108,8 @@ pub(crate) fn decide(batch: &AppendBatch, shard: ShardView, latest: Option<Produ
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::NewEvent;
-    use crate::ids::{ProducerId, ShardId};
+    use crate::log::event::{ChainHash, NewEvent};
+    use crate::log::ids::{ProducerId, ShardId};
 
     fn batch(producer_seq: u64, epoch: u64, expected_first: Option<u64>) -> AppendBatch {
         AppendBatch {
@@ -93,33 +127,139 @@ mod tests {
 
     const SHARD: ShardView = ShardView { held: true, epoch: Epoch(3), head: Sequence(10) };
 
-    #[test]
-    fn a_batch_that_follows_is_accepted() {
-        assert!(decide(&batch(5, 3, Some(11)), SHARD, Some(ProducerSeq(4))).is_ok());
-        assert!(decide(&batch(9, 3, None), SHARD, None).is_ok(), "a producer's first batch may carry any number");
+    fn recorded(first: u64, last: u64) -> AppendAck {
+        AppendAck { first: Sequence(first), last: Sequence(last), duplicate: false, last_hash: ChainHash::ZERO }
     }
 
+    /// The outcome of one row of the table, as a short name.
+    fn outcome(result: Result<Verdict, StoreError>) -> String {
+        match result {
+            Ok(Verdict::Write) => "write".into(),
+            Ok(Verdict::Duplicate(ack)) => format!("duplicate {}..{} marked {}", ack.first, ack.last, ack.duplicate),
+            Err(StoreError::NoLease { .. }) => "no lease".into(),
+            Err(StoreError::StaleEpoch { given, current, .. }) => format!("stale epoch {given} (current {current})"),
+            Err(StoreError::OutOfOrder { given, expected, .. }) => format!("out of order {given} (next {expected})"),
+            Err(StoreError::HeadMismatch { expected, head, .. }) => format!("head mismatch {expected} (head {head})"),
+            Err(StoreError::Invalid(invalid)) => format!("invalid {}", invalid.field),
+            Err(other) => format!("unexpected {other}"),
+        }
+    }
+
+    /// Every outcome of the decision, one row each: (case, batch, shard,
+    /// recorded ack, producer's latest, expected outcome).
     #[test]
-    fn each_refusal_has_its_case_in_order_of_the_checks() {
+    fn every_outcome_of_the_decision() {
         let free = ShardView { held: false, ..SHARD };
-        assert!(matches!(decide(&batch(5, 2, Some(1)), free, None), Err(StoreError::NoLease { .. })));
-        assert!(matches!(
-            decide(&batch(5, 2, Some(1)), SHARD, Some(ProducerSeq(9))),
-            Err(StoreError::StaleEpoch { given: Epoch(2), current: Epoch(3), .. })
-        ));
-        assert!(matches!(
-            decide(&batch(7, 3, Some(1)), SHARD, Some(ProducerSeq(4))),
-            Err(StoreError::OutOfOrder { expected: ProducerSeq(5), .. })
-        ));
-        assert!(matches!(
-            decide(&batch(5, 3, Some(12)), SHARD, Some(ProducerSeq(4))),
-            Err(StoreError::HeadMismatch { expected: Sequence(12), head: Sequence(10), .. })
-        ));
+        type Row = (&'static str, AppendBatch, Option<ShardView>, Option<AppendAck>, Option<u64>, &'static str);
+        let rows: Vec<Row> = vec![
+            ("the next batch", batch(5, 3, Some(11)), Some(SHARD), None, Some(4), "write"),
+            ("no expected head", batch(5, 3, None), Some(SHARD), None, Some(4), "write"),
+            ("a producer's first batch, any number", batch(9, 3, None), Some(SHARD), None, None, "write"),
+            (
+                "a retry of a written batch",
+                batch(5, 3, None),
+                Some(SHARD),
+                Some(recorded(7, 7)),
+                Some(5),
+                "duplicate 7..7 marked true",
+            ),
+            (
+                "a retry after the epoch moved on",
+                batch(5, 2, None),
+                Some(SHARD),
+                Some(recorded(7, 7)),
+                Some(9),
+                "duplicate 7..7 marked true",
+            ),
+            (
+                "a retry after the lease was released",
+                batch(5, 3, None),
+                Some(free),
+                Some(recorded(7, 7)),
+                Some(5),
+                "duplicate 7..7 marked true",
+            ),
+            (
+                "a retry with another event count",
+                batch(5, 3, None),
+                Some(SHARD),
+                Some(recorded(7, 8)),
+                Some(5),
+                "invalid producer_seq",
+            ),
+            ("a shard that does not exist", batch(5, 3, None), None, None, None, "no lease"),
+            ("a shard nobody holds", batch(5, 3, None), Some(free), None, Some(4), "no lease"),
+            ("an older epoch", batch(5, 2, None), Some(SHARD), None, Some(4), "stale epoch 2 (current 3)"),
+            ("a newer epoch", batch(5, 4, None), Some(SHARD), None, Some(4), "stale epoch 4 (current 3)"),
+            (
+                "a producer sequence that skips ahead",
+                batch(7, 3, None),
+                Some(SHARD),
+                None,
+                Some(4),
+                "out of order 7 (next 5)",
+            ),
+            (
+                "a producer sequence at the latest, unrecorded",
+                batch(4, 3, None),
+                Some(SHARD),
+                None,
+                Some(4),
+                "invalid producer_seq",
+            ),
+            (
+                "a producer sequence below the latest, unrecorded",
+                batch(2, 3, None),
+                Some(SHARD),
+                None,
+                Some(4),
+                "invalid producer_seq",
+            ),
+            (
+                "an expected head past the shard's next",
+                batch(5, 3, Some(12)),
+                Some(SHARD),
+                None,
+                Some(4),
+                "head mismatch 12 (head 10)",
+            ),
+            (
+                "an expected head behind the shard's next",
+                batch(5, 3, Some(10)),
+                Some(SHARD),
+                None,
+                Some(4),
+                "head mismatch 10 (head 10)",
+            ),
+            // The order of the checks: lease, then epoch, then producer
+            // sequence, then head.
+            ("no lease and a stale epoch", batch(7, 2, Some(1)), Some(free), None, Some(4), "no lease"),
+            (
+                "a stale epoch and a skipped sequence",
+                batch(7, 2, Some(1)),
+                Some(SHARD),
+                None,
+                Some(4),
+                "stale epoch 2 (current 3)",
+            ),
+            (
+                "a skipped sequence and a wrong head",
+                batch(7, 3, Some(1)),
+                Some(SHARD),
+                None,
+                Some(4),
+                "out of order 7 (next 5)",
+            ),
+        ];
+        for (case, batch, shard, recorded, latest, expected) in rows {
+            let got = outcome(decide(&batch, shard, recorded, latest.map(ProducerSeq)));
+            assert_eq!(got, expected, "{case}");
+        }
     }
 
     #[test]
     fn a_number_at_or_below_the_latest_without_a_record_is_named_honestly() {
-        let refused = decide(&batch(5, 3, None), SHARD, Some(ProducerSeq(10))).expect_err("refused");
+        let refused = check(&batch(5, 3, None), SHARD, Some(ProducerSeq(10))).expect_err("refused");
         let message = refused.to_string();
         assert!(message.contains("producer_seq") && message.contains("the next is 11"), "{message}");
         assert!(!message.contains("was already used") && !message.contains("trimmed"), "{message}");

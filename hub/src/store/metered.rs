@@ -16,9 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::event::ChainHash;
-use crate::ids::{Epoch, OwnerId, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
+use crate::log::event::ChainHash;
+use crate::log::ids::{Epoch, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::security::principal::Principal;
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
     RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture,

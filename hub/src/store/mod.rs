@@ -24,9 +24,11 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
-use crate::event::{ChainHash, CorruptEvent, LogEvent, NewEvent};
-use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
+use crate::log::event::{ChainHash, CorruptEvent, LogEvent, NewEvent};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, ProducerId, ProducerSeq, Sequence, ShardId, SubscriberId};
+use crate::security::principal::Principal;
+use crate::telemetry::AppendOutcome;
+pub use crate::telemetry::Fault;
 
 #[cfg(feature = "contract-tests")]
 pub mod contract;
@@ -156,7 +158,7 @@ impl EventPage {
         to: Option<Sequence>,
         limit: usize,
         anchor: Option<ChainHash>,
-        rows: Vec<crate::event::StoredRow>,
+        rows: Vec<crate::log::event::StoredRow>,
         state: (Sequence, Sequence, ChainHash),
         cut: bool,
     ) -> EventPage {
@@ -180,7 +182,7 @@ impl EventPage {
             _ => end.min(by_limit),
         };
         EventPage {
-            events: crate::event::link(anchor, rows),
+            events: crate::log::event::link(anchor, rows),
             shard,
             from,
             anchor,
@@ -198,7 +200,7 @@ impl EventPage {
     /// corrupt (or missing) sequence; every event before it is valid.
     ///
     /// A body that does not decode is the one check left to the readers
-    /// that decode it (see [`crate::verify::decode_page`]).
+    /// that decode it (see [`crate::log::verify::decode_page`]).
     pub fn verify(&self) -> Result<(), CorruptEvent> {
         if self.anchor_missing {
             return Err(CorruptEvent {
@@ -207,7 +209,7 @@ impl EventPage {
                 reason: format!("missing from the stored log (the head is {})", self.head),
             });
         }
-        crate::event::verify(&self.shard, self.from, &self.anchor, &self.events)?;
+        crate::log::event::verify(&self.shard, self.from, &self.anchor, &self.events)?;
         let held = self.events.len() as u64;
         if self.through >= self.from && held < self.through.0 - self.from.0 + 1 {
             return Err(CorruptEvent {
@@ -407,7 +409,7 @@ pub enum StoreError {
     },
     /// The database does not carry the schema this build needs (at start-up).
     #[error(transparent)]
-    Schema(Box<crate::schema::SchemaError>),
+    Schema(Box<crate::store::postgres::schema::SchemaError>),
     /// The store is shutting down and accepts no more work.
     #[error("the log store is shutting down")]
     Closed,
@@ -422,75 +424,7 @@ pub enum StoreError {
     },
 }
 
-/// What kind of outage made a store operation fail as
-/// [`StoreError::Unavailable`]: a closed set, so answers to clients can
-/// name it with fixed text (never a driver's message) and metrics can label
-/// it. The full cause goes to the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Fault {
-    /// The disk under the database is full (SQLite's "database or disk is
-    /// full", PostgreSQL's `disk_full`).
-    DiskFull,
-    /// The database cannot be written: a read-only file, or a PostgreSQL
-    /// server in read-only mode (a standby).
-    ReadOnly,
-    /// The database reported an I/O error.
-    Io,
-    /// The database did not answer within its deadline.
-    Timeout,
-    /// The database cannot be reached, or is shutting down or starting up.
-    Unreachable,
-    /// The database is out of connections or memory.
-    Exhausted,
-    /// Anything else.
-    Other,
-}
-
 impl Fault {
-    /// Every fault, to pre-register metric series.
-    pub const ALL: [Fault; 7] = [
-        Fault::DiskFull,
-        Fault::ReadOnly,
-        Fault::Io,
-        Fault::Timeout,
-        Fault::Unreachable,
-        Fault::Exhausted,
-        Fault::Other,
-    ];
-
-    /// The metric label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Fault::DiskFull => "disk_full",
-            Fault::ReadOnly => "read_only",
-            Fault::Io => "io",
-            Fault::Timeout => "timeout",
-            Fault::Unreachable => "unreachable",
-            Fault::Exhausted => "exhausted",
-            Fault::Other => "other",
-        }
-    }
-
-    /// The cause as told to clients and operators.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Fault::DiskFull => "database or disk is full",
-            Fault::ReadOnly => "the database is read-only",
-            Fault::Io => "the database had an I/O error",
-            Fault::Timeout => "the database did not answer in time",
-            Fault::Unreachable => "the database cannot be reached",
-            Fault::Exhausted => "the database is out of connections or memory",
-            Fault::Other => "the database failed",
-        }
-    }
-
-    /// Whether this fault stops writes while reads may still work, so that
-    /// a replica seeing it on appends is not ready even though its read
-    /// probe passes.
-    pub fn blocks_writes(self) -> bool {
-        matches!(self, Fault::DiskFull | Fault::ReadOnly | Fault::Io)
-    }
-
     /// Classifies an error by walking its source chain for a driver error
     /// it knows (SQLite, PostgreSQL, the pool, a deadline).
     pub fn of(err: &(dyn std::error::Error + 'static)) -> Fault {
@@ -574,6 +508,60 @@ impl Fault {
 pub struct Elapsed {
     /// The deadline that passed.
     pub after: Duration,
+}
+
+/// How an append ended, classified for the metric label and the producer's
+/// error code (the vocabulary is [`AppendOutcome`], in telemetry).
+impl AppendOutcome {
+    /// The outcome of an answered batch.
+    pub fn of(result: &Result<AppendAck, StoreError>) -> Self {
+        match result {
+            Ok(ack) if ack.duplicate => AppendOutcome::Duplicate,
+            Ok(_) => AppendOutcome::Appended,
+            Err(err) => AppendOutcome::of_error(err),
+        }
+    }
+
+    /// How a refused or failed batch ended: the one classification of
+    /// append failures, shared by the metric label and the error code the
+    /// producer is answered with (`error::append_error`).
+    pub fn of_error(err: &StoreError) -> Self {
+        match err {
+            StoreError::StaleEpoch { .. } => AppendOutcome::StaleEpoch,
+            // A shard nobody ever acquired has no lease holder either: the
+            // producer's remedy (acquire the shard) is the same.
+            StoreError::NoLease { .. } | StoreError::NotHolder { .. } | StoreError::UnknownShard { .. } => {
+                AppendOutcome::NoLease
+            }
+            StoreError::OutOfOrder { .. } => AppendOutcome::OutOfOrder,
+            StoreError::HeadMismatch { .. } => AppendOutcome::HeadMismatch,
+            // Appending below the retention floor is a request that can never
+            // succeed as sent.
+            StoreError::Invalid(_) | StoreError::Trimmed { .. } | StoreError::PastHead { .. } => AppendOutcome::Invalid,
+            StoreError::Unavailable { .. } | StoreError::Overloaded { .. } | StoreError::Closed => {
+                AppendOutcome::Unavailable
+            }
+            StoreError::Corrupt(_) | StoreError::Schema(_) | StoreError::Internal { .. } => AppendOutcome::Failed,
+        }
+    }
+}
+
+/// An error and its sources as one line, `outer: inner: innermost`, for
+/// logs and operators (never for clients: driver text may name tables or
+/// files). A source whose text the previous one already ends with is
+/// skipped, so wrappers that repeat their cause do not print it twice.
+pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = cause.source();
+    }
+    line
 }
 
 impl StoreError {
@@ -857,10 +845,7 @@ pub(crate) fn copy_error(err: &StoreError) -> StoreError {
     match err {
         StoreError::Unavailable { what, source } => StoreError::Unavailable {
             what,
-            source: Box::new(CopiedCause {
-                text: crate::error::causes(source.as_ref()),
-                fault: Fault::of(source.as_ref()),
-            }),
+            source: Box::new(CopiedCause { text: causes(source.as_ref()), fault: Fault::of(source.as_ref()) }),
         },
         StoreError::Internal { what, source } => StoreError::Internal { what, source: source.to_string().into() },
         StoreError::Closed => StoreError::Closed,

@@ -1,8 +1,8 @@
 //! TLS to PostgreSQL in each `--database-tls` mode, against a harness
 //! cluster with `ssl = on`.
 
-use omnirelay_hub::config::{DatabaseTls, DatabaseUrl, PostgresConfig};
-use omnirelay_hub::database::{DatabaseError, connect_pool};
+use omnirelay_hub::store::postgres::pool::{DatabaseError, connect_pool};
+use omnirelay_hub::store::postgres::{DatabaseTls, PgStoreConfig};
 use omnirelay_tests::{PgCluster, PgOptions, PgServerTls};
 
 use super::pki::{Issued, Pki, dns};
@@ -22,14 +22,13 @@ async fn cluster_without_tls() -> PgCluster {
         .unwrap_or_else(|err| panic!("PostgreSQL unavailable: {err}"))
 }
 
-fn config(cluster: &PgCluster, tls: DatabaseTls) -> PostgresConfig {
-    let url = DatabaseUrl::parse(&cluster.url("postgres")).expect("harness URLs are valid");
-    PostgresConfig { url, tls, pool_size: 2, committers: 1, timeout: omnirelay_hub::defaults::DATABASE_TIMEOUT }
+fn config(cluster: &PgCluster, tls: DatabaseTls) -> PgStoreConfig {
+    PgStoreConfig { tls, pool_size: 2, committers: 1, ..PgStoreConfig::new(cluster.url("postgres")) }
 }
 
 /// Connects through the hub's pool and asks the server whether this session
 /// is encrypted.
-async fn session_uses_tls(config: &PostgresConfig) -> Result<bool, String> {
+async fn session_uses_tls(config: &PgStoreConfig) -> Result<bool, String> {
     let pool = connect_pool(config).await.map_err(|err| format!("pool: {err}"))?;
     let client = pool.get().await.map_err(|err| format!("connect: {err}"))?;
     let row = client
@@ -103,14 +102,10 @@ async fn disable_connects_in_plaintext_even_when_tls_is_offered() {
 #[tokio::test]
 async fn an_unusable_ca_file_names_the_flag() {
     let pki = Pki::new("pg test ca");
-    let url = DatabaseUrl::parse("postgres://127.0.0.1:1/postgres").expect("valid URL");
     let empty = pki.write("empty.pem", "");
-    let err = connect_pool(&PostgresConfig {
-        url,
+    let err = connect_pool(&PgStoreConfig {
         tls: DatabaseTls::VerifyFull { ca_file: empty.clone() },
-        pool_size: 2,
-        committers: 1,
-        timeout: omnirelay_hub::defaults::DATABASE_TIMEOUT,
+        ..PgStoreConfig::new("postgres://127.0.0.1:1/postgres")
     })
     .await
     .expect_err("an empty CA file should fail");
@@ -121,7 +116,7 @@ async fn an_unusable_ca_file_names_the_flag() {
 #[tokio::test]
 async fn the_postgres_store_uses_verified_tls_for_every_connection() {
     use omnirelay_hub::store::LogStore;
-    use omnirelay_hub::store::postgres::{PgStore, PgStoreConfig};
+    use omnirelay_hub::store::postgres::PgStore;
     use omnirelay_tests::{EVENTUALLY_TIMEOUT, eventually};
 
     let pki = Pki::new("pg test ca");

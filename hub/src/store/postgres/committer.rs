@@ -34,21 +34,23 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use super::Conn;
+use super::conn::{Conn, col, from_db, to_db};
 use super::failure::{Failure, classify};
-use super::{
-    SQL_ADVANCE_HEADS, SQL_COPY_EVENTS, SQL_INSERT_EVENTS, SQL_INSERT_PRODUCER_BATCHES, SQL_LOCK_SHARDS,
-    SQL_PRODUCER_BATCHES,
-};
-use super::{col, from_db, to_db};
 use crate::defaults;
-use crate::event::{self, ChainHash, LogEvent};
-use crate::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
-use crate::store::decision::{ShardView, decide};
+use crate::log::event::{self, ChainHash, LogEvent};
+use crate::log::ids::{Epoch, ProducerId, ProducerSeq, Sequence, ShardId};
+use crate::store::decision::{ShardView, Verdict, decide};
 use crate::store::{
     AppendAck, AppendBatch, Elapsed, Fault, LogChange, StoreError, copy_error, count_mismatch, stored_hash,
 };
 use crate::telemetry;
+
+const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
+const SQL_PRODUCER_BATCHES: &str = include_str!("sql/producer_batches.sql");
+const SQL_INSERT_EVENTS: &str = include_str!("sql/insert_events.sql");
+const SQL_COPY_EVENTS: &str = include_str!("sql/copy_events.sql");
+const SQL_INSERT_PRODUCER_BATCHES: &str = include_str!("sql/insert_producer_batches.sql");
+const SQL_ADVANCE_HEADS: &str = include_str!("sql/advance_heads.sql");
 
 /// A batch waiting for its group commit.
 pub(crate) struct Pending {
@@ -305,7 +307,7 @@ impl Committer {
                     source: "its original was rejected in the same group".into(),
                 }),
             };
-            telemetry::batch_answered(&result, pending.batch.events.len());
+            telemetry::batch_answered(telemetry::AppendOutcome::of(&result), pending.batch.events.len());
             // The caller may have gone away; its batch is committed regardless.
             let _ = pending.reply.send(result);
         }
@@ -323,7 +325,7 @@ impl Committer {
         for pending in group {
             self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
             let result = Err(copy_error(err));
-            telemetry::batch_answered(&result, pending.batch.events.len());
+            telemetry::batch_answered(telemetry::AppendOutcome::of(&result), pending.batch.events.len());
             let _ = pending.reply.send(result);
         }
     }
@@ -400,16 +402,14 @@ async fn locking_statements<'b>(
                 latest.entry(key).or_insert(seq);
             }
         }
-        let decision = match record_ack(record.copied()).map_err(GroupError::Store)? {
-            Some(ack) => match check_count(batch, &ack) {
-                Ok(()) => Decision::Duplicate(ack),
-                Err(err) => Decision::Reject(err),
-            },
-            None => match planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)) {
-                Some(&earlier) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
-                Some(&earlier) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
-                None => plan(batch, shards.get_mut(&batch.shard), latest.get(&key).copied()),
-            },
+        let recorded = record_ack(record.copied()).map_err(GroupError::Store)?;
+        let earlier = planned.get(&(&batch.shard, &batch.producer, batch.producer_seq)).copied();
+        let decision = match (recorded, earlier) {
+            // The same batch twice in one group: the later copy is answered
+            // like the first (a retry racing its original).
+            (None, Some(earlier)) if batches[earlier].events.len() == batch.events.len() => Decision::SameAs(earlier),
+            (None, Some(earlier)) => Decision::Reject(count_mismatch(batch, batches[earlier].events.len())),
+            (recorded, _) => plan(batch, shards.get_mut(&batch.shard), recorded, latest.get(&key).copied()),
         };
         if let Decision::Write { .. } = decision {
             latest.insert(key, batch.producer_seq);
@@ -537,7 +537,7 @@ impl Prediction {
             if batch.producer_seq.0 != last.0.checked_add(1)? {
                 return None;
             }
-            let decision = plan(batch, shards.get_mut(&batch.shard), Some(last));
+            let decision = plan(batch, shards.get_mut(&batch.shard), None, Some(last));
             if !matches!(decision, Decision::Write { .. }) {
                 return None;
             }
@@ -693,18 +693,27 @@ async fn copy_events(client: &deadpool_postgres::Client, rows: &EventRows<'_>) -
     Ok(())
 }
 
-/// Decides a batch that is neither a known nor an in-group retry.
-fn plan(batch: &AppendBatch, shard: Option<&mut LockedShard>, latest: Option<ProducerSeq>) -> Decision {
-    let Some(shard) = shard else { return Decision::Reject(StoreError::NoLease { shard: batch.shard.clone() }) };
-    let view = ShardView { held: shard.held, epoch: shard.epoch, head: shard.head };
-    if let Err(refused) = decide(batch, view, latest) {
-        return Decision::Reject(refused);
+/// Decides a batch that is not an in-group retry (see [`decide`]) and, when
+/// it is written, chains its events and moves the locked shard's head.
+fn plan(
+    batch: &AppendBatch,
+    shard: Option<&mut LockedShard>,
+    recorded: Option<AppendAck>,
+    latest: Option<ProducerSeq>,
+) -> Decision {
+    let view = shard.as_ref().map(|shard| ShardView { held: shard.held, epoch: shard.epoch, head: shard.head });
+    match decide(batch, view, recorded, latest) {
+        Err(refused) => Decision::Reject(refused),
+        Ok(Verdict::Duplicate(ack)) => Decision::Duplicate(ack),
+        Ok(Verdict::Write) => {
+            let shard = shard.expect("decide writes only to a shard that exists");
+            let events = event::chain(shard.head_hash, shard.head.next(), batch.epoch, &batch.events);
+            let last = &events[events.len() - 1];
+            shard.head = last.sequence;
+            shard.head_hash = last.hash;
+            Decision::Write { shard_no: shard.shard_no, epoch: batch.epoch, events }
+        }
     }
-    let events = event::chain(shard.head_hash, shard.head.next(), batch.epoch, &batch.events);
-    let last = &events[events.len() - 1];
-    shard.head = last.sequence;
-    shard.head_hash = last.hash;
-    Decision::Write { shard_no: shard.shard_no, epoch: batch.epoch, events }
 }
 
 /// The acknowledgement recorded for a batch, if the lookup found one.
@@ -718,11 +727,6 @@ fn record_ack(row: Option<&tokio_postgres::Row>) -> Result<Option<AppendAck>, St
         duplicate: true,
         last_hash: hash_col(row, "last_hash")?,
     }))
-}
-
-fn check_count(batch: &AppendBatch, ack: &AppendAck) -> Result<(), StoreError> {
-    let written = (ack.last.0 - ack.first.0 + 1) as usize;
-    if written == batch.events.len() { Ok(()) } else { Err(count_mismatch(batch, written)) }
 }
 
 fn hash_col(row: &tokio_postgres::Row, name: &'static str) -> Result<ChainHash, StoreError> {

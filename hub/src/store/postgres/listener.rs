@@ -8,7 +8,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::defaults;
-use crate::ids::{Sequence, ShardId};
+use crate::log::ids::{Sequence, ShardId};
 use crate::store::LogChange;
 
 /// Keeps a `LISTEN` connection open until cancelled, reconnecting with

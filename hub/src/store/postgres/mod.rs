@@ -23,8 +23,11 @@
 //! statements.
 
 mod committer;
+mod conn;
 mod failure;
 mod listener;
+pub mod pool;
+pub mod schema;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,35 +35,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_postgres::Row;
-use tokio_postgres::types::FromSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::committer::{Committer, Pending};
+pub(crate) use self::conn::Conn;
+use self::conn::{col, from_db, to_db, within};
 use self::failure::{pool_error, store_error};
-use crate::config::{DatabaseTls, PostgresConfig};
-use crate::database;
+pub use self::pool::{DatabaseTls, PgStoreConfig};
+use self::schema::SchemaError;
 use crate::defaults;
-use crate::event::{self, ChainHash, StoredRow};
-use crate::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
-use crate::schema::{self, SchemaError};
+use crate::log::event::{self, ChainHash, StoredRow};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::replica::health::{NotReady, Probe, ProbeFuture};
+use crate::security::principal::Principal;
 use crate::store::{
-    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, Elapsed, EventPage, LeaseGrant, LogChange,
-    LogStore, RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit,
-    check_batch, checkpoint_hash, corrupt_id, lease_failure, stored_hash,
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
+    RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
+    checkpoint_hash, corrupt_id, lease_failure, stored_hash,
 };
+use crate::telemetry::{self, DbOperation};
 
-const SQL_LOCK_SHARDS: &str = include_str!("sql/lock_shards.sql");
-const SQL_PRODUCER_BATCHES: &str = include_str!("sql/producer_batches.sql");
-const SQL_INSERT_EVENTS: &str = include_str!("sql/insert_events.sql");
-const SQL_COPY_EVENTS: &str = include_str!("sql/copy_events.sql");
-const SQL_INSERT_PRODUCER_BATCHES: &str = include_str!("sql/insert_producer_batches.sql");
-const SQL_ADVANCE_HEADS: &str = include_str!("sql/advance_heads.sql");
 const SQL_ACQUIRE_SHARD: &str = include_str!("sql/acquire_shard.sql");
 const SQL_RENEW_SHARD: &str = include_str!("sql/renew_shard.sql");
 const SQL_RELEASE_SHARD: &str = include_str!("sql/release_shard.sql");
@@ -77,48 +76,6 @@ const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
 const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
 const SQL_RETENTION_PLAN: &str = include_str!("sql/retention_plan.sql");
 const SQL_RETENTION_TRIM: &str = include_str!("sql/retention_trim.sql");
-
-/// How to reach the database and how much of it to use.
-#[derive(Debug, Clone)]
-pub struct PgStoreConfig {
-    /// Connection URL, e.g. `postgres://hub@db:5432/omnirelay`.
-    pub url: String,
-    /// TLS to the server (see [`crate::database`]); every connection of the
-    /// store, pooled or listening, uses it.
-    pub tls: DatabaseTls,
-    /// Pooled connections (see [`defaults::POOL_SIZE`]).
-    pub pool_size: usize,
-    /// Group committers (see [`defaults::COMMITTERS`]).
-    pub committers: usize,
-    /// Deadline of a statement or an append transaction (see
-    /// [`defaults::DATABASE_TIMEOUT`]).
-    pub timeout: Duration,
-}
-
-impl PgStoreConfig {
-    /// A configuration with the default sizes and TLS when the server
-    /// offers it (`prefer`, libpq's default).
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            tls: DatabaseTls::Prefer,
-            pool_size: defaults::POOL_SIZE,
-            committers: defaults::COMMITTERS,
-            timeout: defaults::DATABASE_TIMEOUT,
-        }
-    }
-
-    /// The store configuration for the hub's validated PostgreSQL settings.
-    pub fn from_config(config: &PostgresConfig) -> Self {
-        Self {
-            url: config.url.expose().to_string(),
-            tls: config.tls.clone(),
-            pool_size: config.pool_size,
-            committers: config.committers,
-            timeout: config.timeout,
-        }
-    }
-}
 
 /// The PostgreSQL [`LogStore`]. Cheap to clone; clones share the pool,
 /// committers and listener.
@@ -144,116 +101,13 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// A pooled connection lent to one operation. [`Conn::release`] gives it
-/// back once the operation finished with nothing in flight; dropped without
-/// it (the operation's deadline passed mid-statement, so the future was
-/// cancelled), it closes instead: whatever it was doing (a statement, a
-/// half-sent transaction holding locks) is unknown, and it must not serve
-/// anyone else in that state.
-pub(crate) struct Conn(Option<deadpool_postgres::Object>);
-
-impl Conn {
-    /// Takes a connection from the pool (bounded by the pool's timeouts).
-    pub(crate) async fn get(pool: &Pool) -> Result<Conn, StoreError> {
-        pool.get().await.map(|client| Conn(Some(client))).map_err(pool_error)
-    }
-
-    /// Lends a connection already taken from the pool.
-    pub(crate) fn lend(client: deadpool_postgres::Object) -> Conn {
-        Conn(Some(client))
-    }
-
-    /// Returns the connection to the pool.
-    pub(crate) fn release(mut self) {
-        drop(self.0.take());
-    }
-
-    /// Closes the connection instead of pooling it.
-    pub(crate) fn discard(self) {
-        drop(self);
-    }
-}
-
-impl std::ops::Deref for Conn {
-    type Target = deadpool_postgres::Object;
-
-    fn deref(&self) -> &Self::Target {
-        self.0.as_ref().expect("a connection is held until released")
-    }
-}
-
-impl std::ops::DerefMut for Conn {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.0.as_mut().expect("a connection is held until released")
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(deadpool_postgres::Object::take(client));
-        }
-    }
-}
-
-/// Runs `operation` (which takes its own connection) with a deadline: past
-/// `after` it is cancelled, its connection closed (see [`Conn`]), and the
-/// caller told the store is unavailable ([`Elapsed`]).
-pub(crate) async fn within<T>(
-    what: &'static str,
-    after: Duration,
-    operation: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(after, operation).await {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::Unavailable { what, source: Box::new(Elapsed { after }) }),
-    }
-}
-
-/// The parsed connection settings shared by the pool and the listener.
-fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|err| InvalidInput::new("database_url", format!("is not a valid PostgreSQL URL: {err}")))?;
-    if config.get_application_name().is_none() {
-        config.application_name("omnirelay-hub");
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(defaults::POOL_TIMEOUT);
-    }
-    // Detects a silently dead server (a cut network) on idle pooled
-    // connections and on the listener.
-    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
-    Ok(config)
-}
-
-/// Builds a connection pool, with TLS as configured.
-fn pool(config: tokio_postgres::Config, tls: MakeRustlsConnect, size: usize) -> Result<Pool, StoreError> {
-    let manager = Manager::from_config(
-        config,
-        tls,
-        // Fast: a broken connection is detected by the next statement, which
-        // fails as unavailable; a per-checkout test query would cost a round
-        // trip on every append group.
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
-    );
-    Pool::builder(manager)
-        .max_size(size.max(1))
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(defaults::POOL_TIMEOUT))
-        .create_timeout(Some(defaults::POOL_TIMEOUT))
-        .recycle_timeout(Some(defaults::POOL_TIMEOUT))
-        .build()
-        .map_err(|err| StoreError::Internal { what: "build the connection pool", source: Box::new(err) })
-}
-
 /// Prepares the connection settings and the TLS connector for `tls`.
 async fn tls_setup(
     mut config: tokio_postgres::Config,
     tls: &DatabaseTls,
 ) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
-    database::apply_tls_mode(&mut config, tls);
-    let connector = database::tls_connector(tls)
+    pool::apply_tls_mode(&mut config, tls);
+    let connector = pool::tls_connector(tls)
         .await
         .map_err(|err| StoreError::Internal { what: "configure TLS to PostgreSQL", source: Box::new(err) })?;
     Ok((config, connector))
@@ -267,7 +121,7 @@ pub async fn connect_client(url: &str) -> Result<tokio_postgres::Client, StoreEr
 
 /// Connects one client outside the pool with the given TLS mode.
 pub async fn connect_client_with(url: &str, tls: &DatabaseTls) -> Result<tokio_postgres::Client, StoreError> {
-    let (config, connector) = tls_setup(connection_config(url)?, tls).await?;
+    let (config, connector) = tls_setup(pool::connection_config(url)?, tls).await?;
     let (client, connection) =
         config.connect(connector).await.map_err(|err| store_error("connect to PostgreSQL", err))?;
     tokio::spawn(async move {
@@ -296,8 +150,9 @@ impl PgStore {
     /// `omnirelay-hub migrate`), and starts the committers and the
     /// notification listener.
     pub async fn open(config: PgStoreConfig) -> Result<PgStore, StoreError> {
-        let (connection, connector) = tls_setup(connection_config(&config.url)?, &config.tls).await?;
-        let pool = pool(connection.clone(), connector.clone(), config.pool_size)?;
+        let (connection, connector) = tls_setup(pool::connection_config(&config.url)?, &config.tls).await?;
+        let pool = pool::build_pool(connection.clone(), connector.clone(), config.pool_size)
+            .map_err(|err| StoreError::Internal { what: "build the connection pool", source: Box::new(err) })?;
         {
             let client = pool.get().await.map_err(pool_error)?;
             schema::check(&client).await?;
@@ -777,25 +632,6 @@ fn committer_index(shard: &ShardId, committers: usize) -> usize {
     (hasher.finish() % committers.max(1) as u64) as usize
 }
 
-/// Reads a column, turning a type or NULL mismatch into an internal error
-/// instead of a panic.
-pub(crate) fn col<'a, T: FromSql<'a>>(row: &'a Row, name: &'static str) -> Result<T, StoreError> {
-    row.try_get(name).map_err(|err| StoreError::Internal { what: "decode a database row", source: Box::new(err) })
-}
-
-/// A counter as stored (bigint); values beyond `i64::MAX` cannot be stored.
-pub(crate) fn to_db(field: &'static str, value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| InvalidInput::new(field, format!("{value} is out of range")).into())
-}
-
-/// A stored counter; the schema's checks keep them non-negative.
-pub(crate) fn from_db(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Internal {
-        what: "decode a database row",
-        source: format!("negative counter {value}").into(),
-    })
-}
-
 fn millis(duration: Duration) -> Result<i64, StoreError> {
     i64::try_from(duration.as_millis()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
 }
@@ -838,4 +674,37 @@ impl From<SchemaError> for StoreError {
             other => StoreError::Schema(Box::new(other)),
         }
     }
+}
+
+/// The PostgreSQL store is ready when a pooled connection answers and the
+/// database carries the schema this build needs.
+impl Probe for PgStore {
+    fn check(&self) -> ProbeFuture<'_> {
+        Box::pin(probe(self.pool()))
+    }
+
+    fn record_gauges(&self) {
+        pool::record_pool_gauges(self.pool());
+    }
+}
+
+async fn probe(pool: &Pool) -> Result<(), NotReady> {
+    let started = std::time::Instant::now();
+    let result = async {
+        // The whole chain: the pool's "error creating a new object: db
+        // error" says nothing without PostgreSQL's own message after it.
+        let client = pool.get().await.map_err(|err| NotReady::Unreachable(crate::store::causes(&err)))?;
+        // A probe cut short by its timeout closes its connection rather
+        // than pool it with a query in flight.
+        let client = Conn::lend(client);
+        schema::check(&client).await.map_err(|err| match err {
+            SchemaError::Database { source, .. } => NotReady::Unreachable(crate::store::causes(&source)),
+            other => NotReady::Schema(other.to_string()),
+        })?;
+        client.release();
+        Ok(())
+    }
+    .await;
+    telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
+    result
 }

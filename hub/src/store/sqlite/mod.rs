@@ -30,107 +30,52 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, oneshot};
 
+mod open;
+mod rows;
+mod thread;
+
+pub use self::open::SqliteOpenError;
+use self::open::open_connection;
+use self::rows::{duration_micros, from_db, from_micros, micros, read_state, shard_no, shard_state, sql_error, to_db};
+use self::thread::{Command, Pending, StoreThread};
 use crate::defaults;
-use crate::event::{self, ChainHash, CorruptEvent, LogEvent, StoredRow};
-use crate::ids::{Epoch, InvalidInput, OwnerId, ProducerSeq, Sequence, ShardId, SubscriberId};
-use crate::principal::Principal;
-use crate::store::decision::{ShardView, decide};
+use crate::log::event::{ChainHash, CorruptEvent, StoredRow};
+use crate::log::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::security::principal::Principal;
 use crate::store::{
     AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
     RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
-    checkpoint_hash, copy_error, corrupt_id, count_mismatch, lease_failure, stored_hash,
+    checkpoint_hash, corrupt_id, lease_failure, stored_hash,
 };
 use crate::telemetry::{self, DbOperation};
 
-/// Schema migrations, in order; `PRAGMA user_version` counts those applied.
-/// Forward-only, like the PostgreSQL ones: never edit a landed entry.
-const MIGRATIONS: &[&str] = &[
-    include_str!("V0001__log.sql"),
-    include_str!("V0002__checkpoint_hash.sql"),
-    include_str!("V0003__lease_principal.sql"),
-];
-
-/// Errors opening the store.
-#[derive(Debug, thiserror::Error)]
-pub enum SqliteOpenError {
-    /// Another store (in this process or another) holds the file.
-    #[error(
-        "the embedded SQLite store {} is in use by another omnirelay-hub; the embedded store serves one \
-         replica only (stop the other one, or give each its own --sqlite-path, or use PostgreSQL with \
-         --database-url to run several replicas)",
-        path.display()
-    )]
-    Locked {
-        /// The database file.
-        path: PathBuf,
-    },
-    /// The file could not be opened or prepared.
-    #[error("cannot open the embedded SQLite store {}", path.display())]
-    Open {
-        /// The database file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// The file was written by a newer build.
-    #[error(
-        "the embedded SQLite store {} has schema version {found}, newer than this build's {supported}; \
-         run a newer omnirelay-hub",
-        path.display()
-    )]
-    NewerSchema {
-        /// The database file.
-        path: PathBuf,
-        /// The file's version.
-        found: i64,
-        /// The newest version this build knows.
-        supported: i64,
-    },
-    /// The store's thread could not be started.
-    #[error("cannot start the SQLite store thread")]
-    Thread(#[source] std::io::Error),
-    /// The file (or its directory) cannot be written by this process.
-    #[error(
-        "the embedded SQLite store {} is read-only for this process; the hub must write it (check the file's \
-         and its directory's owner and permissions, and that the volume is mounted read-write)",
-        path.display()
-    )]
-    ReadOnly {
-        /// The database file.
-        path: PathBuf,
-    },
-    /// [`SqliteStore::open_existing`] found no file: a store is never
-    /// created by a command that only reads it (a mistyped path would
-    /// otherwise verify an empty store and report success).
-    #[error(
-        "the embedded SQLite store {} does not exist; check --sqlite-path (this command never creates a store)",
-        path.display()
-    )]
-    Missing {
-        /// The path given.
-        path: PathBuf,
-    },
-}
-
-/// Work for the store thread.
-enum Command {
-    /// An append, group-committed with the appends queued right behind it.
-    Append(Pending),
-    /// Any other operation.
-    Run(Box<dyn FnOnce(&mut Connection) + Send>),
-}
-
-struct Pending {
-    batch: AppendBatch,
-    reply: oneshot::Sender<Result<AppendAck, StoreError>>,
-}
+// The store's statements, each file opening with its concurrency contract.
+const SQL_ACQUIRE_NEW: &str = include_str!("sql/acquire_new.sql");
+const SQL_ACQUIRE_PRINCIPAL: &str = include_str!("sql/acquire_principal.sql");
+const SQL_ACQUIRE_TAKE: &str = include_str!("sql/acquire_take.sql");
+const SQL_RENEW_SHARD: &str = include_str!("sql/renew_shard.sql");
+const SQL_RELEASE_SHARD: &str = include_str!("sql/release_shard.sql");
+const SQL_READ_RANGE: &str = include_str!("sql/read_range.sql");
+const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
+const SQL_EVENT_HASH: &str = include_str!("sql/event_hash.sql");
+const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
+const SQL_READ_CHECKPOINT: &str = include_str!("sql/read_checkpoint.sql");
+const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
+const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
+const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
+const SQL_RETENTION_PLAN: &str = include_str!("sql/retention_plan.sql");
+const SQL_RETENTION_LOW: &str = include_str!("sql/retention_low.sql");
+const SQL_RETENTION_SNAPSHOTS: &str = include_str!("sql/retention_snapshots.sql");
+const SQL_RETENTION_RECORDS: &str = include_str!("sql/retention_records.sql");
+const SQL_RETENTION_EVENTS: &str = include_str!("sql/retention_events.sql");
+const SQL_PROBE: &str = include_str!("sql/probe.sql");
+const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
 
 /// The embedded SQLite [`LogStore`]. Cheap to clone; clones share the
 /// connection thread.
@@ -269,357 +214,6 @@ async fn answer_within<T>(after: Duration, answer: oneshot::Receiver<Result<T, S
     }
 }
 
-/// Opens the file, takes the exclusive lock and migrates.
-fn open_connection(path: &Path, create: bool) -> Result<Connection, SqliteOpenError> {
-    let open_error = |source: rusqlite::Error| {
-        if is_busy(&source) {
-            SqliteOpenError::Locked { path: path.to_path_buf() }
-        } else {
-            SqliteOpenError::Open { path: path.to_path_buf(), source }
-        }
-    };
-    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
-    if create {
-        flags |= OpenFlags::SQLITE_OPEN_CREATE;
-    } else if !path.is_file() {
-        return Err(SqliteOpenError::Missing { path: path.to_path_buf() });
-    }
-    let mut connection = Connection::open_with_flags(path, flags).map_err(open_error)?;
-    // SQLite quietly opens a file it may not write read-only; every later
-    // step would then fail with a lock or I/O error code that names neither
-    // the file's permissions nor the file.
-    if connection.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
-        return Err(SqliteOpenError::ReadOnly { path: path.to_path_buf() });
-    }
-    // Fail at once when another store holds the file, instead of waiting.
-    connection.busy_timeout(Duration::ZERO).map_err(open_error)?;
-    // Exclusive locking mode: the lock taken below is kept until the
-    // connection closes, which is what makes the store single-replica. It
-    // must be set before WAL mode so the WAL index lives in this process's
-    // memory rather than a shared-memory file others could use.
-    connection.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(open_error)?;
-    connection.pragma_update(None, "journal_mode", "WAL").map_err(open_error)?;
-    // An append is acknowledged only after its transaction is on disk.
-    connection.pragma_update(None, "synchronous", "FULL").map_err(open_error)?;
-    connection.pragma_update(None, "foreign_keys", "ON").map_err(open_error)?;
-    let txn = connection.transaction_with_behavior(TransactionBehavior::Exclusive).map_err(open_error)?;
-    let version: i64 = txn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(open_error)?;
-    let supported = MIGRATIONS.len() as i64;
-    if version > supported {
-        return Err(SqliteOpenError::NewerSchema { path: path.to_path_buf(), found: version, supported });
-    }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        txn.execute_batch(migration).map_err(open_error)?;
-        tracing::info!(path = %path.display(), version = index + 1, "applied embedded store migration");
-    }
-    txn.pragma_update(None, "user_version", supported).map_err(open_error)?;
-    txn.commit().map_err(open_error)?;
-    Ok(connection)
-}
-
-fn is_busy(err: &rusqlite::Error) -> bool {
-    matches!(err.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
-}
-
-/// Maps a SQLite failure: a full disk, a file turned read-only, I/O errors
-/// and a busy file are outages the caller may retry (and that heal without a
-/// restart once the operator fixed them); anything else is a bug or
-/// corruption.
-fn sql_error(what: &'static str, err: rusqlite::Error) -> StoreError {
-    let outage = matches!(
-        err.sqlite_error_code(),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::DiskFull
-                | ErrorCode::ReadOnly
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen
-                | ErrorCode::OutOfMemory
-        )
-    );
-    if outage {
-        StoreError::Unavailable { what, source: Box::new(err) }
-    } else {
-        StoreError::Internal { what, source: Box::new(err) }
-    }
-}
-
-/// The thread owning the connection.
-struct StoreThread {
-    connection: Connection,
-    changes: broadcast::Sender<LogChange>,
-    pending_events: Arc<AtomicUsize>,
-}
-
-impl StoreThread {
-    fn run(mut self, queue: mpsc::Receiver<Command>) {
-        let mut next = None;
-        loop {
-            let command = match next.take() {
-                Some(command) => command,
-                // Ends once every sender is gone (the store closed) and the
-                // queue is drained: queued appends still commit.
-                None => match queue.recv() {
-                    Ok(command) => command,
-                    Err(_) => break,
-                },
-            };
-            match command {
-                Command::Run(op) => op(&mut self.connection),
-                Command::Append(first) => {
-                    let mut events = first.batch.events.len();
-                    let mut group = vec![first];
-                    while group.len() < defaults::MAX_GROUP_BATCHES && events < defaults::MAX_GROUP_EVENTS {
-                        match queue.try_recv() {
-                            Ok(Command::Append(pending)) => {
-                                events += pending.batch.events.len();
-                                group.push(pending);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.commit(group);
-                }
-            }
-        }
-        // Dropping the connection releases the file's lock.
-        if let Err((_, err)) = self.connection.close() {
-            tracing::warn!(error = %err, "closing the embedded SQLite store failed");
-        }
-    }
-
-    /// Commits a group of appends in one transaction and answers each.
-    fn commit(&mut self, group: Vec<Pending>) {
-        let started = Instant::now();
-        let event_count: usize = group.iter().map(|p| p.batch.events.len()).sum();
-        let outcome = commit_group(&mut self.connection, &group);
-        telemetry::record_db_operation(DbOperation::Append, started.elapsed(), outcome.is_ok());
-        telemetry::group_committed(group.len(), event_count, started.elapsed());
-        let results = match outcome {
-            Ok(results) => results,
-            Err(err) => {
-                tracing::error!(batches = group.len(), error = %crate::error::causes(&err), "embedded store append failed");
-                group.iter().map(|_| Err(copy_error(&err))).collect()
-            }
-        };
-        let mut appended: Vec<(ShardId, Vec<LogEvent>)> = Vec::new();
-        for (pending, result) in group.into_iter().zip(results) {
-            self.pending_events.fetch_sub(pending.batch.events.len(), Ordering::Relaxed);
-            let answer = result.map(|outcome| match outcome {
-                BatchOutcome::Written { ack, events } => {
-                    match appended.iter_mut().find(|(shard, _)| *shard == pending.batch.shard) {
-                        Some((_, run)) => run.extend(events),
-                        None => appended.push((pending.batch.shard.clone(), events)),
-                    }
-                    ack
-                }
-                BatchOutcome::Duplicate(ack) => ack,
-            });
-            telemetry::batch_answered(&answer, pending.batch.events.len());
-            let _ = pending.reply.send(answer);
-        }
-        for (shard, events) in appended {
-            let head = events[events.len() - 1].sequence;
-            // No receivers just means nobody follows the live tail.
-            let _ = self.changes.send(LogChange::Appended { shard, head, events: Some(Arc::from(events)) });
-        }
-    }
-}
-
-/// What happened to one batch of a group.
-enum BatchOutcome {
-    Written { ack: AppendAck, events: Vec<LogEvent> },
-    Duplicate(AppendAck),
-}
-
-/// Runs a group's transaction; the outer error means nothing was committed.
-fn commit_group(
-    connection: &mut Connection,
-    group: &[Pending],
-) -> Result<Vec<Result<BatchOutcome, StoreError>>, StoreError> {
-    let what = "commit an append group";
-    let mut txn =
-        connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| sql_error(what, e))?;
-    let mut results = Vec::with_capacity(group.len());
-    for pending in group {
-        let savepoint = txn.savepoint().map_err(|e| sql_error(what, e))?;
-        let result = apply_batch(&savepoint, &pending.batch);
-        // A full disk or an I/O error may make SQLite roll the whole
-        // transaction back by itself: then the group failed, with that
-        // batch's cause (not the "no transaction is active" of what follows).
-        if let Err(err @ StoreError::Unavailable { .. }) = &result
-            && savepoint.is_autocommit()
-        {
-            return Err(copy_error(err));
-        }
-        match &result {
-            Ok(BatchOutcome::Written { .. }) => savepoint.commit().map_err(|e| sql_error(what, e))?,
-            // Rejected or failed batches roll back to the savepoint when it
-            // drops; the rest of the group is unaffected.
-            _ => drop(savepoint),
-        }
-        results.push(result);
-    }
-    if results.iter().any(|r| matches!(r, Ok(BatchOutcome::Written { .. }))) {
-        txn.commit().map_err(|e| sql_error(what, e))?;
-    } else {
-        // Nothing to write: no fsync.
-        txn.rollback().map_err(|e| sql_error(what, e))?;
-    }
-    Ok(results)
-}
-
-/// Decides and, when valid, writes one batch, in the order the PostgreSQL
-/// store decides: a known batch is a duplicate (whatever the epoch now),
-/// then the lease and epoch fence, then producer-sequence order.
-fn apply_batch(db: &Connection, batch: &AppendBatch) -> Result<BatchOutcome, StoreError> {
-    let what = "append a batch";
-    let sql = |e| sql_error(what, e);
-    let producer_seq = to_db("producer_seq", batch.producer_seq.0)?;
-    let shard = db
-        .prepare_cached("SELECT shard_no, epoch, owner, head_sequence, head_hash FROM shards WHERE shard_id = ?1")
-        .map_err(sql)?
-        .query_row(params![batch.shard.as_str()], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, Option<String>>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, Vec<u8>>(4)?,
-            ))
-        })
-        .optional()
-        .map_err(sql)?;
-    let Some((shard_no, epoch, owner, head, head_hash)) = shard else {
-        return Err(StoreError::NoLease { shard: batch.shard.clone() });
-    };
-
-    let known = db
-        .prepare_cached(
-            "SELECT first_sequence, last_sequence, last_hash FROM producer_batches \
-             WHERE shard_no = ?1 AND producer_id = ?2 AND producer_seq = ?3",
-        )
-        .map_err(sql)?
-        .query_row(params![shard_no, batch.producer.as_str(), producer_seq], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, Vec<u8>>(2)?))
-        })
-        .optional()
-        .map_err(sql)?;
-    if let Some((first, last, hash)) = known {
-        let ack = AppendAck {
-            first: Sequence(from_db(first)?),
-            last: Sequence(from_db(last)?),
-            duplicate: true,
-            last_hash: stored_hash(hash, "last_hash")?,
-        };
-        let written = (ack.last.0 - ack.first.0 + 1) as usize;
-        if written != batch.events.len() {
-            return Err(count_mismatch(batch, written));
-        }
-        return Ok(BatchOutcome::Duplicate(ack));
-    }
-
-    let latest: Option<i64> = db
-        .prepare_cached("SELECT max(producer_seq) FROM producer_batches WHERE shard_no = ?1 AND producer_id = ?2")
-        .map_err(sql)?
-        .query_row(params![shard_no, batch.producer.as_str()], |row| row.get(0))
-        .map_err(sql)?;
-    let latest = latest.map(|latest| from_db(latest).map(ProducerSeq)).transpose()?;
-    let view = ShardView { held: owner.is_some(), epoch: Epoch(from_db(epoch)?), head: Sequence(from_db(head)?) };
-    decide(batch, view, latest)?;
-
-    let head = Sequence(from_db(head)?);
-    let events = event::chain(stored_hash(head_hash, "head_hash")?, head.next(), batch.epoch, &batch.events);
-    let mut insert = db
-        .prepare_cached(
-            "INSERT INTO events (shard_no, sequence, epoch, recorded_at, body, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .map_err(sql)?;
-    for event in &events {
-        insert
-            .execute(params![
-                shard_no,
-                to_db("sequence", event.sequence.0)?,
-                epoch,
-                micros(event.recorded_at),
-                &event.body[..],
-                &event.hash.as_bytes()[..],
-            ])
-            .map_err(sql)?;
-    }
-    let (first, last) = (&events[0], &events[events.len() - 1]);
-    db.prepare_cached(
-        "INSERT INTO producer_batches (shard_no, producer_id, producer_seq, first_sequence, last_sequence, last_hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .map_err(sql)?
-    .execute(params![
-        shard_no,
-        batch.producer.as_str(),
-        producer_seq,
-        to_db("sequence", first.sequence.0)?,
-        to_db("sequence", last.sequence.0)?,
-        &last.hash.as_bytes()[..],
-    ])
-    .map_err(sql)?;
-    // The fence again, in the statement that moves the head: with one
-    // connection nothing can have changed, but the write states its rule.
-    let moved = db
-        .prepare_cached("UPDATE shards SET head_sequence = ?2, head_hash = ?3 WHERE shard_no = ?1 AND epoch = ?4")
-        .map_err(sql)?
-        .execute(params![shard_no, to_db("sequence", last.sequence.0)?, &last.hash.as_bytes()[..], epoch])
-        .map_err(sql)?;
-    if moved != 1 {
-        return Err(StoreError::Internal { what, source: "the epoch fence refused the head update".into() });
-    }
-    let ack = AppendAck { first: first.sequence, last: last.sequence, duplicate: false, last_hash: last.hash };
-    Ok(BatchOutcome::Written { ack, events })
-}
-
-const SELECT_SHARD: &str = "SELECT shard_id, owner, epoch, head_sequence, lease_expires_at, head_hash, \
-                            low_sequence, low_prev_hash FROM shards";
-
-/// A shard row as read by [`SELECT_SHARD`].
-fn shard_state(row: &rusqlite::Row<'_>) -> Result<ShardState, StoreError> {
-    let what = "decode a shard";
-    let get = |e| sql_error(what, e);
-    let lease = ShardLease {
-        shard: ShardId::parse(row.get::<_, String>(0).map_err(get)?).map_err(corrupt_id)?,
-        owner: row.get::<_, Option<String>>(1).map_err(get)?.map(OwnerId::parse).transpose().map_err(corrupt_id)?,
-        epoch: Epoch(from_db(row.get(2).map_err(get)?)?),
-        head: Sequence(from_db(row.get(3).map_err(get)?)?),
-        expires_at: row.get::<_, Option<i64>>(4).map_err(get)?.map(from_micros),
-    };
-    Ok(ShardState {
-        lease,
-        head_hash: stored_hash(row.get(5).map_err(get)?, "head_hash")?,
-        low: Sequence(from_db(row.get(6).map_err(get)?)?),
-        low_prev_hash: stored_hash(row.get(7).map_err(get)?, "low_prev_hash")?,
-    })
-}
-
-fn read_state(db: &Connection, shard: &ShardId) -> Result<Option<ShardState>, StoreError> {
-    let what = "read a shard";
-    let mut statement =
-        db.prepare_cached(&format!("{SELECT_SHARD} WHERE shard_id = ?1")).map_err(|e| sql_error(what, e))?;
-    let mut rows = statement.query(params![shard.as_str()]).map_err(|e| sql_error(what, e))?;
-    match rows.next().map_err(|e| sql_error(what, e))? {
-        Some(row) => Ok(Some(shard_state(row)?)),
-        None => Ok(None),
-    }
-}
-
-fn shard_no(db: &Connection, shard: &ShardId) -> Result<Option<i64>, StoreError> {
-    db.prepare_cached("SELECT shard_no FROM shards WHERE shard_id = ?1")
-        .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)).optional())
-        .map_err(|e| sql_error("look up a shard", e))
-}
-
 impl LogStore for SqliteStore {
     fn append(&self, batch: AppendBatch) -> StoreFuture<'static, AppendAck> {
         // Queued now, not when the future is first polled: appends commit in
@@ -654,20 +248,17 @@ impl LogStore for SqliteStore {
             let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
             let granted = match read_state(&txn, &shard)? {
                 None => {
-                    txn.prepare_cached(
-                        "INSERT INTO shards (shard_id, epoch, owner, lease_expires_at, head_hash, low_prev_hash, created_at, \
-                         owner_principal) VALUES (?1, 1, ?2, ?3, ?4, ?4, ?5, ?6)",
-                    )
-                    .map_err(sql)?
-                    .execute(params![
-                        shard.as_str(),
-                        owner.as_str(),
-                        expires,
-                        &ChainHash::ZERO.as_bytes()[..],
-                        now,
-                        principal
-                    ])
-                    .map_err(sql)?;
+                    txn.prepare_cached(SQL_ACQUIRE_NEW)
+                        .map_err(sql)?
+                        .execute(params![
+                            shard.as_str(),
+                            owner.as_str(),
+                            expires,
+                            &ChainHash::ZERO.as_bytes()[..],
+                            now,
+                            principal
+                        ])
+                        .map_err(sql)?;
                     true
                 }
                 Some(state) => {
@@ -675,7 +266,7 @@ impl LogStore for SqliteStore {
                     // again to its owner id only under the principal that
                     // took it (or when it records none).
                     let taken_by: Option<String> = txn
-                        .prepare_cached("SELECT owner_principal FROM shards WHERE shard_id = ?1")
+                        .prepare_cached(SQL_ACQUIRE_PRINCIPAL)
                         .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)))
                         .map_err(sql)?;
                     let same_principal = taken_by.is_none() || taken_by.as_deref() == principal;
@@ -686,19 +277,18 @@ impl LogStore for SqliteStore {
                         }
                     };
                     if free {
-                        txn.prepare_cached(
-                            "UPDATE shards SET epoch = epoch + 1, owner = ?2, lease_expires_at = ?3, owner_principal = ?4 \
-                             WHERE shard_id = ?1",
-                        )
-                        .map_err(sql)?
-                        .execute(params![shard.as_str(), owner.as_str(), expires, principal])
-                        .map_err(sql)?;
+                        txn.prepare_cached(SQL_ACQUIRE_TAKE)
+                            .map_err(sql)?
+                            .execute(params![shard.as_str(), owner.as_str(), expires, principal])
+                            .map_err(sql)?;
                     }
                     free
                 }
             };
-            let state = read_state(&txn, &shard)?
-                .ok_or_else(|| StoreError::Internal { what, source: "the shard vanished after its row was written".into() })?;
+            let state = read_state(&txn, &shard)?.ok_or_else(|| StoreError::Internal {
+                what,
+                source: "the shard vanished after its row was written".into(),
+            })?;
             txn.commit().map_err(sql)?;
             Ok(LeaseGrant { granted, lease: state.lease })
         })
@@ -717,11 +307,7 @@ impl LogStore for SqliteStore {
             let principal = principal.as_ref().map(Principal::as_str);
             let expires = micros(SystemTime::now()).saturating_add(duration_micros(ttl)?);
             let renewed = db
-                .prepare_cached(
-                    "UPDATE shards SET lease_expires_at = ?4, owner_principal = coalesce(owner_principal, ?5) \
-                     WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3 \
-                     AND (owner_principal IS NULL OR owner_principal = ?5)",
-                )
+                .prepare_cached(SQL_RENEW_SHARD)
                 .map_err(|e| sql_error(what, e))?
                 .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, expires, principal])
                 .map_err(|e| sql_error(what, e))?;
@@ -745,11 +331,7 @@ impl LogStore for SqliteStore {
         self.run(move |db| {
             let principal = principal.as_ref().map(Principal::as_str);
             let released = db
-                .prepare_cached(
-                    "UPDATE shards SET owner = NULL, owner_principal = NULL, lease_expires_at = NULL \
-                     WHERE shard_id = ?1 AND owner = ?2 AND epoch = ?3 \
-                     AND (owner_principal IS NULL OR owner_principal = ?4)",
-                )
+                .prepare_cached(SQL_RELEASE_SHARD)
                 .map_err(|e| sql_error("release a shard", e))?
                 .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, principal])
                 .map_err(|e| sql_error("release a shard", e))?;
@@ -766,9 +348,7 @@ impl LogStore for SqliteStore {
             let what = "list shards";
             // substr compares bytes, like PostgreSQL's starts_with; LIKE would
             // treat '%' and '_' in ids as wildcards.
-            let mut statement = db
-                .prepare_cached(&format!("{SELECT_SHARD} WHERE substr(shard_id, 1, length(?1)) = ?1 ORDER BY shard_id"))
-                .map_err(|e| sql_error(what, e))?;
+            let mut statement = db.prepare_cached(SQL_LIST_SHARDS).map_err(|e| sql_error(what, e))?;
             let mut rows = statement.query(params![prefix]).map_err(|e| sql_error(what, e))?;
             let mut shards = Vec::new();
             while let Some(row) = rows.next().map_err(|e| sql_error(what, e))? {
@@ -806,12 +386,7 @@ impl LogStore for SqliteStore {
             }
             let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
             let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1) + 1;
-            let mut statement = txn
-                .prepare_cached(
-                    "SELECT sequence, epoch, recorded_at, body, hash FROM events \
-                     WHERE shard_no = ?1 AND sequence >= ?2 - 1 AND sequence <= ?3 ORDER BY sequence LIMIT ?4",
-                )
-                .map_err(sql)?;
+            let mut statement = txn.prepare_cached(SQL_READ_RANGE).map_err(sql)?;
             let mut rows = statement.query(params![number, from_value, to_value, fetch]).map_err(sql)?;
             let mut anchor = None;
             let mut stored = Vec::new();
@@ -855,10 +430,7 @@ impl LogStore for SqliteStore {
         self.run(move |db| {
             let what = "find a sequence by time";
             let found: Option<i64> = db
-                .prepare_cached(
-                    "SELECT e.sequence FROM shards s JOIN events e ON e.shard_no = s.shard_no \
-                     WHERE s.shard_id = ?1 AND e.recorded_at >= ?2 ORDER BY e.sequence LIMIT 1",
-                )
+                .prepare_cached(SQL_SEQUENCE_AT)
                 .map_err(|e| sql_error(what, e))?
                 .query_row(params![shard.as_str(), micros(since)], |row| row.get(0))
                 .optional()
@@ -881,7 +453,7 @@ impl LogStore for SqliteStore {
             let Some(state) = read_state(db, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
             let number = shard_no(db, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
             let stored: Option<Vec<u8>> = db
-                .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                .prepare_cached(SQL_EVENT_HASH)
                 .map_err(sql)?
                 .query_row(params![number, sequence_value], |row| row.get(0))
                 .optional()
@@ -894,13 +466,7 @@ impl LogStore for SqliteStore {
             };
             let recorded = checkpoint_hash(&subscriber, &shard, sequence, hash, &target)?;
             let moved = db
-                .prepare_cached(
-                    "INSERT INTO checkpoints (subscriber_id, shard_no, sequence, updated_at, hash) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (subscriber_id, shard_no) DO UPDATE \
-                     SET sequence = excluded.sequence, updated_at = excluded.updated_at, hash = excluded.hash \
-                     WHERE checkpoints.sequence < excluded.sequence",
-                )
+                .prepare_cached(SQL_COMMIT_CHECKPOINT)
                 .map_err(sql)?
                 .execute(params![
                     subscriber.as_str(),
@@ -912,9 +478,7 @@ impl LogStore for SqliteStore {
                 .map_err(sql)?
                 == 1;
             let (stored, updated_at, hash): (i64, i64, Option<Vec<u8>>) = db
-                .prepare_cached(
-                    "SELECT sequence, updated_at, hash FROM checkpoints WHERE subscriber_id = ?1 AND shard_no = ?2",
-                )
+                .prepare_cached(SQL_READ_CHECKPOINT)
                 .map_err(sql)?
                 .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .map_err(sql)?;
@@ -933,13 +497,7 @@ impl LogStore for SqliteStore {
         self.run(move |db| {
             let what = "read checkpoints";
             let sql = |e| sql_error(what, e);
-            let mut statement = db
-                .prepare_cached(
-                    "SELECT c.subscriber_id, s.shard_id, c.sequence, c.updated_at, c.hash \
-                     FROM checkpoints c JOIN shards s ON s.shard_no = c.shard_no \
-                     WHERE (?1 IS NULL OR c.subscriber_id = ?1) ORDER BY c.subscriber_id, s.shard_id",
-                )
-                .map_err(sql)?;
+            let mut statement = db.prepare_cached(SQL_READ_CHECKPOINTS).map_err(sql)?;
             let mut rows = statement.query(params![subscriber.as_ref().map(SubscriberId::as_str)]).map_err(sql)?;
             let mut found = Vec::new();
             while let Some(row) = rows.next().map_err(sql)? {
@@ -992,7 +550,7 @@ impl LogStore for SqliteStore {
                 return Err(StoreError::Trimmed { shard, low: state.low });
             } else {
                 let stored: Option<Vec<u8>> = txn
-                    .prepare_cached("SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2")
+                    .prepare_cached(SQL_EVENT_HASH)
                     .map_err(sql)?
                     .query_row(params![number, sequence_value], |row| row.get(0))
                     .optional()
@@ -1007,14 +565,17 @@ impl LogStore for SqliteStore {
                 }
             };
             let created_at = SystemTime::now();
-            txn.prepare_cached(
-                "INSERT INTO snapshots (shard_no, sequence, epoch, data, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                 ON CONFLICT (shard_no, sequence) DO UPDATE \
-                 SET epoch = excluded.epoch, data = excluded.data, hash = excluded.hash, created_at = excluded.created_at",
-            )
-            .map_err(sql)?
-            .execute(params![number, sequence_value, epoch_value, &data[..], &hash.as_bytes()[..], micros(created_at)])
-            .map_err(sql)?;
+            txn.prepare_cached(SQL_UPSERT_SNAPSHOT)
+                .map_err(sql)?
+                .execute(params![
+                    number,
+                    sequence_value,
+                    epoch_value,
+                    &data[..],
+                    &hash.as_bytes()[..],
+                    micros(created_at)
+                ])
+                .map_err(sql)?;
             txn.commit().map_err(sql)?;
             Ok(Snapshot { shard, sequence, data, hash, created_at: from_micros(micros(created_at)) })
         })
@@ -1028,11 +589,7 @@ impl LogStore for SqliteStore {
                 None => i64::MAX,
             };
             let row = db
-                .prepare_cached(
-                    "SELECT sn.sequence, sn.data, sn.hash, sn.created_at FROM snapshots sn \
-                     JOIN shards s ON s.shard_no = sn.shard_no \
-                     WHERE s.shard_id = ?1 AND sn.sequence <= ?2 ORDER BY sn.sequence DESC LIMIT 1",
-                )
+                .prepare_cached(SQL_READ_SNAPSHOT)
                 .map_err(|e| sql_error(what, e))?
                 .query_row(params![shard.as_str(), below], |row| {
                     Ok((
@@ -1067,10 +624,7 @@ impl LogStore for SqliteStore {
             let low = state.low;
             let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
             let (snapshot, checkpoint): (Option<i64>, Option<i64>) = txn
-                .prepare_cached(
-                    "SELECT (SELECT max(sequence) FROM snapshots WHERE shard_no = ?1), \
-                            (SELECT min(sequence) FROM checkpoints WHERE shard_no = ?1 AND updated_at >= ?2)",
-                )
+                .prepare_cached(SQL_RETENTION_PLAN)
                 .map_err(sql)?
                 .query_row(params![number, oldest_counted], |row| Ok((row.get(0)?, row.get(1)?)))
                 .map_err(sql)?;
@@ -1080,30 +634,13 @@ impl LogStore for SqliteStore {
                 return Ok(RetentionOutcome { deleted: 0, low });
             }
             // The anchor hash is read before event `through` is deleted.
-            txn.prepare_cached(
-                "UPDATE shards SET low_sequence = ?2 + 1, \
-                 low_prev_hash = (SELECT hash FROM events WHERE shard_no = ?1 AND sequence = ?2) WHERE shard_no = ?1",
-            )
-            .map_err(sql)?
-            .execute(params![number, through])
-            .map_err(sql)?;
-            txn.prepare_cached("DELETE FROM snapshots WHERE shard_no = ?1 AND sequence < ?2")
-                .map_err(sql)?
-                .execute(params![number, through])
-                .map_err(sql)?;
+            txn.prepare_cached(SQL_RETENTION_LOW).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
+            txn.prepare_cached(SQL_RETENTION_SNAPSHOTS).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
             // Each producer's latest record survives, so its retries are
             // still recognised after the events are gone.
-            txn.prepare_cached(
-                "DELETE FROM producer_batches WHERE shard_no = ?1 AND last_sequence <= ?2 \
-                 AND producer_seq < (SELECT max(l.producer_seq) FROM producer_batches l \
-                                     WHERE l.shard_no = producer_batches.shard_no \
-                                       AND l.producer_id = producer_batches.producer_id)",
-            )
-            .map_err(sql)?
-            .execute(params![number, through])
-            .map_err(sql)?;
+            txn.prepare_cached(SQL_RETENTION_RECORDS).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
             let deleted = txn
-                .prepare_cached("DELETE FROM events WHERE shard_no = ?1 AND sequence <= ?2")
+                .prepare_cached(SQL_RETENTION_EVENTS)
                 .map_err(sql)?
                 .execute(params![number, through])
                 .map_err(sql)?;
@@ -1136,56 +673,26 @@ impl LogStore for SqliteStore {
     }
 }
 
-impl crate::health::Probe for SqliteStore {
-    fn check(&self) -> crate::health::ProbeFuture<'_> {
+impl crate::replica::health::Probe for SqliteStore {
+    fn check(&self) -> crate::replica::health::ProbeFuture<'_> {
         let started = Instant::now();
         let answer = self.run(|db| {
-            db.query_row("SELECT count(*) FROM shards", [], |row| row.get::<_, i64>(0))
+            db.query_row(SQL_PROBE, [], |row| row.get::<_, i64>(0))
                 .map_err(|e| sql_error("probe the embedded store", e))
         });
         Box::pin(async move {
             let result = answer.await.map(drop);
             telemetry::record_db_operation(DbOperation::Probe, started.elapsed(), result.is_ok());
-            result.map_err(|err| crate::health::NotReady::Unreachable(crate::error::causes(&err)))
+            result.map_err(|err| crate::replica::health::NotReady::Unreachable(crate::store::causes(&err)))
         })
     }
 }
 
-/// A counter as stored; values beyond `i64::MAX` cannot be stored.
-fn to_db(field: &'static str, value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| InvalidInput::new(field, format!("{value} is out of range")).into())
-}
-
-/// A stored counter; the schema's checks keep them non-negative.
-fn from_db(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Internal {
-        what: "decode a stored row",
-        source: format!("negative counter {value}").into(),
-    })
-}
-
-/// Microseconds since the Unix epoch (negative before it), saturating.
-fn micros(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |m| -m),
-    }
-}
-
-fn from_micros(micros: i64) -> SystemTime {
-    if micros >= 0 {
-        UNIX_EPOCH + Duration::from_micros(micros as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
-    }
-}
-
-fn duration_micros(duration: Duration) -> Result<i64, StoreError> {
-    i64::try_from(duration.as_micros()).map_err(|_| InvalidInput::new("ttl", "is too long").into())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::open::MIGRATIONS;
     use super::*;
 
     #[test]

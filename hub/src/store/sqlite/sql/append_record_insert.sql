@@ -1,0 +1,10 @@
+-- Records an accepted batch under (producer, producer_seq) with the sequences
+-- and hash it was answered with.
+--
+-- Concurrency contract: runs in the append group's IMMEDIATE transaction,
+-- inside the batch's savepoint, on the store's one connection, which runs
+-- operations one at a time in the order they were called and holds the file in
+-- exclusive locking mode, so no other writer exists; what it reads cannot
+-- change before the group commits, and a refused batch's savepoint rolls back.
+INSERT INTO producer_batches (shard_no, producer_id, producer_seq, first_sequence, last_sequence, last_hash)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)

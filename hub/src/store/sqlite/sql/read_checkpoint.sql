@@ -1,0 +1,10 @@
+-- One subscriber's checkpoint on one shard.
+--
+-- Concurrency contract: a read on the store's one connection, which runs
+-- operations one at a time in the order they were called and holds the file in
+-- exclusive locking mode, so no other writer exists; it sees every committed
+-- write and never another operation's half-done transaction.
+SELECT sequence, updated_at, hash
+FROM checkpoints
+WHERE subscriber_id = ?1
+AND shard_no = ?2

@@ -1,0 +1,9 @@
+-- One shard's lease, head and low-water mark.
+--
+-- Concurrency contract: a read on the store's one connection, which runs
+-- operations one at a time in the order they were called and holds the file in
+-- exclusive locking mode, so no other writer exists; it sees every committed
+-- write and never another operation's half-done transaction.
+SELECT shard_id, owner, epoch, head_sequence, lease_expires_at, head_hash, low_sequence, low_prev_hash
+FROM shards
+WHERE shard_id = ?1
