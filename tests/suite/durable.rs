@@ -64,7 +64,7 @@ impl Process {
 pub(crate) struct Hub {
     pub(crate) grpc: SocketAddr,
     admin: SocketAddr,
-    process: Process,
+    pub(crate) process: Process,
 }
 
 impl Hub {
