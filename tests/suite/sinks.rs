@@ -700,3 +700,138 @@ async fn the_lineage_records_who_did_what_to_each_resource_once() {
         .get(0);
     assert_eq!(total as u64, head, "one event, one set of rows");
 }
+
+/// A throwaway CA and a server certificate for 127.0.0.1 and localhost:
+/// (CA PEM, server certificate PEM, server key PEM).
+fn server_pki(name: &str) -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("CA key")).expect("CA");
+    let mut server = rcgen::CertificateParams::default();
+    server.subject_alt_names = vec![
+        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+        rcgen::SanType::DnsName("localhost".try_into().expect("DNS name")),
+    ];
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let cert = server.signed_by(&key, &ca).expect("signing");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn the_postgres_sink_connects_over_tls_verifying_the_server() {
+    let binaries = tokio::task::spawn_blocking(omnirelay_tests::WorkspaceBinaries::build)
+        .await
+        .expect("no panic")
+        .expect("build the binaries");
+    let (ca_pem, cert_pem, key_pem) = server_pki("projection db ca");
+    let tls = omnirelay_tests::PgServerTls { cert_pem, key_pem };
+    let projection_db = tokio::task::spawn_blocking(move || {
+        omnirelay_tests::PgCluster::start_with_tls(omnirelay_tests::PgOptions::default(), &tls)
+    })
+    .await
+    .expect("no panic")
+    .expect("PostgreSQL with TLS");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write a PEM file");
+        path.to_str().expect("UTF-8 path").to_string()
+    };
+    let ca_file = write("ca.pem", &ca_pem);
+    let other_ca_file = write("other-ca.pem", &server_pki("another ca").0);
+
+    let db = migrated_db().await;
+    let hub = TestHub::start(db.url()).await;
+    let shard = "resourcelease.sink-tls";
+    let (queue, _replicator) = queue(&hub, shard).await;
+    enqueue(&queue, 0, 10).await;
+    let hub_url = hub.endpoint().url;
+    let database_url = projection_db.url("postgres");
+    let sink = |tls: &[&str]| {
+        let mut command = tokio::process::Command::new(&binaries.omnirelay);
+        command
+            .args(["sink", "postgres", "--hub", &hub_url, "--subscriber", "tls-sink", "--shard", shard])
+            .args(["--database-url", &database_url, "--checkpoint-ms", "100"])
+            .args(tls)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OMNIRELAY_") {
+                command.env_remove(name);
+            }
+        }
+        command
+    };
+    let plain = {
+        let (client, connection) =
+            tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await.expect("connect without TLS");
+        tokio::spawn(connection);
+        client
+    };
+    let projection_exists = || async {
+        plain
+            .query_one("SELECT to_regclass('omnirelay_projection_items') IS NOT NULL", &[])
+            .await
+            .expect("look up the table")
+            .get::<_, bool>(0)
+    };
+
+    // A CA file with another mode, and verify-full without one, are refused
+    // before anything is touched, naming the flag.
+    for (flags, named) in [
+        (vec!["--database-tls", "require", "--database-ca-file", ca_file.as_str()], "--database-ca-file"),
+        (vec!["--database-tls", "verify-full"], "--database-ca-file"),
+    ] {
+        let out = tokio::time::timeout(HANG_GUARD, sink(&flags).output()).await.expect("exits").expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(named), "{flags:?}: {}\n{stderr}", out.status);
+    }
+    // A server whose certificate another CA signed is refused.
+    let out = tokio::time::timeout(
+        HANG_GUARD,
+        sink(&["--database-tls", "verify-full", "--database-ca-file", &other_ca_file]).output(),
+    )
+    .await
+    .expect("exits")
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("open the projection"), "{}\n{stderr}", out.status);
+    assert!(!projection_exists().await, "a refused server was not written to");
+
+    // verify-full with the right CA: the projection fills, over TLS only.
+    let mut running =
+        sink(&["--database-tls", "verify-full", "--database-ca-file", &ca_file]).spawn().expect("start the sink");
+    eventually("the projection holds the ten items", HANG_GUARD, || async {
+        if !projection_exists().await {
+            return Err("no table yet".to_string());
+        }
+        let count: i64 = plain
+            .query_one("SELECT count(*) FROM omnirelay_projection_items WHERE shard = $1", &[&shard])
+            .await
+            .map_err(|err| err.to_string())?
+            .get(0);
+        if count == 10 { Ok(()) } else { Err(format!("{count} rows")) }
+    })
+    .await;
+    let sessions: Vec<bool> = plain
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'omnirelay-sink'",
+            &[],
+        )
+        .await
+        .expect("read the sessions")
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!sessions.is_empty() && sessions.iter().all(|ssl| *ssl), "the sink's sessions: {sessions:?}");
+    let pid = running.id().expect("a running sink").to_string();
+    let killed = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("run kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(HANG_GUARD, running.wait()).await.expect("the sink stops").expect("wait");
+    assert!(status.success(), "a clean stop: {status}");
+    let checkpoint = hub_checkpoint(&hub, "tls-sink", shard).await.expect("a checkpoint");
+    assert_eq!(checkpoint.sequence, 10);
+}

@@ -70,7 +70,27 @@ impl ProjectionSink {
             field: "database_url".into(),
             reason: format!("not a PostgreSQL URL: {err}"),
         })?;
-        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        Self::pool_with_tls(config, tokio_postgres::NoTls, size, timeout)
+    }
+
+    /// A pool of up to `size` connections made by `config` through `tls`
+    /// (for example tokio-postgres-rustls' connector, with the config's
+    /// `sslmode` set to match), each attempt to get or create one bounded
+    /// by `timeout`. The CLI's sinks build theirs with the hub's
+    /// `--database-tls` modes.
+    pub fn pool_with_tls<T>(
+        config: tokio_postgres::Config,
+        tls: T,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Pool, SinkError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Sync + Send + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        let manager = deadpool_postgres::Manager::new(config, tls);
         Pool::builder(manager)
             .max_size(size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
