@@ -835,3 +835,48 @@ async fn the_postgres_sink_connects_over_tls_verifying_the_server() {
     let checkpoint = hub_checkpoint(&hub, "tls-sink", shard).await.expect("a checkpoint");
     assert_eq!(checkpoint.sequence, 10);
 }
+
+#[tokio::test]
+async fn the_projection_writes_an_item_twice_in_one_frame_in_order() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "twice-in-a-frame").await.expect("open");
+    let shard = ShardId::from("resourcelease.twice-in-a-frame");
+    let event = |sequence: u64, kind| SinkEvent {
+        shard: shard.clone(),
+        sequence: Sequence::new(sequence),
+        hash: Bytes::from(vec![sequence as u8; 32]),
+        raw: Bytes::new(),
+        event: rpb::ReplicationEvent { shard_id: shard.to_string(), sequence, event: Some(kind), ..Default::default() },
+    };
+    let item = |id: &str, attempt: u32| omnirelay_proto::resourcelease::v1::WorkItem {
+        item_id: id.into(),
+        attempt,
+        payload: Some(omnirelay_proto::resourcelease::v1::ItemPayload {
+            resource_type: "user".into(),
+            resource_id: id.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    use rpb::replication_event::Event as Kind;
+    // Whole-item writes only, so one run, with "a" twice: the later write
+    // must win, and the statement must not write one row twice.
+    let frame = SinkBatch {
+        shard: shard.clone(),
+        events: vec![
+            event(1, Kind::Enqueued(rpb::Enqueued { item: Some(item("a", 0)) })),
+            event(2, Kind::Enqueued(rpb::Enqueued { item: Some(item("b", 0)) })),
+            event(3, Kind::Restored(rpb::Restored { items: vec![item("a", 3), item("c", 1)], ..Default::default() })),
+        ],
+    };
+    sink.deliver(&frame).await.expect("a frame writing one item twice");
+    let rows = db
+        .client()
+        .await
+        .query("SELECT item_id, attempt, updated_sequence FROM omnirelay_projection_items ORDER BY item_id", &[])
+        .await
+        .expect("rows");
+    let rows: Vec<(String, i32, i64)> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(rows, [("a".to_string(), 3, 3), ("b".to_string(), 0, 2), ("c".to_string(), 1, 3)]);
+}
