@@ -158,13 +158,7 @@ impl PgCluster {
 
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let dir = tempfile::Builder::new()
-                .prefix(&format!("{CLUSTER_DIR_PREFIX}{}-", std::process::id()))
-                .tempdir()
-                .map_err(|source| io("create cluster directory", source))?;
-            chown_to(dir.path(), run_as)?;
-            let data = dir.path().join("data");
-            run(pg_command(Path::new("cp"), run_as).arg("-a").arg(&template).arg(&data), "copy template cluster")?;
+            let (dir, data) = cluster_dir_from(&template, run_as, "copy template cluster")?;
             let port = free_port()?;
             write_config(&data, dir.path(), port, &options)?;
             if let Some(tls) = tls {
@@ -184,14 +178,7 @@ impl PgCluster {
                     ),
                 )?;
             }
-            let cluster = Self {
-                dir,
-                port,
-                bins: bins.clone(),
-                run_as,
-                paused: std::sync::atomic::AtomicBool::new(false),
-                archiving,
-            };
+            let cluster = Self::stopped(dir, port, bins.clone(), run_as, archiving);
             match cluster.start_again() {
                 Ok(()) => return Ok(cluster),
                 Err(err) => last_error = Some(err),
@@ -213,16 +200,7 @@ impl PgCluster {
         let run_as = run_as()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let dir = tempfile::Builder::new()
-                .prefix(&format!("{CLUSTER_DIR_PREFIX}{}-", std::process::id()))
-                .tempdir()
-                .map_err(|source| io("create cluster directory", source))?;
-            chown_to(dir.path(), run_as)?;
-            let data = dir.path().join("data");
-            run(
-                pg_command(Path::new("cp"), run_as).arg("-a").arg(backup.data_dir()).arg(&data),
-                "copy the base backup",
-            )?;
+            let (dir, data) = cluster_dir_from(&backup.data_dir(), run_as, "copy the base backup")?;
             let port = free_port()?;
             // Later settings win: these replace the origin's port, socket
             // directory and archiving, which the backup carries.
@@ -244,14 +222,7 @@ impl PgCluster {
             let signal = data.join("recovery.signal");
             std::fs::write(&signal, b"").map_err(|source| io("write recovery.signal", source))?;
             chown_to(&signal, run_as)?;
-            let cluster = Self {
-                dir,
-                port,
-                bins: bins.clone(),
-                run_as,
-                paused: std::sync::atomic::AtomicBool::new(false),
-                archiving: false,
-            };
+            let cluster = Self::stopped(dir, port, bins.clone(), run_as, false);
             match cluster.start_again() {
                 Ok(()) => return cluster.wait_promoted().map(|()| cluster),
                 Err(err) => last_error = Some(err),
@@ -306,6 +277,17 @@ impl PgCluster {
             "pg_basebackup",
         )?;
         Ok(BaseBackup { dir })
+    }
+
+    /// A cluster in `dir`, not started yet.
+    fn stopped(
+        dir: tempfile::TempDir,
+        port: u16,
+        bins: PostgresBinaries,
+        run_as: Option<RunAs>,
+        archiving: bool,
+    ) -> Self {
+        Self { dir, port, bins, run_as, paused: std::sync::atomic::AtomicBool::new(false), archiving }
     }
 
     /// The loopback port the cluster listens on (kept across restarts).
@@ -417,6 +399,19 @@ impl Drop for PgCluster {
         // Immediate: the data is thrown away, so a clean checkpoint is wasted work.
         let _ = self.crash();
     }
+}
+
+/// A new cluster directory (owned by the server's user) whose `data` is a
+/// copy of the data directory `source`: (the directory, its `data`).
+fn cluster_dir_from(source: &Path, run_as: Option<RunAs>, what: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{CLUSTER_DIR_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .map_err(|source| io("create cluster directory", source))?;
+    chown_to(dir.path(), run_as)?;
+    let data = dir.path().join("data");
+    run(pg_command(Path::new("cp"), run_as).arg("-a").arg(source).arg(&data), what)?;
+    Ok((dir, data))
 }
 
 /// Sends `signal` (`-STOP`, `-CONT`) to the server's processes. They may

@@ -52,16 +52,9 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// Fast pacing: small checkpoint batches, quick progress frames and retries.
+/// The sink suite's fast pacing.
 fn subscriber_config(endpoint: &HubEndpoint) -> SubscriberConfig {
-    let mut config =
-        SubscriberConfig::new(SUBSCRIBER, [endpoint.clone()], Selection::Shards(vec![ShardId::from(SHARD)]));
-    config.checkpoint_events = 10;
-    config.checkpoint_interval = Duration::from_millis(100);
-    config.progress_interval = Duration::from_millis(200);
-    config.backoff_min = Duration::from_millis(20);
-    config.backoff_max = Duration::from_millis(200);
-    config
+    crate::sinks::config(SUBSCRIBER, vec![endpoint.clone()], Selection::Shards(vec![ShardId::from(SHARD)]))
 }
 
 type Run = tokio::task::JoinHandle<Result<ProjectionSink, SinkError>>;
@@ -103,33 +96,17 @@ async fn checkpointed(client: &mut pb::hub_client::HubClient<tonic::transport::C
 /// The shard's log read from the hub: (request ids of the Enqueued events,
 /// their item ids, the head, the head's hash).
 async fn read_log(hub: &Hub) -> (BTreeSet<String>, BTreeSet<String>, u64, Vec<u8>) {
-    let mut client = hub.client().await;
-    let (mut requests, mut items, mut head, mut hash) = (BTreeSet::new(), BTreeSet::new(), 0, Vec::new());
-    loop {
-        let page = client
-            .read_range(pb::ReadRangeRequest {
-                shard_id: SHARD.into(),
-                from_sequence: head + 1,
-                to_sequence: 0,
-                limit: 0,
-            })
-            .await
-            .expect("read the log")
-            .into_inner();
-        if page.events.is_empty() {
-            return (requests, items, head, hash);
-        }
-        for event in &page.events {
-            let event = event.decode().expect("a logged event decodes");
-            head = event.sequence;
-            hash = event.hash.to_vec();
-            if let Some(Event::Enqueued(enqueued)) = event.event {
-                let item = enqueued.item.expect("an enqueued item");
-                items.insert(item.item_id.clone());
-                requests.insert(item.payload.map(|p| p.request_id).unwrap_or_default());
-            }
+    let events = crate::durable::read_log(hub, SHARD).await;
+    let (head, hash) = events.last().map_or((0, Vec::new()), |last| (last.sequence, last.hash.to_vec()));
+    let (mut requests, mut items) = (BTreeSet::new(), BTreeSet::new());
+    for event in events {
+        if let Some(Event::Enqueued(enqueued)) = event.event {
+            let item = enqueued.item.expect("an enqueued item");
+            items.insert(item.item_id.clone());
+            requests.insert(item.payload.map(|p| p.request_id).unwrap_or_default());
         }
     }
+    (requests, items, head, hash)
 }
 
 /// The projection's item ids for the shard.

@@ -118,7 +118,7 @@ async fn enqueue(queue: &Queue, from: usize, count: usize) {
 
 /// Fast pacing for tests: small checkpoint batches, quick progress frames
 /// and retries.
-fn config(id: &str, endpoints: Vec<HubEndpoint>, selection: Selection) -> SubscriberConfig {
+pub(crate) fn config(id: &str, endpoints: Vec<HubEndpoint>, selection: Selection) -> SubscriberConfig {
     let mut config = SubscriberConfig::new(id, endpoints, selection);
     config.checkpoint_events = 10;
     config.checkpoint_interval = Duration::from_millis(100);
@@ -381,28 +381,40 @@ async fn the_projection_matches_the_queue_exactly_once_across_restarts_and_rebui
     assert_eq!(projection_rows(&db, "current", shard).await, queue_rows(&queue).await);
 }
 
-#[tokio::test]
-async fn the_projection_applies_a_batch_handed_over_twice_once() {
-    let db = migrated_db().await;
-    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
-    let mut sink = ProjectionSink::open(pool, "twice").await.expect("open");
-    let shard = ShardId::from("resourcelease.twice");
-    let event = |sequence: u64, kind| SinkEvent {
+/// An event of `shard` as a sink receives it (the hash stands in: sinks
+/// called directly do not check the chain).
+fn sink_event(shard: &ShardId, sequence: u64, kind: rpb::replication_event::Event) -> SinkEvent {
+    SinkEvent {
         shard: shard.clone(),
         sequence: Sequence::new(sequence),
         hash: Bytes::from(vec![sequence as u8; 32]),
         raw: Bytes::new(),
         event: rpb::ReplicationEvent { shard_id: shard.to_string(), sequence, event: Some(kind), ..Default::default() },
-    };
-    let item = |id: &str| omnirelay_proto::resourcelease::v1::WorkItem {
+    }
+}
+
+/// An item `id` of resource user/`id` at `attempt`.
+fn work_item(id: &str, attempt: u32) -> omnirelay_proto::resourcelease::v1::WorkItem {
+    omnirelay_proto::resourcelease::v1::WorkItem {
         item_id: id.into(),
+        attempt,
         payload: Some(omnirelay_proto::resourcelease::v1::ItemPayload {
             resource_type: "user".into(),
             resource_id: id.into(),
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn the_projection_applies_a_batch_handed_over_twice_once() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "twice").await.expect("open");
+    let shard = ShardId::from("resourcelease.twice");
+    let event = |sequence, kind| sink_event(&shard, sequence, kind);
+    let item = |id: &str| work_item(id, 0);
     use rpb::replication_event::Event as Kind;
     let first = SinkBatch {
         shard: shard.clone(),
@@ -842,23 +854,8 @@ async fn the_projection_writes_an_item_twice_in_one_frame_in_order() {
     let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
     let mut sink = ProjectionSink::open(pool, "twice-in-a-frame").await.expect("open");
     let shard = ShardId::from("resourcelease.twice-in-a-frame");
-    let event = |sequence: u64, kind| SinkEvent {
-        shard: shard.clone(),
-        sequence: Sequence::new(sequence),
-        hash: Bytes::from(vec![sequence as u8; 32]),
-        raw: Bytes::new(),
-        event: rpb::ReplicationEvent { shard_id: shard.to_string(), sequence, event: Some(kind), ..Default::default() },
-    };
-    let item = |id: &str, attempt: u32| omnirelay_proto::resourcelease::v1::WorkItem {
-        item_id: id.into(),
-        attempt,
-        payload: Some(omnirelay_proto::resourcelease::v1::ItemPayload {
-            resource_type: "user".into(),
-            resource_id: id.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let event = |sequence, kind| sink_event(&shard, sequence, kind);
+    let item = work_item;
     use rpb::replication_event::Event as Kind;
     // Whole-item writes only, so one run, with "a" twice: the later write
     // must win, and the statement must not write one row twice.
