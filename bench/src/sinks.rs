@@ -6,7 +6,9 @@
 //!
 //! The log is written first (`events` Enqueued events of 200-byte bodies on
 //! one shard), so each sink measures catch-up: subscribe from nothing to
-//! the head. Prints one Markdown table row per measurement.
+//! the head. A sink that keeps nothing runs too, so the runtime's and the
+//! hub's share of each sink's time shows. Prints one Markdown table row per
+//! measurement.
 
 // The figures are the program's output.
 #![allow(clippy::print_stdout)]
@@ -19,7 +21,9 @@ use futures_util::StreamExt as _;
 use omnirelay_client::queue::{Caller, EnqueueRequest, Payload};
 use omnirelay_client::replication::{HubEndpoint, HubReplicator, HubReplicatorConfig};
 use omnirelay_client::sink::projection::ProjectionSink;
-use omnirelay_client::sink::{NdjsonConfig, NdjsonSink, ReplicationSink, Selection, Subscriber, SubscriberConfig};
+use omnirelay_client::sink::{
+    Delivery, NdjsonConfig, NdjsonSink, ReplicationSink, Selection, SinkBatch, SinkError, Subscriber, SubscriberConfig,
+};
 use omnirelay_client::{Queue, QueueConfig, Replicator, ShardId};
 use omnirelay_hub::{Config, Hub};
 use omnirelay_tests::{PgCluster, PgOptions};
@@ -96,6 +100,11 @@ async fn scenario(events: u64) -> anyhow::Result<()> {
     let _ = std::fs::remove_file("/tmp/omnirelay-bench-rows.copy");
     row("postgres projection (exactly once)", events, projected, "COPY of the same rows", copied);
 
+    // The runtime alone (hub catch-up read, gRPC, chain checks) into a
+    // sink that keeps nothing: what every sink pays before its own work.
+    let discarded = deliver(&endpoint, "bench-discard", Discard, events).await?;
+    row("discard (the runtime alone)", events, discarded, "-", Duration::ZERO);
+
     // NDJSON, at least once, synced before each checkpoint.
     let dir = tempfile_dir()?;
     let sink = NdjsonSink::open(NdjsonConfig::new(dir.join("sink"))).await?;
@@ -113,6 +122,19 @@ async fn scenario(events: u64) -> anyhow::Result<()> {
     row("ndjson (fsync on checkpoint)", events, written, "cat of the same bytes, then sync", catted);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A sink that keeps nothing: measures the subscriber runtime and the hub.
+struct Discard;
+
+impl ReplicationSink for Discard {
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
+    }
+
+    async fn deliver(&mut self, _batch: &SinkBatch) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Runs `sink` from nothing to `events` and returns how long it took.
@@ -145,6 +167,10 @@ async fn deliver<S: ReplicationSink>(
 
 fn row(sink: &str, events: u64, took: Duration, baseline: &str, baseline_took: Duration) {
     let rate = events as f64 / took.as_secs_f64();
+    if baseline_took.is_zero() {
+        println!("| {sink} | {events} | {:.2} | {rate:.0} | {baseline} | - | - |", took.as_secs_f64());
+        return;
+    }
     println!(
         "| {sink} | {events} | {:.2} | {rate:.0} | {baseline} | {:.2} | {:.2} |",
         took.as_secs_f64(),

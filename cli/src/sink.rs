@@ -27,6 +27,7 @@ use omnirelay_client::sink::{
     SubscriberProgress, json,
 };
 use omnirelay_client::{Sequence, sink};
+use omnirelay_hub::config::{DatabaseTls, DatabaseTlsMode, DatabaseUrl};
 use omnirelay_proto::hub::v1 as pb;
 use omnirelay_proto::limits::MAX_MESSAGE_BYTES;
 use tokio_util::sync::CancellationToken;
@@ -154,9 +155,9 @@ pub enum SinkCommand {
         /// The subscription.
         #[command(flatten)]
         common: SinkArgs,
-        /// The projection's database (plain connections).
-        #[arg(long, env = "OMNIRELAY_SINK_DATABASE_URL")]
-        database_url: String,
+        /// The projection's database, and TLS to it.
+        #[command(flatten)]
+        database: DatabaseArgs,
         /// Name of the projection (several may share a database).
         #[arg(long, env = "OMNIRELAY_SINK_PROJECTION", default_value = "default")]
         projection: String,
@@ -167,9 +168,9 @@ pub enum SinkCommand {
         /// The subscription.
         #[command(flatten)]
         common: SinkArgs,
-        /// The lineage's database (plain connections).
-        #[arg(long, env = "OMNIRELAY_SINK_DATABASE_URL")]
-        database_url: String,
+        /// The lineage's database, and TLS to it.
+        #[command(flatten)]
+        database: DatabaseArgs,
         /// Name of the lineage (several may share a database).
         #[arg(long, env = "OMNIRELAY_SINK_LINEAGE", default_value = "default")]
         lineage: String,
@@ -196,6 +197,48 @@ pub enum SinkCommand {
         #[arg(long, env = "OMNIRELAY_SINK_ATTEMPTS", default_value_t = sink::webhook::ATTEMPTS)]
         attempts: u32,
     },
+}
+
+/// Connections a PostgreSQL sink keeps: one applying batches, one for the
+/// checkpoint reads at start.
+const SINK_POOL_SIZE: usize = 2;
+
+/// Application name of a PostgreSQL sink's sessions (in `pg_stat_activity`),
+/// unless the URL sets one.
+const SINK_APPLICATION_NAME: &str = "omnirelay-sink";
+
+/// A PostgreSQL sink's database: its URL and TLS to it, with the hub's
+/// `--database-tls` modes (rustls, as the hub's own connections).
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// The database (URL or key=value connection string).
+    #[arg(long, env = "OMNIRELAY_SINK_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// TLS to the database: `disable`, `prefer` (TLS when the server offers
+    /// it, unverified), `require` (TLS, unverified), `verify-full` (TLS,
+    /// the certificate must chain to `--database-ca-file` and name the host).
+    #[arg(long, env = "OMNIRELAY_SINK_DATABASE_TLS", value_enum, default_value_t = DatabaseTlsMode::Prefer)]
+    pub database_tls: DatabaseTlsMode,
+    /// PEM file of the CA that signed the database's certificate; required
+    /// by, and only allowed with, `verify-full`.
+    #[arg(long, env = "OMNIRELAY_SINK_DATABASE_CA_FILE", value_name = "PATH")]
+    pub database_ca_file: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    /// The sink's connection pool; connections open on first use.
+    async fn pool(&self) -> anyhow::Result<deadpool_postgres::Pool> {
+        let tls = DatabaseTls::from_flags(self.database_tls, self.database_ca_file.as_deref())?;
+        let url = DatabaseUrl::parse(&self.database_url).context("--database-url")?;
+        let mut config = url.to_pg_config();
+        config.connect_timeout(sink::defaults::REQUEST_TIMEOUT);
+        omnirelay_hub::store::postgres::pool::apply_tls_mode(&mut config, &tls);
+        if config.get_application_name().is_none() {
+            config.application_name(SINK_APPLICATION_NAME);
+        }
+        let connector = omnirelay_hub::store::postgres::pool::tls_connector(&tls).await?;
+        Ok(ProjectionSink::pool_with_tls(config, connector, SINK_POOL_SIZE, sink::defaults::REQUEST_TIMEOUT)?)
+    }
 }
 
 /// `--fsync`.
@@ -227,8 +270,8 @@ pub async fn run(command: SinkCommand, json: bool, stop: impl Future<Output = ()
             let sink = NdjsonSink::open(files).await.context("open the NDJSON files")?;
             drive(&common, sink, json, stop).await
         }
-        SinkCommand::Lineage { common, database_url, lineage } => {
-            let pool = ProjectionSink::pool(&database_url, 2, sink::defaults::REQUEST_TIMEOUT)?;
+        SinkCommand::Lineage { common, database, lineage } => {
+            let pool = database.pool().await?;
             let sink = LineageSink::open(pool, lineage).await.context("open the lineage")?;
             drive(&common, sink, json, stop).await
         }
@@ -246,8 +289,8 @@ pub async fn run(command: SinkCommand, json: bool, stop: impl Future<Output = ()
             let sink = WebhookSink::new(config)?;
             drive(&common, sink, json, stop).await
         }
-        SinkCommand::Postgres { common, database_url, projection } => {
-            let pool = ProjectionSink::pool(&database_url, 2, sink::defaults::REQUEST_TIMEOUT)?;
+        SinkCommand::Postgres { common, database, projection } => {
+            let pool = database.pool().await?;
             let sink = ProjectionSink::open(pool, projection).await.context("open the projection")?;
             drive(&common, sink, json, stop).await
         }

@@ -48,6 +48,12 @@ REFUSED = {
         ({"replicaCount": 0}, "/replicaCount"),
         ({"unknownKey": 1}, "unknownKey"),
         ({"tls": {"clientCaSecret": "ca"}}, "needs tls.existingSecret"),
+        ({"replicator": {"kind": "sqlite"}, "replicaCount": 2}, "one replica only"),
+        (
+            {"replicator": {"kind": "sqlite"}, "config": {"namespaces": ["resourcelease"], "hub": {"endpoints": ["http://hub:7400"]}}},
+            "config.hub.endpoints",
+        ),
+        ({"replicator": {"kind": "postgres"}}, "/replicator/kind"),
     ],
 }
 
@@ -259,6 +265,7 @@ def check_chart(chart_dir, promtool, kube_version, findings):
                             "name": doc["metadata"]["name"],
                             "annotations": doc["metadata"].get("annotations", {}),
                             "replicas": doc["spec"].get("replicas"),
+                            "strategy": doc["spec"].get("strategy", {}),
                             "pod_security_context": doc["spec"]["template"]["spec"].get("securityContext", {}),
                             "termination_grace_period_seconds": doc["spec"]["template"]["spec"].get(
                                 "terminationGracePeriodSeconds"

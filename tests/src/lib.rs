@@ -40,7 +40,7 @@ mod tools;
 
 pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_binaries, find_redis_server};
 pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually};
-pub use postgres::{DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, TestDb};
+pub use postgres::{BaseBackup, DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, RecoveryTarget, TestDb};
 pub use proxy::{Fault, FaultProxy, PROXY_BUFFER, PROXY_CONNECT_TIMEOUT};
 pub use redis::{REDIS_URL_ENV, TestRedis};
 pub use s3::TestS3;

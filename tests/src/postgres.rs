@@ -42,6 +42,43 @@ const CLUSTER_DIR_PREFIX: &str = "omnirelay-pg-";
 /// Superuser created by `initdb` and used by the harness.
 const SUPERUSER: &str = "postgres";
 
+/// Folder of a cluster's directory that an archiving cluster
+/// ([`PgCluster::start_archiving`]) copies its finished WAL segments into.
+const ARCHIVE_DIR: &str = "archive";
+
+/// Longest wait for a recovered cluster ([`PgCluster::recover`]) to replay
+/// the archive up to its target and promote: a few hundred segments at
+/// most in a test; minutes mean recovery is stuck.
+const RECOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Pause between looks at a recovering cluster.
+const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Where archive recovery stops ([`PgCluster::recover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// A restore point made with `pg_create_restore_point(name)`
+    /// (`recovery_target_name`).
+    Name(String),
+    /// The last transaction committed at or before this time, as
+    /// PostgreSQL reads a `timestamptz` (`recovery_target_time`).
+    Time(String),
+}
+
+/// A base backup taken by [`PgCluster::base_backup`] (`pg_basebackup`, with
+/// the WAL it needs), deleted on drop.
+#[derive(Debug)]
+pub struct BaseBackup {
+    dir: tempfile::TempDir,
+}
+
+impl BaseBackup {
+    /// The backed-up data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
 /// How a [`PgCluster`] is configured.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -87,22 +124,33 @@ pub struct PgCluster {
     run_as: Option<RunAs>,
     /// Set while [`PgCluster::pause`] holds the server's processes stopped.
     paused: std::sync::atomic::AtomicBool,
+    /// Whether the cluster archives its WAL (see [`PgCluster::start_archiving`]).
+    archiving: bool,
 }
 
 impl PgCluster {
     /// Creates and starts a cluster.
     pub fn start(options: PgOptions) -> Result<Self> {
-        Self::start_inner(options, None)
+        Self::start_inner(options, None, false)
+    }
+
+    /// Creates and starts a cluster that archives every finished WAL
+    /// segment (`wal_level = replica`, `archive_mode = on`, an
+    /// `archive_command` copying into [`PgCluster::archive_dir`]) and
+    /// accepts replication connections, so that [`PgCluster::base_backup`]
+    /// and [`PgCluster::recover`] can restore it to a point in time.
+    pub fn start_archiving(options: PgOptions) -> Result<Self> {
+        Self::start_inner(options, None, true)
     }
 
     /// Creates and starts a cluster that also accepts TLS connections
     /// (`ssl = on`) with the given server certificate and key. Plain
     /// connections are still accepted, so tests can compare both.
     pub fn start_with_tls(options: PgOptions, tls: &PgServerTls) -> Result<Self> {
-        Self::start_inner(options, Some(tls))
+        Self::start_inner(options, Some(tls), false)
     }
 
-    fn start_inner(options: PgOptions, tls: Option<&PgServerTls>) -> Result<Self> {
+    fn start_inner(options: PgOptions, tls: Option<&PgServerTls>, archiving: bool) -> Result<Self> {
         let bins = find_postgres_binaries()?;
         let run_as = run_as()?;
         reap_orphans(&bins, run_as);
@@ -110,26 +158,136 @@ impl PgCluster {
 
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let dir = tempfile::Builder::new()
-                .prefix(&format!("{CLUSTER_DIR_PREFIX}{}-", std::process::id()))
-                .tempdir()
-                .map_err(|source| io("create cluster directory", source))?;
-            chown_to(dir.path(), run_as)?;
-            let data = dir.path().join("data");
-            run(pg_command(Path::new("cp"), run_as).arg("-a").arg(&template).arg(&data), "copy template cluster")?;
+            let (dir, data) = cluster_dir_from(&template, run_as, "copy template cluster")?;
             let port = free_port()?;
             write_config(&data, dir.path(), port, &options)?;
             if let Some(tls) = tls {
                 write_tls(&data, tls, run_as)?;
             }
-            let cluster =
-                Self { dir, port, bins: bins.clone(), run_as, paused: std::sync::atomic::AtomicBool::new(false) };
+            if archiving {
+                let archive = dir.path().join(ARCHIVE_DIR);
+                std::fs::create_dir(&archive).map_err(|source| io("create the WAL archive", source))?;
+                chown_to(&archive, run_as)?;
+                append_config(
+                    &data,
+                    &format!(
+                        "wal_level = replica\n\
+                         archive_mode = on\n\
+                         archive_command = 'test ! -f \"{archive}/%f\" && cp \"%p\" \"{archive}/%f\"'\n",
+                        archive = archive.display()
+                    ),
+                )?;
+            }
+            let cluster = Self::stopped(dir, port, bins.clone(), run_as, archiving);
             match cluster.start_again() {
                 Ok(()) => return Ok(cluster),
                 Err(err) => last_error = Some(err),
             }
         }
         Err(last_error.expect("at least one start attempt should have run"))
+    }
+
+    /// Restores a new cluster from `backup` and the WAL archive `archive`
+    /// up to `target`, the way an operator's point-in-time recovery does:
+    /// the backup is copied into a new directory, `restore_command` reads
+    /// the archive, `recovery.signal` starts archive recovery, and the
+    /// server promotes itself (a new timeline, writable) once it reaches
+    /// the target. Returns when it has promoted; an error (with the
+    /// server's log) when recovery failed, for example because the archive
+    /// does not reach the target. The new cluster does not archive.
+    pub fn recover(backup: &BaseBackup, archive: &Path, target: &RecoveryTarget, options: PgOptions) -> Result<Self> {
+        let bins = find_postgres_binaries()?;
+        let run_as = run_as()?;
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            let (dir, data) = cluster_dir_from(&backup.data_dir(), run_as, "copy the base backup")?;
+            let port = free_port()?;
+            // Later settings win: these replace the origin's port, socket
+            // directory and archiving, which the backup carries.
+            write_config(&data, dir.path(), port, &options)?;
+            let (setting, value) = match target {
+                RecoveryTarget::Name(name) => ("recovery_target_name", name),
+                RecoveryTarget::Time(time) => ("recovery_target_time", time),
+            };
+            append_config(
+                &data,
+                &format!(
+                    "archive_mode = off\n\
+                     restore_command = 'cp \"{archive}/%f\" \"%p\"'\n\
+                     {setting} = '{value}'\n\
+                     recovery_target_action = 'promote'\n",
+                    archive = archive.display(),
+                ),
+            )?;
+            let signal = data.join("recovery.signal");
+            std::fs::write(&signal, b"").map_err(|source| io("write recovery.signal", source))?;
+            chown_to(&signal, run_as)?;
+            let cluster = Self::stopped(dir, port, bins.clone(), run_as, false);
+            match cluster.start_again() {
+                Ok(()) => return cluster.wait_promoted().map(|()| cluster),
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.expect("at least one start attempt should have run"))
+    }
+
+    /// Waits until archive recovery ended with a promotion (the server
+    /// deletes `recovery.signal` then).
+    fn wait_promoted(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        while self.data_dir().join("recovery.signal").exists() {
+            let failed = |detail: &str| HarnessError::Process {
+                what: "recover PostgreSQL to the target".into(),
+                detail: format!("{detail}\nserver log:\n{}", self.log_tail()),
+            };
+            if !self.data_dir().join("postmaster.pid").exists() {
+                return Err(failed("the server stopped during recovery"));
+            }
+            if started.elapsed() > RECOVERY_TIMEOUT {
+                return Err(failed(&format!("not promoted within {RECOVERY_TIMEOUT:?}")));
+            }
+            std::thread::sleep(RECOVERY_POLL);
+        }
+        Ok(())
+    }
+
+    /// The directory the WAL archive of a cluster started with
+    /// [`PgCluster::start_archiving`] lives in (with the cluster: it goes
+    /// when the cluster is dropped, not when it is stopped or crashed).
+    pub fn archive_dir(&self) -> Option<PathBuf> {
+        self.archiving.then(|| self.dir.path().join(ARCHIVE_DIR))
+    }
+
+    /// Takes a base backup with `pg_basebackup` (a fast checkpoint; the
+    /// WAL written during the backup streamed into it), while the server
+    /// keeps serving.
+    pub fn base_backup(&self) -> Result<BaseBackup> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{CLUSTER_DIR_PREFIX}{}-backup-", std::process::id()))
+            .tempdir()
+            .map_err(|source| io("create backup directory", source))?;
+        chown_to(dir.path(), self.run_as)?;
+        let pg_basebackup = self.bins.pg_ctl.with_file_name("pg_basebackup");
+        run(
+            pg_command(&pg_basebackup, self.run_as)
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER])
+                .args(["--checkpoint=fast", "--wal-method=stream", "--no-sync"]),
+            "pg_basebackup",
+        )?;
+        Ok(BaseBackup { dir })
+    }
+
+    /// A cluster in `dir`, not started yet.
+    fn stopped(
+        dir: tempfile::TempDir,
+        port: u16,
+        bins: PostgresBinaries,
+        run_as: Option<RunAs>,
+        archiving: bool,
+    ) -> Self {
+        Self { dir, port, bins, run_as, paused: std::sync::atomic::AtomicBool::new(false), archiving }
     }
 
     /// The loopback port the cluster listens on (kept across restarts).
@@ -241,6 +399,19 @@ impl Drop for PgCluster {
         // Immediate: the data is thrown away, so a clean checkpoint is wasted work.
         let _ = self.crash();
     }
+}
+
+/// A new cluster directory (owned by the server's user) whose `data` is a
+/// copy of the data directory `source`: (the directory, its `data`).
+fn cluster_dir_from(source: &Path, run_as: Option<RunAs>, what: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{CLUSTER_DIR_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .map_err(|source| io("create cluster directory", source))?;
+    chown_to(dir.path(), run_as)?;
+    let data = dir.path().join("data");
+    run(pg_command(Path::new("cp"), run_as).arg("-a").arg(source).arg(&data), what)?;
+    Ok((dir, data))
 }
 
 /// Sends `signal` (`-STOP`, `-CONT`) to the server's processes. They may
@@ -547,7 +718,6 @@ fn template_data_dir(bins: &PostgresBinaries, run_as: Option<RunAs>) -> Result<P
 }
 
 fn write_config(data: &Path, socket_dir: &Path, port: u16, options: &PgOptions) -> Result<()> {
-    use std::io::Write;
     let durable = if options.durable { "on" } else { "off" };
     let config = format!(
         "\n# omnirelay test harness\n\
@@ -563,10 +733,17 @@ fn write_config(data: &Path, socket_dir: &Path, port: u16, options: &PgOptions) 
         socket = socket_dir.display(),
         max = options.max_connections,
     );
+    append_config(data, &config)
+}
+
+/// Appends `settings` to `postgresql.conf` (a later line overrides an
+/// earlier one).
+fn append_config(data: &Path, settings: &str) -> Result<()> {
+    use std::io::Write;
     std::fs::OpenOptions::new()
         .append(true)
         .open(data.join("postgresql.conf"))
-        .and_then(|mut file| file.write_all(config.as_bytes()))
+        .and_then(|mut file| file.write_all(settings.as_bytes()))
         .map_err(|source| io("write postgresql.conf", source))
 }
 

@@ -223,15 +223,16 @@ async fn stats(client: &mut pb::resource_lease_client::ResourceLeaseClient<Chann
     client.stats(call(pb::StatsRequest { namespace: SHARD.into() })).await.expect("stats").into_inner()
 }
 
-/// Every Enqueued event of the shard's log, by request id, read from the hub.
-async fn logged_enqueues(hub: &Hub) -> BTreeMap<String, usize> {
+/// Every event of `shard`'s log, in order, read from the hub.
+pub(crate) async fn read_log(hub: &Hub, shard: &str) -> Vec<omnirelay_proto::replication::v1::ReplicationEvent> {
     let mut client = hub.client().await;
-    let mut counts = BTreeMap::new();
-    let mut from = 1;
+    let mut events = Vec::new();
     loop {
+        let from =
+            events.last().map_or(1, |event: &omnirelay_proto::replication::v1::ReplicationEvent| event.sequence + 1);
         let page = client
             .read_range(hub_pb::ReadRangeRequest {
-                shard_id: SHARD.into(),
+                shard_id: shard.into(),
                 from_sequence: from,
                 to_sequence: 0,
                 limit: 0,
@@ -240,17 +241,22 @@ async fn logged_enqueues(hub: &Hub) -> BTreeMap<String, usize> {
             .expect("read the log")
             .into_inner();
         if page.events.is_empty() {
-            return counts;
+            return events;
         }
-        for event in &page.events {
-            let event = event.decode().expect("a logged event decodes");
-            from = event.sequence + 1;
-            if let Some(omnirelay_proto::replication::v1::replication_event::Event::Enqueued(enqueued)) = event.event {
-                let id = enqueued.item.and_then(|item| item.payload).map(|p| p.request_id).unwrap_or_default();
-                *counts.entry(id).or_default() += 1;
-            }
+        events.extend(page.events.iter().map(|event| event.decode().expect("a logged event decodes")));
+    }
+}
+
+/// Every Enqueued event of the shard's log, by request id, read from the hub.
+async fn logged_enqueues(hub: &Hub) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for event in read_log(hub, SHARD).await {
+        if let Some(omnirelay_proto::replication::v1::replication_event::Event::Enqueued(enqueued)) = event.event {
+            let id = enqueued.item.and_then(|item| item.payload).map(|p| p.request_id).unwrap_or_default();
+            *counts.entry(id).or_default() += 1;
         }
     }
+    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

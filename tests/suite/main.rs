@@ -12,4 +12,5 @@ mod http;
 mod mesh;
 mod objectstore;
 mod ops;
+mod recovery;
 mod sinks;

@@ -118,7 +118,7 @@ async fn enqueue(queue: &Queue, from: usize, count: usize) {
 
 /// Fast pacing for tests: small checkpoint batches, quick progress frames
 /// and retries.
-fn config(id: &str, endpoints: Vec<HubEndpoint>, selection: Selection) -> SubscriberConfig {
+pub(crate) fn config(id: &str, endpoints: Vec<HubEndpoint>, selection: Selection) -> SubscriberConfig {
     let mut config = SubscriberConfig::new(id, endpoints, selection);
     config.checkpoint_events = 10;
     config.checkpoint_interval = Duration::from_millis(100);
@@ -381,28 +381,40 @@ async fn the_projection_matches_the_queue_exactly_once_across_restarts_and_rebui
     assert_eq!(projection_rows(&db, "current", shard).await, queue_rows(&queue).await);
 }
 
-#[tokio::test]
-async fn the_projection_applies_a_batch_handed_over_twice_once() {
-    let db = migrated_db().await;
-    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
-    let mut sink = ProjectionSink::open(pool, "twice").await.expect("open");
-    let shard = ShardId::from("resourcelease.twice");
-    let event = |sequence: u64, kind| SinkEvent {
+/// An event of `shard` as a sink receives it (the hash stands in: sinks
+/// called directly do not check the chain).
+fn sink_event(shard: &ShardId, sequence: u64, kind: rpb::replication_event::Event) -> SinkEvent {
+    SinkEvent {
         shard: shard.clone(),
         sequence: Sequence::new(sequence),
         hash: Bytes::from(vec![sequence as u8; 32]),
         raw: Bytes::new(),
         event: rpb::ReplicationEvent { shard_id: shard.to_string(), sequence, event: Some(kind), ..Default::default() },
-    };
-    let item = |id: &str| omnirelay_proto::resourcelease::v1::WorkItem {
+    }
+}
+
+/// An item `id` of resource user/`id` at `attempt`.
+fn work_item(id: &str, attempt: u32) -> omnirelay_proto::resourcelease::v1::WorkItem {
+    omnirelay_proto::resourcelease::v1::WorkItem {
         item_id: id.into(),
+        attempt,
         payload: Some(omnirelay_proto::resourcelease::v1::ItemPayload {
             resource_type: "user".into(),
             resource_id: id.into(),
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn the_projection_applies_a_batch_handed_over_twice_once() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "twice").await.expect("open");
+    let shard = ShardId::from("resourcelease.twice");
+    let event = |sequence, kind| sink_event(&shard, sequence, kind);
+    let item = |id: &str| work_item(id, 0);
     use rpb::replication_event::Event as Kind;
     let first = SinkBatch {
         shard: shard.clone(),
@@ -699,4 +711,169 @@ async fn the_lineage_records_who_did_what_to_each_resource_once() {
         .expect("count")
         .get(0);
     assert_eq!(total as u64, head, "one event, one set of rows");
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 and localhost:
+/// (CA PEM, server certificate PEM, server key PEM).
+fn server_pki(name: &str) -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("CA key")).expect("CA");
+    let mut server = rcgen::CertificateParams::default();
+    server.subject_alt_names = vec![
+        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+        rcgen::SanType::DnsName("localhost".try_into().expect("DNS name")),
+    ];
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let cert = server.signed_by(&key, &ca).expect("signing");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn the_postgres_sink_connects_over_tls_verifying_the_server() {
+    let binaries = tokio::task::spawn_blocking(omnirelay_tests::WorkspaceBinaries::build)
+        .await
+        .expect("no panic")
+        .expect("build the binaries");
+    let (ca_pem, cert_pem, key_pem) = server_pki("projection db ca");
+    let tls = omnirelay_tests::PgServerTls { cert_pem, key_pem };
+    let projection_db = tokio::task::spawn_blocking(move || {
+        omnirelay_tests::PgCluster::start_with_tls(omnirelay_tests::PgOptions::default(), &tls)
+    })
+    .await
+    .expect("no panic")
+    .expect("PostgreSQL with TLS");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write a PEM file");
+        path.to_str().expect("UTF-8 path").to_string()
+    };
+    let ca_file = write("ca.pem", &ca_pem);
+    let other_ca_file = write("other-ca.pem", &server_pki("another ca").0);
+
+    let db = migrated_db().await;
+    let hub = TestHub::start(db.url()).await;
+    let shard = "resourcelease.sink-tls";
+    let (queue, _replicator) = queue(&hub, shard).await;
+    enqueue(&queue, 0, 10).await;
+    let hub_url = hub.endpoint().url;
+    let database_url = projection_db.url("postgres");
+    let sink = |tls: &[&str]| {
+        let mut command = tokio::process::Command::new(&binaries.omnirelay);
+        command
+            .args(["sink", "postgres", "--hub", &hub_url, "--subscriber", "tls-sink", "--shard", shard])
+            .args(["--database-url", &database_url, "--checkpoint-ms", "100"])
+            .args(tls)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OMNIRELAY_") {
+                command.env_remove(name);
+            }
+        }
+        command
+    };
+    let plain = {
+        let (client, connection) =
+            tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await.expect("connect without TLS");
+        tokio::spawn(connection);
+        client
+    };
+    let projection_exists = || async {
+        plain
+            .query_one("SELECT to_regclass('omnirelay_projection_items') IS NOT NULL", &[])
+            .await
+            .expect("look up the table")
+            .get::<_, bool>(0)
+    };
+
+    // A CA file with another mode, and verify-full without one, are refused
+    // before anything is touched, naming the flag.
+    for (flags, named) in [
+        (vec!["--database-tls", "require", "--database-ca-file", ca_file.as_str()], "--database-ca-file"),
+        (vec!["--database-tls", "verify-full"], "--database-ca-file"),
+    ] {
+        let out = tokio::time::timeout(HANG_GUARD, sink(&flags).output()).await.expect("exits").expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(named), "{flags:?}: {}\n{stderr}", out.status);
+    }
+    // A server whose certificate another CA signed is refused.
+    let out = tokio::time::timeout(
+        HANG_GUARD,
+        sink(&["--database-tls", "verify-full", "--database-ca-file", &other_ca_file]).output(),
+    )
+    .await
+    .expect("exits")
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("open the projection"), "{}\n{stderr}", out.status);
+    assert!(!projection_exists().await, "a refused server was not written to");
+
+    // verify-full with the right CA: the projection fills, over TLS only.
+    let mut running =
+        sink(&["--database-tls", "verify-full", "--database-ca-file", &ca_file]).spawn().expect("start the sink");
+    eventually("the projection holds the ten items", HANG_GUARD, || async {
+        if !projection_exists().await {
+            return Err("no table yet".to_string());
+        }
+        let count: i64 = plain
+            .query_one("SELECT count(*) FROM omnirelay_projection_items WHERE shard = $1", &[&shard])
+            .await
+            .map_err(|err| err.to_string())?
+            .get(0);
+        if count == 10 { Ok(()) } else { Err(format!("{count} rows")) }
+    })
+    .await;
+    let sessions: Vec<bool> = plain
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'omnirelay-sink'",
+            &[],
+        )
+        .await
+        .expect("read the sessions")
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!sessions.is_empty() && sessions.iter().all(|ssl| *ssl), "the sink's sessions: {sessions:?}");
+    let pid = running.id().expect("a running sink").to_string();
+    let killed = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("run kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(HANG_GUARD, running.wait()).await.expect("the sink stops").expect("wait");
+    assert!(status.success(), "a clean stop: {status}");
+    let checkpoint = hub_checkpoint(&hub, "tls-sink", shard).await.expect("a checkpoint");
+    assert_eq!(checkpoint.sequence, 10);
+}
+
+#[tokio::test]
+async fn the_projection_writes_an_item_twice_in_one_frame_in_order() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "twice-in-a-frame").await.expect("open");
+    let shard = ShardId::from("resourcelease.twice-in-a-frame");
+    let event = |sequence, kind| sink_event(&shard, sequence, kind);
+    let item = work_item;
+    use rpb::replication_event::Event as Kind;
+    // Whole-item writes only, so one run, with "a" twice: the later write
+    // must win, and the statement must not write one row twice.
+    let frame = SinkBatch {
+        shard: shard.clone(),
+        events: vec![
+            event(1, Kind::Enqueued(rpb::Enqueued { item: Some(item("a", 0)) })),
+            event(2, Kind::Enqueued(rpb::Enqueued { item: Some(item("b", 0)) })),
+            event(3, Kind::Restored(rpb::Restored { items: vec![item("a", 3), item("c", 1)], ..Default::default() })),
+        ],
+    };
+    sink.deliver(&frame).await.expect("a frame writing one item twice");
+    let rows = db
+        .client()
+        .await
+        .query("SELECT item_id, attempt, updated_sequence FROM omnirelay_projection_items ORDER BY item_id", &[])
+        .await
+        .expect("rows");
+    let rows: Vec<(String, i32, i64)> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(rows, [("a".to_string(), 3, 3), ("b".to_string(), 0, 2), ("c".to_string(), 1, 3)]);
 }

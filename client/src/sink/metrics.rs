@@ -6,7 +6,7 @@
 //! | `omnirelay_sink_events_total` | counter | events the sink applied |
 //! | `omnirelay_sink_checkpoint_lag_events` | gauge | the shard's head minus the committed checkpoint |
 //! | `omnirelay_sink_checkpoint_lag_seconds` | gauge | age (by `recorded_at`) of the oldest delivered event not yet checkpointed; 0 when the checkpoint is at the head |
-//! | `omnirelay_sink_errors_total` | counter | failures by `kind`: `gap`, `corrupt`, `transient`, `fatal`, `config`, `stream` (a hub stream that broke), `checkpoint` (a checkpoint commit that failed) |
+//! | `omnirelay_sink_errors_total` | counter | failures by `kind`: `gap`, `corrupt`, `ahead_of_hub`, `transient`, `fatal`, `config`, `stream` (a hub stream that broke), `checkpoint` (a checkpoint commit that failed) |
 //! | `omnirelay_sink_reconnects_total` | counter | hub streams reopened (by `subscriber` only) |
 
 /// Counter: events the sink applied.

@@ -214,6 +214,26 @@ pub enum SinkError {
         /// What is wrong.
         reason: String,
     },
+    /// The sink applied events past the end of the hub's log: the hub
+    /// refused its position as past the shard's head. The hub's database
+    /// was restored to an earlier point (or lost its tail), so the events
+    /// after the head are gone from the log while the sink keeps their
+    /// effects; new events would reuse their sequences. Never retried: the
+    /// sink must be rebuilt from the log (or its own store restored to the
+    /// same point) before it resumes.
+    #[error(
+        "shard {shard}: this sink applied events up to sequence {position}, past the end of the hub's log \
+         ({reason}); the hub's log was restored to an earlier point: rebuild the sink from the log (or restore \
+         its store to the same point) before resuming"
+    )]
+    AheadOfHub {
+        /// The shard.
+        shard: ShardId,
+        /// The last sequence the sink applied.
+        position: Sequence,
+        /// The hub's answer.
+        reason: String,
+    },
     /// A failure that may pass (a database or an endpoint that is down):
     /// the runtime retries the same batch after a backoff.
     #[error("{0}")]
@@ -238,6 +258,7 @@ impl SinkError {
         match self {
             SinkError::Gap { .. } => "gap",
             SinkError::Corrupt { .. } => "corrupt",
+            SinkError::AheadOfHub { .. } => "ahead_of_hub",
             SinkError::Transient(_) => "transient",
             SinkError::Fatal(_) => "fatal",
             SinkError::Config { .. } => "config",

@@ -13,6 +13,14 @@
 //! behind it, from the sink's position); the events it repeats are dropped
 //! by the shard's [`ShardChain`], which also checks that the first one it
 //! keeps links to the last one the sink has.
+//!
+//! A reconnected session reads the hub checkpoints again: a hub whose
+//! database was restored to an earlier point holds older ones (or none).
+//! The runtime then commits its position again, and the hub judges it: a
+//! position past the restored head is refused (`OUT_OF_RANGE`), and the
+//! run stops with [`SinkError::AheadOfHub`] rather than drop the new events
+//! that reuse those sequences as repeats; a hash the log no longer holds is
+//! refused as corruption.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -147,6 +155,9 @@ pub struct Subscriber<S> {
     sink: S,
     progress: watch::Sender<SubscriberProgress>,
     tracks: HashMap<ShardId, Track>,
+    /// True until the first session: [`Subscriber::start`] has just read
+    /// the hub checkpoints, so that session need not read them again.
+    checkpoints_fresh: bool,
 }
 
 impl<S> std::fmt::Debug for Subscriber<S> {
@@ -242,7 +253,15 @@ impl<S: ReplicationSink> Subscriber<S> {
             );
         }
         let progress = SubscriberProgress { endpoint: config.endpoints[0].url.clone(), ..Default::default() };
-        Ok(Self { config, channels, current: 0, sink, progress: watch::channel(progress).0, tracks: HashMap::new() })
+        Ok(Self {
+            config,
+            channels,
+            current: 0,
+            sink,
+            progress: watch::channel(progress).0,
+            tracks: HashMap::new(),
+            checkpoints_fresh: true,
+        })
     }
 
     /// Watches the subscriber's progress while it runs.
@@ -371,6 +390,11 @@ impl<S: ReplicationSink> Subscriber<S> {
             Ok(Err(status)) => return self.status_ended("open the subscription", &status, false),
             Err(_) => return Ended::Broken("opening the subscription timed out".into(), false),
         };
+        if !std::mem::take(&mut self.checkpoints_fresh)
+            && let Err(ended) = self.reread_checkpoints().await
+        {
+            return ended;
+        }
         self.progress.send_modify(|p| {
             p.connected = true;
             p.endpoint = self.config.endpoints[self.current].url.clone();
@@ -592,6 +616,13 @@ impl<S: ReplicationSink> Subscriber<S> {
                         reason: format!("the hub refused checkpoint {sequence}: {}", status.message()),
                     });
                 }
+                Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                    return Err(SinkError::AheadOfHub {
+                        shard,
+                        position: sequence,
+                        reason: status.message().to_string(),
+                    });
+                }
                 Ok(Err(status)) => {
                     self.count_error("checkpoint");
                     tracing::warn!(subscriber = %self.config.subscriber_id, shard = %shard, error = %status.message(), code = ?status.code(), "failed to commit the checkpoint; retrying later");
@@ -602,6 +633,28 @@ impl<S: ReplicationSink> Subscriber<S> {
                     tracing::warn!(subscriber = %self.config.subscriber_id, shard = %shard, "the checkpoint commit timed out; retrying later");
                     return Ok(());
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the hub checkpoints again after a reconnection and lowers each
+    /// shard's `committed` to the hub's where the hub holds less (its
+    /// database was restored to an earlier point), so the next commit sends
+    /// the position again and the hub judges it against its log.
+    async fn reread_checkpoints(&mut self) -> Result<(), Ended> {
+        let stored = self.hub_checkpoints().await?;
+        for (shard, track) in &mut self.tracks {
+            let hub = stored.get(shard).map_or(Sequence::ZERO, |(sequence, _)| *sequence);
+            if hub < track.committed {
+                tracing::warn!(
+                    subscriber = %self.config.subscriber_id,
+                    shard = %shard,
+                    committed = %track.committed,
+                    hub = %hub,
+                    "the hub holds an older checkpoint than this subscriber committed (was its database restored?); committing the position again"
+                );
+                track.committed = hub;
             }
         }
         Ok(())

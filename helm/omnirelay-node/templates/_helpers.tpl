@@ -38,4 +38,12 @@ app.kubernetes.io/part-of: omnirelay
 {{- if and .Values.tls.clientCaSecret (not .Values.tls.existingSecret) }}
 {{- fail "tls.clientCaSecret (mutual TLS) needs tls.existingSecret (server TLS)" }}
 {{- end }}
+{{- if eq .Values.replicator.kind "sqlite" }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- fail "replicator.kind sqlite serves one replica only (one node per log file): set replicaCount to 1" }}
+{{- end }}
+{{- if and (hasKey .Values.config "hub") (.Values.config.hub | default dict).endpoints }}
+{{- fail "replicator.kind sqlite cannot be used with config.hub.endpoints (the hub would be the replicator)" }}
+{{- end }}
+{{- end }}
 {{- end }}

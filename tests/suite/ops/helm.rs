@@ -75,11 +75,35 @@ fn charts_pass_helm_lint_render_and_kubernetes_schemas() {
     assert_eq!(job["containers"][0]["args"], serde_json::json!(["migrate"]));
 
     let node = &charts["omnirelay-node"];
-    for values in ["default", "production"] {
+    for values in ["default", "production", "sqlite"] {
         for kind in ["ConfigMap", "Deployment", "Service"] {
             assert!(kinds(&node[values]).contains(&kind), "node chart, {values}: {:?}", kinds(&node[values]));
         }
     }
+    // The SQLite replicator: a claim, mounted where the flags put the log,
+    // and a pod replaced rather than rolled (one node holds the file).
+    for values in ["default", "production"] {
+        assert!(!kinds(&node[values]).contains(&"PersistentVolumeClaim"), "node chart, {values}: no claim");
+    }
+    let sqlite = &node["sqlite"];
+    assert!(kinds(sqlite).contains(&"PersistentVolumeClaim"), "{:?}", kinds(sqlite));
+    let deployment = &sqlite["workloads"]["Deployment"];
+    assert_eq!(deployment["strategy"]["type"], "Recreate");
+    let container = &deployment["containers"][0];
+    assert_eq!(env(container, "OMNIRELAY_NODE_REPLICATOR").expect("the replicator is set")["value"], "sqlite");
+    let path = env(container, "OMNIRELAY_NODE_REPLICATOR_PATH").expect("the log path is set")["value"]
+        .as_str()
+        .expect("a path")
+        .to_string();
+    let mount = container["mounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|mount| path.starts_with(&format!("{}/", mount["mount_path"].as_str().unwrap_or("-"))))
+        .unwrap_or_else(|| panic!("no volume holds {path}: {container}"));
+    let claim = mount["volume"]["persistentVolumeClaim"]["claimName"].as_str().expect("the log is on a claim");
+    assert!(claim.ends_with("-log"), "{claim}");
+    assert_eq!(deployment["pod_security_context"]["fsGroup"], 65532, "the node may write the claim");
 
     // The dashboards ConfigMap carries every dashboard file of the chart.
     let dashboards = production["config_maps"]
@@ -254,6 +278,11 @@ fn config_maps(plan: &Value) -> std::collections::BTreeMap<String, std::collecti
 /// Starts `omnirelay node` as the node chart renders it for `values`, passes
 /// its probes, and returns its diagnostics' view of the queues it hosts.
 async fn node_from_chart(values: &str, cluster: &mut Cluster) -> Value {
+    node_from_chart_at(values, cluster, "/omnirelay/control/backpressure").await
+}
+
+/// As [`node_from_chart`], returning the diagnostics at `path`.
+async fn node_from_chart_at(values: &str, cluster: &mut Cluster, path: &str) -> Value {
     let charts = rendered();
     let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build)
         .await
@@ -270,7 +299,7 @@ async fn node_from_chart(values: &str, cluster: &mut Cluster) -> Value {
     let probed = prepared.pass_probes().await;
     assert_eq!(probed.len(), 2, "{probed:?}");
     let control = prepared.ports["control"];
-    let body = super::wait_for_ok(control, "/omnirelay/control/backpressure").await;
+    let body = super::wait_for_ok(control, path).await;
     let (code, log) = process.terminate(termination_grace(deployment)).await;
     assert_eq!(code, Some(0), "{log}");
     serde_json::from_str(&body).expect("JSON diagnostics")
@@ -297,4 +326,14 @@ async fn node_serves_mutual_tls_with_the_rendered_production_deployment() {
     let diagnostics = node_from_chart("production", &mut cluster).await;
     let high = &diagnostics["namespaces"]["resourcelease.billing"]["current"]["high"];
     assert_eq!(high, 40000, "the configuration file's queue settings apply: {diagnostics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_keeps_its_queues_in_sqlite_with_the_rendered_sqlite_deployment() {
+    let replication = node_from_chart_at("sqlite", &mut Cluster::default(), "/omnirelay/control/replication").await;
+    let namespaces = replication["namespaces"].as_object().expect("namespaces");
+    assert!(!namespaces.is_empty(), "{replication}");
+    for (namespace, state) in namespaces {
+        assert_eq!(state["replicator"], "sqlite", "{namespace}: {replication}");
+    }
 }

@@ -11,7 +11,9 @@
 //!
 //! Exactly once: each batch is one transaction that locks the shard's
 //! checkpoint row, skips the events at or below the stored sequence, applies
-//! the rest (its statements pipelined on the connection, in order) and
+//! the rest (its statements pipelined on the connection, in order; each run
+//! of whole-item writes, such as a frame of enqueues, is one multi-row
+//! upsert over arrays) and
 //! stores the batch's last sequence and hash. A batch the runtime hands over
 //! again after a failure of unknown outcome is therefore applied once, and
 //! the projection is always the queue's state as of its checkpoint. The
@@ -70,7 +72,27 @@ impl ProjectionSink {
             field: "database_url".into(),
             reason: format!("not a PostgreSQL URL: {err}"),
         })?;
-        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        Self::pool_with_tls(config, tokio_postgres::NoTls, size, timeout)
+    }
+
+    /// A pool of up to `size` connections made by `config` through `tls`
+    /// (for example tokio-postgres-rustls' connector, with the config's
+    /// `sslmode` set to match), each attempt to get or create one bounded
+    /// by `timeout`. The CLI's sinks build theirs with the hub's
+    /// `--database-tls` modes.
+    pub fn pool_with_tls<T>(
+        config: tokio_postgres::Config,
+        tls: T,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Pool, SinkError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Sync + Send + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        let manager = deadpool_postgres::Manager::new(config, tls);
         Pool::builder(manager)
             .max_size(size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -117,8 +139,27 @@ impl ReplicationSink for ProjectionSink {
         let Some(last) = fresh.last() else { return Ok(()) };
         let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
         let mut statements = Vec::new();
+        let mut rows = ItemRows::new(&self.projection, &batch.shard);
         for event in &fresh {
-            statements.extend(effects(&self.projection, &batch.shard, event, &upsert)?);
+            for effect in effects(&self.projection, &batch.shard, event)? {
+                match effect {
+                    Effect::Row(row) => {
+                        if rows.holds(&row.item_id) {
+                            statements.push(rows.take(&upsert));
+                        }
+                        rows.push(*row);
+                    }
+                    Effect::Statement(statement) => {
+                        if !rows.is_empty() {
+                            statements.push(rows.take(&upsert));
+                        }
+                        statements.push(statement);
+                    }
+                }
+            }
+        }
+        if !rows.is_empty() {
+            statements.push(rows.take(&upsert));
         }
         pipeline(&tx, statements, "apply an event").await?;
         store_checkpoint(&tx, &self.projection, &batch.shard, last.sequence, &last.hash).await?;
@@ -140,17 +181,26 @@ impl ReplicationSink for ProjectionSink {
         .map_err(|err| pg("clear the shard's items", err))?;
         let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
         let mut statements = Vec::new();
+        let mut rows = ItemRows::new(&self.projection, &snapshot.shard);
         let sequence = snapshot.sequence.get();
-        for queued in &snapshot.state.items {
-            if let Some(item) = &queued.item {
-                let state = if item.lease.is_some() { "leased" } else { "pending" };
-                statements.push(item_row(&self.projection, &snapshot.shard, item, state, sequence, &upsert)?);
+        let items = snapshot.state.items.iter().filter_map(|queued| {
+            let item = queued.item.as_ref()?;
+            Some((item, if item.lease.is_some() { "leased" } else { "pending" }))
+        });
+        let dead = snapshot
+            .state
+            .dead_letters
+            .iter()
+            .filter_map(|dead| Some((dead.dead_letter.as_ref()?.item.as_ref()?, "dead_lettered")));
+        for (item, state) in items.chain(dead) {
+            let row = item_row(item, state, sequence)?;
+            if rows.holds(&row.item_id) {
+                statements.push(rows.take(&upsert));
             }
+            rows.push(row);
         }
-        for dead in &snapshot.state.dead_letters {
-            if let Some(item) = dead.dead_letter.as_ref().and_then(|d| d.item.as_ref()) {
-                statements.push(item_row(&self.projection, &snapshot.shard, item, "dead_lettered", sequence, &upsert)?);
-            }
+        if !rows.is_empty() {
+            statements.push(rows.take(&upsert));
         }
         pipeline(&tx, statements, "apply the snapshot").await?;
         store_checkpoint(&tx, &self.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash).await?;
@@ -242,13 +292,15 @@ pub(crate) async fn pipeline(
     Ok(())
 }
 
-/// The statements that apply one event to the items table.
-fn effects(
-    projection: &str,
-    shard: &ShardId,
-    event: &SinkEvent,
-    upsert: &tokio_postgres::Statement,
-) -> Result<Vec<Statement>, SinkError> {
+/// What one event does to the items table: whole rows written (collected
+/// into one statement per run, see [`ItemRows`]) or a statement of its own.
+enum Effect {
+    Row(Box<ItemRow>),
+    Statement(Statement),
+}
+
+/// The effects of one event on the items table, in order.
+fn effects(projection: &str, shard: &ShardId, event: &SinkEvent) -> Result<Vec<Effect>, SinkError> {
     let seq = event.sequence.get();
     let key = |id: &str| -> Vec<Box<dyn ToSql + Sync + Send>> {
         vec![Box::new(projection.to_string()), Box::new(shard.to_string()), Box::new(id.to_string())]
@@ -260,15 +312,15 @@ fn effects(
     };
     let seq_param = || -> Box<dyn ToSql + Sync + Send> { Box::new(sequence_param(Sequence::new(seq))) };
     let statements = match &event.event.event {
-        Some(Kind::Enqueued(e)) => match &e.item {
-            Some(item) => vec![item_row(projection, shard, item, "pending", seq, upsert)?],
-            None => Vec::new(),
-        },
-        Some(Kind::Restored(e)) => e
-            .items
-            .iter()
-            .map(|item| item_row(projection, shard, item, "pending", seq, upsert))
-            .collect::<Result<_, _>>()?,
+        Some(Kind::Enqueued(e)) => {
+            return Ok(match &e.item {
+                Some(item) => vec![Effect::Row(Box::new(item_row(item, "pending", seq)?))],
+                None => Vec::new(),
+            });
+        }
+        Some(Kind::Restored(e)) => {
+            return e.items.iter().map(|item| Ok(Effect::Row(Box::new(item_row(item, "pending", seq)?)))).collect();
+        }
         Some(Kind::Leased(e)) => vec![update(
             "UPDATE omnirelay_projection_items SET state = 'leased', attempt = $4, lease_id = $5, owner = $6, \
              fencing_token = $7, lease_expires_at = $8, updated_sequence = $7 \
@@ -333,46 +385,155 @@ fn effects(
         | Some(Kind::BackpressureChanged(_))
         | None => Vec::new(),
     };
-    Ok(statements)
+    Ok(statements.into_iter().map(Effect::Statement).collect())
 }
 
-/// The upsert of a whole item row.
-fn item_row(
-    projection: &str,
-    shard: &ShardId,
-    item: &pb::WorkItem,
+/// An item's whole row, as [`UPSERT_ITEM`] writes it.
+struct ItemRow {
+    item_id: String,
     state: &'static str,
-    sequence: u64,
-    upsert: &tokio_postgres::Statement,
-) -> Result<Statement, SinkError> {
+    resource_type: String,
+    resource_id: String,
+    partition_key: String,
+    request_id: String,
+    attributes: String,
+    body: Vec<u8>,
+    priority: i32,
+    attempt: i32,
+    enqueued_at: Option<SystemTime>,
+    not_before: Option<SystemTime>,
+    owner: Option<String>,
+    lease_id: Option<String>,
+    fencing_token: Option<i64>,
+    lease_expires_at: Option<SystemTime>,
+    last_error: String,
+    updated_sequence: i64,
+}
+
+/// The row of `item` in `state`, written by the event at `sequence`.
+fn item_row(item: &pb::WorkItem, state: &'static str, sequence: u64) -> Result<ItemRow, SinkError> {
     let payload = item.payload.clone().unwrap_or_default();
     let attributes: HashMap<&String, &String> = payload.attributes.iter().collect();
     let attributes = serde_json::to_string(&attributes)
         .map_err(|err| SinkError::Fatal(format!("render the attributes of item {}: {err}", item.item_id)))?;
     let lease = item.lease.as_ref();
-    let params: Vec<Box<dyn ToSql + Sync + Send>> = vec![
-        Box::new(projection.to_string()),
-        Box::new(shard.to_string()),
-        Box::new(item.item_id.clone()),
-        Box::new(state),
-        Box::new(payload.resource_type),
-        Box::new(payload.resource_id),
-        Box::new(payload.partition_key),
-        Box::new(payload.request_id),
-        Box::new(attributes),
-        Box::new(payload.body.to_vec()),
-        Box::new(item.priority),
-        Box::new(i32::try_from(item.attempt).unwrap_or(i32::MAX)),
-        Box::new(time(item.enqueued_at.as_ref())),
-        Box::new(time(item.not_before.as_ref())),
-        Box::new(lease.map(|l| l.owner.clone())),
-        Box::new(lease.map(|l| l.lease_id.clone())),
-        Box::new(lease.map(|l| i64::try_from(l.fencing_token).unwrap_or(i64::MAX))),
-        Box::new(lease.and_then(|l| time(l.expires_at.as_ref()))),
-        Box::new(item.last_error.clone()),
-        Box::new(sequence_param(Sequence::new(sequence))),
-    ];
-    Ok(Statement { sql: StatementSql::Prepared(upsert.clone()), params })
+    Ok(ItemRow {
+        item_id: item.item_id.clone(),
+        state,
+        resource_type: payload.resource_type,
+        resource_id: payload.resource_id,
+        partition_key: payload.partition_key,
+        request_id: payload.request_id,
+        attributes,
+        body: payload.body.to_vec(),
+        priority: item.priority,
+        attempt: i32::try_from(item.attempt).unwrap_or(i32::MAX),
+        enqueued_at: time(item.enqueued_at.as_ref()),
+        not_before: time(item.not_before.as_ref()),
+        owner: lease.map(|l| l.owner.clone()),
+        lease_id: lease.map(|l| l.lease_id.clone()),
+        fencing_token: lease.map(|l| i64::try_from(l.fencing_token).unwrap_or(i64::MAX)),
+        lease_expires_at: lease.and_then(|l| time(l.expires_at.as_ref())),
+        last_error: item.last_error.clone(),
+        updated_sequence: sequence_param(Sequence::new(sequence)),
+    })
+}
+
+/// Item rows collected column by column for one [`UPSERT_ITEM`] statement:
+/// a frame of enqueues is one statement, not one per event. Each item at
+/// most once (see [`ItemRows::holds`]).
+#[derive(Default)]
+struct ItemRows {
+    projection: String,
+    shard: String,
+    ids: std::collections::HashSet<String>,
+    item_id: Vec<String>,
+    state: Vec<&'static str>,
+    resource_type: Vec<String>,
+    resource_id: Vec<String>,
+    partition_key: Vec<String>,
+    request_id: Vec<String>,
+    attributes: Vec<String>,
+    body: Vec<Vec<u8>>,
+    priority: Vec<i32>,
+    attempt: Vec<i32>,
+    enqueued_at: Vec<Option<SystemTime>>,
+    not_before: Vec<Option<SystemTime>>,
+    owner: Vec<Option<String>>,
+    lease_id: Vec<Option<String>>,
+    fencing_token: Vec<Option<i64>>,
+    lease_expires_at: Vec<Option<SystemTime>>,
+    last_error: Vec<String>,
+    updated_sequence: Vec<i64>,
+}
+
+impl ItemRows {
+    fn new(projection: &str, shard: &ShardId) -> Self {
+        Self { projection: projection.to_string(), shard: shard.to_string(), ..Self::default() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.item_id.is_empty()
+    }
+
+    /// Whether `item_id` already has a row here: the statement could not
+    /// write it twice, so the rows so far must go first.
+    fn holds(&self, item_id: &str) -> bool {
+        self.ids.contains(item_id)
+    }
+
+    fn push(&mut self, row: ItemRow) {
+        self.ids.insert(row.item_id.clone());
+        self.item_id.push(row.item_id);
+        self.state.push(row.state);
+        self.resource_type.push(row.resource_type);
+        self.resource_id.push(row.resource_id);
+        self.partition_key.push(row.partition_key);
+        self.request_id.push(row.request_id);
+        self.attributes.push(row.attributes);
+        self.body.push(row.body);
+        self.priority.push(row.priority);
+        self.attempt.push(row.attempt);
+        self.enqueued_at.push(row.enqueued_at);
+        self.not_before.push(row.not_before);
+        self.owner.push(row.owner);
+        self.lease_id.push(row.lease_id);
+        self.fencing_token.push(row.fencing_token);
+        self.lease_expires_at.push(row.lease_expires_at);
+        self.last_error.push(row.last_error);
+        self.updated_sequence.push(row.updated_sequence);
+    }
+
+    /// The statement writing the rows so far; leaves this empty.
+    fn take(&mut self, upsert: &tokio_postgres::Statement) -> Statement {
+        let rows = std::mem::replace(
+            self,
+            Self { projection: self.projection.clone(), shard: self.shard.clone(), ..Self::default() },
+        );
+        let params: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+            Box::new(rows.projection),
+            Box::new(rows.shard),
+            Box::new(rows.item_id),
+            Box::new(rows.state),
+            Box::new(rows.resource_type),
+            Box::new(rows.resource_id),
+            Box::new(rows.partition_key),
+            Box::new(rows.request_id),
+            Box::new(rows.attributes),
+            Box::new(rows.body),
+            Box::new(rows.priority),
+            Box::new(rows.attempt),
+            Box::new(rows.enqueued_at),
+            Box::new(rows.not_before),
+            Box::new(rows.owner),
+            Box::new(rows.lease_id),
+            Box::new(rows.fencing_token),
+            Box::new(rows.lease_expires_at),
+            Box::new(rows.last_error),
+            Box::new(rows.updated_sequence),
+        ];
+        Statement { sql: StatementSql::Prepared(upsert.clone()), params }
+    }
 }
 
 pub(crate) fn time(at: Option<&Timestamp>) -> Option<SystemTime> {
