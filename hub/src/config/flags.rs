@@ -358,6 +358,25 @@ impl TlsArgs {
     }
 }
 
+// The flag vocabulary converting into the store's type, here at the edge
+// (the store does not know the flags).
+impl DatabaseTls {
+    /// The TLS setting that `--database-tls` and `--database-ca-file` name:
+    /// `verify-full` needs the CA file, and the CA file is refused with any
+    /// other mode (it would be silently ignored). The sinks of the CLI
+    /// take the same flags.
+    pub fn from_flags(mode: DatabaseTlsMode, ca_file: Option<&std::path::Path>) -> Result<Self> {
+        Ok(match (mode, ca_file) {
+            (DatabaseTlsMode::VerifyFull, Some(ca_file)) => DatabaseTls::VerifyFull { ca_file: ca_file.to_path_buf() },
+            (DatabaseTlsMode::VerifyFull, None) => return Err(ConfigError::DatabaseCaRequired),
+            (mode, Some(_)) => return Err(ConfigError::DatabaseCaUnused { mode }),
+            (DatabaseTlsMode::Disable, None) => DatabaseTls::Disable,
+            (DatabaseTlsMode::Prefer, None) => DatabaseTls::Prefer,
+            (DatabaseTlsMode::Require, None) => DatabaseTls::Require,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -623,24 +642,5 @@ mod tests {
             let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
             assert_eq!(env, expected, "--{long}");
         }
-    }
-}
-
-// The flag vocabulary converting into the store's type, here at the edge
-// (the store does not know the flags).
-impl DatabaseTls {
-    /// The TLS setting that `--database-tls` and `--database-ca-file` name:
-    /// `verify-full` needs the CA file, and the CA file is refused with any
-    /// other mode (it would be silently ignored). The sinks of the CLI
-    /// take the same flags.
-    pub fn from_flags(mode: DatabaseTlsMode, ca_file: Option<&std::path::Path>) -> Result<Self> {
-        Ok(match (mode, ca_file) {
-            (DatabaseTlsMode::VerifyFull, Some(ca_file)) => DatabaseTls::VerifyFull { ca_file: ca_file.to_path_buf() },
-            (DatabaseTlsMode::VerifyFull, None) => return Err(ConfigError::DatabaseCaRequired),
-            (mode, Some(_)) => return Err(ConfigError::DatabaseCaUnused { mode }),
-            (DatabaseTlsMode::Disable, None) => DatabaseTls::Disable,
-            (DatabaseTlsMode::Prefer, None) => DatabaseTls::Prefer,
-            (DatabaseTlsMode::Require, None) => DatabaseTls::Require,
-        })
     }
 }
