@@ -22,7 +22,7 @@ use crate::event::ChainHash;
 use crate::health::WriteHealth;
 use crate::ids::{Epoch, InvalidInput, Sequence};
 use crate::proto::hub::v1 as pb;
-use crate::quota::StreamQuota;
+use crate::quota::{AppendRate, StreamQuota};
 use crate::store::LogStore;
 use crate::subscribe::Subscriptions;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
@@ -44,6 +44,8 @@ pub struct HubService {
     append_streams: Arc<StreamQuota>,
     /// Open subscriptions per principal.
     subscription_streams: Arc<StreamQuota>,
+    /// Appended events per second per principal.
+    append_rate: Arc<AppendRate>,
 }
 
 impl HubService {
@@ -67,6 +69,7 @@ impl HubService {
             guard,
             append_streams: StreamQuota::new("append streams", limits.append_streams),
             subscription_streams: StreamQuota::new("subscriptions", limits.subscriptions),
+            append_rate: AppendRate::new(limits.append_rate, limits.append_burst),
         }
     }
 }
@@ -87,7 +90,7 @@ impl pb::hub_server::Hub for HubService {
         let caller = self.guard.authenticate(&request)?;
         let permit = self.append_streams.acquire(&caller.principal)?;
         let inbound = request.into_inner();
-        let access = (self.guard.clone(), caller);
+        let access = (self.guard.clone(), caller, self.append_rate.clone());
         let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
         let (store, writes, cancel) = (self.store.clone(), self.writes.clone(), self.cancel.clone());
         // The stream's task keeps the request's span (method, principal), so
@@ -367,7 +370,7 @@ async fn serve_appends(
     mut inbound: Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
     cancel: CancellationToken,
-    (guard, caller): (Arc<Guard>, omnirelay_identity::Caller),
+    (guard, caller, rate): (Arc<Guard>, omnirelay_identity::Caller, Arc<AppendRate>),
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut reading = true;
@@ -390,13 +393,17 @@ async fn serve_appends(
                     let batch_id = request.batch_id;
                     let shard_id = request.shard_id.clone();
                     let checked = wire::append_batch(request).map(|batch| {
-                        let allowed = guard.authorize(&caller, HubProcedure::Append, &batch.shard);
+                        let allowed = guard
+                            .authorize(&caller, HubProcedure::Append, &batch.shard)
+                            .and_then(|()| rate.take(&caller.principal, batch.events.len()));
                         (batch, allowed)
                     });
                     match checked {
                         Ok((_, Err(denied))) => {
-                            // Like a bad frame: what was taken is answered,
-                            // then the stream ends with the refusal.
+                            // Denied, or over the append rate. Like a bad
+                            // frame: what was taken is answered, then the
+                            // stream ends with the refusal; nothing of this
+                            // batch is written.
                             reading = false;
                             ending = Some(denied);
                         }
