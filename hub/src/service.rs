@@ -203,6 +203,14 @@ impl pb::hub_server::Hub for HubService {
         self.guard.authorize(&caller, HubProcedure::AcquireShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
         let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
+        // Acquiring is what creates a shard: a new one must follow the shard-
+        // name grammar; one created under the older, wider grammar is still
+        // served (see `ShardId::check_new`).
+        if let Err(invalid) = shard.check_new()
+            && self.store.shard_state(shard.clone()).await.map_err(HubError::from)?.is_none()
+        {
+            return Err(HubError::from(invalid).into());
+        }
         let grant = self
             .store
             .acquire_shard_as(shard, owner, Some(caller.principal.clone()), ttl)

@@ -8,6 +8,7 @@ mod effects;
 mod harness;
 mod http;
 mod mesh;
+mod names;
 mod objectstore;
 mod ops;
 mod sinks;

@@ -535,7 +535,11 @@ impl SidecarConfig {
                 .node_id
                 .clone()
                 .or(file.node_id)
-                .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()))
+                .or_else(|| {
+                    // Host names are case-insensitive; shard names (which
+                    // embed the node id) are lowercase.
+                    std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()).map(|h| h.to_ascii_lowercase())
+                })
                 .unwrap_or_else(|| DEFAULT_NODE_ID.to_string()),
             queues,
             tls: TlsFile {
@@ -824,6 +828,7 @@ mod tests {
             (r#"trusted_proxies = ["not-an-ip"]"#, "trusted_proxies[0]"),
             ("[jwt]\nissuer = \"x\"", "jwt.algorithm"),
             (r#"client_certs = "required""#, "client_certs"),
+            ("node_id = \"Node-A\"\n[hub]\nendpoints = [\"http://h:1\"]", "node_id"),
             (
                 "[[authorization.rules]]\nroles = [\"w\"]\nprocedures = [\"lease_all\"]\nshards = [\"*\"]",
                 "authorization.rules[0].procedures[0]",
