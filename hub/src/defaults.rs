@@ -357,6 +357,23 @@ pub const MAX_APPEND_STREAMS_PER_PRINCIPAL: usize = 256;
 /// starve every other subscriber of the replica.
 pub const MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 256;
 
+/// Events per second one principal may append through one replica (a token
+/// bucket refilled at this rate). One replica committed 200,000 to 350,000
+/// events/s on two cores in the append benchmark (`bench/README.md`); half of
+/// the lower figure lets one busy node write as fast as it ever needs while
+/// a runaway or hostile producer cannot take the whole replica from others.
+pub const APPEND_RATE_PER_PRINCIPAL: f64 = 100_000.0;
+
+/// Events one principal may append at once above its rate (the bucket's
+/// size): two seconds at [`APPEND_RATE_PER_PRINCIPAL`], twenty batches of
+/// [`MAX_BATCH_EVENTS`], enough for a node catching up after a pause.
+pub const APPEND_BURST_PER_PRINCIPAL: u64 = 200_000;
+
+/// Principals whose append buckets are kept before full ones are dropped. A
+/// full bucket is the same as no bucket, so dropping it changes nothing; the
+/// bound keeps memory flat however many principals come and go.
+pub const APPEND_RATE_BUCKETS: usize = 4_096;
+
 /// Checkpoints in one `GetCheckpoints` answer when the caller names no page
 /// size: about 100 KiB of response, far below the message limit.
 pub const CHECKPOINTS_PAGE: usize = 1_000;

@@ -300,3 +300,59 @@ async fn get_checkpoints_answers_in_pages_and_refuses_a_forged_token() {
     assert!(status.message().starts_with("page_token:"), "{}", status.message());
     hub.stop().await;
 }
+
+/// New shards follow the shard-name grammar the nodes share
+/// (`omnirelay_proto::names`); a shard created under the hub's older, wider
+/// grammar (printable ASCII up to 200 bytes) is still served: acquired,
+/// appended to and read.
+#[tokio::test]
+async fn new_shards_follow_the_shared_grammar_and_older_names_are_still_served() {
+    use omnirelay_hub::ids::{OwnerId, ShardId};
+    use omnirelay_hub::store::LogStore as _;
+    let db = support::migrated_db().await;
+    // A shard the older grammar allowed, created as the hub used to.
+    let legacy = "Tenant:42/Jobs";
+    let store = support::store(&db).await;
+    let grant = store
+        .acquire_shard(ShardId::parse(legacy).expect("old grammar"), OwnerId::parse("old").expect("owner"), LONG)
+        .await
+        .expect("the store creates it");
+    assert!(
+        store
+            .release_shard(grant.lease.shard.clone(), OwnerId::parse("old").expect("owner"), grant.lease.epoch)
+            .await
+            .expect("release")
+    );
+    store.close().await.expect("close");
+
+    let hub = TestHub::start(db.url()).await;
+    let mut client = hub.client().await;
+    let sql = db.client().await;
+    let shards = || async {
+        let rows = sql.query("SELECT shard_id FROM shards ORDER BY shard_id", &[]).await.expect("read");
+        rows.iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>()
+    };
+    let before = shards().await;
+    assert_eq!(before, [legacy]);
+    for bad in ["Tenant:43/Jobs", "resourcelease.Users", "resourcelease..users", &format!("a.{}", "b".repeat(130))] {
+        let status = client
+            .acquire_shard(pb::AcquireShardRequest { shard_id: bad.into(), owner: "node-a".into(), ttl: None })
+            .await
+            .expect_err(bad);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}: {status:?}");
+        assert!(status.message().starts_with("shard_id: "), "{}", status.message());
+        assert!(status.message().contains("a new shard needs a shard name"), "{}", status.message());
+    }
+    assert_eq!(shards().await, before, "a refused name created a shard");
+
+    let epoch = acquire(&mut client, legacy, "node-a", LONG).await;
+    let mut appender = Appender::open(&mut client).await;
+    ack(appender.append(batch(legacy, "p", 1, epoch, &["a"])).await);
+    let events = client
+        .read_range(pb::ReadRangeRequest { shard_id: legacy.into(), from_sequence: 1, to_sequence: 0, limit: 0 })
+        .await
+        .expect("the old shard is read")
+        .into_inner();
+    assert_eq!(events.events.len(), 1);
+    hub.stop().await;
+}

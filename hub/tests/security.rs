@@ -23,13 +23,18 @@ const AUDIENCE: &str = "omnirelay-hub";
 const SHARD: &str = "resourcelease.secure";
 const LONG: Duration = Duration::from_secs(60);
 
-/// A hub that takes bearer tokens signed by `key`, and trusts proxy headers
-/// from 10.0.0.0/8 only (so never from the tests' loopback connections).
+/// A hub that takes bearer tokens signed by `key` or `next_key` (two keys,
+/// as during a rotation), and trusts proxy headers from 10.0.0.0/8 only (so
+/// never from the tests' loopback connections).
 struct SecureHub {
     hub: TestHub,
     key: EncodingKey,
+    next_key: EncodingKey,
     _dir: tempfile::TempDir,
 }
+
+/// A second producer, for limits that must leave other principals alone.
+const OTHER_PRODUCER: &str = "spiffe://test/node-b";
 
 fn principal(role: HubRole) -> &'static str {
     match role {
@@ -47,13 +52,16 @@ async fn secure_hub(db: &TestDb) -> SecureHub {
 async fn secure_hub_with(db: &TestDb, limits: serde_json::Value) -> SecureHub {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let pair = rcgen::KeyPair::generate().expect("an EC key");
+    let next = rcgen::KeyPair::generate().expect("an EC key");
     let public = dir.path().join("jwt.pem");
     std::fs::write(&public, pair.public_key_pem()).expect("write the public key");
+    let next_public = dir.path().join("jwt-next.pem");
+    std::fs::write(&next_public, next.public_key_pem()).expect("write the next public key");
     let access = json!({
         "trusted_proxies": ["10.0.0.0/8"],
-        "jwt": {"algorithm": "ES256", "public_key_file": public, "issuer": ISSUER, "audience": AUDIENCE},
+        "jwt": {"algorithm": "ES256", "public_key_file": [public, next_public], "issuer": ISSUER, "audience": AUDIENCE},
         "grants": [
-            {"name": "nodes", "principals": [principal(HubRole::Producer)], "hub_roles": ["producer"], "shards": ["resourcelease.*"]},
+            {"name": "nodes", "principals": [principal(HubRole::Producer), OTHER_PRODUCER], "hub_roles": ["producer"], "shards": ["resourcelease.*"]},
             {"name": "sinks", "principals": [principal(HubRole::Subscriber)], "hub_roles": ["subscriber"], "shards": ["resourcelease.*"], "subscribers": ["sink"]},
             {"name": "readers", "principals": [principal(HubRole::Reader)], "hub_roles": ["reader"], "shards": ["*"]},
             {"name": "operators", "principals": [principal(HubRole::Operator)], "hub_roles": ["operator"], "shards": ["*"]}
@@ -64,7 +72,8 @@ async fn secure_hub_with(db: &TestDb, limits: serde_json::Value) -> SecureHub {
     let config = Config { retention_interval: None, access, ..Config::for_postgres(db.url()).expect("a valid URL") };
     let hub = TestHub::start_with(config).await;
     let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).expect("an encoding key");
-    SecureHub { hub, key, _dir: dir }
+    let next_key = EncodingKey::from_ec_pem(next.serialize_pem().as_bytes()).expect("an encoding key");
+    SecureHub { hub, key, next_key, _dir: dir }
 }
 
 fn now() -> i64 {
@@ -608,5 +617,97 @@ async fn a_thousand_unread_subscriptions_stay_bounded_and_others_are_served() {
         .await
         .expect("the reader is served");
     drop(opened);
+    secure.hub.stop().await;
+}
+
+/// During a key rotation the hub lists the old and the new public key:
+/// tokens signed by either are served, a token signed by any other key is
+/// UNAUTHENTICATED and changes nothing.
+#[tokio::test]
+async fn tokens_signed_by_either_rotation_key_are_served() {
+    let db = support::migrated_db().await;
+    let secure = secure_hub(&db).await;
+    let mut client = secure.hub.client().await;
+    let acquire = |owner: &str, credential: &Credential| {
+        request(pb::AcquireShardRequest { shard_id: SHARD.into(), owner: owner.into(), ttl: None }, credential)
+    };
+    let stranger = EncodingKey::from_ec_pem(rcgen::KeyPair::generate().expect("an EC key").serialize_pem().as_bytes())
+        .expect("an encoding key");
+    let before = tables(&db).await;
+    let forged = Credential::Bearer(token(&stranger, claims(principal(HubRole::Producer))));
+    let refused = client.acquire_shard(acquire("node-a", &forged)).await.expect_err("another key");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert_eq!(tables(&db).await, before, "a forged token changed the database");
+    for key in [&secure.key, &secure.next_key] {
+        let credential = Credential::Bearer(token(key, claims(principal(HubRole::Producer))));
+        let granted = client
+            .acquire_shard(acquire("node-a", &credential))
+            .await
+            .expect("a token signed by a listed key is served")
+            .into_inner();
+        assert!(granted.granted, "the same principal re-acquires its own lease");
+    }
+    secure.hub.stop().await;
+}
+
+/// A producer over its append rate has its batch refused with
+/// RESOURCE_EXHAUSTED naming the limit, after the batch before it was
+/// answered; nothing of the refused batch is written, and another producer
+/// is served meanwhile.
+#[tokio::test]
+async fn a_producer_over_its_append_rate_is_refused_and_others_are_served() {
+    let db = support::migrated_db().await;
+    // One event per thousand seconds after a burst of three: the second
+    // batch below cannot be refilled in time, however slow the machine.
+    let secure = secure_hub_with(&db, json!({"append_rate": 0.001, "append_burst": 3})).await;
+    let mut client = secure.hub.client().await;
+    let acquire = |shard: &str, credential: &Credential| {
+        request(pb::AcquireShardRequest { shard_id: shard.into(), owner: "owner".into(), ttl: None }, credential)
+    };
+    let fast = Credential::Bearer(token(&secure.key, claims(principal(HubRole::Producer))));
+    let other = Credential::Bearer(token(&secure.key, claims(OTHER_PRODUCER)));
+    let other_shard = "resourcelease.other";
+    let epoch =
+        client.acquire_shard(acquire(SHARD, &fast)).await.expect("acquire").into_inner().lease.expect("a lease").epoch;
+    let other_epoch = client
+        .acquire_shard(acquire(other_shard, &other))
+        .await
+        .expect("acquire")
+        .into_inner()
+        .lease
+        .expect("a lease")
+        .epoch;
+
+    let frames = vec![batch(SHARD, "p", 1, epoch, &["a", "b", "c"]), batch(SHARD, "p", 2, epoch, &["d"])];
+    let mut responses =
+        client.append(request(tokio_stream::iter(frames), &fast)).await.expect("the stream opens").into_inner();
+    let first = responses.next().await.expect("an answer").expect("the first batch is answered");
+    support::ack(first.result.expect("a result"));
+    let refused = responses.next().await.expect("an end").expect_err("the second batch is over the rate");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().starts_with("append rate:"), "{}", refused.message());
+    assert!(refused.message().contains("0.001 events/s with bursts of 3"), "{}", refused.message());
+    assert!(responses.next().await.is_none(), "the stream ended");
+
+    // Another principal has its own bucket.
+    let mut responses = client
+        .append(request(tokio_stream::iter(vec![batch(other_shard, "q", 1, other_epoch, &["x", "y", "z"])]), &other))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let answer = responses.next().await.expect("an answer").expect("the other producer is served");
+    support::ack(answer.result.expect("a result"));
+
+    let client_db = db.client().await;
+    let written: Vec<(String, i64)> = client_db
+        .query("SELECT shard_id, head_sequence FROM shards ORDER BY shard_id", &[])
+        .await
+        .expect("read the shards")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(written, vec![(other_shard.to_string(), 3), (SHARD.to_string(), 3)], "the refused batch was written");
+    let events: i64 = client_db.query_one("SELECT count(*) FROM events", &[]).await.expect("count the events").get(0);
+    assert_eq!(events, 6, "only the answered batches are in the log");
     secure.hub.stop().await;
 }

@@ -16,3 +16,9 @@ pub const MAX_BEARER_TOKEN_LEN: usize = 8 * 1024;
 /// header). SPIFFE IDs are capped at 2048 bytes; 512 is plenty for ours and
 /// keeps events and logs compact.
 pub const MAX_PRINCIPAL_LEN: usize = 512;
+
+/// Most JWT verification keys accepted at once. A rotation needs two (the old
+/// and the new key); a few more cover an overlapping emergency rotation. Each
+/// key is one more signature check for a token that verifies with none, so
+/// the bound keeps a bad token's cost small.
+pub const MAX_JWT_KEYS: usize = 4;

@@ -58,6 +58,7 @@ pub mod hub {
 }
 
 pub mod limits;
+pub mod names;
 pub mod raw;
 
 /// The encoded `FileDescriptorSet` of every OmniRelay contract, for gRPC

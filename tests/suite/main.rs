@@ -10,6 +10,7 @@ mod effects;
 mod harness;
 mod http;
 mod mesh;
+mod names;
 mod objectstore;
 mod ops;
 mod recovery;

@@ -129,9 +129,10 @@ pub struct NodeArgs {
     /// Pinned JWT algorithm (ES256, RS256, EdDSA, ...).
     #[arg(long, env = "OMNIRELAY_NODE_JWT_ALGORITHM")]
     pub jwt_algorithm: Option<String>,
-    /// The token issuer's public key (PEM file).
-    #[arg(long, env = "OMNIRELAY_NODE_JWT_PUBLIC_KEY")]
-    pub jwt_public_key: Option<PathBuf>,
+    /// The token issuer's public key (PEM file); repeat (or comma-separate in
+    /// the variable) during a key rotation: a token signed by any verifies.
+    #[arg(long, env = "OMNIRELAY_NODE_JWT_PUBLIC_KEY", value_delimiter = ',')]
+    pub jwt_public_key: Vec<PathBuf>,
     /// Required `iss` of tokens.
     #[arg(long, env = "OMNIRELAY_NODE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -333,8 +334,8 @@ pub struct OwnershipFile {
 pub struct JwtFile {
     /// Pinned algorithm.
     pub algorithm: Option<String>,
-    /// Issuer public key, PEM file.
-    pub public_key: Option<PathBuf>,
+    /// Issuer public key, PEM file, or a list of them during a key rotation.
+    pub public_key: Option<omnirelay_identity::jwt::KeyFiles>,
     /// Required issuer.
     pub issuer: Option<String>,
     /// Required audience.
@@ -541,7 +542,11 @@ impl SidecarConfig {
                 .node_id
                 .clone()
                 .or(file.node_id)
-                .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()))
+                .or_else(|| {
+                    // Host names are case-insensitive; shard names (which
+                    // embed the node id) are lowercase.
+                    std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()).map(|h| h.to_ascii_lowercase())
+                })
                 .unwrap_or_else(|| DEFAULT_NODE_ID.to_string()),
             queues,
             tls: TlsFile {
@@ -553,7 +558,11 @@ impl SidecarConfig {
             trust_domain: args.trust_domain.clone().or(file.trust_domain),
             jwt: JwtFile {
                 algorithm: args.jwt_algorithm.clone().or(file.jwt.algorithm),
-                public_key: args.jwt_public_key.clone().or(file.jwt.public_key),
+                public_key: if args.jwt_public_key.is_empty() {
+                    file.jwt.public_key
+                } else {
+                    Some(omnirelay_identity::jwt::KeyFiles::Many(args.jwt_public_key.clone()))
+                },
                 issuer: args.jwt_issuer.clone().or(file.jwt.issuer),
                 audience: args.jwt_audience.clone().or(file.jwt.audience),
                 roles_claim: args.jwt_roles_claim.clone().or(file.jwt.roles_claim),
@@ -726,11 +735,11 @@ impl SidecarConfig {
             .context("jwt.algorithm: is required when tokens are accepted")?
             .parse()
             .map_err(|_| anyhow::anyhow!("jwt.algorithm: not a JWT algorithm name (ES256, RS256, EdDSA, ...)"))?;
-        let key_path = jwt.public_key.as_ref().context("jwt.public_key: is required when tokens are accepted")?;
-        let key = std::fs::read(key_path).with_context(|| format!("jwt.public_key: read {}", key_path.display()))?;
+        let keys = jwt.public_key.as_ref().context("jwt.public_key: is required when tokens are accepted")?;
+        let pems = omnirelay_identity::jwt::read_key_files("jwt.public_key", keys.paths())?;
         let issuer = jwt.issuer.clone().context("jwt.issuer: is required when tokens are accepted")?;
         let audience = jwt.audience.clone().context("jwt.audience: is required when tokens are accepted")?;
-        let mut verifier = JwtVerifier::from_public_key_pem(algorithm, &key, issuer, audience)?;
+        let mut verifier = JwtVerifier::from_public_key_pems(algorithm, &pems, issuer, audience)?;
         if let Some(claim) = &jwt.roles_claim {
             verifier = verifier.with_roles_claim(claim.clone());
         }
@@ -793,6 +802,33 @@ mod tests {
     }
 
     #[test]
+    fn jwt_keys_are_a_list_during_a_rotation_and_flags_replace_the_file() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let write = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, rcgen::KeyPair::generate().expect("an EC key").public_key_pem()).expect("write");
+            path
+        };
+        let (old, new) = (write("old.pem"), write("new.pem"));
+        let jwt =
+            |keys: &str| format!("[jwt]\nalgorithm = \"ES256\"\nissuer = \"i\"\naudience = \"a\"\npublic_key = {keys}");
+        let one = SidecarConfig::merge(&NodeArgs::default(), file(&jwt(&format!("{:?}", old)))).expect("merges");
+        assert_eq!(one.jwt_verifier().expect("valid").expect("tokens accepted").key_count(), 1);
+        let both =
+            SidecarConfig::merge(&NodeArgs::default(), file(&jwt(&format!("[{old:?}, {new:?}]")))).expect("merges");
+        assert_eq!(both.jwt_verifier().expect("valid").expect("tokens accepted").key_count(), 2);
+        let flags = NodeArgs { jwt_public_key: vec![new.clone()], ..NodeArgs::default() };
+        let replaced = SidecarConfig::merge(&flags, file(&jwt(&format!("[{old:?}, {new:?}]")))).expect("merges");
+        assert_eq!(replaced.jwt.public_key.as_ref().map(|keys| keys.paths().to_vec()), Some(vec![new.clone()]));
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a key").expect("write");
+        let broken =
+            SidecarConfig::merge(&NodeArgs::default(), file(&jwt(&format!("[{old:?}, {bad:?}]")))).expect("merges");
+        let err = broken.node_config().expect_err("a bad second key");
+        assert!(format!("{err:#}").starts_with("jwt.public_key[1]"), "{err:#}");
+    }
+
+    #[test]
     fn bad_settings_name_their_key() {
         let cases = [
             (r#"namespaces = ["users"]"#, "queues[0].shard"),
@@ -800,6 +836,7 @@ mod tests {
             (r#"trusted_proxies = ["not-an-ip"]"#, "trusted_proxies[0]"),
             ("[jwt]\nissuer = \"x\"", "jwt.algorithm"),
             (r#"client_certs = "required""#, "client_certs"),
+            ("node_id = \"Node-A\"\n[hub]\nendpoints = [\"http://h:1\"]", "node_id"),
             (
                 "[[authorization.rules]]\nroles = [\"w\"]\nprocedures = [\"lease_all\"]\nshards = [\"*\"]",
                 "authorization.rules[0].procedures[0]",

@@ -62,8 +62,9 @@ pub const MEMBER_PREFIX: &str = "omnirelay.members.";
 pub const MEMBERSHIP_POLL: Duration = Duration::from_millis(500);
 
 /// Longest a node id may be under rendezvous assignment: the member lease's
-/// shard id (prefix plus id) must fit the log's 200-byte shard ids.
-pub const MAX_MEMBER_ID_LEN: usize = 128;
+/// shard id (prefix plus id) must be a shard name
+/// ([`omnirelay_proto::names::MAX_SHARD_NAME_BYTES`]), so 110 bytes.
+pub const MAX_MEMBER_ID_LEN: usize = omnirelay_proto::names::MAX_SHARD_NAME_BYTES - MEMBER_PREFIX.len();
 
 /// How a node decides which of its namespaces it serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,16 +98,21 @@ impl std::str::FromStr for Assignment {
     }
 }
 
-/// Checks a node id for use in a member lease: printable ASCII without
-/// spaces, at most [`MAX_MEMBER_ID_LEN`] bytes.
+/// Checks a node id for use in a member lease: the member shard
+/// `omnirelay.members.<id>` must be a shard name (the grammar the hub
+/// shares, [`omnirelay_proto::names`]), so the id is at most
+/// [`MAX_MEMBER_ID_LEN`] bytes of dot-separated `a-z`, `0-9`, `-`, `_`.
 pub fn check_member_id(id: &str) -> Result<(), &'static str> {
-    if id.len() > MAX_MEMBER_ID_LEN {
-        return Err("longer than 128 bytes");
-    }
-    if !id.bytes().all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'*' | b',' | b';' | b'@')) {
-        return Err("must be printable ASCII without spaces, '*', ',', ';' or '@' under rendezvous assignment");
-    }
-    Ok(())
+    use omnirelay_proto::names::{ShardNameError, check_shard_name};
+    check_shard_name(&format!("{MEMBER_PREFIX}{id}")).map_err(|err| match err {
+        ShardNameError::TooLong(_) => {
+            "longer than 110 bytes (the member shard name's limit) under rendezvous assignment"
+        }
+        ShardNameError::Empty | ShardNameError::EmptySegment | ShardNameError::SegmentTooLong => {
+            "must be dot-separated segments of 1 to 63 bytes under rendezvous assignment"
+        }
+        ShardNameError::BadCharacter(_) => "may hold only a-z, 0-9, '-', '_' and '.' under rendezvous assignment",
+    })
 }
 
 /// Longest advertised address: the member lease's owner (`id@address`)
@@ -117,7 +123,7 @@ pub const MAX_ADVERTISE_LEN: usize = 200 - MAX_MEMBER_ID_LEN - 1;
 /// or ';', at most [`MAX_ADVERTISE_LEN`] bytes.
 pub fn check_advertise(address: &str) -> Result<(), &'static str> {
     if address.is_empty() || address.len() > MAX_ADVERTISE_LEN {
-        return Err("must be 1 to 71 bytes long");
+        return Err("must be 1 to 89 bytes long");
     }
     if !address.bytes().all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'*' | b',' | b';')) {
         return Err("must be printable ASCII without spaces, '*', ',' or ';'");
@@ -521,10 +527,12 @@ mod tests {
 
     #[test]
     fn member_ids_must_fit_a_shard_id() {
-        assert!(check_member_id("node-a.pod.cluster.local:7000").is_ok());
-        assert!(check_member_id("has space").is_err());
-        assert!(check_member_id(&"x".repeat(129)).is_err());
-        assert!(check_member_id("é").is_err());
+        assert!(check_member_id("node-a.pod.cluster.local").is_ok());
+        assert!(check_member_id(&format!("{}.{}", "x".repeat(63), "y".repeat(46))).is_ok(), "110 bytes");
+        for bad in ["has space", "node-a:7000", "Node-A", "a..b", "é"] {
+            assert!(check_member_id(bad).is_err(), "{bad}");
+        }
+        assert!(check_member_id(&format!("{}.{}", "x".repeat(63), "y".repeat(47))).is_err(), "111 bytes");
     }
 
     #[test]
@@ -539,7 +547,8 @@ mod tests {
         assert_eq!(parse_member("omnirelay.members.node-1", "node-10"), None);
         assert_eq!(parse_member("resourcelease.x", "node-1"), None);
         assert!(check_advertise("http://10.0.0.1:7000").is_ok());
-        assert!(check_advertise(&"h".repeat(72)).is_err());
+        assert!(check_advertise(&"h".repeat(89)).is_ok());
+        assert!(check_advertise(&"h".repeat(90)).is_err());
         assert!(check_member_id("a@b").is_err(), "'@' separates the id from the address");
     }
 

@@ -1,13 +1,12 @@
 //! Limits of namespaces and routing rules, each with the reason for its value.
 
-/// Longest accepted namespace, in bytes. Namespaces appear in every event,
-/// metric label and trace; 128 bytes fits `resourcelease.` plus a few
-/// descriptive segments while keeping labels readable.
-pub const MAX_NAMESPACE_LEN: usize = 128;
+/// Longest accepted namespace, in bytes: the shard-name grammar's limit,
+/// shared with the hub (see [`omnirelay_proto::names::MAX_SHARD_NAME_BYTES`]).
+pub const MAX_NAMESPACE_LEN: usize = omnirelay_proto::names::MAX_SHARD_NAME_BYTES;
 
-/// Longest accepted segment between dots. Matches a DNS label, so a namespace
-/// segment can be reused as a host or Kubernetes name without rewriting.
-pub const MAX_SEGMENT_LEN: usize = 63;
+/// Longest accepted segment between dots: the shard-name grammar's limit
+/// (see [`omnirelay_proto::names::MAX_SHARD_SEGMENT_BYTES`]).
+pub const MAX_SEGMENT_LEN: usize = omnirelay_proto::names::MAX_SHARD_SEGMENT_BYTES;
 
 /// Most hash buckets a router may spread items over. Each bucket is a queue
 /// with its own log, shard lease and metrics; past about a thousand the

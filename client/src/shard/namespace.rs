@@ -1,7 +1,7 @@
 //! The namespace grammar.
 
 use super::ShardError;
-use super::defaults::{MAX_NAMESPACE_LEN, MAX_SEGMENT_LEN};
+use super::defaults::MAX_NAMESPACE_LEN;
 use crate::ShardId;
 
 /// The namespace of the default queue, used when a request leaves its
@@ -11,10 +11,13 @@ pub const DEFAULT_NAMESPACE: &str = "resourcelease";
 /// Validates a namespace and returns it as a [`ShardId`]; an empty string means
 /// [`DEFAULT_NAMESPACE`].
 ///
-/// A namespace is `resourcelease` followed by zero or more `.segment`s, each
-/// segment 1 to 63 characters of `a-z`, `0-9`, `-` and `_`. `field` names where
-/// the value came from, so the error can say it.
+/// A namespace is a shard name ([`omnirelay_proto::names`], the grammar the
+/// hub shares: dot-separated segments of 1 to 63 characters of `a-z`, `0-9`,
+/// `-` and `_`, at most 128 bytes) whose first segment is `resourcelease`,
+/// the node's own policy on top. `field` names where the value came from,
+/// so the error can say it.
 pub fn parse_namespace(field: &str, value: &str) -> Result<ShardId, ShardError> {
+    use omnirelay_proto::names::{ShardNameError, check_shard_name};
     if value.is_empty() {
         return Ok(ShardId::new(DEFAULT_NAMESPACE));
     }
@@ -23,23 +26,16 @@ pub fn parse_namespace(field: &str, value: &str) -> Result<ShardId, ShardError> 
         value: value.chars().take(MAX_NAMESPACE_LEN).collect(),
         reason,
     };
-    if value.len() > MAX_NAMESPACE_LEN {
-        return Err(fail("longer than 128 bytes"));
-    }
-    let mut segments = value.split('.');
-    if segments.next() != Some(DEFAULT_NAMESPACE) {
+    check_shard_name(value).map_err(|err| {
+        fail(match err {
+            ShardNameError::Empty | ShardNameError::EmptySegment => "empty segment between dots",
+            ShardNameError::TooLong(_) => "longer than 128 bytes",
+            ShardNameError::SegmentTooLong => "a segment is longer than 63 characters",
+            ShardNameError::BadCharacter(_) => "segments may hold only a-z, 0-9, '-' and '_'",
+        })
+    })?;
+    if value.split('.').next() != Some(DEFAULT_NAMESPACE) {
         return Err(fail("must start with \"resourcelease\""));
-    }
-    for segment in segments {
-        if segment.is_empty() {
-            return Err(fail("empty segment between dots"));
-        }
-        if segment.len() > MAX_SEGMENT_LEN {
-            return Err(fail("a segment is longer than 63 characters"));
-        }
-        if !segment.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
-            return Err(fail("segments may hold only a-z, 0-9, '-' and '_'"));
-        }
     }
     Ok(ShardId::new(value))
 }

@@ -25,7 +25,7 @@ use crate::log::verify;
 use crate::proto::hub::v1 as pb;
 use crate::replica::health::WriteHealth;
 use crate::security::access::{Guard, HubProcedure};
-use crate::security::quota::StreamQuota;
+use crate::security::quota::{AppendRate, StreamQuota};
 use crate::store::LogStore;
 use crate::telemetry::{self, HubCounters, ReadPurpose};
 
@@ -45,6 +45,8 @@ pub struct HubService {
     append_streams: Arc<StreamQuota>,
     /// Open subscriptions per principal.
     subscription_streams: Arc<StreamQuota>,
+    /// Appended events per second per principal.
+    append_rate: Arc<AppendRate>,
 }
 
 impl HubService {
@@ -68,6 +70,7 @@ impl HubService {
             guard,
             append_streams: StreamQuota::new("append streams", limits.append_streams),
             subscription_streams: StreamQuota::new("subscriptions", limits.subscriptions),
+            append_rate: AppendRate::new(limits.append_rate, limits.append_burst),
         }
     }
 }
@@ -88,7 +91,7 @@ impl pb::hub_server::Hub for HubService {
         let caller = self.guard.authenticate(&request)?;
         let permit = self.append_streams.acquire(&caller.principal)?;
         let inbound = request.into_inner();
-        let access = (self.guard.clone(), caller);
+        let access = (self.guard.clone(), caller, self.append_rate.clone());
         let (out, responses) = mpsc::channel(defaults::APPEND_STREAM_IN_FLIGHT);
         let (store, writes, cancel) = (self.store.clone(), self.writes.clone(), self.cancel.clone());
         // The stream's task keeps the request's span (method, principal), so
@@ -201,6 +204,14 @@ impl pb::hub_server::Hub for HubService {
         self.guard.authorize(&caller, HubProcedure::AcquireShard, &shard)?;
         let owner = wire::owner(request.owner).map_err(HubError::from)?;
         let ttl = wire::lease_ttl(request.ttl).map_err(HubError::from)?;
+        // Acquiring is what creates a shard: a new one must follow the shard-
+        // name grammar; one created under the older, wider grammar is still
+        // served (see `ShardId::check_new`).
+        if let Err(invalid) = shard.check_new()
+            && self.store.shard_state(shard.clone()).await.map_err(HubError::from)?.is_none()
+        {
+            return Err(HubError::from(invalid).into());
+        }
         let grant = self
             .store
             .acquire_shard_as(shard, owner, Some(caller.principal.clone()), ttl)
@@ -368,7 +379,7 @@ async fn serve_appends(
     mut inbound: Streaming<pb::AppendRequest>,
     out: mpsc::Sender<Result<pb::AppendResponse, Status>>,
     cancel: CancellationToken,
-    (guard, caller): (Arc<Guard>, omnirelay_identity::Caller),
+    (guard, caller, rate): (Arc<Guard>, omnirelay_identity::Caller, Arc<AppendRate>),
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut reading = true;
@@ -391,13 +402,17 @@ async fn serve_appends(
                     let batch_id = request.batch_id;
                     let shard_id = request.shard_id.clone();
                     let checked = wire::append_batch(request).map(|batch| {
-                        let allowed = guard.authorize(&caller, HubProcedure::Append, &batch.shard);
+                        let allowed = guard
+                            .authorize(&caller, HubProcedure::Append, &batch.shard)
+                            .and_then(|()| rate.take(&caller.principal, batch.events.len()));
                         (batch, allowed)
                     });
                     match checked {
                         Ok((_, Err(denied))) => {
-                            // Like a bad frame: what was taken is answered,
-                            // then the stream ends with the refusal.
+                            // Denied, or over the append rate. Like a bad
+                            // frame: what was taken is answered, then the
+                            // stream ends with the refusal; nothing of this
+                            // batch is written.
                             reading = false;
                             ending = Some(denied);
                         }

@@ -158,6 +158,19 @@ pub struct ServeArgs {
         value_parser = parse_subscription_memory
     )]
     pub subscription_memory: ByteSize,
+
+    /// Events per second one principal may append through this replica (a
+    /// token bucket; fractional rates allowed). A batch over it ends the
+    /// append stream with RESOURCE_EXHAUSTED and is not written. Wins over
+    /// `limits.append_rate` in the access file [default: 100000].
+    #[arg(long, env = "OMNIRELAY_HUB_APPEND_RATE", value_name = "EVENTS_PER_SEC")]
+    pub append_rate: Option<f64>,
+
+    /// Events one principal may append at once above its rate (the bucket's
+    /// size). Wins over `limits.append_burst` in the access file
+    /// [default: 200000].
+    #[arg(long, env = "OMNIRELAY_HUB_APPEND_BURST", value_name = "EVENTS")]
+    pub append_burst: Option<u64>,
 }
 
 /// Flags choosing and reaching the store.
@@ -299,7 +312,9 @@ impl ServeArgs {
             access: match &self.access {
                 Some(path) => Access::from_file(path).map_err(ConfigError::Access)?,
                 None => Access::none(),
-            },
+            }
+            .with_append_rate(self.append_rate, self.append_burst)
+            .map_err(ConfigError::Limit)?,
             retention_interval: self.retention_interval.0,
             checkpoint_max_age: self.checkpoint_max_age.0,
             health_interval: self.health_interval.0,

@@ -78,6 +78,10 @@ pub enum ConfigError {
     /// names the field.
     #[error("--access: {0}")]
     Access(omnirelay_identity::ConfigError),
+    /// A per-principal limit flag (`--append-rate`, `--append-burst`) is out
+    /// of range; the error names the flag.
+    #[error("{0}")]
+    Limit(omnirelay_identity::ConfigError),
     /// A CA file with a mode that does not verify certificates.
     #[error("--database-ca-file is only used with --database-tls verify-full (got {mode})")]
     DatabaseCaUnused {

@@ -79,6 +79,17 @@ name_id!(
     "shard_id"
 );
 
+impl ShardId {
+    /// Checks the id against the shard-name grammar new shards must follow
+    /// ([`omnirelay_proto::names`], shared with the nodes). [`ShardId::parse`]
+    /// takes the older, wider grammar (printable ASCII up to
+    /// [`defaults::MAX_NAME_BYTES`]) so shards created under it stay served.
+    pub fn check_new(&self) -> Result<(), InvalidInput> {
+        omnirelay_proto::names::check_shard_name(&self.0)
+            .map_err(|err| InvalidInput::new("shard_id", format!("{:?} {err}; a new shard needs a shard name", self.0)))
+    }
+}
+
 name_id!(
     /// A producer of appends (one per shard-owner incarnation or process);
     /// retries are recognised by `(producer, producer_seq)`.

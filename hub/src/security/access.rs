@@ -199,8 +199,9 @@ pub struct GrantConfig {
 pub struct JwtConfig {
     /// The pinned algorithm, e.g. `ES256`, `RS256`, `EdDSA`.
     pub algorithm: String,
-    /// PEM file of the issuer's public key.
-    pub public_key_file: std::path::PathBuf,
+    /// PEM file of the issuer's public key, or a list of them during a key
+    /// rotation (a token signed by any of them verifies).
+    pub public_key_file: omnirelay_identity::jwt::KeyFiles,
     /// Required `iss`.
     pub issuer: String,
     /// Required `aud`.
@@ -211,7 +212,7 @@ pub struct JwtConfig {
 }
 
 /// The hub's access file (`--access`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessConfig {
     /// Proxies whose `x-client-principal` is believed (addresses or CIDRs).
@@ -232,7 +233,7 @@ pub struct AccessConfig {
 }
 
 /// Per-principal limits as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Open append streams per principal per replica
@@ -243,15 +244,28 @@ pub struct LimitsConfig {
     /// ([`defaults::MAX_SUBSCRIPTIONS_PER_PRINCIPAL`] when unset).
     #[serde(default)]
     pub subscriptions: Option<usize>,
+    /// Events per second a principal may append per replica
+    /// ([`defaults::APPEND_RATE_PER_PRINCIPAL`] when unset; may be fractional).
+    #[serde(default)]
+    pub append_rate: Option<f64>,
+    /// Events a principal may append at once above its rate
+    /// ([`defaults::APPEND_BURST_PER_PRINCIPAL`] when unset).
+    #[serde(default)]
+    pub append_burst: Option<u64>,
 }
 
 /// Per-principal limits, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Open append streams per principal per replica.
     pub append_streams: usize,
     /// Open subscriptions per principal per replica.
     pub subscriptions: usize,
+    /// Events per second a principal may append per replica; positive and
+    /// finite.
+    pub append_rate: f64,
+    /// Events a principal may append at once above its rate; at least 1.
+    pub append_burst: u64,
 }
 
 impl Default for Limits {
@@ -259,7 +273,35 @@ impl Default for Limits {
         Self {
             append_streams: defaults::MAX_APPEND_STREAMS_PER_PRINCIPAL,
             subscriptions: defaults::MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+            append_rate: defaults::APPEND_RATE_PER_PRINCIPAL,
+            append_burst: defaults::APPEND_BURST_PER_PRINCIPAL,
         }
+    }
+}
+
+impl Limits {
+    /// Sets the append rate and burst where given, checking them; `field`
+    /// names where they came from (`limits` in the access file, or the flags).
+    pub fn with_append_rate(
+        mut self,
+        (rate_field, rate): (&str, Option<f64>),
+        (burst_field, burst): (&str, Option<u64>),
+    ) -> Result<Self, ConfigError> {
+        if let Some(rate) = rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::new(
+                    rate_field,
+                    format!("{rate} is not a positive number of events per second"),
+                ));
+            }
+            self.append_rate = rate;
+        }
+        match burst {
+            Some(0) => return Err(ConfigError::new(burst_field, "must be at least 1 event")),
+            Some(burst) => self.append_burst = burst,
+            None => {}
+        }
+        Ok(self)
     }
 }
 
@@ -330,11 +372,11 @@ impl Access {
             let algorithm = jwt.algorithm.parse::<omnirelay_identity::jwt::Algorithm>().map_err(|_| {
                 ConfigError::new("jwt.algorithm", format!("{:?} is not a JWT algorithm", jwt.algorithm))
             })?;
-            let pem = std::fs::read(&jwt.public_key_file).map_err(|err| {
-                ConfigError::new("jwt.public_key_file", format!("cannot read {}: {err}", jwt.public_key_file.display()))
-            })?;
+            let pems = omnirelay_identity::jwt::read_key_files("jwt.public_key_file", jwt.public_key_file.paths())?;
             let mut verifier =
-                JwtVerifier::from_public_key_pem(algorithm, &pem, jwt.issuer.clone(), jwt.audience.clone())?;
+                JwtVerifier::from_public_key_pems(algorithm, &pems, jwt.issuer.clone(), jwt.audience.clone()).map_err(
+                    |err| ConfigError::new(err.field.replace("jwt.public_key", "jwt.public_key_file"), err.reason),
+                )?;
             if let Some(claim) = &jwt.roles_claim {
                 verifier = verifier.with_roles_claim(claim.clone());
             }
@@ -404,6 +446,10 @@ impl Access {
                 None => {}
             }
         }
+        let limits = limits.with_append_rate(
+            ("limits.append_rate", config.limits.append_rate),
+            ("limits.append_burst", config.limits.append_burst),
+        )?;
         Ok(Self { principal, has_sources, table: grants::Table::new(rules), limits })
     }
 
@@ -420,6 +466,13 @@ impl Access {
     /// The per-principal limits.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Overrides the append rate and burst (the `--append-rate` and
+    /// `--append-burst` flags, which win over the access file).
+    pub fn with_append_rate(mut self, rate: Option<f64>, burst: Option<u64>) -> Result<Self, ConfigError> {
+        self.limits = self.limits.with_append_rate(("--append-rate", rate), ("--append-burst", burst))?;
+        Ok(self)
     }
 }
 
@@ -745,11 +798,37 @@ mod tests {
             (r#"{"grants": [{"hub_roles": ["reader"], "shards": ["*"]}]}"#, "grants[0].principals"),
             (r#"{"trusted_proxies": ["nope"]}"#, "trusted_proxies[0]"),
             (r#"{"grants": [], "extra": 1}"#, "access"),
+            (r#"{"limits": {"append_rate": 0}}"#, "limits.append_rate"),
+            (r#"{"limits": {"append_rate": -5.5}}"#, "limits.append_rate"),
+            (r#"{"limits": {"append_burst": 0}}"#, "limits.append_burst"),
+            (
+                r#"{"jwt": {"algorithm": "ES256", "public_key_file": [], "issuer": "i", "audience": "a"}}"#,
+                "jwt.public_key_file",
+            ),
+            (
+                r#"{"jwt": {"algorithm": "ES256", "public_key_file": ["/nonexistent/a.pem"], "issuer": "i", "audience": "a"}}"#,
+                "jwt.public_key_file[0]",
+            ),
         ];
         for (json, field) in cases {
             let err = Access::from_json(json).expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    #[test]
+    fn append_rate_flags_win_over_the_access_file_and_are_checked() {
+        let access = Access::from_json(r#"{"limits": {"append_rate": 5.5, "append_burst": 7}}"#).expect("valid");
+        assert_eq!((access.limits().append_rate, access.limits().append_burst), (5.5, 7));
+        let flags = access.clone().with_append_rate(Some(2.0), None).expect("valid");
+        assert_eq!((flags.limits().append_rate, flags.limits().append_burst), (2.0, 7));
+        let defaults = Access::none().limits();
+        assert_eq!(
+            (defaults.append_rate, defaults.append_burst),
+            (defaults::APPEND_RATE_PER_PRINCIPAL, defaults::APPEND_BURST_PER_PRINCIPAL)
+        );
+        assert_eq!(access.clone().with_append_rate(Some(f64::NAN), None).expect_err("NaN").field, "--append-rate");
+        assert_eq!(access.with_append_rate(None, Some(0)).expect_err("zero").field, "--append-burst");
     }
 
     #[test]

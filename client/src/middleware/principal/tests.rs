@@ -391,3 +391,51 @@ async fn readiness_is_the_inner_services() {
     assert!(err.downcast_ref::<MiddlewareError>().is_some());
     assert!(handle.poll_request().is_pending(), "the refused request never reached the inner service");
 }
+
+#[test]
+fn during_a_key_rotation_tokens_signed_by_either_key_verify_and_no_others() {
+    let old = rcgen::KeyPair::generate().expect("ec key");
+    let new = rcgen::KeyPair::generate().expect("ec key");
+    let stranger = rcgen::KeyPair::generate().expect("ec key");
+    let signing =
+        |key: &rcgen::KeyPair| EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("encoding key");
+    let pems = vec![old.public_key_pem().into_bytes(), new.public_key_pem().into_bytes()];
+    let verifier = JwtVerifier::from_public_key_pems(Algorithm::ES256, &pems, ISSUER, AUDIENCE).expect("two keys");
+    assert_eq!(verifier.key_count(), 2);
+    let config = PrincipalConfig::new().jwt(verifier);
+    for key in [&old, &new] {
+        let caller = config
+            .authenticate(&bearer(&token(&signing(key), &claims())), &ConnectionInfo::default())
+            .expect("signed by a configured key");
+        assert_eq!(caller.principal.as_str(), "worker-7");
+    }
+    assert_eq!(
+        config.authenticate(&bearer(&token(&signing(&stranger), &claims())), &ConnectionInfo::default()),
+        Err(CredentialError::TokenBadSignature)
+    );
+    // A token the second key signs is judged on its claims, not called a bad
+    // signature because the first key did not verify it.
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 3600);
+    assert_eq!(
+        config.authenticate(&bearer(&token(&signing(&new), &expired)), &ConnectionInfo::default()),
+        Err(CredentialError::TokenExpired)
+    );
+}
+
+#[test]
+fn rotation_key_lists_are_bounded_and_name_the_bad_key() {
+    let good = rcgen::KeyPair::generate().expect("ec key").public_key_pem().into_bytes();
+    let err = JwtVerifier::from_public_key_pems(Algorithm::ES256, &[], ISSUER, AUDIENCE).expect_err("no key");
+    assert_eq!(err.field, "jwt.public_key");
+    let err =
+        JwtVerifier::from_public_key_pems(Algorithm::ES256, &[good.clone(), b"not a key".to_vec()], ISSUER, AUDIENCE)
+            .expect_err("bad second key");
+    assert_eq!(err.field, "jwt.public_key[1]");
+    let too_many = vec![good.clone(); omnirelay_identity::defaults::MAX_JWT_KEYS + 1];
+    let err = JwtVerifier::from_public_key_pems(Algorithm::ES256, &too_many, ISSUER, AUDIENCE).expect_err("too many");
+    assert!(err.reason.contains("at most"), "{err}");
+    let verifier = JwtVerifier::from_public_key_pem(Algorithm::ES256, &good, ISSUER, AUDIENCE).expect("one key");
+    let err = verifier.with_key(jsonwebtoken::DecodingKey::from_secret(b"s")).expect_err("another key type");
+    assert_eq!(err.field, "jwt.algorithm");
+}
