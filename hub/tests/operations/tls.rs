@@ -226,3 +226,74 @@ async fn tls_file_errors_name_the_flag_and_the_file() {
         .expect_err("an empty client CA should fail");
     assert!(err.to_string().starts_with("--tls-client-ca"), "{err}");
 }
+
+/// The hub's whole path, not only the handshake: with `trust_domain` in
+/// the access file, a client certificate from the right CA whose URI SAN
+/// lies outside the domain is UNAUTHENTICATED, even when a grant names it,
+/// and the refused call writes nothing; the same grant inside the domain
+/// is served.
+#[tokio::test]
+async fn a_certificate_outside_the_trust_domain_is_refused_and_changes_nothing() {
+    use omnirelay_hub::Config;
+    use omnirelay_hub::access::Access;
+    use omnirelay_hub::proto::hub::v1 as pb;
+
+    let db = crate::support::migrated_db().await;
+    let pki = Pki::new("hub test ca");
+    let server = pki.server();
+    let files = TlsFiles {
+        cert: pki.write("server.pem", &server.cert_pem),
+        key: pki.write("server.key", &server.key_pem),
+        client_ca: Some(pki.write("client-ca.pem", &pki.ca_pem())),
+    };
+    let access = serde_json::json!({
+        "trust_domain": "spiffe://good.test/",
+        "grants": [{
+            "name": "nodes",
+            "principals": ["spiffe://good.test/node", "spiffe://evil.test/node"],
+            "hub_roles": ["producer"],
+            "shards": ["resourcelease.*"]
+        }]
+    });
+    let access = Access::from_json(&access.to_string()).expect("a valid access file");
+    let config =
+        Config { retention_interval: None, tls: Some(files), access, ..Config::for_postgres(db.url()).expect("a URL") };
+    let hub = crate::support::TestHub::start_with(config).await;
+
+    let acquire = |identity: Issued, shard: &'static str| {
+        let ca = pki.ca_pem();
+        let port = hub.address.port();
+        async move {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost")
+                .identity(Identity::from_pem(&identity.cert_pem, &identity.key_pem));
+            let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+                .expect("valid URI")
+                .tls_config(tls)
+                .expect("client TLS")
+                .timeout(CALL_TIMEOUT)
+                .connect()
+                .await
+                .expect("the handshake succeeds: the CA is right");
+            let request = pb::AcquireShardRequest {
+                shard_id: shard.into(),
+                owner: "node-a".into(),
+                ttl: Some(Duration::from_secs(30).try_into().expect("a small duration")),
+            };
+            pb::hub_client::HubClient::new(channel).acquire_shard(request).await
+        }
+    };
+    let outside = pki.issue("evil", vec![uri("spiffe://evil.test/node")]);
+    let refused = acquire(outside, "resourcelease.outside").await.expect_err("outside the trust domain");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let client = db.client().await;
+    let shards: i64 = client.query_one("SELECT count(*) FROM shards", &[]).await.expect("count").get(0);
+    assert_eq!(shards, 0, "a refused call wrote nothing");
+
+    let inside = pki.issue("good", vec![uri("spiffe://good.test/node")]);
+    let granted = acquire(inside, "resourcelease.inside").await.expect("inside the trust domain").into_inner();
+    assert!(granted.granted, "{granted:?}");
+    let shards: i64 = client.query_one("SELECT count(*) FROM shards", &[]).await.expect("count").get(0);
+    assert_eq!(shards, 1);
+}
