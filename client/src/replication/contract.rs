@@ -365,7 +365,7 @@ async fn reads(log: &dyn Replicator) {
     // Paging in ones reads the same as all at once.
     assert_eq!(numbers(log, &shard, 0, 1).await, numbers(log, &shard, 0, 1000).await);
     // Shards are independent logs.
-    let neighbour = ShardId::from("contract.reads/neighbour");
+    let neighbour = ShardId::from("contract.reads.neighbour");
     let neighbour_epoch = own(log, &neighbour).await;
     let other = log.publish(&at(neighbour_epoch, batch(&neighbour, "p", 1, 100, 1))).await.expect("publish");
     assert_eq!(other.first, Sequence::new(1), "each shard has its own sequence");

@@ -172,7 +172,7 @@ mod tests {
         let sharded: Arc<dyn Replicator> = Arc::new(
             ShardedReplicator::new()
                 .prefix("contract.", contract_log.clone())
-                .prefix("contract.reads/", neighbours.clone())
+                .prefix("contract.reads.", neighbours.clone())
                 .fallback(Arc::new(InMemoryReplicator::new())),
         );
         contract::check(
@@ -183,7 +183,7 @@ mod tests {
             Durability::Volatile,
         )
         .await;
-        let neighbour = ShardId::from("contract.reads/neighbour");
+        let neighbour = ShardId::from("contract.reads.neighbour");
         assert_eq!(numbers(neighbours.as_ref(), &neighbour, 0, 10).await, vec![100], "the longest prefix wins");
         assert!(contract_log.events(&neighbour).is_empty());
         assert_eq!(contract_log.head(&ShardId::from("contract.gapless")), Sequence::new(13));
