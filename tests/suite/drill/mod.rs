@@ -157,11 +157,38 @@ fn leased(response: pb::LeaseResponse) -> (Answer, Option<pb::OwnershipHandle>) 
     }
 }
 
-/// A worker bound to one node: leases from it, works a moment, completes
-/// there; redirects are recorded and the next namespace is tried.
-async fn bound_worker(via: String, url: String, worker: String, history: History, stop: CancellationToken) {
-    let channel = Channel::from_shared(url).expect("URI").connect_lazy();
-    let mut client = pb::resource_lease_client::ResourceLeaseClient::new(channel);
+/// How a worker reaches the mesh.
+enum Route {
+    /// Always the same node: redirects are recorded and the next namespace
+    /// is tried.
+    Bound(pb::resource_lease_client::ResourceLeaseClient<Channel>),
+    /// The routing client, which follows redirects.
+    Routed(Arc<ResourceLeaseClient>),
+}
+
+impl Route {
+    async fn lease(&mut self, request: pb::LeaseRequest) -> Result<pb::LeaseResponse, tonic::Status> {
+        match self {
+            Route::Bound(client) => {
+                client.lease(principal(request, CALL_TIMEOUT)).await.map(tonic::Response::into_inner)
+            }
+            Route::Routed(mesh) => mesh.lease(request).await,
+        }
+    }
+
+    async fn complete(&mut self, request: pb::CompleteRequest) -> Result<pb::CompleteResponse, tonic::Status> {
+        match self {
+            Route::Bound(client) => {
+                client.complete(principal(request, CALL_TIMEOUT)).await.map(tonic::Response::into_inner)
+            }
+            Route::Routed(mesh) => mesh.complete(request).await,
+        }
+    }
+}
+
+/// A worker: leases round the namespaces, works a moment, completes, and
+/// records every call as `via`.
+async fn worker(via: String, mut route: Route, worker: String, history: History, stop: CancellationToken) {
     while !stop.is_cancelled() {
         for namespace in NAMESPACES {
             let invoked = SystemTime::now();
@@ -171,10 +198,9 @@ async fn bound_worker(via: String, url: String, worker: String, history: History
                 lease_duration: Some(LEASE_DURATION.try_into().expect("a small duration")),
                 ..Default::default()
             };
-            let answer = client.lease(principal(request, CALL_TIMEOUT)).await;
-            let (outcome, handle) = match answer {
+            let (outcome, handle) = match route.lease(request).await {
                 Ok(response) => {
-                    let (answer, handle) = leased(response.into_inner());
+                    let (answer, handle) = leased(response);
                     (Outcome::Ok(answer), handle)
                 }
                 Err(status) => (outcome_of(&status), None),
@@ -187,7 +213,7 @@ async fn bound_worker(via: String, url: String, worker: String, history: History
                 let call = Call::Complete { item: handle.item_id.clone(), token: handle.fencing_token };
                 let invoked = SystemTime::now();
                 let request = pb::CompleteRequest { namespace: namespace.into(), handle: Some(handle) };
-                let outcome = match client.complete(principal(request, CALL_TIMEOUT)).await {
+                let outcome = match route.complete(request).await {
                     Ok(_) => Outcome::Ok(Answer::Completed),
                     Err(status) => outcome_of(&status),
                 };
@@ -227,52 +253,6 @@ async fn producer(name: String, mesh: Arc<ResourceLeaseClient>, history: History
         let call = Call::Enqueue { request_id };
         push(&history, Record { via: "mesh".into(), namespace: namespace.into(), call, outcome, invoked, answered });
         tokio::time::sleep(PACE).await;
-    }
-}
-
-/// A worker through the routing client.
-async fn routed_worker(worker: String, mesh: Arc<ResourceLeaseClient>, history: History, stop: CancellationToken) {
-    while !stop.is_cancelled() {
-        for namespace in NAMESPACES {
-            let invoked = SystemTime::now();
-            let request = pb::LeaseRequest {
-                namespace: namespace.into(),
-                owner: worker.clone(),
-                lease_duration: Some(LEASE_DURATION.try_into().expect("a small duration")),
-                ..Default::default()
-            };
-            let (outcome, handle) = match mesh.lease(request).await {
-                Ok(response) => {
-                    let (answer, handle) = leased(response);
-                    (Outcome::Ok(answer), handle)
-                }
-                Err(status) => (outcome_of(&status), None),
-            };
-            let call = Call::Lease { worker: worker.clone() };
-            let answered = SystemTime::now();
-            push(
-                &history,
-                Record { via: "mesh".into(), namespace: namespace.into(), call, outcome, invoked, answered },
-            );
-            if let Some(handle) = handle {
-                let call = Call::Complete { item: handle.item_id.clone(), token: handle.fencing_token };
-                let invoked = SystemTime::now();
-                let request = pb::CompleteRequest { namespace: namespace.into(), handle: Some(handle) };
-                let outcome = match mesh.complete(request).await {
-                    Ok(_) => Outcome::Ok(Answer::Completed),
-                    Err(status) => outcome_of(&status),
-                };
-                let answered = SystemTime::now();
-                push(
-                    &history,
-                    Record { via: "mesh".into(), namespace: namespace.into(), call, outcome, invoked, answered },
-                );
-            }
-            tokio::time::sleep(PACE).await;
-            if stop.is_cancelled() {
-                return;
-            }
-        }
     }
 }
 
@@ -424,11 +404,13 @@ async fn run(drill: Drill) -> Report {
     for name in ["producer-1", "producer-2"] {
         load.spawn(producer(name.into(), Arc::clone(&mesh), Arc::clone(&history), stop.clone()));
     }
-    load.spawn(routed_worker("worker-mesh".into(), Arc::clone(&mesh), Arc::clone(&history), stop.clone()));
+    let routed = Route::Routed(Arc::clone(&mesh));
+    load.spawn(worker("mesh".into(), routed, "worker-mesh".into(), Arc::clone(&history), stop.clone()));
     for node in &nodes {
-        let worker = format!("worker-{}", node.node.id);
-        let url = format!("http://{}", node.node.rpc);
-        load.spawn(bound_worker(node.node.id.clone(), url, worker, Arc::clone(&history), stop.clone()));
+        let name = format!("worker-{}", node.node.id);
+        let channel = Channel::from_shared(format!("http://{}", node.node.rpc)).expect("URI").connect_lazy();
+        let bound = Route::Bound(pb::resource_lease_client::ResourceLeaseClient::new(channel));
+        load.spawn(worker(node.node.id.clone(), bound, name, Arc::clone(&history), stop.clone()));
     }
     tokio::time::sleep(BETWEEN_FAULTS).await;
     let mut refused = 0;
