@@ -15,6 +15,13 @@
 //!   [`RETRY_MIN`] to [`RETRY_MAX`], on the next node when the connection
 //!   itself failed, until the call's deadline ([`CALL_DEADLINE`] by
 //!   default) passes. Every other code is the answer.
+//! - **Failing seeds skipped.** The seeds are peers of a
+//!   [`PeerLeaseHealthTracker`] (answers count as completed calls, calls
+//!   the transport failed as failed ones) and the seed to start from is
+//!   picked by a [`RoundRobinChooser`] over it: a seed that failed
+//!   [`HealthConfig::consecutive_failures_to_eject`] calls in a row is
+//!   ejected and not tried again until its ejection ends (then on
+//!   probation), unless every seed is ejected.
 //! - **Stable request ids.** An enqueue without a `request_id` gets a random
 //!   one before the first attempt, and every retry carries the same one, so
 //!   the queue writes an enqueue whose answer was lost once (the
@@ -35,6 +42,9 @@ use tokio::time::Instant;
 use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::chooser::{PeerChooser, RoundRobinChooser};
+use crate::health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata, PeerState};
+use crate::ids::PeerId;
 use crate::node::{OWNER_ADDRESS_HEADER, OWNER_HEADER};
 
 /// How long a call may take, retries and redirects included, when the
@@ -77,6 +87,9 @@ pub struct MeshClientConfig {
     pub metadata: Vec<(String, String)>,
     /// Default deadline of a call; [`CALL_DEADLINE`] when `None`.
     pub deadline: Option<Duration>,
+    /// Thresholds of the tracker over the seeds (when a failing seed is
+    /// ejected, for how long).
+    pub health: HealthConfig,
 }
 
 impl std::fmt::Debug for MeshClientConfig {
@@ -86,6 +99,7 @@ impl std::fmt::Debug for MeshClientConfig {
             .field("tls", &self.tls.is_some())
             .field("metadata", &self.metadata.iter().map(|(name, _)| name).collect::<Vec<_>>())
             .field("deadline", &self.deadline)
+            .field("health", &self.health)
             .finish()
     }
 }
@@ -107,9 +121,13 @@ pub struct ResourceLeaseClient {
     tls: Option<ClientTlsConfig>,
     metadata: Vec<(MetadataKey<tonic::metadata::Ascii>, MetadataValue<tonic::metadata::Ascii>)>,
     deadline: Duration,
-    /// The seed to start from when no owner is known; moves on when one
-    /// fails to connect.
+    /// The seed to start from when every seed is ejected; moves on when
+    /// one fails to connect.
     next_seed: AtomicUsize,
+    /// The seeds' health, fed by the answers (or their absence).
+    tracker: PeerLeaseHealthTracker,
+    chooser: RoundRobinChooser,
+    seed_peers: Vec<PeerId>,
     channels: Mutex<HashMap<String, Channel>>,
     /// Namespace -> the address that served it last.
     owners: Mutex<HashMap<String, String>>,
@@ -140,15 +158,30 @@ impl ResourceLeaseClient {
                 .map_err(|_| invalid(format!("metadata[{index}]"), "the value must be printable ASCII".into()))?;
             metadata.push((key, value));
         }
+        let tracker = PeerLeaseHealthTracker::without_gauges(config.health)
+            .map_err(|err| invalid("health".into(), err.to_string()))?;
+        let seed_peers: Vec<PeerId> = config.nodes.iter().map(|url| PeerId::from(url.as_str())).collect();
+        for peer in &seed_peers {
+            tracker.register(peer, PeerMetadata::default());
+        }
+        let chooser = RoundRobinChooser::new(tracker.clone());
         Ok(Self {
             seeds: config.nodes,
             tls: config.tls,
             metadata,
             deadline: config.deadline.unwrap_or(CALL_DEADLINE),
             next_seed: AtomicUsize::new(0),
+            tracker,
+            chooser,
+            seed_peers,
             channels: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How the seed `url` stands (`None` for an address that is no seed).
+    pub fn seed_state(&self, url: &str) -> Option<PeerState> {
+        self.tracker.state(&PeerId::from(url))
     }
 
     /// The address that served `namespace` last, if any.
@@ -225,13 +258,22 @@ impl ResourceLeaseClient {
                 outgoing.metadata_mut().insert(key.clone(), value.clone());
             }
             let client = pb::resource_lease_client::ResourceLeaseClient::new(channel);
+            let started = Instant::now();
             let answer = tokio::time::timeout(remaining, call(client, outgoing)).await;
             let status = match answer {
                 Ok(Ok(response)) => {
+                    self.answered(&address, started);
                     lock(&self.owners).insert(namespace.to_string(), address);
                     return Ok(response.into_inner());
                 }
-                Ok(Err(status)) => status,
+                Ok(Err(status)) => {
+                    if is_transport_failure(&status) {
+                        self.failed(&address);
+                    } else {
+                        self.answered(&address, started);
+                    }
+                    status
+                }
                 Err(_) => {
                     tonic::Status::deadline_exceeded(format!("no answer for {namespace} within {:?}", self.deadline))
                 }
@@ -265,19 +307,57 @@ impl ResourceLeaseClient {
         }
     }
 
-    fn seed(&self) -> String {
-        let index = self.next_seed.load(Ordering::Relaxed) % self.seeds.len();
-        self.seeds[index].clone()
+    /// Records an answer from `address` (a seed's health only).
+    fn answered(&self, address: &str, started: Instant) {
+        let peer = PeerId::from(address);
+        if self.tracker.state(&peer).is_some() {
+            self.tracker.record_lease_granted(&peer);
+            self.tracker.record_lease_completed(&peer, started.elapsed());
+        }
     }
 
-    /// The seed after `failed` (the first one when `failed` is no seed).
+    /// Records a call to `address` the transport failed.
+    fn failed(&self, address: &str) {
+        let peer = PeerId::from(address);
+        if self.tracker.state(&peer).is_some() {
+            self.tracker.record_lease_granted(&peer);
+            self.tracker.record_lease_failed(&peer);
+        }
+    }
+
+    /// The seed to start from: an eligible one by round robin; when none
+    /// is (all ejected, or silent past the grace period), the next one in
+    /// rotation that is not ejected, or simply the next one.
+    fn seed(&self) -> String {
+        if let Ok(peer) = self.chooser.choose_from(&self.seed_peers) {
+            return peer.to_string();
+        }
+        let start = self.next_seed.load(Ordering::Relaxed);
+        (0..self.seeds.len())
+            .map(|offset| &self.seeds[(start + offset) % self.seeds.len()])
+            .find(|seed| self.tracker.state(&PeerId::from(seed.as_str())) != Some(PeerState::Ejected))
+            .unwrap_or(&self.seeds[start % self.seeds.len()])
+            .clone()
+    }
+
+    /// The seed to try after `failed` failed to connect: another eligible
+    /// seed if there is one, else the next in rotation that is not ejected
+    /// (`failed` itself last), else simply the next.
     fn seed_after(&self, failed: &str) -> String {
+        let others: Vec<PeerId> = self.seed_peers.iter().filter(|peer| peer.as_str() != failed).cloned().collect();
+        if let Ok(peer) = self.chooser.choose_from(&others) {
+            return peer.to_string();
+        }
         let next = match self.seeds.iter().position(|seed| seed == failed) {
             Some(index) => index + 1,
             None => self.next_seed.load(Ordering::Relaxed),
         };
         self.next_seed.store(next % self.seeds.len(), Ordering::Relaxed);
-        self.seed()
+        (0..self.seeds.len())
+            .map(|offset| &self.seeds[(next + offset) % self.seeds.len()])
+            .find(|seed| self.tracker.state(&PeerId::from(seed.as_str())) != Some(PeerState::Ejected))
+            .unwrap_or(&self.seeds[next % self.seeds.len()])
+            .clone()
     }
 
     fn channel(&self, address: &str) -> Result<Channel, tonic::Status> {
@@ -382,5 +462,51 @@ mod tests {
             let pause = jitter(Duration::from_millis(100));
             assert!(pause >= Duration::from_millis(50) && pause <= Duration::from_millis(100), "{pause:?}");
         }
+    }
+
+    /// A listener that accepts connections and closes them at once,
+    /// counting them: every call to it fails in the transport.
+    async fn refusing_node() -> (String, std::sync::Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_seed_that_keeps_failing_is_ejected_and_skipped() {
+        let (a, a_calls) = refusing_node().await;
+        let (b, b_calls) = refusing_node().await;
+        let client = ResourceLeaseClient::new(MeshClientConfig {
+            nodes: vec![a.clone(), b.clone()],
+            deadline: Some(Duration::from_millis(400)),
+            health: HealthConfig { consecutive_failures_to_eject: 2, ..HealthConfig::default() },
+            ..Default::default()
+        })
+        .expect("valid");
+        let stats = || client.stats(pb::StatsRequest { namespace: "resourcelease.a".into() });
+        // Two seeds: at most one is ejected at once (the tracker's
+        // max_ejection_percent), and calls keep failing until one is.
+        let mut ejected = None;
+        for _ in 0..20 {
+            stats().await.expect_err("nobody answers");
+            ejected = [&a, &b].into_iter().find(|seed| client.seed_state(seed) == Some(PeerState::Ejected));
+            if ejected.is_some() {
+                break;
+            }
+        }
+        let ejected = ejected.expect("a failing seed is ejected").clone();
+        let (skipped, used) = if ejected == a { (&a_calls, &b_calls) } else { (&b_calls, &a_calls) };
+        let (skipped_before, used_before) = (skipped.load(Ordering::SeqCst), used.load(Ordering::SeqCst));
+        stats().await.expect_err("nobody answers");
+        assert_eq!(skipped.load(Ordering::SeqCst), skipped_before, "the ejected seed {ejected} is not called");
+        assert!(used.load(Ordering::SeqCst) > used_before, "the other seed is");
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! Three sources:
 //!
-//! 1. `x-client-principal` (and optionally `x-mtls-thumbprint`) from a
-//!    configured trusted proxy that terminated TLS. The same headers from any
-//!    other address are refused.
+//! 1. `x-client-principal` (and optionally `x-mtls-thumbprint` and
+//!    `x-client-roles`) from a configured trusted proxy that terminated TLS,
+//!    or from a mesh node that forwarded the call and authenticated itself
+//!    (certificate or token) as a configured trusted forwarder. The same
+//!    headers from anyone else are refused.
 //! 2. The client certificate of a mutual-TLS connection: its single SAN URI.
 //! 3. A JWT in `authorization: Bearer`, verified by [`JwtVerifier`].
 //!
@@ -19,11 +21,11 @@ use http::HeaderMap;
 
 use crate::Principal;
 use crate::connection::ConnectionInfo;
-use crate::defaults::MAX_PRINCIPAL_LEN;
+use crate::defaults::{MAX_FORWARDED_ROLES, MAX_PRINCIPAL_LEN, MAX_ROLE_LEN};
 use crate::error::CredentialError;
 use crate::jwt::JwtVerifier;
 use crate::mtls;
-use crate::proxy::{self, CLIENT_PRINCIPAL_HEADER, MTLS_THUMBPRINT_HEADER, TrustedProxies};
+use crate::proxy::{self, CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, MTLS_THUMBPRINT_HEADER, TrustedProxies};
 
 /// Where a caller's identity came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,10 @@ pub enum CredentialSource {
     BearerToken,
     /// `x-client-principal` from a trusted proxy.
     TrustedProxy,
+    /// `x-client-principal` (and `x-client-roles`) from a mesh node that
+    /// forwarded the call to this one, the shard's owner, and authenticated
+    /// itself as one of the configured trusted forwarders.
+    ForwardingPeer,
     /// A loopback connection to a hub in protected mode (no identity
     /// configured): the caller is the local principal.
     LocalConnection,
@@ -75,6 +81,7 @@ pub struct PrincipalConfig {
     trust_domain: Option<String>,
     jwt: Option<Arc<JwtVerifier>>,
     trusted_proxies: TrustedProxies,
+    trusted_forwarders: Vec<Principal>,
 }
 
 impl PrincipalConfig {
@@ -109,10 +116,19 @@ impl PrincipalConfig {
         self
     }
 
+    /// Accepts identity headers from mesh nodes that authenticate (by client
+    /// certificate or bearer token) as one of these principals: the nodes
+    /// that forward calls for shards this node owns. The forwarding node
+    /// vouches for the caller it authenticated; this node then authorizes
+    /// that caller as if it had called directly.
+    pub fn trusted_forwarders(mut self, forwarders: Vec<Principal>) -> Self {
+        self.trusted_forwarders = forwarders;
+        self
+    }
+
     /// Identifies the caller of a request from its headers and connection.
     pub fn authenticate(&self, headers: &HeaderMap, connection: &ConnectionInfo) -> Result<Caller, CredentialError> {
         let bearer = bearer_token(headers)?;
-        let proxied = self.proxied_caller(headers, connection)?;
         let certificate = match (&connection.client_certs, self.client_certs) {
             (Some(chain), ClientCertPolicy::Optional | ClientCertPolicy::Required) => {
                 let uri = mtls::san_uri(chain)?;
@@ -143,7 +159,10 @@ impl PrincipalConfig {
                 })
             }
         };
-        if let Some(caller) = proxied {
+        // The sender's own credential (certificate first) decides whether a
+        // forwarding node may vouch for another caller.
+        let sender = certificate.as_ref().or(token.as_ref()).map(|caller| &caller.principal);
+        if let Some(caller) = self.proxied_caller(headers, connection, sender)? {
             if self.client_certs == ClientCertPolicy::Required && caller.thumbprint.is_none() {
                 return Err(CredentialError::ClientCertificateRequired);
             }
@@ -162,18 +181,26 @@ impl PrincipalConfig {
         &self,
         headers: &HeaderMap,
         connection: &ConnectionInfo,
+        sender: Option<&Principal>,
     ) -> Result<Option<Caller>, CredentialError> {
         let principal = headers.get(CLIENT_PRINCIPAL_HEADER);
         let thumbprint = headers.get(MTLS_THUMBPRINT_HEADER);
-        let Some(present) = principal.map(|_| CLIENT_PRINCIPAL_HEADER).or(thumbprint.map(|_| MTLS_THUMBPRINT_HEADER))
+        let roles = headers.get(CLIENT_ROLES_HEADER);
+        let Some(present) = principal
+            .map(|_| CLIENT_PRINCIPAL_HEADER)
+            .or(thumbprint.map(|_| MTLS_THUMBPRINT_HEADER))
+            .or(roles.map(|_| CLIENT_ROLES_HEADER))
         else {
             return Ok(None);
         };
-        let trusted = connection.remote_addr.is_some_and(|addr| self.trusted_proxies.contains(addr.ip()));
-        if !trusted {
+        let source = if connection.remote_addr.is_some_and(|addr| self.trusted_proxies.contains(addr.ip())) {
+            CredentialSource::TrustedProxy
+        } else if sender.is_some_and(|sender| self.trusted_forwarders.contains(sender)) {
+            CredentialSource::ForwardingPeer
+        } else {
             return Err(CredentialError::UntrustedProxyHeader { header: present });
-        }
-        for header in [CLIENT_PRINCIPAL_HEADER, MTLS_THUMBPRINT_HEADER] {
+        };
+        for header in [CLIENT_PRINCIPAL_HEADER, MTLS_THUMBPRINT_HEADER, CLIENT_ROLES_HEADER] {
             if headers.get_all(header).iter().count() > 1 {
                 return Err(CredentialError::InvalidProxyHeader { header, reason: "the header is repeated" });
             }
@@ -197,13 +224,32 @@ impl PrincipalConfig {
                 },
             )?),
         };
-        Ok(Some(Caller {
-            principal: normalize(CLIENT_PRINCIPAL_HEADER, principal)?,
-            roles: Vec::new(),
-            source: CredentialSource::TrustedProxy,
-            thumbprint,
-        }))
+        let roles = match roles {
+            None => Vec::new(),
+            Some(value) => forwarded_roles(value)?,
+        };
+        Ok(Some(Caller { principal: normalize(CLIENT_PRINCIPAL_HEADER, principal)?, roles, source, thumbprint }))
     }
+}
+
+/// Parses [`CLIENT_ROLES_HEADER`]: comma-separated role names, each
+/// non-empty printable ASCII without spaces, bounded in count and length.
+fn forwarded_roles(value: &http::HeaderValue) -> Result<Vec<String>, CredentialError> {
+    let invalid = |reason| CredentialError::InvalidProxyHeader { header: CLIENT_ROLES_HEADER, reason };
+    let text = value.to_str().map_err(|_| invalid("not visible ASCII"))?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let roles: Vec<String> = text.split(',').map(|role| role.trim().to_string()).collect();
+    if roles.len() > MAX_FORWARDED_ROLES {
+        return Err(invalid("more than 32 roles"));
+    }
+    for role in &roles {
+        if role.is_empty() || role.len() > MAX_ROLE_LEN || role.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(invalid("each role must be 1 to 128 visible ASCII characters"));
+        }
+    }
+    Ok(roles)
 }
 
 /// Reads `authorization: Bearer <token>`; `Ok(None)` when the header is absent.

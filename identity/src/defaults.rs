@@ -22,3 +22,11 @@ pub const MAX_PRINCIPAL_LEN: usize = 512;
 /// key is one more signature check for a token that verifies with none, so
 /// the bound keeps a bad token's cost small.
 pub const MAX_JWT_KEYS: usize = 4;
+
+/// Most roles [`CLIENT_ROLES_HEADER`](crate::proxy::CLIENT_ROLES_HEADER) may
+/// carry: a token's roles are a handful; more is a malformed or hostile
+/// header, refused rather than stored per call.
+pub const MAX_FORWARDED_ROLES: usize = 32;
+
+/// Longest role name in [`CLIENT_ROLES_HEADER`](crate::proxy::CLIENT_ROLES_HEADER).
+pub const MAX_ROLE_LEN: usize = 128;

@@ -45,4 +45,4 @@ pub use connection::{ClientCertChain, ConnectionInfo, RemoteAddr};
 pub use error::{ConfigError, CredentialError};
 pub use jwt::{DEFAULT_ROLES_CLAIM, JwtVerifier};
 pub use principal::Principal;
-pub use proxy::{CLIENT_PRINCIPAL_HEADER, MTLS_THUMBPRINT_HEADER, TrustedProxies};
+pub use proxy::{CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, MTLS_THUMBPRINT_HEADER, TrustedProxies};

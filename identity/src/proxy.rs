@@ -11,6 +11,12 @@ pub const CLIENT_PRINCIPAL_HEADER: &str = "x-client-principal";
 /// trusted proxy verified.
 pub const MTLS_THUMBPRINT_HEADER: &str = "x-mtls-thumbprint";
 
+/// Header carrying the roles of the caller a trusted proxy or forwarding
+/// node vouches for, comma-separated (the roles its bearer token carried
+/// where it was authenticated). Accepted only alongside
+/// [`CLIENT_PRINCIPAL_HEADER`] and from the same trusted senders.
+pub const CLIENT_ROLES_HEADER: &str = "x-client-roles";
+
 /// Addresses allowed to send [`CLIENT_PRINCIPAL_HEADER`] and
 /// [`MTLS_THUMBPRINT_HEADER`]: single addresses or CIDR blocks. Anyone else
 /// sending those headers is refused, never silently ignored, since it is

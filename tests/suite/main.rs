@@ -7,6 +7,7 @@ mod cli;
 mod drill;
 mod durable;
 mod effects;
+mod forward;
 mod harness;
 mod http;
 mod mesh;

@@ -198,6 +198,25 @@ pub struct NodeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "OMNIRELAY_NODE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Forward calls for namespaces another node owns to that owner instead
+    /// of redirecting the caller (the owner must list this node with
+    /// --trusted-forwarder).
+    #[arg(long, env = "OMNIRELAY_NODE_FORWARD")]
+    pub forward: bool,
+    /// CA bundle (PEM) that signs the other nodes' certificates, for
+    /// forwarding to https members [default: --tls-client-ca]; this node
+    /// presents its own --tls-cert/--tls-key as its client certificate.
+    #[arg(long, env = "OMNIRELAY_NODE_FORWARD_CA")]
+    pub forward_ca: Option<PathBuf>,
+    /// A file holding the bearer token this node presents when it forwards
+    /// (for owners that authenticate nodes by token).
+    #[arg(long, env = "OMNIRELAY_NODE_FORWARD_TOKEN_FILE")]
+    pub forward_token_file: Option<PathBuf>,
+    /// A node principal (certificate SAN URI or token subject) allowed to
+    /// forward calls on its callers' behalf (repeat, or comma-separate in
+    /// the variable).
+    #[arg(long = "trusted-forwarder", env = "OMNIRELAY_NODE_TRUSTED_FORWARDERS", value_delimiter = ',')]
+    pub trusted_forwarders: Vec<String>,
     /// TEST ONLY, NEVER IN SERVICE: acknowledge writes the log refused and
     /// never self-fence, so a stale owner keeps answering. The failure
     /// drill uses it to prove its checker sees what fencing prevents.
@@ -295,6 +314,18 @@ pub struct TlsFile {
     pub client_ca: Option<PathBuf>,
 }
 
+/// Forwarding to the owners of other namespaces (`[forwarding]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingFile {
+    /// Forward instead of redirecting.
+    pub enabled: Option<bool>,
+    /// CA bundle that signs the other nodes' certificates, PEM.
+    pub ca: Option<PathBuf>,
+    /// File holding this node's bearer token for the owners.
+    pub token_file: Option<PathBuf>,
+}
+
 /// The replication hub (`[hub]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -378,6 +409,12 @@ pub struct FileConfig {
     /// Trusted proxies.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Node principals allowed to forward on their callers' behalf.
+    #[serde(default)]
+    pub trusted_forwarders: Vec<String>,
+    /// Forwarding to owners (`[forwarding]`).
+    #[serde(default)]
+    pub forwarding: ForwardingFile,
     /// The authorization table, inline.
     pub authorization: Option<AuthorizationConfig>,
     /// The authorization table as a JSON file.
@@ -438,6 +475,10 @@ pub struct SidecarConfig {
     pub jwt: JwtFile,
     /// Trusted proxies.
     pub trusted_proxies: Vec<String>,
+    /// Node principals allowed to forward on their callers' behalf.
+    pub trusted_forwarders: Vec<String>,
+    /// Forwarding to owners.
+    pub forwarding: ForwardingFile,
     /// The authorization table.
     pub authorization: AuthorizationConfig,
     /// Concurrent calls per namespace (normal, backpressure).
@@ -572,6 +613,16 @@ impl SidecarConfig {
             } else {
                 args.trusted_proxies.clone()
             },
+            trusted_forwarders: if args.trusted_forwarders.is_empty() {
+                file.trusted_forwarders
+            } else {
+                args.trusted_forwarders.clone()
+            },
+            forwarding: ForwardingFile {
+                enabled: Some(args.forward || file.forwarding.enabled.unwrap_or(false)),
+                ca: args.forward_ca.clone().or(file.forwarding.ca),
+                token_file: args.forward_token_file.clone().or(file.forwarding.token_file),
+            },
             authorization,
             rate_limits: (
                 args.rate_limit_normal.or(file.rate_limit_normal).unwrap_or(RateLimits::default().normal),
@@ -628,6 +679,13 @@ impl SidecarConfig {
             principal = principal.trust_domain(domain.clone());
         }
         principal = principal.trusted_proxies(TrustedProxies::parse(&self.trusted_proxies)?);
+        let mut forwarders = Vec::with_capacity(self.trusted_forwarders.len());
+        for (index, forwarder) in self.trusted_forwarders.iter().enumerate() {
+            let principal = omnirelay_identity::binding::normalize("trusted forwarder", forwarder)
+                .map_err(|err| anyhow::anyhow!("trusted_forwarders[{index}]: {err}"))?;
+            forwarders.push(principal);
+        }
+        principal = principal.trusted_forwarders(forwarders);
         if let Some(verifier) = self.jwt_verifier()? {
             principal = principal.jwt(verifier);
         }
@@ -638,6 +696,7 @@ impl SidecarConfig {
         config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         config.health = self.health.clone();
         config.advertise = self.advertise.clone();
+        config.forwarding = self.forwarding_config()?;
         let ownership = &mut config.ownership;
         if let Some(ttl) = self.ownership.lease_ttl_ms {
             ownership.lease_ttl = Duration::from_millis(ttl);
@@ -678,6 +737,47 @@ impl SidecarConfig {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Forwarding, when enabled: TLS to the owners from this node's own
+    /// certificate and the mesh CA, and its token. Errors name the key.
+    fn forwarding_config(&self) -> anyhow::Result<Option<omnirelay_client::node::ForwardingConfig>> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let forwarding = &self.forwarding;
+        if forwarding.enabled != Some(true) {
+            if forwarding.ca.is_some() || forwarding.token_file.is_some() {
+                bail!("forwarding.enabled: forwarding.ca and forwarding.token_file need forwarding (--forward)");
+            }
+            return Ok(None);
+        }
+        let read = |what: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("{what}: read {}", path.display()))
+        };
+        let tls = match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => {
+                let ca = forwarding.ca.as_ref().or(self.tls.client_ca.as_ref()).context(
+                    "forwarding.ca: a node serving TLS forwards over TLS and needs the CA of the other nodes \
+                     (--forward-ca, or --tls-client-ca)",
+                )?;
+                Some(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(read("forwarding.ca", ca)?))
+                        .identity(Identity::from_pem(read("tls.cert", cert)?, read("tls.key", key)?)),
+                )
+            }
+            _ => None,
+        };
+        let mut metadata = Vec::new();
+        if let Some(path) = &forwarding.token_file {
+            let token =
+                String::from_utf8(read("forwarding.token_file", path)?).context("forwarding.token_file: not UTF-8")?;
+            let token = token.trim();
+            if token.is_empty() {
+                bail!("forwarding.token_file: {} is empty", path.display());
+            }
+            metadata.push(("authorization".to_string(), format!("Bearer {token}")));
+        }
+        Ok(Some(omnirelay_client::node::ForwardingConfig { tls, metadata, health: self.health.clone() }))
     }
 
     /// The replicator the node's queues write to: the hub (TLS files read
@@ -834,6 +934,9 @@ mod tests {
             (r#"namespaces = ["users"]"#, "queues[0].shard"),
             ("[queue]\nlow_watermark = 90000\nhigh_watermark = 80000", "queues[0]"),
             (r#"trusted_proxies = ["not-an-ip"]"#, "trusted_proxies[0]"),
+            ("trusted_forwarders = [\"node-a\", \" \"]", "trusted_forwarders[1]"),
+            ("[forwarding]\nca = \"/tmp/ca.pem\"", "forwarding.enabled"),
+            ("[forwarding]\nenabled = true\ntoken_file = \"/nonexistent/token\"", "forwarding.token_file"),
             ("[jwt]\nissuer = \"x\"", "jwt.algorithm"),
             (r#"client_certs = "required""#, "client_certs"),
             ("node_id = \"Node-A\"\n[hub]\nendpoints = [\"http://h:1\"]", "node_id"),

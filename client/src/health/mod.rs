@@ -176,6 +176,10 @@ pub struct PeerLeaseHealthTracker {
 struct Inner {
     config: HealthConfig,
     peers: Mutex<HashMap<PeerId, PeerRecord>>,
+    /// Whether this tracker sets the process-wide peer gauges: the one a
+    /// node keeps for its workers does; a second one (a node's view of the
+    /// other nodes it forwards to) must not overwrite them.
+    gauges: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -208,7 +212,15 @@ impl PeerLeaseHealthTracker {
     /// Creates a tracker after validating its thresholds.
     pub fn new(config: HealthConfig) -> Result<Self, HealthError> {
         config.validate()?;
-        Ok(Self { inner: Arc::new(Inner { config, peers: Mutex::new(HashMap::new()) }) })
+        Ok(Self { inner: Arc::new(Inner { config, peers: Mutex::new(HashMap::new()), gauges: true }) })
+    }
+
+    /// A tracker that leaves the process-wide gauges alone: for a second
+    /// set of peers in the same process (a node tracks its workers with
+    /// the gauged tracker and the nodes it forwards calls to with this one).
+    pub fn without_gauges(config: HealthConfig) -> Result<Self, HealthError> {
+        config.validate()?;
+        Ok(Self { inner: Arc::new(Inner { config, peers: Mutex::new(HashMap::new()), gauges: false }) })
     }
 
     /// The thresholds in force.
@@ -463,6 +475,9 @@ impl PeerLeaseHealthTracker {
     }
 
     fn publish_gauges(&self, peers: &HashMap<PeerId, PeerRecord>) {
+        if !self.inner.gauges {
+            return;
+        }
         let mut healthy = 0u32;
         let mut unhealthy = 0u32;
         let mut pending = 0u32;

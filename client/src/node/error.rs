@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
+use omnirelay_proto::resourcelease::v1 as pb;
 
 use crate::ErrorCode;
 use crate::ids::{PeerId, Principal, ShardId};
@@ -56,10 +57,25 @@ pub enum NodeError {
     /// A JSON call named the session, which is a gRPC stream, not a call.
     #[error("{} is not a call: HTTP/JSON has no session", .0.as_str())]
     NotACall(crate::middleware::Procedure),
+    /// The owner this node forwarded the call to answered with an error
+    /// (see [`super::forward`]): passed back as the owner gave it, code,
+    /// message, details and metadata.
+    #[error("{}", .0.0.message())]
+    Forwarded(ForwardedStatus),
     /// The queue refused the call (including malformed input, which carries
     /// the field).
     #[error(transparent)]
     Queue(#[from] QueueError),
+}
+
+/// The owner's answer to a forwarded call, compared by code and message.
+#[derive(Debug, Clone)]
+pub struct ForwardedStatus(pub tonic::Status);
+
+impl PartialEq for ForwardedStatus {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.code() == other.0.code() && self.0.message() == other.0.message()
+    }
 }
 
 impl From<WireError> for NodeError {
@@ -82,6 +98,7 @@ impl NodeError {
             NodeError::NoCaller => ErrorCode::Unauthenticated,
             NodeError::NotACall(_) => ErrorCode::NotFound,
             NodeError::OwnerNotBound { .. } => ErrorCode::PermissionDenied,
+            NodeError::Forwarded(status) => ErrorCode::from_grpc(status.0.code()),
             NodeError::Queue(error) => error.code(),
         }
     }
@@ -91,6 +108,7 @@ impl NodeError {
     pub fn status(&self) -> tonic::Status {
         match self {
             NodeError::Queue(error) => wire::status(error),
+            NodeError::Forwarded(status) => status.0.clone(),
             NodeError::NotOwner { owner, address, .. } => {
                 let mut status = tonic::Status::new(self.code().grpc(), self.to_string());
                 // Ids and addresses are printable ASCII (checked when the
@@ -114,9 +132,28 @@ impl NodeError {
             NodeError::Queue(error) => error
                 .backpressure()
                 .map(|signal| serde_json::json!({ "backpressure": super::json::signal(&wire::signal(signal)) })),
+            NodeError::Forwarded(status) if status.0.code() == tonic::Code::ResourceExhausted => {
+                <pb::BackpressureSignal as prost::Message>::decode(status.0.details())
+                    .ok()
+                    .map(|signal| serde_json::json!({ "backpressure": super::json::signal(&signal) }))
+            }
             _ => None,
         };
         let mut response = crate::middleware::http_error_response(self.code(), &self.to_string(), details);
+        if let NodeError::Forwarded(status) = self
+            && let Some(owner) = status.0.metadata().get(OWNER_HEADER).and_then(|value| value.to_str().ok())
+        {
+            // The node reached is not the owner either (the membership moved
+            // while the call was forwarded): the caller gets its redirect.
+            *response.status_mut() = http::StatusCode::MISDIRECTED_REQUEST;
+            for (name, value) in
+                [(OWNER_HEADER, Some(owner)), (OWNER_ADDRESS_HEADER, header(&status.0, OWNER_ADDRESS_HEADER))]
+            {
+                if let Some(Ok(value)) = value.map(http::HeaderValue::from_str) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+        }
         if let NodeError::NotOwner { owner, address, .. } = self {
             *response.status_mut() = http::StatusCode::MISDIRECTED_REQUEST;
             if let Ok(value) = http::HeaderValue::from_str(owner) {
@@ -128,4 +165,8 @@ impl NodeError {
         }
         response
     }
+}
+
+fn header<'a>(status: &'a tonic::Status, name: &str) -> Option<&'a str> {
+    status.metadata().get(name).and_then(|value| value.to_str().ok())
 }

@@ -59,6 +59,7 @@ mod control;
 pub mod defaults;
 mod error;
 pub mod follower;
+pub mod forward;
 pub mod json;
 mod limiter;
 pub mod membership;
@@ -82,6 +83,7 @@ pub use control::{
     queue_view,
 };
 pub use error::{NodeError, OWNER_ADDRESS_HEADER, OWNER_HEADER, Result};
+pub use forward::{FORWARDED_BY_HEADER, ForwardingConfig};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
 pub use membership::Assignment;
 pub use ownership::OwnershipConfig;
@@ -139,6 +141,10 @@ pub struct NodeConfig {
     /// nodes can redirect calls for its namespaces here (see
     /// [`membership`]).
     pub advertise: Option<String>,
+    /// Forward calls for namespaces another member owns to that owner
+    /// instead of redirecting the caller (see [`forward`]); `None`
+    /// redirects.
+    pub forwarding: Option<ForwardingConfig>,
 }
 
 impl NodeConfig {
@@ -154,6 +160,7 @@ impl NodeConfig {
             sweep_interval: crate::defaults::SWEEP_INTERVAL,
             ownership: OwnershipConfig::default(),
             advertise: None,
+            forwarding: None,
         }
     }
 
@@ -254,6 +261,9 @@ pub(crate) struct NodeInner {
     /// The middleware's size limits: each session message is bounded by the
     /// limit of the calls it carries.
     pub(crate) limits: RequestLimits,
+    /// Calls for namespaces owned elsewhere go there when set (see
+    /// [`forward`]); otherwise the caller is redirected.
+    pub(crate) forwarder: Option<Arc<forward::Forwarder>>,
 }
 
 /// Builds a [`Node`].
@@ -302,6 +312,13 @@ impl NodeBuilder {
             self.replicator.ok_or_else(|| NodeConfigError::new("replicator", "is required"))?;
         let tracker = PeerLeaseHealthTracker::new(config.health.clone())
             .map_err(|err| NodeConfigError::new("health", err.to_string()))?;
+        let forwarder = match config.forwarding.take() {
+            Some(forwarding) => Some(Arc::new(
+                forward::Forwarder::new(config.node_id.clone(), forwarding)
+                    .map_err(|(field, reason)| NodeConfigError::new(field, reason))?,
+            )),
+            None => None,
+        };
         let mut queues = HashMap::with_capacity(config.queues.len());
         let mut limiters = HashMap::with_capacity(config.queues.len());
         let mut sweepers = Vec::with_capacity(config.queues.len());
@@ -349,7 +366,11 @@ impl NodeBuilder {
             limiters,
             deadlines,
             limits,
+            forwarder,
         });
+        if let Some(forwarder) = &inner.forwarder {
+            forwarder.watch_members(inner.assigned.clone(), inner.stopping.clone());
+        }
         tracing::info!(node = %inner.node_id, namespaces = inner.queues.len(), "mesh node built");
         Ok(Node { inner, layer, sweepers: Mutex::new(sweepers), assigner: Mutex::new(Some(assigner)) })
     }

@@ -4,9 +4,11 @@
 //!
 //! Three sources, tried in this order (see `docs/mesh-security.md`):
 //!
-//! 1. `x-client-principal` (and optionally `x-mtls-thumbprint`) from a
-//!    configured trusted proxy that terminated TLS. The same headers from any
-//!    other address are refused.
+//! 1. `x-client-principal` (and optionally `x-mtls-thumbprint` and
+//!    `x-client-roles`) from a configured trusted proxy that terminated TLS,
+//!    or from a node forwarding the call that authenticated as a trusted
+//!    forwarder (see `docs/mesh-node.md`, "Forwarding"). The same headers
+//!    from anyone else are refused.
 //! 2. The client certificate of a mutual-TLS connection: its single SAN URI.
 //! 3. A JWT in `authorization: Bearer`, verified by [`JwtVerifier`].
 //!
@@ -24,8 +26,8 @@ use http::Request;
 use tower::{Layer, Service};
 
 pub use omnirelay_identity::{
-    CLIENT_PRINCIPAL_HEADER, Caller, ClientCertPolicy, CredentialSource, DEFAULT_ROLES_CLAIM, JwtVerifier,
-    MTLS_THUMBPRINT_HEADER, PrincipalConfig, TrustedProxies,
+    CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, Caller, ClientCertPolicy, CredentialSource, DEFAULT_ROLES_CLAIM,
+    JwtVerifier, MTLS_THUMBPRINT_HEADER, PrincipalConfig, TrustedProxies,
 };
 
 use super::BoxError;

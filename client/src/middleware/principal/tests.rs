@@ -10,9 +10,9 @@ use serde_json::json;
 use tower::ServiceExt;
 
 use super::*;
-use crate::ErrorCode;
 use crate::middleware::connection::ClientCertChain;
 use crate::middleware::test_pki::{San, TestCa};
+use crate::{ErrorCode, Principal};
 use http::HeaderMap;
 use omnirelay_identity::CredentialError;
 use omnirelay_identity::binding::normalize;
@@ -438,4 +438,66 @@ fn rotation_key_lists_are_bounded_and_name_the_bad_key() {
     let verifier = JwtVerifier::from_public_key_pem(Algorithm::ES256, &good, ISSUER, AUDIENCE).expect("one key");
     let err = verifier.with_key(jsonwebtoken::DecodingKey::from_secret(b"s")).expect_err("another key type");
     assert_eq!(err.field, "jwt.algorithm");
+}
+
+#[test]
+fn a_trusted_forwarder_vouches_for_the_caller_and_its_roles() {
+    let keys = keys();
+    let config = PrincipalConfig::new()
+        .jwt(keys.verifier)
+        .trusted_forwarders(vec![Principal::from("node-b"), Principal::from("spiffe://omnirelay.example/node-c")]);
+    let forwarder =
+        token(&keys.signing, &json!({ "sub": "node-b", "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600 }));
+    let mut headers = bearer(&forwarder);
+    headers.insert(CLIENT_PRINCIPAL_HEADER, HeaderValue::from_static("spiffe://omnirelay.example/worker-7"));
+    headers.insert(CLIENT_ROLES_HEADER, HeaderValue::from_static("worker, reader"));
+    let caller = config.authenticate(&headers, &from_addr("192.168.0.9:4000")).expect("a trusted forwarder");
+    assert_eq!(caller.principal.as_str(), "spiffe://omnirelay.example/worker-7");
+    assert_eq!(caller.roles, vec!["worker".to_string(), "reader".to_string()]);
+    assert_eq!(caller.source, CredentialSource::ForwardingPeer);
+
+    // The same headers from a caller that is not a trusted forwarder are
+    // refused, whatever its own credential.
+    let stranger = token(&keys.signing, &claims());
+    let mut headers = bearer(&stranger);
+    headers.insert(CLIENT_PRINCIPAL_HEADER, HeaderValue::from_static("spiffe://omnirelay.example/admin"));
+    assert_eq!(
+        config.authenticate(&headers, &from_addr("192.168.0.9:4000")),
+        Err(CredentialError::UntrustedProxyHeader { header: CLIENT_PRINCIPAL_HEADER })
+    );
+    let mut roles_only = bearer(&stranger);
+    roles_only.insert(CLIENT_ROLES_HEADER, HeaderValue::from_static("admin"));
+    assert_eq!(
+        config.authenticate(&roles_only, &from_addr("192.168.0.9:4000")),
+        Err(CredentialError::UntrustedProxyHeader { header: CLIENT_ROLES_HEADER }),
+        "roles cannot be claimed by a header"
+    );
+    // A forwarder's token must itself be valid.
+    let mut forged = bearer(&token(
+        &keys.other_signing,
+        &json!({ "sub": "node-b", "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600 }),
+    ));
+    forged.insert(CLIENT_PRINCIPAL_HEADER, HeaderValue::from_static("spiffe://omnirelay.example/worker-7"));
+    assert!(config.authenticate(&forged, &from_addr("192.168.0.9:4000")).is_err());
+}
+
+#[test]
+fn forwarded_roles_must_be_well_formed() {
+    let config = PrincipalConfig::new().trusted_proxies(TrustedProxies::parse(&["127.0.0.1"]).expect("valid"));
+    let local = from_addr("127.0.0.1:5000");
+    let many = (0..33).map(|n| format!("r{n}")).collect::<Vec<_>>().join(",");
+    for bad in ["a,,b", "a b", &"x".repeat(129), &many] {
+        let mut headers = proxy_headers(Some("spiffe://omnirelay.example/user"), None);
+        headers.insert(CLIENT_ROLES_HEADER, HeaderValue::from_str(bad).expect("ascii"));
+        assert!(
+            matches!(
+                config.authenticate(&headers, &local),
+                Err(CredentialError::InvalidProxyHeader { header: CLIENT_ROLES_HEADER, .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    let mut headers = proxy_headers(Some("spiffe://omnirelay.example/user"), None);
+    headers.insert(CLIENT_ROLES_HEADER, HeaderValue::from_static("reader"));
+    assert_eq!(config.authenticate(&headers, &local).expect("well formed").roles, vec!["reader".to_string()]);
 }
