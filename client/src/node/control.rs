@@ -15,9 +15,9 @@ use axum::routing::get;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 
-use super::NodeInner;
 use super::defaults::SSE_KEEP_ALIVE;
 use super::json;
+use super::state::NodeInner;
 use crate::backpressure::BackpressureSignal;
 use crate::ids::ShardId;
 use crate::wire;

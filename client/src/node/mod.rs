@@ -64,10 +64,11 @@ pub mod json;
 mod limiter;
 pub mod membership;
 pub mod ownership;
+mod procedures;
 pub mod serve;
-mod service;
-mod session;
+mod state;
 pub mod tls;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -88,20 +89,18 @@ pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
 pub use membership::Assignment;
 pub use ownership::OwnershipConfig;
 pub use serve::ServeError;
-pub use service::LeaseService;
-pub use session::SessionStream;
 pub use tls::{TlsAcceptorConfig, TlsConfigError};
+pub use transport::{LeaseService, SessionStream};
 
 use crate::backpressure::{BackpressureAwareRateLimiter, BackpressureDiagnostics};
 use crate::clock::Clock;
 use crate::health::{HealthConfig, PeerLeaseHealthTracker};
 use crate::ids::{PeerId, ShardId};
-use crate::middleware::{
-    AuthorizationTable, DeadlineConfig, MeshLayer, MiddlewareConfig, RequestLimits, defaults::MAX_RESTORE_REQUEST_BYTES,
-};
+use crate::middleware::{MeshLayer, MiddlewareConfig, defaults::MAX_RESTORE_REQUEST_BYTES};
 use crate::queue::{LeaseObserver, Queue, QueueConfig, ShardStatus, Sweeper};
 use crate::replication::Replicator;
 use crate::shard::parse_namespace;
+use state::{Hosted, NodeInner};
 
 /// Concurrency budgets of each namespace's rate limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,43 +226,6 @@ impl NodeConfigError {
     pub fn code(&self) -> crate::ErrorCode {
         crate::ErrorCode::InvalidArgument
     }
-}
-
-/// One namespace as the node hosts it.
-pub(crate) struct Hosted {
-    pub(crate) queue: Queue,
-    pub(crate) diagnostics: Arc<BackpressureDiagnostics>,
-}
-
-/// What every handler of the node shares.
-pub(crate) struct NodeInner {
-    pub(crate) node_id: PeerId,
-    /// Namespaces in a map keyed by shard: looked up on every call.
-    pub(crate) queues: HashMap<ShardId, Hosted>,
-    /// The namespaces this node is assigned (see [`membership`]); `None`
-    /// until the first assignment.
-    pub(crate) assigned: membership::Assigned,
-    pub(crate) tracker: PeerLeaseHealthTracker,
-    pub(crate) replicator_kind: String,
-    pub(crate) prometheus: Option<PrometheusHandle>,
-    /// Cancelled when the node stops: `/readyz` turns 503 and event streams
-    /// end, so a graceful shutdown is not held up by them.
-    pub(crate) stopping: CancellationToken,
-    /// The middleware's table (the same `Arc`): sessions authorize each
-    /// message against it.
-    pub(crate) authorization: Arc<AuthorizationTable>,
-    /// The middleware's rate limiters: a session's messages take their
-    /// namespace's permits.
-    pub(crate) limiters: NamespaceRateLimitLayer,
-    /// The middleware's deadlines: a session message without a `timeout`
-    /// gets the default, and none gets more than the maximum.
-    pub(crate) deadlines: DeadlineConfig,
-    /// The middleware's size limits: each session message is bounded by the
-    /// limit of the calls it carries.
-    pub(crate) limits: RequestLimits,
-    /// Calls for namespaces owned elsewhere go there when set (see
-    /// [`forward`]); otherwise the caller is redirected.
-    pub(crate) forwarder: Option<Arc<forward::Forwarder>>,
 }
 
 /// Builds a [`Node`].
@@ -461,7 +423,7 @@ impl Node {
             .route_service(&format!("/{}/{{method}}", crate::middleware::RESOURCE_LEASE_SERVICE), grpc)
             .route(
                 &format!("{}{{namespace}}/{{procedure}}", crate::middleware::HTTP_PATH_PREFIX),
-                axum::routing::post(service::http_call),
+                axum::routing::post(transport::http::http_call),
             )
             .with_state(self.service())
             .layer(self.layer.clone())

@@ -1,26 +1,22 @@
 //! The ResourceLease procedures, once for every transport: each takes the
 //! protobuf request and the call's context and answers the protobuf response
-//! or a [`NodeError`]. The gRPC service ([`LeaseService`] as tonic's
-//! `ResourceLease`), the HTTP/JSON handler ([`http_call`]) and the messages
-//! of a session ([`super::session`]) only decode, call these and encode, so
-//! they cannot drift apart.
+//! or a [`NodeError`]. This module imports no transport: the gRPC service,
+//! the HTTP/JSON handler and the messages of a session
+//! ([`super::transport`]) only decode, call these through
+//! [`ProcedureRequest`] and encode, so they cannot drift apart.
+//! [`procedures!`](procedures) is the one list of them every transport
+//! expands.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use http::HeaderValue;
 use omnirelay_proto::resourcelease::v1 as pb;
 
 use super::defaults::{LEASE_POLL_SLICE, MAX_OWNER_BYTES, REPLY_MARGIN};
 use super::error::{NodeError, Result};
-use super::session::{SessionContext, SessionStream};
-use super::{Hosted, NodeInner};
-use crate::ids::{PeerId, Principal, ShardId};
-use crate::middleware::{CallDeadline, Procedure, RpcRoute, Transport};
+use super::state::{Hosted, NodeInner};
+use crate::ids::{PeerId, Principal};
+use crate::middleware::CallDeadline;
 use crate::queue::{self, Caller, EnqueueRequest, FailOutcome, LeaseRequest, Purge};
 use crate::shard::parse_namespace;
 use crate::wire;
@@ -42,7 +38,9 @@ impl CallContext {
         Self { caller, deadline }
     }
 
-    fn from_extensions(extensions: &http::Extensions, node: &PeerId) -> Result<Self> {
+    /// Reads the context of a unary call from the extensions the middleware
+    /// filled in; a call without a bound caller is refused.
+    pub(crate) fn from_extensions(extensions: &http::Extensions, node: &PeerId) -> Result<Self> {
         let bound = extensions.get::<crate::middleware::Caller>().ok_or(NodeError::NoCaller)?;
         Ok(Self {
             caller: Caller { principal: bound.principal.clone(), peer: node.clone() },
@@ -306,166 +304,68 @@ impl NodeInner {
     }
 }
 
-/// The node's ResourceLease service: tonic's generated server wraps it for
-/// gRPC, and the node's HTTP/JSON handler serves the same procedures. Cheap to
-/// clone.
-#[derive(Clone)]
-pub struct LeaseService {
-    pub(crate) node: Arc<NodeInner>,
-}
+/// A ResourceLease request message and the procedure that answers it. Every
+/// transport answers a decoded request through this trait (see
+/// [`super::transport::call`]); [`procedures!`](procedures) implements it for
+/// each request from the one list.
+pub(crate) trait ProcedureRequest: Send + Sized + 'static {
+    /// The procedure's response message.
+    type Response: Send + 'static;
 
-impl std::fmt::Debug for LeaseService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseService").field("node", &self.node.node_id).finish_non_exhaustive()
-    }
-}
-
-/// A request message addressed to one namespace (field 1 of every
-/// ResourceLease request).
-trait Namespaced {
+    /// The request's `namespace` (field 1 of every ResourceLease request).
     fn namespace_mut(&mut self) -> &mut String;
+
+    /// Runs the procedure on `node` for the caller of `cx`.
+    fn answer(self, node: &NodeInner, cx: &CallContext) -> impl Future<Output = Result<Self::Response>> + Send;
 }
 
-/// Declares every procedure once: the tonic method, the HTTP/JSON dispatch
-/// and the namespace accessor of its request.
+/// The one list of ResourceLease procedures (all but `Session`, which
+/// carries some of them as messages): `procedures!(then)` expands to
+/// `then! { Variant => method(Request) -> Response, ... }`, with the
+/// [`Procedure`](crate::middleware::Procedure) variant, the `NodeInner`
+/// method (and tonic method) and the `pb` message names. The transports
+/// expand it for tonic's methods and the JSON dispatch, so no transport can
+/// leave a procedure out or route it elsewhere.
 macro_rules! procedures {
+    ($then:ident) => {
+        $then! {
+            Enqueue => enqueue(EnqueueRequest) -> EnqueueResponse,
+            Lease => lease(LeaseRequest) -> LeaseResponse,
+            Heartbeat => heartbeat(HeartbeatRequest) -> HeartbeatResponse,
+            Complete => complete(CompleteRequest) -> CompleteResponse,
+            Fail => fail(FailRequest) -> FailResponse,
+            Drain => drain(DrainRequest) -> DrainResponse,
+            Resume => resume(ResumeRequest) -> ResumeResponse,
+            Restore => restore(RestoreRequest) -> RestoreResponse,
+            ListDeadLetters => list_dead_letters(ListDeadLettersRequest) -> ListDeadLettersResponse,
+            GetDeadLetter => get_dead_letter(GetDeadLetterRequest) -> GetDeadLetterResponse,
+            RedriveDeadLetter => redrive_dead_letter(RedriveDeadLetterRequest) -> RedriveDeadLetterResponse,
+            PurgeDrained => purge_drained(PurgeDrainedRequest) -> PurgeDrainedResponse,
+            PurgeDeadLetters => purge_dead_letters(PurgeDeadLettersRequest) -> PurgeDeadLettersResponse,
+            Stats => stats(StatsRequest) -> StatsResponse,
+        }
+    };
+}
+pub(crate) use procedures;
+
+/// Implements [`ProcedureRequest`] for every request of the list.
+macro_rules! answered_by_node {
     ($($variant:ident => $method:ident($request:ident) -> $response:ident),* $(,)?) => {
-        $(impl Namespaced for pb::$request {
+        $(impl ProcedureRequest for pb::$request {
+            type Response = pb::$response;
+
             fn namespace_mut(&mut self) -> &mut String {
                 &mut self.namespace
             }
+
+            fn answer(self, node: &NodeInner, cx: &CallContext) -> impl Future<Output = Result<pb::$response>> + Send {
+                node.$method(cx, self)
+            }
         })*
-
-        #[tonic::async_trait]
-        impl pb::resource_lease_server::ResourceLease for LeaseService {
-            type SessionStream = SessionStream;
-
-            /// Opens a session: the caller was bound by the middleware when
-            /// the stream opened; each message is then answered by the
-            /// procedures below (see [`SessionStream`]).
-            async fn session(
-                &self,
-                request: tonic::Request<tonic::Streaming<pb::SessionRequest>>,
-            ) -> std::result::Result<tonic::Response<SessionStream>, tonic::Status> {
-                let session = SessionContext::from_extensions(request.extensions(), &self.node.node_id)
-                    .map_err(|err| err.status())?;
-                let limit = self.node.limits.limit_for(Procedure::Enqueue);
-                let stream = SessionStream::new(Arc::clone(&self.node), session, request.into_inner(), limit);
-                Ok(tonic::Response::new(stream))
-            }
-
-            $(
-                async fn $method(
-                    &self,
-                    request: tonic::Request<pb::$request>,
-                ) -> std::result::Result<tonic::Response<pb::$response>, tonic::Status> {
-                    let cx = CallContext::from_extensions(request.extensions(), &self.node.node_id)
-                        .map_err(|err| err.status())?;
-                    self.node.$method(&cx, request.into_inner()).await.map(tonic::Response::new).map_err(|err| err.status())
-                }
-            )*
-        }
-
-        impl NodeInner {
-            /// Decodes a JSON request for `procedure`, runs it and encodes
-            /// the JSON response.
-            async fn dispatch_json(
-                &self,
-                cx: &CallContext,
-                procedure: Procedure,
-                namespace: &ShardId,
-                body: &[u8],
-            ) -> Result<Vec<u8>> {
-                match procedure {
-                    Procedure::Session => Err(NodeError::NotACall(procedure)),
-                    $(Procedure::$variant => {
-                        let mut request: pb::$request = super::json::decode(body)?;
-                        check_namespace(request.namespace_mut(), namespace)?;
-                        let response = self.$method(cx, request).await?;
-                        Ok(super::json::encode(&response))
-                    })*
-                }
-            }
-        }
     };
 }
 
-procedures! {
-    Enqueue => enqueue(EnqueueRequest) -> EnqueueResponse,
-    Lease => lease(LeaseRequest) -> LeaseResponse,
-    Heartbeat => heartbeat(HeartbeatRequest) -> HeartbeatResponse,
-    Complete => complete(CompleteRequest) -> CompleteResponse,
-    Fail => fail(FailRequest) -> FailResponse,
-    Drain => drain(DrainRequest) -> DrainResponse,
-    Resume => resume(ResumeRequest) -> ResumeResponse,
-    Restore => restore(RestoreRequest) -> RestoreResponse,
-    ListDeadLetters => list_dead_letters(ListDeadLettersRequest) -> ListDeadLettersResponse,
-    GetDeadLetter => get_dead_letter(GetDeadLetterRequest) -> GetDeadLetterResponse,
-    RedriveDeadLetter => redrive_dead_letter(RedriveDeadLetterRequest) -> RedriveDeadLetterResponse,
-    PurgeDrained => purge_drained(PurgeDrainedRequest) -> PurgeDrainedResponse,
-    PurgeDeadLetters => purge_dead_letters(PurgeDeadLettersRequest) -> PurgeDeadLettersResponse,
-    Stats => stats(StatsRequest) -> StatsResponse,
-}
-
-/// The body of an HTTP/JSON call may leave `namespace` out (the path names
-/// it) or repeat the path's; naming another one is refused, since the
-/// authorization decision was taken on the path.
-fn check_namespace(body: &mut String, path: &ShardId) -> Result<()> {
-    if body.is_empty() {
-        *body = path.to_string();
-        return Ok(());
-    }
-    let named = parse_namespace("namespace", body).map_err(|err| {
-        NodeError::invalid("namespace", err.to_string().trim_start_matches("namespace: ").to_string())
-    })?;
-    if &named != path {
-        return Err(NodeError::invalid("namespace", format!("the body names {named} but the path addresses {path}")));
-    }
-    Ok(())
-}
-
-/// The HTTP/JSON handler of `POST /resourcelease/v1/{namespace}/{procedure}`:
-/// the route and caller come from the middleware, the body is the request
-/// message's JSON form, and the answer the response's (200) or the error
-/// body of [`NodeError::http_response`].
-pub(crate) async fn http_call(State(service): State<LeaseService>, request: Request) -> Response {
-    match serve_json(&service.node, request).await {
-        Ok(body) => {
-            let mut response = Response::new(Body::from(body));
-            response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
-        Err(err) => err.http_response().into_response(),
-    }
-}
-
-async fn serve_json(node: &NodeInner, request: Request) -> Result<Vec<u8>> {
-    let (parts, body) = request.into_parts();
-    let cx = CallContext::from_extensions(&parts.extensions, &node.node_id)?;
-    let route = match parts.extensions.get::<RpcRoute>() {
-        Some(route) => route.clone(),
-        None => RpcRoute::from_path(Transport::Http, parts.uri.path())
-            .map_err(|err| NodeError::invalid("path", err.to_string()))?,
-    };
-    let namespace = route.namespace.clone().unwrap_or_else(|| ShardId::new(crate::shard::DEFAULT_NAMESPACE));
-    if let Some(content_type) = parts.headers.get(http::header::CONTENT_TYPE) {
-        let json = content_type
-            .to_str()
-            .ok()
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(NodeError::invalid("content-type", "must be application/json"));
-        }
-    }
-    // The middleware already buffered the body within the procedure's limit;
-    // the bound here only matters when the router runs without it.
-    let limit = crate::middleware::RequestLimits::default().limit_for(route.procedure);
-    let body: Bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|err| NodeError::invalid("request body", format!("could not be read: {err}")))?;
-    node.dispatch_json(&cx, route.procedure, &namespace, &body).await
-}
+procedures!(answered_by_node);
 
 #[cfg(test)]
 mod tests {
@@ -492,17 +392,5 @@ mod tests {
         assert!(belongs_to(&principal, "spiffe://mesh/worker#7"));
         assert!(!belongs_to(&principal, "spiffe://mesh/worker7"));
         assert!(!belongs_to(&principal, "spiffe://mesh/other#7"));
-    }
-
-    #[test]
-    fn a_body_may_repeat_or_omit_the_path_namespace_but_not_contradict_it() {
-        let path = ShardId::from("resourcelease.users");
-        let mut empty = String::new();
-        check_namespace(&mut empty, &path).expect("omitted");
-        assert_eq!(empty, "resourcelease.users");
-        check_namespace(&mut "resourcelease.users".to_string(), &path).expect("same");
-        let err = check_namespace(&mut "resourcelease.billing".to_string(), &path).expect_err("different");
-        assert_eq!(err.code(), crate::ErrorCode::InvalidArgument);
-        assert!(err.to_string().starts_with("invalid namespace: "), "{err}");
     }
 }

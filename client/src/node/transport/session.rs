@@ -16,7 +16,7 @@
 //! | size | the request limit | the same limit per message (a larger one ends the stream with INVALID_ARGUMENT) |
 //! | deadline | `grpc-timeout` or the default | the message's `timeout` or the default, never past the stream's `grpc-timeout` |
 //! | trace | an `rpc` span | an `rpc` span per message with the same fields, inside the session's span |
-//! | procedure | `NodeInner::{enqueue, lease, ...}` | the same functions |
+//! | procedure | [`call`](super::call), then the procedure | the same |
 //! | errors | a status | a [`pb::CallError`] with the same code, message and details |
 //!
 //! Messages may be pipelined: the node runs up to [`MAX_SESSION_IN_FLIGHT`]
@@ -49,13 +49,13 @@ use tower::ServiceExt;
 use tracing::Span;
 use tracing::field::Empty;
 
-use super::NodeInner;
-use super::defaults::MAX_SESSION_IN_FLIGHT;
-use super::error::NodeError;
-use super::service::CallContext;
 use crate::backpressure::BackpressureAwareRateLimit;
 use crate::ids::PeerId;
 use crate::middleware::{CallDeadline, ConnectionInfo, MiddlewareError, Procedure, RESOURCE_LEASE_SERVICE};
+use crate::node::defaults::MAX_SESSION_IN_FLIGHT;
+use crate::node::error::NodeError;
+use crate::node::procedures::CallContext;
+use crate::node::state::NodeInner;
 use crate::queue;
 use crate::shard::{SHARD_KEY_HEADER, ShardKey, parse_namespace};
 use crate::wire;
@@ -104,7 +104,7 @@ impl SessionContext {
 /// namespace, `rpc-shard-key`, authorization against the node's table, the
 /// namespace's rate limiter), and fails with the same code, message and
 /// details. Up to
-/// [`MAX_SESSION_IN_FLIGHT`](super::defaults::MAX_SESSION_IN_FLIGHT) calls
+/// [`MAX_SESSION_IN_FLIGHT`](crate::node::defaults::MAX_SESSION_IN_FLIGHT) calls
 /// run at once; answers come in completion order with their request's id.
 /// The stream ends OK once the client closed its side and every call is
 /// answered; with INVALID_ARGUMENT (`request body`) after a message it
@@ -359,11 +359,11 @@ impl NodeInner {
         let node = Arc::clone(self);
         let run = async move {
             match call {
-                Call::Enqueue(request) => node.enqueue(&cx, request).await.map(Answer::Enqueue),
-                Call::Lease(request) => node.lease(&cx, request).await.map(Answer::Lease),
-                Call::Heartbeat(request) => node.heartbeat(&cx, request).await.map(Answer::Heartbeat),
-                Call::Complete(request) => node.complete(&cx, request).await.map(Answer::Complete),
-                Call::Fail(request) => node.fail(&cx, request).await.map(Answer::Fail),
+                Call::Enqueue(request) => super::call(&node, &cx, request).await.map(Answer::Enqueue),
+                Call::Lease(request) => super::call(&node, &cx, request).await.map(Answer::Lease),
+                Call::Heartbeat(request) => super::call(&node, &cx, request).await.map(Answer::Heartbeat),
+                Call::Complete(request) => super::call(&node, &cx, request).await.map(Answer::Complete),
+                Call::Fail(request) => super::call(&node, &cx, request).await.map(Answer::Fail),
             }
             .map_err(|err| err.status())
         };
