@@ -18,9 +18,24 @@ use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::durable::{HANG_GUARD, Hub, Process, payload};
-use crate::mesh::{MeshNode, TTL_MS, converged_on};
+use crate::mesh::{MeshNode, TTL_MS, converged_on, rendezvous_owner};
 
-const NAMESPACES: [&str; 3] = ["resourcelease.fwd.a", "resourcelease.fwd.b", "resourcelease.fwd.c"];
+/// Three namespaces, one owned by each of [`NODES`] (rendezvous hashing is
+/// deterministic, so the names are picked for it): index `i` is owned by
+/// `NODES[i]`.
+fn namespaces() -> Vec<String> {
+    NODES
+        .iter()
+        .map(|node| {
+            (0..)
+                .map(|n| format!("resourcelease.fwd.n{n}"))
+                .find(|ns| rendezvous_owner(ns, NODES) == Some(*node))
+                .expect("some name hashes to every node")
+        })
+        .collect()
+}
+
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 const ISSUER: &str = "https://sts.forward.test";
 const AUDIENCE: &str = "omnirelay-mesh";
 
@@ -48,7 +63,7 @@ impl Issuer {
 
 /// A forwarding node: callers need the `worker` role for every procedure;
 /// `trusted` are the node principals whose forwarded calls it accepts.
-fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr, issuer: &Issuer, trusted: &str) -> MeshNode {
+fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr, issuer: &Issuer, namespaces: &[String]) -> MeshNode {
     let (rpc, control) = (free_port(), free_port());
     let authz = dir.join("authz-forward.json");
     std::fs::write(&authz, r#"{"rules": [{"roles": ["worker"], "procedures": ["*"], "shards": ["*"]}]}"#)
@@ -60,13 +75,14 @@ fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr, issuer: &Issuer, 
         .current_dir(dir)
         .args(["node", "--listen", &format!("127.0.0.1:{rpc}")])
         .args(["--control-listen", &format!("127.0.0.1:{control}")])
-        .args(["--node-id", id, "--namespace", &NAMESPACES.join(",")])
+        .args(["--node-id", id, "--namespace", &namespaces.join(",")])
         .args(["--hub", &format!("http://{hub}"), "--assignment", "rendezvous"])
         .args(["--shard-lease-ttl-ms", &TTL_MS.to_string()])
         .args(["--jwt-algorithm", "ES256", "--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE])
         .arg("--jwt-public-key")
         .arg(&issuer.public_pem)
-        .args(["--forward", "--trusted-forwarder", trusted])
+        // node-3 is not trusted as a forwarder by anyone.
+        .args(["--forward", "--trusted-forwarder", "node-1,node-2"])
         .arg("--forward-token-file")
         .arg(&token_file)
         .arg("--authorization-file")
@@ -115,23 +131,18 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let issuer = Issuer::new(dir.path());
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
-    // node-3 is not trusted as a forwarder by anyone.
-    let trusted = "node-1,node-2";
-    let mut nodes: Vec<MeshNode> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|id| spawn(&binaries.omnirelay, dir.path(), id, hub.grpc, &issuer, trusted))
-        .collect();
-    let owners = converged_on(&nodes.iter().collect::<Vec<_>>(), &NAMESPACES).await;
+    let namespaces = namespaces();
+    let names: Vec<&str> = namespaces.iter().map(String::as_str).collect();
+    let mut nodes: Vec<MeshNode> =
+        NODES.iter().map(|id| spawn(&binaries.omnirelay, dir.path(), id, hub.grpc, &issuer, &namespaces)).collect();
+    let owners = converged_on(&nodes.iter().collect::<Vec<_>>(), &names).await;
     let worker = issuer.token("spiffe://forward.test/worker-7", &["worker"]);
 
-    // A namespace node-1 or node-2 owns, called through the other trusted
-    // node: the owner answers, as the caller.
-    let (ns, owner) = owners
-        .iter()
-        .find(|(_, owner)| owner.as_str() != "node-3")
-        .map(|(ns, owner)| (ns.clone(), owner.clone()))
-        .expect("three namespaces on three nodes: node-1 or node-2 owns one (else the assignment is skewed)");
-    let forwarder_id = if owner == "node-1" { "node-2" } else { "node-1" };
+    // node-1's namespace, called through node-2 (trusted): the owner
+    // answers, as the caller.
+    let (ns, owner) = (namespaces[0].clone(), "node-1".to_string());
+    assert_eq!(owners[&ns], owner);
+    let forwarder_id = "node-2";
     let forwarder = nodes.iter().find(|node| node.id == forwarder_id).expect("the forwarder");
     let owner_node = nodes.iter().find(|node| node.id == owner).expect("the owner");
     let mut via = client(forwarder).await;
@@ -176,6 +187,29 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+
+    // So are a session's messages (each as a unary call to the owner).
+    let message = pb::SessionRequest {
+        id: 1,
+        timeout: None,
+        call: Some(pb::session_request::Call::Enqueue(pb::EnqueueRequest {
+            namespace: ns.clone(),
+            payload: Some(payload("session-1")),
+            ..Default::default()
+        })),
+    };
+    let mut opened = tonic::Request::new(tokio_stream::iter(vec![message]));
+    opened.metadata_mut().insert("authorization", format!("Bearer {worker}").parse().expect("ASCII"));
+    let mut answers = via.session(opened).await.expect("a session").into_inner();
+    let answer = answers.message().await.expect("an answer").expect("one answer");
+    assert!(matches!(answer.result, Some(pb::session_response::Result::Enqueue(_))), "{answer:?}");
+    let stats = client(owner_node)
+        .await
+        .stats(with_token(pb::StatsRequest { namespace: ns.clone() }, &worker))
+        .await
+        .expect("stats at the owner")
+        .into_inner();
+    assert_eq!((stats.pending, stats.active), (2, 1), "the HTTP and session items are on the owner");
 
     // The owner refuses what node-3 vouches for: it is no trusted forwarder.
     let untrusted = nodes.iter().find(|node| node.id == "node-3").expect("node-3");
@@ -223,6 +257,6 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
     })
     .await;
     let survivors: Vec<&MeshNode> = nodes.iter().collect();
-    let after = converged_on(&survivors, &NAMESPACES).await;
+    let after = converged_on(&survivors, &names).await;
     assert_ne!(after[&ns], owner, "{ns} moved; the dead owner's log:\n{log}");
 }

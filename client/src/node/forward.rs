@@ -37,10 +37,13 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::error::{ForwardedStatus, NodeError};
 use super::membership::{Assigned, MEMBERSHIP_POLL};
+use super::procedures::{ProcedureRequest, procedures};
+use super::state::NodeInner;
 use crate::chooser::{PeerChooser, RoundRobinChooser};
 use crate::health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::principal::{CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, Caller, MTLS_THUMBPRINT_HEADER};
+use crate::shard::parse_namespace;
 
 /// Metadata (and HTTP header) naming the node that forwarded a call. A call
 /// carrying it is never forwarded again.
@@ -106,6 +109,49 @@ impl Target {
     }
 }
 
+impl NodeInner {
+    /// Where a call for `namespace` goes when this node forwards: the
+    /// member that owns it, when that is another member with an advertised
+    /// address. `None` for this node's own namespaces, namespaces it does
+    /// not host, malformed names (the procedure answers those) and owners
+    /// that advertised no address (the caller gets the redirect).
+    pub(crate) fn forward_target(&self, namespace: &str) -> Option<Target> {
+        let shard = parse_namespace("namespace", namespace).ok()?;
+        if !self.queues.contains_key(&shard) {
+            return None;
+        }
+        let view = self.assigned.borrow();
+        let (owner, address) = view.as_ref()?.elsewhere(&shard)?;
+        Some(Target { owner: owner.to_string(), address: address?.to_string(), namespace: shard })
+    }
+}
+
+/// A request a forwarding node can send to the owner: the tonic client's
+/// method of its procedure.
+pub(crate) trait Forwardable: ProcedureRequest {
+    /// Calls the procedure on `client`.
+    fn send(
+        client: pb::resource_lease_client::ResourceLeaseClient<Channel>,
+        request: tonic::Request<Self>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send;
+}
+
+/// Implements [`Forwardable`] for every request of the one list.
+macro_rules! forwardable {
+    ($($variant:ident => $method:ident($request:ident) -> $response:ident),* $(,)?) => {
+        $(impl Forwardable for pb::$request {
+            fn send(
+                mut client: pb::resource_lease_client::ResourceLeaseClient<Channel>,
+                request: tonic::Request<Self>,
+            ) -> impl Future<Output = Result<tonic::Response<pb::$response>, tonic::Status>> + Send {
+                async move { client.$method(request).await }
+            }
+        })*
+    };
+}
+
+procedures!(forwardable);
+
 /// The forwarding side of a node. See the [module docs](self).
 pub(crate) struct Forwarder {
     node_id: PeerId,
@@ -144,7 +190,8 @@ impl Forwarder {
         Ok(Self { node_id, tls: config.tls, metadata, channels: Mutex::new(HashMap::new()), tracker, chooser })
     }
 
-    /// The tracker over the other members (for diagnostics and tests).
+    /// The tracker over the other members.
+    #[cfg(test)]
     pub(crate) fn tracker(&self) -> &PeerLeaseHealthTracker {
         &self.tracker
     }
@@ -206,6 +253,11 @@ impl Forwarder {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let peer = PeerId::from(target.owner.as_str());
+        if self.tracker.state(&peer).is_none() {
+            // The view names it a live member, but the tracker's poll has
+            // not seen it yet.
+            self.tracker.register(&peer, PeerMetadata::default());
+        }
         if let Err(why) = self.chooser.choose_from(std::slice::from_ref(&peer)) {
             tracing::debug!(owner = %target.owner, reason = %why, "not forwarding to an ineligible owner");
             return Err(target.redirect());

@@ -31,11 +31,46 @@ pub(crate) struct CallContext {
     /// node hosting the queue).
     caller: Caller,
     deadline: Option<CallDeadline>,
+    /// The caller as the middleware bound it (principal, roles,
+    /// thumbprint): what a forwarding node vouches for to the owner.
+    binding: Option<crate::middleware::Caller>,
+    /// The call was forwarded to this node by another: it is answered here
+    /// or redirected, never forwarded again.
+    forwarded_in: bool,
 }
 
 impl CallContext {
     pub(crate) fn new(caller: Caller, deadline: Option<CallDeadline>) -> Self {
-        Self { caller, deadline }
+        Self { caller, deadline, binding: None, forwarded_in: false }
+    }
+
+    /// The caller as the middleware bound it, kept for forwarding.
+    pub(crate) fn with_binding(mut self, binding: crate::middleware::Caller) -> Self {
+        self.binding = Some(binding);
+        self
+    }
+
+    /// Marks a call another node forwarded here (it carries
+    /// [`FORWARDED_BY_HEADER`](super::forward::FORWARDED_BY_HEADER)).
+    pub(crate) fn forwarded_in(mut self, forwarded: bool) -> Self {
+        self.forwarded_in = forwarded;
+        self
+    }
+
+    /// Whether another node forwarded this call here.
+    pub(crate) fn is_forwarded_in(&self) -> bool {
+        self.forwarded_in
+    }
+
+    /// The caller as the middleware bound it, if known.
+    pub(crate) fn binding(&self) -> Option<&crate::middleware::Caller> {
+        self.binding.as_ref()
+    }
+
+    /// The time left before the call's deadline, less the margin the reply
+    /// needs; `None` without a deadline.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.deadline.map(|deadline| deadline.remaining().saturating_sub(REPLY_MARGIN))
     }
 
     /// Reads the context of a unary call from the extensions the middleware
@@ -45,6 +80,8 @@ impl CallContext {
         Ok(Self {
             caller: Caller { principal: bound.principal.clone(), peer: node.clone() },
             deadline: extensions.get::<CallDeadline>().copied(),
+            binding: Some(bound.clone()),
+            forwarded_in: false,
         })
     }
 

@@ -11,6 +11,7 @@ use omnirelay_proto::resourcelease::v1 as pb;
 use super::call;
 use super::session::{SessionContext, SessionStream};
 use crate::middleware::Procedure;
+use crate::node::forward::FORWARDED_BY_HEADER;
 use crate::node::procedures::{CallContext, procedures};
 use crate::node::state::NodeInner;
 
@@ -56,7 +57,8 @@ macro_rules! grpc_methods {
                     request: tonic::Request<pb::$request>,
                 ) -> std::result::Result<tonic::Response<pb::$response>, tonic::Status> {
                     let cx = CallContext::from_extensions(request.extensions(), &self.node.node_id)
-                        .map_err(|err| err.status())?;
+                        .map_err(|err| err.status())?
+                        .forwarded_in(request.metadata().contains_key(FORWARDED_BY_HEADER));
                     call(&self.node, &cx, request.into_inner()).await.map(tonic::Response::new).map_err(|err| err.status())
                 }
             )*

@@ -15,8 +15,9 @@ use super::grpc::LeaseService;
 use crate::ids::ShardId;
 use crate::middleware::{Procedure, RpcRoute, Transport};
 use crate::node::error::{NodeError, Result};
+use crate::node::forward::Forwardable;
 use crate::node::json::{self, JsonMessage};
-use crate::node::procedures::{CallContext, ProcedureRequest, procedures};
+use crate::node::procedures::{CallContext, procedures};
 use crate::node::state::NodeInner;
 use crate::shard::parse_namespace;
 
@@ -24,7 +25,7 @@ use crate::shard::parse_namespace;
 /// the path's, runs it and encodes the response.
 async fn answer_json<R>(node: &NodeInner, cx: &CallContext, namespace: &ShardId, body: &[u8]) -> Result<Vec<u8>>
 where
-    R: ProcedureRequest + JsonMessage,
+    R: Forwardable + JsonMessage,
     R::Response: JsonMessage,
 {
     let mut request: R = json::decode(body)?;
@@ -89,7 +90,8 @@ pub(crate) async fn http_call(State(service): State<LeaseService>, request: Requ
 
 async fn serve_json(node: &NodeInner, request: Request) -> Result<Vec<u8>> {
     let (parts, body) = request.into_parts();
-    let cx = CallContext::from_extensions(&parts.extensions, &node.node_id)?;
+    let cx = CallContext::from_extensions(&parts.extensions, &node.node_id)?
+        .forwarded_in(parts.headers.contains_key(crate::node::forward::FORWARDED_BY_HEADER));
     let route = match parts.extensions.get::<RpcRoute>() {
         Some(route) => route.clone(),
         None => RpcRoute::from_path(Transport::Http, parts.uri.path())

@@ -13,7 +13,8 @@ pub use grpc::LeaseService;
 pub use session::SessionStream;
 
 use super::error::Result;
-use super::procedures::{CallContext, ProcedureRequest};
+use super::forward::Forwardable;
+use super::procedures::CallContext;
 use super::state::NodeInner;
 
 /// Answers one decoded call on `node`: the request is whole, its namespace
@@ -21,6 +22,18 @@ use super::state::NodeInner;
 /// checked against the route). Every transport calls a procedure here and
 /// nowhere else, so what must happen to every call between decoding and
 /// the procedure (the same for gRPC, HTTP/JSON and sessions) goes here.
-pub(crate) async fn call<R: ProcedureRequest>(node: &NodeInner, cx: &CallContext, request: R) -> Result<R::Response> {
+///
+/// Here a call for a namespace another member owns is forwarded to that
+/// owner, when the node forwards (see [`super::forward`]) and the call was
+/// not itself forwarded here; otherwise the procedure answers (or
+/// redirects).
+pub(crate) async fn call<R: Forwardable>(node: &NodeInner, cx: &CallContext, mut request: R) -> Result<R::Response> {
+    if let Some(forwarder) = &node.forwarder
+        && !cx.is_forwarded_in()
+        && let Some(binding) = cx.binding()
+        && let Some(target) = node.forward_target(request.namespace_mut())
+    {
+        return forwarder.forward(&target, binding, cx.remaining(), request, R::send).await;
+    }
     request.answer(node, cx).await
 }
