@@ -13,6 +13,9 @@
 //!    for longer than the TTL while its workers still reach it; it must
 //!    stop serving before the others take over, then heals.
 //!
+//! The nodes forward calls for namespaces they do not own (`--forward`), so
+//! a worker bound to one node is served by every owner through it.
+//!
 //! The [checker] then reads the recorded history and the hub's log. The
 //! same drill with fencing switched off (the hidden, test-only
 //! `--unsafe-disable-fencing`) must make the checker fail: that proves it
@@ -159,8 +162,8 @@ fn leased(response: pb::LeaseResponse) -> (Answer, Option<pb::OwnershipHandle>) 
 
 /// How a worker reaches the mesh.
 enum Route {
-    /// Always the same node: redirects are recorded and the next namespace
-    /// is tried.
+    /// Always the same node, which forwards to the owner; a redirect (an
+    /// owner being replaced) is recorded and the next namespace is tried.
     Bound(pb::resource_lease_client::ResourceLeaseClient<Channel>),
     /// The routing client, which follows redirects.
     Routed(Arc<ResourceLeaseClient>),
@@ -378,7 +381,11 @@ async fn run(drill: Drill) -> Report {
         hubs.push(Some(Hub::start_with(&binaries.hub, &url, *port, &hub_flags).await));
     }
     let hub_addrs: Vec<_> = hubs.iter().flatten().map(|hub| hub.grpc).collect();
-    let extra: &[&str] = if drill == Drill::FencingOff { &["--unsafe-disable-fencing"] } else { &[] };
+    // The nodes forward: a bound worker's call for a namespace its node does
+    // not own is answered by the owner through its node (a partitioned
+    // node forwards to whoever took its namespaces over).
+    let extra: &[&str] =
+        if drill == Drill::FencingOff { &["--forward", "--unsafe-disable-fencing"] } else { &["--forward"] };
     let mut nodes = Vec::new();
     for id in NODE_IDS {
         let ports = (free_port(), free_port());
