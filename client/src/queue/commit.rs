@@ -303,7 +303,7 @@ impl Shared {
             principal: crate::ids::Principal::from(super::SYSTEM_PRINCIPAL),
             peer: config.node.clone(),
         });
-        let metrics = QueueMetrics::new(&config.shard);
+        let metrics = QueueMetrics::new(&config.shard, FenceReason::ALL.map(FenceReason::as_str));
         // The gauges start at the state's values; afterwards each applied
         // batch updates them (the dead-letter gauge when its count changed).
         metrics.pending.set(state.pending() as f64);
