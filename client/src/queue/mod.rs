@@ -18,8 +18,6 @@
 
 mod commit;
 mod error;
-mod event;
-mod item;
 #[cfg(test)]
 mod proptests;
 mod recovery;
@@ -37,13 +35,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use commit::{Fence, FenceReason, ShardStatus};
-pub use error::{QueueError, Result};
-pub use event::{Event, EventKind, NewItem, Origin, RequeueReason, SequencedEvent};
-pub use item::{
+pub use crate::event::{Event, EventKind, NewItem, Origin, RequeueReason, SequencedEvent};
+pub use crate::item::{
     AttemptOutcome, AttemptRecord, DeadLetter, DeadLetterReason, DrainMode, DrainSnapshot, Lease, LeaseHandle, Payload,
     WorkItem,
 };
+pub use commit::{Fence, FenceReason, ShardStatus};
+pub use error::{QueueError, Result};
 pub use recovery::{Rebuilt, ReplayProgress, Until, catch_up, recover, replay};
 pub(crate) use state::Completion;
 pub use state::{ApplyError, QueueState};
