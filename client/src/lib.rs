@@ -91,6 +91,7 @@ pub mod queue;
 pub mod replication;
 pub mod shard;
 pub mod sink;
+mod sync;
 pub mod wire;
 
 pub use backpressure::{BackpressureListener, BackpressureSignal};

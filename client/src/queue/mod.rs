@@ -26,7 +26,6 @@ mod proptests;
 mod recovery;
 mod state;
 mod sweeper;
-mod table;
 #[cfg(test)]
 mod tests;
 mod validate;

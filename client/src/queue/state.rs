@@ -21,7 +21,7 @@ use crate::defaults;
 use crate::event::{Event, EventKind, NewItem, RequeueReason, SequencedEvent};
 use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Sequence, ShardId};
 use crate::item::{AttemptOutcome, AttemptRecord, DeadLetter, DrainMode, Lease, Payload, WorkItem};
-use crate::queue::table::{IdTable, Table, TableKey};
+use crate::sync::table::{IdTable, Table, TableKey};
 
 /// An event that does not fit the state it is applied to: the log is
 /// corrupt, belongs to another shard, or skipped events.
