@@ -79,8 +79,10 @@ pub mod clock;
 pub mod defaults;
 pub mod effects;
 pub mod error;
+mod event;
 pub mod health;
 pub mod ids;
+mod item;
 pub mod mesh;
 pub mod metrics;
 pub mod middleware;
@@ -89,6 +91,7 @@ pub mod queue;
 pub mod replication;
 pub mod shard;
 pub mod sink;
+mod sync;
 pub mod wire;
 
 pub use backpressure::{BackpressureListener, BackpressureSignal};

@@ -105,7 +105,10 @@ pub(crate) struct QueueMetrics {
 }
 
 impl QueueMetrics {
-    pub(crate) fn new(shard: &ShardId) -> Self {
+    /// Registers the handles of `shard`'s queue, and its fence counter at
+    /// zero for each of `fence_reasons` (the queue's `FenceReason` labels,
+    /// passed in so this catalog stays below the queue).
+    pub(crate) fn new(shard: &ShardId, fence_reasons: impl IntoIterator<Item = &'static str>) -> Self {
         let shard = shard.to_string();
         let handles = Self {
             pending: metrics::gauge!(PENDING, SHARD_LABEL => shard.clone()),
@@ -124,9 +127,8 @@ impl QueueMetrics {
         // Counters bumped elsewhere (the hub replicator, fences) exist from
         // the start, at zero, so dashboards and alerts see every series.
         metrics::counter!(REPLICATION_RETRIES, SHARD_LABEL => shard.clone()).increment(0);
-        for reason in crate::queue::FenceReason::ALL {
-            metrics::counter!(REPLICATION_FENCED, SHARD_LABEL => shard.clone(), "reason" => reason.as_str())
-                .increment(0);
+        for reason in fence_reasons {
+            metrics::counter!(REPLICATION_FENCED, SHARD_LABEL => shard.clone(), "reason" => reason).increment(0);
         }
         handles
     }

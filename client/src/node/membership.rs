@@ -43,6 +43,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::follower::Follower;
+pub use super::ownership::Assignment;
 use super::ownership::{CLOCK_DRIFT_MARGIN, OwnershipConfig, ShardOwner, bounded};
 use crate::ids::{Epoch, PeerId, ShardId};
 use crate::queue::Queue;
@@ -65,38 +66,6 @@ pub const MEMBERSHIP_POLL: Duration = Duration::from_millis(500);
 /// shard id (prefix plus id) must be a shard name
 /// ([`omnirelay_proto::names::MAX_SHARD_NAME_BYTES`]), so 110 bytes.
 pub const MAX_MEMBER_ID_LEN: usize = omnirelay_proto::names::MAX_SHARD_NAME_BYTES - MEMBER_PREFIX.len();
-
-/// How a node decides which of its namespaces it serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Assignment {
-    /// Try to own every hosted namespace (one node, or hot standbys).
-    #[default]
-    Every,
-    /// Spread the namespaces over the live members by rendezvous hashing.
-    Rendezvous,
-}
-
-impl Assignment {
-    /// `every` or `rendezvous`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Assignment::Every => "every",
-            Assignment::Rendezvous => "rendezvous",
-        }
-    }
-}
-
-impl std::str::FromStr for Assignment {
-    type Err = String;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        match value {
-            "every" => Ok(Assignment::Every),
-            "rendezvous" => Ok(Assignment::Rendezvous),
-            other => Err(format!("unknown assignment {other:?} (expected every or rendezvous)")),
-        }
-    }
-}
 
 /// Checks a node id for use in a member lease: the member shard
 /// `omnirelay.members.<id>` must be a shard name (the grammar the hub

@@ -86,7 +86,7 @@ pub use control::{
 pub use error::{NodeError, OWNER_ADDRESS_HEADER, OWNER_HEADER, Result};
 pub use forward::{FORWARDED_BY_HEADER, ForwardingConfig};
 pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
-pub use membership::Assignment;
+pub use ownership::Assignment;
 pub use ownership::OwnershipConfig;
 pub use serve::ServeError;
 pub use tls::{TlsAcceptorConfig, TlsConfigError};

@@ -34,11 +34,43 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::membership::Assignment;
 use crate::defaults;
 use crate::ids::{Epoch, PeerId};
 use crate::queue::{Fence, FenceReason, Queue, Rebuilt, ShardStatus};
 use crate::replication::{ReplicationError, Replicator, ShardGrant};
+
+/// How a node decides which of its namespaces it serves: part of
+/// [`OwnershipConfig`], applied by [`membership`](super::membership).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Assignment {
+    /// Try to own every hosted namespace (one node, or hot standbys).
+    #[default]
+    Every,
+    /// Spread the namespaces over the live members by rendezvous hashing.
+    Rendezvous,
+}
+
+impl Assignment {
+    /// `every` or `rendezvous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assignment::Every => "every",
+            Assignment::Rendezvous => "rendezvous",
+        }
+    }
+}
+
+impl std::str::FromStr for Assignment {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "every" => Ok(Assignment::Every),
+            "rendezvous" => Ok(Assignment::Rendezvous),
+            other => Err(format!("unknown assignment {other:?} (expected every or rendezvous)")),
+        }
+    }
+}
 
 /// Longest a single call to the log (acquire, renew, release, a snapshot)
 /// may take before it counts as failed: far above a healthy round trip,

@@ -46,13 +46,15 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::{
-    ApplyError, Caller, Event, EventKind, LeaseObserver, Origin, QueueClock, QueueConfig, QueueError, QueueState,
-    RequeueReason, Result,
-};
+use super::caller::{Caller, SYSTEM_PRINCIPAL};
+use super::config::{QueueClock, QueueConfig};
+use super::error::{QueueError, Result};
+use super::observer::LeaseObserver;
+use super::state::{ApplyError, QueueState};
 use crate::backpressure::{BackpressureListener, BackpressureSignal};
 use crate::clock::Timestamp;
 use crate::defaults::{OPEN_BATCH_MAX_BYTES, OPEN_BATCH_MAX_EVENTS, REPLICATION_WINDOW};
+use crate::event::{Event, EventKind, Origin, RequeueReason};
 use crate::ids::{Epoch, ItemId, PeerId, ProducerId, Sequence, ShardId};
 use crate::metrics::{self, QueueMetrics};
 use crate::replication::{Appended, Batch, PublishFuture, ReplicationError, Replicator};
@@ -300,10 +302,10 @@ impl Shared {
     ) -> Self {
         let system = Arc::new(Origin {
             shard: config.shard.clone(),
-            principal: crate::ids::Principal::from(super::SYSTEM_PRINCIPAL),
+            principal: crate::ids::Principal::from(SYSTEM_PRINCIPAL),
             peer: config.node.clone(),
         });
-        let metrics = QueueMetrics::new(&config.shard);
+        let metrics = QueueMetrics::new(&config.shard, FenceReason::ALL.map(FenceReason::as_str));
         // The gauges start at the state's values; afterwards each applied
         // batch updates them (the dead-letter gauge when its count changed).
         metrics.pending.set(state.pending() as f64);

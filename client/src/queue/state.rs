@@ -18,10 +18,10 @@ use std::time::Duration;
 use crate::backpressure::BackpressureSignal;
 use crate::clock::Timestamp;
 use crate::defaults;
+use crate::event::{Event, EventKind, NewItem, RequeueReason, SequencedEvent};
 use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Sequence, ShardId};
-use crate::queue::event::{Event, EventKind, NewItem, RequeueReason, SequencedEvent};
-use crate::queue::item::{AttemptOutcome, AttemptRecord, DeadLetter, DrainMode, Lease, Payload, WorkItem};
-use crate::queue::table::{IdTable, Table, TableKey};
+use crate::item::{AttemptOutcome, AttemptRecord, DeadLetter, DrainMode, Lease, Payload, WorkItem};
+use crate::sync::table::{IdTable, Table, TableKey};
 
 /// An event that does not fit the state it is applied to: the log is
 /// corrupt, belongs to another shard, or skipped events.

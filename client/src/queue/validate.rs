@@ -8,8 +8,8 @@ use omnirelay_proto::limits::MAX_EVENT_BYTES;
 use prost::Message;
 
 use crate::defaults;
+use crate::item::{Payload, WorkItem};
 use crate::queue::error::{QueueError, Result};
-use crate::queue::item::{Payload, WorkItem};
 
 /// A field path, formatted only when an error needs it: validation of a
 /// good payload must not allocate (it runs on every enqueue).

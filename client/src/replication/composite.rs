@@ -48,8 +48,8 @@ use tokio::sync::mpsc;
 use super::{
     Appended, Batch, LogPage, PublishFuture, ReplicationError, Replicator, ReplicatorFuture, ShardGrant, StoredSnapshot,
 };
+use crate::event::Event;
 use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
-use crate::queue::Event;
 
 /// Events read from the primary per catch-up batch: large enough that a
 /// secondary a few thousand events behind catches up in a few round trips,

@@ -48,8 +48,9 @@ use bytes::Bytes;
 
 use super::{Batch, ReplicationError, Replicator};
 use crate::clock::Timestamp;
+use crate::event::{Event, EventKind, NewItem, Origin};
 use crate::ids::{Epoch, ItemId, PeerId, Principal, ProducerId, Sequence, ShardId};
-use crate::queue::{Event, EventKind, NewItem, Origin, Payload};
+use crate::item::Payload;
 
 /// Whether a replicator's log outlives the replicator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use super::{
     Appended, Batch, HeldLease, LogPage, LoggedEvent, MAX_HELD_LEASES, PublishFuture, ReplicationError, Replicator,
     ReplicatorFuture, ShardGrant, StoredSnapshot,
 };
+use crate::event::{Event, SequencedEvent};
 use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
-use crate::queue::{Event, SequencedEvent};
 
 /// A failure to inject into the next publishes of an [`InMemoryReplicator`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -492,8 +492,8 @@ mod tests {
 
     use super::*;
     use crate::clock::Timestamp;
+    use crate::event::{Event, EventKind, Origin};
     use crate::ids::{PeerId, Principal};
-    use crate::queue::{Event, EventKind, Origin};
 
     fn batch(producer: &str, producer_seq: u64, events: usize) -> Batch {
         let origin =

@@ -58,8 +58,8 @@ pub use sharded::ShardedReplicator;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOpenError, SqliteReplicator, SqliteReplicatorConfig};
 
+use crate::event::{Event, SequencedEvent};
 use crate::ids::{Epoch, ProducerId, Sequence, ShardId};
-use crate::queue::{Event, SequencedEvent};
 
 /// The future returned by [`Replicator::publish`]: either an answer that is
 /// already known (synchronous replicators such as the in-memory one, with no

@@ -1,6 +1,10 @@
 //! Replication events: every queue mutation, carrying every value the queue
 //! derived when it accepted the command (ids, times, attempts), so applying
 //! them never consults a clock or a random source.
+//!
+//! The queue writes them and the replicators carry them, so they live apart
+//! from both (neither imports the other for them); the public path is
+//! [`crate::queue`], which re-exports them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,7 +12,7 @@ use std::sync::Arc;
 use crate::backpressure::BackpressureSignal;
 use crate::clock::Timestamp;
 use crate::ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, Sequence, ShardId};
-use crate::queue::item::{DeadLetterReason, DrainMode, Payload, WorkItem};
+use crate::item::{DeadLetterReason, DrainMode, Payload, WorkItem};
 
 /// Who caused an event, on which shard.
 ///

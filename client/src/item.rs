@@ -1,6 +1,9 @@
 //! The queue's nouns: what a producer hands in ([`Payload`]), what the queue
 //! holds ([`WorkItem`]), what a worker holds ([`LeaseHandle`]) and what is left
 //! when work fails for good ([`DeadLetter`]).
+//!
+//! Events and replicators name them as well as the queue, so they live apart
+//! from it; the public path is [`crate::queue`], which re-exports them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
