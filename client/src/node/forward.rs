@@ -38,12 +38,10 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use super::error::{ForwardedStatus, NodeError};
 use super::membership::{Assigned, MEMBERSHIP_POLL};
 use super::procedures::{ProcedureRequest, procedures};
-use super::state::NodeInner;
 use crate::chooser::{PeerChooser, RoundRobinChooser};
 use crate::health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::principal::{CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, Caller, MTLS_THUMBPRINT_HEADER};
-use crate::shard::parse_namespace;
 
 /// Metadata (and HTTP header) naming the node that forwarded a call. A call
 /// carrying it is never forwarded again.
@@ -106,23 +104,6 @@ impl Target {
             owner: self.owner.clone(),
             address: Some(self.address.clone()),
         }
-    }
-}
-
-impl NodeInner {
-    /// Where a call for `namespace` goes when this node forwards: the
-    /// member that owns it, when that is another member with an advertised
-    /// address. `None` for this node's own namespaces, namespaces it does
-    /// not host, malformed names (the procedure answers those) and owners
-    /// that advertised no address (the caller gets the redirect).
-    pub(crate) fn forward_target(&self, namespace: &str) -> Option<Target> {
-        let shard = parse_namespace("namespace", namespace).ok()?;
-        if !self.queues.contains_key(&shard) {
-            return None;
-        }
-        let view = self.assigned.borrow();
-        let (owner, address) = view.as_ref()?.elsewhere(&shard)?;
-        Some(Target { owner: owner.to_string(), address: address?.to_string(), namespace: shard })
     }
 }
 
@@ -437,7 +418,8 @@ mod tests {
                 .expect_err("nobody answers")
                 .status();
             assert_eq!(status.code(), tonic::Code::Unavailable, "attempt {attempt}: {status:?}");
-            let redirect = status.metadata().get(crate::node::OWNER_ADDRESS_HEADER).and_then(|v| v.to_str().ok());
+            let redirect =
+                status.metadata().get(super::super::error::OWNER_ADDRESS_HEADER).and_then(|v| v.to_str().ok());
             assert_eq!(redirect, Some(address.as_str()), "the caller is sent to the owner");
         }
         assert_eq!(forwarder.tracker().state(&PeerId::from("node-2")), Some(PeerState::Ejected));

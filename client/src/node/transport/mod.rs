@@ -13,9 +13,10 @@ pub use grpc::LeaseService;
 pub use session::SessionStream;
 
 use super::error::Result;
-use super::forward::Forwardable;
+use super::forward::{Forwardable, Target};
 use super::procedures::CallContext;
 use super::state::NodeInner;
+use crate::shard::parse_namespace;
 
 /// Answers one decoded call on `node`: the request is whole, its namespace
 /// is set and the caller bound (and, for HTTP/JSON and session messages,
@@ -36,4 +37,21 @@ pub(crate) async fn call<R: Forwardable>(node: &NodeInner, cx: &CallContext, mut
         return forwarder.forward(&target, binding, cx.remaining(), request, R::send).await;
     }
     request.answer(node, cx).await
+}
+
+impl NodeInner {
+    /// Where a call for `namespace` goes when this node forwards: the
+    /// member that owns it, when that is another member with an advertised
+    /// address. `None` for this node's own namespaces, namespaces it does
+    /// not host, malformed names (the procedure answers those) and owners
+    /// that advertised no address (the caller gets the redirect).
+    pub(crate) fn forward_target(&self, namespace: &str) -> Option<Target> {
+        let shard = parse_namespace("namespace", namespace).ok()?;
+        if !self.queues.contains_key(&shard) {
+            return None;
+        }
+        let view = self.assigned.borrow();
+        let (owner, address) = view.as_ref()?.elsewhere(&shard)?;
+        Some(Target { owner: owner.to_string(), address: address?.to_string(), namespace: shard })
+    }
 }
