@@ -23,6 +23,9 @@
 //!   SKIP LOCKED queue on the same cluster, with CPU per cycle of the node,
 //!   the hub and PostgreSQL; then the recovery time of a queue whose log
 //!   holds a million events (see `durable.rs`).
+//! - `forward [seconds]`: the cycle as unary calls to a namespace's owner
+//!   directly and through another node that forwards them, at 1, 8 and 64
+//!   workers, in the same run (see `forward.rs`).
 //! - `failover [rounds]`: a mesh of two nodes on a hub on durable
 //!   PostgreSQL; the time from a crash of one node (and from a graceful
 //!   shutdown) until the other serves its namespaces, split into detection,
@@ -38,6 +41,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod durable;
 mod failover;
+mod forward;
 mod hub;
 mod node;
 mod sinks;
@@ -69,13 +73,14 @@ fn main() {
         "node-durable" => durable::run(cycles.unwrap_or(10)),
         "failover" => failover::run(cycles.unwrap_or(3) as usize),
         "sinks" => sinks::run(cycles.unwrap_or(100_000)),
+        "forward" => forward::run(cycles.unwrap_or(5)),
         "node" => {
             let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
             node::run(cycles.unwrap_or(5), &url)
         }
         _ => {
             eprintln!(
-                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable|failover|sinks> [options]; see bench/README.md"
+                "usage: omnirelay-bench <queue|queue-cycles|hub|node|node-durable|failover|forward|sinks> [options]; see bench/README.md"
             );
             eprintln!("  hub    {}", hub::SUMMARY);
             std::process::exit(2);

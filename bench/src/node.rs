@@ -34,37 +34,37 @@ const RETAINED_EVENTS: usize = 4096;
 const REDIS_MAXLEN: usize = 100_000;
 
 /// The namespace the benchmark uses.
-const NAMESPACE: &str = "resourcelease.bench";
+pub(crate) const NAMESPACE: &str = "resourcelease.bench";
 
 /// One measurement: cycles per second, cycle latency percentiles, and the
 /// CPU time spent while the workers ran (warm-up included) per cycle run.
-struct Measured {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-    cpu: Option<CpuPerCycle>,
+pub(crate) struct Measured {
+    pub(crate) rate: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) cpu: Option<CpuPerCycle>,
 }
 
 /// CPU time per cycle, by who spent it.
 #[derive(Debug, Clone, Copy)]
-struct CpuPerCycle {
+pub(crate) struct CpuPerCycle {
     /// The node's thread.
-    node: Duration,
+    pub(crate) node: Duration,
     /// The canned server's thread.
-    canned: Duration,
+    pub(crate) canned: Duration,
     /// The Redis server process.
     redis: Duration,
     /// The workers: this process but the two server threads.
-    clients: Duration,
+    pub(crate) clients: Duration,
 }
 
 /// Reads the CPU time (user + system, clock ticks of 10 ms) of the server
 /// threads, the Redis process and this process, from `/proc`.
 #[derive(Debug, Clone, Default)]
-struct CpuClock {
-    node_tid: Option<String>,
-    canned_tid: Option<String>,
-    redis_pid: Option<u32>,
+pub(crate) struct CpuClock {
+    pub(crate) node_tid: Option<String>,
+    pub(crate) canned_tid: Option<String>,
+    pub(crate) redis_pid: Option<u32>,
 }
 
 /// A reading of [`CpuClock`].
@@ -318,13 +318,13 @@ fn stat_cpu(path: &str) -> Option<Duration> {
 }
 
 /// The id of the calling thread, for reading its CPU time.
-fn thread_id() -> Option<String> {
+pub(crate) fn thread_id() -> Option<String> {
     std::fs::read_to_string("/proc/thread-self/stat")
         .ok()
         .and_then(|stat| stat.split_whitespace().next().map(str::to_string))
 }
 
-fn current_thread() -> tokio::runtime::Runtime {
+pub(crate) fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime should build")
 }
 
@@ -355,13 +355,13 @@ fn start_node() -> Node {
 }
 
 /// Something that runs one cycle.
-trait Worker: Send + 'static {
+pub(crate) trait Worker: Send + 'static {
     fn cycle(&mut self, n: u64) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// Runs `workers` workers for `duration` after a short warm-up, and
 /// measures.
-async fn measure<W, F, Fut>(workers: usize, duration: Duration, cpu: &CpuClock, connect: F) -> Measured
+pub(crate) async fn measure<W, F, Fut>(workers: usize, duration: Duration, cpu: &CpuClock, connect: F) -> Measured
 where
     W: Worker,
     F: Fn(usize) -> Fut,
@@ -416,14 +416,14 @@ where
 }
 
 /// A gRPC worker with its own connection.
-struct GrpcWorker {
+pub(crate) struct GrpcWorker {
     client: ResourceLeaseClient<Channel>,
     owner: String,
     body: Bytes,
 }
 
 impl GrpcWorker {
-    async fn connect(addr: std::net::SocketAddr, n: usize) -> Self {
+    pub(crate) async fn connect(addr: std::net::SocketAddr, n: usize) -> Self {
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("a valid URI")
             .connect()
@@ -729,6 +729,6 @@ impl Worker for RedisWorker {
 
 /// The workers' runtime: two threads, so client-side protocol work (h2
 /// framing for gRPC, RESP for Redis) is not capped at one core.
-fn clients() -> tokio::runtime::Runtime {
+pub(crate) fn clients() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime should build")
 }
