@@ -10,12 +10,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use omnirelay_client::QueueConfig;
-use omnirelay_client::health::HealthConfig;
 use omnirelay_client::middleware::{
     AuthorizationConfig, AuthorizationTable, ClientCertPolicy, JwtVerifier, MiddlewareConfig, PrincipalConfig,
     TrustedProxies,
 };
 use omnirelay_client::node::{Assignment, NodeConfig, RateLimits};
+use omnirelay_client::peer_health::HealthConfig;
 use serde::{Deserialize, Serialize};
 
 /// Where the sidecar listens when nothing says otherwise: loopback, so a

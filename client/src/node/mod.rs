@@ -92,9 +92,9 @@ pub use transport::{LeaseService, SessionStream};
 
 use crate::backpressure::{BackpressureAwareRateLimiter, BackpressureDiagnostics};
 use crate::clock::Clock;
-use crate::health::{HealthConfig, PeerLeaseHealthTracker};
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::{MeshLayer, MiddlewareConfig, defaults::MAX_RESTORE_REQUEST_BYTES};
+use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker};
 use crate::queue::{LeaseObserver, Queue, QueueConfig, ShardStatus, Sweeper};
 use crate::replication::Replicator;
 use crate::shard::parse_namespace;

@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::limiter::NamespaceRateLimitLayer;
 use super::membership;
 use crate::backpressure::BackpressureDiagnostics;
-use crate::health::PeerLeaseHealthTracker;
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::{AuthorizationTable, DeadlineConfig, RequestLimits};
+use crate::peer_health::PeerLeaseHealthTracker;
 use crate::queue::Queue;
 
 /// One namespace as the node hosts it.

@@ -39,7 +39,7 @@ pub(crate) const AUTHORIZATION: &str = r#"{"rules": [
 /// How a test node is set up.
 pub(crate) struct Options {
     pub(crate) queues: Vec<QueueConfig>,
-    pub(crate) health: omnirelay_client::health::HealthConfig,
+    pub(crate) health: omnirelay_client::peer_health::HealthConfig,
     pub(crate) sweep_interval: Duration,
     pub(crate) tls: Option<TlsAcceptorConfig>,
     pub(crate) client_certs: ClientCertPolicy,
@@ -60,7 +60,7 @@ impl Default for Options {
         default.max_attempts = 2;
         Self {
             queues: vec![default, users],
-            health: omnirelay_client::health::HealthConfig::default(),
+            health: omnirelay_client::peer_health::HealthConfig::default(),
             // Expiry happens on lease calls only (deterministic); the
             // sweeper is proven by the eviction test.
             sweep_interval: Duration::from_secs(3600),

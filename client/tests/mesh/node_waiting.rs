@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use omnirelay_client::health::HealthConfig;
 use omnirelay_client::middleware::Procedure;
 use omnirelay_client::node::RateLimits;
+use omnirelay_client::peer_health::HealthConfig;
 use omnirelay_client::{ErrorCode, PeerId, QueueConfig};
 use serde_json::json;
 
