@@ -25,7 +25,7 @@
 //!   the tracker ([`PeerChooser`]).
 //! - [`middleware`]: the tower stack every mesh call passes, for tonic and
 //!   axum alike ([`middleware::MeshLayer`]: tracing, principal binding,
-//!   deadlines, size limits, authorization, a rate-limiter slot).
+//!   deadlines, size limits, authorization, a concurrency-limiter slot).
 //! - [`shard`]: namespaces, the payload-to-shard router and `rpc-shard-key`.
 //! - [`node`]: the mesh node: one queue per namespace served over gRPC and
 //!   HTTP/JSON behind the middleware, peer health wired to every queue,

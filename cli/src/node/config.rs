@@ -14,7 +14,7 @@ use omnirelay_client::middleware::{
     AuthorizationConfig, AuthorizationTable, ClientCertPolicy, JwtVerifier, MiddlewareConfig, PrincipalConfig,
     TrustedProxies,
 };
-use omnirelay_client::node::{Assignment, NodeConfig, RateLimits};
+use omnirelay_client::node::{Assignment, ConcurrencyLimits, NodeConfig};
 use omnirelay_client::peer_health::HealthConfig;
 use serde::{Deserialize, Serialize};
 
@@ -441,7 +441,7 @@ pub struct SidecarConfig {
     /// The authorization table.
     pub authorization: AuthorizationConfig,
     /// Concurrent calls per namespace (normal, backpressure).
-    pub rate_limits: (usize, usize),
+    pub concurrency_limits: (usize, usize),
     /// Sweeper interval, milliseconds.
     pub sweep_interval_ms: u64,
     /// Peer health thresholds.
@@ -573,11 +573,11 @@ impl SidecarConfig {
                 args.trusted_proxies.clone()
             },
             authorization,
-            rate_limits: (
-                args.rate_limit_normal.or(file.rate_limit_normal).unwrap_or(RateLimits::default().normal),
+            concurrency_limits: (
+                args.rate_limit_normal.or(file.rate_limit_normal).unwrap_or(ConcurrencyLimits::default().normal),
                 args.rate_limit_backpressure
                     .or(file.rate_limit_backpressure)
-                    .unwrap_or(RateLimits::default().backpressure),
+                    .unwrap_or(ConcurrencyLimits::default().backpressure),
             ),
             sweep_interval_ms: file.sweep_interval_ms.unwrap_or_else(|| {
                 u64::try_from(omnirelay_client::defaults::SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX)
@@ -634,7 +634,8 @@ impl SidecarConfig {
         let authorization = AuthorizationTable::from_config(&self.authorization)
             .map_err(|err| anyhow::anyhow!("authorization.{err}"))?;
         config.middleware = MiddlewareConfig { principal, authorization, ..MiddlewareConfig::default() };
-        config.rate_limits = RateLimits { normal: self.rate_limits.0, backpressure: self.rate_limits.1 };
+        config.concurrency_limits =
+            ConcurrencyLimits { normal: self.concurrency_limits.0, backpressure: self.concurrency_limits.1 };
         config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         config.health = self.health.clone();
         config.advertise = self.advertise.clone();

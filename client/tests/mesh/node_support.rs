@@ -45,7 +45,7 @@ pub(crate) struct Options {
     pub(crate) client_certs: ClientCertPolicy,
     pub(crate) trust_domain: Option<String>,
     pub(crate) limits: RequestLimits,
-    pub(crate) rate_limits: omnirelay_client::node::RateLimits,
+    pub(crate) concurrency_limits: omnirelay_client::node::ConcurrencyLimits,
     pub(crate) metrics: bool,
 }
 
@@ -68,7 +68,7 @@ impl Default for Options {
             client_certs: ClientCertPolicy::Optional,
             trust_domain: None,
             limits: RequestLimits::default(),
-            rate_limits: omnirelay_client::node::RateLimits::default(),
+            concurrency_limits: omnirelay_client::node::ConcurrencyLimits::default(),
             metrics: false,
         }
     }
@@ -99,7 +99,7 @@ impl TestNode {
         config.queues = options.queues;
         config.health = options.health;
         config.sweep_interval = options.sweep_interval;
-        config.rate_limits = options.rate_limits;
+        config.concurrency_limits = options.concurrency_limits;
         config.middleware = MiddlewareConfig {
             principal,
             authorization: AuthorizationTable::from_json(AUTHORIZATION).expect("valid table"),
