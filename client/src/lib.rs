@@ -19,13 +19,13 @@
 //! - [`wire`]: the one conversion between domain and protobuf types.
 //! - [`ErrorCode`]: the closed set of failures, mapped once to gRPC and HTTP.
 //! - [`ShardId`], [`PeerId`], [`Principal`] and the queue's ids.
-//! - [`health`]: the [`PeerLeaseHealthTracker`] shared by the dispatcher and
+//! - [`peer_health`]: the [`PeerLeaseHealthTracker`] shared by the dispatcher and
 //!   the choosers (healthy, probation, suspect, ejected; snapshots, gauges).
 //! - [`chooser`]: round robin, fewest pending and power of two choices over
 //!   the tracker ([`PeerChooser`]).
 //! - [`middleware`]: the tower stack every mesh call passes, for tonic and
 //!   axum alike ([`middleware::MeshLayer`]: tracing, principal binding,
-//!   deadlines, size limits, authorization, a rate-limiter slot).
+//!   deadlines, size limits, authorization, a concurrency-limiter slot).
 //! - [`shard`]: namespaces, the payload-to-shard router and `rpc-shard-key`.
 //! - [`node`]: the mesh node: one queue per namespace served over gRPC and
 //!   HTTP/JSON behind the middleware, peer health wired to every queue,
@@ -80,13 +80,13 @@ pub mod defaults;
 pub mod effects;
 pub mod error;
 mod event;
-pub mod health;
 pub mod ids;
 mod item;
 pub mod mesh;
 pub mod metrics;
 pub mod middleware;
 pub mod node;
+pub mod peer_health;
 pub mod queue;
 pub mod replication;
 pub mod shard;
@@ -98,9 +98,9 @@ pub use backpressure::{BackpressureListener, BackpressureSignal};
 pub use chooser::PeerChooser;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
 pub use error::ErrorCode;
-pub use health::PeerLeaseHealthTracker;
 pub use ids::{FencingToken, ItemId, LeaseId, PeerId, Principal, ProducerId, Sequence, ShardId};
 pub use omnirelay_proto as proto;
+pub use peer_health::PeerLeaseHealthTracker;
 pub use queue::{Queue, QueueConfig, QueueError, QueueState};
 pub use replication::{InMemoryReplicator, Replicator};
 pub use sink::ReplicationSink;

@@ -43,7 +43,7 @@ use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::chooser::{PeerChooser, RoundRobinChooser};
-use crate::health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata, PeerState};
+use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata, PeerState};
 use crate::ids::PeerId;
 use crate::node::{OWNER_ADDRESS_HEADER, OWNER_HEADER};
 

@@ -10,12 +10,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use omnirelay_client::QueueConfig;
-use omnirelay_client::health::HealthConfig;
 use omnirelay_client::middleware::{
     AuthorizationConfig, AuthorizationTable, ClientCertPolicy, JwtVerifier, MiddlewareConfig, PrincipalConfig,
     TrustedProxies,
 };
-use omnirelay_client::node::{Assignment, NodeConfig, RateLimits};
+use omnirelay_client::node::{Assignment, ConcurrencyLimits, NodeConfig};
+use omnirelay_client::peer_health::HealthConfig;
 use serde::{Deserialize, Serialize};
 
 /// Where the sidecar listens when nothing says otherwise: loopback, so a
@@ -151,10 +151,18 @@ pub struct NodeArgs {
     #[arg(long, env = "OMNIRELAY_NODE_AUTHORIZATION_FILE")]
     pub authorization_file: Option<PathBuf>,
     /// Concurrent calls per namespace [default: 1024].
-    #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_NORMAL")]
-    pub rate_limit_normal: Option<usize>,
+    #[arg(long, env = "OMNIRELAY_NODE_CONCURRENCY_LIMIT_NORMAL")]
+    pub concurrency_limit_normal: Option<usize>,
     /// Concurrent calls per namespace under backpressure [default: 64].
-    #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_BACKPRESSURE")]
+    #[arg(long, env = "OMNIRELAY_NODE_CONCURRENCY_LIMIT_BACKPRESSURE")]
+    pub concurrency_limit_backpressure: Option<usize>,
+    /// The former name of `--concurrency-limit-normal` (it limits
+    /// concurrent calls, never a rate), still accepted with its variable so
+    /// existing deployments keep their setting; the new name wins.
+    #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_NORMAL", hide = true)]
+    pub rate_limit_normal: Option<usize>,
+    /// The former name of `--concurrency-limit-backpressure`, likewise.
+    #[arg(long, env = "OMNIRELAY_NODE_RATE_LIMIT_BACKPRESSURE", hide = true)]
     pub rate_limit_backpressure: Option<usize>,
     /// Replication hub endpoints (`http://host:7400` or `https://...`;
     /// repeat, or comma-separate); makes the hub the replicator.
@@ -419,10 +427,14 @@ pub struct FileConfig {
     pub authorization: Option<AuthorizationConfig>,
     /// The authorization table as a JSON file.
     pub authorization_file: Option<PathBuf>,
-    /// Concurrent calls per namespace.
-    pub rate_limit_normal: Option<usize>,
-    /// Concurrent calls per namespace under backpressure.
-    pub rate_limit_backpressure: Option<usize>,
+    /// Concurrent calls per namespace (`rate_limit_normal`, its former
+    /// name, is still read).
+    #[serde(alias = "rate_limit_normal")]
+    pub concurrency_limit_normal: Option<usize>,
+    /// Concurrent calls per namespace under backpressure
+    /// (`rate_limit_backpressure`, its former name, is still read).
+    #[serde(alias = "rate_limit_backpressure")]
+    pub concurrency_limit_backpressure: Option<usize>,
     /// Sweeper interval, milliseconds.
     pub sweep_interval_ms: Option<u64>,
     /// Peer health thresholds (durations in milliseconds).
@@ -482,7 +494,7 @@ pub struct SidecarConfig {
     /// The authorization table.
     pub authorization: AuthorizationConfig,
     /// Concurrent calls per namespace (normal, backpressure).
-    pub rate_limits: (usize, usize),
+    pub concurrency_limits: (usize, usize),
     /// Sweeper interval, milliseconds.
     pub sweep_interval_ms: u64,
     /// Peer health thresholds.
@@ -624,11 +636,15 @@ impl SidecarConfig {
                 token_file: args.forward_token_file.clone().or(file.forwarding.token_file),
             },
             authorization,
-            rate_limits: (
-                args.rate_limit_normal.or(file.rate_limit_normal).unwrap_or(RateLimits::default().normal),
-                args.rate_limit_backpressure
-                    .or(file.rate_limit_backpressure)
-                    .unwrap_or(RateLimits::default().backpressure),
+            concurrency_limits: (
+                args.concurrency_limit_normal
+                    .or(args.rate_limit_normal)
+                    .or(file.concurrency_limit_normal)
+                    .unwrap_or(ConcurrencyLimits::default().normal),
+                args.concurrency_limit_backpressure
+                    .or(args.rate_limit_backpressure)
+                    .or(file.concurrency_limit_backpressure)
+                    .unwrap_or(ConcurrencyLimits::default().backpressure),
             ),
             sweep_interval_ms: file.sweep_interval_ms.unwrap_or_else(|| {
                 u64::try_from(omnirelay_client::defaults::SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX)
@@ -692,7 +708,8 @@ impl SidecarConfig {
         let authorization = AuthorizationTable::from_config(&self.authorization)
             .map_err(|err| anyhow::anyhow!("authorization.{err}"))?;
         config.middleware = MiddlewareConfig { principal, authorization, ..MiddlewareConfig::default() };
-        config.rate_limits = RateLimits { normal: self.rate_limits.0, backpressure: self.rate_limits.1 };
+        config.concurrency_limits =
+            ConcurrencyLimits { normal: self.concurrency_limits.0, backpressure: self.concurrency_limits.1 };
         config.sweep_interval = Duration::from_millis(self.sweep_interval_ms);
         config.health = self.health.clone();
         config.advertise = self.advertise.clone();
@@ -889,6 +906,27 @@ mod tests {
         assert_eq!(node.queues[1].high_watermark, 40);
         assert_eq!(node.queues[0].max_attempts, 9);
         assert_eq!(node.queues[0].lease_duration, omnirelay_client::defaults::LEASE_DURATION);
+    }
+
+    #[test]
+    fn the_former_rate_limit_names_still_set_the_concurrency_limits() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let parse = |flags: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(std::iter::once("node").chain(flags.iter().copied()))
+                .expect("valid flags");
+            SidecarConfig::merge(&cli.node, FileConfig::default()).expect("merges").concurrency_limits
+        };
+        assert_eq!(parse(&["--concurrency-limit-normal", "7", "--concurrency-limit-backpressure", "3"]), (7, 3));
+        assert_eq!(parse(&["--rate-limit-normal", "7", "--rate-limit-backpressure", "3"]), (7, 3));
+        assert_eq!(parse(&["--rate-limit-normal", "7", "--concurrency-limit-normal", "8"]).0, 8, "the new name wins");
+        let old = file("rate_limit_normal = 5\nrate_limit_backpressure = 2\n");
+        assert_eq!(SidecarConfig::merge(&NodeArgs::default(), old).expect("merges").concurrency_limits, (5, 2));
+        let new = file("concurrency_limit_normal = 5\nconcurrency_limit_backpressure = 2\n");
+        assert_eq!(SidecarConfig::merge(&NodeArgs::default(), new).expect("merges").concurrency_limits, (5, 2));
     }
 
     #[test]

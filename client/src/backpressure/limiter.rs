@@ -22,13 +22,13 @@ use super::{BackpressureListener, BackpressureSignal};
 /// permits from the (smaller) `backpressure` budget, so the node sheds load
 /// without rejecting. Requests already running keep their permit.
 #[derive(Debug)]
-pub struct BackpressureAwareRateLimiter {
+pub struct BackpressureAwareConcurrencyLimiter {
     active: AtomicBool,
     normal: Arc<Semaphore>,
     backpressure: Arc<Semaphore>,
 }
 
-impl BackpressureAwareRateLimiter {
+impl BackpressureAwareConcurrencyLimiter {
     /// A limiter allowing `normal` concurrent requests normally and
     /// `backpressure` while the signal is on.
     pub fn new(normal: usize, backpressure: usize) -> Arc<Self> {
@@ -45,28 +45,28 @@ impl BackpressureAwareRateLimiter {
     }
 
     /// The tower layer drawing on this limiter.
-    pub fn layer(self: &Arc<Self>) -> BackpressureAwareRateLimitLayer {
-        BackpressureAwareRateLimitLayer { limiter: Arc::clone(self) }
+    pub fn layer(self: &Arc<Self>) -> BackpressureAwareConcurrencyLimitLayer {
+        BackpressureAwareConcurrencyLimitLayer { limiter: Arc::clone(self) }
     }
 }
 
-impl BackpressureListener for BackpressureAwareRateLimiter {
+impl BackpressureListener for BackpressureAwareConcurrencyLimiter {
     fn on_signal(&self, signal: &BackpressureSignal) {
         self.active.store(signal.active, Ordering::Release);
     }
 }
 
-/// Applies [`BackpressureAwareRateLimit`] to a service.
+/// Applies [`BackpressureAwareConcurrencyLimit`] to a service.
 #[derive(Debug, Clone)]
-pub struct BackpressureAwareRateLimitLayer {
-    limiter: Arc<BackpressureAwareRateLimiter>,
+pub struct BackpressureAwareConcurrencyLimitLayer {
+    limiter: Arc<BackpressureAwareConcurrencyLimiter>,
 }
 
-impl<S> Layer<S> for BackpressureAwareRateLimitLayer {
-    type Service = BackpressureAwareRateLimit<S>;
+impl<S> Layer<S> for BackpressureAwareConcurrencyLimitLayer {
+    type Service = BackpressureAwareConcurrencyLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        BackpressureAwareRateLimit::new(inner, Arc::clone(&self.limiter))
+        BackpressureAwareConcurrencyLimit::new(inner, Arc::clone(&self.limiter))
     }
 }
 
@@ -77,9 +77,9 @@ impl<S> Layer<S> for BackpressureAwareRateLimitLayer {
 /// future completes or is dropped. If the signal flips while waiting, the
 /// wait moves to the other budget.
 #[derive(Debug)]
-pub struct BackpressureAwareRateLimit<S> {
+pub struct BackpressureAwareConcurrencyLimit<S> {
     inner: S,
-    limiter: Arc<BackpressureAwareRateLimiter>,
+    limiter: Arc<BackpressureAwareConcurrencyLimiter>,
     normal: PollSemaphore,
     backpressure: PollSemaphore,
     /// Which budget the pending wait is on, to cancel it when the signal flips.
@@ -87,16 +87,16 @@ pub struct BackpressureAwareRateLimit<S> {
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl<S: Clone> Clone for BackpressureAwareRateLimit<S> {
+impl<S: Clone> Clone for BackpressureAwareConcurrencyLimit<S> {
     fn clone(&self) -> Self {
         // A clone waits and holds permits of its own.
         Self::new(self.inner.clone(), Arc::clone(&self.limiter))
     }
 }
 
-impl<S> BackpressureAwareRateLimit<S> {
+impl<S> BackpressureAwareConcurrencyLimit<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, limiter: Arc<BackpressureAwareRateLimiter>) -> Self {
+    pub fn new(inner: S, limiter: Arc<BackpressureAwareConcurrencyLimiter>) -> Self {
         Self {
             normal: PollSemaphore::new(Arc::clone(&limiter.normal)),
             backpressure: PollSemaphore::new(Arc::clone(&limiter.backpressure)),
@@ -108,7 +108,7 @@ impl<S> BackpressureAwareRateLimit<S> {
     }
 }
 
-impl<S, Request> Service<Request> for BackpressureAwareRateLimit<S>
+impl<S, Request> Service<Request> for BackpressureAwareConcurrencyLimit<S>
 where
     S: Service<Request>,
 {
@@ -144,7 +144,7 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The response of [`BackpressureAwareRateLimit`]: the inner future plus
+    /// The response of [`BackpressureAwareConcurrencyLimit`]: the inner future plus
     /// the permit it runs under.
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
@@ -182,7 +182,7 @@ mod tests {
 
     #[tokio::test]
     async fn backpressure_swaps_to_the_smaller_budget_and_back() {
-        let limiter = BackpressureAwareRateLimiter::new(2, 1);
+        let limiter = BackpressureAwareConcurrencyLimiter::new(2, 1);
         let (mut service, mut handle) = mock::spawn_layer::<&str, &str, _>(limiter.layer());
         let (mut other, _other_handle) = mock::spawn_layer::<&str, &str, _>(limiter.layer());
         let (mut third, _third_handle) = mock::spawn_layer::<&str, &str, _>(limiter.layer());

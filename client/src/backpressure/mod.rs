@@ -7,15 +7,17 @@
 //!
 //! - [`BackpressureDiagnostics`] keeps the latest signal and a bounded stream
 //!   of transitions, for `/omnirelay/control/backpressure` and CLI watchers;
-//! - [`BackpressureAwareRateLimiter`] swaps a tower concurrency limit between
+//! - [`BackpressureAwareConcurrencyLimiter`] swaps a tower concurrency limit between
 //!   a normal and a backpressure budget
-//!   ([`BackpressureAwareRateLimitLayer`]).
+//!   ([`BackpressureAwareConcurrencyLimitLayer`]).
 
 mod diagnostics;
 mod limiter;
 
 pub use diagnostics::{BackpressureDiagnostics, BackpressureTransitions, Lagged};
-pub use limiter::{BackpressureAwareRateLimit, BackpressureAwareRateLimitLayer, BackpressureAwareRateLimiter};
+pub use limiter::{
+    BackpressureAwareConcurrencyLimit, BackpressureAwareConcurrencyLimitLayer, BackpressureAwareConcurrencyLimiter,
+};
 
 use crate::clock::Timestamp;
 use crate::ids::ShardId;

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::PeerChooser;
 use crate::PeerId;
-use crate::health::{PeerCandidate, PeerLeaseHealthTracker};
+use crate::peer_health::{PeerCandidate, PeerLeaseHealthTracker};
 
 /// Picks the eligible peer holding the fewest leases relative to its weight:
 /// the score is `(active_leases + 1) / weight`, so a peer in slow start looks

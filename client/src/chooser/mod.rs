@@ -17,7 +17,7 @@
 //! ```
 //! use omnirelay_client::PeerId;
 //! use omnirelay_client::chooser::{PeerChooser, RoundRobinChooser};
-//! use omnirelay_client::health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
+//! use omnirelay_client::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
 //!
 //! let tracker = PeerLeaseHealthTracker::new(HealthConfig::default()).expect("valid config");
 //! tracker.register(&PeerId::new("a"), PeerMetadata::default());
@@ -38,7 +38,7 @@ pub use fewest_pending::FewestPendingChooser;
 pub use power_of_two::PowerOfTwoChooser;
 pub use round_robin::RoundRobinChooser;
 
-use crate::health::{PeerCandidate, PeerLeaseHealthTracker, PeerState};
+use crate::peer_health::{PeerCandidate, PeerLeaseHealthTracker, PeerState};
 use crate::{ErrorCode, PeerId};
 
 /// Why no peer could be chosen.

@@ -4,7 +4,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::PeerChooser;
 use crate::PeerId;
-use crate::health::{PeerCandidate, PeerLeaseHealthTracker};
+use crate::peer_health::{PeerCandidate, PeerLeaseHealthTracker};
 
 /// Samples two distinct eligible peers at random and picks the cheaper, where
 /// cost is `turnaround_ewma × (active_leases + 1) / weight`. Sampling two

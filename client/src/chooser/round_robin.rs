@@ -5,7 +5,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::PeerChooser;
 use crate::PeerId;
-use crate::health::{PeerCandidate, PeerLeaseHealthTracker};
+use crate::peer_health::{PeerCandidate, PeerLeaseHealthTracker};
 
 /// Rotates over eligible peers, giving each a share of picks proportional to
 /// its weight (smooth weighted round robin, as in nginx): with equal weights it

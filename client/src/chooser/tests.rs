@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::advance;
 
 use super::*;
-use crate::health::{HealthConfig, PeerMetadata};
+use crate::peer_health::{HealthConfig, PeerMetadata};
 
 fn peer(name: &str) -> PeerId {
     PeerId::new(name)

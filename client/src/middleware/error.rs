@@ -46,7 +46,7 @@ pub enum MiddlewareError {
         budget_ms: u64,
     },
     /// A refusal with an explicit code, for layers that plug into the stack
-    /// (the backpressure-aware rate limiter answers RESOURCE_EXHAUSTED with
+    /// (the backpressure-aware concurrency limiter answers RESOURCE_EXHAUSTED with
     /// it).
     #[error("{message}")]
     Rejected {

@@ -12,7 +12,7 @@
 //! | [`RequestBodyLimit`] | INVALID_ARGUMENT (`request body`) | [`BufferedBody`] |
 //! | [`Namespace`] | INVALID_ARGUMENT (`namespace`, `rpc-shard-key`) | the namespace in [`RpcRoute`] |
 //! | [`Authorize`] | PERMISSION_DENIED | |
-//! | rate limiter slot | RESOURCE_EXHAUSTED | |
+//! | concurrency limiter slot | RESOURCE_EXHAUSTED | |
 //!
 //! Every refusal happens before the inner service runs, so a refused call
 //! changes nothing. Errors are [`MiddlewareError`]s mapped once through
@@ -89,31 +89,31 @@ pub struct MiddlewareConfig {
 }
 
 /// The service [`mesh_stack`] builds around `S` (the inner service, after
-/// the rate limiter in the slot).
+/// the concurrency limiter in the slot).
 pub type MeshService<S> =
     RpcTrace<ErrorResponse<Route<DeadlinePropagation<PrincipalBinding<RequestBodyLimit<Namespace<Authorize<S>>>>>>>>;
 
 /// The whole stack as one layer, for `tonic::transport::Server::layer` and
-/// `axum::Router::layer`. `R` is the layer in the rate-limiter slot
-/// ([`Identity`] until one is set with [`MeshLayer::with_rate_limiter`]).
+/// `axum::Router::layer`. `R` is the layer in the concurrency-limiter slot
+/// ([`Identity`] until one is set with [`MeshLayer::with_concurrency_limiter`]).
 #[derive(Debug, Clone)]
 pub struct MeshLayer<R = Identity> {
     deadlines: DeadlinePropagationLayer,
     principal: PrincipalBindingLayer,
     limits: RequestLimits,
     authorize: AuthorizeLayer,
-    rate_limiter: R,
+    concurrency_limiter: R,
 }
 
 impl MeshLayer {
-    /// The stack for `config`, with an empty rate-limiter slot.
+    /// The stack for `config`, with an empty concurrency-limiter slot.
     pub fn new(config: MiddlewareConfig) -> Self {
         Self {
             deadlines: DeadlinePropagationLayer::new(config.deadlines),
             principal: PrincipalBindingLayer::new(config.principal),
             limits: config.limits,
             authorize: AuthorizeLayer::new(config.authorization),
-            rate_limiter: Identity::new(),
+            concurrency_limiter: Identity::new(),
         }
     }
 }
@@ -125,16 +125,16 @@ impl<R> MeshLayer<R> {
         self.authorize.table()
     }
 
-    /// Puts a layer in the rate-limiter slot: the queue's
-    /// `BackpressureAwareRateLimiter` (from `crate::backpressure`), or any
+    /// Puts a layer in the concurrency-limiter slot: the queue's
+    /// `BackpressureAwareConcurrencyLimiter` (from `crate::backpressure`), or any
     /// tower limiter. See [`mesh_stack`] for where it sits and why.
-    pub fn with_rate_limiter<L>(self, rate_limiter: L) -> MeshLayer<L> {
+    pub fn with_concurrency_limiter<L>(self, concurrency_limiter: L) -> MeshLayer<L> {
         MeshLayer {
             deadlines: self.deadlines,
             principal: self.principal,
             limits: self.limits,
             authorize: self.authorize,
-            rate_limiter,
+            concurrency_limiter,
         }
     }
 }
@@ -178,13 +178,13 @@ pub fn mesh_stack<S, R: Layer<S>>(inner: S, layers: &MeshLayer<R>) -> MeshServic
         // 8. Authorization: default deny, by principal or role, procedure and
         //    shard.
         .layer(layers.authorize.clone())
-        // 9. Rate-limiter slot, innermost, for the queue's
-        //    BackpressureAwareRateLimiter: it sees only authenticated,
+        // 9. Concurrency-limiter slot, innermost, for the queue's
+        //    BackpressureAwareConcurrencyLimiter: it sees only authenticated,
         //    authorized, well-formed calls, so refused traffic never takes a
         //    permit, and it sheds load with RESOURCE_EXHAUSTED (as a
         //    MiddlewareError::Rejected or tower's Overloaded) that layer 2
-        //    renders. Empty until set with MeshLayer::with_rate_limiter.
-        .service(layers.rate_limiter.layer(inner))
+        //    renders. Empty until set with MeshLayer::with_concurrency_limiter.
+        .service(layers.concurrency_limiter.layer(inner))
 }
 
 #[cfg(test)]

@@ -262,11 +262,11 @@ async fn allowed_calls_reach_the_handler_with_caller_route_and_deadline() {
 }
 
 #[tokio::test]
-async fn the_rate_limiter_slot_sees_only_authorized_calls_and_its_refusals_render() {
+async fn the_concurrency_limiter_slot_sees_only_authorized_calls_and_its_refusals_render() {
     let fixture = fixture();
     let limited = Arc::new(AtomicUsize::new(0));
     let counter = limited.clone();
-    // A stand-in for BackpressureAwareRateLimiter: refuses every call it sees.
+    // A stand-in for BackpressureAwareConcurrencyLimiter: refuses every call it sees.
     let shed = tower::layer::layer_fn(move |_inner: Handler| {
         let counter = counter.clone();
         tower::service_fn(move |_request: Request<BufferedBody>| {
@@ -278,7 +278,7 @@ async fn the_rate_limiter_slot_sees_only_authorized_calls_and_its_refusals_rende
             std::future::ready(Err::<Response<Full<Bytes>>, BoxError>(Box::new(refusal)))
         })
     });
-    let layer = fixture.layer.clone().with_rate_limiter(shed);
+    let layer = fixture.layer.clone().with_concurrency_limiter(shed);
     let worker = Some(token(&fixture, &["worker"], AUDIENCE));
     for transport in [Transport::Grpc, Transport::Http] {
         let anonymous = Call::new(Procedure::Lease, "resourcelease.users", None);

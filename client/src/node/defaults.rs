@@ -22,12 +22,12 @@ pub const MAX_OWNER_BYTES: usize = 256;
 /// Concurrent calls per namespace while its queue is not under backpressure.
 /// Far above what one queue's shard lock can serve at once, so it only stops
 /// a stampede from piling up unbounded work.
-pub const RATE_LIMIT_NORMAL: usize = 1024;
+pub const CONCURRENCY_LIMIT_NORMAL: usize = 1024;
 
 /// Concurrent calls per namespace while its queue is under backpressure: the
 /// queue is already shedding enqueues, so the node keeps enough concurrency
 /// for workers to drain it and holds the rest back.
-pub const RATE_LIMIT_BACKPRESSURE: usize = 64;
+pub const CONCURRENCY_LIMIT_BACKPRESSURE: usize = 64;
 
 /// Longest TLS handshake. Real clients finish in a few round trips; a
 /// connection that has not finished after this long is a slow-loris.

@@ -39,7 +39,7 @@ use super::error::{ForwardedStatus, NodeError};
 use super::membership::{Assigned, MEMBERSHIP_POLL};
 use super::procedures::{ProcedureRequest, procedures};
 use crate::chooser::{PeerChooser, RoundRobinChooser};
-use crate::health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
+use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::principal::{CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, Caller, MTLS_THUMBPRINT_HEADER};
 
@@ -335,7 +335,7 @@ fn vouch(metadata: &mut tonic::metadata::MetadataMap, caller: &Caller, node: &Pe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::PeerState;
+    use crate::peer_health::PeerState;
     use omnirelay_identity::CredentialSource;
 
     fn caller() -> Caller {

@@ -1,5 +1,5 @@
-//! The node's rate-limiter slot: each namespace's calls draw on that
-//! namespace's [`BackpressureAwareRateLimiter`].
+//! The node's concurrency-limiter slot: each namespace's calls draw on that
+//! namespace's [`BackpressureAwareConcurrencyLimiter`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,33 +10,33 @@ use futures_util::future::BoxFuture;
 use http::Request;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::backpressure::{BackpressureAwareRateLimit, BackpressureAwareRateLimiter};
+use crate::backpressure::{BackpressureAwareConcurrencyLimit, BackpressureAwareConcurrencyLimiter};
 use crate::ids::ShardId;
 use crate::middleware::RpcRoute;
 
-/// Layer of [`NamespaceRateLimit`], for the middleware's rate-limiter slot.
+/// Layer of [`NamespaceConcurrencyLimit`], for the middleware's concurrency-limiter slot.
 #[derive(Debug, Clone)]
-pub struct NamespaceRateLimitLayer {
-    limiters: Arc<HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>>,
+pub struct NamespaceConcurrencyLimitLayer {
+    limiters: Arc<HashMap<ShardId, Arc<BackpressureAwareConcurrencyLimiter>>>,
 }
 
-impl NamespaceRateLimitLayer {
+impl NamespaceConcurrencyLimitLayer {
     /// Limits each namespace's calls with its own limiter.
-    pub fn new(limiters: HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>) -> Self {
+    pub fn new(limiters: HashMap<ShardId, Arc<BackpressureAwareConcurrencyLimiter>>) -> Self {
         Self { limiters: Arc::new(limiters) }
     }
 
     /// The limiter of a namespace, `None` when the node does not host it.
-    pub fn limiter(&self, namespace: &ShardId) -> Option<&Arc<BackpressureAwareRateLimiter>> {
+    pub fn limiter(&self, namespace: &ShardId) -> Option<&Arc<BackpressureAwareConcurrencyLimiter>> {
         self.limiters.get(namespace)
     }
 }
 
-impl<S> Layer<S> for NamespaceRateLimitLayer {
-    type Service = NamespaceRateLimit<S>;
+impl<S> Layer<S> for NamespaceConcurrencyLimitLayer {
+    type Service = NamespaceConcurrencyLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        NamespaceRateLimit { inner, limiters: Arc::clone(&self.limiters) }
+        NamespaceConcurrencyLimit { inner, limiters: Arc::clone(&self.limiters) }
     }
 }
 
@@ -51,12 +51,12 @@ impl<S> Layer<S> for NamespaceRateLimitLayer {
 /// not host pass straight through (the service answers NOT_FOUND).
 /// `poll_ready` is the inner service's readiness.
 #[derive(Debug, Clone)]
-pub struct NamespaceRateLimit<S> {
+pub struct NamespaceConcurrencyLimit<S> {
     inner: S,
-    limiters: Arc<HashMap<ShardId, Arc<BackpressureAwareRateLimiter>>>,
+    limiters: Arc<HashMap<ShardId, Arc<BackpressureAwareConcurrencyLimiter>>>,
 }
 
-impl<S, B> Service<Request<B>> for NamespaceRateLimit<S>
+impl<S, B> Service<Request<B>> for NamespaceConcurrencyLimit<S>
 where
     S: Service<Request<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -87,7 +87,7 @@ where
                 let mut inner = inner;
                 inner.call(request).boxed()
             }
-            Some(limiter) => BackpressureAwareRateLimit::new(inner, limiter).oneshot(request).boxed(),
+            Some(limiter) => BackpressureAwareConcurrencyLimit::new(inner, limiter).oneshot(request).boxed(),
         }
     }
 }

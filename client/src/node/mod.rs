@@ -7,8 +7,8 @@
 //! heartbeats and endings to it through its [`LeaseObserver`] seam). Per
 //! namespace it also runs a [`Sweeper`] (owned by the node and stopped with
 //! it), a [`BackpressureDiagnostics`] listener and a
-//! [`BackpressureAwareRateLimiter`], which sits in the middleware's
-//! rate-limiter slot ([`NamespaceRateLimitLayer`]).
+//! [`BackpressureAwareConcurrencyLimiter`], which sits in the middleware's
+//! concurrency-limiter slot ([`NamespaceConcurrencyLimitLayer`]).
 //!
 //! - [`Node::rpc_router`]: the ResourceLease surface behind
 //!   [`MeshLayer`] (the mesh stack): gRPC at
@@ -85,35 +85,35 @@ pub use control::{
 };
 pub use error::{NodeError, OWNER_ADDRESS_HEADER, OWNER_HEADER, Result};
 pub use forward::{FORWARDED_BY_HEADER, ForwardingConfig};
-pub use limiter::{NamespaceRateLimit, NamespaceRateLimitLayer};
+pub use limiter::{NamespaceConcurrencyLimit, NamespaceConcurrencyLimitLayer};
 pub use ownership::Assignment;
 pub use ownership::OwnershipConfig;
 pub use serve::ServeError;
 pub use tls::{TlsAcceptorConfig, TlsConfigError};
 pub use transport::{LeaseService, SessionStream};
 
-use crate::backpressure::{BackpressureAwareRateLimiter, BackpressureDiagnostics};
+use crate::backpressure::{BackpressureAwareConcurrencyLimiter, BackpressureDiagnostics};
 use crate::clock::Clock;
-use crate::health::{HealthConfig, PeerLeaseHealthTracker};
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::{MeshLayer, MiddlewareConfig, defaults::MAX_RESTORE_REQUEST_BYTES};
+use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker};
 use crate::queue::{LeaseObserver, Queue, QueueConfig, ShardStatus, Sweeper};
 use crate::replication::Replicator;
 use crate::shard::parse_namespace;
 use state::{Hosted, NodeInner};
 
-/// Concurrency budgets of each namespace's rate limiter.
+/// Concurrency budgets of each namespace's concurrency limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimits {
+pub struct ConcurrencyLimits {
     /// Concurrent calls per namespace normally.
     pub normal: usize,
     /// Concurrent calls per namespace while its queue is under backpressure.
     pub backpressure: usize,
 }
 
-impl Default for RateLimits {
+impl Default for ConcurrencyLimits {
     fn default() -> Self {
-        Self { normal: defaults::RATE_LIMIT_NORMAL, backpressure: defaults::RATE_LIMIT_BACKPRESSURE }
+        Self { normal: defaults::CONCURRENCY_LIMIT_NORMAL, backpressure: defaults::CONCURRENCY_LIMIT_BACKPRESSURE }
     }
 }
 
@@ -130,7 +130,7 @@ pub struct NodeConfig {
     /// Principal binding, authorization, deadlines and size limits.
     pub middleware: MiddlewareConfig,
     /// The per-namespace concurrency budgets.
-    pub rate_limits: RateLimits,
+    pub concurrency_limits: ConcurrencyLimits,
     /// How often each queue's sweeper expires lapsed leases.
     pub sweep_interval: Duration,
     /// Shard leases and snapshots (see [`ownership`]).
@@ -155,7 +155,7 @@ impl NodeConfig {
             queues: Vec::new(),
             health: HealthConfig::default(),
             middleware: MiddlewareConfig::default(),
-            rate_limits: RateLimits::default(),
+            concurrency_limits: ConcurrencyLimits::default(),
             sweep_interval: crate::defaults::SWEEP_INTERVAL,
             ownership: OwnershipConfig::default(),
             advertise: None,
@@ -194,8 +194,8 @@ impl NodeConfig {
             queue.validate().map_err(|err| NodeConfigError::new(format!("queues[{index}]"), err.to_string()))?;
         }
         self.health.validate().map_err(|err| NodeConfigError::new("health", err.to_string()))?;
-        if self.rate_limits.normal == 0 || self.rate_limits.backpressure == 0 {
-            return Err(NodeConfigError::new("rate_limits", "budgets must be at least 1"));
+        if self.concurrency_limits.normal == 0 || self.concurrency_limits.backpressure == 0 {
+            return Err(NodeConfigError::new("concurrency_limits", "budgets must be at least 1"));
         }
         if self.sweep_interval.is_zero() {
             return Err(NodeConfigError::new("sweep_interval", "must be positive"));
@@ -289,7 +289,10 @@ impl NodeBuilder {
             queue_config.node = config.node_id.clone();
             let shard = queue_config.shard.clone();
             let diagnostics = Arc::new(BackpressureDiagnostics::new());
-            let limiter = BackpressureAwareRateLimiter::new(config.rate_limits.normal, config.rate_limits.backpressure);
+            let limiter = BackpressureAwareConcurrencyLimiter::new(
+                config.concurrency_limits.normal,
+                config.concurrency_limits.backpressure,
+            );
             let mut builder = Queue::builder(queue_config, Arc::clone(&replicator))
                 .recovering()
                 .listener(diagnostics.clone())
@@ -314,8 +317,8 @@ impl NodeBuilder {
         );
         let deadlines = config.middleware.deadlines;
         let limits = config.middleware.limits;
-        let limiters = NamespaceRateLimitLayer::new(limiters);
-        let layer = MeshLayer::new(config.middleware).with_rate_limiter(limiters.clone());
+        let limiters = NamespaceConcurrencyLimitLayer::new(limiters);
+        let layer = MeshLayer::new(config.middleware).with_concurrency_limiter(limiters.clone());
         let inner = Arc::new(NodeInner {
             node_id: config.node_id,
             queues,
@@ -342,7 +345,7 @@ impl NodeBuilder {
 /// and the routers that serve them. See the [module docs](self).
 pub struct Node {
     inner: Arc<NodeInner>,
-    layer: MeshLayer<NamespaceRateLimitLayer>,
+    layer: MeshLayer<NamespaceConcurrencyLimitLayer>,
     sweepers: Mutex<Vec<Sweeper>>,
     assigner: Mutex<Option<membership::Assigner>>,
 }

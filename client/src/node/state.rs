@@ -9,12 +9,12 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::limiter::NamespaceRateLimitLayer;
+use super::limiter::NamespaceConcurrencyLimitLayer;
 use super::membership;
 use crate::backpressure::BackpressureDiagnostics;
-use crate::health::PeerLeaseHealthTracker;
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::{AuthorizationTable, DeadlineConfig, RequestLimits};
+use crate::peer_health::PeerLeaseHealthTracker;
 use crate::queue::Queue;
 
 /// One namespace as the node hosts it.
@@ -40,9 +40,9 @@ pub(crate) struct NodeInner {
     /// The middleware's table (the same `Arc`): sessions authorize each
     /// message against it.
     pub(crate) authorization: Arc<AuthorizationTable>,
-    /// The middleware's rate limiters: a session's messages take their
+    /// The middleware's concurrency limiters: a session's messages take their
     /// namespace's permits.
-    pub(crate) limiters: NamespaceRateLimitLayer,
+    pub(crate) limiters: NamespaceConcurrencyLimitLayer,
     /// The middleware's deadlines: a session message without a `timeout`
     /// gets the default, and none gets more than the maximum.
     pub(crate) deadlines: DeadlineConfig,

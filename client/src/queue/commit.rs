@@ -725,7 +725,7 @@ impl Shared {
         self.metrics.pending.set(core.state.pending() as f64);
         self.metrics.active.set(core.state.active() as f64);
         self.metrics.dead_letters.set(core.state.dead_letters() as f64);
-        // Listeners (the rate limiter, diagnostics) heard every transition
+        // Listeners (the concurrency limiter, diagnostics) heard every transition
         // the state before saw; if the rebuilt state's differs, that is a
         // transition for them too.
         if core.state.backpressure().active != was_active {

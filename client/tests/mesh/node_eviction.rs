@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use omnirelay_client::PeerId;
 use omnirelay_client::chooser::{FewestPendingChooser, PeerChooser, PowerOfTwoChooser, RoundRobinChooser};
-use omnirelay_client::health::HealthConfig;
 use omnirelay_client::middleware::Procedure;
 use omnirelay_client::node::LEASE_HEALTH_PATH;
+use omnirelay_client::peer_health::HealthConfig;
 use omnirelay_tests::eventually;
 use serde_json::{Value, json};
 

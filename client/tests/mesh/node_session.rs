@@ -233,7 +233,7 @@ async fn each_message_takes_a_permit_of_its_namespace_limiter() {
     users.low_watermark = 0;
     let options = Options {
         queues: vec![omnirelay_client::QueueConfig::new(N, "test-node"), users],
-        rate_limits: omnirelay_client::node::RateLimits { normal: 64, backpressure: 1 },
+        concurrency_limits: omnirelay_client::node::ConcurrencyLimits { normal: 64, backpressure: 1 },
         ..Options::default()
     };
     let node = TestNode::start(options).await;

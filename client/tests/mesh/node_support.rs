@@ -39,13 +39,13 @@ pub(crate) const AUTHORIZATION: &str = r#"{"rules": [
 /// How a test node is set up.
 pub(crate) struct Options {
     pub(crate) queues: Vec<QueueConfig>,
-    pub(crate) health: omnirelay_client::health::HealthConfig,
+    pub(crate) health: omnirelay_client::peer_health::HealthConfig,
     pub(crate) sweep_interval: Duration,
     pub(crate) tls: Option<TlsAcceptorConfig>,
     pub(crate) client_certs: ClientCertPolicy,
     pub(crate) trust_domain: Option<String>,
     pub(crate) limits: RequestLimits,
-    pub(crate) rate_limits: omnirelay_client::node::RateLimits,
+    pub(crate) concurrency_limits: omnirelay_client::node::ConcurrencyLimits,
     pub(crate) metrics: bool,
 }
 
@@ -60,7 +60,7 @@ impl Default for Options {
         default.max_attempts = 2;
         Self {
             queues: vec![default, users],
-            health: omnirelay_client::health::HealthConfig::default(),
+            health: omnirelay_client::peer_health::HealthConfig::default(),
             // Expiry happens on lease calls only (deterministic); the
             // sweeper is proven by the eviction test.
             sweep_interval: Duration::from_secs(3600),
@@ -68,7 +68,7 @@ impl Default for Options {
             client_certs: ClientCertPolicy::Optional,
             trust_domain: None,
             limits: RequestLimits::default(),
-            rate_limits: omnirelay_client::node::RateLimits::default(),
+            concurrency_limits: omnirelay_client::node::ConcurrencyLimits::default(),
             metrics: false,
         }
     }
@@ -99,7 +99,7 @@ impl TestNode {
         config.queues = options.queues;
         config.health = options.health;
         config.sweep_interval = options.sweep_interval;
-        config.rate_limits = options.rate_limits;
+        config.concurrency_limits = options.concurrency_limits;
         config.middleware = MiddlewareConfig {
             principal,
             authorization: AuthorizationTable::from_json(AUTHORIZATION).expect("valid table"),

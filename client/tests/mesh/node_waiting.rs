@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use omnirelay_client::health::HealthConfig;
 use omnirelay_client::middleware::Procedure;
-use omnirelay_client::node::RateLimits;
+use omnirelay_client::node::ConcurrencyLimits;
+use omnirelay_client::peer_health::HealthConfig;
 use omnirelay_client::{ErrorCode, PeerId, QueueConfig};
 use serde_json::json;
 
@@ -76,7 +76,7 @@ async fn a_namespace_under_backpressure_holds_back_its_own_calls_only() {
     users.low_watermark = 0;
     let options = Options {
         queues: vec![QueueConfig::new(N, "test-node"), users],
-        rate_limits: RateLimits { normal: 64, backpressure: 1 },
+        concurrency_limits: ConcurrencyLimits { normal: 64, backpressure: 1 },
         ..Options::default()
     };
     let node = TestNode::start(options).await;

@@ -12,7 +12,7 @@
 //! | caller | bound per call | bound once, when the stream opens (UNAUTHENTICATED ends the stream before any message is read) |
 //! | authorization | per call | per message, same [`AuthorizationTable`](crate::middleware::AuthorizationTable), for the message's procedure and namespace |
 //! | namespace, `rpc-shard-key` | per call | per message, same checks and messages |
-//! | rate limit | the namespace's limiter | the same limiter, one permit per message |
+//! | concurrency limit | the namespace's limiter | the same limiter, one permit per message |
 //! | size | the request limit | the same limit per message (a larger one ends the stream with INVALID_ARGUMENT) |
 //! | deadline | `grpc-timeout` or the default | the message's `timeout` or the default, never past the stream's `grpc-timeout` |
 //! | trace | an `rpc` span | an `rpc` span per message with the same fields, inside the session's span |
@@ -49,7 +49,7 @@ use tower::ServiceExt;
 use tracing::Span;
 use tracing::field::Empty;
 
-use crate::backpressure::BackpressureAwareRateLimit;
+use crate::backpressure::BackpressureAwareConcurrencyLimit;
 use crate::ids::PeerId;
 use crate::middleware::{CallDeadline, ConnectionInfo, MiddlewareError, Procedure, RESOURCE_LEASE_SERVICE};
 use crate::node::defaults::MAX_SESSION_IN_FLIGHT;
@@ -102,7 +102,7 @@ impl SessionContext {
 /// Each message is answered by the same procedure functions as a unary
 /// call, after the same checks the middleware makes of a call (deadline,
 /// namespace, `rpc-shard-key`, authorization against the node's table, the
-/// namespace's rate limiter), and fails with the same code, message and
+/// namespace's concurrency limiter), and fails with the same code, message and
 /// details. Up to
 /// [`MAX_SESSION_IN_FLIGHT`](crate::node::defaults::MAX_SESSION_IN_FLIGHT) calls
 /// run at once; answers come in completion order with their request's id.
@@ -272,7 +272,7 @@ fn call_error(status: &tonic::Status) -> pb::CallError {
 impl NodeInner {
     /// Answers one session message: the same checks, in the same order, as
     /// the middleware makes for a unary call once its caller is bound
-    /// (deadline, namespace, `rpc-shard-key`, authorization, rate limit),
+    /// (deadline, namespace, `rpc-shard-key`, authorization, concurrency limit),
     /// then the procedure itself.
     async fn session_call(
         self: Arc<Self>,
@@ -367,11 +367,11 @@ impl NodeInner {
             }
             .map_err(|err| err.status())
         };
-        // The namespace's limiter, as the middleware's rate-limiter slot
+        // The namespace's limiter, as the middleware's concurrency-limiter slot
         // applies it to a unary call (namespaces not hosted here pass, and
         // the procedure answers NOT_FOUND).
         let limited = match self.limiters.limiter(&namespace) {
-            Some(limiter) => BackpressureAwareRateLimit::new(tower::service_fn(itself), Arc::clone(limiter))
+            Some(limiter) => BackpressureAwareConcurrencyLimit::new(tower::service_fn(itself), Arc::clone(limiter))
                 .oneshot(run)
                 .left_future(),
             None => run.right_future(),

@@ -42,7 +42,7 @@
 //! ```
 //! use std::time::Duration;
 //! use omnirelay_client::PeerId;
-//! use omnirelay_client::health::{HealthConfig, PeerLeaseHealthTracker, PeerState};
+//! use omnirelay_client::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerState};
 //!
 //! let tracker = PeerLeaseHealthTracker::new(HealthConfig::default()).expect("valid config");
 //! let worker = PeerId::new("worker-1");
