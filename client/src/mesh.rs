@@ -43,9 +43,9 @@ use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::chooser::{PeerChooser, RoundRobinChooser};
-use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata, PeerState};
 use crate::ids::PeerId;
 use crate::node::{OWNER_ADDRESS_HEADER, OWNER_HEADER};
+use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata, PeerState};
 
 /// How long a call may take, retries and redirects included, when the
 /// caller names no deadline: above a failover (the 10 s lease TTL plus a

@@ -39,9 +39,9 @@ use super::error::{ForwardedStatus, NodeError};
 use super::membership::{Assigned, MEMBERSHIP_POLL};
 use super::procedures::{ProcedureRequest, procedures};
 use crate::chooser::{PeerChooser, RoundRobinChooser};
-use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
 use crate::ids::{PeerId, ShardId};
 use crate::middleware::principal::{CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, Caller, MTLS_THUMBPRINT_HEADER};
+use crate::peer_health::{HealthConfig, PeerLeaseHealthTracker, PeerMetadata};
 
 /// Metadata (and HTTP header) naming the node that forwarded a call. A call
 /// carrying it is never forwarded again.
