@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(PROTOS, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Cargo sets CARGO_FEATURE_<NAME> for the build script of a crate built
+    // with that feature.
+    let transport = std::env::var_os("CARGO_FEATURE_TRANSPORT").is_some();
     std::fs::write(out.join("omnirelay_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
     // Two passes. The first generates every package but the hub's.
     let (hub, others): (Vec<_>, Vec<_>) =
@@ -25,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // the hash chain and byte-for-byte replay comparisons rely on.
         .btree_map(".")
         .bytes(".")
+        .build_transport(transport)
         .compile_fds(prost_types::FileDescriptorSet { file: others.clone() })?;
     // The second generates the hub's package with every `ReplicationEvent`
     // field as `RawEvent`, the event's bytes exactly as they travel: the hub
@@ -36,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::configure()
         .btree_map(".")
         .bytes(".")
+        .build_transport(transport)
         .extern_path(".omnirelay.resourcelease.v1", "crate::resourcelease::v1")
         .extern_path(".omnirelay.replication.v1", "crate::replication::v1")
         .extern_path(".omnirelay.replication.v1.ReplicationEvent", "crate::raw::RawEvent");

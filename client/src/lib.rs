@@ -9,7 +9,9 @@
 //!   after the queue's [`Replicator`] accepted them. Replaying the events
 //!   ([`QueueState::replay`]) rebuilds the exact state.
 //! - [`replication`]: the [`Replicator`] trait, its contract suite and its
-//!   implementations (in memory, the hub, SQLite, composite, sharded).
+//!   implementations (in memory, the hub (feature `hub`), SQLite (feature
+//!   `sqlite`), object storage (feature `object-store`), composite,
+//!   sharded).
 //! - [`effects`]: deterministic effect capture: state stores (in memory, file
 //!   system, SQLite, PostgreSQL, Redis) and the [`effects::EffectCoordinator`].
 //! - [`backpressure`]: watermark signals, listeners, diagnostics and a
@@ -23,19 +25,31 @@
 //!   the choosers (healthy, probation, suspect, ejected; snapshots, gauges).
 //! - [`chooser`]: round robin, fewest pending and power of two choices over
 //!   the tracker ([`PeerChooser`]).
-//! - [`middleware`]: the tower stack every mesh call passes, for tonic and
-//!   axum alike ([`middleware::MeshLayer`]: tracing, principal binding,
-//!   deadlines, size limits, authorization, a concurrency-limiter slot).
+//! - [`middleware`] (feature `middleware`): the tower stack every mesh call
+//!   passes, for tonic and axum alike ([`middleware::MeshLayer`]: tracing,
+//!   principal binding, deadlines, size limits, authorization, a
+//!   concurrency-limiter slot).
 //! - [`shard`]: namespaces, the payload-to-shard router and `rpc-shard-key`.
-//! - [`node`]: the mesh node: one queue per namespace served over gRPC and
+//! - [`node`] (feature `node`; with it [`mesh`], the routing client): the
+//!   mesh node: one queue per namespace served over gRPC and
 //!   HTTP/JSON behind the middleware, peer health wired to every queue,
 //!   per-namespace backpressure limits, diagnostics endpoints, and a
 //!   plain or mutual-TLS accept loop ([`node::Node`]).
-//! - [`sink`]: consumers of shard logs: the [`ReplicationSink`] trait, the
+//! - [`sink`] (feature `sinks`): consumers of shard logs: the [`ReplicationSink`] trait, the
 //!   [`sink::Subscriber`] runtime that feeds one from a hub subscription
 //!   (ordered, verified, checkpointed, resumed after failover), and the
 //!   NDJSON file and webhook sinks and (feature `postgres`) the PostgreSQL
 //!   projection.
+//!
+//! Cargo features choose what is built. The defaults (`node`, `middleware`,
+//! `hub`, `sinks`, `sqlite`) are everything the workspace's binaries use;
+//! `postgres`, `redis` and `object-store` add stores. With
+//! `default-features = false` the crate is the lease queue alone (the queue,
+//! the replicator trait and the in-memory, composite and sharded
+//! replicators, backpressure, peer health, choosers, shard routing, effects
+//! in memory and in files), without axum, hyper, JWT, OpenTelemetry or the
+//! Prometheus exporter; the example below builds that way. See
+//! `client/Cargo.toml` for what each feature pulls in.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -82,14 +96,18 @@ pub mod error;
 mod event;
 pub mod ids;
 mod item;
+#[cfg(feature = "node")]
 pub mod mesh;
 pub mod metrics;
+#[cfg(feature = "middleware")]
 pub mod middleware;
+#[cfg(feature = "node")]
 pub mod node;
 pub mod peer_health;
 pub mod queue;
 pub mod replication;
 pub mod shard;
+#[cfg(feature = "sinks")]
 pub mod sink;
 mod sync;
 pub mod wire;
@@ -103,4 +121,5 @@ pub use omnirelay_proto as proto;
 pub use peer_health::PeerLeaseHealthTracker;
 pub use queue::{Queue, QueueConfig, QueueError, QueueState};
 pub use replication::{InMemoryReplicator, Replicator};
+#[cfg(feature = "sinks")]
 pub use sink::ReplicationSink;

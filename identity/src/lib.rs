@@ -14,6 +14,11 @@
 //!   [`grants::Subjects`] (principal patterns, roles) times a service's own
 //!   permissions times [`grants::NamePattern`]s over shards.
 //!
+//! Both need the default feature `binding`. Without it the crate is the
+//! [`Principal`] type (and the error and limit types) on serde alone: what
+//! the lean lease queue of `omnirelay-client` records in its events, without
+//! JWT, X.509 or a transport (see `docs/DECISIONS.md`, decision 114).
+//!
 //! The crate knows nothing of queues, logs or transports beyond `http` and
 //! the connect-info types of tonic and axum, so the hub depends on it without
 //! pulling in the lease queue (see `docs/DECISIONS.md`).
@@ -30,19 +35,29 @@
 //! assert!(config.authenticate(&headers, &from_elsewhere).is_err());
 //! ```
 
+#[cfg(feature = "binding")]
 pub mod binding;
+#[cfg(feature = "binding")]
 pub mod connection;
 pub mod defaults;
 pub mod error;
+#[cfg(feature = "binding")]
 pub mod grants;
+#[cfg(feature = "binding")]
 pub mod jwt;
+#[cfg(feature = "binding")]
 pub mod mtls;
 mod principal;
+#[cfg(feature = "binding")]
 pub mod proxy;
 
+#[cfg(feature = "binding")]
 pub use binding::{Caller, ClientCertPolicy, CredentialSource, PrincipalConfig};
+#[cfg(feature = "binding")]
 pub use connection::{ClientCertChain, ConnectionInfo, RemoteAddr};
 pub use error::{ConfigError, CredentialError};
+#[cfg(feature = "binding")]
 pub use jwt::{DEFAULT_ROLES_CLAIM, JwtVerifier};
 pub use principal::Principal;
+#[cfg(feature = "binding")]
 pub use proxy::{CLIENT_PRINCIPAL_HEADER, CLIENT_ROLES_HEADER, MTLS_THUMBPRINT_HEADER, TrustedProxies};

@@ -13,6 +13,12 @@
 //! - [`FaultProxy`] sits between a client and a server and stalls or
 //!   resets their connections on demand (a network partition).
 //! - [`eventually`] waits, with a bound, for a condition instead of sleeping.
+//! - [`sidecar::Sidecar`] starts `omnirelay node` the one way every suite
+//!   does ([`sidecar::SidecarBuilder`]: replicator, hub endpoints and TLS,
+//!   lease TTL, ports, more flags), waits until it is ready, and kills,
+//!   stops or pauses it; [`sidecar::Process`] is the handle of any binary a
+//!   test starts, with its log. [`http`] speaks HTTP/1.1 over a raw socket
+//!   for probes and scrapes.
 //! - [`PythonTools`] (Helm's SDK and Kubernetes' schemas in a cached virtual
 //!   environment), [`PrometheusTools`] (`prometheus`, `promtool`) and
 //!   [`WorkspaceBinaries`] (the hub and the CLI, freshly built) are the
@@ -32,10 +38,12 @@
 
 mod binaries;
 mod eventually;
+pub mod http;
 mod postgres;
 mod proxy;
 mod redis;
 mod s3;
+pub mod sidecar;
 mod tools;
 
 pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_binaries, find_redis_server};

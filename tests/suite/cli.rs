@@ -10,7 +10,7 @@ use omnirelay_tests::{WorkspaceBinaries, free_port};
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::durable::{HANG_GUARD, Hub, Node, SHARD, call, payload};
+use crate::durable::{HANG_GUARD, Hub, SHARD, call, payload, start_node};
 
 /// Runs `omnirelay args... --output json`, which must succeed; its document.
 async fn omnirelay_json(binary: &std::path::Path, args: &[&str]) -> Value {
@@ -46,7 +46,7 @@ async fn the_operator_cli_reads_a_node_and_its_hub_on_postgres() {
     let db = omnirelay_tests::TestDb::new().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
-    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
     let mut client = node.client().await;
     let namespace = || SHARD.to_string();
 

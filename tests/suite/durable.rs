@@ -7,62 +7,20 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use omnirelay_proto::hub::v1 as hub_pb;
 use omnirelay_proto::resourcelease::v1 as pb;
+use omnirelay_tests::sidecar::{Sidecar, SidecarBuilder, without_omnirelay_env};
 use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::http::http_get;
 
-/// Bound on waiting for a process, a probe or a recovery (a hang guard, not
-/// a performance claim): debug builds on a loaded two-core machine.
-pub(crate) const HANG_GUARD: Duration = Duration::from_secs(60);
+pub(crate) use omnirelay_tests::sidecar::{HANG_GUARD, Process, wait_for_ok};
 
 pub(crate) const SHARD: &str = "resourcelease.durable";
-
-/// A child process whose stderr is kept for failure messages.
-pub(crate) struct Process {
-    child: Child,
-    log: tokio::task::JoinHandle<String>,
-}
-
-impl Process {
-    pub(crate) fn spawn(mut command: Command) -> Process {
-        command.kill_on_drop(true).stdout(Stdio::null()).stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("OMNIRELAY_") {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command.spawn().expect("the binary should start");
-        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-        let log = tokio::spawn(async move {
-            let mut log = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                log.push_str(&line);
-                log.push('\n');
-            }
-            log
-        });
-        Process { child, log }
-    }
-
-    /// The process id (for signals such as SIGSTOP).
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id().expect("a running child has a pid")
-    }
-
-    /// SIGKILL, and the log so far.
-    pub(crate) async fn kill(mut self) -> String {
-        self.child.kill().await.expect("kill -9");
-        self.log.await.unwrap_or_default()
-    }
-}
 
 /// `omnirelay-hub` on PostgreSQL, on a given gRPC port (so nodes find it
 /// again after a restart).
@@ -90,6 +48,7 @@ impl Hub {
             .args(["--listen", &format!("127.0.0.1:{grpc}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--database-url", url, "--database-tls", "disable"])
             .args(extra);
+        without_omnirelay_env(&mut command);
         let hub = Hub {
             grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
@@ -106,79 +65,33 @@ impl Hub {
     }
 }
 
-/// `omnirelay node --hub`, trusting callers on loopback to name themselves.
-pub(crate) struct Node {
-    pub(crate) rpc: SocketAddr,
-    pub(crate) control: SocketAddr,
-    process: Process,
+/// `omnirelay node` as this suite runs it: `node-a`, hosting [`SHARD`], not
+/// yet told where it replicates.
+fn sidecar(binary: &Path, dir: &Path) -> SidecarBuilder {
+    Sidecar::builder(binary, dir)
+        .node_id("node-a")
+        .namespaces(&[SHARD])
+        // A short shard lease: a restarted node waits for the dead one's
+        // lease to lapse (it holds the same id, so it may take it over at
+        // once; the short TTL bounds the other cases).
+        .shard_lease_ttl_ms(3000)
 }
 
-impl Node {
-    pub(crate) async fn start(binary: &Path, dir: &Path, hub: SocketAddr) -> Node {
-        let node = Self::spawn(binary, dir, &format!("http://{hub}"), &[]);
-        wait_for_ok(node.control, "/readyz").await;
-        node
-    }
+/// A [`sidecar`] on the hub at `hub`, ready.
+pub(crate) async fn start_node(binary: &Path, dir: &Path, hub: SocketAddr) -> Sidecar {
+    sidecar(binary, dir).hub(&format!("http://{hub}")).start().await
+}
 
-    /// A node on the hub endpoints `hubs`, not yet waited for.
-    fn spawn(binary: &Path, dir: &Path, hubs: &str, extra: &[&str]) -> Node {
-        Self::spawn_on(binary, dir, &["--hub", hubs], extra)
-    }
+/// A [`sidecar`] on its own SQLite log `dir/log.sqlite`, ready.
+async fn start_node_on_sqlite(binary: &Path, dir: &Path) -> Sidecar {
+    sidecar(binary, dir).sqlite(&dir.join("log.sqlite")).start().await
+}
 
-    /// A node on its own SQLite log `dir/log.sqlite`, ready.
-    async fn start_on_sqlite(binary: &Path, dir: &Path) -> Node {
-        let log = dir.join("log.sqlite");
-        let log = log.to_str().expect("a UTF-8 temporary path");
-        let node = Self::spawn_on(binary, dir, &["--replicator", "sqlite", "--replicator-path", log], &[]);
-        wait_for_ok(node.control, "/readyz").await;
-        node
-    }
-
-    /// A node writing to the replicator that `replicator` names, not yet
-    /// waited for.
-    fn spawn_on(binary: &Path, dir: &Path, replicator: &[&str], extra: &[&str]) -> Node {
-        let (rpc, control) = (free_port(), free_port());
-        let authz = dir.join("authz.json");
-        std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
-            .expect("write the authorization table");
-        let mut command = Command::new(binary);
-        command
-            .current_dir(dir)
-            .args([
-                "node",
-                "--listen",
-                &format!("127.0.0.1:{rpc}"),
-                "--control-listen",
-                &format!("127.0.0.1:{control}"),
-            ])
-            .args(["--node-id", "node-a", "--namespace", SHARD, "--trusted-proxy", "127.0.0.1"])
-            .args(replicator)
-            .args(extra)
-            // A short shard lease: a restarted node waits for the dead
-            // one's lease to lapse (it holds the same id, so it may take
-            // it over at once; the short TTL bounds the other cases).
-            .args(["--shard-lease-ttl-ms", "3000"])
-            .arg("--authorization-file")
-            .arg(&authz);
-        Node {
-            rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
-            control: SocketAddr::from(([127, 0, 0, 1], control)),
-            process: Process::spawn(command),
-        }
-    }
-
-    pub(crate) async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
-        let channel =
-            Channel::from_shared(format!("http://{}", self.rpc)).expect("URI").connect().await.expect("connect");
-        pb::resource_lease_client::ResourceLeaseClient::new(channel)
-    }
-
-    /// The namespace's replication state (`/omnirelay/control/replication`).
-    async fn replication(&self) -> serde_json::Value {
-        let (_, body) = http_get(self.control, "/omnirelay/control/replication").await.expect("diagnostics");
-        let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        all["namespaces"][SHARD].clone()
-    }
+/// The namespace's replication state (`/omnirelay/control/replication`).
+async fn replication_state(node: &Sidecar) -> serde_json::Value {
+    let (_, body) = http_get(node.control, "/omnirelay/control/replication").await.expect("diagnostics");
+    let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    all["namespaces"][SHARD].clone()
 }
 
 /// A request as the loopback principal `ops`, with a deadline.
@@ -265,7 +178,7 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
     let db = omnirelay_tests::TestDb::new().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
-    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
     let mut client = node.client().await;
 
     let mut acknowledged = BTreeMap::new();
@@ -293,7 +206,7 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
         .await
         .expect("fail");
     let before = stats(&mut client).await;
-    let digest_before = node.replication().await["state_digest"].clone();
+    let digest_before = replication_state(&node).await["state_digest"].clone();
     assert!(digest_before.is_string(), "{digest_before}");
 
     // More enqueues, then SIGKILL mid-stream: whichever were acknowledged
@@ -310,12 +223,12 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
         acked
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    node.process.kill().await;
+    node.kill().await;
     let raced = burst.await.expect("join");
     let raced_acks = raced.len();
     acknowledged.extend(raced);
 
-    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
     let mut client = node.client().await;
     // Every acknowledged enqueue is there: enqueueing it again finds it.
     for (id, item_id) in &acknowledged {
@@ -349,7 +262,7 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
         before.pending + before.active - 1 + (logged.len() - 40) as u64,
         "every logged enqueue is pending or leased ({raced_acks} of the racing ones were acknowledged)"
     );
-    let _ = node.process.kill().await;
+    let _ = node.kill().await;
     drop(hub);
 }
 
@@ -357,8 +270,8 @@ async fn a_killed_node_comes_back_with_every_acknowledged_item_and_its_leases() 
 async fn a_killed_node_on_a_sqlite_log_comes_back_with_every_acknowledged_item() {
     let binaries = tokio::task::spawn_blocking(WorkspaceBinaries::build).await.expect("join").expect("binaries");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let node = Node::start_on_sqlite(&binaries.omnirelay, dir.path()).await;
-    assert_eq!(node.replication().await["replicator"], "sqlite", "the node names its replicator");
+    let node = start_node_on_sqlite(&binaries.omnirelay, dir.path()).await;
+    assert_eq!(replication_state(&node).await["replicator"], "sqlite", "the node names its replicator");
     let mut client = node.client().await;
     let mut acknowledged = BTreeMap::new();
     for n in 0..20 {
@@ -383,11 +296,11 @@ async fn a_killed_node_on_a_sqlite_log_comes_back_with_every_acknowledged_item()
         acked
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    node.process.kill().await;
+    node.kill().await;
     acknowledged.extend(burst.await.expect("join"));
 
     // The same file, a new process: the lock the dead one held is gone.
-    let node = Node::start_on_sqlite(&binaries.omnirelay, dir.path()).await;
+    let node = start_node_on_sqlite(&binaries.omnirelay, dir.path()).await;
     let mut client = node.client().await;
     let before = stats(&mut client).await;
     for (id, item_id) in &acknowledged {
@@ -405,7 +318,7 @@ async fn a_killed_node_on_a_sqlite_log_comes_back_with_every_acknowledged_item()
         .complete(call(pb::CompleteRequest { namespace: SHARD.into(), handle: Some(handle) }))
         .await
         .expect("the pre-crash token completes its item");
-    let _ = node.process.kill().await;
+    let _ = node.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +327,7 @@ async fn a_restarted_node_rebuilds_the_state_it_had_byte_for_byte() {
     let db = omnirelay_tests::TestDb::new().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
-    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
     let mut client = node.client().await;
     for n in 0..25 {
         enqueue(&mut client, &format!("req-{n}")).await.expect("enqueue");
@@ -422,12 +335,12 @@ async fn a_restarted_node_rebuilds_the_state_it_had_byte_for_byte() {
     for _ in 0..5 {
         lease(&mut client, "worker-1").await;
     }
-    let before = node.replication().await;
+    let before = replication_state(&node).await;
     let after_kill = {
-        node.process.kill().await;
-        let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
-        let replication = node.replication().await;
-        let _ = node.process.kill().await;
+        node.kill().await;
+        let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
+        let replication = replication_state(&node).await;
+        let _ = node.kill().await;
         replication
     };
     assert_eq!(after_kill["last_sequence"], before["last_sequence"]);
@@ -443,7 +356,7 @@ async fn a_killed_hub_loses_nothing_the_node_acknowledged() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let grpc = free_port();
     let hub = Hub::start(&binaries.hub, db.url(), grpc).await;
-    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
     let mut racing = node.client().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = std::sync::Arc::clone(&stop);
@@ -476,7 +389,7 @@ async fn a_killed_hub_loses_nothing_the_node_acknowledged() {
     let hub = Hub::start(&binaries.hub, db.url(), grpc).await;
     // The node noticed, waited and serves again.
     eventually("the node serves again", HANG_GUARD, || async {
-        let replication = node.replication().await;
+        let replication = replication_state(&node).await;
         if replication["status"] == "serving" && replication["lag_events"] == 0 {
             Ok(())
         } else {
@@ -501,7 +414,7 @@ async fn a_killed_hub_loses_nothing_the_node_acknowledged() {
     }
     let logged = logged_enqueues(&hub).await;
     assert!(logged.values().all(|count| *count == 1), "an enqueue was logged twice: {logged:?}");
-    let _ = node.process.kill().await;
+    let _ = node.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,14 +423,14 @@ async fn a_node_whose_shard_was_taken_over_fences_itself_and_serves_again_once_i
     let db = omnirelay_tests::TestDb::new().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
-    let node = Node::start(&binaries.omnirelay, dir.path(), hub.grpc).await;
+    let node = start_node(&binaries.omnirelay, dir.path(), hub.grpc).await;
     let mut client = node.client().await;
     enqueue(&mut client, "req-0").await.expect("enqueue");
 
     // Another owner takes the shard: the node's lease is released under it
     // and granted to an intruder with a new epoch.
     let mut hub_client = hub.client().await;
-    let epoch = node.replication().await["epoch"].as_u64().expect("an epoch");
+    let epoch = replication_state(&node).await["epoch"].as_u64().expect("an epoch");
     let released = hub_client
         .release_shard(hub_pb::ReleaseShardRequest { shard_id: SHARD.into(), owner: "node-a".into(), epoch })
         .await
@@ -540,7 +453,7 @@ async fn a_node_whose_shard_was_taken_over_fences_itself_and_serves_again_once_i
     // node fences the shard and answers UNAVAILABLE, and nothing is written.
     let refused = enqueue(&mut client, "req-1").await.expect_err("the epoch is stale");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let replication = node.replication().await;
+    let replication = replication_state(&node).await;
     assert_eq!(replication["status"], "fenced", "{replication}");
     let (status, ready) = http_get(node.control, "/readyz").await.expect("readyz");
     assert_eq!(status, 503, "{ready}");
@@ -561,12 +474,12 @@ async fn a_node_whose_shard_was_taken_over_fences_itself_and_serves_again_once_i
         .await
         .expect("release");
     eventually("the node serves again", HANG_GUARD, || async {
-        let replication = node.replication().await;
+        let replication = replication_state(&node).await;
         if replication["status"] == "serving" { Ok(()) } else { Err(replication.to_string()) }
     })
     .await;
     enqueue(&mut client, "req-1").await.expect("served again");
-    let _ = node.process.kill().await;
+    let _ = node.kill().await;
 }
 
 /// A throwaway CA: (CA PEM, issuer).
@@ -627,23 +540,24 @@ async fn a_node_reaches_a_mutual_tls_hub_past_a_dead_endpoint() {
     // The first endpoint has nothing listening: the node moves on to the
     // second, over mutual TLS.
     let hubs = format!("https://localhost:{},https://localhost:{}", free_port(), hub.grpc.port());
-    let tls =
-        ["--hub-ca", ca_file.as_str(), "--hub-cert", node_cert_file.as_str(), "--hub-key", node_key_file.as_str()];
-    let node = Node::spawn(&binaries.omnirelay, dir.path(), &hubs, &tls);
-    wait_for_ok(node.control, "/readyz").await;
+    let node = sidecar(&binaries.omnirelay, dir.path())
+        .hub(&hubs)
+        .hub_tls(&ca_file, Some((&node_cert_file, &node_key_file)))
+        .start()
+        .await;
     let mut client = node.client().await;
     enqueue(&mut client, "req-tls").await.expect("an enqueue through the mutual-TLS hub");
     assert_eq!(logged_enqueues_tls(&hub, &ca_pem, &node_cert, &node_key).await, 1);
-    let _ = node.process.kill().await;
+    let _ = node.kill().await;
 
     // Without a client certificate the hub refuses the connection: the node
     // never serves, and says why.
     let dir2 = tempfile::tempdir().expect("temporary directory");
-    let stranger = Node::spawn(&binaries.omnirelay, dir2.path(), &hubs, &["--hub-ca", ca_file.as_str()]);
+    let stranger = sidecar(&binaries.omnirelay, dir2.path()).hub(&hubs).hub_tls(&ca_file, None).spawn();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (status, body) = http_get(stranger.control, "/readyz").await.expect("readyz");
     assert_eq!(status, 503, "a node the hub does not trust must not serve: {body}");
-    let log = stranger.process.kill().await;
+    let log = stranger.kill().await;
     // Under rendezvous assignment it cannot even join the mesh (its member
     // lease is refused like any other call).
     assert!(log.contains("failed to join the mesh") || log.contains("failed to acquire the shard"), "{log}");
@@ -677,17 +591,6 @@ async fn logged_enqueues_tls(hub: &Hub, ca: &str, cert: &str, key: &str) -> usiz
             )
         })
         .count()
-}
-
-/// Waits until `GET path` answers 200, within the hang guard.
-pub(crate) async fn wait_for_ok(addr: SocketAddr, path: &str) {
-    eventually(&format!("GET {path} answers 200"), HANG_GUARD, || async {
-        match http_get(addr, path).await {
-            Ok((200, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
 }
 
 /// The hub replicator against the same contract suite as every other

@@ -13,12 +13,12 @@ use std::path::Path;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use omnirelay_proto::resourcelease::v1 as pb;
+use omnirelay_tests::sidecar::Sidecar;
 use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
-use tokio::process::Command;
 use tonic::transport::Channel;
 
-use crate::durable::{HANG_GUARD, Hub, Process, payload};
-use crate::mesh::{MeshNode, TTL_MS, converged_on, rendezvous_owner};
+use crate::durable::{HANG_GUARD, Hub, payload};
+use crate::mesh::{converged_on, mesh_node, rendezvous_owner};
 
 /// Three namespaces, one owned by each of [`NODES`] (rendezvous hashing is
 /// deterministic, so the names are picked for it): index `i` is owned by
@@ -63,36 +63,20 @@ impl Issuer {
 
 /// A forwarding node: callers need the `worker` role for every procedure;
 /// `trusted` are the node principals whose forwarded calls it accepts.
-fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr, issuer: &Issuer, namespaces: &[String]) -> MeshNode {
-    let (rpc, control) = (free_port(), free_port());
-    let authz = dir.join("authz-forward.json");
-    std::fs::write(&authz, r#"{"rules": [{"roles": ["worker"], "procedures": ["*"], "shards": ["*"]}]}"#)
-        .expect("write the authorization table");
+fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr, issuer: &Issuer, namespaces: &[String]) -> Sidecar {
     let token_file = dir.join(format!("{id}.token"));
     std::fs::write(&token_file, issuer.token(id, &[])).expect("write the node's token");
-    let mut command = Command::new(binary);
-    command
-        .current_dir(dir)
-        .args(["node", "--listen", &format!("127.0.0.1:{rpc}")])
-        .args(["--control-listen", &format!("127.0.0.1:{control}")])
-        .args(["--node-id", id, "--namespace", &namespaces.join(",")])
-        .args(["--hub", &format!("http://{hub}"), "--assignment", "rendezvous"])
-        .args(["--shard-lease-ttl-ms", &TTL_MS.to_string()])
-        .args(["--jwt-algorithm", "ES256", "--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE])
-        .arg("--jwt-public-key")
-        .arg(&issuer.public_pem)
+    let names: Vec<&str> = namespaces.iter().map(String::as_str).collect();
+    let public_pem = issuer.public_pem.to_str().expect("a UTF-8 path");
+    mesh_node(binary, dir, id, &format!("http://{hub}"), &names)
+        .no_trusted_proxy()
+        .authorization(r#"{"rules": [{"roles": ["worker"], "procedures": ["*"], "shards": ["*"]}]}"#)
+        .args(&["--jwt-algorithm", "ES256", "--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE])
+        .args(&["--jwt-public-key", public_pem])
         // node-3 is not trusted as a forwarder by anyone.
-        .args(["--forward", "--trusted-forwarder", "node-1,node-2"])
-        .arg("--forward-token-file")
-        .arg(&token_file)
-        .arg("--authorization-file")
-        .arg(&authz);
-    MeshNode {
-        id: id.to_string(),
-        rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
-        control: SocketAddr::from(([127, 0, 0, 1], control)),
-        process: Some(Process::spawn(command)),
-    }
+        .args(&["--forward", "--trusted-forwarder", "node-1,node-2"])
+        .args(&["--forward-token-file", token_file.to_str().expect("a UTF-8 path")])
+        .spawn()
 }
 
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -102,7 +86,7 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-async fn client(node: &MeshNode) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
+async fn client(node: &Sidecar) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
     let channel = Channel::from_shared(format!("http://{}", node.rpc)).expect("URI").connect().await.expect("connect");
     pb::resource_lease_client::ResourceLeaseClient::new(channel)
 }
@@ -133,7 +117,7 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
     let namespaces = namespaces();
     let names: Vec<&str> = namespaces.iter().map(String::as_str).collect();
-    let mut nodes: Vec<MeshNode> =
+    let mut nodes: Vec<Sidecar> =
         NODES.iter().map(|id| spawn(&binaries.omnirelay, dir.path(), id, hub.grpc, &issuer, &namespaces)).collect();
     let owners = converged_on(&nodes.iter().collect::<Vec<_>>(), &names).await;
     let worker = issuer.token("spiffe://forward.test/worker-7", &["worker"]);
@@ -143,8 +127,8 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
     let (ns, owner) = (namespaces[0].clone(), "node-1".to_string());
     assert_eq!(owners[&ns], owner);
     let forwarder_id = "node-2";
-    let forwarder = nodes.iter().find(|node| node.id == forwarder_id).expect("the forwarder");
-    let owner_node = nodes.iter().find(|node| node.id == owner).expect("the owner");
+    let forwarder = nodes.iter().find(|node| node.id() == forwarder_id).expect("the forwarder");
+    let owner_node = nodes.iter().find(|node| node.id() == owner).expect("the owner");
     let mut via = client(forwarder).await;
     let enqueued = via
         .enqueue(with_token(
@@ -212,7 +196,7 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
     assert_eq!((stats.pending, stats.active), (2, 1), "the HTTP and session items are on the owner");
 
     // The owner refuses what node-3 vouches for: it is no trusted forwarder.
-    let untrusted = nodes.iter().find(|node| node.id == "node-3").expect("node-3");
+    let untrusted = nodes.iter().find(|node| node.id() == "node-3").expect("node-3");
     let refused = client(untrusted)
         .await
         .enqueue(with_token(
@@ -230,10 +214,10 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
 
     // The owner dies: the forwarder answers with the redirect to it (no
     // hang) until the namespace has a new owner, then forwards again.
-    let position = nodes.iter().position(|node| node.id == owner).expect("the owner");
+    let position = nodes.iter().position(|node| node.id() == owner).expect("the owner");
     let killed = nodes.remove(position);
-    let log = killed.process.expect("running").kill().await;
-    let forwarder = nodes.iter().find(|node| node.id == forwarder_id).expect("the forwarder");
+    let log = killed.kill().await;
+    let forwarder = nodes.iter().find(|node| node.id() == forwarder_id).expect("the forwarder");
     let via = client(forwarder).await;
     let mut n = 0;
     eventually("the forwarder reaches the new owner", HANG_GUARD, || {
@@ -256,7 +240,7 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
         }
     })
     .await;
-    let survivors: Vec<&MeshNode> = nodes.iter().collect();
+    let survivors: Vec<&Sidecar> = nodes.iter().collect();
     let after = converged_on(&survivors, &names).await;
     assert_ne!(after[&ns], owner, "{ns} moved; the dead owner's log:\n{log}");
 }

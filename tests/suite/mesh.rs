@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use omnirelay_client::mesh::{MeshClientConfig, ResourceLeaseClient};
 use omnirelay_proto::resourcelease::v1 as pb;
+use omnirelay_tests::sidecar::{Sidecar, SidecarBuilder};
 use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
 use tokio::process::Command;
-use tonic::transport::Channel;
 
-use crate::durable::{HANG_GUARD, Hub, Process, call, payload};
+use crate::durable::{HANG_GUARD, Hub, call, payload};
 use crate::http::http_get;
 
 const NAMESPACES: [&str; 6] = [
@@ -52,91 +52,54 @@ pub(crate) fn rendezvous_owner<'a>(shard: &str, members: impl IntoIterator<Item 
     members.into_iter().max_by_key(|member| (score(member), *member))
 }
 
-/// A sidecar of the mesh.
-pub(crate) struct MeshNode {
-    pub(crate) id: String,
-    pub(crate) rpc: SocketAddr,
-    pub(crate) control: SocketAddr,
-    pub(crate) process: Option<Process>,
+/// A node of this suite's mesh ([`NAMESPACES`]) on one hub, not yet waited
+/// for.
+fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr) -> Sidecar {
+    mesh_node(binary, dir, id, &format!("http://{hub}"), &NAMESPACES).spawn()
 }
 
-impl MeshNode {
-    /// A node of this suite's mesh ([`NAMESPACES`]) on one hub.
-    fn spawn(binary: &Path, dir: &Path, id: &str, hub: SocketAddr) -> MeshNode {
-        Self::spawn_with(binary, dir, id, &format!("http://{hub}"), &NAMESPACES, (free_port(), free_port()), &[])
-    }
+/// A node with id `id` hosting `namespaces` on the hub endpoints `hubs`
+/// (comma-separated URLs), placed by rendezvous hashing, with the mesh's
+/// short TTL.
+pub(crate) fn mesh_node(binary: &Path, dir: &Path, id: &str, hubs: &str, namespaces: &[&str]) -> SidecarBuilder {
+    Sidecar::builder(binary, dir)
+        .node_id(id)
+        .namespaces(namespaces)
+        .hub(hubs)
+        .args(&["--assignment", "rendezvous"])
+        .shard_lease_ttl_ms(TTL_MS)
+}
 
-    /// A node hosting `namespaces` on the hub endpoints `hubs`
-    /// (comma-separated URLs), listening on `(rpc, control)` ports, with
-    /// `extra` flags, not yet waited for.
-    pub(crate) fn spawn_with(
-        binary: &Path,
-        dir: &Path,
-        id: &str,
-        hubs: &str,
-        namespaces: &[&str],
-        (rpc, control): (u16, u16),
-        extra: &[&str],
-    ) -> MeshNode {
-        let authz = dir.join("authz.json");
-        std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
-            .expect("write the authorization table");
-        let mut command = Command::new(binary);
-        command
-            .current_dir(dir)
-            .args(["node", "--listen", &format!("127.0.0.1:{rpc}")])
-            .args(["--control-listen", &format!("127.0.0.1:{control}")])
-            .args(["--node-id", id, "--namespace", &namespaces.join(","), "--trusted-proxy", "127.0.0.1"])
-            .args(["--hub", hubs, "--assignment", "rendezvous"])
-            .args(["--shard-lease-ttl-ms", &TTL_MS.to_string()])
-            .args(extra)
-            .arg("--authorization-file")
-            .arg(&authz);
-        MeshNode {
-            id: id.to_string(),
-            rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
-            control: SocketAddr::from(([127, 0, 0, 1], control)),
-            process: Some(Process::spawn(command)),
-        }
-    }
+/// Namespace -> status (`serving`, `fenced`, `standby`), or an error while
+/// the node does not answer.
+pub(crate) async fn statuses(node: &Sidecar) -> Result<BTreeMap<String, String>, String> {
+    Ok(epochs(node).await?.into_iter().map(|(ns, (status, _))| (ns, status)).collect())
+}
 
-    pub(crate) async fn client(&self) -> pb::resource_lease_client::ResourceLeaseClient<Channel> {
-        let channel =
-            Channel::from_shared(format!("http://{}", self.rpc)).expect("URI").connect().await.expect("connect");
-        pb::resource_lease_client::ResourceLeaseClient::new(channel)
-    }
-
-    /// Namespace -> status (`serving`, `fenced`, `standby`), or an error
-    /// while the node does not answer.
-    pub(crate) async fn statuses(&self) -> Result<BTreeMap<String, String>, String> {
-        Ok(self.epochs().await?.into_iter().map(|(ns, (status, _))| (ns, status)).collect())
-    }
-
-    /// Namespace -> (status, the shard epoch the node's batches carry).
-    async fn epochs(&self) -> Result<BTreeMap<String, (String, u64)>, String> {
-        let (_, body) = http_get(self.control, "/omnirelay/control/replication").await?;
-        let all: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
-        let namespaces = all["namespaces"].as_object().ok_or("no namespaces")?;
-        Ok(namespaces
-            .iter()
-            .map(|(ns, state)| {
-                let status = state["status"].as_str().unwrap_or_default().to_string();
-                (ns.clone(), (status, state["epoch"].as_u64().unwrap_or_default()))
-            })
-            .collect())
-    }
+/// Namespace -> (status, the shard epoch the node's batches carry).
+async fn epochs(node: &Sidecar) -> Result<BTreeMap<String, (String, u64)>, String> {
+    let (_, body) = http_get(node.control, "/omnirelay/control/replication").await?;
+    let all: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
+    let namespaces = all["namespaces"].as_object().ok_or("no namespaces")?;
+    Ok(namespaces
+        .iter()
+        .map(|(ns, state)| {
+            let status = state["status"].as_str().unwrap_or_default().to_string();
+            (ns.clone(), (status, state["epoch"].as_u64().unwrap_or_default()))
+        })
+        .collect())
 }
 
 /// Waits until every one of [`NAMESPACES`] is served by exactly the node
 /// rendezvous hashing gives it among `nodes` (and by no other), and returns
 /// namespace -> node id.
-async fn converged(nodes: &[&MeshNode]) -> BTreeMap<String, String> {
+async fn converged(nodes: &[&Sidecar]) -> BTreeMap<String, String> {
     converged_on(nodes, &NAMESPACES).await
 }
 
 /// [`converged`] for `namespaces`.
-pub(crate) async fn converged_on(nodes: &[&MeshNode], namespaces: &[&str]) -> BTreeMap<String, String> {
-    let ids: Vec<&str> = nodes.iter().map(|node| node.id.as_str()).collect();
+pub(crate) async fn converged_on(nodes: &[&Sidecar], namespaces: &[&str]) -> BTreeMap<String, String> {
+    let ids: Vec<&str> = nodes.iter().map(|node| node.id()).collect();
     let expected: BTreeMap<String, String> = namespaces
         .iter()
         .map(|ns| (ns.to_string(), rendezvous_owner(ns, ids.iter().copied()).expect("members").to_string()))
@@ -149,9 +112,9 @@ pub(crate) async fn converged_on(nodes: &[&MeshNode], namespaces: &[&str]) -> BT
         // with its successor: that is two owners at once.
         let mut serving: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
         for node in nodes {
-            for (ns, (status, epoch)) in node.epochs().await? {
+            for (ns, (status, epoch)) in epochs(node).await? {
                 if status == "serving" {
-                    serving.entry(ns).or_default().push((node.id.clone(), epoch));
+                    serving.entry(ns).or_default().push((node.id().to_string(), epoch));
                 }
             }
         }
@@ -193,8 +156,8 @@ async fn http_post_head(addr: SocketAddr, path: &str, body: &str) -> (u16, Strin
     (status, head)
 }
 
-fn node_by<'a>(nodes: &[&'a MeshNode], id: &str) -> &'a MeshNode {
-    nodes.iter().find(|node| node.id == id).expect("a known node")
+fn node_by<'a>(nodes: &[&'a Sidecar], id: &str) -> &'a Sidecar {
+    nodes.iter().find(|node| node.id() == id).expect("a known node")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,18 +166,16 @@ async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_l
     let db = omnirelay_tests::TestDb::new().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let hub = Hub::start(&binaries.hub, db.url(), free_port()).await;
-    let mut nodes: Vec<MeshNode> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|id| MeshNode::spawn(&binaries.omnirelay, dir.path(), id, hub.grpc))
-        .collect();
+    let mut nodes: Vec<Sidecar> =
+        ["node-1", "node-2", "node-3"].iter().map(|id| spawn(&binaries.omnirelay, dir.path(), id, hub.grpc)).collect();
     let owners = converged(&nodes.iter().collect::<Vec<_>>()).await;
 
     // A node that does not own a namespace names its owner: gRPC with
     // UNAVAILABLE and metadata, HTTP/JSON with 421 and headers.
-    let all: Vec<&MeshNode> = nodes.iter().collect();
+    let all: Vec<&Sidecar> = nodes.iter().collect();
     let (ns, owner) = owners.iter().next().expect("six namespaces");
     let owner_node = node_by(&all, owner);
-    let other = all.iter().find(|node| node.id != *owner).expect("another node");
+    let other = all.iter().find(|node| node.id() != *owner).expect("another node");
     let refused = other
         .client()
         .await
@@ -279,10 +240,10 @@ async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_l
     let handle = held.lease.clone().expect("a lease handle");
 
     // SIGKILL the victim.
-    let position = nodes.iter().position(|node| node.id == victim).expect("the victim");
+    let position = nodes.iter().position(|node| node.id() == victim).expect("the victim");
     let killed = nodes.remove(position);
     let killed_at = Instant::now();
-    let log = killed.process.expect("running").kill().await;
+    let log = killed.kill().await;
     // Calls for the dead node's namespaces, made at once, are answered by
     // their new owners within the client's deadline.
     for ns in &victim_ns {
@@ -293,7 +254,7 @@ async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_l
         };
         mesh.enqueue(request).await.expect("the client rides the failover");
     }
-    let survivors: Vec<&MeshNode> = nodes.iter().collect();
+    let survivors: Vec<&Sidecar> = nodes.iter().collect();
     let after = converged(&survivors).await;
     let failover = killed_at.elapsed();
     eprintln!(
@@ -327,7 +288,7 @@ async fn a_killed_node_s_namespaces_move_to_the_survivors_with_their_items_and_l
 
     // The killed node comes back: it takes back what rendezvous gives it,
     // handed over gracefully by the survivors, with nothing lost.
-    nodes.push(MeshNode::spawn(&binaries.omnirelay, dir.path(), &victim, hub.grpc));
+    nodes.push(spawn(&binaries.omnirelay, dir.path(), &victim, hub.grpc));
     let back = converged(&nodes.iter().collect::<Vec<_>>()).await;
     assert_eq!(back, owners, "the same members give the same assignment");
     let mut pending = 0;

@@ -21,8 +21,9 @@
 //!
 //! The trait is object safe: queues hold an `Arc<dyn Replicator>`.
 //! [`InMemoryReplicator`] keeps logs in memory for tests, development and
-//! benchmarks (and can inject failures); [`HubReplicator`] streams batches to
-//! the replication hub over gRPC, the production path; `SqliteReplicator`
+//! benchmarks (and can inject failures); [`HubReplicator`] (feature `hub`, on by
+//! default) streams batches to the replication hub over gRPC, the
+//! production path; `SqliteReplicator`
 //! (feature `sqlite`, on by default) keeps a durable log in a local file for
 //! a single node without a hub; [`CompositeReplicator`] mirrors an
 //! authoritative log to others; [`ShardedReplicator`] gives each shard its
@@ -31,6 +32,7 @@
 
 pub mod composite;
 pub mod contract;
+#[cfg(feature = "hub")]
 pub mod hub;
 mod memory;
 #[cfg(feature = "object-store")]
@@ -50,6 +52,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use composite::{CompositeReplicator, MirrorMode};
+#[cfg(feature = "hub")]
 pub use hub::{HubConfigError, HubEndpoint, HubReplicator, HubReplicatorConfig, HubTls};
 pub use memory::{InMemoryReplicator, PublishFault};
 #[cfg(feature = "object-store")]

@@ -35,13 +35,14 @@ use omnirelay_client::mesh::{MeshClientConfig, ResourceLeaseClient};
 use omnirelay_client::queue::EventKind;
 use omnirelay_client::replication::{HubEndpoint, HubReplicator, HubReplicatorConfig, Replicator};
 use omnirelay_proto::resourcelease::v1 as pb;
+use omnirelay_tests::sidecar::Sidecar;
 use omnirelay_tests::{Fault, FaultProxy, PgCluster, PgOptions, WorkspaceBinaries, free_port};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::durable::{HANG_GUARD, Hub};
 use crate::http::http_get;
-use crate::mesh::{MeshNode, TTL_MS, converged_on};
+use crate::mesh::{TTL_MS, converged_on, mesh_node, statuses};
 
 const NAMESPACES: [&str; 6] = [
     "resourcelease.drill.a",
@@ -76,7 +77,7 @@ const BETWEEN_FAULTS: Duration = Duration::from_secs(3);
 
 /// A node of the drill with its proxies, one per hub replica.
 struct DrillNode {
-    node: MeshNode,
+    node: Sidecar,
     proxies: Vec<FaultProxy>,
 }
 
@@ -94,7 +95,7 @@ impl DrillNode {
             proxies.push(FaultProxy::start(*hub).await.expect("start a fault proxy"));
         }
         let urls: Vec<String> = proxies.iter().map(|proxy| format!("http://{}", proxy.addr())).collect();
-        let node = MeshNode::spawn_with(binary, dir, id, &urls.join(","), &NAMESPACES, ports, extra);
+        let node = mesh_node(binary, dir, id, &urls.join(","), &NAMESPACES).ports(ports.0, ports.1).args(extra).spawn();
         DrillNode { node, proxies }
     }
 
@@ -102,12 +103,6 @@ impl DrillNode {
         for proxy in &self.proxies {
             proxy.set(fault);
         }
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.node.process.as_ref().expect("running").pid();
-        let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
-        assert!(status.success(), "kill {signal} {pid}");
     }
 }
 
@@ -341,12 +336,12 @@ fn busiest(owners: &BTreeMap<String, String>) -> String {
 }
 
 fn position(nodes: &[DrillNode], id: &str) -> usize {
-    nodes.iter().position(|node| node.node.id == id).expect("a drill node")
+    nodes.iter().position(|node| node.node.id() == id).expect("a drill node")
 }
 
 async fn converged_all(nodes: &[DrillNode], except: Option<&str>) -> BTreeMap<String, String> {
-    let listed: Vec<&MeshNode> =
-        nodes.iter().filter(|node| Some(node.node.id.as_str()) != except).map(|node| &node.node).collect();
+    let listed: Vec<&Sidecar> =
+        nodes.iter().filter(|node| Some(node.node.id()) != except).map(|node| &node.node).collect();
     converged_on(&listed, &NAMESPACES).await
 }
 
@@ -414,10 +409,10 @@ async fn run(drill: Drill) -> Report {
     let routed = Route::Routed(Arc::clone(&mesh));
     load.spawn(worker("mesh".into(), routed, "worker-mesh".into(), Arc::clone(&history), stop.clone()));
     for node in &nodes {
-        let name = format!("worker-{}", node.node.id);
+        let name = format!("worker-{}", node.node.id());
         let channel = Channel::from_shared(format!("http://{}", node.node.rpc)).expect("URI").connect_lazy();
         let bound = Route::Bound(pb::resource_lease_client::ResourceLeaseClient::new(channel));
-        load.spawn(worker(node.node.id.clone(), bound, name, Arc::clone(&history), stop.clone()));
+        load.spawn(worker(node.node.id().to_string(), bound, name, Arc::clone(&history), stop.clone()));
     }
     tokio::time::sleep(BETWEEN_FAULTS).await;
     let mut refused = 0;
@@ -429,7 +424,7 @@ async fn run(drill: Drill) -> Report {
         refused += stale_refusals(&[], &[&nodes[index]]).await;
         let killed = nodes.remove(index);
         let ports = (killed.node.rpc.port(), killed.node.control.port());
-        killed.node.process.expect("running").kill().await;
+        killed.node.kill().await;
         say(&format!("1. killed {victim} (owner of {} namespaces)", owners.values().filter(|o| **o == victim).count()));
         converged_all(&nodes, None).await;
         say("   the survivors serve every namespace");
@@ -467,12 +462,12 @@ async fn run(drill: Drill) -> Report {
     // 4. SIGSTOP of the busiest owner past its TTL, then SIGCONT.
     let paused = busiest(&owners);
     let index = position(&nodes, &paused);
-    nodes[index].signal("-STOP");
+    nodes[index].node.signal("-STOP");
     say(&format!("4. paused {paused} (SIGSTOP)"));
     converged_all(&nodes, Some(&paused)).await;
     say("   the others took its namespaces over");
     tokio::time::sleep(Duration::from_millis(TTL_MS / 2)).await;
-    nodes[index].signal("-CONT");
+    nodes[index].node.signal("-CONT");
     say(&format!("   resumed {paused} (SIGCONT)"));
     if drill == Drill::FencingOff {
         // Without fencing the woken node goes on serving what it had; let
@@ -489,7 +484,7 @@ async fn run(drill: Drill) -> Report {
         nodes[index].partition(Fault::Stall);
         say(&format!("5. partitioned {cut} from the hubs (its workers still reach it)"));
         converged_all(&nodes, Some(&cut)).await;
-        let statuses = nodes[index].node.statuses().await.expect("the partitioned node answers diagnostics");
+        let statuses = statuses(&nodes[index].node).await.expect("the partitioned node answers diagnostics");
         assert!(
             statuses.values().all(|status| status != "serving"),
             "{cut} still serves while cut off from the log: {statuses:?}"

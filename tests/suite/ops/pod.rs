@@ -8,12 +8,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use omnirelay_tests::sidecar::{Process, without_omnirelay_env};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -164,12 +163,7 @@ impl Prepared {
     /// no other `OMNIRELAY_*` variable), in `cwd`.
     pub(super) fn spawn(&self, binary: &Path, cwd: &Path) -> Process {
         let mut command = Command::new(binary);
-        command.current_dir(cwd).args(&self.args).kill_on_drop(true).stdout(Stdio::null()).stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("OMNIRELAY_") {
-                command.env_remove(name);
-            }
-        }
+        without_omnirelay_env(command.current_dir(cwd).args(&self.args));
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         Process::spawn(command)
     }
@@ -177,7 +171,7 @@ impl Prepared {
     /// Runs the container to completion; returns its exit code and log.
     pub(super) async fn run_to_end(&self, binary: &Path, cwd: &Path) -> (Option<i32>, String) {
         let mut process = self.spawn(binary, cwd);
-        let status = tokio::time::timeout(HANG_GUARD, process.child.wait())
+        let status = tokio::time::timeout(HANG_GUARD, process.wait())
             .await
             .expect("the container should finish within the guard")
             .expect("wait for the container");
@@ -262,49 +256,5 @@ impl Prepared {
         } else {
             panic!("unsupported probe {probe}")
         }
-    }
-}
-
-/// A started process whose standard error is collected.
-pub(super) struct Process {
-    pub(super) child: Child,
-    log: tokio::task::JoinHandle<String>,
-}
-
-impl Process {
-    pub(super) fn spawn(mut command: Command) -> Process {
-        let mut child = command.spawn().expect("the binary should start");
-        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-        let log = tokio::spawn(async move {
-            let mut seen = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                seen.push_str(&line);
-                seen.push('\n');
-            }
-            seen
-        });
-        Process { child, log }
-    }
-
-    /// Sends SIGTERM and waits for the exit, at most `grace`; returns the
-    /// exit code and the log.
-    pub(super) async fn terminate(mut self, grace: Duration) -> (Option<i32>, String) {
-        if let Some(pid) = self.child.id() {
-            let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await.expect("run kill");
-            assert!(killed.success(), "kill -TERM {pid}");
-        }
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                panic!("the process did not stop within {grace:?} of SIGTERM; log:\n{}", self.log().await)
-            }
-        };
-        (status.code(), self.log().await)
-    }
-
-    /// The log so far, once the process has exited.
-    pub(super) async fn log(&mut self) -> String {
-        (&mut self.log).await.unwrap_or_default()
     }
 }

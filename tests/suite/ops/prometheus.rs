@@ -4,9 +4,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use omnirelay_tests::sidecar::{Process, Sidecar, without_omnirelay_env};
 use omnirelay_tests::{PrometheusTools, WorkspaceBinaries, free_port, workspace_root};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -14,7 +14,6 @@ use tokio::process::Command;
 
 use omnirelay_proto::hub::v1 as hub_pb;
 
-use super::pod::Process;
 use super::{HANG_GUARD, http_get, wait_for_ok};
 
 /// `omnirelay-hub` on free loopback ports, on its embedded store or on
@@ -47,15 +46,8 @@ impl Hub {
             .current_dir(dir)
             .args(["--listen", &format!("127.0.0.1:{grpc}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(store)
-            .args(["--log-format", "json"])
-            .kill_on_drop(true)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("OMNIRELAY_") {
-                command.env_remove(name);
-            }
-        }
+            .args(["--log-format", "json"]);
+        without_omnirelay_env(&mut command);
         Hub {
             grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
@@ -133,7 +125,7 @@ impl Hub {
 pub(super) struct Node {
     pub(super) rpc: SocketAddr,
     pub(super) control: SocketAddr,
-    _process: Process,
+    _node: Sidecar,
 }
 
 impl Node {
@@ -147,40 +139,14 @@ impl Node {
     }
 
     fn start_with(binary: &Path, dir: &Path, extra: &[&str]) -> Node {
-        let (rpc, control) = (free_port(), free_port());
-        let authz = dir.join("authz.json");
-        std::fs::write(&authz, r#"{"rules": [{"principals": ["*"], "procedures": ["*"], "shards": ["*"]}]}"#)
-            .expect("write the authorization table");
-        let mut command = Command::new(binary);
-        command
-            .current_dir(dir)
-            .args([
-                "node",
-                "--listen",
-                &format!("127.0.0.1:{rpc}"),
-                "--control-listen",
-                &format!("127.0.0.1:{control}"),
-            ])
-            .args(["--namespace", "resourcelease.users", "--trusted-proxy", "127.0.0.1"])
+        let node = Sidecar::builder(binary, dir)
+            .namespaces(&["resourcelease.users"])
             // Short leases, so the test can let a few expire and see the
             // worker ejected.
-            .args(["--lease-duration-ms", "200", "--max-attempts", "20"])
-            .arg("--authorization-file")
-            .arg(&authz)
+            .args(&["--lease-duration-ms", "200", "--max-attempts", "20"])
             .args(extra)
-            .kill_on_drop(true)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("OMNIRELAY_") {
-                command.env_remove(name);
-            }
-        }
-        Node {
-            rpc: SocketAddr::from(([127, 0, 0, 1], rpc)),
-            control: SocketAddr::from(([127, 0, 0, 1], control)),
-            _process: Process::spawn(command),
-        }
+            .spawn();
+        Node { rpc: node.rpc, control: node.control, _node: node }
     }
 
     /// Enqueues, leases and completes one item over HTTP/JSON, so the call
@@ -325,10 +291,7 @@ async fn stopping_the_hub_fires_the_hub_down_alert_in_a_real_prometheus() {
         .current_dir(dir.path())
         .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
         .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-        .arg(format!("--web.listen-address={prometheus}"))
-        .kill_on_drop(true)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .arg(format!("--web.listen-address={prometheus}"));
     let server = Process::spawn(command);
 
     // Both targets are scraped (Prometheus parses both expositions) and the

@@ -26,6 +26,14 @@
 //!
 //! **Clock**: lease expiry and checkpoint ages are judged by this process's
 //! clock, the only clock a single-replica store has.
+//!
+//! **Layout**: this module is the store handle; each [`LogStore`] method
+//! sends a plain function on the connection to the thread (`thread`, which
+//! also holds the append path). The functions are grouped by concern, each
+//! module with its statements from `sql/`: `lease`, `reads` (shards, event
+//! pages, sequence by time), `checkpoint`, `snapshot` and `retention`;
+//! `rows` is what they share (failure mapping, the shard row, stored
+//! values) and `open` the file's locking, journal and migrations.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,49 +41,34 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::Connection;
 use tokio::sync::{broadcast, oneshot};
 
+mod checkpoint;
+mod lease;
 mod open;
+mod reads;
+mod retention;
 mod rows;
+mod snapshot;
 mod thread;
 
 pub use self::open::SqliteOpenError;
 use self::open::open_connection;
-use self::rows::{duration_micros, from_db, from_micros, micros, read_state, shard_no, shard_state, sql_error, to_db};
+use self::rows::{read_state, sql_error};
 use self::thread::{Command, Pending, StoreThread};
 use crate::defaults;
-use crate::log::event::{ChainHash, CorruptEvent, StoredRow};
-use crate::log::ids::{Epoch, InvalidInput, OwnerId, Sequence, ShardId, SubscriberId};
+use crate::log::event::ChainHash;
+use crate::log::ids::{Epoch, OwnerId, Sequence, ShardId, SubscriberId};
 use crate::security::principal::Principal;
 use crate::store::{
-    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, CheckpointTarget, EventPage, LeaseGrant, LogChange, LogStore,
-    RetentionOutcome, RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
-    checkpoint_hash, corrupt_id, lease_failure, stored_hash,
+    AppendAck, AppendBatch, Checkpoint, CheckpointCommit, EventPage, LeaseGrant, LogChange, LogStore, RetentionOutcome,
+    RetentionPolicy, ShardLease, ShardState, Snapshot, StoreError, StoreFuture, admit, check_batch,
 };
 use crate::telemetry::{self, DbOperation};
 
-// The store's statements, each file opening with its concurrency contract.
-const SQL_ACQUIRE_NEW: &str = include_str!("sql/acquire_new.sql");
-const SQL_ACQUIRE_PRINCIPAL: &str = include_str!("sql/acquire_principal.sql");
-const SQL_ACQUIRE_TAKE: &str = include_str!("sql/acquire_take.sql");
-const SQL_RENEW_SHARD: &str = include_str!("sql/renew_shard.sql");
-const SQL_RELEASE_SHARD: &str = include_str!("sql/release_shard.sql");
-const SQL_READ_RANGE: &str = include_str!("sql/read_range.sql");
-const SQL_SEQUENCE_AT: &str = include_str!("sql/sequence_at.sql");
-const SQL_EVENT_HASH: &str = include_str!("sql/event_hash.sql");
-const SQL_COMMIT_CHECKPOINT: &str = include_str!("sql/commit_checkpoint.sql");
-const SQL_READ_CHECKPOINT: &str = include_str!("sql/read_checkpoint.sql");
-const SQL_READ_CHECKPOINTS: &str = include_str!("sql/read_checkpoints.sql");
-const SQL_UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
-const SQL_READ_SNAPSHOT: &str = include_str!("sql/read_snapshot.sql");
-const SQL_RETENTION_PLAN: &str = include_str!("sql/retention_plan.sql");
-const SQL_RETENTION_LOW: &str = include_str!("sql/retention_low.sql");
-const SQL_RETENTION_SNAPSHOTS: &str = include_str!("sql/retention_snapshots.sql");
-const SQL_RETENTION_RECORDS: &str = include_str!("sql/retention_records.sql");
-const SQL_RETENTION_EVENTS: &str = include_str!("sql/retention_events.sql");
+// The readiness probe's statement (the operations' live beside them).
 const SQL_PROBE: &str = include_str!("sql/probe.sql");
-const SQL_LIST_SHARDS: &str = include_str!("sql/list_shards.sql");
 
 /// The embedded SQLite [`LogStore`]. Cheap to clone; clones share the
 /// connection thread.
@@ -239,59 +232,7 @@ impl LogStore for SqliteStore {
         principal: Option<Principal>,
         ttl: Duration,
     ) -> StoreFuture<'_, LeaseGrant> {
-        self.run(move |db| {
-            let principal = principal.as_ref().map(Principal::as_str);
-            let what = "acquire a shard";
-            let sql = |e| sql_error(what, e);
-            let now = micros(SystemTime::now());
-            let expires = now.saturating_add(duration_micros(ttl)?);
-            let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-            let granted = match read_state(&txn, &shard)? {
-                None => {
-                    txn.prepare_cached(SQL_ACQUIRE_NEW)
-                        .map_err(sql)?
-                        .execute(params![
-                            shard.as_str(),
-                            owner.as_str(),
-                            expires,
-                            &ChainHash::ZERO.as_bytes()[..],
-                            now,
-                            principal
-                        ])
-                        .map_err(sql)?;
-                    true
-                }
-                Some(state) => {
-                    // The same rule as acquire_shard.sql: a live lease goes
-                    // again to its owner id only under the principal that
-                    // took it (or when it records none).
-                    let taken_by: Option<String> = txn
-                        .prepare_cached(SQL_ACQUIRE_PRINCIPAL)
-                        .and_then(|mut s| s.query_row(params![shard.as_str()], |row| row.get(0)))
-                        .map_err(sql)?;
-                    let same_principal = taken_by.is_none() || taken_by.as_deref() == principal;
-                    let free = match (&state.lease.owner, state.lease.expires_at) {
-                        (None, _) | (_, None) => true,
-                        (Some(holder), Some(expires_at)) => {
-                            (holder == &owner && same_principal) || micros(expires_at) <= now
-                        }
-                    };
-                    if free {
-                        txn.prepare_cached(SQL_ACQUIRE_TAKE)
-                            .map_err(sql)?
-                            .execute(params![shard.as_str(), owner.as_str(), expires, principal])
-                            .map_err(sql)?;
-                    }
-                    free
-                }
-            };
-            let state = read_state(&txn, &shard)?.ok_or_else(|| StoreError::Internal {
-                what,
-                source: "the shard vanished after its row was written".into(),
-            })?;
-            txn.commit().map_err(sql)?;
-            Ok(LeaseGrant { granted, lease: state.lease })
-        })
+        self.run(move |db| lease::acquire(db, shard, owner, principal, ttl))
     }
 
     fn renew_shard_as(
@@ -302,23 +243,7 @@ impl LogStore for SqliteStore {
         epoch: Epoch,
         ttl: Duration,
     ) -> StoreFuture<'_, ShardLease> {
-        self.run(move |db| {
-            let what = "renew a shard";
-            let principal = principal.as_ref().map(Principal::as_str);
-            let expires = micros(SystemTime::now()).saturating_add(duration_micros(ttl)?);
-            let renewed = db
-                .prepare_cached(SQL_RENEW_SHARD)
-                .map_err(|e| sql_error(what, e))?
-                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, expires, principal])
-                .map_err(|e| sql_error(what, e))?;
-            if renewed == 1 {
-                read_state(db, &shard)?
-                    .map(|state| state.lease)
-                    .ok_or_else(|| StoreError::Internal { what, source: "the renewed shard vanished".into() })
-            } else {
-                Err(lease_failure(read_state(db, &shard), shard, epoch))
-            }
-        })
+        self.run(move |db| lease::renew(db, shard, owner, principal, epoch, ttl))
     }
 
     fn release_shard_as(
@@ -328,15 +253,7 @@ impl LogStore for SqliteStore {
         principal: Option<Principal>,
         epoch: Epoch,
     ) -> StoreFuture<'_, bool> {
-        self.run(move |db| {
-            let principal = principal.as_ref().map(Principal::as_str);
-            let released = db
-                .prepare_cached(SQL_RELEASE_SHARD)
-                .map_err(|e| sql_error("release a shard", e))?
-                .execute(params![shard.as_str(), owner.as_str(), to_db("epoch", epoch.0)?, principal])
-                .map_err(|e| sql_error("release a shard", e))?;
-            Ok(released == 1)
-        })
+        self.run(move |db| lease::release(db, shard, owner, principal, epoch))
     }
 
     fn shard_state(&self, shard: ShardId) -> StoreFuture<'_, Option<ShardState>> {
@@ -344,18 +261,7 @@ impl LogStore for SqliteStore {
     }
 
     fn list_shards(&self, prefix: String) -> StoreFuture<'_, Vec<ShardState>> {
-        self.run(move |db| {
-            let what = "list shards";
-            // substr compares bytes, like PostgreSQL's starts_with; LIKE would
-            // treat '%' and '_' in ids as wildcards.
-            let mut statement = db.prepare_cached(SQL_LIST_SHARDS).map_err(|e| sql_error(what, e))?;
-            let mut rows = statement.query(params![prefix]).map_err(|e| sql_error(what, e))?;
-            let mut shards = Vec::new();
-            while let Some(row) = rows.next().map_err(|e| sql_error(what, e))? {
-                shards.push(shard_state(row)?);
-            }
-            Ok(shards)
-        })
+        self.run(move |db| reads::list_shards(db, prefix))
     }
 
     fn read_range(
@@ -366,77 +272,11 @@ impl LogStore for SqliteStore {
         limit: usize,
         max_bytes: usize,
     ) -> StoreFuture<'_, EventPage> {
-        self.run(move |db| {
-            let what = "read events";
-            let sql = |e| sql_error(what, e);
-            if from.0 == 0 {
-                return Err(InvalidInput::new("from_sequence", "sequences start at 1").into());
-            }
-            let from_value = to_db("from_sequence", from.0)?;
-            let to_value = match to {
-                Some(to) => to_db("to_sequence", to.0)?,
-                None => i64::MAX,
-            };
-            // A read transaction: the shard row and the events come from one
-            // snapshot, as in PostgreSQL's single statement.
-            let txn = db.transaction_with_behavior(TransactionBehavior::Deferred).map_err(sql)?;
-            let Some(state) = read_state(&txn, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
-            if from < state.low {
-                return Err(StoreError::Trimmed { shard, low: state.low });
-            }
-            let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
-            let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1).min(i64::MAX - 1) + 1;
-            let mut statement = txn.prepare_cached(SQL_READ_RANGE).map_err(sql)?;
-            let mut rows = statement.query(params![number, from_value, to_value, fetch]).map_err(sql)?;
-            let mut anchor = None;
-            let mut stored = Vec::new();
-            // Bodies read so far; rows are fetched lazily, so stopping here
-            // reads no more.
-            let mut bytes = 0usize;
-            while let Some(row) = rows.next().map_err(sql)? {
-                let sequence = Sequence(from_db(row.get(0).map_err(sql)?)?);
-                let hash: Vec<u8> = row.get(4).map_err(sql)?;
-                if sequence < from {
-                    anchor = Some(ChainHash::from_slice(&hash).unwrap_or(ChainHash::ZERO));
-                    continue;
-                }
-                if stored.len() == limit || bytes >= max_bytes.max(1) {
-                    break;
-                }
-                stored.push(StoredRow {
-                    sequence,
-                    epoch: Epoch(from_db(row.get(1).map_err(sql)?)?),
-                    recorded_at: from_micros(row.get(2).map_err(sql)?),
-                    body: Bytes::from(row.get::<_, Vec<u8>>(3).map_err(sql)?),
-                    hash: Bytes::from(hash),
-                });
-                bytes = bytes.saturating_add(stored.last().map_or(0, |row: &StoredRow| row.body.len()));
-            }
-            let cut = bytes >= max_bytes.max(1);
-            Ok(EventPage::assemble(
-                shard,
-                from,
-                to,
-                limit,
-                anchor,
-                stored,
-                (state.lease.head, state.low, state.low_prev_hash),
-                cut,
-            ))
-        })
+        self.run(move |db| reads::read_range(db, shard, from, to, limit, max_bytes))
     }
 
     fn sequence_at(&self, shard: ShardId, since: SystemTime) -> StoreFuture<'_, Option<Sequence>> {
-        self.run(move |db| {
-            let what = "find a sequence by time";
-            let found: Option<i64> = db
-                .prepare_cached(SQL_SEQUENCE_AT)
-                .map_err(|e| sql_error(what, e))?
-                .query_row(params![shard.as_str(), micros(since)], |row| row.get(0))
-                .optional()
-                .map_err(|e| sql_error(what, e))?;
-            found.map(|sequence| Ok(Sequence(from_db(sequence)?))).transpose()
-        })
+        self.run(move |db| reads::sequence_at(db, shard, since))
     }
 
     fn commit_checkpoint(
@@ -446,207 +286,23 @@ impl LogStore for SqliteStore {
         sequence: Sequence,
         hash: Option<ChainHash>,
     ) -> StoreFuture<'_, CheckpointCommit> {
-        self.run(move |db| {
-            let what = "commit a checkpoint";
-            let sql = |e| sql_error(what, e);
-            let sequence_value = to_db("sequence", sequence.0)?;
-            let Some(state) = read_state(db, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
-            let number = shard_no(db, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
-            let stored: Option<Vec<u8>> = db
-                .prepare_cached(SQL_EVENT_HASH)
-                .map_err(sql)?
-                .query_row(params![number, sequence_value], |row| row.get(0))
-                .optional()
-                .map_err(sql)?;
-            let target = CheckpointTarget {
-                head: state.lease.head,
-                low: state.low,
-                low_prev_hash: state.low_prev_hash,
-                stored: stored.map(|stored| stored_hash(stored, "hash")).transpose()?,
-            };
-            let recorded = checkpoint_hash(&subscriber, &shard, sequence, hash, &target)?;
-            let moved = db
-                .prepare_cached(SQL_COMMIT_CHECKPOINT)
-                .map_err(sql)?
-                .execute(params![
-                    subscriber.as_str(),
-                    number,
-                    sequence_value,
-                    micros(SystemTime::now()),
-                    recorded.as_ref().map(|hash| &hash.as_bytes()[..]),
-                ])
-                .map_err(sql)?
-                == 1;
-            let (stored, updated_at, hash): (i64, i64, Option<Vec<u8>>) = db
-                .prepare_cached(SQL_READ_CHECKPOINT)
-                .map_err(sql)?
-                .query_row(params![subscriber.as_str(), number], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-                .map_err(sql)?;
-            let checkpoint = Checkpoint {
-                subscriber,
-                shard,
-                sequence: Sequence(from_db(stored)?),
-                updated_at: from_micros(updated_at),
-                hash: hash.map(|hash| stored_hash(hash, "hash")).transpose()?,
-            };
-            Ok(CheckpointCommit { checkpoint, moved })
-        })
+        self.run(move |db| checkpoint::commit(db, subscriber, shard, sequence, hash))
     }
 
     fn checkpoints(&self, subscriber: Option<SubscriberId>, shards: Vec<ShardId>) -> StoreFuture<'_, Vec<Checkpoint>> {
-        self.run(move |db| {
-            let what = "read checkpoints";
-            let sql = |e| sql_error(what, e);
-            let mut statement = db.prepare_cached(SQL_READ_CHECKPOINTS).map_err(sql)?;
-            let mut rows = statement.query(params![subscriber.as_ref().map(SubscriberId::as_str)]).map_err(sql)?;
-            let mut found = Vec::new();
-            while let Some(row) = rows.next().map_err(sql)? {
-                let shard = ShardId::parse(row.get::<_, String>(1).map_err(sql)?).map_err(corrupt_id)?;
-                if !shards.is_empty() && !shards.contains(&shard) {
-                    continue;
-                }
-                found.push(Checkpoint {
-                    subscriber: SubscriberId::parse(row.get::<_, String>(0).map_err(sql)?).map_err(corrupt_id)?,
-                    shard,
-                    sequence: Sequence(from_db(row.get(2).map_err(sql)?)?),
-                    updated_at: from_micros(row.get(3).map_err(sql)?),
-                    hash: row
-                        .get::<_, Option<Vec<u8>>>(4)
-                        .map_err(sql)?
-                        .map(|hash| stored_hash(hash, "hash"))
-                        .transpose()?,
-                });
-            }
-            Ok(found)
-        })
+        self.run(move |db| checkpoint::read(db, subscriber, shards))
     }
 
     fn put_snapshot(&self, shard: ShardId, sequence: Sequence, epoch: Epoch, data: Bytes) -> StoreFuture<'_, Snapshot> {
-        self.run(move |db| {
-            let what = "store a snapshot";
-            let sql = |e| sql_error(what, e);
-            let sequence_value = to_db("sequence", sequence.0)?;
-            let epoch_value = to_db("epoch", epoch.0)?;
-            let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-            let Some(state) = read_state(&txn, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
-            if state.lease.owner.is_none() {
-                return Err(StoreError::NoLease { shard });
-            }
-            if state.lease.epoch != epoch {
-                return Err(StoreError::StaleEpoch { shard, given: epoch, current: state.lease.epoch });
-            }
-            let head = state.lease.head;
-            if sequence.0 == 0 || sequence > head {
-                return Err(InvalidInput::new(
-                    "sequence",
-                    format!("{sequence} is outside the log of shard {shard} (1 through the head {head})"),
-                )
-                .into());
-            }
-            let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
-            let hash = if sequence.next() == state.low {
-                state.low_prev_hash
-            } else if sequence < state.low {
-                return Err(StoreError::Trimmed { shard, low: state.low });
-            } else {
-                let stored: Option<Vec<u8>> = txn
-                    .prepare_cached(SQL_EVENT_HASH)
-                    .map_err(sql)?
-                    .query_row(params![number, sequence_value], |row| row.get(0))
-                    .optional()
-                    .map_err(sql)?;
-                match stored {
-                    Some(hash) => stored_hash(hash, "hash")?,
-                    None => {
-                        return Err(
-                            CorruptEvent { shard, sequence, reason: "missing from the stored log".into() }.into()
-                        );
-                    }
-                }
-            };
-            let created_at = SystemTime::now();
-            txn.prepare_cached(SQL_UPSERT_SNAPSHOT)
-                .map_err(sql)?
-                .execute(params![
-                    number,
-                    sequence_value,
-                    epoch_value,
-                    &data[..],
-                    &hash.as_bytes()[..],
-                    micros(created_at)
-                ])
-                .map_err(sql)?;
-            txn.commit().map_err(sql)?;
-            Ok(Snapshot { shard, sequence, data, hash, created_at: from_micros(micros(created_at)) })
-        })
+        self.run(move |db| snapshot::put(db, shard, sequence, epoch, data))
     }
 
     fn snapshot(&self, shard: ShardId, at_or_below: Option<Sequence>) -> StoreFuture<'_, Option<Snapshot>> {
-        self.run(move |db| {
-            let what = "read a snapshot";
-            let below = match at_or_below {
-                Some(sequence) => to_db("at_or_below", sequence.0)?,
-                None => i64::MAX,
-            };
-            let row = db
-                .prepare_cached(SQL_READ_SNAPSHOT)
-                .map_err(|e| sql_error(what, e))?
-                .query_row(params![shard.as_str(), below], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, Vec<u8>>(1)?,
-                        row.get::<_, Vec<u8>>(2)?,
-                        row.get::<_, i64>(3)?,
-                    ))
-                })
-                .optional()
-                .map_err(|e| sql_error(what, e))?;
-            row.map(|(sequence, data, hash, created_at)| {
-                Ok(Snapshot {
-                    shard,
-                    sequence: Sequence(from_db(sequence)?),
-                    data: Bytes::from(data),
-                    hash: stored_hash(hash, "hash")?,
-                    created_at: from_micros(created_at),
-                })
-            })
-            .transpose()
-        })
+        self.run(move |db| snapshot::read(db, shard, at_or_below))
     }
 
     fn apply_retention(&self, shard: ShardId, policy: RetentionPolicy) -> StoreFuture<'_, RetentionOutcome> {
-        self.run_within(defaults::RETENTION_TIMEOUT, move |db| {
-            let what = "apply retention";
-            let sql = |e| sql_error(what, e);
-            let oldest_counted = micros(SystemTime::now()).saturating_sub(duration_micros(policy.checkpoint_max_age)?);
-            let txn = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-            let Some(state) = read_state(&txn, &shard)? else { return Err(StoreError::UnknownShard { shard }) };
-            let low = state.low;
-            let number = shard_no(&txn, &shard)?.ok_or(StoreError::UnknownShard { shard: shard.clone() })?;
-            let (snapshot, checkpoint): (Option<i64>, Option<i64>) = txn
-                .prepare_cached(SQL_RETENTION_PLAN)
-                .map_err(sql)?
-                .query_row(params![number, oldest_counted], |row| Ok((row.get(0)?, row.get(1)?)))
-                .map_err(sql)?;
-            let Some(snapshot) = snapshot else { return Ok(RetentionOutcome { deleted: 0, low }) };
-            let through = checkpoint.map_or(snapshot, |checkpoint| snapshot.min(checkpoint));
-            if from_db(through)? < low.0 {
-                return Ok(RetentionOutcome { deleted: 0, low });
-            }
-            // The anchor hash is read before event `through` is deleted.
-            txn.prepare_cached(SQL_RETENTION_LOW).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
-            txn.prepare_cached(SQL_RETENTION_SNAPSHOTS).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
-            // Each producer's latest record survives, so its retries are
-            // still recognised after the events are gone.
-            txn.prepare_cached(SQL_RETENTION_RECORDS).map_err(sql)?.execute(params![number, through]).map_err(sql)?;
-            let deleted = txn
-                .prepare_cached(SQL_RETENTION_EVENTS)
-                .map_err(sql)?
-                .execute(params![number, through])
-                .map_err(sql)?;
-            txn.commit().map_err(sql)?;
-            Ok(RetentionOutcome { deleted: deleted as u64, low: Sequence(from_db(through)? + 1) })
-        })
+        self.run_within(defaults::RETENTION_TIMEOUT, move |db| retention::apply(db, shard, policy))
     }
 
     fn changes(&self) -> broadcast::Receiver<LogChange> {
@@ -693,6 +349,7 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::open::MIGRATIONS;
+    use super::rows::{from_micros, micros};
     use super::*;
 
     #[test]

@@ -10,6 +10,8 @@ use crate::store::{ShardLease, ShardState, StoreError, corrupt_id, stored_hash};
 
 const SQL_SHARD_NO: &str = include_str!("sql/shard_no.sql");
 const SQL_SHARD_STATE: &str = include_str!("sql/shard_state.sql");
+/// The hash of one event, which a checkpoint or a snapshot at it records.
+pub(super) const SQL_EVENT_HASH: &str = include_str!("sql/event_hash.sql");
 
 /// Maps a SQLite failure: a full disk, a file turned read-only, I/O errors
 /// and a busy file are outages the caller may retry (and that heal without a

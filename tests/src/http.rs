@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// GETs `path` over plain HTTP/1.1 and returns the status and body.
-pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|err| format!("connect: {err}"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.map_err(|err| format!("write: {err}"))?;
@@ -23,7 +23,7 @@ pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Strin
 }
 
 /// The body, de-chunked when the head says it is chunked.
-pub(crate) fn dechunk_if(head: &str, body: &str) -> String {
+pub fn dechunk_if(head: &str, body: &str) -> String {
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() }
 }
 
