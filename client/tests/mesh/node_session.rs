@@ -193,8 +193,10 @@ async fn the_stream_deadline_bounds_every_message_and_ends_the_session() {
     let node = TestNode::start(Options::default()).await;
     let mut client = Client::new(node.addr);
     let operator = Auth::bearer(node.token("operator", &["operator"])).header("grpc-timeout", "800m");
-    let mut session = client.open_session(&operator).await.expect("opens");
+    // The stream's deadline runs from when the node accepted the stream,
+    // so the clock starts before it opens.
     let started = Instant::now();
+    let mut session = client.open_session(&operator).await.expect("opens");
     session.send(lease(Duration::from_secs(10)), None).await;
     let answer = session.answer().await.expect("open").expect("the long-poll answers within the stream's deadline");
     assert_eq!(leased(answer.result.as_ref().expect("result")), None);
