@@ -304,10 +304,13 @@ impl Serialize for Time<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let Some(at) = self.0.and_then(datetime) else { return serializer.serialize_none() };
         // The longest RFC 3339 form is 35 bytes (nanoseconds and an offset).
-        let mut buf = [0u8; 64];
-        let mut cursor = &mut buf[..];
+        let mut cursor = std::io::Cursor::new([0u8; 64]);
         match at.format_into(&mut cursor, &time::format_description::well_known::Rfc3339) {
-            Ok(len) => serializer.serialize_str(std::str::from_utf8(&buf[..len]).expect("RFC 3339 should be ASCII")),
+            Ok(_) => {
+                let len = usize::try_from(cursor.position()).expect("at most 64 bytes");
+                let text = std::str::from_utf8(&cursor.get_ref()[..len]).expect("RFC 3339 should be ASCII");
+                serializer.serialize_str(text)
+            }
             // A year RFC 3339 cannot show (before 0 or after 9999).
             Err(_) => serializer.serialize_none(),
         }
