@@ -85,6 +85,7 @@ fn scenario(events: u64) -> anyhow::Result<()> {
             )
             .await
             .context("export the projected rows (COPY needs the server to write /tmp)")?;
+        settle(&cluster).await?;
         let before = read_cpu(&cluster);
         let started = Instant::now();
         client.batch_execute("COPY copy_items FROM '/tmp/omnirelay-bench-rows.copy' WITH (FORMAT binary)").await?;
@@ -96,7 +97,10 @@ fn scenario(events: u64) -> anyhow::Result<()> {
 
     // The runtime alone (hub catch-up read, gRPC, chain checks) into a
     // sink that keeps nothing: what every sink pays before its own work.
-    let discarded = deliver(&cluster, &clients, &endpoint, "bench-discard", Discard, events)?;
+    let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let discarded = deliver(&cluster, &clients, &endpoint, "bench-discard", Discard(batches.clone()), events)?;
+    let batches = batches.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("the hub served {events} events in {batches} frames ({} events a frame)", events / batches.max(1));
     row("discard (the runtime alone)", events, &discarded, "-", None);
 
     // NDJSON, at least once, synced before each checkpoint.
@@ -159,7 +163,8 @@ fn queue_config(events: u64) -> QueueConfig {
 }
 
 /// A sink that keeps nothing: measures the subscriber runtime and the hub.
-struct Discard;
+/// Counts the batches (hub frames) it is handed.
+struct Discard(Arc<std::sync::atomic::AtomicU64>);
 
 impl ReplicationSink for Discard {
     fn delivery(&self) -> Delivery {
@@ -167,6 +172,7 @@ impl ReplicationSink for Discard {
     }
 
     async fn deliver(&mut self, _batch: &SinkBatch) -> Result<(), SinkError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -186,6 +192,8 @@ fn deliver<S: ReplicationSink>(
         let subscriber = Subscriber::new(config, sink)?;
         let mut progress = subscriber.progress();
         let stop = tokio_util::sync::CancellationToken::new();
+        settle(cluster).await?;
+        let before_kinds = postgres_by_kind(cluster);
         let before = read_cpu(cluster);
         let started = Instant::now();
         let run = tokio::spawn(subscriber.run(stop.clone()));
@@ -200,10 +208,57 @@ fn deliver<S: ReplicationSink>(
         }
         let took = started.elapsed();
         let cpu = read_cpu(cluster).since(&before);
+        let after_kinds = postgres_by_kind(cluster);
+        for (kind, spent) in &after_kinds {
+            let spent = spent.saturating_sub(before_kinds.get(kind).copied().unwrap_or_default());
+            if spent >= Duration::from_millis(20) {
+                eprintln!("{id}: PostgreSQL {kind}: {} ms CPU", spent.as_millis());
+            }
+        }
         stop.cancel();
         run.await?.map_err(|err| anyhow::anyhow!("{err}"))?;
         Ok(Measured { took, cpu })
     })
+}
+
+/// Writes every dirty page out before a measurement (`CHECKPOINT`), so no
+/// measurement pays for the writes of the one before it (the log's, first
+/// of all) in PostgreSQL's CPU and disk time.
+/// Vacuums and analyzes both databases first, so autovacuum (woken by the
+/// log's or the last sink's rows) does not run during the measurement.
+async fn settle(cluster: &PgCluster) -> anyhow::Result<()> {
+    for database in ["postgres", "projection"] {
+        let (admin, connection) = tokio_postgres::connect(&cluster.url(database), tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+        admin.batch_execute("VACUUM ANALYZE").await.context("vacuum before a measurement")?;
+        admin.batch_execute("CHECKPOINT").await.context("checkpoint before a measurement")?;
+        drop(admin);
+        let _ = connection.await;
+    }
+    Ok(())
+}
+
+/// PostgreSQL's CPU by process kind (`autovacuum worker`, a backend's
+/// database, `checkpointer`, ...), for a diagnosis on stderr.
+fn postgres_by_kind(cluster: &PgCluster) -> std::collections::BTreeMap<String, Duration> {
+    let mut by_kind = std::collections::BTreeMap::new();
+    for pid in cluster.server_pids().unwrap_or_default() {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+        let kind = cmdline
+            .strip_prefix("postgres: ")
+            .unwrap_or("postmaster")
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let spent = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+            let rest = stat.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+            Some(Duration::from_millis(ticks * 10))
+        });
+        *by_kind.entry(format!("{kind} [{pid}]")).or_default() += spent.unwrap_or_default();
+    }
+    by_kind
 }
 
 fn row(sink: &str, events: u64, measured: &Measured, baseline: &str, against: Option<&Measured>) {
