@@ -7,8 +7,12 @@
 //! The log is written first (`events` Enqueued events of 200-byte bodies on
 //! one shard), so each sink measures catch-up: subscribe from nothing to
 //! the head. A sink that keeps nothing runs too, so the runtime's and the
-//! hub's share of each sink's time shows. Prints one Markdown table row per
-//! measurement.
+//! hub's share of each sink's time shows. The hub and the sinks run on
+//! runtimes of their own (threads `hub-*`, `client-*`), so each row also
+//! gives CPU per event of the sink's side, the hub and PostgreSQL. Before
+//! each measurement both databases are vacuumed and checkpointed. Prints
+//! one Markdown table row per measurement; stderr gets the hub's frame
+//! size and PostgreSQL's CPU by process.
 
 // The figures are the program's output.
 #![allow(clippy::print_stdout)]
