@@ -37,11 +37,11 @@ const RECOVERY_EVENTS: u64 = 1_000_000;
 
 /// CPU of the threads whose name starts with a prefix, and of PostgreSQL.
 #[derive(Debug, Clone, Default)]
-struct Cpu {
-    node: Duration,
-    hub: Duration,
-    clients: Duration,
-    postgres: Duration,
+pub(crate) struct Cpu {
+    pub(crate) node: Duration,
+    pub(crate) hub: Duration,
+    pub(crate) clients: Duration,
+    pub(crate) postgres: Duration,
     /// Per PostgreSQL process: backends come and go between readings.
     postgres_pids: HashMap<u32, Duration>,
 }
@@ -49,7 +49,7 @@ struct Cpu {
 impl Cpu {
     /// What was spent from `before` to `self`; a PostgreSQL process that
     /// started in between counts from zero, one that ended is not seen.
-    fn since(&self, before: &Cpu) -> Cpu {
+    pub(crate) fn since(&self, before: &Cpu) -> Cpu {
         let postgres = self
             .postgres_pids
             .iter()
@@ -75,7 +75,7 @@ fn ticks(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
-fn read_cpu(cluster: &PgCluster) -> Cpu {
+pub(crate) fn read_cpu(cluster: &PgCluster) -> Cpu {
     let mut cpu = Cpu::default();
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for task in tasks.flatten() {
@@ -99,7 +99,7 @@ fn read_cpu(cluster: &PgCluster) -> Cpu {
     cpu
 }
 
-fn runtime(name: &'static str, threads: usize) -> tokio::runtime::Runtime {
+pub(crate) fn runtime(name: &'static str, threads: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name(name)
@@ -117,7 +117,7 @@ struct Measured {
     transactions: u64,
 }
 
-fn per(spent: Duration, cycles: u64) -> f64 {
+pub(crate) fn per(spent: Duration, cycles: u64) -> f64 {
     spent.as_secs_f64() * 1e6 / cycles.max(1) as f64
 }
 

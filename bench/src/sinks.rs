@@ -7,8 +7,12 @@
 //! The log is written first (`events` Enqueued events of 200-byte bodies on
 //! one shard), so each sink measures catch-up: subscribe from nothing to
 //! the head. A sink that keeps nothing runs too, so the runtime's and the
-//! hub's share of each sink's time shows. Prints one Markdown table row per
-//! measurement.
+//! hub's share of each sink's time shows. The hub and the sinks run on
+//! runtimes of their own (threads `hub-*`, `client-*`), so each row also
+//! gives CPU per event of the sink's side, the hub and PostgreSQL. Before
+//! each measurement both databases are vacuumed and checkpointed. Prints
+//! one Markdown table row per measurement; stderr gets the hub's frame
+//! size and PostgreSQL's CPU by process.
 
 // The figures are the program's output.
 #![allow(clippy::print_stdout)]
@@ -28,37 +32,109 @@ use omnirelay_client::{Queue, QueueConfig, Replicator, ShardId};
 use omnirelay_hub::{Config, Hub};
 use omnirelay_tests::{PgCluster, PgOptions};
 
+use crate::durable::{Cpu, per, read_cpu, runtime};
+
 const SHARD: &str = "resourcelease.bench-sinks";
 
 pub(crate) fn run(events: u64) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
-    if let Err(error) = runtime.block_on(scenario(events)) {
+    if let Err(error) = scenario(events) {
         eprintln!("benchmark failed: {error:#}");
         std::process::exit(1);
     }
 }
 
-async fn scenario(events: u64) -> anyhow::Result<()> {
+/// A sink's run (or a baseline's): its time and the CPU spent meanwhile.
+struct Measured {
+    took: Duration,
+    cpu: Cpu,
+}
+
+fn scenario(events: u64) -> anyhow::Result<()> {
     eprintln!("starting a durable PostgreSQL cluster (fsync on)");
-    let cluster =
-        tokio::task::spawn_blocking(|| PgCluster::start(PgOptions { durable: true, max_connections: 100 })).await??;
+    let cluster = PgCluster::start(PgOptions { durable: true, max_connections: 100 })?;
     let url = cluster.url("postgres");
-    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    // The hub and the sinks each on a runtime of their own, so their CPU
+    // is read apart (see `durable::read_cpu`); the writer on a third.
+    let hubs = runtime("hub", 2);
+    let clients = runtime("client", 2);
+    let main = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+
+    let endpoint = hubs.block_on(async {
+        omnirelay_hub::store::postgres::migrate(&url).await.context("migrate")?;
+        let hub = Hub::open(Config { retention_interval: None, ..Config::for_postgres(&url)? }).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = HubEndpoint::new(format!("http://{}", listener.local_addr()?));
+        tokio::spawn(hub.serve(listener, std::future::pending::<()>()));
+        anyhow::Ok(endpoint)
+    })?;
+    main.block_on(write(&url, &endpoint, events))?;
+
+    println!(
+        "| sink | events | seconds | events/s | baseline | baseline seconds | ratio | sink µs CPU/event | hub µs | PostgreSQL µs | baseline PostgreSQL µs |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+
+    // The projection, exactly once.
+    let pool = ProjectionSink::pool(&cluster.url("projection"), 4, Duration::from_secs(10))?;
+    let sink = clients.block_on(ProjectionSink::open(pool.clone(), "bench"))?;
+    let projected = deliver(&cluster, &clients, &endpoint, "bench-projection", sink, events)?;
+    // The same rows by COPY into a table of the same shape.
+    let copied = clients.block_on(async {
+        let client = pool.get().await?;
+        client
+            .batch_execute(
+                "CREATE TABLE copy_items (LIKE omnirelay_projection_items INCLUDING ALL); \
+                 CREATE TEMP TABLE rows AS SELECT * FROM omnirelay_projection_items; \
+                 COPY rows TO '/tmp/omnirelay-bench-rows.copy' WITH (FORMAT binary)",
+            )
+            .await
+            .context("export the projected rows (COPY needs the server to write /tmp)")?;
+        settle(&cluster).await?;
+        let before = read_cpu(&cluster);
+        let started = Instant::now();
+        client.batch_execute("COPY copy_items FROM '/tmp/omnirelay-bench-rows.copy' WITH (FORMAT binary)").await?;
+        let took = started.elapsed();
+        anyhow::Ok(Measured { took, cpu: read_cpu(&cluster).since(&before) })
+    })?;
+    let _ = std::fs::remove_file("/tmp/omnirelay-bench-rows.copy");
+    row("postgres projection (exactly once)", events, &projected, "COPY of the same rows", Some(&copied));
+
+    // The runtime alone (hub catch-up read, gRPC, chain checks) into a
+    // sink that keeps nothing: what every sink pays before its own work.
+    let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let discarded = deliver(&cluster, &clients, &endpoint, "bench-discard", Discard(batches.clone()), events)?;
+    let batches = batches.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("the hub served {events} events in {batches} frames ({} events a frame)", events / batches.max(1));
+    row("discard (the runtime alone)", events, &discarded, "-", None);
+
+    // NDJSON, at least once, synced before each checkpoint.
+    let dir = tempfile_dir()?;
+    let sink = clients.block_on(NdjsonSink::open(NdjsonConfig::new(dir.join("sink"))))?;
+    let written = deliver(&cluster, &clients, &endpoint, "bench-ndjson", sink, events)?;
+    let catted = {
+        let started = Instant::now();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("cat {0}/sink/*.ndjson > {0}/cat.ndjson && sync {0}/cat.ndjson", dir.display()))
+            .status()?;
+        anyhow::ensure!(status.success(), "cat failed");
+        // `cat` is not this process nor PostgreSQL: its CPU is not read.
+        Measured { took: started.elapsed(), cpu: Cpu::default() }
+    };
+    row("ndjson (fsync on checkpoint)", events, &written, "cat of the same bytes, then sync", Some(&catted));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Writes `events` Enqueued events to the shard through a queue.
+async fn write(url: &str, endpoint: &HubEndpoint, events: u64) -> anyhow::Result<()> {
+    let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     admin.batch_execute("CREATE DATABASE projection").await?;
-    let projection_url = cluster.url("projection");
-
-    omnirelay_hub::store::postgres::migrate(&url).await.context("migrate")?;
-    let hub = Hub::open(Config { retention_interval: None, ..Config::for_postgres(&url)? }).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = HubEndpoint::new(format!("http://{}", listener.local_addr()?));
-    tokio::spawn(hub.serve(listener, std::future::pending::<()>()));
-
     eprintln!("writing {events} events");
     let replicator = Arc::new(HubReplicator::new(HubReplicatorConfig::new([endpoint.clone()]))?);
     let grant = replicator.acquire_shard(&ShardId::from(SHARD), "bench", Duration::from_secs(600)).await?;
-    let queue =
-        Arc::new(Queue::builder(QueueConfig::new(SHARD, "bench"), replicator.clone()).epoch(grant.epoch).build()?);
+    let queue = Arc::new(Queue::builder(queue_config(events), replicator.clone()).epoch(grant.epoch).build()?);
     let body = "x".repeat(crate::BODY_BYTES);
     futures_util::stream::iter(0..events)
         .map(|n| {
@@ -74,58 +150,25 @@ async fn scenario(events: u64) -> anyhow::Result<()> {
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
-
-    println!("| sink | events | seconds | events/s | baseline | baseline seconds | ratio |");
-    println!("|---|---:|---:|---:|---|---:|---:|");
-
-    // The projection, exactly once.
-    let pool = ProjectionSink::pool(&projection_url, 4, Duration::from_secs(10))?;
-    let sink = ProjectionSink::open(pool.clone(), "bench").await?;
-    let projected = deliver(&endpoint, "bench-projection", sink, events).await?;
-    // The same rows by COPY into a table of the same shape.
-    let copied = {
-        let client = pool.get().await?;
-        client
-            .batch_execute(
-                "CREATE TABLE copy_items (LIKE omnirelay_projection_items INCLUDING ALL); \
-                 CREATE TEMP TABLE rows AS SELECT * FROM omnirelay_projection_items; \
-                 COPY rows TO '/tmp/omnirelay-bench-rows.copy' WITH (FORMAT binary)",
-            )
-            .await
-            .context("export the projected rows (COPY needs the server to write /tmp)")?;
-        let started = Instant::now();
-        client.batch_execute("COPY copy_items FROM '/tmp/omnirelay-bench-rows.copy' WITH (FORMAT binary)").await?;
-        started.elapsed()
-    };
-    let _ = std::fs::remove_file("/tmp/omnirelay-bench-rows.copy");
-    row("postgres projection (exactly once)", events, projected, "COPY of the same rows", copied);
-
-    // The runtime alone (hub catch-up read, gRPC, chain checks) into a
-    // sink that keeps nothing: what every sink pays before its own work.
-    let discarded = deliver(&endpoint, "bench-discard", Discard, events).await?;
-    row("discard (the runtime alone)", events, discarded, "-", Duration::ZERO);
-
-    // NDJSON, at least once, synced before each checkpoint.
-    let dir = tempfile_dir()?;
-    let sink = NdjsonSink::open(NdjsonConfig::new(dir.join("sink"))).await?;
-    let written = deliver(&endpoint, "bench-ndjson", sink, events).await?;
-    let catted = {
-        let started = Instant::now();
-        let status = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("cat {0}/sink/*.ndjson > {0}/cat.ndjson && sync {0}/cat.ndjson", dir.display()))
-            .status()
-            .await?;
-        anyhow::ensure!(status.success(), "cat failed");
-        started.elapsed()
-    };
-    row("ndjson (fsync on checkpoint)", events, written, "cat of the same bytes, then sync", catted);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
+/// The queue that writes the log: every event it writes stays pending
+/// (nothing is leased), so its capacity and watermarks are raised above
+/// `events`; with the defaults, backpressure would stop the writing at
+/// 80,000 pending.
+fn queue_config(events: u64) -> QueueConfig {
+    let mut config = QueueConfig::new(SHARD, "bench");
+    let room = (events + 1).max(config.capacity);
+    config.capacity = room;
+    config.high_watermark = room;
+    config.low_watermark = room - 1;
+    config
+}
+
 /// A sink that keeps nothing: measures the subscriber runtime and the hub.
-struct Discard;
+/// Counts the batches (hub frames) it is handed.
+struct Discard(Arc<std::sync::atomic::AtomicU64>);
 
 impl ReplicationSink for Discard {
     fn delivery(&self) -> Delivery {
@@ -133,50 +176,119 @@ impl ReplicationSink for Discard {
     }
 
     async fn deliver(&mut self, _batch: &SinkBatch) -> Result<(), SinkError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
 
-/// Runs `sink` from nothing to `events` and returns how long it took.
-async fn deliver<S: ReplicationSink>(
+/// Runs `sink` from nothing to `events` on the `clients` runtime and
+/// returns how long it took and the CPU spent meanwhile.
+fn deliver<S: ReplicationSink>(
+    cluster: &PgCluster,
+    clients: &tokio::runtime::Runtime,
     endpoint: &HubEndpoint,
     id: &str,
     sink: S,
     events: u64,
-) -> anyhow::Result<Duration> {
-    let config = SubscriberConfig::new(id, [endpoint.clone()], Selection::Shards(vec![SHARD.into()]));
-    let subscriber = Subscriber::new(config, sink)?;
-    let mut progress = subscriber.progress();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let started = Instant::now();
-    let run = tokio::spawn(subscriber.run(stop.clone()));
-    loop {
-        if progress.borrow().shards.get(SHARD).is_some_and(|s| s.position >= events) {
-            break;
+) -> anyhow::Result<Measured> {
+    clients.block_on(async {
+        let config = SubscriberConfig::new(id, [endpoint.clone()], Selection::Shards(vec![SHARD.into()]));
+        let subscriber = Subscriber::new(config, sink)?;
+        let mut progress = subscriber.progress();
+        let stop = tokio_util::sync::CancellationToken::new();
+        settle(cluster).await?;
+        let before_kinds = postgres_by_kind(cluster);
+        let before = read_cpu(cluster);
+        let started = Instant::now();
+        let run = tokio::spawn(subscriber.run(stop.clone()));
+        loop {
+            if progress.borrow().shards.get(SHARD).is_some_and(|s| s.position >= events) {
+                break;
+            }
+            tokio::time::timeout(Duration::from_secs(600), progress.changed())
+                .await
+                .context("the sink stalled")?
+                .context("the subscriber stopped")?;
         }
-        tokio::time::timeout(Duration::from_secs(600), progress.changed())
-            .await
-            .context("the sink stalled")?
-            .context("the subscriber stopped")?;
-    }
-    let elapsed = started.elapsed();
-    stop.cancel();
-    run.await?.map_err(|err| anyhow::anyhow!("{err}"))?;
-    Ok(elapsed)
+        let took = started.elapsed();
+        let cpu = read_cpu(cluster).since(&before);
+        let after_kinds = postgres_by_kind(cluster);
+        for (kind, spent) in &after_kinds {
+            let spent = spent.saturating_sub(before_kinds.get(kind).copied().unwrap_or_default());
+            if spent >= Duration::from_millis(20) {
+                eprintln!("{id}: PostgreSQL {kind}: {} ms CPU", spent.as_millis());
+            }
+        }
+        stop.cancel();
+        run.await?.map_err(|err| anyhow::anyhow!("{err}"))?;
+        Ok(Measured { took, cpu })
+    })
 }
 
-fn row(sink: &str, events: u64, took: Duration, baseline: &str, baseline_took: Duration) {
-    let rate = events as f64 / took.as_secs_f64();
-    if baseline_took.is_zero() {
-        println!("| {sink} | {events} | {:.2} | {rate:.0} | {baseline} | - | - |", took.as_secs_f64());
-        return;
+/// Writes every dirty page out before a measurement (`CHECKPOINT`), so no
+/// measurement pays for the writes of the one before it (the log's, first
+/// of all) in PostgreSQL's CPU and disk time.
+/// Vacuums and analyzes both databases first, so autovacuum (woken by the
+/// log's or the last sink's rows) does not run during the measurement.
+async fn settle(cluster: &PgCluster) -> anyhow::Result<()> {
+    for database in ["postgres", "projection"] {
+        let (admin, connection) = tokio_postgres::connect(&cluster.url(database), tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+        admin.batch_execute("VACUUM ANALYZE").await.context("vacuum before a measurement")?;
+        admin.batch_execute("CHECKPOINT").await.context("checkpoint before a measurement")?;
+        drop(admin);
+        let _ = connection.await;
     }
-    println!(
-        "| {sink} | {events} | {:.2} | {rate:.0} | {baseline} | {:.2} | {:.2} |",
-        took.as_secs_f64(),
-        baseline_took.as_secs_f64(),
-        baseline_took.as_secs_f64() / took.as_secs_f64()
+    Ok(())
+}
+
+/// PostgreSQL's CPU by process kind (`autovacuum worker`, a backend's
+/// database, `checkpointer`, ...), for a diagnosis on stderr.
+fn postgres_by_kind(cluster: &PgCluster) -> std::collections::BTreeMap<String, Duration> {
+    let mut by_kind = std::collections::BTreeMap::new();
+    for pid in cluster.server_pids().unwrap_or_default() {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+        let kind = cmdline
+            .strip_prefix("postgres: ")
+            .unwrap_or("postmaster")
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let spent = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+            let rest = stat.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+            Some(Duration::from_millis(ticks * 10))
+        });
+        *by_kind.entry(format!("{kind} [{pid}]")).or_default() += spent.unwrap_or_default();
+    }
+    by_kind
+}
+
+fn row(sink: &str, events: u64, measured: &Measured, baseline: &str, against: Option<&Measured>) {
+    let seconds = measured.took.as_secs_f64();
+    let rate = events as f64 / seconds;
+    let cpu = format!(
+        "{:.1} | {:.1} | {:.1}",
+        per(measured.cpu.clients, events),
+        per(measured.cpu.hub, events),
+        per(measured.cpu.postgres, events)
     );
+    match against {
+        None => println!("| {sink} | {events} | {seconds:.2} | {rate:.0} | {baseline} | - | - | {cpu} | - |"),
+        Some(base) => {
+            let base_seconds = base.took.as_secs_f64();
+            let base_cpu = if base.cpu.postgres.is_zero() {
+                "-".to_string()
+            } else {
+                format!("{:.1}", per(base.cpu.postgres, events))
+            };
+            println!(
+                "| {sink} | {events} | {seconds:.2} | {rate:.0} | {baseline} | {base_seconds:.2} | {:.2} | {cpu} | {base_cpu} |",
+                base_seconds / seconds
+            );
+        }
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -9,8 +9,9 @@
 //! bytes without re-encoding them. Producers and readers convert with
 //! [`RawEvent::encode`] and [`RawEvent::decode`].
 //!
-//! [`fields`] walks the top-level fields of an encoding, for the hub's
-//! byte-level edits (dropping the fields the log assigns).
+//! [`fields`] (and [`walk`], one field at a time) walks the top-level
+//! fields of an encoding, for the hub's byte-level edits (dropping the
+//! fields the log assigns) and the chain hash.
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::DecodeError;
@@ -158,10 +159,43 @@ pub struct Field<'a> {
 
 /// The top-level fields of an encoding, in order; an error for an encoding
 /// that does not parse (or uses groups).
-pub fn fields(mut encoding: &[u8]) -> Result<Vec<Field<'_>>, Malformed> {
-    let whole = encoding;
-    let mut fields = Vec::new();
-    while !encoding.is_empty() {
+pub fn fields(encoding: &[u8]) -> Result<Vec<Field<'_>>, Malformed> {
+    walk(encoding).collect()
+}
+
+/// The top-level fields of an encoding, one at a time (without collecting
+/// them, for readers that look at each once); an error ends the walk.
+pub fn walk(encoding: &[u8]) -> Fields<'_> {
+    Fields { whole: encoding, rest: encoding }
+}
+
+/// The iterator of [`walk`].
+#[derive(Debug, Clone)]
+pub struct Fields<'a> {
+    whole: &'a [u8],
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<Field<'a>, Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let field = self.field();
+        if field.is_err() {
+            // Nothing after a malformed field can be read.
+            self.rest = &[];
+        }
+        Some(field)
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn field(&mut self) -> Result<Field<'a>, Malformed> {
+        let whole = self.whole;
+        let mut encoding = self.rest;
         let start = whole.len() - encoding.len();
         let key = decode_varint(&mut encoding).map_err(|_| Malformed("a varint runs past the end"))?;
         let tag = u32::try_from(key >> 3).map_err(|_| Malformed("field number too large"))?;
@@ -192,10 +226,10 @@ pub fn fields(mut encoding: &[u8]) -> Result<Vec<Field<'_>>, Malformed> {
             }
             _ => return Err(Malformed("unsupported wire type")),
         }
+        self.rest = encoding;
         let end = whole.len() - encoding.len();
-        fields.push(Field { tag, bytes: &whole[start..end], value });
+        Ok(Field { tag, bytes: &whole[start..end], value })
     }
-    Ok(fields)
 }
 
 #[cfg(test)]

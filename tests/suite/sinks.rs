@@ -877,3 +877,71 @@ async fn the_projection_writes_an_item_twice_in_one_frame_in_order() {
     let rows: Vec<(String, i32, i64)> = rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert_eq!(rows, [("a".to_string(), 3, 3), ("b".to_string(), 0, 2), ("c".to_string(), 1, 3)]);
 }
+
+#[tokio::test]
+async fn large_runs_are_copied_and_an_item_already_there_falls_back_to_the_upsert() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "copied").await.expect("open");
+    let shard = ShardId::from("resourcelease.copied");
+    let event = |sequence, kind| sink_event(&shard, sequence, kind);
+    use rpb::replication_event::Event as Kind;
+    let run = omnirelay_client::sink::defaults::PROJECTION_COPY_MIN_ROWS as u64 + 10;
+    let with_payload = |id: String, attempt: u32| {
+        let mut item = work_item(&id, attempt);
+        let payload = item.payload.as_mut().expect("a payload");
+        payload.attributes = [("k".to_string(), format!("v-{id}"))].into();
+        payload.body = Bytes::from(format!("body of {id}"));
+        item
+    };
+    // "i-5" is in the table before the run that writes it again.
+    let first = SinkBatch {
+        shard: shard.clone(),
+        events: vec![event(1, Kind::Enqueued(rpb::Enqueued { item: Some(with_payload("i-5".into(), 7)) }))],
+    };
+    sink.deliver(&first).await.expect("first");
+    // A run (copied, then upserted: "i-5" is there), a statement on an item
+    // of it, a second run (copied) and a statement on an item of that.
+    let mut events = Vec::new();
+    let mut sequence = 1;
+    let mut next = || {
+        sequence += 1;
+        sequence
+    };
+    for n in 0..run {
+        events.push(event(next(), Kind::Enqueued(rpb::Enqueued { item: Some(with_payload(format!("i-{n}"), 0)) })));
+    }
+    events.push(event(
+        next(),
+        Kind::Leased(rpb::Leased { item_id: "i-1".into(), attempt: 1, owner: "w".into(), ..Default::default() }),
+    ));
+    for n in 0..run {
+        events.push(event(next(), Kind::Enqueued(rpb::Enqueued { item: Some(with_payload(format!("j-{n}"), 0)) })));
+    }
+    let last = next();
+    events.push(event(last, Kind::Completed(rpb::Completed { item_id: "j-0".into(), fencing_token: 1 })));
+    let second = SinkBatch { shard: shard.clone(), events };
+    sink.deliver(&second).await.expect("second");
+    // Handed over again: applied once.
+    sink.deliver(&second).await.expect("second again");
+
+    let rows = projection_rows(&db, "copied", "resourcelease.copied").await;
+    assert_eq!(rows.len() as u64, 2 * run - 1, "every item of both runs but the completed j-0");
+    assert_eq!(rows["i-5"], ("pending".to_string(), 0), "the run's write of i-5 replaced the older one");
+    assert_eq!(rows["i-1"], ("leased".to_string(), 1), "the statement after the copy saw its rows");
+    assert!(!rows.contains_key("j-0"));
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT attributes->>'k', body, updated_sequence FROM omnirelay_projection_items \
+             WHERE projection = 'copied' AND item_id = 'j-7'",
+            &[],
+        )
+        .await
+        .expect("a copied row");
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("v-j-7"));
+    assert_eq!(row.get::<_, Vec<u8>>(1), b"body of j-7");
+    assert_eq!(row.get::<_, i64>(2), (run + 3 + 7) as i64, "j-7 was enqueued at sequence run + 10");
+    let checkpoints = sink.checkpoints().await.expect("checkpoints");
+    assert_eq!(checkpoints[0].sequence, Sequence::new(last));
+}

@@ -18,7 +18,9 @@
 //! that a sink's own stored hash pins the log it resumes on.
 
 use bytes::Bytes;
-use omnirelay_proto::raw::{RawEvent, fields};
+use omnirelay_proto::Message as _;
+use omnirelay_proto::raw::{RawEvent, walk};
+use omnirelay_proto::replication::v1 as rpb;
 
 use super::{SinkError, SinkEvent};
 use crate::ids::{Sequence, ShardId};
@@ -65,9 +67,19 @@ impl ShardChain {
     /// after the position, moving the position past them. On an error the
     /// position stays where it was.
     pub fn admit(&mut self, raw: &[RawEvent]) -> Result<Vec<SinkEvent>, SinkError> {
+        self.admit_bytes(raw.iter().map(|raw| Bytes::copy_from_slice(raw.as_slice())))
+    }
+
+    /// [`admit`](Self::admit), taking the events: each event's bytes become
+    /// its [`SinkEvent::raw`] (and back its bytes fields) without a copy.
+    pub fn admit_owned(&mut self, raw: Vec<RawEvent>) -> Result<Vec<SinkEvent>, SinkError> {
+        self.admit_bytes(raw.into_iter().map(RawEvent::into_bytes))
+    }
+
+    fn admit_bytes(&mut self, raw: impl ExactSizeIterator<Item = Bytes>) -> Result<Vec<SinkEvent>, SinkError> {
         let mut position = self.position;
         let mut hash = self.hash.clone();
-        let mut admitted = Vec::new();
+        let mut admitted = Vec::with_capacity(raw.len());
         for raw in raw {
             let event = self.check(raw)?;
             if event.sequence <= position {
@@ -121,8 +133,10 @@ impl ShardChain {
 
     /// Decodes one event and checks that it is of this shard and that its
     /// hash is its own.
-    fn check(&self, raw: &RawEvent) -> Result<SinkEvent, SinkError> {
-        let event = raw.decode().map_err(|err| self.corrupt(format!("an event does not decode: {err}")))?;
+    fn check(&self, raw: Bytes) -> Result<SinkEvent, SinkError> {
+        // Decoded from `Bytes`, the event's bytes fields share its buffer.
+        let event = rpb::ReplicationEvent::decode(raw.clone())
+            .map_err(|err| self.corrupt(format!("an event does not decode: {err}")))?;
         let sequence = Sequence::new(event.sequence);
         if event.shard_id != self.shard.as_str() {
             return Err(self.corrupt(format!("the event at sequence {sequence} names shard {:?}", event.shard_id)));
@@ -130,18 +144,12 @@ impl ShardChain {
         if event.hash.len() != HASH_BYTES || event.prev_hash.len() != HASH_BYTES {
             return Err(self.corrupt(format!("the event at sequence {sequence} has no valid chain hashes")));
         }
-        let computed = chain_hash(&event.prev_hash, event.sequence, event.epoch, raw.as_slice())
+        let computed = chain_hash(&event.prev_hash, event.sequence, event.epoch, &raw)
             .map_err(|err| self.corrupt(format!("the event at sequence {sequence} does not parse: {err}")))?;
         if computed.as_ref() != event.hash.as_ref() {
             return Err(self.corrupt(format!("the event at sequence {sequence} does not match its hash")));
         }
-        Ok(SinkEvent {
-            shard: self.shard.clone(),
-            sequence,
-            hash: event.hash.clone(),
-            raw: Bytes::copy_from_slice(raw.as_slice()),
-            event,
-        })
+        Ok(SinkEvent { shard: self.shard.clone(), sequence, hash: event.hash.clone(), raw, event })
     }
 
     fn corrupt(&self, reason: String) -> SinkError {
@@ -162,7 +170,8 @@ pub fn chain_hash(
     context.update(prev_hash);
     context.update(&sequence.to_be_bytes());
     context.update(&epoch.to_be_bytes());
-    for field in fields(served)? {
+    for field in walk(served) {
+        let field = field?;
         if !ASSIGNED_FIELDS.contains(&field.tag) {
             context.update(field.bytes);
         }
@@ -272,6 +281,25 @@ mod tests {
         forged.hash = chain_hash(&forged.prev_hash, 3, 1, &body.encode_to_vec()).expect("parses").to_vec().into();
         let err = chain.admit(&[log[0].clone(), log[1].clone(), RawEvent::encode(&forged)]).expect_err("broken link");
         assert!(matches!(err, SinkError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn owned_frames_are_admitted_as_borrowed_ones_and_stop_on_a_gap_or_broken_link() {
+        let log = log(6);
+        let mut chain = ShardChain::new(SHARD.into(), Sequence::ZERO, None);
+        let admitted = chain.admit_owned(log[..3].to_vec()).expect("admits");
+        assert_eq!(sequences(&admitted), [1, 2, 3]);
+        assert_eq!(admitted[2].raw.as_ref(), log[2].as_slice(), "the served bytes, kept");
+        assert_eq!(admitted, ShardChain::new(SHARD.into(), Sequence::ZERO, None).admit(&log[..3]).expect("admits"));
+
+        let err = chain.admit_owned(log[4..].to_vec()).expect_err("sequence 4 is missing");
+        assert!(matches!(err, SinkError::Gap { expected, got, .. } if expected.get() == 4 && got.get() == 5), "{err}");
+        let mut relinked = log[3].decode().expect("decodes");
+        relinked.prev_hash = Bytes::from_static(&[9; 32]);
+        let err = chain.admit_owned(vec![RawEvent::encode(&relinked)]).expect_err("a broken link");
+        assert!(matches!(err, SinkError::Corrupt { .. }), "{err}");
+        assert_eq!(chain.position(), Sequence::new(3), "a refused frame moves nothing");
+        assert_eq!(sequences(&chain.admit_owned(log[3..].to_vec()).expect("admits")), [4, 5, 6]);
     }
 
     #[test]

@@ -54,3 +54,12 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// NDJSON sink: a file is rotated once it holds this many bytes (64 MiB
 /// keeps files easy to ship and to `grep`).
 pub const NDJSON_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// PostgreSQL projection: rows from which a run of whole-item writes is
+/// written with `COPY` rather than one array upsert. `COPY` inserts rows in
+/// multi-row batches (one WAL record per batch, no conflict check per row)
+/// but costs three more round trips (a savepoint, the copy's start, its
+/// release) and, when an item of the run is already in the table, a second
+/// attempt by upsert. A catch-up frame of enqueues (hundreds to thousands
+/// of rows) gains; a live frame of a few events would not.
+pub const PROJECTION_COPY_MIN_ROWS: usize = 256;

@@ -17,7 +17,8 @@
 //! - commits the hub checkpoint (with the hash of the event it stops at) in
 //!   batches, after [`defaults::CHECKPOINT_EVENTS`] events or
 //!   [`defaults::CHECKPOINT_INTERVAL`], whichever comes first, and when
-//!   it stops;
+//!   it stops; a commit runs beside delivery (it is a disk sync on the
+//!   hub), and while one is under way the next waits for it;
 //! - reconnects with backoff, on the next hub endpoint, after a hub replica
 //!   dies or the network is cut, and resumes where the sink is;
 //! - when the sink's position was trimmed by retention, hands the sink the
@@ -61,9 +62,11 @@
 //!
 //! # Memory and deadlines
 //!
-//! The runtime holds one frame of the hub's stream at a time (at most
-//! 3 MiB) and pulls the next only when the sink is done with it, so HTTP/2
-//! flow control holds a fast hub back. Every hub call has a deadline
+//! The runtime decodes and checks the next frame of the hub's stream while
+//! the sink works on the one before, and reads no further: it holds at
+//! most three frames (the sink's, one checked and waiting, one being read;
+//! 3 MiB each at most), so HTTP/2 flow control holds a fast hub back. Hub
+//! checkpoint commits run beside delivery, one at a time. Every hub call has a deadline
 //! ([`defaults::REQUEST_TIMEOUT`]), a stream that stays silent for three
 //! progress intervals is reopened, and every sink call has one too
 //! ([`defaults::SINK_TIMEOUT`]).

@@ -1,8 +1,10 @@
 //! The subscriber runtime: one hub subscription feeding one sink.
 //!
 //! [`Subscriber::run`] loops over sessions. A session opens a `Subscribe`
-//! stream on the current hub endpoint and handles its frames one at a time
-//! (events, progress, snapshots), committing checkpoints as it goes. A
+//! stream on the current hub endpoint; a reader task ([`reader`]) decodes
+//! and checks its frames one ahead, and the session hands them to the sink
+//! one at a time (events, progress, snapshots), committing checkpoints as
+//! it goes, each commit on a task of its own beside delivery. A
 //! session that ends for a reason that may pass (an endpoint down, a stream
 //! cut or silent, a hub shutting down) is followed by another on the next
 //! endpoint after a backoff; one that ends for good (a gap, corruption, a
@@ -26,20 +28,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use omnirelay_proto::Message as _;
 use omnirelay_proto::hub::v1 as pb;
 use omnirelay_proto::limits::MAX_MESSAGE_BYTES;
-use omnirelay_proto::replication::v1 as rpb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use self::reader::Prepared;
 use super::chain::ShardChain;
 use super::metrics as m;
-use super::{Delivery, ReplicationSink, SinkBatch, SinkCheckpoint, SinkError, SinkSnapshot, defaults};
+use super::{Delivery, ReplicationSink, SinkBatch, SinkCheckpoint, SinkError, SinkEvent, SinkSnapshot, defaults};
 use crate::ids::{Sequence, ShardId};
 use crate::replication::{HubEndpoint, HubTls};
 use crate::wire;
+
+mod reader;
 
 /// The shards a subscriber follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +161,26 @@ pub struct Subscriber<S> {
     /// True until the first session: [`Subscriber::start`] has just read
     /// the hub checkpoints, so that session need not read them again.
     checkpoints_fresh: bool,
+    /// The hub checkpoint commit under way, if any (see
+    /// [`Subscriber::start_commit`]).
+    committing: Option<tokio::task::JoinHandle<Vec<Committed>>>,
+}
+
+/// Aborts a task when dropped: the session's reader ends with the session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The answer to one shard's checkpoint commit.
+struct Committed {
+    shard: ShardId,
+    sequence: Sequence,
+    /// `None` when the hub did not answer within the request timeout.
+    answer: Option<Result<(), tonic::Status>>,
 }
 
 impl<S> std::fmt::Debug for Subscriber<S> {
@@ -177,8 +200,11 @@ struct Track {
     committed: Sequence,
     /// The shard's head as last known.
     head: Sequence,
-    /// `recorded_at` of the oldest applied event not yet checkpointed.
+    /// `recorded_at` of the oldest applied event not yet checkpointed (nor
+    /// in the commit under way).
     oldest_uncommitted: Option<SystemTime>,
+    /// `recorded_at` of the oldest event the commit under way covers.
+    oldest_committing: Option<SystemTime>,
     /// When the checkpoint last moved (or the run started).
     committed_at: SystemTime,
 }
@@ -190,6 +216,7 @@ impl Track {
             committed,
             head: position.max(committed),
             oldest_uncommitted: None,
+            oldest_committing: None,
             committed_at: SystemTime::now(),
         }
     }
@@ -198,7 +225,7 @@ impl Track {
         if self.committed >= self.head {
             return 0.0;
         }
-        let since = self.oldest_uncommitted.unwrap_or(self.committed_at);
+        let since = self.oldest_committing.or(self.oldest_uncommitted).unwrap_or(self.committed_at);
         SystemTime::now().duration_since(since).unwrap_or_default().as_secs_f64()
     }
 }
@@ -261,6 +288,7 @@ impl<S: ReplicationSink> Subscriber<S> {
             progress: watch::channel(progress).0,
             tracks: HashMap::new(),
             checkpoints_fresh: true,
+            committing: None,
         })
     }
 
@@ -385,7 +413,7 @@ impl<S: ReplicationSink> Subscriber<S> {
             () = stop.cancelled() => return Ended::Stopped,
             opened = tokio::time::timeout(defaults::CONNECT_TIMEOUT + self.config.request_timeout, client.subscribe(request)) => opened,
         };
-        let mut stream = match opening {
+        let stream = match opening {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => return self.status_ended("open the subscription", &status, false),
             Err(_) => return Ended::Broken("opening the subscription timed out".into(), false),
@@ -406,6 +434,10 @@ impl<S: ReplicationSink> Subscriber<S> {
             "subscribed"
         );
         let silence = self.config.progress_interval * defaults::SILENCE_FACTOR;
+        let chains = self.tracks.iter().map(|(shard, track)| (shard.clone(), track.chain.clone())).collect();
+        let (ahead, mut prepared) = tokio::sync::mpsc::channel(reader::AHEAD_FRAMES);
+        // Aborted when the session ends, however it ends.
+        let _reader = AbortOnDrop(tokio::spawn(reader::read(stream, chains, silence, ahead)));
         let mut ticks = tokio::time::interval(self.config.checkpoint_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.reset();
@@ -415,23 +447,34 @@ impl<S: ReplicationSink> Subscriber<S> {
                 biased;
                 () = stop.cancelled() => return Ended::Stopped,
                 _ = ticks.tick() => {
-                    if let Err(err) = self.commit().await {
+                    if let Err(err) = self.start_commit().await {
                         return Ended::Failed(err);
                     }
                     continue;
                 }
-                frame = tokio::time::timeout(silence, stream.message()) => frame,
+                answers = async { self.committing.as_mut().expect("guarded by the condition").await },
+                    if self.committing.is_some() => {
+                    self.committing = None;
+                    if let Err(err) = self.committed(answers) {
+                        return Ended::Failed(err);
+                    }
+                    continue;
+                }
+                frame = prepared.recv() => frame,
             };
-            let frame = match frame {
-                Err(_) => return Ended::Broken(format!("the stream was silent for {silence:?}"), received),
-                Ok(Err(status)) => return self.status_ended("follow the subscription", &status, received),
-                Ok(Ok(None)) => return Ended::Broken("the hub ended the stream".into(), received),
-                Ok(Ok(Some(frame))) => frame,
-            };
-            received = true;
-            let handled = match frame.frame {
-                Some(pb::subscribe_response::Frame::Events(batch)) => self.events(stop, batch).await,
-                Some(pb::subscribe_response::Frame::Progress(progress)) => {
+            let handled = match frame {
+                None => return Ended::Broken("the stream reader stopped".into(), received),
+                Some(Prepared::Broken(reason)) => return Ended::Broken(reason, received),
+                Some(Prepared::Status(status)) => {
+                    return self.status_ended("follow the subscription", &status, received);
+                }
+                Some(Prepared::Failed(err)) => return Ended::Failed(err),
+                Some(Prepared::Events { shard, events, chain, recorded }) => {
+                    received = true;
+                    self.events(stop, shard, events, chain, recorded).await
+                }
+                Some(Prepared::Progress(progress)) => {
+                    received = true;
                     for (shard, head) in progress.heads {
                         let shard = ShardId::from(shard);
                         if let Some(track) = self.tracks.get_mut(&shard) {
@@ -441,8 +484,10 @@ impl<S: ReplicationSink> Subscriber<S> {
                     }
                     Ok(true)
                 }
-                Some(pb::subscribe_response::Frame::Snapshot(snapshot)) => self.snapshot(stop, snapshot).await,
-                None => Ok(true),
+                Some(Prepared::Snapshot(snapshot)) => {
+                    received = true;
+                    self.snapshot(stop, snapshot).await
+                }
             };
             match handled {
                 Ok(true) => {}
@@ -452,28 +497,27 @@ impl<S: ReplicationSink> Subscriber<S> {
             let pending: u64 =
                 self.tracks.values().map(|t| t.chain.position().get().saturating_sub(t.committed.get())).sum();
             if pending >= self.config.checkpoint_events
-                && let Err(err) = self.commit().await
+                && let Err(err) = self.start_commit().await
             {
                 return Ended::Failed(err);
             }
         }
     }
 
-    /// Checks a frame of events and hands the new ones to the sink; false
-    /// when stopped before the sink took them.
-    async fn events(&mut self, stop: &CancellationToken, batch: pb::EventBatch) -> Result<bool, SinkError> {
-        let shard = ShardId::from(batch.shard_id);
-        let track = self
-            .tracks
+    /// Hands a frame's new events (checked by the reader) to the sink, and
+    /// moves the shard's position to `chain` once the sink applied them;
+    /// false when stopped before the sink took them.
+    async fn events(
+        &mut self,
+        stop: &CancellationToken,
+        shard: ShardId,
+        events: Vec<SinkEvent>,
+        chain: ShardChain,
+        recorded: SystemTime,
+    ) -> Result<bool, SinkError> {
+        self.tracks
             .entry(shard.clone())
             .or_insert_with(|| Track::new(shard.clone(), Sequence::ZERO, None, Sequence::ZERO));
-        // Admitted on a copy, kept only once the sink applied the events.
-        let mut chain = track.chain.clone();
-        let events = chain.admit(&batch.events)?;
-        let Some(first) = events.first() else { return Ok(true) };
-        let recorded = wire::timestamp_from_pb("recorded_at", first.event.recorded_at.as_ref())
-            .map(|at| SystemTime::UNIX_EPOCH + Duration::from_nanos(at.as_unix_nanos()))
-            .unwrap_or_else(|_| SystemTime::now());
         let count = events.len() as u64;
         let batch = SinkBatch { shard: shard.clone(), events };
         if self.call_sink(stop, "deliver events", SinkCall::Deliver(&batch)).await?.is_none() {
@@ -494,30 +538,20 @@ impl<S: ReplicationSink> Subscriber<S> {
         Ok(true)
     }
 
-    /// Hands a snapshot that replaces trimmed events to the sink.
-    async fn snapshot(&mut self, stop: &CancellationToken, frame: pb::SnapshotFrame) -> Result<bool, SinkError> {
-        let Some(snapshot) = frame.snapshot else { return Ok(true) };
-        let shard = ShardId::from(snapshot.shard_id.clone());
-        let corrupt = |reason: String| SinkError::Corrupt { shard: shard.clone(), reason };
-        let state = rpb::QueueState::decode(snapshot.data.as_ref())
-            .map_err(|err| corrupt(format!("the snapshot at sequence {} does not decode: {err}", snapshot.sequence)))?;
-        if state.sequence != snapshot.sequence || state.shard_id != snapshot.shard_id {
-            return Err(corrupt(format!(
-                "the snapshot at sequence {} holds the state of {} at {}",
-                snapshot.sequence, state.shard_id, state.sequence
-            )));
-        }
+    /// Hands a snapshot that replaces trimmed events (decoded and checked
+    /// by the reader) to the sink.
+    async fn snapshot(&mut self, stop: &CancellationToken, snapshot: SinkSnapshot) -> Result<bool, SinkError> {
+        let shard = snapshot.shard.clone();
         let track = self
             .tracks
             .entry(shard.clone())
             .or_insert_with(|| Track::new(shard.clone(), Sequence::ZERO, None, Sequence::ZERO));
         let mut chain = track.chain.clone();
-        let sequence = Sequence::new(snapshot.sequence);
+        let sequence = snapshot.sequence;
         if !chain.admit_snapshot(sequence, snapshot.hash.clone())? {
             return Ok(true);
         }
         tracing::info!(subscriber = %self.config.subscriber_id, shard = %shard, sequence = %sequence, "starting from a snapshot: the events before it were trimmed");
-        let snapshot = SinkSnapshot { shard: shard.clone(), sequence, hash: snapshot.hash, state };
         if self.call_sink(stop, "apply a snapshot", SinkCall::Snapshot(&snapshot)).await?.is_none() {
             return Ok(false);
         }
@@ -564,11 +598,34 @@ impl<S: ReplicationSink> Subscriber<S> {
         }
     }
 
-    /// Flushes the sink and commits every shard's position that moved.
-    /// Unreachable hubs and transient sink failures are retried at the next
-    /// commit; a checkpoint the hub refuses as not matching its log is an
-    /// error.
+    /// Flushes the sink and commits every shard's position that moved, and
+    /// waits for the hub's answers. Unreachable hubs and transient sink
+    /// failures are retried at the next commit; a checkpoint the hub refuses
+    /// as not matching its log is an error.
     async fn commit(&mut self) -> Result<(), SinkError> {
+        self.finish_commit().await?;
+        self.start_commit().await?;
+        self.finish_commit().await
+    }
+
+    /// Waits for the commit under way, if any, and takes its answers.
+    async fn finish_commit(&mut self) -> Result<(), SinkError> {
+        let Some(committing) = self.committing.take() else { return Ok(()) };
+        let answers = committing.await;
+        self.committed(answers)
+    }
+
+    /// Flushes the sink and starts committing every shard's position that
+    /// moved, on a task of its own: each commit is a PostgreSQL transaction
+    /// on the hub, a disk sync away, and delivery goes on meanwhile (the
+    /// session takes the answers as they come). At most one commit is under
+    /// way; while it is, this does nothing, and the next tick or batch
+    /// commits what moved since. The sink is flushed first, so a checkpoint
+    /// never covers effects that are not durable.
+    async fn start_commit(&mut self) -> Result<(), SinkError> {
+        if self.committing.is_some() {
+            return Ok(());
+        }
         let moved: Vec<ShardId> = self
             .tracks
             .iter()
@@ -592,50 +649,92 @@ impl<S: ReplicationSink> Subscriber<S> {
                 return Ok(());
             }
         }
-        for shard in moved {
-            let track = &self.tracks[&shard];
-            let sequence = track.chain.position();
-            let request = pb::CommitCheckpointRequest {
-                subscriber_id: self.config.subscriber_id.clone(),
-                shard_id: shard.to_string(),
-                sequence: sequence.get(),
-                hash: track.chain.hash().cloned().unwrap_or_default(),
-            };
-            let mut client = self.client();
-            match tokio::time::timeout(self.config.request_timeout, client.commit_checkpoint(request)).await {
-                Ok(Ok(_)) => {
-                    let track = self.tracks.get_mut(&shard).expect("a listed track");
-                    track.committed = sequence;
-                    track.oldest_uncommitted = None;
+        let requests: Vec<(ShardId, Sequence, pb::CommitCheckpointRequest)> = moved
+            .into_iter()
+            .map(|shard| {
+                let track = self.tracks.get_mut(&shard).expect("a listed track");
+                track.oldest_committing = track.oldest_uncommitted.take();
+                let sequence = track.chain.position();
+                let request = pb::CommitCheckpointRequest {
+                    subscriber_id: self.config.subscriber_id.clone(),
+                    shard_id: shard.to_string(),
+                    sequence: sequence.get(),
+                    hash: track.chain.hash().cloned().unwrap_or_default(),
+                };
+                (shard, sequence, request)
+            })
+            .collect();
+        let mut client = self.client();
+        let timeout = self.config.request_timeout;
+        self.committing = Some(tokio::spawn(async move {
+            let mut answers = Vec::with_capacity(requests.len());
+            for (shard, sequence, request) in requests {
+                let answer =
+                    tokio::time::timeout(timeout, client.commit_checkpoint(request)).await.ok().map(|r| r.map(drop));
+                let failed = !matches!(answer, Some(Ok(())));
+                answers.push(Committed { shard, sequence, answer });
+                // The rest waits for the next commit.
+                if failed {
+                    break;
+                }
+            }
+            answers
+        }));
+        Ok(())
+    }
+
+    /// Takes the hub's answers to a commit: moves the committed positions,
+    /// or fails on a checkpoint the hub refuses as not matching its log.
+    fn committed(&mut self, answers: Result<Vec<Committed>, tokio::task::JoinError>) -> Result<(), SinkError> {
+        let answers = answers.map_err(|err| SinkError::Fatal(format!("the checkpoint commit failed: {err}")))?;
+        for Committed { shard, sequence, answer } in answers {
+            match answer {
+                Some(Ok(())) => {
+                    let Some(track) = self.tracks.get_mut(&shard) else { continue };
+                    track.committed = track.committed.max(sequence);
+                    track.oldest_committing = None;
                     track.committed_at = SystemTime::now();
                     self.report(&shard);
                 }
-                Ok(Err(status)) if matches!(status.code(), tonic::Code::Internal | tonic::Code::DataLoss) => {
+                Some(Err(status)) if matches!(status.code(), tonic::Code::Internal | tonic::Code::DataLoss) => {
                     return Err(SinkError::Corrupt {
                         shard,
                         reason: format!("the hub refused checkpoint {sequence}: {}", status.message()),
                     });
                 }
-                Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                Some(Err(status)) if status.code() == tonic::Code::OutOfRange => {
                     return Err(SinkError::AheadOfHub {
                         shard,
                         position: sequence,
                         reason: status.message().to_string(),
                     });
                 }
-                Ok(Err(status)) => {
+                Some(Err(status)) => {
+                    self.uncommitted(&shard);
                     self.count_error("checkpoint");
                     tracing::warn!(subscriber = %self.config.subscriber_id, shard = %shard, error = %status.message(), code = ?status.code(), "failed to commit the checkpoint; retrying later");
-                    return Ok(());
                 }
-                Err(_) => {
+                None => {
+                    self.uncommitted(&shard);
                     self.count_error("checkpoint");
                     tracing::warn!(subscriber = %self.config.subscriber_id, shard = %shard, "the checkpoint commit timed out; retrying later");
-                    return Ok(());
                 }
             }
         }
+        // Shards left unsent after a failure wait for the next commit too.
+        let unanswered: Vec<ShardId> =
+            self.tracks.iter().filter(|(_, t)| t.oldest_committing.is_some()).map(|(s, _)| s.clone()).collect();
+        for shard in unanswered {
+            self.uncommitted(&shard);
+        }
         Ok(())
+    }
+
+    /// A shard's commit failed: its events wait for the next one.
+    fn uncommitted(&mut self, shard: &ShardId) {
+        if let Some(track) = self.tracks.get_mut(shard) {
+            track.oldest_uncommitted = track.oldest_committing.take().or(track.oldest_uncommitted);
+        }
     }
 
     /// Reads the hub checkpoints again after a reconnection and lowers each

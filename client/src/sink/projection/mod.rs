@@ -20,7 +20,6 @@
 //! table is the source of truth for the projection's position; the hub
 //! checkpoint follows it.
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -31,7 +30,7 @@ use omnirelay_proto::replication::v1::replication_event::Event as Kind;
 use omnirelay_proto::resourcelease::v1 as pb;
 use tokio_postgres::types::ToSql;
 
-use super::{Delivery, ReplicationSink, SinkBatch, SinkCheckpoint, SinkError, SinkEvent, SinkSnapshot};
+use super::{Delivery, ReplicationSink, SinkBatch, SinkCheckpoint, SinkError, SinkEvent, SinkSnapshot, defaults};
 use crate::ids::{Sequence, ShardId};
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -138,30 +137,11 @@ impl ReplicationSink for ProjectionSink {
         let fresh: Vec<&SinkEvent> = batch.events.iter().filter(|e| e.sequence > stored).collect();
         let Some(last) = fresh.last() else { return Ok(()) };
         let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
-        let mut statements = Vec::new();
-        let mut rows = ItemRows::new(&self.projection, &batch.shard);
+        let mut steps = Steps::new(&self.projection, &batch.shard, upsert);
         for event in &fresh {
-            for effect in effects(&self.projection, &batch.shard, event)? {
-                match effect {
-                    Effect::Row(row) => {
-                        if rows.holds(&row.item_id) {
-                            statements.push(rows.take(&upsert));
-                        }
-                        rows.push(*row);
-                    }
-                    Effect::Statement(statement) => {
-                        if !rows.is_empty() {
-                            statements.push(rows.take(&upsert));
-                        }
-                        statements.push(statement);
-                    }
-                }
-            }
+            effects(&mut steps, event)?;
         }
-        if !rows.is_empty() {
-            statements.push(rows.take(&upsert));
-        }
-        pipeline(&tx, statements, "apply an event").await?;
+        steps.run(&tx, "apply an event").await?;
         store_checkpoint(&tx, &self.projection, &batch.shard, last.sequence, &last.hash).await?;
         tx.commit().await.map_err(|err| pg("commit a batch", err))
     }
@@ -180,8 +160,7 @@ impl ReplicationSink for ProjectionSink {
         .await
         .map_err(|err| pg("clear the shard's items", err))?;
         let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
-        let mut statements = Vec::new();
-        let mut rows = ItemRows::new(&self.projection, &snapshot.shard);
+        let mut steps = Steps::new(&self.projection, &snapshot.shard, upsert);
         let sequence = snapshot.sequence.get();
         let items = snapshot.state.items.iter().filter_map(|queued| {
             let item = queued.item.as_ref()?;
@@ -193,16 +172,9 @@ impl ReplicationSink for ProjectionSink {
             .iter()
             .filter_map(|dead| Some((dead.dead_letter.as_ref()?.item.as_ref()?, "dead_lettered")));
         for (item, state) in items.chain(dead) {
-            let row = item_row(item, state, sequence)?;
-            if rows.holds(&row.item_id) {
-                statements.push(rows.take(&upsert));
-            }
-            rows.push(row);
+            steps.row(ItemRef { item, state, sequence })?;
         }
-        if !rows.is_empty() {
-            statements.push(rows.take(&upsert));
-        }
-        pipeline(&tx, statements, "apply the snapshot").await?;
+        steps.run(&tx, "apply the snapshot").await?;
         store_checkpoint(&tx, &self.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash).await?;
         tx.commit().await.map_err(|err| pg("commit the snapshot", err))
     }
@@ -292,15 +264,11 @@ pub(crate) async fn pipeline(
     Ok(())
 }
 
-/// What one event does to the items table: whole rows written (collected
-/// into one statement per run, see [`ItemRows`]) or a statement of its own.
-enum Effect {
-    Row(Box<ItemRow>),
-    Statement(Statement),
-}
-
-/// The effects of one event on the items table, in order.
-fn effects(projection: &str, shard: &ShardId, event: &SinkEvent) -> Result<Vec<Effect>, SinkError> {
+/// Adds the effects of one event on the items table to `steps`, in order:
+/// whole rows written (collected into runs, see [`Steps`]) or statements
+/// of their own.
+fn effects<'a>(steps: &mut Steps<'a>, event: &'a SinkEvent) -> Result<(), SinkError> {
+    let (projection, shard) = (steps.projection, steps.shard);
     let seq = event.sequence.get();
     let key = |id: &str| -> Vec<Box<dyn ToSql + Sync + Send>> {
         vec![Box::new(projection.to_string()), Box::new(shard.to_string()), Box::new(id.to_string())]
@@ -313,13 +281,16 @@ fn effects(projection: &str, shard: &ShardId, event: &SinkEvent) -> Result<Vec<E
     let seq_param = || -> Box<dyn ToSql + Sync + Send> { Box::new(sequence_param(Sequence::new(seq))) };
     let statements = match &event.event.event {
         Some(Kind::Enqueued(e)) => {
-            return Ok(match &e.item {
-                Some(item) => vec![Effect::Row(Box::new(item_row(item, "pending", seq)?))],
-                None => Vec::new(),
-            });
+            if let Some(item) = &e.item {
+                steps.row(ItemRef { item, state: "pending", sequence: seq })?;
+            }
+            return Ok(());
         }
         Some(Kind::Restored(e)) => {
-            return e.items.iter().map(|item| Ok(Effect::Row(Box::new(item_row(item, "pending", seq)?)))).collect();
+            for item in &e.items {
+                steps.row(ItemRef { item, state: "pending", sequence: seq })?;
+            }
+            return Ok(());
         }
         Some(Kind::Leased(e)) => vec![update(
             "UPDATE omnirelay_projection_items SET state = 'leased', attempt = $4, lease_id = $5, owner = $6, \
@@ -385,7 +356,10 @@ fn effects(projection: &str, shard: &ShardId, event: &SinkEvent) -> Result<Vec<E
         | Some(Kind::BackpressureChanged(_))
         | None => Vec::new(),
     };
-    Ok(statements.into_iter().map(Effect::Statement).collect())
+    for statement in statements {
+        steps.statement(statement)?;
+    }
+    Ok(())
 }
 
 /// An item's whole row, as [`UPSERT_ITEM`] writes it.
@@ -413,8 +387,7 @@ struct ItemRow {
 /// The row of `item` in `state`, written by the event at `sequence`.
 fn item_row(item: &pb::WorkItem, state: &'static str, sequence: u64) -> Result<ItemRow, SinkError> {
     let payload = item.payload.clone().unwrap_or_default();
-    let attributes: HashMap<&String, &String> = payload.attributes.iter().collect();
-    let attributes = serde_json::to_string(&attributes)
+    let attributes = serde_json::to_string(&payload.attributes)
         .map_err(|err| SinkError::Fatal(format!("render the attributes of item {}: {err}", item.item_id)))?;
     let lease = item.lease.as_ref();
     Ok(ItemRow {
@@ -440,13 +413,12 @@ fn item_row(item: &pb::WorkItem, state: &'static str, sequence: u64) -> Result<I
 }
 
 /// Item rows collected column by column for one [`UPSERT_ITEM`] statement:
-/// a frame of enqueues is one statement, not one per event. Each item at
-/// most once (see [`ItemRows::holds`]).
+/// a run of enqueues is one statement, not one per event. Each item at
+/// most once ([`Steps`] starts a new run for a second write).
 #[derive(Default)]
 struct ItemRows {
     projection: String,
     shard: String,
-    ids: std::collections::HashSet<String>,
     item_id: Vec<String>,
     state: Vec<&'static str>,
     resource_type: Vec<String>,
@@ -472,18 +444,7 @@ impl ItemRows {
         Self { projection: projection.to_string(), shard: shard.to_string(), ..Self::default() }
     }
 
-    fn is_empty(&self) -> bool {
-        self.item_id.is_empty()
-    }
-
-    /// Whether `item_id` already has a row here: the statement could not
-    /// write it twice, so the rows so far must go first.
-    fn holds(&self, item_id: &str) -> bool {
-        self.ids.contains(item_id)
-    }
-
     fn push(&mut self, row: ItemRow) {
-        self.ids.insert(row.item_id.clone());
         self.item_id.push(row.item_id);
         self.state.push(row.state);
         self.resource_type.push(row.resource_type);
@@ -534,6 +495,256 @@ impl ItemRows {
         ];
         Statement { sql: StatementSql::Prepared(upsert.clone()), params }
     }
+}
+
+/// An item's whole row, borrowed from the event (or snapshot) that writes
+/// it.
+#[derive(Clone, Copy)]
+struct ItemRef<'a> {
+    item: &'a pb::WorkItem,
+    state: &'static str,
+    sequence: u64,
+}
+
+/// A batch's writes in order: statements, pipelined, and runs of whole-item
+/// rows between them. A run holds each item at most once (a second write of
+/// an item starts a new run). A run of
+/// [`defaults::PROJECTION_COPY_MIN_ROWS`] rows or more is
+/// written with binary `COPY` (see [`copy_rows`]), a shorter one by one
+/// [`UPSERT_ITEM`] over arrays, pipelined with the statements around it.
+struct Steps<'a> {
+    projection: &'a str,
+    shard: &'a ShardId,
+    upsert: tokio_postgres::Statement,
+    steps: Vec<Step<'a>>,
+    /// Statements since the last `COPY` run.
+    statements: Vec<Statement>,
+    /// The run being collected, and its items.
+    run: Vec<ItemRef<'a>>,
+    ids: std::collections::HashSet<&'a str>,
+}
+
+enum Step<'a> {
+    Pipelined(Vec<Statement>),
+    Copy(Vec<ItemRef<'a>>),
+}
+
+impl<'a> Steps<'a> {
+    fn new(projection: &'a str, shard: &'a ShardId, upsert: tokio_postgres::Statement) -> Self {
+        Self {
+            projection,
+            shard,
+            upsert,
+            steps: Vec::new(),
+            statements: Vec::new(),
+            run: Vec::new(),
+            ids: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Writes `row`'s item whole.
+    fn row(&mut self, row: ItemRef<'a>) -> Result<(), SinkError> {
+        if self.ids.contains(row.item.item_id.as_str()) {
+            self.end_run()?;
+        }
+        self.ids.insert(&row.item.item_id);
+        self.run.push(row);
+        Ok(())
+    }
+
+    /// Runs `statement` after what came before it.
+    fn statement(&mut self, statement: Statement) -> Result<(), SinkError> {
+        self.end_run()?;
+        self.statements.push(statement);
+        Ok(())
+    }
+
+    fn end_run(&mut self) -> Result<(), SinkError> {
+        self.ids.clear();
+        let run = std::mem::take(&mut self.run);
+        if run.is_empty() {
+            return Ok(());
+        }
+        if run.len() >= defaults::PROJECTION_COPY_MIN_ROWS {
+            let statements = std::mem::take(&mut self.statements);
+            if !statements.is_empty() {
+                self.steps.push(Step::Pipelined(statements));
+            }
+            self.steps.push(Step::Copy(run));
+        } else {
+            let upsert = upsert_rows(self.projection, self.shard, &run, &self.upsert)?;
+            self.statements.push(upsert);
+        }
+        Ok(())
+    }
+
+    /// Runs every step in order on `tx`.
+    async fn run(mut self, tx: &deadpool_postgres::Transaction<'_>, what: &str) -> Result<(), SinkError> {
+        self.end_run()?;
+        let statements = std::mem::take(&mut self.statements);
+        if !statements.is_empty() {
+            self.steps.push(Step::Pipelined(statements));
+        }
+        for step in self.steps {
+            match step {
+                Step::Pipelined(statements) => pipeline(tx, statements, what).await?,
+                Step::Copy(rows) => copy_rows(tx, self.projection, self.shard, &rows, &self.upsert).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One [`UPSERT_ITEM`] statement writing `rows`.
+fn upsert_rows(
+    projection: &str,
+    shard: &ShardId,
+    rows: &[ItemRef<'_>],
+    upsert: &tokio_postgres::Statement,
+) -> Result<Statement, SinkError> {
+    let mut collected = ItemRows::new(projection, shard);
+    for row in rows {
+        collected.push(item_row(row.item, row.state, row.sequence)?);
+    }
+    Ok(collected.take(upsert))
+}
+
+const COPY_ITEMS: &str = include_str!("copy_items.sql");
+
+/// Writes a run of rows (each item once) with binary `COPY` under a
+/// savepoint. When an item of the run is already in the table, the copy
+/// fails on the primary key; the savepoint is rolled back and the run
+/// written by one upsert instead, in the same transaction, so the batch
+/// still applies once and in order.
+async fn copy_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    projection: &str,
+    shard: &ShardId,
+    rows: &[ItemRef<'_>],
+    upsert: &tokio_postgres::Statement,
+) -> Result<(), SinkError> {
+    tx.batch_execute("SAVEPOINT omnirelay_copy_items").await.map_err(|err| pg("set a savepoint", err))?;
+    match copy(tx, projection, shard, rows).await {
+        Ok(()) => {
+            tx.batch_execute("RELEASE SAVEPOINT omnirelay_copy_items")
+                .await
+                .map_err(|err| pg("release a savepoint", err))?;
+            Ok(())
+        }
+        Err(err) if err.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT omnirelay_copy_items")
+                .await
+                .map_err(|err| pg("roll back to a savepoint", err))?;
+            let statement = upsert_rows(projection, shard, rows, upsert)?;
+            pipeline(tx, vec![statement], "write items").await
+        }
+        Err(err) => Err(pg("copy items", err)),
+    }
+}
+
+async fn copy(
+    tx: &deadpool_postgres::Transaction<'_>,
+    projection: &str,
+    shard: &ShardId,
+    rows: &[ItemRef<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
+    let statement = tx.prepare_cached(COPY_ITEMS).await?;
+    let sink = tx.copy_in(&statement).await?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::JSONB,
+        Type::BYTEA,
+        Type::INT4,
+        Type::INT4,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::INT8,
+    ];
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    let mut writer = std::pin::pin!(writer);
+    let shard = shard.as_str();
+    for row in rows {
+        let item = row.item;
+        let payload = item.payload.as_ref();
+        let text = |field: fn(&pb::ItemPayload) -> &str| payload.map_or("", field);
+        let attributes = match payload {
+            Some(payload) if !payload.attributes.is_empty() => Jsonb::Owned(
+                serde_json::to_string(&payload.attributes).expect("a map of strings should render as JSON"),
+            ),
+            _ => Jsonb::Borrowed("{}"),
+        };
+        let lease = item.lease.as_ref();
+        let values: [&(dyn ToSql + Sync); 20] = [
+            &projection,
+            &shard,
+            &item.item_id.as_str(),
+            &row.state,
+            &text(|p| &p.resource_type),
+            &text(|p| &p.resource_id),
+            &text(|p| &p.partition_key),
+            &text(|p| &p.request_id),
+            &attributes,
+            &payload.map_or(&[][..], |p| p.body.as_ref()),
+            &item.priority,
+            &i32::try_from(item.attempt).unwrap_or(i32::MAX),
+            &time(item.enqueued_at.as_ref()),
+            &time(item.not_before.as_ref()),
+            &lease.map(|l| l.owner.as_str()),
+            &lease.map(|l| l.lease_id.as_str()),
+            &lease.map(|l| i64::try_from(l.fencing_token).unwrap_or(i64::MAX)),
+            &lease.and_then(|l| time(l.expires_at.as_ref())),
+            &item.last_error.as_str(),
+            &sequence_param(Sequence::new(row.sequence)),
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// A JSON text sent as `jsonb` (its binary form: a version byte, then the
+/// text).
+#[derive(Debug)]
+enum Jsonb<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut as _;
+        let text = match self {
+            Jsonb::Borrowed(text) => text,
+            Jsonb::Owned(text) => text.as_str(),
+        };
+        // jsonb's binary format, version 1.
+        out.put_u8(1);
+        out.put_slice(text.as_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::JSONB
+    }
+
+    tokio_postgres::types::to_sql_checked!();
 }
 
 pub(crate) fn time(at: Option<&Timestamp>) -> Option<SystemTime> {
