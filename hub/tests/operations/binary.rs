@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::http;
+use omnirelay_tests::http::http_get;
 
 /// Bound on waiting for the process (a hang guard, not a performance claim):
 /// a debug build starting on a loaded machine takes a second or two.
@@ -96,7 +96,7 @@ impl HubProcess {
 async fn the_binary_serves_the_embedded_store_by_default_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let hub = HubProcess::start(dir.path(), &[]).await;
-    assert_eq!(http::get(hub.admin, "/readyz").await, Ok((200, "ready\n".into())));
+    assert_eq!(http_get(hub.admin, "/readyz").await, Ok((200, "ready\n".into())));
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", hub.grpc))
         .expect("valid URI")
         .connect()
@@ -141,7 +141,7 @@ async fn a_second_hub_process_on_the_same_sqlite_file_is_refused() {
     assert!(stderr.contains("is in use by another omnirelay-hub") && stderr.contains("one replica"), "{stderr}");
 
     // The first one was not disturbed.
-    assert_eq!(http::get(first.admin, "/readyz").await, Ok((200, "ready\n".into())));
+    assert_eq!(http_get(first.admin, "/readyz").await, Ok((200, "ready\n".into())));
     let (code, log) = first.terminate().await;
     assert_eq!(code, Some(0), "{log}");
 }

@@ -3,7 +3,6 @@
 
 mod binary;
 mod database_tls;
-mod http;
 mod pki;
 mod serving;
 mod shutdown;

@@ -16,9 +16,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::http;
 use super::pki::{Issued, Pki, uri};
 use crate::support::{self, Appender};
+use omnirelay_tests::http::http_get;
 
 /// Health probe interval in these tests: short, so a stopped database shows
 /// within a fraction of a second.
@@ -95,7 +95,7 @@ async fn grpc_health(channel: Channel, service: &str) -> Result<i32, String> {
 /// service is `grpc` (1 SERVING, 2 NOT_SERVING); returns the `/readyz` body.
 async fn wait_for(replica: &Replica, code: u16, grpc: i32) -> String {
     eventually(&format!("/readyz {code} and gRPC health {grpc}"), EVENTUALLY_TIMEOUT, || async {
-        let (status, body) = http::get(replica.admin, "/readyz").await?;
+        let (status, body) = http_get(replica.admin, "/readyz").await?;
         let health = grpc_health(plain_channel(replica.grpc).await?, "omnirelay.hub.v1.Hub").await?;
         if status == code && health == grpc {
             Ok(body)
@@ -132,7 +132,7 @@ async fn readiness_follows_postgres_stopping_and_starting_again() {
     let body = wait_for(&replica, 503, 2).await;
     assert!(body.starts_with("not ready: store unreachable"), "{body}");
     // Liveness does not depend on the database.
-    assert_eq!(http::get(replica.admin, "/healthz").await, Ok((200, "ok\n".into())));
+    assert_eq!(http_get(replica.admin, "/healthz").await, Ok((200, "ok\n".into())));
 
     let start = cluster.clone();
     run_blocking(move || start.start_again()).await.expect("PostgreSQL should start again");
@@ -142,10 +142,10 @@ async fn readiness_follows_postgres_stopping_and_starting_again() {
     let epoch = support::acquire(&mut client, "ready.shard", "node", Duration::from_secs(60)).await;
     // The recorder is process-wide: other tests in this process count
     // too, so counters are compared before and after this test's append.
-    let (_, before) = http::get(replica.admin, "/metrics").await.expect("/metrics should answer");
+    let (_, before) = http_get(replica.admin, "/metrics").await.expect("/metrics should answer");
     assert_eq!(one_event(&mut client, "ready.shard", 1, epoch).await.first_sequence, 1);
 
-    let (status, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics should answer");
+    let (status, metrics) = http_get(replica.admin, "/metrics").await.expect("/metrics should answer");
     assert_eq!(status, 200);
     for name in [
         telemetry::APPEND_BATCHES,
@@ -189,10 +189,10 @@ async fn the_embedded_store_serves_and_records_metrics() {
     let mut client = support::client(replica.grpc).await;
     // Counters are process-wide (other tests in this process count too):
     // compare before and after this test's calls.
-    let (_, before) = http::get(replica.admin, "/metrics").await.expect("/metrics");
+    let (_, before) = http_get(replica.admin, "/metrics").await.expect("/metrics");
     let epoch = support::acquire(&mut client, "embedded.shard", "node", Duration::from_secs(60)).await;
     assert_eq!(one_event(&mut client, "embedded.shard", 1, epoch).await.last_sequence, 1);
-    let (_, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics");
+    let (_, metrics) = http_get(replica.admin, "/metrics").await.expect("/metrics");
     for series in [
         "omnirelay_hub_append_batches_total{outcome=\"appended\"}",
         "omnirelay_hub_db_latency_seconds_count{operation=\"append\"}",
@@ -213,7 +213,7 @@ async fn the_embedded_store_serves_and_records_metrics() {
         .into_inner();
     subscription.message().await.expect("a frame").expect("open");
     let metrics = eventually("the subscriber's lag series", EVENTUALLY_TIMEOUT, || async {
-        let (_, metrics) = http::get(replica.admin, "/metrics").await?;
+        let (_, metrics) = http_get(replica.admin, "/metrics").await?;
         let series = "omnirelay_hub_subscriber_lag_events{subscriber=\"sink\",shard=\"embedded.shard\"} 0";
         if metrics.contains(series) { Ok(metrics) } else { Err(metrics) }
     })
@@ -292,7 +292,7 @@ async fn with_mutual_tls_the_hub_serves_certified_callers_only() {
             .expect_err("a caller without a certificate must be refused")
             .to_string(),
     };
-    let (_, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics");
+    let (_, metrics) = http_get(replica.admin, "/metrics").await.expect("/metrics");
     assert!(
         !metrics.contains("omnirelay_hub_tls_handshake_failures_total{reason=\"handshake\"} 0"),
         "the refusal is counted ({refused}):\n{metrics}"
@@ -395,7 +395,7 @@ async fn a_full_disk_is_named_in_answers_readiness_and_metrics_and_heals_without
     assert!(refused.message.contains("database or disk is full"), "the answer names the cause: {}", refused.message);
     let body = wait_for(&replica, 503, 2).await;
     assert!(body.contains("store cannot write: database or disk is full"), "{body}");
-    let (_, metrics) = http::get(replica.admin, "/metrics").await.expect("/metrics");
+    let (_, metrics) = http_get(replica.admin, "/metrics").await.expect("/metrics");
     assert!(counter(&metrics, "omnirelay_hub_store_unavailable_total{fault=\"disk_full\"}") >= 1.0, "{metrics}");
     // The `ready` gauge is process-wide (another test's replica may have
     // set it since); this replica's readiness is its /readyz, above.
@@ -436,7 +436,7 @@ async fn readiness_names_the_cause_postgresql_gave() {
     let body = wait_for(&replica, 503, 2).await;
     assert!(body.contains("FATAL:"), "PostgreSQL's own message: {body}");
     eventually("/readyz names the refused connection", EVENTUALLY_TIMEOUT, || async {
-        let (_, body) = http::get(replica.admin, "/readyz").await?;
+        let (_, body) = http_get(replica.admin, "/readyz").await?;
         if body.contains("is not currently accepting connections") { Ok(()) } else { Err(body) }
     })
     .await;
