@@ -332,12 +332,7 @@ impl ResourceLeaseClient {
         if let Ok(peer) = self.chooser.choose_from(&self.seed_peers) {
             return peer.to_string();
         }
-        let start = self.next_seed.load(Ordering::Relaxed);
-        (0..self.seeds.len())
-            .map(|offset| &self.seeds[(start + offset) % self.seeds.len()])
-            .find(|seed| self.tracker.state(&PeerId::from(seed.as_str())) != Some(PeerState::Ejected))
-            .unwrap_or(&self.seeds[start % self.seeds.len()])
-            .clone()
+        self.not_ejected_from(self.next_seed.load(Ordering::Relaxed))
     }
 
     /// The seed to try after `failed` failed to connect: another eligible
@@ -353,10 +348,17 @@ impl ResourceLeaseClient {
             None => self.next_seed.load(Ordering::Relaxed),
         };
         self.next_seed.store(next % self.seeds.len(), Ordering::Relaxed);
-        (0..self.seeds.len())
-            .map(|offset| &self.seeds[(next + offset) % self.seeds.len()])
+        self.not_ejected_from(next)
+    }
+
+    /// The first seed from index `start` on (in rotation) that is not
+    /// ejected; the one at `start` when all are.
+    fn not_ejected_from(&self, start: usize) -> String {
+        let count = self.seeds.len();
+        (0..count)
+            .map(|offset| &self.seeds[(start + offset) % count])
             .find(|seed| self.tracker.state(&PeerId::from(seed.as_str())) != Some(PeerState::Ejected))
-            .unwrap_or(&self.seeds[next % self.seeds.len()])
+            .unwrap_or(&self.seeds[start % count])
             .clone()
     }
 
