@@ -44,9 +44,10 @@ impl CallContext {
         Self { caller, deadline, binding: None, forwarded_in: false }
     }
 
-    /// The caller as the middleware bound it, kept for forwarding.
-    pub(crate) fn with_binding(mut self, binding: crate::middleware::Caller) -> Self {
-        self.binding = Some(binding);
+    /// The caller as the middleware bound it, kept for forwarding when
+    /// `node` forwards.
+    pub(crate) fn with_binding(mut self, node: &NodeInner, binding: &crate::middleware::Caller) -> Self {
+        self.binding = node.forwarder.is_some().then(|| binding.clone());
         self
     }
 
@@ -74,13 +75,14 @@ impl CallContext {
     }
 
     /// Reads the context of a unary call from the extensions the middleware
-    /// filled in; a call without a bound caller is refused.
-    pub(crate) fn from_extensions(extensions: &http::Extensions, node: &PeerId) -> Result<Self> {
+    /// filled in; a call without a bound caller is refused. The binding is
+    /// kept only when `node` forwards (nothing else reads it).
+    pub(crate) fn from_extensions(extensions: &http::Extensions, node: &NodeInner) -> Result<Self> {
         let bound = extensions.get::<crate::middleware::Caller>().ok_or(NodeError::NoCaller)?;
         Ok(Self {
-            caller: Caller { principal: bound.principal.clone(), peer: node.clone() },
+            caller: Caller { principal: bound.principal.clone(), peer: node.node_id.clone() },
             deadline: extensions.get::<CallDeadline>().copied(),
-            binding: Some(bound.clone()),
+            binding: node.forwarder.is_some().then(|| bound.clone()),
             forwarded_in: false,
         })
     }

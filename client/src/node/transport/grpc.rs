@@ -56,7 +56,7 @@ macro_rules! grpc_methods {
                     &self,
                     request: tonic::Request<pb::$request>,
                 ) -> std::result::Result<tonic::Response<pb::$response>, tonic::Status> {
-                    let cx = CallContext::from_extensions(request.extensions(), &self.node.node_id)
+                    let cx = CallContext::from_extensions(request.extensions(), &self.node)
                         .map_err(|err| err.status())?
                         .forwarded_in(request.metadata().contains_key(FORWARDED_BY_HEADER));
                     call(&self.node, &cx, request.into_inner()).await.map(tonic::Response::new).map_err(|err| err.status())

@@ -90,7 +90,7 @@ pub(crate) async fn http_call(State(service): State<LeaseService>, request: Requ
 
 async fn serve_json(node: &NodeInner, request: Request) -> Result<Vec<u8>> {
     let (parts, body) = request.into_parts();
-    let cx = CallContext::from_extensions(&parts.extensions, &node.node_id)?
+    let cx = CallContext::from_extensions(&parts.extensions, node)?
         .forwarded_in(parts.headers.contains_key(crate::node::forward::FORWARDED_BY_HEADER));
     let route = match parts.extensions.get::<RpcRoute>() {
         Some(route) => route.clone(),

@@ -353,7 +353,7 @@ impl NodeInner {
             tracing::info!(parent: span, error = %err, "denying call");
             err.status()
         })?;
-        let cx = CallContext::new(session.caller.clone(), Some(deadline)).with_binding(session.binding.clone());
+        let cx = CallContext::new(session.caller.clone(), Some(deadline)).with_binding(self, &session.binding);
         // Owns what it uses, so the limiter's service can take it as its
         // request.
         let node = Arc::clone(self);
