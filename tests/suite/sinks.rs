@@ -421,7 +421,8 @@ async fn the_projection_applies_a_batch_handed_over_twice_once() {
         events: vec![
             event(1, Kind::Enqueued(rpb::Enqueued { item: Some(item("a")) })),
             event(2, Kind::Enqueued(rpb::Enqueued { item: Some(item("b")) })),
-        ],
+        ]
+        .into(),
     };
     let second = SinkBatch {
         shard: shard.clone(),
@@ -429,7 +430,8 @@ async fn the_projection_applies_a_batch_handed_over_twice_once() {
             event(2, Kind::Enqueued(rpb::Enqueued { item: Some(item("b")) })),
             event(3, Kind::Completed(rpb::Completed { item_id: "a".into(), fencing_token: 1 })),
             event(4, Kind::Enqueued(rpb::Enqueued { item: Some(item("a")) })),
-        ],
+        ]
+        .into(),
     };
     sink.deliver(&first).await.expect("first");
     sink.deliver(&second).await.expect("second");
@@ -437,6 +439,7 @@ async fn the_projection_applies_a_batch_handed_over_twice_once() {
     // completed at 3 and enqueued again at 4 must not be completed again.
     sink.deliver(&first).await.expect("first again");
     sink.deliver(&second).await.expect("second again");
+    sink.flush().await.expect("flush");
     let rows = db
         .client()
         .await
@@ -865,9 +868,11 @@ async fn the_projection_writes_an_item_twice_in_one_frame_in_order() {
             event(1, Kind::Enqueued(rpb::Enqueued { item: Some(item("a", 0)) })),
             event(2, Kind::Enqueued(rpb::Enqueued { item: Some(item("b", 0)) })),
             event(3, Kind::Restored(rpb::Restored { items: vec![item("a", 3), item("c", 1)], ..Default::default() })),
-        ],
+        ]
+        .into(),
     };
     sink.deliver(&frame).await.expect("a frame writing one item twice");
+    sink.flush().await.expect("flush");
     let rows = db
         .client()
         .await
@@ -897,7 +902,7 @@ async fn large_runs_are_copied_and_an_item_already_there_falls_back_to_the_upser
     // "i-5" is in the table before the run that writes it again.
     let first = SinkBatch {
         shard: shard.clone(),
-        events: vec![event(1, Kind::Enqueued(rpb::Enqueued { item: Some(with_payload("i-5".into(), 7)) }))],
+        events: vec![event(1, Kind::Enqueued(rpb::Enqueued { item: Some(with_payload("i-5".into(), 7)) }))].into(),
     };
     sink.deliver(&first).await.expect("first");
     // A run (copied, then upserted: "i-5" is there), a statement on an item
@@ -920,10 +925,11 @@ async fn large_runs_are_copied_and_an_item_already_there_falls_back_to_the_upser
     }
     let last = next();
     events.push(event(last, Kind::Completed(rpb::Completed { item_id: "j-0".into(), fencing_token: 1 })));
-    let second = SinkBatch { shard: shard.clone(), events };
+    let second = SinkBatch { shard: shard.clone(), events: events.into() };
     sink.deliver(&second).await.expect("second");
     // Handed over again: applied once.
     sink.deliver(&second).await.expect("second again");
+    sink.flush().await.expect("flush");
 
     let rows = projection_rows(&db, "copied", "resourcelease.copied").await;
     assert_eq!(rows.len() as u64, 2 * run - 1, "every item of both runs but the completed j-0");
@@ -944,4 +950,96 @@ async fn large_runs_are_copied_and_an_item_already_there_falls_back_to_the_upser
     assert_eq!(row.get::<_, i64>(2), (run + 3 + 7) as i64, "j-7 was enqueued at sequence run + 10");
     let checkpoints = sink.checkpoints().await.expect("checkpoints");
     assert_eq!(checkpoints[0].sequence, Sequence::new(last));
+}
+
+/// Enqueued events `from..=to` of items `i-{sequence}` on `shard`.
+fn enqueues(shard: &ShardId, from: u64, to: u64) -> SinkBatch {
+    use rpb::replication_event::Event as Kind;
+    let events: Vec<SinkEvent> = (from..=to)
+        .map(|n| sink_event(shard, n, Kind::Enqueued(rpb::Enqueued { item: Some(work_item(&format!("i-{n}"), 0)) })))
+        .collect();
+    SinkBatch { shard: shard.clone(), events: events.into() }
+}
+
+/// Makes the commit of any transaction that stores checkpoint `sequence`
+/// fail, `times` times (the count survives the rollbacks: a sequence).
+async fn fail_commits_storing(db: &TestDb, sequence: i64, times: i64) {
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE SEQUENCE commit_fuse; \
+             CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF NEW.sequence = {sequence} THEN \
+                 IF nextval('commit_fuse') <= {times} THEN \
+                   RAISE EXCEPTION 'this commit fails (a test''s deferred trigger)'; \
+                 END IF; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE CONSTRAINT TRIGGER fail_commit AFTER UPDATE ON omnirelay_projection_checkpoints \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit();"
+        ))
+        .await
+        .expect("install the failing trigger");
+}
+
+/// How often the failing trigger fired.
+async fn fuse_burnt(db: &TestDb) -> i64 {
+    let row = db.client().await.query_one("SELECT last_value, is_called FROM commit_fuse", &[]).await.expect("fuse");
+    if row.get::<_, bool>(1) { row.get(0) } else { 0 }
+}
+
+#[tokio::test]
+async fn a_batch_whose_background_commit_fails_is_applied_again_before_the_next() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "refused").await.expect("open");
+    fail_commits_storing(&db, 300, 1).await;
+    let shard = ShardId::from("resourcelease.refused");
+    // Runs long enough to be copied, so the second batch's rows are
+    // copied while the first batch's commit (which fails) runs.
+    sink.deliver(&enqueues(&shard, 1, 300)).await.expect("the first batch (its commit fails later)");
+    sink.deliver(&enqueues(&shard, 301, 600)).await.expect("the second batch, after the first is applied again");
+    sink.flush().await.expect("flush");
+    assert_eq!(fuse_burnt(&db).await, 2, "the first commit failed and the second attempt committed");
+    let rows = projection_rows(&db, "refused", "resourcelease.refused").await;
+    assert_eq!(rows.len(), 600, "every item of both batches, once");
+    let checkpoints = sink.checkpoints().await.expect("checkpoints");
+    assert_eq!(checkpoints.iter().map(|c| c.sequence.get()).collect::<Vec<_>>(), [600]);
+}
+
+#[tokio::test]
+async fn a_commit_that_keeps_failing_loses_nothing_and_flush_reports_it() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "kept").await.expect("open");
+    fail_commits_storing(&db, 2, 2).await;
+    let shard = ShardId::from("resourcelease.kept");
+    sink.deliver(&enqueues(&shard, 1, 2)).await.expect("delivered (its commit fails later)");
+    // The commit fails, and so does applying the batch again: flush says
+    // so, and nothing of the batch is in the table.
+    let err = sink.flush().await.expect_err("the batch cannot be committed");
+    assert!(matches!(&err, SinkError::Fatal(reason) if reason.contains("this commit fails")), "unexpected {err}");
+    assert!(projection_rows(&db, "kept", "resourcelease.kept").await.is_empty());
+    // The sink kept the batch: once the cause is gone, the next flush
+    // commits it.
+    sink.flush().await.expect("the third attempt commits");
+    assert_eq!(fuse_burnt(&db).await, 3);
+    assert_eq!(projection_rows(&db, "kept", "resourcelease.kept").await.len(), 2);
+    assert_eq!(sink.checkpoints().await.expect("checkpoints")[0].sequence, Sequence::new(2));
+}
+
+#[tokio::test]
+async fn a_batch_that_would_skip_events_past_the_stored_position_is_refused() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "skipping").await.expect("open");
+    let shard = ShardId::from("resourcelease.skipping");
+    sink.deliver(&enqueues(&shard, 1, 2)).await.expect("from the start");
+    let err = sink.deliver(&enqueues(&shard, 5, 6)).await.expect_err("3 and 4 would be skipped");
+    assert!(matches!(&err, SinkError::Fatal(reason) if reason.contains("skipped")), "unexpected {err}");
+    sink.flush().await.expect("flush");
+    assert_eq!(projection_rows(&db, "skipping", "resourcelease.skipping").await.len(), 2);
+    assert_eq!(sink.checkpoints().await.expect("checkpoints")[0].sequence, Sequence::new(2));
 }

@@ -63,3 +63,10 @@ pub const NDJSON_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 /// attempt by upsert. A catch-up frame of enqueues (hundreds to thousands
 /// of rows) gains; a live frame of a few events would not.
 pub const PROJECTION_COPY_MIN_ROWS: usize = 256;
+
+/// Deadline of a projection batch's `COMMIT`, which runs on a task of its
+/// own while the next batch is written: a disk sync, milliseconds on a
+/// healthy database. As [`SINK_TIMEOUT`] for the batch's statements; a
+/// commit that runs past it counts as failed with its outcome unknown, and
+/// the batch is applied again (the checkpoint row makes that exact).
+pub const PROJECTION_COMMIT_TIMEOUT: Duration = SINK_TIMEOUT;

@@ -44,7 +44,11 @@
 //! first sequence and skip what is already applied (the PostgreSQL
 //! projection locks its checkpoint row for that). The hub checkpoint is
 //! then only a copy, kept for retention and lag, and never ahead of the
-//! sink's: it is committed after the sink's transaction.
+//! sink's: before each hub commit the runtime reads the sink's positions
+//! back ([`ReplicationSink::checkpoints`]) and commits those, so a sink may
+//! let a batch's commit run while it takes the next (the PostgreSQL
+//! projection does); [`ReplicationSink::flush`] is called when the runtime
+//! stops or reconnects and must leave every delivered batch committed.
 //!
 //! Either way the sink's checkpoint is never ahead of its effects, and the
 //! log is never skipped.
@@ -145,13 +149,16 @@ impl SinkEvent {
     }
 }
 
-/// Consecutive events of one shard, in order, with no gaps.
+/// Consecutive events of one shard, in order, with no gaps. Cheap to
+/// clone (the events are shared), so a sink may keep a batch past its
+/// `deliver` call: the PostgreSQL projection keeps the one whose commit is
+/// under way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkBatch {
     /// The shard.
     pub shard: ShardId,
     /// The events (never empty).
-    pub events: Vec<SinkEvent>,
+    pub events: std::sync::Arc<[SinkEvent]>,
 }
 
 impl SinkBatch {
@@ -286,8 +293,10 @@ pub trait ReplicationSink: Send + Sync + 'static {
     /// How this sink keeps its position.
     fn delivery(&self) -> Delivery;
 
-    /// The sink's own stored positions ([`Delivery::ExactlyOnce`]); an
-    /// at-least-once sink returns none and the hub's checkpoints are used.
+    /// The sink's own stored positions ([`Delivery::ExactlyOnce`]): what its
+    /// committed transactions hold, read at start and before each hub
+    /// checkpoint commit. An at-least-once sink returns none and the hub's
+    /// checkpoints are used.
     fn checkpoints(&mut self) -> impl Future<Output = Result<Vec<SinkCheckpoint>>> + Send {
         async { Ok(Vec::new()) }
     }
@@ -296,7 +305,11 @@ pub trait ReplicationSink: Send + Sync + 'static {
     fn deliver(&mut self, batch: &SinkBatch) -> impl Future<Output = Result<()>> + Send;
 
     /// Makes every delivered effect durable. Called before each hub
-    /// checkpoint commit and before the runtime stops.
+    /// checkpoint commit of an at-least-once sink, and before the runtime
+    /// stops or reconnects. An exactly-once sink's `deliver` may return
+    /// before its transaction is committed (at most one batch, on the
+    /// understanding that its position is read back from
+    /// [`checkpoints`](Self::checkpoints)); `flush` then waits for it.
     fn flush(&mut self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }

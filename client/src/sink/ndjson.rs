@@ -198,7 +198,7 @@ impl ReplicationSink for NdjsonSink {
 
     async fn deliver(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
         let mut lines = Vec::with_capacity(batch.events.iter().map(|e| e.raw.len() * 2 + 256).sum());
-        for event in &batch.events {
+        for event in batch.events.iter() {
             json::write_event(&mut lines, event)
                 .map_err(|err| SinkError::Fatal(format!("render event {}: {err}", event.idempotence_key())))?;
             lines.push(b'\n');

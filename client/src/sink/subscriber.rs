@@ -234,8 +234,19 @@ impl Track {
 #[derive(Clone, Copy)]
 enum SinkCall<'a> {
     Checkpoints,
+    Flush,
     Deliver(&'a SinkBatch),
     Snapshot(&'a SinkSnapshot),
+}
+
+/// One call of `sink` (its checkpoints, when asked for).
+async fn sink_call<S: ReplicationSink>(sink: &mut S, call: SinkCall<'_>) -> Result<Vec<SinkCheckpoint>, SinkError> {
+    match call {
+        SinkCall::Checkpoints => sink.checkpoints().await,
+        SinkCall::Flush => sink.flush().await.map(|()| Vec::new()),
+        SinkCall::Deliver(batch) => sink.deliver(batch).await.map(|()| Vec::new()),
+        SinkCall::Snapshot(snapshot) => sink.apply_snapshot(snapshot).await.map(|()| Vec::new()),
+    }
 }
 
 /// Why a session ended.
@@ -447,7 +458,7 @@ impl<S: ReplicationSink> Subscriber<S> {
                 biased;
                 () = stop.cancelled() => return Ended::Stopped,
                 _ = ticks.tick() => {
-                    if let Err(err) = self.start_commit().await {
+                    if let Err(err) = self.start_commit(false).await {
                         return Ended::Failed(err);
                     }
                     continue;
@@ -497,7 +508,7 @@ impl<S: ReplicationSink> Subscriber<S> {
             let pending: u64 =
                 self.tracks.values().map(|t| t.chain.position().get().saturating_sub(t.committed.get())).sum();
             if pending >= self.config.checkpoint_events
-                && let Err(err) = self.start_commit().await
+                && let Err(err) = self.start_commit(false).await
             {
                 return Ended::Failed(err);
             }
@@ -519,7 +530,7 @@ impl<S: ReplicationSink> Subscriber<S> {
             .entry(shard.clone())
             .or_insert_with(|| Track::new(shard.clone(), Sequence::ZERO, None, Sequence::ZERO));
         let count = events.len() as u64;
-        let batch = SinkBatch { shard: shard.clone(), events };
+        let batch = SinkBatch { shard: shard.clone(), events: events.into() };
         if self.call_sink(stop, "deliver events", SinkCall::Deliver(&batch)).await?.is_none() {
             return Ok(false);
         }
@@ -573,13 +584,7 @@ impl<S: ReplicationSink> Subscriber<S> {
     ) -> Result<Option<Vec<SinkCheckpoint>>, SinkError> {
         let mut backoff = self.config.backoff_min;
         loop {
-            let future = async {
-                match call {
-                    SinkCall::Checkpoints => self.sink.checkpoints().await,
-                    SinkCall::Deliver(batch) => self.sink.deliver(batch).await.map(|()| Vec::new()),
-                    SinkCall::Snapshot(snapshot) => self.sink.apply_snapshot(snapshot).await.map(|()| Vec::new()),
-                }
-            };
+            let future = sink_call(&mut self.sink, call);
             let outcome = tokio::select! {
                 () = stop.cancelled() => return Ok(None),
                 outcome = tokio::time::timeout(self.config.sink_timeout, future) => outcome,
@@ -598,13 +603,28 @@ impl<S: ReplicationSink> Subscriber<S> {
         }
     }
 
+    /// Runs a sink call once, with its deadline, before a checkpoint
+    /// commit; `None` when it failed transiently or ran out of time (the
+    /// checkpoint waits for the next commit).
+    async fn sink_ready(&mut self, what: &str, call: SinkCall<'_>) -> Result<Option<Vec<SinkCheckpoint>>, SinkError> {
+        let reason = match tokio::time::timeout(self.config.sink_timeout, sink_call(&mut self.sink, call)).await {
+            Ok(Ok(value)) => return Ok(Some(value)),
+            Ok(Err(SinkError::Transient(reason))) => reason,
+            Ok(Err(err)) => return Err(err),
+            Err(_) => format!("no answer within {:?}", self.config.sink_timeout),
+        };
+        self.count_error("transient");
+        tracing::warn!(subscriber = %self.config.subscriber_id, error = %reason, "failed to {what}; the checkpoint waits");
+        Ok(None)
+    }
+
     /// Flushes the sink and commits every shard's position that moved, and
     /// waits for the hub's answers. Unreachable hubs and transient sink
     /// failures are retried at the next commit; a checkpoint the hub refuses
     /// as not matching its log is an error.
     async fn commit(&mut self) -> Result<(), SinkError> {
         self.finish_commit().await?;
-        self.start_commit().await?;
+        self.start_commit(true).await?;
         self.finish_commit().await
     }
 
@@ -615,14 +635,18 @@ impl<S: ReplicationSink> Subscriber<S> {
         self.committed(answers)
     }
 
-    /// Flushes the sink and starts committing every shard's position that
-    /// moved, on a task of its own: each commit is a PostgreSQL transaction
-    /// on the hub, a disk sync away, and delivery goes on meanwhile (the
-    /// session takes the answers as they come). At most one commit is under
-    /// way; while it is, this does nothing, and the next tick or batch
-    /// commits what moved since. The sink is flushed first, so a checkpoint
-    /// never covers effects that are not durable.
-    async fn start_commit(&mut self) -> Result<(), SinkError> {
+    /// Starts committing every shard's position that moved, on a task of
+    /// its own: each commit is a PostgreSQL transaction on the hub, a disk
+    /// sync away, and delivery goes on meanwhile (the session takes the
+    /// answers as they come). At most one commit is under way; while it is,
+    /// this does nothing, and the next tick or batch commits what moved
+    /// since. A checkpoint never covers effects that are not durable: an
+    /// at-least-once sink is flushed first; an exactly-once sink's positions
+    /// are read back from it ([`ReplicationSink::checkpoints`]), what its
+    /// committed transactions hold, and it is flushed first only when
+    /// `settle` (the runtime stops or reconnects), so a sink that commits
+    /// in the background is not made to wait for each commit.
+    async fn start_commit(&mut self, settle: bool) -> Result<(), SinkError> {
         if self.committing.is_some() {
             return Ok(());
         }
@@ -635,35 +659,49 @@ impl<S: ReplicationSink> Subscriber<S> {
         if moved.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(self.config.sink_timeout, self.sink.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(SinkError::Transient(reason))) => {
-                self.count_error("transient");
-                tracing::warn!(subscriber = %self.config.subscriber_id, error = %reason, "failed to flush the sink; the checkpoint waits");
-                return Ok(());
-            }
-            Ok(Err(err)) => return Err(err),
-            Err(_) => {
-                self.count_error("transient");
-                tracing::warn!(subscriber = %self.config.subscriber_id, "the sink did not flush in time; the checkpoint waits");
-                return Ok(());
-            }
+        let exactly_once = self.sink.delivery() == Delivery::ExactlyOnce;
+        if (settle || !exactly_once) && self.sink_ready("flush the sink", SinkCall::Flush).await?.is_none() {
+            return Ok(());
         }
+        let stored: Option<HashMap<ShardId, SinkCheckpoint>> = if exactly_once {
+            match self.sink_ready("read the sink's checkpoints", SinkCall::Checkpoints).await? {
+                Some(own) => Some(own.into_iter().map(|c| (c.shard.clone(), c)).collect()),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
+        let subscriber_id = self.config.subscriber_id.clone();
         let requests: Vec<(ShardId, Sequence, pb::CommitCheckpointRequest)> = moved
             .into_iter()
-            .map(|shard| {
+            .filter_map(|shard| {
                 let track = self.tracks.get_mut(&shard).expect("a listed track");
-                track.oldest_committing = track.oldest_uncommitted.take();
-                let sequence = track.chain.position();
+                let delivered = track.chain.position();
+                let (sequence, hash) = match stored.as_ref().map(|stored| stored.get(&shard)) {
+                    None => (delivered, track.chain.hash().cloned()),
+                    // The sink's own position, where its transactions are
+                    // committed: never past what it was handed.
+                    Some(Some(own)) if own.sequence > track.committed && own.sequence <= delivered => {
+                        let hash =
+                            if own.sequence == delivered { track.chain.hash().cloned() } else { own.hash.clone() };
+                        (own.sequence, hash)
+                    }
+                    Some(_) => return None,
+                };
+                // The lag's clock restarts only when the whole of it is sent.
+                track.oldest_committing = if sequence == delivered { track.oldest_uncommitted.take() } else { None };
                 let request = pb::CommitCheckpointRequest {
-                    subscriber_id: self.config.subscriber_id.clone(),
+                    subscriber_id: subscriber_id.clone(),
                     shard_id: shard.to_string(),
                     sequence: sequence.get(),
-                    hash: track.chain.hash().cloned().unwrap_or_default(),
+                    hash: hash.unwrap_or_default(),
                 };
-                (shard, sequence, request)
+                Some((shard, sequence, request))
             })
             .collect();
+        if requests.is_empty() {
+            return Ok(());
+        }
         let mut client = self.client();
         let timeout = self.config.request_timeout;
         self.committing = Some(tokio::spawn(async move {

@@ -24,7 +24,7 @@ use deadpool_postgres::Pool;
 use omnirelay_proto::replication::v1::replication_event::Event as Kind;
 use tokio_postgres::types::ToSql;
 
-use super::{Statement, StatementSql, lock_checkpoint, pg, pipeline, sequence_param, store_checkpoint, time};
+use super::{Conn, Statement, StatementSql, lock_checkpoint, pg, pipeline, sequence_param, store_checkpoint, time};
 use crate::sink::{Delivery, ReplicationSink, SinkBatch, SinkCheckpoint, SinkError, SinkEvent, json};
 
 const SCHEMA: &str = include_str!("lineage.sql");
@@ -66,12 +66,12 @@ impl ReplicationSink for LineageSink {
         let mut client =
             self.projection.pool.get().await.map_err(|err| pg("connect to the lineage's database", err))?;
         let tx = client.transaction().await.map_err(|err| pg("begin a transaction", err))?;
-        let stored = lock_checkpoint(&tx, &self.projection.projection, &batch.shard).await?;
+        let stored = lock_checkpoint(Conn::of(&tx), &self.projection.projection, &batch.shard).await?;
         let fresh: Vec<&SinkEvent> = batch.events.iter().filter(|e| e.sequence > stored).collect();
         let Some(last) = fresh.last() else { return Ok(()) };
         let statements = fresh.iter().flat_map(|event| rows(&self.name, event)).collect();
-        pipeline(&tx, statements, "record lineage").await?;
-        store_checkpoint(&tx, &self.projection.projection, &batch.shard, last.sequence, &last.hash).await?;
+        pipeline(Conn::of(&tx), statements, "record lineage").await?;
+        store_checkpoint(Conn::of(&tx), &self.projection.projection, &batch.shard, last.sequence, &last.hash).await?;
         tx.commit().await.map_err(|err| pg("commit a batch", err))
     }
 
@@ -82,10 +82,16 @@ impl ReplicationSink for LineageSink {
         let mut client =
             self.projection.pool.get().await.map_err(|err| pg("connect to the lineage's database", err))?;
         let tx = client.transaction().await.map_err(|err| pg("begin a transaction", err))?;
-        let stored = lock_checkpoint(&tx, &self.projection.projection, &snapshot.shard).await?;
+        let stored = lock_checkpoint(Conn::of(&tx), &self.projection.projection, &snapshot.shard).await?;
         if stored < snapshot.sequence {
-            store_checkpoint(&tx, &self.projection.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash)
-                .await?;
+            store_checkpoint(
+                Conn::of(&tx),
+                &self.projection.projection,
+                &snapshot.shard,
+                snapshot.sequence,
+                &snapshot.hash,
+            )
+            .await?;
         }
         tx.commit().await.map_err(|err| pg("commit the snapshot position", err))
     }

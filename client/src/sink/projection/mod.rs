@@ -11,14 +11,37 @@
 //!
 //! Exactly once: each batch is one transaction that locks the shard's
 //! checkpoint row, skips the events at or below the stored sequence, applies
-//! the rest (its statements pipelined on the connection, in order; each run
-//! of whole-item writes, such as a frame of enqueues, is one multi-row
-//! upsert over arrays) and
-//! stores the batch's last sequence and hash. A batch the runtime hands over
-//! again after a failure of unknown outcome is therefore applied once, and
-//! the projection is always the queue's state as of its checkpoint. The
-//! table is the source of truth for the projection's position; the hub
-//! checkpoint follows it.
+//! the rest and stores the batch's last sequence and hash. Its statements
+//! are pipelined on the connection, in order; each run of whole-item writes
+//! (a frame of enqueues) is one multi-row upsert over arrays, or a binary
+//! `COPY` when it has [`defaults::PROJECTION_COPY_MIN_ROWS`] rows or more. A
+//! batch the runtime hands over again after a failure of unknown outcome is
+//! therefore applied once, and the projection is always the queue's state as
+//! of its checkpoint. The table is the source of truth for the projection's
+//! position; the hub checkpoint follows it (the runtime reads it back with
+//! [`ReplicationSink::checkpoints`] before each hub commit). A batch that
+//! starts past the event after the stored position (the database was
+//! restored to an earlier point under a running sink) is refused, never
+//! applied over the gap.
+//!
+//! Commits overlap the next batch. [`ReplicationSink::deliver`] returns once
+//! a batch's `COMMIT` is sent; the commit (a disk sync) is waited for on a
+//! task of its own, with a deadline
+//! ([`defaults::PROJECTION_COMMIT_TIMEOUT`]), while the next batch, on a
+//! second connection of the pool, copies its leading runs of new rows. Only
+//! those run before the commit before is answered: a copy only inserts, and
+//! one that meets an item the batch before is still writing waits for that
+//! commit. The rest of the batch (updates, deletes, its checkpoint) runs
+//! after the commit is answered and the checkpoint row is locked and holds
+//! the batch before's last sequence. When that commit failed or went
+//! unanswered, the next transaction is rolled back, the batch before (kept
+//! until its commit is answered) is applied again alone and committed, and
+//! then the batch; when another writer moved the position, the batch is
+//! written alone, after the position it finds. So at most one batch is
+//! delivered and not yet committed, [`ReplicationSink::flush`] waits for
+//! it, and the exactly-once argument above is unchanged: every transaction
+//! applies what lies after the position it locked. A pool of one connection
+//! commits each batch before the next.
 
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +66,20 @@ pub mod lineage;
 pub struct ProjectionSink {
     pool: Pool,
     projection: String,
+    /// The last batch written, its `COMMIT` under way on its own connection
+    /// while the next batch is written (see the module docs).
+    committing: Option<Committing>,
+    /// A batch whose `COMMIT` failed or went unanswered: applied again,
+    /// alone and committed, before anything after it.
+    unconfirmed: Option<SinkBatch>,
+}
+
+/// A batch whose transaction is committing on a task of its own.
+struct Committing {
+    /// The batch, kept to apply again if the commit fails.
+    batch: SinkBatch,
+    /// The commit: `Err` says why it failed or that no answer came.
+    commit: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl std::fmt::Debug for ProjectionSink {
@@ -61,7 +98,13 @@ impl ProjectionSink {
         }
         let client = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
         client.batch_execute(SCHEMA).await.map_err(|err| pg("create the projection's tables", err))?;
-        Ok(Self { pool, projection })
+        // The second connection a batch takes while the one before commits
+        // is made now, not on the first delivery.
+        if pool.status().max_size >= 2 {
+            let _second = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        }
+        drop(client);
+        Ok(Self { pool, projection, committing: None, unconfirmed: None })
     }
 
     /// A pool of up to `size` plain (non-TLS) connections to `url`, each
@@ -131,25 +174,26 @@ impl ReplicationSink for ProjectionSink {
     }
 
     async fn deliver(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        let mut client = self.pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
-        let tx = client.transaction().await.map_err(|err| pg("begin a transaction", err))?;
-        let stored = lock_checkpoint(&tx, &self.projection, &batch.shard).await?;
-        let fresh: Vec<&SinkEvent> = batch.events.iter().filter(|e| e.sequence > stored).collect();
-        let Some(last) = fresh.last() else { return Ok(()) };
-        let upsert = tx.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
-        let mut steps = Steps::new(&self.projection, &batch.shard, upsert);
-        for event in &fresh {
-            effects(&mut steps, event)?;
-        }
-        steps.run(&tx, "apply an event").await?;
-        store_checkpoint(&tx, &self.projection, &batch.shard, last.sequence, &last.hash).await?;
-        tx.commit().await.map_err(|err| pg("commit a batch", err))
+        let follows = self.unconfirmed.is_none()
+            && self.pool.status().max_size >= 2
+            && self.committing.as_ref().is_some_and(|before| {
+                before.batch.shard == batch.shard && before.batch.last().sequence.after(1) == batch.first()
+            });
+        if follows { self.overlap(batch).await } else { self.alone(batch).await }
+    }
+
+    /// Waits for the last batch's commit (and applies it again if that
+    /// failed): everything delivered is then committed.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        self.recover().await
     }
 
     async fn apply_snapshot(&mut self, snapshot: &SinkSnapshot) -> Result<(), SinkError> {
+        self.recover().await?;
         let mut client = self.pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
         let tx = client.transaction().await.map_err(|err| pg("begin a transaction", err))?;
-        let stored = lock_checkpoint(&tx, &self.projection, &snapshot.shard).await?;
+        let conn = Conn::of(&tx);
+        let stored = lock_checkpoint(conn, &self.projection, &snapshot.shard).await?;
         if stored >= snapshot.sequence {
             return Ok(());
         }
@@ -174,50 +218,264 @@ impl ReplicationSink for ProjectionSink {
         for (item, state) in items.chain(dead) {
             steps.row(ItemRef { item, state, sequence })?;
         }
-        steps.run(&tx, "apply the snapshot").await?;
-        store_checkpoint(&tx, &self.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash).await?;
+        steps.run(conn, "apply the snapshot").await?;
+        store_checkpoint(conn, &self.projection, &snapshot.shard, snapshot.sequence, &snapshot.hash).await?;
         tx.commit().await.map_err(|err| pg("commit the snapshot", err))
+    }
+}
+
+impl ProjectionSink {
+    /// Writes `batch` in a transaction of its own that locks the checkpoint
+    /// row first, after the batch before it is committed; its `COMMIT` is
+    /// then sent and left running.
+    async fn alone(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
+        self.recover().await?;
+        let open = Open::begin(&self.pool).await?;
+        let stored = lock_checkpoint(open.conn(), &self.projection, &batch.shard).await?;
+        if !write(open.conn(), &self.projection, batch, stored).await? {
+            return open.rollback().await;
+        }
+        self.committing = Some(Committing { batch: batch.clone(), commit: open.commit_in_background() });
+        Ok(())
+    }
+
+    /// Writes `batch`, which follows the batch whose `COMMIT` is under way,
+    /// on a second connection: its leading runs of new rows are copied
+    /// while that commit (a disk sync) runs, since they only insert rows (a
+    /// copy that meets an item the batch before is writing waits for that
+    /// commit, then falls back to the upsert). Then it waits for the
+    /// commit, locks the checkpoint row and, if it holds the batch before's
+    /// last sequence, writes the rest. A failed commit, or any other
+    /// position (another writer), rolls this transaction back and writes
+    /// the batch [alone](Self::alone).
+    async fn overlap(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
+        let projection = self.projection.clone();
+        let open = Open::begin(&self.pool).await?;
+        let conn = open.conn();
+        let upsert = conn.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
+        let mut steps = Steps::new(&projection, &batch.shard, upsert);
+        for event in batch.events.iter() {
+            effects(&mut steps, event)?;
+        }
+        steps.run_leading_copies(conn).await?;
+        let Some(before) = self.committing.as_mut() else { unreachable!("overlap follows a commit") };
+        // Taken only once answered: dropped (a deadline) while waiting,
+        // the batch before stays kept.
+        let committed = joined(&mut before.commit).await;
+        let before = self.committing.take().expect("still there");
+        let expected = before.batch.last().sequence;
+        if let Err(reason) = committed {
+            self.unconfirmed(before.batch, &reason);
+            drop(steps);
+            open.rollback().await?;
+            return self.alone(batch).await;
+        }
+        let stored = lock_checkpoint(conn, &projection, &batch.shard).await?;
+        if stored != expected {
+            drop(steps);
+            open.rollback().await?;
+            return self.alone(batch).await;
+        }
+        steps.run(conn, "apply an event").await?;
+        let last = batch.last();
+        store_checkpoint(conn, &projection, &batch.shard, last.sequence, &last.hash).await?;
+        self.committing = Some(Committing { batch: batch.clone(), commit: open.commit_in_background() });
+        Ok(())
+    }
+
+    /// Waits for the commit under way; a batch whose commit failed or went
+    /// unanswered is applied again, alone, and committed before this
+    /// returns.
+    async fn recover(&mut self) -> Result<(), SinkError> {
+        if let Some(before) = self.committing.as_mut() {
+            let committed = joined(&mut before.commit).await;
+            let before = self.committing.take().expect("still there");
+            if let Err(reason) = committed {
+                self.unconfirmed(before.batch, &reason);
+            }
+        }
+        if let Some(batch) = &self.unconfirmed {
+            let open = Open::begin(&self.pool).await?;
+            let stored = lock_checkpoint(open.conn(), &self.projection, &batch.shard).await?;
+            if write(open.conn(), &self.projection, batch, stored).await? {
+                open.commit().await?;
+            } else {
+                open.rollback().await?;
+            }
+            self.unconfirmed = None;
+        }
+        Ok(())
+    }
+
+    fn unconfirmed(&mut self, batch: SinkBatch, reason: &str) {
+        tracing::warn!(
+            projection = %self.projection,
+            shard = %batch.shard,
+            first = %batch.first(),
+            last = %batch.last().sequence,
+            error = %reason,
+            "a batch's commit failed or went unanswered; applying it again"
+        );
+        self.unconfirmed = Some(batch);
+    }
+}
+
+/// Writes the events of `batch` after `stored` (the position locked in
+/// this transaction) and stores the batch's last sequence; false when none
+/// is after it. A batch that starts past the event after `stored` would
+/// skip events: refused.
+async fn write(conn: Conn<'_>, projection: &str, batch: &SinkBatch, stored: Sequence) -> Result<bool, SinkError> {
+    if batch.first() > stored.after(1) {
+        return Err(SinkError::Fatal(format!(
+            "shard {}: the projection's stored position is {stored} but the batch starts at {}: the events between \
+             would be skipped (was the projection's database restored to an earlier point?); restart the sink to \
+             resume from its stored position",
+            batch.shard,
+            batch.first()
+        )));
+    }
+    let fresh: Vec<&SinkEvent> = batch.events.iter().filter(|e| e.sequence > stored).collect();
+    let Some(last) = fresh.last() else { return Ok(false) };
+    let upsert = conn.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
+    let mut steps = Steps::new(projection, &batch.shard, upsert);
+    for event in &fresh {
+        effects(&mut steps, event)?;
+    }
+    steps.run(conn, "apply an event").await?;
+    store_checkpoint(conn, projection, &batch.shard, last.sequence, &last.hash).await?;
+    Ok(true)
+}
+
+/// A commit task's answer.
+async fn joined(commit: &mut tokio::task::JoinHandle<Result<(), String>>) -> Result<(), String> {
+    commit.await.map_err(|err| format!("the commit task failed: {err}"))?
+}
+
+/// A connection with its statement cache: a pool transaction's, or a
+/// pooled client's inside a transaction begun with `BEGIN` ([`Open`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Conn<'a> {
+    client: &'a tokio_postgres::Client,
+    cache: &'a deadpool_postgres::StatementCache,
+}
+
+impl<'a> Conn<'a> {
+    pub(crate) fn of(tx: &'a deadpool_postgres::Transaction<'_>) -> Self {
+        Self { client: tx.client(), cache: &tx.statement_cache }
+    }
+
+    fn of_client(client: &'a deadpool_postgres::ClientWrapper) -> Self {
+        Self { client, cache: &client.statement_cache }
+    }
+
+    async fn prepare_cached(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        self.cache.prepare(self.client, sql).await
+    }
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        self.client
+    }
+}
+
+/// A pooled connection inside a transaction begun with `BEGIN`, so its
+/// `COMMIT` can run on a task of its own. Dropped before
+/// [`commit`](Open::commit) or [`rollback`](Open::rollback) answered (a
+/// failure, a call dropped at its deadline), the connection leaves the pool
+/// and closes, which rolls the transaction back: no connection goes back
+/// to the pool inside a transaction.
+struct Open(Option<deadpool_postgres::Client>);
+
+impl Open {
+    async fn begin(pool: &Pool) -> Result<Self, SinkError> {
+        let client = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        let open = Open(Some(client));
+        open.conn().batch_execute("BEGIN").await.map_err(|err| pg("begin a transaction", err))?;
+        Ok(open)
+    }
+
+    fn conn(&self) -> Conn<'_> {
+        Conn::of_client(self.0.as_ref().expect("open until it ends"))
+    }
+
+    async fn rollback(mut self) -> Result<(), SinkError> {
+        self.conn().batch_execute("ROLLBACK").await.map_err(|err| pg("roll back", err))?;
+        self.0.take();
+        Ok(())
+    }
+
+    async fn commit(mut self) -> Result<(), SinkError> {
+        match tokio::time::timeout(defaults::PROJECTION_COMMIT_TIMEOUT, self.conn().batch_execute("COMMIT")).await {
+            Ok(Ok(())) => {
+                self.0.take();
+                Ok(())
+            }
+            Ok(Err(err)) => Err(pg("commit a batch", err)),
+            Err(_) => Err(SinkError::Transient(format!(
+                "commit a batch: no answer within {:?}",
+                defaults::PROJECTION_COMMIT_TIMEOUT
+            ))),
+        }
+    }
+
+    /// Sends `COMMIT` and waits for its answer on a task of its own.
+    fn commit_in_background(self) -> tokio::task::JoinHandle<Result<(), String>> {
+        tokio::spawn(async move { self.commit().await.map_err(|err| err.to_string()) })
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }
 
 /// Locks the shard's checkpoint row (creating it at 0) and returns its
 /// sequence.
-pub(crate) async fn lock_checkpoint(
-    tx: &deadpool_postgres::Transaction<'_>,
-    projection: &str,
-    shard: &ShardId,
-) -> Result<Sequence, SinkError> {
-    tx.execute(
-        "INSERT INTO omnirelay_projection_checkpoints (projection, shard, sequence, hash) VALUES ($1, $2, 0, '') \
-         ON CONFLICT DO NOTHING",
-        &[&projection, &shard.as_str()],
-    )
-    .await
-    .map_err(|err| pg("create the checkpoint row", err))?;
-    let row = tx
-        .query_one(
-            "SELECT sequence FROM omnirelay_projection_checkpoints WHERE projection = $1 AND shard = $2 FOR UPDATE",
-            &[&projection, &shard.as_str()],
+pub(crate) async fn lock_checkpoint(conn: Conn<'_>, projection: &str, shard: &ShardId) -> Result<Sequence, SinkError> {
+    let create = conn
+        .prepare_cached(
+            "INSERT INTO omnirelay_projection_checkpoints (projection, shard, sequence, hash) VALUES ($1, $2, 0, '') \
+             ON CONFLICT DO NOTHING",
         )
         .await
-        .map_err(|err| pg("lock the checkpoint row", err))?;
+        .map_err(|err| pg("prepare a statement", err))?;
+    let lock = conn
+        .prepare_cached(
+            "SELECT sequence FROM omnirelay_projection_checkpoints WHERE projection = $1 AND shard = $2 FOR UPDATE",
+        )
+        .await
+        .map_err(|err| pg("prepare a statement", err))?;
+    let key: [&(dyn ToSql + Sync); 2] = [&projection, &shard.as_str()];
+    // Both sent at once (the connection pipelines them, in order).
+    let (created, locked) = futures_util::future::join(conn.execute(&create, &key), conn.query_one(&lock, &key)).await;
+    created.map_err(|err| pg("create the checkpoint row", err))?;
+    let row = locked.map_err(|err| pg("lock the checkpoint row", err))?;
     Ok(Sequence::new(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
 }
 
 pub(crate) async fn store_checkpoint(
-    tx: &deadpool_postgres::Transaction<'_>,
+    conn: Conn<'_>,
     projection: &str,
     shard: &ShardId,
     sequence: Sequence,
     hash: &Bytes,
 ) -> Result<(), SinkError> {
-    tx.execute(
-        "UPDATE omnirelay_projection_checkpoints SET sequence = $3, hash = $4, updated_at = now() \
-         WHERE projection = $1 AND shard = $2",
-        &[&projection, &shard.as_str(), &sequence_param(sequence), &hash.as_ref()],
-    )
-    .await
-    .map_err(|err| pg("store the checkpoint", err))?;
+    let store = conn
+        .prepare_cached(
+            "UPDATE omnirelay_projection_checkpoints SET sequence = $3, hash = $4, updated_at = now() \
+             WHERE projection = $1 AND shard = $2",
+        )
+        .await
+        .map_err(|err| pg("prepare a statement", err))?;
+    conn.execute(&store, &[&projection, &shard.as_str(), &sequence_param(sequence), &hash.as_ref()])
+        .await
+        .map_err(|err| pg("store the checkpoint", err))?;
     Ok(())
 }
 
@@ -234,11 +492,11 @@ pub(crate) enum StatementSql {
 
 impl Statement {
     /// Runs the statement (prepared first by [`pipeline`]).
-    async fn run(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, tokio_postgres::Error> {
+    async fn run(&self, conn: Conn<'_>) -> Result<u64, tokio_postgres::Error> {
         let params: Vec<&(dyn ToSql + Sync)> = self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         match &self.sql {
-            StatementSql::Prepared(statement) => tx.execute(statement, &params).await,
-            StatementSql::Text(sql) => tx.execute(*sql, &params).await,
+            StatementSql::Prepared(statement) => conn.execute(statement, &params).await,
+            StatementSql::Text(sql) => conn.execute(*sql, &params).await,
         }
     }
 }
@@ -247,18 +505,14 @@ impl Statement {
 /// Every statement is prepared first (from the connection's cache after the
 /// first batch): an unprepared one takes a round trip to prepare before it
 /// is sent, and the statements after it would overtake it.
-pub(crate) async fn pipeline(
-    tx: &deadpool_postgres::Transaction<'_>,
-    mut statements: Vec<Statement>,
-    what: &str,
-) -> Result<(), SinkError> {
+pub(crate) async fn pipeline(conn: Conn<'_>, mut statements: Vec<Statement>, what: &str) -> Result<(), SinkError> {
     for statement in &mut statements {
         if let StatementSql::Text(sql) = statement.sql {
-            let prepared = tx.prepare_cached(sql).await.map_err(|err| pg("prepare a statement", err))?;
+            let prepared = conn.prepare_cached(sql).await.map_err(|err| pg("prepare a statement", err))?;
             statement.sql = StatementSql::Prepared(prepared);
         }
     }
-    for result in futures_util::future::join_all(statements.iter().map(|s| s.run(tx))).await {
+    for result in futures_util::future::join_all(statements.iter().map(|s| s.run(conn))).await {
         result.map_err(|err| pg(what, err))?;
     }
     Ok(())
@@ -578,17 +832,37 @@ impl<'a> Steps<'a> {
         Ok(())
     }
 
-    /// Runs every step in order on `tx`.
-    async fn run(mut self, tx: &deadpool_postgres::Transaction<'_>, what: &str) -> Result<(), SinkError> {
+    /// Ends the batch: what is collected becomes the last steps.
+    fn finish(&mut self) -> Result<(), SinkError> {
         self.end_run()?;
         let statements = std::mem::take(&mut self.statements);
         if !statements.is_empty() {
             self.steps.push(Step::Pipelined(statements));
         }
+        Ok(())
+    }
+
+    /// Runs the steps before the first statement: whole-row `COPY` runs
+    /// only, which insert new rows and wait for any transaction still
+    /// writing one of their items (see [`ProjectionSink::overlap`]).
+    async fn run_leading_copies(&mut self, conn: Conn<'_>) -> Result<(), SinkError> {
+        self.finish()?;
+        let leading = self.steps.iter().take_while(|step| matches!(step, Step::Copy(_))).count();
+        for step in self.steps.drain(..leading) {
+            if let Step::Copy(rows) = step {
+                copy_rows(conn, self.projection, self.shard, &rows, &self.upsert).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every step (left) in order on `conn`.
+    async fn run(mut self, conn: Conn<'_>, what: &str) -> Result<(), SinkError> {
+        self.finish()?;
         for step in self.steps {
             match step {
-                Step::Pipelined(statements) => pipeline(tx, statements, what).await?,
-                Step::Copy(rows) => copy_rows(tx, self.projection, self.shard, &rows, &self.upsert).await?,
+                Step::Pipelined(statements) => pipeline(conn, statements, what).await?,
+                Step::Copy(rows) => copy_rows(conn, self.projection, self.shard, &rows, &self.upsert).await?,
             }
         }
         Ok(())
@@ -617,40 +891,47 @@ const COPY_ITEMS: &str = include_str!("copy_items.sql");
 /// written by one upsert instead, in the same transaction, so the batch
 /// still applies once and in order.
 async fn copy_rows(
-    tx: &deadpool_postgres::Transaction<'_>,
+    conn: Conn<'_>,
     projection: &str,
     shard: &ShardId,
     rows: &[ItemRef<'_>],
     upsert: &tokio_postgres::Statement,
 ) -> Result<(), SinkError> {
-    tx.batch_execute("SAVEPOINT omnirelay_copy_items").await.map_err(|err| pg("set a savepoint", err))?;
-    match copy(tx, projection, shard, rows).await {
+    // The savepoint and the copy are sent at once (a failed savepoint
+    // fails the copy too).
+    let (saved, copied) = futures_util::future::join(
+        conn.batch_execute("SAVEPOINT omnirelay_copy_items"),
+        copy(conn, projection, shard, rows),
+    )
+    .await;
+    saved.map_err(|err| pg("set a savepoint", err))?;
+    match copied {
         Ok(()) => {
-            tx.batch_execute("RELEASE SAVEPOINT omnirelay_copy_items")
+            conn.batch_execute("RELEASE SAVEPOINT omnirelay_copy_items")
                 .await
                 .map_err(|err| pg("release a savepoint", err))?;
             Ok(())
         }
         Err(err) if err.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT omnirelay_copy_items")
+            conn.batch_execute("ROLLBACK TO SAVEPOINT omnirelay_copy_items")
                 .await
                 .map_err(|err| pg("roll back to a savepoint", err))?;
             let statement = upsert_rows(projection, shard, rows, upsert)?;
-            pipeline(tx, vec![statement], "write items").await
+            pipeline(conn, vec![statement], "write items").await
         }
         Err(err) => Err(pg("copy items", err)),
     }
 }
 
 async fn copy(
-    tx: &deadpool_postgres::Transaction<'_>,
+    conn: Conn<'_>,
     projection: &str,
     shard: &ShardId,
     rows: &[ItemRef<'_>],
 ) -> Result<(), tokio_postgres::Error> {
     use tokio_postgres::types::Type;
-    let statement = tx.prepare_cached(COPY_ITEMS).await?;
-    let sink = tx.copy_in(&statement).await?;
+    let statement = conn.prepare_cached(COPY_ITEMS).await?;
+    let sink = conn.copy_in(&statement).await?;
     let types = [
         Type::TEXT,
         Type::TEXT,
