@@ -31,7 +31,7 @@
 //!   shutdown) until the other serves its namespaces, split into detection,
 //!   acquisition, replay and first answer, with the default and a 2 s lease
 //!   TTL (see `failover.rs`).
-//! - `sinks [events]`: one subscriber runtime into the PostgreSQL projection
+//! - `sinks [events] [rounds]`: one subscriber runtime into the PostgreSQL projection
 //!   (exactly once) against `COPY` of the same rows, and into the NDJSON
 //!   sink against `cat` of the same bytes (see `sinks.rs`).
 
@@ -72,7 +72,9 @@ fn main() {
         "hub" => hub_scenario(&all[1..]),
         "node-durable" => durable::run(cycles.unwrap_or(10)),
         "failover" => failover::run(cycles.unwrap_or(3) as usize),
-        "sinks" => sinks::run(cycles.unwrap_or(100_000)),
+        "sinks" => {
+            sinks::run(cycles.unwrap_or(100_000), args.next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(5))
+        }
         "forward" => forward::run(cycles.unwrap_or(5)),
         "node" => {
             let url = std::env::var("OMNIRELAY_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
