@@ -199,8 +199,9 @@ pub enum SinkCommand {
     },
 }
 
-/// Connections a PostgreSQL sink keeps: one applying batches, one for the
-/// checkpoint reads at start.
+/// Connections a PostgreSQL sink keeps: two, so a batch is written on one
+/// while the batch before commits on the other (the projection's docs);
+/// the runtime's reads of the sink's positions take whichever is free.
 const SINK_POOL_SIZE: usize = 2;
 
 /// Application name of a PostgreSQL sink's sessions (in `pg_stat_activity`),
