@@ -1,8 +1,12 @@
-//! `sinks [events]`: delivery throughput of one subscriber runtime into the
-//! PostgreSQL projection sink (exactly once) against a plain `COPY` of the
-//! same rows into a table of the same shape, and into the NDJSON sink
-//! against `cat` of the same bytes to a file (then `sync`), all in one run
-//! on a durable PostgreSQL cluster (fsync on) with an in-process hub.
+//! `sinks [events] [rounds]`: delivery throughput of one subscriber runtime
+//! into the PostgreSQL projection sink (exactly once) against a plain
+//! `COPY` of the same rows into a table of the same shape, twice (from a
+//! server-side file, PostgreSQL's ceiling, and sent by this client as
+//! `COPY FROM STDIN`), round after round with the median ratio; then the
+//! ceiling on this machine (the same `COPY FROM STDIN` while a sink that
+//! keeps nothing catches up); and the NDJSON sink against `cat` of the same
+//! bytes to a file (then `sync`), all in one run on a durable PostgreSQL
+//! cluster (fsync on) with an in-process hub.
 //!
 //! The log is written first (`events` Enqueued events of 200-byte bodies on
 //! one shard), so each sink measures catch-up: subscribe from nothing to
@@ -134,12 +138,44 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
         ratios.0.push(copied.took.as_secs_f64() / projected.took.as_secs_f64());
         ratios.1.push(streamed.took.as_secs_f64() / projected.took.as_secs_f64());
     }
-    let _ = std::fs::remove_file(ROWS_FILE);
     println!(
         "| postgres projection, median of {rounds} rounds | | | | COPY from a server file / COPY FROM STDIN | | {:.2} / {:.2} | | | | |",
         median(&mut ratios.0),
         median(&mut ratios.1)
     );
+
+    // The ceiling on this machine: the same COPY FROM STDIN while a sink
+    // that keeps nothing catches up on the log, so the hub, the runtime and
+    // the hub's database take the share of the cores they take under the
+    // projection. A sink whose own writes cost at least a COPY's cannot be
+    // faster than this COPY.
+    let solo = clients.block_on(async {
+        let client = pool.get().await?;
+        client.batch_execute("TRUNCATE stdin_items").await?;
+        settle(&cluster).await?;
+        stdin_copy(&cluster, &client).await
+    })?;
+    let first_batch = Arc::new(tokio::sync::Notify::new());
+    let loaded = clients.block_on(async {
+        let client = pool.get().await?;
+        client.batch_execute("TRUNCATE stdin_items").await?;
+        anyhow::Ok(())
+    });
+    loaded?;
+    let loaded = std::thread::scope(|scope| {
+        let copy = scope.spawn(|| {
+            main.block_on(async {
+                let client = pool.get().await?;
+                first_batch.notified().await;
+                stdin_copy(&cluster, &client).await
+            })
+        });
+        let ran = deliver(&cluster, &clients, &endpoint, "bench-ceiling", Signal(first_batch.clone()), events);
+        let copied = copy.join().map_err(|_| anyhow::anyhow!("the copy thread panicked"))?;
+        ran.and(copied)
+    })?;
+    let _ = std::fs::remove_file(ROWS_FILE);
+    row("COPY FROM STDIN while the runtime catches up (no sink)", events, &loaded, "the same COPY alone", Some(&solo));
 
     // The runtime alone (hub catch-up read, gRPC, chain checks) into a
     // sink that keeps nothing: what every sink pays before its own work.
@@ -181,8 +217,15 @@ async fn copies(cluster: &PgCluster, pool: &deadpool_postgres::Pool) -> anyhow::
     client.batch_execute(&format!("COPY copy_items FROM '{ROWS_FILE}' WITH (FORMAT binary)")).await?;
     let copied = Measured { took: started.elapsed(), cpu: read_cpu(cluster).since(&before) };
 
-    let rows = bytes::Bytes::from(std::fs::read(ROWS_FILE).context("read the exported rows")?);
     settle(cluster).await?;
+    let streamed = stdin_copy(cluster, &client).await?;
+    Ok((copied, streamed))
+}
+
+/// The exported rows sent by this client as `COPY FROM STDIN` into
+/// `stdin_items`, in 64 KiB messages.
+async fn stdin_copy(cluster: &PgCluster, client: &tokio_postgres::Client) -> anyhow::Result<Measured> {
+    let rows = bytes::Bytes::from(std::fs::read(ROWS_FILE).context("read the exported rows")?);
     let before = read_cpu(cluster);
     let started = Instant::now();
     let sink = client.copy_in("COPY stdin_items FROM STDIN WITH (FORMAT binary)").await?;
@@ -194,8 +237,7 @@ async fn copies(cluster: &PgCluster, pool: &deadpool_postgres::Pool) -> anyhow::
         offset = end;
     }
     sink.as_mut().finish().await?;
-    let streamed = Measured { took: started.elapsed(), cpu: read_cpu(cluster).since(&before) };
-    Ok((copied, streamed))
+    Ok(Measured { took: started.elapsed(), cpu: read_cpu(cluster).since(&before) })
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -254,6 +296,21 @@ impl ReplicationSink for Discard {
 
     async fn deliver(&mut self, _batch: &SinkBatch) -> Result<(), SinkError> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A sink that keeps nothing and signals each batch (the first wakes the
+/// ceiling's COPY).
+struct Signal(Arc<tokio::sync::Notify>);
+
+impl ReplicationSink for Signal {
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
+    }
+
+    async fn deliver(&mut self, _batch: &SinkBatch) -> Result<(), SinkError> {
+        self.0.notify_one();
         Ok(())
     }
 }
