@@ -70,3 +70,11 @@ pub const PROJECTION_COPY_MIN_ROWS: usize = 256;
 /// commit that runs past it counts as failed with its outcome unknown, and
 /// the batch is applied again (the checkpoint row makes that exact).
 pub const PROJECTION_COMMIT_TIMEOUT: Duration = SINK_TIMEOUT;
+
+/// Batches a PostgreSQL projection writes at once, each in its own
+/// transaction on its own pooled connection (at most the pool's size): the
+/// next batch copies its new rows while the one before still writes and
+/// commits, and locks the position only after that one committed. Two
+/// keeps both of this machine's cores busy during catch-up and bounds what
+/// is kept to apply again after a failure to two frames (3 MiB each).
+pub const PROJECTION_BATCHES_IN_FLIGHT: usize = 2;

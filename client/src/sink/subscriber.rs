@@ -650,6 +650,13 @@ impl<S: ReplicationSink> Subscriber<S> {
         if self.committing.is_some() {
             return Ok(());
         }
+        // When stopping or reconnecting the sink is flushed even if no
+        // position moved: an exactly-once sink may still be committing
+        // batches the hub checkpoint already covers (a rebuilt sink, whose
+        // positions are below the hub's).
+        if settle && self.sink_ready("flush the sink", SinkCall::Flush).await?.is_none() {
+            return Ok(());
+        }
         let moved: Vec<ShardId> = self
             .tracks
             .iter()
@@ -660,7 +667,7 @@ impl<S: ReplicationSink> Subscriber<S> {
             return Ok(());
         }
         let exactly_once = self.sink.delivery() == Delivery::ExactlyOnce;
-        if (settle || !exactly_once) && self.sink_ready("flush the sink", SinkCall::Flush).await?.is_none() {
+        if !settle && !exactly_once && self.sink_ready("flush the sink", SinkCall::Flush).await?.is_none() {
             return Ok(());
         }
         let stored: Option<HashMap<ShardId, SinkCheckpoint>> = if exactly_once {

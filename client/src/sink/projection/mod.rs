@@ -24,24 +24,26 @@
 //! restored to an earlier point under a running sink) is refused, never
 //! applied over the gap.
 //!
-//! Commits overlap the next batch. [`ReplicationSink::deliver`] returns once
-//! a batch's `COMMIT` is sent; the commit (a disk sync) is waited for on a
-//! task of its own, with a deadline
-//! ([`defaults::PROJECTION_COMMIT_TIMEOUT`]), while the next batch, on a
-//! second connection of the pool, copies its leading runs of new rows. Only
-//! those run before the commit before is answered: a copy only inserts, and
-//! one that meets an item the batch before is still writing waits for that
-//! commit. The rest of the batch (updates, deletes, its checkpoint) runs
-//! after the commit is answered and the checkpoint row is locked and holds
-//! the batch before's last sequence. When that commit failed or went
-//! unanswered, the next transaction is rolled back, the batch before (kept
-//! until its commit is answered) is applied again alone and committed, and
-//! then the batch; when another writer moved the position, the batch is
-//! written alone, after the position it finds. So at most one batch is
-//! delivered and not yet committed, [`ReplicationSink::flush`] waits for
-//! it, and the exactly-once argument above is unchanged: every transaction
-//! applies what lies after the position it locked. A pool of one connection
-//! commits each batch before the next.
+//! Batches overlap. [`ReplicationSink::deliver`] starts a batch's
+//! transaction on a task of its own, on a pooled connection, and returns;
+//! up to [`defaults::PROJECTION_BATCHES_IN_FLIGHT`] (and the pool's size)
+//! run at once, and `deliver` waits for the oldest before starting one
+//! more. A batch that follows one still in flight copies its leading runs
+//! of new rows at once, while the batch before still writes and commits:
+//! a copy only inserts, and one that meets an item the batch before is
+//! still writing waits for it. The rest of the batch (updates, deletes,
+//! its position) runs only once the batch before committed and the locked
+//! checkpoint row holds that batch's last sequence. Otherwise (the batch
+//! before failed or went unanswered, or another writer moved the position)
+//! the transaction rolls back. Every batch is kept until its transaction is
+//! answered; the ones that failed are applied again, in order, each alone
+//! (position locked first) and committed, before anything after them. Each
+//! transaction has a deadline ([`defaults::SINK_TIMEOUT`]). So the
+//! exactly-once argument above is unchanged (every transaction applies
+//! what lies after the position it locked), at most two batches are
+//! delivered and not yet committed, and [`ReplicationSink::flush`] waits
+//! for them. With a pool of one connection, each batch commits before the
+//! next.
 
 use std::time::{Duration, SystemTime};
 
@@ -66,20 +68,24 @@ pub mod lineage;
 pub struct ProjectionSink {
     pool: Pool,
     projection: String,
-    /// The last batch written, its `COMMIT` under way on its own connection
-    /// while the next batch is written (see the module docs).
-    committing: Option<Committing>,
-    /// A batch whose `COMMIT` failed or went unanswered: applied again,
-    /// alone and committed, before anything after it.
-    unconfirmed: Option<SinkBatch>,
+    /// Batches whose transactions run on tasks of their own, oldest first
+    /// (at most [`defaults::PROJECTION_BATCHES_IN_FLIGHT`]; see the module
+    /// docs).
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// Batches whose transactions failed or went unanswered, oldest first:
+    /// applied again, each alone and committed, before anything after them.
+    unconfirmed: std::collections::VecDeque<SinkBatch>,
 }
 
-/// A batch whose transaction is committing on a task of its own.
-struct Committing {
-    /// The batch, kept to apply again if the commit fails.
+/// A batch whose transaction runs on a task of its own.
+struct InFlight {
+    /// The batch, kept to apply again if its transaction fails.
     batch: SinkBatch,
-    /// The commit: `Err` says why it failed or that no answer came.
-    commit: tokio::task::JoinHandle<Result<(), String>>,
+    /// The task: `Err` says why the transaction failed or that no answer
+    /// came.
+    done: tokio::task::JoinHandle<Result<(), String>>,
+    /// Whether it committed, once known; the next batch's task waits on it.
+    committed: tokio::sync::watch::Receiver<Option<bool>>,
 }
 
 impl std::fmt::Debug for ProjectionSink {
@@ -104,7 +110,7 @@ impl ProjectionSink {
             let _second = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
         }
         drop(client);
-        Ok(Self { pool, projection, committing: None, unconfirmed: None })
+        Ok(Self { pool, projection, in_flight: Default::default(), unconfirmed: Default::default() })
     }
 
     /// A pool of up to `size` plain (non-TLS) connections to `url`, each
@@ -174,15 +180,29 @@ impl ReplicationSink for ProjectionSink {
     }
 
     async fn deliver(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        let follows = self.unconfirmed.is_none()
-            && self.pool.status().max_size >= 2
-            && self.committing.as_ref().is_some_and(|before| {
-                before.batch.shard == batch.shard && before.batch.last().sequence.after(1) == batch.first()
-            });
-        if follows { self.overlap(batch).await } else { self.alone(batch).await }
+        let depth = defaults::PROJECTION_BATCHES_IN_FLIGHT.min(self.pool.status().max_size).max(1);
+        let follows = self.in_flight.back().is_some_and(|before| {
+            before.batch.shard == batch.shard && before.batch.last().sequence.after(1) == batch.first()
+        });
+        if !follows {
+            self.recover().await?;
+        } else if self.in_flight.len() >= depth {
+            self.settle_oldest().await;
+            if !self.unconfirmed.is_empty() {
+                self.recover().await?;
+            }
+        }
+        let before = self
+            .in_flight
+            .back()
+            .map(|before| Before { committed: before.committed.clone(), batch: before.batch.clone() });
+        let (report, committed) = tokio::sync::watch::channel(None);
+        let done = tokio::spawn(transaction(self.pool.clone(), self.projection.clone(), batch.clone(), before, report));
+        self.in_flight.push_back(InFlight { batch: batch.clone(), done, committed });
+        Ok(())
     }
 
-    /// Waits for the last batch's commit (and applies it again if that
+    /// Waits for every batch's transaction (and applies again those that
     /// failed): everything delivered is then committed.
     async fn flush(&mut self) -> Result<(), SinkError> {
         self.recover().await
@@ -225,76 +245,31 @@ impl ReplicationSink for ProjectionSink {
 }
 
 impl ProjectionSink {
-    /// Writes `batch` in a transaction of its own that locks the checkpoint
-    /// row first, after the batch before it is committed; its `COMMIT` is
-    /// then sent and left running.
-    async fn alone(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        self.recover().await?;
-        let open = Open::begin(&self.pool).await?;
-        let stored = lock_checkpoint(open.conn(), &self.projection, &batch.shard).await?;
-        if !write(open.conn(), &self.projection, batch, stored).await? {
-            return open.rollback().await;
-        }
-        self.committing = Some(Committing { batch: batch.clone(), commit: open.commit_in_background() });
-        Ok(())
-    }
-
-    /// Writes `batch`, which follows the batch whose `COMMIT` is under way,
-    /// on a second connection: its leading runs of new rows are copied
-    /// while that commit (a disk sync) runs, since they only insert rows (a
-    /// copy that meets an item the batch before is writing waits for that
-    /// commit, then falls back to the upsert). Then it waits for the
-    /// commit, locks the checkpoint row and, if it holds the batch before's
-    /// last sequence, writes the rest. A failed commit, or any other
-    /// position (another writer), rolls this transaction back and writes
-    /// the batch [alone](Self::alone).
-    async fn overlap(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        let projection = self.projection.clone();
-        let open = Open::begin(&self.pool).await?;
-        let conn = open.conn();
-        let upsert = conn.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
-        let mut steps = Steps::new(&projection, &batch.shard, upsert);
-        for event in batch.events.iter() {
-            effects(&mut steps, event)?;
-        }
-        steps.run_leading_copies(conn).await?;
-        let Some(before) = self.committing.as_mut() else { unreachable!("overlap follows a commit") };
+    /// Waits for the oldest batch's transaction. When it failed, so do the
+    /// batches after it (each waits for the one before and rolls back):
+    /// every one is waited for and kept to apply again.
+    async fn settle_oldest(&mut self) {
+        let Some(oldest) = self.in_flight.front_mut() else { return };
         // Taken only once answered: dropped (a deadline) while waiting,
-        // the batch before stays kept.
-        let committed = joined(&mut before.commit).await;
-        let before = self.committing.take().expect("still there");
-        let expected = before.batch.last().sequence;
-        if let Err(reason) = committed {
-            self.unconfirmed(before.batch, &reason);
-            drop(steps);
-            open.rollback().await?;
-            return self.alone(batch).await;
-        }
-        let stored = lock_checkpoint(conn, &projection, &batch.shard).await?;
-        if stored != expected {
-            drop(steps);
-            open.rollback().await?;
-            return self.alone(batch).await;
-        }
-        steps.run(conn, "apply an event").await?;
-        let last = batch.last();
-        store_checkpoint(conn, &projection, &batch.shard, last.sequence, &last.hash).await?;
-        self.committing = Some(Committing { batch: batch.clone(), commit: open.commit_in_background() });
-        Ok(())
-    }
-
-    /// Waits for the commit under way; a batch whose commit failed or went
-    /// unanswered is applied again, alone, and committed before this
-    /// returns.
-    async fn recover(&mut self) -> Result<(), SinkError> {
-        if let Some(before) = self.committing.as_mut() {
-            let committed = joined(&mut before.commit).await;
-            let before = self.committing.take().expect("still there");
-            if let Err(reason) = committed {
-                self.unconfirmed(before.batch, &reason);
+        // the batch stays kept.
+        let outcome = joined(&mut oldest.done).await;
+        let oldest = self.in_flight.pop_front().expect("still there");
+        if let Err(reason) = outcome {
+            self.unconfirmed(oldest.batch, &reason);
+            while !self.in_flight.is_empty() {
+                Box::pin(self.settle_oldest()).await;
             }
         }
-        if let Some(batch) = &self.unconfirmed {
+    }
+
+    /// Waits for every batch's transaction; the batches whose transactions
+    /// failed or went unanswered are applied again, in order, each alone
+    /// and committed before this returns.
+    async fn recover(&mut self) -> Result<(), SinkError> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await;
+        }
+        while let Some(batch) = self.unconfirmed.front() {
             let open = Open::begin(&self.pool).await?;
             let stored = lock_checkpoint(open.conn(), &self.projection, &batch.shard).await?;
             if write(open.conn(), &self.projection, batch, stored).await? {
@@ -302,7 +277,7 @@ impl ProjectionSink {
             } else {
                 open.rollback().await?;
             }
-            self.unconfirmed = None;
+            self.unconfirmed.pop_front();
         }
         Ok(())
     }
@@ -314,10 +289,111 @@ impl ProjectionSink {
             first = %batch.first(),
             last = %batch.last().sequence,
             error = %reason,
-            "a batch's commit failed or went unanswered; applying it again"
+            "a batch's transaction failed or went unanswered; applying it again"
         );
-        self.unconfirmed = Some(batch);
+        self.unconfirmed.push_back(batch);
     }
+}
+
+/// The batch in flight before a batch: its outcome, and the batch.
+struct Before {
+    committed: tokio::sync::watch::Receiver<Option<bool>>,
+    batch: SinkBatch,
+}
+
+/// The items any event of `batch` writes.
+fn touched(batch: &SinkBatch) -> std::collections::HashSet<&str> {
+    let mut ids = std::collections::HashSet::with_capacity(batch.events.len());
+    for event in batch.events.iter() {
+        match &event.event.event {
+            Some(Kind::Enqueued(e)) => ids.extend(e.item.as_ref().map(|item| item.item_id.as_str())),
+            Some(Kind::Restored(e)) => ids.extend(e.items.iter().map(|item| item.item_id.as_str())),
+            Some(Kind::Leased(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::Heartbeat(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::Completed(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::Failed(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::Requeued(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::Expired(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::DeadLettered(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::Redriven(e)) => _ = ids.insert(&e.item_id),
+            Some(Kind::DeadLettersPurged(rpb::DeadLettersPurged { item_ids }))
+            | Some(Kind::DrainedPurged(rpb::DrainedPurged { item_ids })) => {
+                ids.extend(item_ids.iter().map(String::as_str));
+            }
+            Some(Kind::DrainStarted(_))
+            | Some(Kind::Drained(_))
+            | Some(Kind::Resumed(_))
+            | Some(Kind::BackpressureChanged(_))
+            | None => {}
+        }
+    }
+    ids
+}
+
+/// One batch's transaction, on a task of its own, with a deadline
+/// ([`defaults::SINK_TIMEOUT`]); `report` says whether it committed.
+///
+/// The first batch of a run (`before` is `None`) locks the checkpoint row
+/// first and writes what follows the stored position. A batch that follows
+/// another still in flight copies its leading runs of new rows at once when
+/// none of their items is one the batch before writes (a copy only inserts
+/// rows, so the two transactions never wait for each other; with an item
+/// in common the copy could take that row first and the batch before would
+/// wait for this one, which waits for it), then waits for that batch's
+/// outcome, locks the checkpoint row and, if it holds that batch's last
+/// sequence, writes the rest. Otherwise (the batch before failed, or another writer moved the
+/// position) it rolls back and fails, and the sink applies it again alone.
+async fn transaction(
+    pool: Pool,
+    projection: String,
+    batch: SinkBatch,
+    before: Option<Before>,
+    report: tokio::sync::watch::Sender<Option<bool>>,
+) -> Result<(), String> {
+    let work = async {
+        let open = Open::begin(&pool).await?;
+        let conn = open.conn();
+        let Some(Before { mut committed, batch: before }) = before else {
+            let stored = lock_checkpoint(conn, &projection, &batch.shard).await?;
+            if !write(conn, &projection, &batch, stored).await? {
+                return open.rollback().await;
+            }
+            return open.commit().await;
+        };
+        let upsert = conn.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
+        let mut steps = Steps::new(&projection, &batch.shard, upsert);
+        for event in batch.events.iter() {
+            effects(&mut steps, event)?;
+        }
+        steps.finish()?;
+        if !steps.leading_copies_write_any(&touched(&before)) {
+            steps.run_leading_copies(conn).await?;
+        }
+        let expected = before.last().sequence;
+        let went_before = committed.wait_for(Option::is_some).await.is_ok_and(|outcome| *outcome == Some(true));
+        if !went_before {
+            open.rollback().await?;
+            return Err(SinkError::Transient("the batch before was not committed".into()));
+        }
+        let stored = lock_checkpoint(conn, &projection, &batch.shard).await?;
+        if stored != expected {
+            open.rollback().await?;
+            return Err(SinkError::Transient(format!(
+                "the stored position is {stored}, not the batch before's last ({expected}): another writer moved it"
+            )));
+        }
+        steps.run(conn, "apply an event").await?;
+        let last = batch.last();
+        store_checkpoint(conn, &projection, &batch.shard, last.sequence, &last.hash).await?;
+        open.commit().await
+    };
+    let outcome = match tokio::time::timeout(defaults::SINK_TIMEOUT, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", defaults::SINK_TIMEOUT)),
+    };
+    let _ = report.send(Some(outcome.is_ok()));
+    outcome
 }
 
 /// Writes the events of `batch` after `stored` (the position locked in
@@ -346,9 +422,9 @@ async fn write(conn: Conn<'_>, projection: &str, batch: &SinkBatch, stored: Sequ
     Ok(true)
 }
 
-/// A commit task's answer.
-async fn joined(commit: &mut tokio::task::JoinHandle<Result<(), String>>) -> Result<(), String> {
-    commit.await.map_err(|err| format!("the commit task failed: {err}"))?
+/// A batch task's answer.
+async fn joined(done: &mut tokio::task::JoinHandle<Result<(), String>>) -> Result<(), String> {
+    done.await.map_err(|err| format!("the batch's task failed: {err}"))?
 }
 
 /// A connection with its statement cache: a pool transaction's, or a
@@ -419,11 +495,6 @@ impl Open {
                 defaults::PROJECTION_COMMIT_TIMEOUT
             ))),
         }
-    }
-
-    /// Sends `COMMIT` and waits for its answer on a task of its own.
-    fn commit_in_background(self) -> tokio::task::JoinHandle<Result<(), String>> {
-        tokio::spawn(async move { self.commit().await.map_err(|err| err.to_string()) })
     }
 }
 
@@ -840,6 +911,19 @@ impl<'a> Steps<'a> {
             self.steps.push(Step::Pipelined(statements));
         }
         Ok(())
+    }
+
+    /// Whether a whole-row `COPY` run before the first statement writes one
+    /// of `items`.
+    fn leading_copies_write_any(&self, items: &std::collections::HashSet<&str>) -> bool {
+        self.steps
+            .iter()
+            .map_while(|step| match step {
+                Step::Copy(rows) => Some(rows),
+                Step::Pipelined(_) => None,
+            })
+            .flatten()
+            .any(|row| items.contains(row.item.item_id.as_str()))
     }
 
     /// Runs the steps before the first statement: whole-row `COPY` runs
