@@ -199,10 +199,11 @@ pub enum SinkCommand {
     },
 }
 
-/// Connections a PostgreSQL sink keeps: two, so a batch is written on one
-/// while the batch before commits on the other (the projection's docs);
-/// the runtime's reads of the sink's positions take whichever is free.
-const SINK_POOL_SIZE: usize = 2;
+/// Connections a PostgreSQL sink keeps: one per batch in flight
+/// (`PROJECTION_BATCHES_IN_FLIGHT`, two: a batch is written while the one
+/// before writes and commits; see the projection's docs), and one for the
+/// runtime's reads of the sink's positions.
+const SINK_POOL_SIZE: usize = sink::defaults::PROJECTION_BATCHES_IN_FLIGHT + 1;
 
 /// Application name of a PostgreSQL sink's sessions (in `pg_stat_activity`),
 /// unless the URL sets one.
