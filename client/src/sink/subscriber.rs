@@ -249,6 +249,21 @@ async fn sink_call<S: ReplicationSink>(sink: &mut S, call: SinkCall<'_>) -> Resu
     }
 }
 
+/// A sink call's outcome within its deadline `limit`: its value, or
+/// `Err(reason)` for a transient failure or no answer in time; any other
+/// failure is the error.
+fn transient<T>(
+    outcome: Result<Result<T, SinkError>, tokio::time::error::Elapsed>,
+    limit: Duration,
+) -> Result<Result<T, String>, SinkError> {
+    match outcome {
+        Ok(Ok(value)) => Ok(Ok(value)),
+        Ok(Err(SinkError::Transient(reason))) => Ok(Err(reason)),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Ok(Err(format!("no answer within {limit:?}"))),
+    }
+}
+
 /// Why a session ended.
 enum Ended {
     /// Cancelled: stop cleanly.
@@ -589,11 +604,9 @@ impl<S: ReplicationSink> Subscriber<S> {
                 () = stop.cancelled() => return Ok(None),
                 outcome = tokio::time::timeout(self.config.sink_timeout, future) => outcome,
             };
-            let err = match outcome {
-                Ok(Ok(value)) => return Ok(Some(value)),
-                Ok(Err(SinkError::Transient(reason))) => reason,
-                Ok(Err(err)) => return Err(err),
-                Err(_) => format!("no answer within {:?}", self.config.sink_timeout),
+            let err = match transient(outcome, self.config.sink_timeout)? {
+                Ok(value) => return Ok(Some(value)),
+                Err(reason) => reason,
             };
             self.count_error("transient");
             tracing::warn!(subscriber = %self.config.subscriber_id, error = %err, "failed to {what}; retrying");
@@ -607,11 +620,10 @@ impl<S: ReplicationSink> Subscriber<S> {
     /// commit; `None` when it failed transiently or ran out of time (the
     /// checkpoint waits for the next commit).
     async fn sink_ready(&mut self, what: &str, call: SinkCall<'_>) -> Result<Option<Vec<SinkCheckpoint>>, SinkError> {
-        let reason = match tokio::time::timeout(self.config.sink_timeout, sink_call(&mut self.sink, call)).await {
-            Ok(Ok(value)) => return Ok(Some(value)),
-            Ok(Err(SinkError::Transient(reason))) => reason,
-            Ok(Err(err)) => return Err(err),
-            Err(_) => format!("no answer within {:?}", self.config.sink_timeout),
+        let outcome = tokio::time::timeout(self.config.sink_timeout, sink_call(&mut self.sink, call)).await;
+        let reason = match transient(outcome, self.config.sink_timeout)? {
+            Ok(value) => return Ok(Some(value)),
+            Err(reason) => reason,
         };
         self.count_error("transient");
         tracing::warn!(subscriber = %self.config.subscriber_id, error = %reason, "failed to {what}; the checkpoint waits");
