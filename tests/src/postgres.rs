@@ -12,7 +12,6 @@
 //! directories.
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -789,8 +788,7 @@ fn reap_orphans(bins: &PostgresBinaries, run_as: Option<RunAs>) {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| io("find a free port", source))?;
-    listener.local_addr().map(|a| a.port()).map_err(|source| io("find a free port", source))
+    Ok(crate::tools::free_port())
 }
 
 fn io(what: &str, source: std::io::Error) -> HarnessError {

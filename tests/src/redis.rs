@@ -1,6 +1,5 @@
 //! Throwaway Redis servers for tests.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,10 +37,7 @@ impl TestRedis {
             return Ok(Self { url, prefix, child: None });
         }
         let binary = find_redis_server()?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|source| HarnessError::Io { what: "find a free port".into(), source })?;
+        let port = crate::tools::free_port();
         let child = Command::new(binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())

@@ -184,9 +184,33 @@ impl WorkspaceBinaries {
     }
 }
 
-/// A free loopback port (bound and released; good enough for a child process
-/// started right after).
+/// Lowest port [`free_port`] hands out: above the well-known and most
+/// registered services' ports.
+const FREE_PORT_LOW: u16 = 20_000;
+
+/// Ports [`free_port`] tries before it falls back to an ephemeral one.
+const FREE_PORT_ATTEMPTS: usize = 200;
+
+/// A free loopback port for a child process started right after (bound
+/// and released), picked at random below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`, from 32768 by default). A port from
+/// that range can be given to an outgoing connection (a test's PostgreSQL
+/// client, say) between this probe and the child binding it, and the child
+/// then fails to start (the likely cause of mesh tests that waited out
+/// their 60 s guard on a node that never answered). Falls back to an
+/// ephemeral port if none is free.
 pub fn free_port() -> u16 {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let high = ephemeral.max(FREE_PORT_LOW + 1_000);
+    for _ in 0..FREE_PORT_ATTEMPTS {
+        let port = fastrand::u16(FREE_PORT_LOW..high);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
