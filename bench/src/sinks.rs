@@ -156,16 +156,11 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
         stdin_copy(&cluster, &client).await
     })?;
     let first_batch = Arc::new(tokio::sync::Notify::new());
-    let loaded = clients.block_on(async {
-        let client = pool.get().await?;
-        client.batch_execute("TRUNCATE stdin_items").await?;
-        anyhow::Ok(())
-    });
-    loaded?;
     let loaded = std::thread::scope(|scope| {
         let copy = scope.spawn(|| {
             main.block_on(async {
                 let client = pool.get().await?;
+                client.batch_execute("TRUNCATE stdin_items").await?;
                 first_batch.notified().await;
                 stdin_copy(&cluster, &client).await
             })

@@ -64,13 +64,6 @@ pub const NDJSON_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 /// of rows) gains; a live frame of a few events would not.
 pub const PROJECTION_COPY_MIN_ROWS: usize = 256;
 
-/// Deadline of a projection batch's `COMMIT`, which runs on a task of its
-/// own while the next batch is written: a disk sync, milliseconds on a
-/// healthy database. As [`SINK_TIMEOUT`] for the batch's statements; a
-/// commit that runs past it counts as failed with its outcome unknown, and
-/// the batch is applied again (the checkpoint row makes that exact).
-pub const PROJECTION_COMMIT_TIMEOUT: Duration = SINK_TIMEOUT;
-
 /// Batches a PostgreSQL projection writes at once, each in its own
 /// transaction on its own pooled connection (at most the pool's size): the
 /// next batch copies its new rows while the one before still writes and

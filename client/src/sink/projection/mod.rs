@@ -29,9 +29,9 @@
 //! up to [`defaults::PROJECTION_BATCHES_IN_FLIGHT`] (and the pool's size)
 //! run at once, and `deliver` waits for the oldest before starting one
 //! more. A batch that follows one still in flight copies its leading runs
-//! of new rows at once, while the batch before still writes and commits:
-//! a copy only inserts, and one that meets an item the batch before is
-//! still writing waits for it. The rest of the batch (updates, deletes,
+//! of new rows at once, while the batch before still writes and commits,
+//! when none of their items is one the batch before writes: a copy only
+//! inserts, so neither transaction waits for the other. The rest of the batch (updates, deletes,
 //! its position) runs only once the batch before committed and the locked
 //! checkpoint row holds that batch's last sequence. Otherwise (the batch
 //! before failed or went unanswered, or another writer moved the position)
@@ -104,8 +104,8 @@ impl ProjectionSink {
         }
         let client = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
         client.batch_execute(SCHEMA).await.map_err(|err| pg("create the projection's tables", err))?;
-        // The second connection a batch takes while the one before commits
-        // is made now, not on the first delivery.
+        // The second connection a batch takes while the one before is in
+        // flight is made now, not on the first delivery.
         if pool.status().max_size >= 2 {
             let _second = pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
         }
@@ -270,13 +270,9 @@ impl ProjectionSink {
             self.settle_oldest().await;
         }
         while let Some(batch) = self.unconfirmed.front() {
-            let open = Open::begin(&self.pool).await?;
-            let stored = lock_checkpoint(open.conn(), &self.projection, &batch.shard).await?;
-            if write(open.conn(), &self.projection, batch, stored).await? {
-                open.commit().await?;
-            } else {
-                open.rollback().await?;
-            }
+            tokio::time::timeout(defaults::SINK_TIMEOUT, alone(&self.pool, &self.projection, batch)).await.map_err(
+                |_| SinkError::Transient(format!("apply a batch: no answer within {:?}", defaults::SINK_TIMEOUT)),
+            )??;
             self.unconfirmed.pop_front();
         }
         Ok(())
@@ -351,15 +347,11 @@ async fn transaction(
     report: tokio::sync::watch::Sender<Option<bool>>,
 ) -> Result<(), String> {
     let work = async {
+        let Some(Before { mut committed, batch: before }) = before else {
+            return alone(&pool, &projection, &batch).await;
+        };
         let open = Open::begin(&pool).await?;
         let conn = open.conn();
-        let Some(Before { mut committed, batch: before }) = before else {
-            let stored = lock_checkpoint(conn, &projection, &batch.shard).await?;
-            if !write(conn, &projection, &batch, stored).await? {
-                return open.rollback().await;
-            }
-            return open.commit().await;
-        };
         let upsert = conn.prepare_cached(UPSERT_ITEM).await.map_err(|err| pg("prepare a statement", err))?;
         let mut steps = Steps::new(&projection, &batch.shard, upsert);
         for event in batch.events.iter() {
@@ -394,6 +386,14 @@ async fn transaction(
     };
     let _ = report.send(Some(outcome.is_ok()));
     outcome
+}
+
+/// Applies what of `batch` follows the stored position in a transaction of
+/// its own that locks the position first, and commits it.
+async fn alone(pool: &Pool, projection: &str, batch: &SinkBatch) -> Result<(), SinkError> {
+    let open = Open::begin(pool).await?;
+    let stored = lock_checkpoint(open.conn(), projection, &batch.shard).await?;
+    if write(open.conn(), projection, batch, stored).await? { open.commit().await } else { open.rollback().await }
 }
 
 /// Writes the events of `batch` after `stored` (the position locked in
@@ -457,8 +457,8 @@ impl std::ops::Deref for Conn<'_> {
     }
 }
 
-/// A pooled connection inside a transaction begun with `BEGIN`, so its
-/// `COMMIT` can run on a task of its own. Dropped before
+/// A pooled connection inside a transaction begun with `BEGIN`, owned (a
+/// batch's task holds it), unlike a pool transaction. Dropped before
 /// [`commit`](Open::commit) or [`rollback`](Open::rollback) answered (a
 /// failure, a call dropped at its deadline), the connection leaves the pool
 /// and closes, which rolls the transaction back: no connection goes back
@@ -484,17 +484,9 @@ impl Open {
     }
 
     async fn commit(mut self) -> Result<(), SinkError> {
-        match tokio::time::timeout(defaults::PROJECTION_COMMIT_TIMEOUT, self.conn().batch_execute("COMMIT")).await {
-            Ok(Ok(())) => {
-                self.0.take();
-                Ok(())
-            }
-            Ok(Err(err)) => Err(pg("commit a batch", err)),
-            Err(_) => Err(SinkError::Transient(format!(
-                "commit a batch: no answer within {:?}",
-                defaults::PROJECTION_COMMIT_TIMEOUT
-            ))),
-        }
+        self.conn().batch_execute("COMMIT").await.map_err(|err| pg("commit a batch", err))?;
+        self.0.take();
+        Ok(())
     }
 }
 
@@ -916,22 +908,25 @@ impl<'a> Steps<'a> {
     /// Whether a whole-row `COPY` run before the first statement writes one
     /// of `items`.
     fn leading_copies_write_any(&self, items: &std::collections::HashSet<&str>) -> bool {
-        self.steps
+        self.steps[..self.leading_copies()]
             .iter()
-            .map_while(|step| match step {
-                Step::Copy(rows) => Some(rows),
-                Step::Pipelined(_) => None,
+            .flat_map(|step| match step {
+                Step::Copy(rows) => rows.as_slice(),
+                Step::Pipelined(_) => &[],
             })
-            .flatten()
             .any(|row| items.contains(row.item.item_id.as_str()))
     }
 
+    /// How many steps before the first statement are `COPY` runs.
+    fn leading_copies(&self) -> usize {
+        self.steps.iter().take_while(|step| matches!(step, Step::Copy(_))).count()
+    }
+
     /// Runs the steps before the first statement: whole-row `COPY` runs
-    /// only, which insert new rows and wait for any transaction still
-    /// writing one of their items (see [`ProjectionSink::overlap`]).
+    /// only, which insert new rows (see [`transaction`]).
     async fn run_leading_copies(&mut self, conn: Conn<'_>) -> Result<(), SinkError> {
         self.finish()?;
-        let leading = self.steps.iter().take_while(|step| matches!(step, Step::Copy(_))).count();
+        let leading = self.leading_copies();
         for step in self.steps.drain(..leading) {
             if let Step::Copy(rows) = step {
                 copy_rows(conn, self.projection, self.shard, &rows, &self.upsert).await?;
