@@ -16,7 +16,21 @@ pub const EVENTUALLY_POLL: Duration = Duration::from_millis(20);
 ///
 /// `check` returns `Ok(value)` when the condition holds, or `Err(why)` to
 /// keep waiting; the last `why` is in the panic message.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    match within(timeout, check).await {
+        Ok(value) => value,
+        Err(why) => panic!("{what}: still not true after {timeout:?}; last attempt: {why}"),
+    }
+}
+
+/// [`eventually`] that returns the last attempt's `Err` once `timeout` has
+/// passed instead of panicking, for a caller that adds context (a process's
+/// log) to its failure message.
+pub async fn within<T, F, Fut>(timeout: Duration, mut check: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -24,10 +38,8 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match check().await {
-            Ok(value) => return value,
-            Err(why) if tokio::time::Instant::now() >= deadline => {
-                panic!("{what}: still not true after {timeout:?}; last attempt: {why}")
-            }
+            Ok(value) => return Ok(value),
+            Err(why) if tokio::time::Instant::now() >= deadline => return Err(why),
             Err(_) => tokio::time::sleep(EVENTUALLY_POLL).await,
         }
     }

@@ -47,7 +47,7 @@ pub mod sidecar;
 mod tools;
 
 pub use binaries::{BinaryError, PG_BIN_DIR_ENV, PostgresBinaries, find_postgres_binaries, find_redis_server};
-pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually};
+pub use eventually::{EVENTUALLY_POLL, EVENTUALLY_TIMEOUT, eventually, within};
 pub use postgres::{BaseBackup, DATABASE_URL_ENV, PgCluster, PgOptions, PgServerTls, RecoveryTarget, TestDb};
 pub use proxy::{Fault, FaultProxy, PROXY_BUFFER, PROXY_CONNECT_TIMEOUT};
 pub use redis::{REDIS_URL_ENV, TestRedis};

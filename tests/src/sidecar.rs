@@ -23,6 +23,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use omnirelay_proto::resourcelease::v1::resource_lease_client::ResourceLeaseClient;
@@ -47,7 +48,10 @@ const ALLOW_ALL: &str = r#"{"rules": [{"principals": ["*"], "procedures": ["*"],
 /// error is collected (for failure messages); killed when dropped.
 pub struct Process {
     child: Child,
-    log: tokio::task::JoinHandle<String>,
+    /// The standard error read so far (shared with the task reading it).
+    log: Arc<Mutex<String>>,
+    /// The reading task: done when the process closes its standard error.
+    reader: tokio::task::JoinHandle<()>,
 }
 
 impl Process {
@@ -56,15 +60,35 @@ impl Process {
         command.kill_on_drop(true).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("the binary should start");
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-        let log = tokio::spawn(async move {
-            let mut log = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                log.push_str(&line);
-                log.push('\n');
+        let log = Arc::new(Mutex::new(String::new()));
+        let reader = tokio::spawn({
+            let log = Arc::clone(&log);
+            async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut log = log.lock().expect("the log lock");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
             }
-            log
         });
-        Process { child, log }
+        Process { child, log, reader }
+    }
+
+    /// The standard error read so far, without waiting (for a failure
+    /// message about a process that may still run).
+    pub fn log_so_far(&self) -> String {
+        self.log.lock().expect("the log lock").clone()
+    }
+
+    /// Whether the process has exited (it is a zombie no one has reaped
+    /// yet, or gone): read from `/proc`, so it needs no `&mut`.
+    pub fn exited(&self) -> bool {
+        let Some(pid) = self.child.id() else { return true };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name, which is in parentheses.
+            Ok(stat) => stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => true,
+        }
     }
 
     /// The process id.
@@ -82,7 +106,7 @@ impl Process {
     /// SIGKILL, and the log so far.
     pub async fn kill(mut self) -> String {
         self.child.kill().await.expect("kill -9");
-        self.log.await.unwrap_or_default()
+        self.log().await
     }
 
     /// Sends SIGTERM and waits for the exit, at most `grace`; returns the
@@ -109,7 +133,8 @@ impl Process {
 
     /// The log, once the process has exited (or closed its stderr).
     pub async fn log(&mut self) -> String {
-        (&mut self.log).await.unwrap_or_default()
+        let _ = (&mut self.reader).await;
+        self.log_so_far()
     }
 }
 
@@ -323,6 +348,14 @@ impl Sidecar {
     /// SIGKILL, and the log so far.
     pub async fn kill(self) -> String {
         self.process.kill().await
+    }
+
+    /// Its standard error so far, and whether it has exited: for the
+    /// failure message of a wait that involved it.
+    pub fn describe(&self) -> String {
+        let state = if self.process.exited() { "EXITED" } else { "running" };
+        let name = self.id.as_deref().unwrap_or("a node");
+        format!("--- {name} ({state}, rpc {}, control {}) ---\n{}", self.rpc, self.control, self.process.log_so_far())
     }
 
     /// SIGTERM and the exit within `grace`: the exit code and the log.

@@ -193,11 +193,16 @@ const FREE_PORT_ATTEMPTS: usize = 200;
 
 /// A free loopback port for a child process started right after (bound
 /// and released), picked at random below the kernel's ephemeral range
-/// (`net.ipv4.ip_local_port_range`, from 32768 by default). A port from
-/// that range can be given to an outgoing connection (a test's PostgreSQL
-/// client, say) between this probe and the child binding it, and the child
-/// then fails to start (the likely cause of mesh tests that waited out
-/// their 60 s guard on a node that never answered). Falls back to an
+/// (`net.ipv4.ip_local_port_range`, from 32768 by default), where no
+/// outgoing connection is given a port. The port is also *reserved* for
+/// the rest of this test process: an exclusive lock on
+/// `$TMPDIR/omnirelay-test-ports/<port>.lock`, which every test process's
+/// `free_port` takes before it hands a port out. Without it two tests
+/// running side by side could both probe the same port free before either
+/// child bound it; one child then failed to start, and its test waited out
+/// a 60 s guard on a node that never answered (or, behind a fault proxy,
+/// talked HTTP to another test's PostgreSQL). The lock is released when
+/// the process exits, so a killed test leaks nothing. Falls back to an
 /// ephemeral port if none is free.
 pub fn free_port() -> u16 {
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -205,9 +210,13 @@ pub fn free_port() -> u16 {
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32_768);
     let high = ephemeral.max(FREE_PORT_LOW + 1_000);
+    let locks = std::env::temp_dir().join("omnirelay-test-ports");
+    let _ = std::fs::create_dir_all(&locks);
     for _ in 0..FREE_PORT_ATTEMPTS {
         let port = fastrand::u16(FREE_PORT_LOW..high);
+        let Some(reservation) = reserve(&locks, port) else { continue };
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            RESERVED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(reservation);
             return port;
         }
     }
@@ -215,6 +224,23 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("binding an ephemeral loopback port should work")
+}
+
+/// The lock files of the ports this process reserved: held open (and
+/// locked) until it exits.
+static RESERVED: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+
+/// `port`'s lock file in `dir`, locked exclusively, or `None` when another
+/// process (or an earlier call of this one) holds it.
+fn reserve(dir: &Path, port: u16) -> Option<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{port}.lock")))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(file)
 }
 
 /// Writes `contents` to `path`, creating its folder.
@@ -244,4 +270,25 @@ fn io(what: &str, source: std::io::Error) -> HarnessError {
 
 fn process(what: &str, detail: String) -> HarnessError {
     HarnessError::Process { what: what.to_string(), detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reserved_port_is_not_handed_out_again_until_its_holder_lets_go() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let held = reserve(dir.path(), 20_001).expect("the first reservation");
+        assert!(reserve(dir.path(), 20_001).is_none(), "the port is reserved");
+        assert!(reserve(dir.path(), 20_002).is_some(), "another port is not");
+        drop(held);
+        assert!(reserve(dir.path(), 20_001).is_some(), "released with its lock file");
+    }
+
+    #[test]
+    fn free_ports_handed_out_by_one_process_are_distinct() {
+        let ports: std::collections::BTreeSet<u16> = (0..50).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 50);
+    }
 }

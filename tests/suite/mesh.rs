@@ -14,7 +14,7 @@ use std::time::Instant;
 use omnirelay_client::mesh::{MeshClientConfig, ResourceLeaseClient};
 use omnirelay_proto::resourcelease::v1 as pb;
 use omnirelay_tests::sidecar::{Sidecar, SidecarBuilder};
-use omnirelay_tests::{WorkspaceBinaries, eventually, free_port};
+use omnirelay_tests::{WorkspaceBinaries, free_port, within};
 use tokio::process::Command;
 
 use crate::durable::{HANG_GUARD, Hub, call, payload};
@@ -104,7 +104,7 @@ pub(crate) async fn converged_on(nodes: &[&Sidecar], namespaces: &[&str]) -> BTr
         .iter()
         .map(|ns| (ns.to_string(), rendezvous_owner(ns, ids.iter().copied()).expect("members").to_string()))
         .collect();
-    eventually("every namespace served by its rendezvous owner only", HANG_GUARD, || async {
+    let converged = within(HANG_GUARD, || async {
         // The nodes are asked one after the other, so a handover that
         // completes between two answers shows the old owner, then the new
         // one (a higher epoch), both serving. A node asked later that still
@@ -135,7 +135,15 @@ pub(crate) async fn converged_on(nodes: &[&Sidecar], namespaces: &[&str]) -> BTr
             serving.into_iter().map(|(ns, mut servers)| (ns, servers.remove(0).0)).collect();
         if now == expected { Ok(now) } else { Err(format!("serving {now:?}, expected {expected:?}")) }
     })
-    .await
+    .await;
+    converged.unwrap_or_else(|why| {
+        let logs: Vec<String> = nodes.iter().map(|node| node.describe()).collect();
+        panic!(
+            "every namespace served by its rendezvous owner only: still not true after {HANG_GUARD:?}; \
+             last attempt: {why}\n{}",
+            logs.join("\n")
+        )
+    })
 }
 
 /// POSTs `body` as the loopback principal `ops`; the status and the head.
