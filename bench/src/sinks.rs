@@ -40,6 +40,38 @@ use crate::durable::{Cpu, per, read_cpu, runtime};
 
 const SHARD: &str = "resourcelease.bench-sinks";
 
+/// The second log: the same number of events spread over
+/// [`SPREAD_SHARDS`] shards, read by one subscription to this pattern, so
+/// the hub interleaves the shards' frames (one follower per shard).
+const SPREAD_PATTERN: &str = "resourcelease.bench-spread-*";
+
+/// Shards of the second log: enough that consecutive frames are mostly of
+/// different shards.
+const SPREAD_SHARDS: u64 = 4;
+
+/// A log a sink catches up on: its subscription and each shard's head.
+struct Log {
+    selection: Selection,
+    heads: Vec<(String, u64)>,
+}
+
+impl Log {
+    fn one_shard(events: u64) -> Self {
+        Self { selection: Selection::Shards(vec![SHARD.into()]), heads: vec![(SHARD.to_string(), events)] }
+    }
+
+    /// [`SPREAD_SHARDS`] shards of `events / SPREAD_SHARDS` events each.
+    fn spread(events: u64) -> Self {
+        let heads =
+            (0..SPREAD_SHARDS).map(|n| (SPREAD_PATTERN.replace('*', &n.to_string()), events / SPREAD_SHARDS)).collect();
+        Self { selection: Selection::Pattern(SPREAD_PATTERN.into()), heads }
+    }
+
+    fn events(&self) -> u64 {
+        self.heads.iter().map(|(_, head)| head).sum()
+    }
+}
+
 /// Where PostgreSQL exports the projected rows (binary COPY format) for the
 /// two COPY baselines; the server and this process share the machine.
 const ROWS_FILE: &str = "/tmp/omnirelay-bench-rows.copy";
@@ -79,7 +111,16 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
         tokio::spawn(hub.serve(listener, std::future::pending::<()>()));
         anyhow::Ok(endpoint)
     })?;
-    main.block_on(write(&url, &endpoint, events))?;
+    let (one, spread) = (Log::one_shard(events), Log::spread(events));
+    main.block_on(async {
+        let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        admin.batch_execute("CREATE DATABASE projection").await?;
+        for (shard, head) in one.heads.iter().chain(&spread.heads) {
+            write(&endpoint, shard, *head).await?;
+        }
+        anyhow::Ok(())
+    })?;
 
     println!(
         "| sink | events | seconds | events/s | baseline | baseline seconds | ratio | sink µs CPU/event | hub µs | PostgreSQL µs | baseline PostgreSQL µs |"
@@ -90,7 +131,7 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
     // after round (the figures of one round on this shared machine vary
     // by a third; the median of the rounds' ratios is the result).
     let pool = ProjectionSink::pool(&cluster.url("projection"), 4, Duration::from_secs(10))?;
-    let mut ratios = (Vec::new(), Vec::new());
+    let mut ratios = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         if round > 0 {
             clients.block_on(async {
@@ -104,7 +145,7 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
             })?;
         }
         let sink = clients.block_on(ProjectionSink::open(pool.clone(), "bench"))?;
-        let projected = deliver(&cluster, &clients, &endpoint, &format!("bench-projection-{round}"), sink, events)?;
+        let projected = deliver(&cluster, &clients, &endpoint, &format!("bench-projection-{round}"), sink, &one)?;
         if round == 0 {
             clients.block_on(async {
                 let client = pool.get().await?;
@@ -137,11 +178,28 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
         );
         ratios.0.push(copied.took.as_secs_f64() / projected.took.as_secs_f64());
         ratios.1.push(streamed.took.as_secs_f64() / projected.took.as_secs_f64());
+
+        // The same number of events over several shards, interleaved by
+        // the hub: against the one-shard projection of this round.
+        let sink = clients.block_on(ProjectionSink::open(pool.clone(), "bench-spread"))?;
+        let spread_run = deliver(&cluster, &clients, &endpoint, &format!("bench-spread-{round}"), sink, &spread)?;
+        row(
+            &format!("postgres projection, {SPREAD_SHARDS} shards interleaved"),
+            spread.events(),
+            &spread_run,
+            "the projection of one shard (above)",
+            Some(&projected),
+        );
+        ratios.2.push(projected.took.as_secs_f64() / spread_run.took.as_secs_f64());
     }
     println!(
         "| postgres projection, median of {rounds} rounds | | | | COPY from a server file / COPY FROM STDIN | | {:.2} / {:.2} | | | | |",
         median(&mut ratios.0),
         median(&mut ratios.1)
+    );
+    println!(
+        "| postgres projection, {SPREAD_SHARDS} shards interleaved, median of {rounds} rounds | | | | the projection of one shard | | {:.2} | | | | |",
+        median(&mut ratios.2)
     );
 
     // The ceiling on this machine: the same COPY FROM STDIN while a sink
@@ -165,7 +223,7 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
                 stdin_copy(&cluster, &client).await
             })
         });
-        let ran = deliver(&cluster, &clients, &endpoint, "bench-ceiling", Signal(first_batch.clone()), events);
+        let ran = deliver(&cluster, &clients, &endpoint, "bench-ceiling", Signal(first_batch.clone()), &one);
         let copied = copy.join().map_err(|_| anyhow::anyhow!("the copy thread panicked"))?;
         ran.and(copied)
     })?;
@@ -175,7 +233,7 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
     // The runtime alone (hub catch-up read, gRPC, chain checks) into a
     // sink that keeps nothing: what every sink pays before its own work.
     let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let discarded = deliver(&cluster, &clients, &endpoint, "bench-discard", Discard(batches.clone()), events)?;
+    let discarded = deliver(&cluster, &clients, &endpoint, "bench-discard", Discard(batches.clone()), &one)?;
     let batches = batches.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!("the hub served {events} events in {batches} frames ({} events a frame)", events / batches.max(1));
     row("discard (the runtime alone)", events, &discarded, "-", None);
@@ -183,7 +241,7 @@ fn scenario(events: u64, rounds: usize) -> anyhow::Result<()> {
     // NDJSON, at least once, synced before each checkpoint.
     let dir = tempfile_dir()?;
     let sink = clients.block_on(NdjsonSink::open(NdjsonConfig::new(dir.join("sink"))))?;
-    let written = deliver(&cluster, &clients, &endpoint, "bench-ndjson", sink, events)?;
+    let written = deliver(&cluster, &clients, &endpoint, "bench-ndjson", sink, &one)?;
     let catted = {
         let started = Instant::now();
         let status = std::process::Command::new("sh")
@@ -240,15 +298,12 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// Writes `events` Enqueued events to the shard through a queue.
-async fn write(url: &str, endpoint: &HubEndpoint, events: u64) -> anyhow::Result<()> {
-    let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    admin.batch_execute("CREATE DATABASE projection").await?;
-    eprintln!("writing {events} events");
+/// Writes `events` Enqueued events to `shard` through a queue.
+async fn write(endpoint: &HubEndpoint, shard: &str, events: u64) -> anyhow::Result<()> {
+    eprintln!("writing {events} events to {shard}");
     let replicator = Arc::new(HubReplicator::new(HubReplicatorConfig::new([endpoint.clone()]))?);
-    let grant = replicator.acquire_shard(&ShardId::from(SHARD), "bench", Duration::from_secs(600)).await?;
-    let queue = Arc::new(Queue::builder(queue_config(events), replicator.clone()).epoch(grant.epoch).build()?);
+    let grant = replicator.acquire_shard(&ShardId::from(shard), "bench", Duration::from_secs(600)).await?;
+    let queue = Arc::new(Queue::builder(queue_config(shard, events), replicator.clone()).epoch(grant.epoch).build()?);
     let body = "x".repeat(crate::BODY_BYTES);
     futures_util::stream::iter(0..events)
         .map(|n| {
@@ -271,8 +326,8 @@ async fn write(url: &str, endpoint: &HubEndpoint, events: u64) -> anyhow::Result
 /// (nothing is leased), so its capacity and watermarks are raised above
 /// `events`; with the defaults, backpressure would stop the writing at
 /// 80,000 pending.
-fn queue_config(events: u64) -> QueueConfig {
-    let mut config = QueueConfig::new(SHARD, "bench");
+fn queue_config(shard: &str, events: u64) -> QueueConfig {
+    let mut config = QueueConfig::new(shard, "bench");
     let room = (events + 1).max(config.capacity);
     config.capacity = room;
     config.high_watermark = room;
@@ -310,18 +365,18 @@ impl ReplicationSink for Signal {
     }
 }
 
-/// Runs `sink` from nothing to `events` on the `clients` runtime and
-/// returns how long it took and the CPU spent meanwhile.
+/// Runs `sink` from nothing to the head of `log` on the `clients` runtime
+/// and returns how long it took and the CPU spent meanwhile.
 fn deliver<S: ReplicationSink>(
     cluster: &PgCluster,
     clients: &tokio::runtime::Runtime,
     endpoint: &HubEndpoint,
     id: &str,
     sink: S,
-    events: u64,
+    log: &Log,
 ) -> anyhow::Result<Measured> {
     clients.block_on(async {
-        let config = SubscriberConfig::new(id, [endpoint.clone()], Selection::Shards(vec![SHARD.into()]));
+        let config = SubscriberConfig::new(id, [endpoint.clone()], log.selection.clone());
         let subscriber = Subscriber::new(config, sink)?;
         let mut progress = subscriber.progress();
         let stop = tokio_util::sync::CancellationToken::new();
@@ -331,7 +386,11 @@ fn deliver<S: ReplicationSink>(
         let started = Instant::now();
         let run = tokio::spawn(subscriber.run(stop.clone()));
         loop {
-            if progress.borrow().shards.get(SHARD).is_some_and(|s| s.position >= events) {
+            let reached = {
+                let now = progress.borrow();
+                log.heads.iter().all(|(shard, head)| now.shards.get(shard).is_some_and(|s| s.position >= *head))
+            };
+            if reached {
                 break;
             }
             tokio::time::timeout(Duration::from_secs(600), progress.changed())

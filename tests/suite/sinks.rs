@@ -1010,6 +1010,34 @@ async fn a_batch_whose_background_commit_fails_is_applied_again_before_the_next(
 }
 
 #[tokio::test]
+async fn interleaved_shards_run_side_by_side_and_a_failed_commit_on_one_is_applied_again() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "interleaved").await.expect("open");
+    // Only shard a's first batch stores position 300.
+    fail_commits_storing(&db, 300, 1).await;
+    let (a, b) = (ShardId::from("resourcelease.inter.a"), ShardId::from("resourcelease.inter.b"));
+    // As a pattern subscription hands them over: the shards alternate.
+    sink.deliver(&enqueues(&a, 1, 300)).await.expect("a 1..300 (its commit fails later)");
+    sink.deliver(&enqueues(&b, 1, 100)).await.expect("b 1..100, beside it");
+    sink.deliver(&enqueues(&a, 301, 600)).await.expect("a 301..600");
+    sink.deliver(&enqueues(&b, 101, 250)).await.expect("b 101..250");
+    sink.deliver(&enqueues(&a, 601, 700)).await.expect("a 601..700");
+    sink.flush().await.expect("flush");
+    assert_eq!(fuse_burnt(&db).await, 2, "a's first commit failed and its second attempt committed");
+    assert_eq!(projection_rows(&db, "interleaved", a.as_str()).await.len(), 700, "every item of a, once");
+    assert_eq!(projection_rows(&db, "interleaved", b.as_str()).await.len(), 250, "every item of b, once");
+    let checkpoints: BTreeMap<String, u64> = sink
+        .checkpoints()
+        .await
+        .expect("checkpoints")
+        .into_iter()
+        .map(|c| (c.shard.to_string(), c.sequence.get()))
+        .collect();
+    assert_eq!(checkpoints, BTreeMap::from([(a.to_string(), 700), (b.to_string(), 250)]));
+}
+
+#[tokio::test]
 async fn a_commit_that_keeps_failing_loses_nothing_and_flush_reports_it() {
     let db = migrated_db().await;
     let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");

@@ -28,7 +28,11 @@
 //! transaction on a task of its own, on a pooled connection, and returns;
 //! up to [`defaults::PROJECTION_BATCHES_IN_FLIGHT`] (and the pool's size)
 //! run at once, and `deliver` waits for the oldest before starting one
-//! more. A batch that follows one still in flight copies its leading runs
+//! more. Batches of different shards (a pattern subscription interleaves
+//! them) never wait for each other: their rows and positions are
+//! disjoint, so a batch whose shard has none in flight is applied like the
+//! first of a run (position locked first) beside the others. A batch that
+//! follows one of its shard still in flight copies its leading runs
 //! of new rows at once, while the batch before still writes and commits,
 //! when none of their items is one the batch before writes: a copy only
 //! inserts, so neither transaction waits for the other. The rest of the batch (updates, deletes,
@@ -159,11 +163,14 @@ impl ReplicationSink for ProjectionSink {
 
     async fn checkpoints(&mut self) -> Result<Vec<SinkCheckpoint>, SinkError> {
         let client = self.pool.get().await.map_err(|err| pg("connect to the projection's database", err))?;
+        // Read once per hub checkpoint commit: prepared once per pooled
+        // connection.
+        let statement = client
+            .prepare_cached("SELECT shard, sequence, hash FROM omnirelay_projection_checkpoints WHERE projection = $1")
+            .await
+            .map_err(|err| pg("prepare a statement", err))?;
         let rows = client
-            .query(
-                "SELECT shard, sequence, hash FROM omnirelay_projection_checkpoints WHERE projection = $1",
-                &[&self.projection],
-            )
+            .query(&statement, &[&self.projection])
             .await
             .map_err(|err| pg("read the projection's checkpoints", err))?;
         Ok(rows
@@ -181,20 +188,22 @@ impl ReplicationSink for ProjectionSink {
 
     async fn deliver(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
         let depth = defaults::PROJECTION_BATCHES_IN_FLIGHT.min(self.pool.status().max_size).max(1);
-        let follows = self.in_flight.back().is_some_and(|before| {
-            before.batch.shard == batch.shard && before.batch.last().sequence.after(1) == batch.first()
-        });
+        // Batches of other shards write other rows and another position:
+        // they neither wait for this one nor it for them. A batch of this
+        // shard still in flight is the one this batch follows (or, if it
+        // does not end where this one starts, everything is settled first).
+        let follows =
+            self.newest_of(&batch.shard).is_none_or(|before| before.batch.last().sequence.after(1) == batch.first());
         if !follows {
             self.recover().await?;
         } else if self.in_flight.len() >= depth {
             self.settle_oldest().await;
-            if !self.unconfirmed.is_empty() {
-                self.recover().await?;
-            }
+        }
+        if !self.unconfirmed.is_empty() {
+            self.recover().await?;
         }
         let before = self
-            .in_flight
-            .back()
+            .newest_of(&batch.shard)
             .map(|before| Before { committed: before.committed.clone(), batch: before.batch.clone() });
         let (report, committed) = tokio::sync::watch::channel(None);
         let done = tokio::spawn(transaction(self.pool.clone(), self.projection.clone(), batch.clone(), before, report));
@@ -245,9 +254,15 @@ impl ReplicationSink for ProjectionSink {
 }
 
 impl ProjectionSink {
+    /// The newest batch in flight on `shard`.
+    fn newest_of(&self, shard: &ShardId) -> Option<&InFlight> {
+        self.in_flight.iter().rev().find(|in_flight| in_flight.batch.shard == *shard)
+    }
+
     /// Waits for the oldest batch's transaction. When it failed, so do the
-    /// batches after it (each waits for the one before and rolls back):
-    /// every one is waited for and kept to apply again.
+    /// batches after it on its shard (each waits for the one before and
+    /// rolls back): every batch in flight is waited for, and those that
+    /// failed are kept, in order, to apply again.
     async fn settle_oldest(&mut self) {
         let Some(oldest) = self.in_flight.front_mut() else { return };
         // Taken only once answered: dropped (a deadline) while waiting,
