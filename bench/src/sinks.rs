@@ -2,10 +2,12 @@
 //! into the PostgreSQL projection sink (exactly once) against a plain
 //! `COPY` of the same rows into a table of the same shape, twice (from a
 //! server-side file, PostgreSQL's ceiling, and sent by this client as
-//! `COPY FROM STDIN`), round after round with the median ratio; then the
-//! ceiling on this machine (the same `COPY FROM STDIN` while a sink that
-//! keeps nothing catches up); and the NDJSON sink against `cat` of the same
-//! bytes to a file (then `sync`), all in one run on a durable PostgreSQL
+//! `COPY FROM STDIN`), round after round with the median ratio (each round
+//! also runs the projection on as many events spread over four shards and
+//! read through one pattern subscription, against the one-shard run); then
+//! the ceiling on this machine (the same `COPY FROM STDIN` while a sink
+//! that keeps nothing catches up); and the NDJSON sink against `cat` of the
+//! same bytes to a file (then `sync`), all in one run on a durable PostgreSQL
 //! cluster (fsync on) with an in-process hub.
 //!
 //! The log is written first (`events` Enqueued events of 200-byte bodies on
