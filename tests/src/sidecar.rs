@@ -80,15 +80,24 @@ impl Process {
         self.log.lock().expect("the log lock").clone()
     }
 
-    /// Whether the process has exited (it is a zombie no one has reaped
-    /// yet, or gone): read from `/proc`, so it needs no `&mut`.
-    pub fn exited(&self) -> bool {
-        let Some(pid) = self.child.id() else { return true };
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // The state follows the command name, which is in parentheses.
-            Ok(stat) => stat.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z')),
-            Err(_) => true,
+    /// `None` while the process runs; once it has exited, how (`exit code
+    /// N`, `killed by signal N`, or `gone` when it was reaped): read from
+    /// `/proc` (a zombie's wait status is the last field of its `stat`),
+    /// so it needs no `&mut`.
+    pub fn exited(&self) -> Option<String> {
+        let Some(pid) = self.child.id() else { return Some("gone".into()) };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Some("gone".into()) };
+        // The state follows the command name, which is in parentheses.
+        let rest = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+        if !rest.starts_with('Z') {
+            return None;
         }
+        let status: Option<i32> = rest.split_whitespace().last().and_then(|last| last.parse().ok());
+        Some(match status {
+            Some(status) if status & 0x7f != 0 => format!("killed by signal {}", status & 0x7f),
+            Some(status) => format!("exit code {}", (status >> 8) & 0xff),
+            None => "exited".into(),
+        })
     }
 
     /// The process id.
@@ -140,14 +149,23 @@ impl Process {
 
 /// Removes every `OMNIRELAY_*` variable the test process inherited from
 /// `command`'s environment, so a binary reads its flags only.
+/// The one exception is [`CHILD_LOG_ENV`], handed on as `OMNIRELAY_LOG`.
 pub fn without_omnirelay_env(command: &mut Command) -> &mut Command {
     for (name, _) in std::env::vars() {
         if name.starts_with("OMNIRELAY_") {
             command.env_remove(name);
         }
     }
+    if let Ok(filter) = std::env::var(CHILD_LOG_ENV) {
+        command.env("OMNIRELAY_LOG", filter);
+    }
     command
 }
+
+/// Set when running tests (e.g. `OMNIRELAY_TEST_CHILD_LOG=debug`), the log
+/// filter of every binary the suites start, whose logs their failure
+/// messages print; `info` otherwise.
+pub const CHILD_LOG_ENV: &str = "OMNIRELAY_TEST_CHILD_LOG";
 
 /// Waits until `GET path` answers 200, within the [`HANG_GUARD`].
 pub async fn wait_for_ok(addr: SocketAddr, path: &str) {
@@ -254,8 +272,14 @@ impl SidecarBuilder {
     pub fn spawn(self) -> Sidecar {
         assert!(!self.namespaces.is_empty(), "a sidecar hosts at least one namespace");
         let (rpc, control) = self.ports.unwrap_or_else(|| (free_port(), free_port()));
-        let authz = self.dir.join("authz.json");
-        std::fs::write(&authz, &self.authorization).expect("write the authorization table");
+        // A file of its own, written whole before the node starts: nodes
+        // sharing a folder once shared one file, which the next spawn
+        // truncated and rewrote while a node started before it read it
+        // (the node then exited, refusing an empty authorization table).
+        let authz = self.dir.join(format!("authz-{rpc}.json"));
+        let partial = self.dir.join(format!("authz-{rpc}.json.partial"));
+        std::fs::write(&partial, &self.authorization).expect("write the authorization table");
+        std::fs::rename(&partial, &authz).expect("move the authorization table into place");
         let mut command = Command::new(&self.binary);
         command
             .current_dir(&self.dir)
@@ -353,7 +377,7 @@ impl Sidecar {
     /// Its standard error so far, and whether it has exited: for the
     /// failure message of a wait that involved it.
     pub fn describe(&self) -> String {
-        let state = if self.process.exited() { "EXITED" } else { "running" };
+        let state = self.process.exited().map_or_else(|| "running".to_string(), |how| format!("EXITED: {how}"));
         let name = self.id.as_deref().unwrap_or("a node");
         format!("--- {name} ({state}, rpc {}, control {}) ---\n{}", self.rpc, self.control, self.process.log_so_far())
     }
@@ -361,5 +385,27 @@ impl Sidecar {
     /// SIGTERM and the exit within `grace`: the exit code and the log.
     pub async fn stop(self, grace: Duration) -> (Option<i32>, String) {
         self.process.terminate(grace).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_exited_process_is_described_with_its_status_and_its_log() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'Error: a line on stderr' >&2; exit 3"]);
+        let process = Process::spawn(command);
+        let how = eventually("the process exits", Duration::from_secs(10), || async {
+            process.exited().ok_or_else(|| "still running".to_string())
+        })
+        .await;
+        assert_eq!(how, "exit code 3");
+        eventually("its log is read", Duration::from_secs(10), || async {
+            let log = process.log_so_far();
+            if log.contains("Error: a line on stderr") { Ok(()) } else { Err(format!("log so far: {log:?}")) }
+        })
+        .await;
     }
 }

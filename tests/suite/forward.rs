@@ -136,7 +136,13 @@ async fn a_non_owner_forwards_as_the_caller_and_skips_a_dead_owner() {
             &worker,
         ))
         .await
-        .expect("the owner answers a forwarded enqueue")
+        .unwrap_or_else(|status| {
+            panic!(
+                "the owner answers a forwarded enqueue: {status:?}\n{}\n{}",
+                forwarder.describe(),
+                owner_node.describe()
+            )
+        })
         .into_inner();
     assert!(!enqueued.item_id.is_empty());
     let stats = client(owner_node)

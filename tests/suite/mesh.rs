@@ -78,21 +78,36 @@ pub(crate) async fn statuses(node: &Sidecar) -> Result<BTreeMap<String, String>,
 
 /// Namespace -> (status, the shard epoch the node's batches carry).
 async fn epochs(node: &Sidecar) -> Result<BTreeMap<String, (String, u64)>, String> {
+    Ok(replication(node).await?.0)
+}
+
+/// The node's `/omnirelay/control/replication`: namespace -> (status,
+/// epoch), and its view of the owners (namespace -> member id).
+async fn replication(node: &Sidecar) -> Result<(BTreeMap<String, (String, u64)>, BTreeMap<String, String>), String> {
     let (_, body) = http_get(node.control, "/omnirelay/control/replication").await?;
     let all: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
+    let owners = all["owners"]
+        .as_object()
+        .ok_or("no owners")?
+        .iter()
+        .map(|(ns, owner)| (ns.clone(), owner.as_str().unwrap_or_default().to_string()))
+        .collect();
     let namespaces = all["namespaces"].as_object().ok_or("no namespaces")?;
-    Ok(namespaces
+    let epochs = namespaces
         .iter()
         .map(|(ns, state)| {
             let status = state["status"].as_str().unwrap_or_default().to_string();
             (ns.clone(), (status, state["epoch"].as_u64().unwrap_or_default()))
         })
-        .collect())
+        .collect();
+    Ok((epochs, owners))
 }
 
 /// Waits until every one of [`NAMESPACES`] is served by exactly the node
-/// rendezvous hashing gives it among `nodes` (and by no other), and returns
-/// namespace -> node id.
+/// rendezvous hashing gives it among `nodes` (and by no other), and every
+/// node's view names that owner (a node whose last membership poll missed
+/// a member that joined since would still redirect or forward to another),
+/// and returns namespace -> node id.
 async fn converged(nodes: &[&Sidecar]) -> BTreeMap<String, String> {
     converged_on(nodes, &NAMESPACES).await
 }
@@ -111,12 +126,15 @@ pub(crate) async fn converged_on(nodes: &[&Sidecar], namespaces: &[&str]) -> BTr
         // serves under a *lower* epoch than one seen earlier overlapped
         // with its successor: that is two owners at once.
         let mut serving: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+        let mut views = Vec::new();
         for node in nodes {
-            for (ns, (status, epoch)) in epochs(node).await? {
+            let (epochs, owners) = replication(node).await?;
+            for (ns, (status, epoch)) in epochs {
                 if status == "serving" {
                     serving.entry(ns).or_default().push((node.id().to_string(), epoch));
                 }
             }
+            views.push((node.id(), owners));
         }
         for (ns, servers) in &serving {
             for (index, (later, epoch)) in servers.iter().enumerate() {
@@ -133,7 +151,16 @@ pub(crate) async fn converged_on(nodes: &[&Sidecar], namespaces: &[&str]) -> BTr
         }
         let now: BTreeMap<String, String> =
             serving.into_iter().map(|(ns, mut servers)| (ns, servers.remove(0).0)).collect();
-        if now == expected { Ok(now) } else { Err(format!("serving {now:?}, expected {expected:?}")) }
+        if now != expected {
+            return Err(format!("serving {now:?}, expected {expected:?}"));
+        }
+        for (id, owners) in views {
+            let stale: Vec<_> = expected.iter().filter(|(ns, owner)| owners.get(*ns) != Some(*owner)).collect();
+            if !stale.is_empty() {
+                return Err(format!("{id}'s view is not current yet: it names {owners:?}, expected {expected:?}"));
+            }
+        }
+        Ok(now)
     })
     .await;
     converged.unwrap_or_else(|why| {

@@ -275,8 +275,28 @@ struct NamespaceReplication {
 /// the shard serves, its epoch, and how far the log has acknowledged it.
 async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
     let mut namespaces = BTreeMap::new();
-    let (assigned, following) =
-        node.assigned.borrow().as_ref().map(|view| (view.mine.clone(), view.following.clone())).unwrap_or_default();
+    // The node's view of the mesh: who it thinks owns each namespace it
+    // hosts (itself for its own), from the members of its latest poll.
+    let (assigned, following, members, owners) = node
+        .assigned
+        .borrow()
+        .as_ref()
+        .map(|view| {
+            let owners: BTreeMap<String, String> = node
+                .queues
+                .keys()
+                .filter_map(|shard| {
+                    let owner = match view.elsewhere(shard) {
+                        Some((owner, _)) => owner.to_string(),
+                        None if view.mine.contains(shard) => node.node_id.to_string(),
+                        None => return None,
+                    };
+                    Some((shard.to_string(), owner))
+                })
+                .collect();
+            (view.mine.clone(), view.following.clone(), view.members.clone(), owners)
+        })
+        .unwrap_or_default();
     for (shard, hosted) in &node.queues {
         let stats = hosted.queue.stats_now();
         let replication = hosted.queue.replication();
@@ -311,6 +331,8 @@ async fn replication(State(node): State<Arc<NodeInner>>) -> Response {
         "node_id": node.node_id.to_string(),
         "assigned": assigned.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "following": following.iter().map(|(shard, sequence)| (shard.to_string(), *sequence)).collect::<BTreeMap<_, _>>(),
+        "members": members,
+        "owners": owners,
         "namespaces": namespaces,
     }))
     .into_response()

@@ -270,7 +270,15 @@ impl Forwarder {
                 Err(NodeError::Forwarded(ForwardedStatus(status)))
             }
             Ok(Err(status)) => {
-                tracing::debug!(owner = %target.owner, error = %status, "the owner did not answer a forwarded call");
+                // The caller gets the redirect: worth an operator's look
+                // (a member listed as alive that does not answer); once the
+                // tracker ejects the owner, calls skip it quietly.
+                tracing::warn!(
+                    owner = %target.owner,
+                    address = %target.address,
+                    error = ?status,
+                    "the owner did not answer a forwarded call; redirecting the caller"
+                );
                 self.tracker.record_lease_failed(&peer);
                 Err(target.redirect())
             }
