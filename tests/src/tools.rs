@@ -199,10 +199,8 @@ const FREE_PORT_ATTEMPTS: usize = 200;
 /// `$TMPDIR/omnirelay-test-ports/<port>.lock`, which every test process's
 /// `free_port` takes before it hands a port out. Without it two tests
 /// running side by side could both probe the same port free before either
-/// child bound it; one child then failed to start, and its test waited out
-/// a 60 s guard on a node that never answered (or, behind a fault proxy,
-/// talked HTTP to another test's PostgreSQL). The lock is released when
-/// the process exits, so a killed test leaks nothing. Falls back to an
+/// child bound it, and one child would fail to start. The lock is released
+/// when the process exits, so a killed test leaks nothing. Falls back to an
 /// ephemeral port if none is free.
 pub fn free_port() -> u16 {
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
