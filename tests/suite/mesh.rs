@@ -155,8 +155,7 @@ pub(crate) async fn converged_on(nodes: &[&Sidecar], namespaces: &[&str]) -> BTr
             return Err(format!("serving {now:?}, expected {expected:?}"));
         }
         for (id, owners) in views {
-            let stale: Vec<_> = expected.iter().filter(|(ns, owner)| owners.get(*ns) != Some(*owner)).collect();
-            if !stale.is_empty() {
+            if expected.iter().any(|(ns, owner)| owners.get(ns) != Some(owner)) {
                 return Err(format!("{id}'s view is not current yet: it names {owners:?}, expected {expected:?}"));
             }
         }

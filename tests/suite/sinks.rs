@@ -1010,7 +1010,7 @@ async fn a_batch_whose_background_commit_fails_is_applied_again_before_the_next(
 }
 
 #[tokio::test]
-async fn interleaved_shards_run_side_by_side_and_a_failed_commit_on_one_is_applied_again() {
+async fn interleaved_shards_lose_nothing_when_a_commit_of_one_fails() {
     let db = migrated_db().await;
     let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
     let mut sink = ProjectionSink::open(pool, "interleaved").await.expect("open");
@@ -1035,6 +1035,46 @@ async fn interleaved_shards_run_side_by_side_and_a_failed_commit_on_one_is_appli
         .map(|c| (c.shard.to_string(), c.sequence.get()))
         .collect();
     assert_eq!(checkpoints, BTreeMap::from([(a.to_string(), 700), (b.to_string(), 250)]));
+}
+
+#[tokio::test]
+async fn a_shard_whose_transaction_waits_does_not_hold_back_another_shard() {
+    let db = migrated_db().await;
+    let pool = ProjectionSink::pool(db.url(), 2, Duration::from_secs(5)).expect("pool");
+    let mut sink = ProjectionSink::open(pool, "beside").await.expect("open");
+    let (a, b) = (ShardId::from("resourcelease.beside.a"), ShardId::from("resourcelease.beside.b"));
+    // Another session holds shard a's position locked: a's transaction
+    // waits for it.
+    let mut holder = db.client().await;
+    holder
+        .execute(
+            "INSERT INTO omnirelay_projection_checkpoints (projection, shard, sequence, hash) VALUES ('beside', $1, 0, '')",
+            &[&a.as_str()],
+        )
+        .await
+        .expect("a's position");
+    let held = holder.transaction().await.expect("begin");
+    held.execute(
+        "SELECT 1 FROM omnirelay_projection_checkpoints WHERE projection = 'beside' AND shard = $1 FOR UPDATE",
+        &[&a.as_str()],
+    )
+    .await
+    .expect("lock a's position");
+    sink.deliver(&enqueues(&a, 1, 10)).await.expect("a 1..10 (waits for the lock)");
+    // b's batch is neither made to wait for a's nor kept behind it.
+    tokio::time::timeout(Duration::from_secs(10), sink.deliver(&enqueues(&b, 1, 10)))
+        .await
+        .expect("b's delivery does not wait for a's transaction")
+        .expect("b 1..10");
+    eventually("b's batch commits while a's waits", HANG_GUARD, || async {
+        let b_rows = projection_rows(&db, "beside", b.as_str()).await.len();
+        if b_rows == 10 { Ok(()) } else { Err(format!("{b_rows} of b's rows")) }
+    })
+    .await;
+    assert!(projection_rows(&db, "beside", a.as_str()).await.is_empty(), "a's transaction still waits");
+    held.rollback().await.expect("release a's position");
+    sink.flush().await.expect("flush");
+    assert_eq!(projection_rows(&db, "beside", a.as_str()).await.len(), 10);
 }
 
 #[tokio::test]

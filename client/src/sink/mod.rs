@@ -307,9 +307,11 @@ pub trait ReplicationSink: Send + Sync + 'static {
     /// Makes every delivered effect durable. Called before each hub
     /// checkpoint commit of an at-least-once sink, and before the runtime
     /// stops or reconnects. An exactly-once sink's `deliver` may return
-    /// before its transaction is committed (at most one batch, on the
-    /// understanding that its position is read back from
-    /// [`checkpoints`](Self::checkpoints)); `flush` then waits for it.
+    /// before its transaction is committed (a bounded number of batches:
+    /// the PostgreSQL projection keeps
+    /// [`defaults::PROJECTION_BATCHES_IN_FLIGHT`]), since its positions are
+    /// read back from [`checkpoints`](Self::checkpoints); `flush` then waits
+    /// for them.
     fn flush(&mut self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }
